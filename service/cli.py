@@ -19,7 +19,6 @@ app = typer.Typer(
 )
 
 
-
 @app.callback()
 def _root() -> None:
     """DICOM node that finds the L3 slice in CT and measures body composition."""

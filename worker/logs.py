@@ -50,9 +50,7 @@ def setup_logging(level: str = "INFO", json_logs: bool = True) -> None:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
-def log_event(
-    logger: logging.Logger, event: str, level: int = logging.INFO, **fields: Any
-) -> None:
+def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **fields: Any) -> None:
     """Log ``event`` with structured ``fields`` (e.g. ``series_instance_uid=...``)."""
     safe = {k: v for k, v in fields.items() if k not in FORBIDDEN_KEYS}
     logger.log(level, event, extra={"fields": safe})
