@@ -1,9 +1,191 @@
-"""CLI commands: node."""
+"""CLI commands of the node: ``serve``, ``worker``, ``jobs``, ``retry``, ``echo``."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="config.yaml (default: $L3SPOT_CONFIG or ./config.yaml)"),
+]
+
+
+def _load(config: Path | None):  # noqa: ANN202 (Config, imported lazily)
+    from worker.config import ConfigError, load_config
+    from worker.logs import setup_logging
+
+    try:
+        cfg = load_config(config)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    setup_logging(cfg.logging.level, cfg.logging.json_logs)
+    return cfg
+
+
+def serve(config: ConfigOpt = None) -> None:
+    """Run the DICOM node (C-STORE/C-ECHO SCP) until SIGTERM/Ctrl-C.
+
+    With ``broker.url: null`` it also runs its own workers: the whole node on one machine.
+    """
+    from service.node import Node
+
+    cfg = _load(config)
+    Node(cfg, config.resolve() if config else None).serve_forever()
+
+
+def worker(
+    config: ConfigOpt = None,
+    queues: Annotated[str, typer.Option(help="comma-separated queues")] = "analysis,export",
+    concurrency: Annotated[
+        int | None, typer.Option(help="default broker.worker_concurrency")
+    ] = None,
+    pool: Annotated[str | None, typer.Option(help="prefork|solo|threads")] = None,
+    hostname: Annotated[str | None, typer.Option(help="Celery node name")] = None,
+) -> None:
+    """Run a Celery worker for the configured broker (several may share the spool)."""
+    from worker.celery_app import configure_app
+
+    cfg = _load(config)
+    app = configure_app(cfg)
+    argv = [
+        "worker",
+        "--queues",
+        queues,
+        "--concurrency",
+        str(concurrency or cfg.broker.worker_concurrency),
+        "--pool",
+        pool or cfg.broker.worker_pool,
+        "--loglevel",
+        cfg.logging.level,
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ]
+    if hostname:
+        argv += ["--hostname", hostname]
+    app.worker_main(argv)
+
+
+def jobs(
+    config: ConfigOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
+    state: Annotated[list[str] | None, typer.Option(help="only these states")] = None,
+) -> None:
+    """List the job records (state, instances, timings, reason) of every series."""
+    from service.jobs import JobStore, format_jobs
+
+    cfg = _load(config)
+    records = JobStore(cfg.node.spool_dir).list(tuple(state) if state else None)
+    if as_json:
+        for r in records:
+            typer.echo(json.dumps(r.as_dict()))
+    else:
+        typer.echo(format_jobs(records))
+
+
+def retry(
+    series_uid: Annotated[str, typer.Argument(help="Series Instance UID")],
+    config: ConfigOpt = None,
+    analysis: Annotated[
+        bool, typer.Option("--analysis", help="re-run the analysis even if results exist")
+    ] = False,
+) -> None:
+    """Re-queue one series: its export if its results exist, else its analysis."""
+    from service.jobs import JobNotFoundError, JobStore
+    from service.spool import Spool
+    from worker.celery_app import (
+        ANALYSIS_QUEUE,
+        ANALYZE_TASK,
+        EXPORT_QUEUE,
+        EXPORT_TASK,
+        configure_app,
+    )
+    from worker.export import destination_label, result_files
+
+    cfg = _load(config)
+    store = JobStore(cfg.node.spool_dir)
+    try:
+        rec = store.get(series_uid)
+    except JobNotFoundError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    app = configure_app(cfg)
+    results = cfg.node.resolved_results_dir() / series_uid
+    if (
+        not analysis
+        and rec.analysis_finished_at is not None
+        and result_files(results)
+        and cfg.export.destinations
+    ):
+        store.start_export(series_uid, [destination_label(d) for d in cfg.export.destinations])
+        app.send_task(
+            EXPORT_TASK, args=[series_uid], kwargs={"token": rec.token}, queue=EXPORT_QUEUE
+        )
+        typer.echo(f"export re-queued: {series_uid}")
+        return
+    series_dir = Path(rec.series_dir) if rec.series_dir else None
+    if series_dir is None or not series_dir.is_dir():
+        spool = Spool(cfg.node.spool_dir, cfg.node.resolved_quarantine_dir())
+        ref = spool.find_series(series_uid)
+        if ref is None:
+            typer.echo(f"error: series {series_uid} is not in the spool", err=True)
+            raise typer.Exit(1)
+        series_dir = ref.path
+    token = store.mark_queued(series_uid)
+    app.send_task(
+        ANALYZE_TASK,
+        args=[str(series_dir.resolve())],
+        kwargs={"token": token},
+        queue=ANALYSIS_QUEUE,
+    )
+    typer.echo(f"analysis re-queued: {series_uid}")
+
+
+def echo(
+    config: ConfigOpt = None,
+    host: Annotated[
+        str | None, typer.Option(help="default: node.host (0.0.0.0 -> 127.0.0.1)")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="default: node.port")] = None,
+    called_ae: Annotated[str | None, typer.Option(help="default: node.ae_title")] = None,
+    calling_ae: Annotated[str, typer.Option(help="our AE title")] = "L3SPOT_ECHO",
+    timeout: Annotated[float, typer.Option(help="seconds")] = 10.0,
+) -> None:
+    """C-ECHO a DICOM node (default: this node); exit 0 when it answers success.
+
+    Used as the container health check.
+    """
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    cfg = _load(config)
+    h = host or ("127.0.0.1" if cfg.node.host in ("0.0.0.0", "::", "") else cfg.node.host)
+    p = port or cfg.node.port
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(h, p, ae_title=called_ae or cfg.node.ae_title)
+    if not assoc.is_established:
+        typer.echo(f"echo {h}:{p}: association failed", err=True)
+        raise typer.Exit(1)
+    status = assoc.send_c_echo()
+    assoc.release()
+    code = int(status.Status) if "Status" in status else None
+    if code != 0:
+        typer.echo(f"echo {h}:{p}: status {code}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"echo {h}:{p}: success")
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to app."""
+    app.command()(serve)
+    app.command()(worker)
+    app.command()(jobs)
+    app.command()(retry)
+    app.command()(echo)

@@ -1,0 +1,403 @@
+"""Job records: one row per series, in a small SQLite database inside the spool folder.
+
+The job record, not Celery's result backend, is the truth about a series: the node writes
+``received``/``ineligible``/``queued``, the workers write ``analysing``/``exporting``/``done``/
+``failed``. The database survives restarts of the node and of the workers, and several
+processes on one host may use it at once (SQLite WAL mode, ``BEGIN IMMEDIATE`` writers).
+
+It lives in :mod:`worker` because both sides write it and ``worker`` never imports ``service``;
+:mod:`service.jobs` re-exports it for the node. Records hold UIDs, states, reasons and
+timings only, never patient name, ID or birth date.
+
+States (in the order a series passes through them)::
+
+    received -> queued -> analysing -> exporting -> done
+           \\-> ineligible (reason)          \\-> failed (reason)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DB_NAME = "jobs.sqlite"
+
+RECEIVED = "received"
+INELIGIBLE = "ineligible"
+QUEUED = "queued"
+ANALYSING = "analysing"
+EXPORTING = "exporting"
+DONE = "done"
+FAILED = "failed"
+STATES = (RECEIVED, INELIGIBLE, QUEUED, ANALYSING, EXPORTING, DONE, FAILED)
+#: States in which a series still has work to do (re-queued at node start-up).
+PENDING_STATES = (RECEIVED, QUEUED, ANALYSING, EXPORTING)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    series_uid   TEXT PRIMARY KEY,
+    study_uid    TEXT NOT NULL DEFAULT '',
+    series_dir   TEXT NOT NULL DEFAULT '',
+    state        TEXT NOT NULL,
+    reason       TEXT,
+    note         TEXT,
+    n_instances  INTEGER NOT NULL DEFAULT 0,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    token        TEXT,
+    received_at  REAL,
+    completed_at REAL,
+    queued_at    REAL,
+    analysis_started_at REAL,
+    analysis_finished_at REAL,
+    export_finished_at REAL,
+    updated_at   REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS exports (
+    series_uid   TEXT NOT NULL,
+    destination  TEXT NOT NULL,
+    state        TEXT NOT NULL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    last_status  TEXT,
+    last_error   TEXT,
+    updated_at   REAL NOT NULL,
+    PRIMARY KEY (series_uid, destination)
+);
+"""
+
+_TIME_FIELDS = (
+    "received_at",
+    "completed_at",
+    "queued_at",
+    "analysis_started_at",
+    "analysis_finished_at",
+    "export_finished_at",
+)
+
+
+class JobNotFoundError(KeyError):
+    """No job record for this Series Instance UID."""
+
+    def __init__(self, series_uid: str) -> None:
+        self.series_uid = series_uid
+        super().__init__(f"no job record for series {series_uid}")
+
+
+@dataclass
+class ExportRecord:
+    """Delivery of one series' results to one destination (``AE@host:port``)."""
+
+    destination: str
+    state: str
+    attempts: int = 0
+    last_status: str | None = None
+    last_error: str | None = None
+    updated_at: float = 0.0
+
+
+@dataclass
+class JobRecord:
+    """The state of one series. Times are Unix seconds (float) or ``None``."""
+
+    series_uid: str
+    study_uid: str
+    series_dir: str
+    state: str
+    reason: str | None = None
+    note: str | None = None
+    n_instances: int = 0
+    attempts: int = 0
+    token: str | None = None
+    received_at: float | None = None
+    completed_at: float | None = None
+    queued_at: float | None = None
+    analysis_started_at: float | None = None
+    analysis_finished_at: float | None = None
+    export_finished_at: float | None = None
+    updated_at: float = 0.0
+    exports: list[ExportRecord] = field(default_factory=list)
+
+    def timings(self) -> dict[str, float]:
+        """Seconds spent per stage (only the stages that have both ends recorded)."""
+        spans = {
+            "queue_wait_s": (self.queued_at, self.analysis_started_at),
+            "analysis_s": (self.analysis_started_at, self.analysis_finished_at),
+            "export_s": (self.analysis_finished_at, self.export_finished_at),
+            "total_since_complete_s": (self.completed_at, self.export_finished_at),
+        }
+        return {k: round(b - a, 3) for k, (a, b) in spans.items() if a is not None and b}
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (for ``l3spot jobs --json``)."""
+        d = {k: v for k, v in self.__dict__.items() if k != "exports"}
+        d["exports"] = [e.__dict__.copy() for e in self.exports]
+        d["timings"] = self.timings()
+        return d
+
+
+class JobStore:
+    """SQLite job records at ``<spool_dir>/jobs.sqlite``.
+
+    Parameters
+    ----------
+    spool_dir : the node's spool folder (created if missing).
+
+    Notes
+    -----
+    Each call opens its own short-lived connection, so one store may be shared by threads
+    and processes. SQLite locking needs a local file system: several worker *hosts* sharing
+    the spool over NFS should use one host for the job database (see docs/deployment.md).
+    """
+
+    def __init__(self, spool_dir: Path) -> None:
+        self.spool_dir = Path(spool_dir)
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.spool_dir / DB_NAME
+        with self._connect() as con:
+            con.execute("PRAGMA journal_mode=WAL")
+            con.executescript(_SCHEMA)
+
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        con = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        con.row_factory = sqlite3.Row
+        try:
+            yield con
+        finally:
+            con.close()
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._connect() as con:
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                yield con
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+
+    # ---- node side -------------------------------------------------------------------
+
+    def mark_received(self, series_uid: str, study_uid: str, series_dir: Path) -> None:
+        """First instance of a series (or of a new burst after it was finished) arrived."""
+        now = time.time()
+        with self._write() as con:
+            row = con.execute("SELECT state FROM jobs WHERE series_uid=?", (series_uid,)).fetchone()
+            if row is None:
+                con.execute(
+                    "INSERT INTO jobs (series_uid, study_uid, series_dir, state, received_at,"
+                    " updated_at) VALUES (?,?,?,?,?,?)",
+                    (series_uid, study_uid, str(series_dir), RECEIVED, now, now),
+                )
+            elif row["state"] != RECEIVED:
+                con.execute(
+                    "UPDATE jobs SET state=?, reason=NULL, note=NULL, received_at=?,"
+                    " updated_at=? WHERE series_uid=?",
+                    (RECEIVED, now, now, series_uid),
+                )
+
+    def mark_ineligible(self, series_uid: str, reason: str, n_instances: int) -> None:
+        """The series is stored but will not be analysed, with the reason."""
+        now = time.time()
+        self._update(
+            series_uid,
+            state=INELIGIBLE,
+            reason=reason,
+            n_instances=n_instances,
+            completed_at=now,
+        )
+
+    def mark_queued(self, series_uid: str, n_instances: int | None = None) -> str:
+        """Analysis was queued. Returns the new token that the task must present.
+
+        A task whose token differs from the record's is a stale duplicate (e.g. re-queued
+        at start-up while the old message survived in Redis) and does nothing.
+        """
+        now = time.time()
+        token = f"{now:.6f}"
+        fields: dict[str, Any] = {
+            "state": QUEUED,
+            "reason": None,
+            "note": None,
+            "token": token,
+            "queued_at": now,
+            "analysis_started_at": None,
+            "analysis_finished_at": None,
+            "export_finished_at": None,
+        }
+        if n_instances is not None:
+            fields["n_instances"] = n_instances
+            fields["completed_at"] = now
+        self._update(series_uid, **fields)
+        return token
+
+    # ---- worker side -----------------------------------------------------------------
+
+    def start_analysis(self, series_uid: str, token: str | None) -> bool:
+        """Claim the analysis. False when the token is stale (another run superseded it)."""
+        now = time.time()
+        with self._write() as con:
+            row = con.execute("SELECT token FROM jobs WHERE series_uid=?", (series_uid,)).fetchone()
+            if row is not None and token is not None and row["token"] != token:
+                return False
+            if row is None:
+                con.execute(
+                    "INSERT INTO jobs (series_uid, state, updated_at) VALUES (?,?,?)",
+                    (series_uid, ANALYSING, now),
+                )
+            con.execute(
+                "UPDATE jobs SET state=?, attempts=attempts+1, analysis_started_at=?,"
+                " reason=NULL, updated_at=? WHERE series_uid=?",
+                (ANALYSING, now, now, series_uid),
+            )
+        return True
+
+    def finish_analysis(self, series_uid: str, note: str | None, exporting: bool) -> None:
+        """Analysis produced results; ``exporting`` when destinations are configured."""
+        now = time.time()
+        fields: dict[str, Any] = {
+            "state": EXPORTING if exporting else DONE,
+            "note": note,
+            "analysis_finished_at": now,
+        }
+        if not exporting:
+            fields["export_finished_at"] = now
+        self._update(series_uid, **fields)
+
+    def start_export(self, series_uid: str, destinations: list[str]) -> None:
+        """(Re)start delivery: state ``exporting``, export rows reset to ``pending``."""
+        now = time.time()
+        with self._write() as con:
+            con.execute(
+                "UPDATE jobs SET state=?, reason=NULL, export_finished_at=NULL, updated_at=?"
+                " WHERE series_uid=?",
+                (EXPORTING, now, series_uid),
+            )
+            for dest in destinations:
+                con.execute(
+                    "INSERT INTO exports (series_uid, destination, state, updated_at)"
+                    " VALUES (?,?,?,?) ON CONFLICT(series_uid, destination) DO UPDATE SET"
+                    " state=excluded.state, attempts=0, last_status=NULL, last_error=NULL,"
+                    " updated_at=excluded.updated_at",
+                    (series_uid, dest, "pending", now),
+                )
+
+    def record_export_attempt(
+        self,
+        series_uid: str,
+        destination: str,
+        ok: bool,
+        status: str | None,
+        error: str | None,
+        final: bool,
+    ) -> int:
+        """Record one delivery attempt; returns the attempt count for that destination.
+
+        ``final`` marks the destination ``failed`` (no more retries) when ``ok`` is false.
+        """
+        now = time.time()
+        state = "done" if ok else ("failed" if final else "retrying")
+        with self._write() as con:
+            con.execute(
+                "INSERT INTO exports (series_uid, destination, state, attempts, last_status,"
+                " last_error, updated_at) VALUES (?,?,?,1,?,?,?)"
+                " ON CONFLICT(series_uid, destination) DO UPDATE SET state=excluded.state,"
+                " attempts=exports.attempts+1, last_status=excluded.last_status,"
+                " last_error=excluded.last_error, updated_at=excluded.updated_at",
+                (series_uid, destination, state, status, error, now),
+            )
+            row = con.execute(
+                "SELECT attempts FROM exports WHERE series_uid=? AND destination=?",
+                (series_uid, destination),
+            ).fetchone()
+        return int(row["attempts"])
+
+    def finish_export(self, series_uid: str) -> None:
+        """Every destination has the results."""
+        now = time.time()
+        self._update(series_uid, state=DONE, export_finished_at=now)
+
+    def mark_failed(self, series_uid: str, reason: str) -> None:
+        """The series ends failed, with a reason an operator can act on."""
+        self._update(series_uid, state=FAILED, reason=reason)
+
+    # ---- reading ---------------------------------------------------------------------
+
+    def get(self, series_uid: str) -> JobRecord:
+        """The record of one series.
+
+        Raises
+        ------
+        JobNotFoundError
+            No record for ``series_uid``.
+        """
+        with self._connect() as con:
+            row = con.execute("SELECT * FROM jobs WHERE series_uid=?", (series_uid,)).fetchone()
+            if row is None:
+                raise JobNotFoundError(series_uid)
+            exports = con.execute(
+                "SELECT * FROM exports WHERE series_uid=? ORDER BY destination", (series_uid,)
+            ).fetchall()
+        return self._record(row, exports)
+
+    def list(self, states: tuple[str, ...] | None = None) -> list[JobRecord]:
+        """All records (optionally only those in ``states``), most recently updated first."""
+        with self._connect() as con:
+            if states:
+                marks = ",".join("?" * len(states))
+                rows = con.execute(
+                    f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY updated_at DESC",
+                    states,
+                ).fetchall()
+            else:
+                rows = con.execute("SELECT * FROM jobs ORDER BY updated_at DESC").fetchall()
+            exports = con.execute("SELECT * FROM exports ORDER BY destination").fetchall()
+        by_series: dict[str, list[sqlite3.Row]] = {}
+        for e in exports:
+            by_series.setdefault(e["series_uid"], []).append(e)
+        return [self._record(r, by_series.get(r["series_uid"], [])) for r in rows]
+
+    # ---- helpers ---------------------------------------------------------------------
+
+    def _update(self, series_uid: str, **fields: Any) -> None:
+        fields["updated_at"] = time.time()
+        cols = ", ".join(f"{k}=?" for k in fields)
+        with self._write() as con:
+            cur = con.execute(
+                f"UPDATE jobs SET {cols} WHERE series_uid=?", (*fields.values(), series_uid)
+            )
+            if cur.rowcount == 0:
+                state = fields.pop("state", RECEIVED)
+                fields.pop("updated_at")
+                con.execute(
+                    "INSERT INTO jobs (series_uid, state, updated_at) VALUES (?,?,?)",
+                    (series_uid, state, time.time()),
+                )
+                if fields:
+                    cols = ", ".join(f"{k}=?" for k in fields)
+                    con.execute(
+                        f"UPDATE jobs SET {cols} WHERE series_uid=?",
+                        (*fields.values(), series_uid),
+                    )
+
+    @staticmethod
+    def _record(row: sqlite3.Row, exports: list[sqlite3.Row]) -> JobRecord:
+        data = {k: row[k] for k in row.keys()}  # noqa: SIM118 (sqlite3.Row)
+        rec = JobRecord(**data)
+        rec.exports = [
+            ExportRecord(
+                destination=e["destination"],
+                state=e["state"],
+                attempts=e["attempts"],
+                last_status=e["last_status"],
+                last_error=e["last_error"],
+                updated_at=e["updated_at"],
+            )
+            for e in exports
+        ]
+        return rec

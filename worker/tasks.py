@@ -1,0 +1,221 @@
+"""Celery tasks: ``analyze_series`` (queue ``analysis``) and ``export_results`` (queue ``export``).
+
+Both are thin wrappers around plain functions (:func:`run_analysis`, :func:`run_export`)
+that take the configuration and the job store explicitly, so they can be tested without a
+broker. Both are idempotent: the pipeline's derived UIDs are deterministic, results are
+replaced atomically in ``<results_dir>/<SeriesInstanceUID>/``, and the PACS receives the same
+SOP Instance UIDs again. A task carrying a token older than the job record's is a stale
+duplicate and does nothing. Every failure ends in a ``failed`` job record with a reason;
+no exception from the pipeline escapes to crash the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from celery import Task
+
+from worker.celery_app import EXPORT_QUEUE, EXPORT_TASK, app, current_config
+from worker.config import Config
+from worker.errors import AnalysisError, SeriesValidationError
+from worker.export import backoff_seconds, destination_label, result_files, send_results
+from worker.jobstore import JobStore
+from worker.logs import log_event
+
+log = logging.getLogger(__name__)
+
+L3_NOT_IN_FOV = "L3 not in field of view"
+
+
+def run_pipeline(input_path: Path, out_dir: Path, config: Config) -> Any:
+    """Run :func:`worker.pipeline.analyze_series` (imported lazily: torch is heavy)."""
+    from worker.pipeline import analyze_series as pipeline_analyze
+
+    return pipeline_analyze(input_path, out_dir, config)
+
+
+def _note_from_result(result: Any) -> str | None:
+    try:
+        data = result.model_dump(mode="json")
+    except AttributeError:
+        data = result if isinstance(result, dict) else {}
+    l3 = data.get("l3") or {}
+    if l3.get("in_field_of_view") is False:
+        return L3_NOT_IN_FOV
+    return None
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move ``tmp`` to ``final``, replacing an earlier result (readers see old or new)."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def run_analysis(
+    series_dir: Path,
+    config: Config,
+    jobs: JobStore,
+    enqueue_export: Callable[[str, str | None], None],
+    token: str | None = None,
+    pipeline: Callable[[Path, Path, Config], Any] | None = None,
+) -> str:
+    """Analyse one spooled series and queue its export.
+
+    Parameters
+    ----------
+    series_dir : ``<spool>/<StudyUID>/<SeriesUID>``; its name is the Series Instance UID.
+    config : the configuration.
+    jobs : job records.
+    enqueue_export : ``(series_uid, token)`` -> queue the export task.
+    token : the job's queue token (None = run unconditionally, e.g. from a script).
+    pipeline : replaces :func:`run_pipeline` (tests).
+
+    Returns
+    -------
+    "done", "exporting", "failed" or "stale".
+    """
+    series_uid = series_dir.name
+    if not jobs.start_analysis(series_uid, token):
+        log_event(log, "analysis_stale_task_skipped", series_instance_uid=series_uid)
+        return "stale"
+    log_event(log, "analysis_started", series_instance_uid=series_uid)
+    results_root = config.node.resolved_results_dir()
+    results_root.mkdir(parents=True, exist_ok=True)
+    tmp = results_root / f".{series_uid}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        result = (pipeline or run_pipeline)(series_dir, tmp, config)
+    except (SeriesValidationError, AnalysisError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        jobs.mark_failed(series_uid, exc.reason)
+        log_event(
+            log,
+            "analysis_failed",
+            logging.WARNING,
+            series_instance_uid=series_uid,
+            reason=exc.reason,
+        )
+        return "failed"
+    except Exception as exc:  # a bug or a corrupt input: record it, keep the worker alive
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = f"internal error: {type(exc).__name__}: {exc}"
+        jobs.mark_failed(series_uid, reason)
+        log.exception("analysis_crashed", extra={"fields": {"series_instance_uid": series_uid}})
+        return "failed"
+    _replace_dir(tmp, results_root / series_uid)
+    note = _note_from_result(result)
+    destinations = config.export.destinations
+    jobs.finish_analysis(series_uid, note, exporting=bool(destinations))
+    log_event(log, "analysis_done", series_instance_uid=series_uid, note=note)
+    if not destinations:
+        return "done"
+    jobs.start_export(series_uid, [destination_label(d) for d in destinations])
+    enqueue_export(series_uid, token)
+    return "exporting"
+
+
+def run_export(
+    series_uid: str,
+    config: Config,
+    jobs: JobStore,
+    send: Callable[..., Any] = send_results,
+) -> tuple[str, float]:
+    """One delivery attempt of a series' results to every destination not yet served.
+
+    Returns
+    -------
+    (outcome, countdown)
+        ``("done", 0)``, ``("retry", seconds to wait)`` or ``("failed", 0)``; after
+        ``export.max_attempts`` failed attempts a destination is failed and the job record
+        says which destination answered which status.
+    """
+    rec = jobs.get(series_uid)
+    results = config.node.resolved_results_dir() / series_uid
+    files = result_files(results)
+    if not files:
+        jobs.mark_failed(series_uid, f"no result objects in {results}")
+        return "failed", 0.0
+    calling = config.export.calling_ae_title or config.node.ae_title
+    previous = {e.destination: e for e in rec.exports}
+    retry_after: list[float] = []
+    failures: list[str] = []
+    for dest in config.export.destinations:
+        label = destination_label(dest)
+        prior = previous.get(label)
+        if prior is not None and prior.state == "done":
+            continue
+        attempt = (prior.attempts if prior is not None else 0) + 1
+        final = attempt >= config.export.max_attempts
+        outcome = send(files, dest, calling, config.export.timeout_seconds)
+        jobs.record_export_attempt(
+            series_uid, label, outcome.ok, outcome.status, outcome.error, final=final
+        )
+        if outcome.ok:
+            continue
+        if final:
+            failures.append(
+                f"export to {label} failed after {attempt} attempts: "
+                f"status {outcome.status or 'none'}: {outcome.error}"
+            )
+        else:
+            retry_after.append(backoff_seconds(attempt, config.export))
+    if retry_after:
+        return "retry", min(retry_after)
+    if failures:
+        jobs.mark_failed(series_uid, "; ".join(failures))
+        return "failed", 0.0
+    jobs.finish_export(series_uid)
+    log_event(log, "export_done", series_instance_uid=series_uid, files=len(files))
+    return "done", 0.0
+
+
+def send_export_task(series_uid: str, token: str | None) -> None:
+    """Queue :func:`export_results` for a series."""
+    app.send_task(EXPORT_TASK, args=[series_uid], kwargs={"token": token}, queue=EXPORT_QUEUE)
+
+
+@app.task(
+    name="worker.tasks.analyze_series",
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=True,
+)
+def analyze_series(self: Task, series_dir: str, token: str | None = None) -> str:
+    """Celery task (queue ``analysis``): :func:`run_analysis` on ``series_dir``."""
+    config = current_config()
+    jobs = JobStore(config.node.spool_dir)
+    return run_analysis(Path(series_dir), config, jobs, send_export_task, token=token)
+
+
+@app.task(
+    name="worker.tasks.export_results",
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=True,
+    max_retries=None,
+)
+def export_results(self: Task, series_uid: str, token: str | None = None) -> str:
+    """Celery task (queue ``export``): :func:`run_export`, re-queued with backoff on failure."""
+    config = current_config()
+    jobs = JobStore(config.node.spool_dir)
+    rec = jobs.get(series_uid)
+    if token is not None and rec.token is not None and rec.token != token:
+        log_event(log, "export_stale_task_skipped", series_instance_uid=series_uid)
+        return "stale"
+    outcome, countdown = run_export(series_uid, config, jobs)
+    if outcome == "retry":
+        raise self.retry(countdown=countdown, max_retries=None)
+    return outcome
