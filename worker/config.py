@@ -52,6 +52,7 @@ class NodeConfig(_Section):
     acse_timeout_seconds: float = 30.0
     dimse_timeout_seconds: float = 60.0
     network_timeout_seconds: float = 60.0
+    fsync: bool = True  # fsync each instance and its folder before answering 0x0000
 
     @field_validator("ae_title")
     @classmethod
@@ -88,6 +89,16 @@ class BrokerConfig(_Section):
     result_backend: str | None = None
     embedded_polling_interval_seconds: float = 0.05
     worker_concurrency: int = Field(1, ge=1)
+    embedded_dir: Path | None = None  # default: <spool_dir>/../broker
+    serve_starts_workers: bool | None = None  # default: only with the embedded broker
+    worker_pool: Literal["prefork", "solo", "threads"] = "prefork"
+    visibility_timeout_seconds: int = Field(3600, ge=60)  # redis: re-deliver unacked tasks
+
+    def resolved_embedded_dir(self, node: NodeConfig) -> Path:
+        return self.embedded_dir or node.spool_dir.parent / "broker"
+
+    def starts_workers(self) -> bool:
+        return self.url is None if self.serve_starts_workers is None else self.serve_starts_workers
 
 
 class Destination(_Section):
@@ -106,6 +117,7 @@ class ExportConfig(_Section):
     max_attempts: int = Field(5, ge=1)
     backoff_initial_seconds: float = Field(5.0, ge=0)
     backoff_max_seconds: float = Field(300.0, ge=0)
+    timeout_seconds: float = Field(30.0, gt=0)  # ACSE/DIMSE/network timeout of the SCU
 
 
 class LocatorConfig(_Section):
