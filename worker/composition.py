@@ -3,13 +3,38 @@
 HU ranges: skeletal muscle -29..+150 HU, adipose tissue -190..-30 HU (Mitsiopoulos et al.
 1998). Skeletal muscle index SMI = SMA / height^2 (cm^2/m^2); sarcopenia cut-offs from Prado
 et al. 2008 or Martin et al. 2013.
+
+Two segmenters share one interface (:func:`segment_slice`): the classical method in this
+module (body mask, HU ranges, the abdominal wall found by ray casting as the SAT/VAT
+boundary, psoas selected by its position beside the vertebral body) and the 2-D U-Net of
+:mod:`worker.seg_unet`. ``CompositionConfig.method`` chooses; the measurements in
+``docs/composition.md`` decided the default.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import ndimage
+
+from worker import labels as lab
+from worker.config import CompositionConfig
+from worker.errors import AnalysisError
+from worker.logs import log_event
+from worker.volume import CTVolume, PatientInfo
+
+logger = logging.getLogger(__name__)
+
+#: Prado et al. 2008 (Lancet Oncol 9:629): sarcopenia if SMI (cm^2/m^2) below.
+PRADO_2008_CM2_PER_M2 = {"M": 52.4, "F": 38.5}
+#: Martin et al. 2013 (J Clin Oncol 31:1539): men 43 (BMI < 25) or 53 (BMI >= 25), women 41.
+MARTIN_2013_MEN_BMI_LT25 = 43.0
+MARTIN_2013_MEN_BMI_GE25 = 53.0
+MARTIN_2013_WOMEN = 41.0
+#: BMI boundary (kg/m^2) of Martin et al. 2013 (WHO overweight threshold).
+MARTIN_2013_BMI_SPLIT = 25.0
 
 
 @dataclass(frozen=True)
@@ -48,6 +73,7 @@ class CompositionResult:
     bmi_kg_per_m2 : from PatientWeight and PatientSize when both are present.
     qa_flags : e.g. "body_truncated", "arms_in_slice", "metal_artefact", "unusual_muscle_hu".
     method : "classical" or "unet".
+    slices_averaged : indices of the slices whose measures were averaged (L3 +/- neighbour_mm).
     """
 
     slice_index: int
@@ -59,3 +85,691 @@ class CompositionResult:
     bmi_kg_per_m2: float | None = None
     qa_flags: list[str] = field(default_factory=list)
     method: str = "classical"
+    slices_averaged: list[int] = field(default_factory=list)
+
+
+@dataclass
+class SliceSegmentation:
+    """Output of a segmenter on one slice.
+
+    Attributes
+    ----------
+    labels : (y, x) uint8 label map (values from :mod:`worker.labels`).
+    body : (y, x) bool trunk mask (arms and table excluded).
+    qa_flags : flags the segmenter itself can raise ("body_truncated", "arms_in_slice").
+    wall : (y, x) bool region inside the abdominal wall fascia (SAT/VAT boundary), or None.
+    """
+
+    labels: np.ndarray
+    body: np.ndarray
+    qa_flags: list[str] = field(default_factory=list)
+    wall: np.ndarray | None = None
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------
+
+
+def _disk(radius_px: float) -> np.ndarray:
+    r = max(int(round(radius_px)), 0)
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    return (yy * yy + xx * xx) <= r * r + 0.25
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    lab_img, n = ndimage.label(mask)
+    if n == 0:
+        return np.zeros_like(mask, dtype=bool)
+    sizes = ndimage.sum_labels(np.ones_like(lab_img), lab_img, index=np.arange(1, n + 1))
+    return lab_img == (int(np.argmax(sizes)) + 1)
+
+
+def in_hu_range(hu: np.ndarray, hu_range: tuple[float, float]) -> np.ndarray:
+    """Boolean mask of ``lo <= hu <= hu_range[1]`` (both bounds inclusive).
+
+    Parameters
+    ----------
+    hu : array of Hounsfield units, any shape.
+    hu_range : (low, high) in HU, inclusive, e.g. (-29, 150) for skeletal muscle
+        (Mitsiopoulos et al. 1998).
+    """
+    lo, hi = hu_range
+    return (hu >= lo) & (hu <= hi)
+
+
+def _circular_median(values: np.ndarray, size: int) -> np.ndarray:
+    return ndimage.median_filter(values, size=size, mode="wrap")
+
+
+# --------------------------------------------------------------------------------------
+# classical segmentation
+# --------------------------------------------------------------------------------------
+
+
+def body_mask(
+    hu: np.ndarray, spacing_mm: tuple[float, float], config: CompositionConfig
+) -> tuple[np.ndarray, list[str]]:
+    """Trunk mask of an axial slice: air, table and arms excluded, holes filled.
+
+    Parameters
+    ----------
+    hu : (y, x) float array, HU; y rows anterior->posterior, x columns patient right->left.
+    spacing_mm : (dy, dx) pixel spacing in mm.
+    config : thresholds (``body_hu``, ``table_opening_mm``, ``arm_separation_mm``,
+        ``arm_min_area_cm2``).
+
+    Returns
+    -------
+    (mask, flags) : (y, x) bool trunk mask; flags among "arms_in_slice", "body_truncated".
+
+    Notes
+    -----
+    The table is thin (a few mm) and lies outside the skin: an opening of radius
+    ``table_opening_mm`` and the largest connected component remove it. Arms are parts of
+    the body that an opening of radius ``arm_separation_mm`` detaches from the trunk and that
+    are thick (> 8 mm) and large (> ``arm_min_area_cm2``); separate arm components are
+    excluded by the largest-component step. Bowel gas is inside the filled mask.
+    """
+    px = float(min(spacing_mm))
+    pix_cm2 = spacing_mm[0] * spacing_mm[1] / 100.0
+    flags: list[str] = []
+    raw = hu > config.body_hu
+    opened = ndimage.binary_opening(raw, structure=_disk(config.table_opening_mm / px))
+    body = _largest_component(opened)
+    body = ndimage.binary_fill_holes(body)
+    # Components other than the trunk: large ones are arms (arms beside the body, not touching).
+    lab_img, n = ndimage.label(opened & ~body)
+    if n:
+        sizes = ndimage.sum_labels(np.ones_like(lab_img), lab_img, np.arange(1, n + 1))
+        if np.any(sizes * pix_cm2 >= config.arm_min_area_cm2):
+            flags.append("arms_in_slice")
+    # Arms touching the trunk: detached by a larger opening.
+    r_arm = config.arm_separation_mm / px
+    if r_arm >= 1:
+        core = _largest_component(ndimage.binary_erosion(body, structure=_disk(r_arm)))
+        if core.any():
+            trunk = ndimage.binary_dilation(core, structure=_disk(r_arm)) & body
+            rest = body & ~trunk
+            lab_img, n = ndimage.label(rest)
+            if n:
+                thick = ndimage.distance_transform_edt(rest) * px
+                for i in range(1, n + 1):
+                    comp = lab_img == i
+                    if comp.sum() * pix_cm2 >= config.arm_min_area_cm2 and thick[comp].max() > 8:
+                        body &= ~comp
+                        if "arms_in_slice" not in flags:
+                            flags.append("arms_in_slice")
+                body = _largest_component(body)
+    # Truncation: the trunk touches the image edge or the padding outside the FOV circle.
+    edge = np.zeros_like(body)
+    edge[0, :] = edge[-1, :] = edge[:, 0] = edge[:, -1] = True
+    outside_fov = hu < -1500.0
+    touching = ndimage.binary_dilation(body) & (edge | outside_fov)
+    if touching.sum() * px >= config.truncation_min_mm:
+        flags.append("body_truncated")
+    return body, flags
+
+
+def _rays(
+    centre: tuple[float, float], n_angles: int, r_max: float, step: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Sample coordinates of rays from ``centre``: (angles, radii, ys, xs), ys (a, r)."""
+    angles = np.linspace(0.0, 2 * np.pi, n_angles, endpoint=False)
+    radii = np.arange(0.0, r_max, step)
+    ys = centre[0] + np.outer(np.sin(angles), radii)
+    xs = centre[1] + np.outer(np.cos(angles), radii)
+    return angles, radii, ys, xs
+
+
+def _sample(mask: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    yi = np.clip(np.rint(ys).astype(int), 0, mask.shape[0] - 1)
+    xi = np.clip(np.rint(xs).astype(int), 0, mask.shape[1] - 1)
+    inside = (ys >= -0.5) & (ys <= mask.shape[0] - 0.5) & (xs >= -0.5) & (xs <= mask.shape[1] - 0.5)
+    return mask[yi, xi] & inside
+
+
+def _first_run(flags: np.ndarray, start: int, min_len: int) -> int:
+    """Index of the first run of ``min_len`` True values at or after ``start`` (or -1)."""
+    run = 0
+    for i in range(start, len(flags)):
+        if flags[i]:
+            run += 1
+            if run >= min_len:
+                return i - min_len + 1
+        else:
+            run = 0
+    return -1
+
+
+def _polygon_mask(shape: tuple[int, int], ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    from skimage.draw import polygon
+
+    mask = np.zeros(shape, dtype=bool)
+    rr, cc = polygon(ys, xs, shape=shape)
+    mask[rr, cc] = True
+    return mask
+
+
+def wall_region(
+    hu: np.ndarray,
+    body: np.ndarray,
+    spacing_mm: tuple[float, float],
+    config: CompositionConfig,
+) -> np.ndarray:
+    """Region inside the abdominal wall fascia: the SAT/VAT boundary.
+
+    Rays are cast from the body centroid; along each ray, from the skin inward, the skin
+    (``skin_mm``) is skipped and the wall is the first run of non-fat tissue at least
+    ``wall_min_mm`` thick. Where the muscle ring has a gap (linea alba, thin obliques) a ray
+    runs on into the viscera; such rays are outliers of the subcutaneous thickness along the
+    circumference and are replaced by the circular median of their neighbours
+    (``wall_median_deg``), so gaps, bowel gas and oral contrast cannot break the split.
+
+    Parameters
+    ----------
+    hu : (y, x) HU slice.
+    body : (y, x) bool trunk mask from :func:`body_mask`.
+    spacing_mm : (dy, dx) in mm.
+    config : HU ranges and wall parameters.
+
+    Returns
+    -------
+    (y, x) bool mask of everything inside the outer surface of the abdominal wall muscles
+    (muscles, viscera, spine included; SAT and skin excluded).
+    """
+    px = float(min(spacing_mm))
+    step = 0.5  # pixels
+    step_mm = step * px
+    cy, cx = ndimage.center_of_mass(body)
+    r_max = float(np.hypot(*hu.shape)) + 2
+    angles, radii, ys, xs = _rays((cy, cx), 360, r_max, step)
+    # Physical (anisotropic) spacing: sample in pixel units, convert distances per ray.
+    in_body = _sample(body, ys, xs)
+    fat = _sample(in_hu_range(hu, config.fat_hu) & body, ys, xs)
+    # anything that is not fat stops the ray: muscle, organs, bone, contrast, bowel gas
+    dense = _sample(~in_hu_range(hu, config.fat_hu) & body, ys, xs)
+    # skin plus one pixel of partial volume with the air outside
+    skin_n = max(int(round((config.skin_mm + px) / step_mm)), 1)
+    wall_n = max(int(round(config.wall_min_mm / step_mm)), 2)
+    n_a = len(angles)
+    sat_depth = np.full(n_a, np.nan)
+    r_skin = np.zeros(n_a)
+    for a in range(n_a):
+        idx = np.flatnonzero(in_body[a])
+        if idx.size == 0:
+            continue
+        i_skin = int(idx[-1])
+        r_skin[a] = radii[i_skin]
+        inward_dense = dense[a, i_skin::-1]
+        inward_fat = fat[a, i_skin::-1]
+        # skip the skin: leading dense samples up to skin_n
+        j = 0
+        while j < min(skin_n, len(inward_dense)) and not inward_fat[j]:
+            j += 1
+        k = _first_run(inward_dense, j, wall_n)
+        if k < 0:
+            continue
+        sat_depth[a] = k * step
+    valid = np.isfinite(sat_depth)
+    if valid.sum() < n_a // 4:
+        return body.copy()
+    sat_depth[~valid] = np.nanmedian(sat_depth)
+    tol = config.wall_outlier_mm / px
+    # isolated spikes either way (a vessel or septum in the fat, a skin fold) first
+    med_small = _circular_median(sat_depth, 9)
+    sat_depth = np.where(np.abs(sat_depth - med_small) > tol, med_small, sat_depth)
+    win = max(int(config.wall_median_deg) | 1, 3)
+    med = _circular_median(sat_depth, win)
+    # a gap in the ring only ever makes the subcutaneous layer look thicker: lower envelope
+    depth = np.where(sat_depth - med > tol, med, sat_depth)
+    depth = _circular_median(depth, 5)
+    r_wall = np.maximum(r_skin - depth, 0.0)
+    wy = cy + np.sin(angles) * r_wall
+    wx = cx + np.cos(angles) * r_wall
+    return _polygon_mask(hu.shape, wy, wx) & body
+
+
+def _vertebra(hu: np.ndarray, inner: np.ndarray, px: float) -> np.ndarray | None:
+    """Filled mask of the vertebra: cortical bone (> 200 HU) closed and filled.
+
+    Cancellous bone can be in the muscle HU range (osteoporosis), hence the filling. The
+    vertebra is the largest bone component in the posterior half of the wall region.
+    """
+    bone = (hu > 200) & inner
+    closed = ndimage.binary_closing(bone, structure=_disk(max(2.0, 5.0 / px)))
+    closed = ndimage.binary_fill_holes(closed)
+    lab_img, n = ndimage.label(closed)
+    if n == 0:
+        return None
+    ys, _ = np.nonzero(inner)
+    y_mid = (ys.min() + ys.max()) / 2
+    best, best_size = 0, 0.0
+    for i in range(1, n + 1):
+        comp = lab_img == i
+        size = float(comp.sum())
+        cy = ndimage.center_of_mass(comp)[0]
+        if cy >= y_mid - 10 / px and size > best_size:
+            best, best_size = i, size
+    if best == 0 or best_size * px * px < 300:  # < 3 cm^2 is not a lumbar vertebra
+        return None
+    vert = lab_img == best
+    # Vertebral body: convex hull of the bone within 35 mm of its anterior edge and 25 mm of
+    # the midline; a thin or interrupted cortex (osteoporosis, 3 mm pixels) does not fill.
+    from skimage.morphology import convex_hull_image
+
+    _, vx = np.nonzero(vert)
+    x_c = float(np.median(vx))
+    yy, xx = np.mgrid[0 : hu.shape[0], 0 : hu.shape[1]]
+    near = ndimage.binary_dilation(vert, structure=_disk(20.0 / px))
+    cortex = bone & near & (np.abs(xx - x_c) <= 25 / px)
+    if cortex.sum() >= 3:
+        y_ant = np.nonzero(cortex)[0].min()
+        front = cortex & (yy <= y_ant + 35 / px)
+        if front.sum() >= 3:
+            vert |= convex_hull_image(front)
+    # spinal canal (CSF is in the muscle HU range): the hole a wider closing of the vertebra
+    # encloses, within 15 mm of the midline
+    wide = ndimage.binary_fill_holes(
+        ndimage.binary_closing(vert | (bone & near), structure=_disk(max(2.0, 8.0 / px)))
+    )
+    vert |= wide & (np.abs(xx - x_c) <= 15 / px)
+    return vert
+
+
+def segment_classical(
+    hu: np.ndarray, spacing_mm: tuple[float, float], config: CompositionConfig
+) -> SliceSegmentation:
+    """Classical (threshold + anatomy) segmentation of an axial slice at L3.
+
+    Parameters
+    ----------
+    hu : (y, x) float array, HU; y anterior->posterior, x patient right->left.
+    spacing_mm : (dy, dx) pixel spacing in mm.
+    config : HU ranges (Mitsiopoulos et al. 1998 by default) and geometric parameters.
+
+    Returns
+    -------
+    :class:`SliceSegmentation` with labels SMA / IMAT / VAT / SAT on the source grid.
+
+    Notes
+    -----
+    1. Trunk mask (:func:`body_mask`): table and arms excluded.
+    2. Abdominal wall (:func:`wall_region`): fat outside it is SAT.
+    3. Wall muscles: from the wall inward, muscle-HU tissue is followed along each ray up to
+       the first fat layer (``muscle_band_max_mm``); rays that run into an organ abutting the
+       wall are replaced by the circular median of the band thickness.
+    4. Psoas and the other paravertebral muscles: muscle-HU components touching the vertebra
+       (bone > 200 HU) inside a box around the vertebral body that does not extend in front
+       of it in the midline (aorta, IVC, duodenum); opened first so that thin bridges to a
+       kidney or bowel loop do not carry them in.
+    5. IMAT: fat inside the closed muscle compartments; VAT: the remaining fat inside the
+       wall. Bowel gas and contrast are neither muscle nor fat and do not affect the split.
+    """
+    hu = np.asarray(hu, dtype=np.float32)
+    px = float(min(spacing_mm))
+    body, flags = body_mask(hu, spacing_mm, config)
+    out = np.zeros(hu.shape, dtype=np.uint8)
+    if not body.any():
+        return SliceSegmentation(out, body, flags)
+    fat = in_hu_range(hu, config.fat_hu) & body
+    muscle_hu = in_hu_range(hu, config.muscle_hu) & body
+    inner = wall_region(hu, body, spacing_mm, config)
+
+    vert = _vertebra(hu, inner, px)
+    y_vert = float(ndimage.center_of_mass(vert)[0]) if vert is not None else None
+
+    # --- wall muscles (rays from the wall inward)
+    cy, cx = ndimage.center_of_mass(body)
+    step = 0.5
+    r_max = float(np.hypot(*hu.shape)) + 2
+    angles, radii, ys, xs = _rays((cy, cx), 360, r_max, step)
+    s_inner = _sample(inner, ys, xs)
+    s_musc = _sample(muscle_hu & ~(vert if vert is not None else False), ys, xs)
+    s_fat = _sample(fat, ys, xs)
+    gap_n = max(int(round(config.imat_gap_mm / (step * px))), 1)
+    n_a = len(angles)
+    r_wall = np.zeros(n_a)
+    thick = np.zeros(n_a)
+    terminated = np.zeros(n_a, dtype=bool)
+    posterior = np.zeros(n_a, dtype=bool)
+    for a in range(n_a):
+        idx = np.flatnonzero(s_inner[a])
+        if idx.size == 0:
+            continue
+        i0 = int(idx[-1])
+        r_wall[a] = radii[i0]
+        y_w = cy + np.sin(angles[a]) * radii[i0]
+        posterior[a] = y_vert is not None and y_w > y_vert
+        max_mm = config.muscle_band_max_mm if posterior[a] else config.wall_muscle_max_mm
+        max_n = int(round(max_mm / (step * px)))
+        m = s_musc[a, i0::-1]
+        f = s_fat[a, i0::-1]
+        j, last_m, fat_run = 0, -1, 0
+        while j < min(len(m), max_n):
+            if m[j]:
+                last_m, fat_run = j, 0
+            elif f[j]:
+                fat_run += 1
+                if fat_run > gap_n:
+                    terminated[a] = True
+                    break
+            else:
+                terminated[a] = True
+                break
+            j += 1
+        thick[a] = (last_m + 1) * step
+    # Rays that ran into an organ abutting the wall (no fat plane before the maximum) take
+    # the circular median of the terminated rays around them.
+    good = terminated | posterior
+    if good.any():
+        half = max(int(config.wall_median_deg), 3)
+        fixed = thick.copy()
+        for a in np.flatnonzero(~good):
+            win = (np.arange(a - half, a + half + 1)) % n_a
+            ok = win[good[win] & ~posterior[win]]
+            ref = thick[ok] if ok.size else thick[good & ~posterior]
+            if ref.size:
+                fixed[a] = min(thick[a], float(np.median(ref)))
+        thick = fixed
+    r_in = np.maximum(r_wall - thick, 0.0)
+    inner_core = _polygon_mask(hu.shape, cy + np.sin(angles) * r_in, cx + np.cos(angles) * r_in)
+    band = inner & ~inner_core
+    sma = muscle_hu & band
+    if vert is not None:
+        sma &= ~vert
+
+    # --- psoas / paravertebral muscles beside the vertebra
+    if vert is not None:
+        vy, vx = np.nonzero(vert)
+        y_ant = float(vy.min())
+        x_c = float(np.median(vx[vy <= y_ant + 25 / px]))
+        body_half_w = max(float(np.ptp(vx[vy <= y_ant + 25 / px])) / 2, 15 / px)
+        yy, xx = np.mgrid[0 : hu.shape[0], 0 : hu.shape[1]]
+        box = (
+            (yy >= y_ant - config.psoas_anterior_mm / px)
+            & (yy <= y_ant + config.psoas_posterior_mm / px)
+            & (np.abs(xx - x_c) <= body_half_w + config.psoas_lateral_mm / px)
+        )
+        # no muscle in front of the vertebral body in the midline (aorta, IVC, duodenum)
+        box &= ~((yy < y_ant + 5 / px) & (np.abs(xx - x_c) < body_half_w))
+        cand = muscle_hu & inner & box & ~sma & ~vert
+        opened = ndimage.binary_opening(cand, structure=_disk(max(1.0, 3.0 / px)))
+        near_vert = ndimage.binary_dilation(vert | sma, structure=_disk(max(1.0, 4.0 / px)))
+        lab_img, n = ndimage.label(opened)
+        keep = np.zeros_like(cand)
+        for i in range(1, n + 1):
+            comp = lab_img == i
+            if (comp & near_vert).any() and comp.sum() * px * px >= 100:
+                keep |= comp
+        # restore the border removed by the opening, within the candidate mask
+        keep = ndimage.binary_dilation(keep, structure=_disk(max(1.0, 3.0 / px))) & cand
+        sma |= keep
+
+    # --- IMAT and VAT
+    close_r = max(1.0, config.imat_close_mm / px)
+    compartment = ndimage.binary_closing(sma, structure=_disk(close_r))
+    compartment = ndimage.binary_fill_holes(compartment) & inner
+    imat = fat & compartment & ~sma & band | (fat & compartment & ~sma & ~band & _near(sma, px))
+    vat = fat & inner & ~imat
+    sat = fat & ~inner
+    out[sat] = lab.SAT
+    out[vat] = lab.VAT
+    out[imat] = lab.IMAT
+    out[sma] = lab.SMA
+    return SliceSegmentation(out, body, flags, wall=inner)
+
+
+def _near(mask: np.ndarray, px: float) -> np.ndarray:
+    return ndimage.binary_dilation(mask, structure=_disk(max(1.0, 2.0 / px)))
+
+
+# --------------------------------------------------------------------------------------
+# measurements
+# --------------------------------------------------------------------------------------
+
+
+def measure_labels(
+    labels: np.ndarray, hu: np.ndarray, spacing_mm: tuple[float, float]
+) -> dict[str, TissueMeasure]:
+    """Area (cm^2), mean and SD HU of each compartment of a label map.
+
+    Parameters
+    ----------
+    labels : (y, x) uint8 label map (values from :mod:`worker.labels`).
+    hu : (y, x) HU slice on the same grid.
+    spacing_mm : (dy, dx) PixelSpacing in mm; area = count x dy x dx / 100 cm^2.
+
+    Returns
+    -------
+    compartment key -> :class:`TissueMeasure` (mean/sd None for an empty compartment;
+    SD is the population SD).
+    """
+    pix_cm2 = float(spacing_mm[0]) * float(spacing_mm[1]) / 100.0
+    out: dict[str, TissueMeasure] = {}
+    for value, key in lab.COMPARTMENTS.items():
+        vals = hu[labels == value]
+        n = int(vals.size)
+        out[key] = TissueMeasure(
+            area_cm2=n * pix_cm2,
+            mean_hu=float(vals.mean()) if n else None,
+            sd_hu=float(vals.std()) if n else None,
+            pixel_count=n,
+        )
+    return out
+
+
+def _average_measures(per_slice: list[dict[str, TissueMeasure]]) -> dict[str, TissueMeasure]:
+    """Mean area over slices; HU pooled over all pixels of all slices."""
+    out: dict[str, TissueMeasure] = {}
+    for key in lab.COMPARTMENTS.values():
+        ms = [m[key] for m in per_slice]
+        n_tot = sum(m.pixel_count for m in ms)
+        area = float(np.mean([m.area_cm2 for m in ms]))
+        if n_tot:
+            mean = sum(m.pixel_count * (m.mean_hu or 0.0) for m in ms) / n_tot
+            ex2 = sum(m.pixel_count * ((m.sd_hu or 0.0) ** 2 + (m.mean_hu or 0.0) ** 2) for m in ms)
+            sd = float(np.sqrt(max(ex2 / n_tot - mean * mean, 0.0)))
+        else:
+            mean, sd = None, None
+        out[key] = TissueMeasure(
+            area_cm2=area,
+            mean_hu=mean,
+            sd_hu=sd,
+            pixel_count=int(round(n_tot / len(ms))),
+        )
+    return out
+
+
+def skeletal_muscle_index(sma_cm2: float, patient: PatientInfo) -> tuple[float | None, str | None]:
+    """SMI = SMA / height^2 (cm^2/m^2), or (None, reason) when PatientSize is missing.
+
+    Parameters
+    ----------
+    sma_cm2 : skeletal muscle area at L3 in cm^2.
+    patient : PatientSize (0010,1020) in metres is used.
+    """
+    h = patient.size_m
+    if h is None or not np.isfinite(h) or h <= 0:
+        return None, "PatientSize (0010,1020) missing: SMI needs the height"
+    if not 0.5 <= h <= 2.6:
+        return None, f"PatientSize {h} m implausible (not metres?): SMI not computed"
+    return sma_cm2 / (h * h), None
+
+
+def body_mass_index(patient: PatientInfo) -> float | None:
+    """BMI = PatientWeight / PatientSize^2 (kg/m^2), or None if either is missing."""
+    h, w = patient.size_m, patient.weight_kg
+    if h is None or w is None or h <= 0 or w <= 0:
+        return None
+    return w / (h * h)
+
+
+def sarcopenia(
+    smi: float | None, patient: PatientInfo, cutoffs: str, bmi: float | None
+) -> SarcopeniaResult:
+    """Sarcopenia flag with published SMI cut-offs; None with a reason, never a guess.
+
+    Parameters
+    ----------
+    smi : skeletal muscle index (cm^2/m^2) or None.
+    patient : PatientSex (0010,0040) "M"/"F" is needed.
+    cutoffs : "prado2008" (Prado et al. 2008: < 52.4 men, < 38.5 women) or "martin2013"
+        (Martin et al. 2013: men < 43 if BMI < 25 else < 53; women < 41).
+    bmi : kg/m^2, needed for men with "martin2013".
+    """
+    sex = (patient.sex or "").upper()
+    if smi is None:
+        return SarcopeniaResult(cutoffs, None, None, "SMI not available (PatientSize missing)")
+    if sex not in ("M", "F"):
+        return SarcopeniaResult(
+            cutoffs, None, None, "PatientSex missing or not M/F: sex-specific cut-off unknown"
+        )
+    if cutoffs == "prado2008":
+        thr = PRADO_2008_CM2_PER_M2[sex]
+    elif cutoffs == "martin2013":
+        if sex == "F":
+            thr = MARTIN_2013_WOMEN
+        elif bmi is None:
+            return SarcopeniaResult(
+                cutoffs, None, None, "PatientWeight missing: Martin 2013 cut-off for men needs BMI"
+            )
+        else:
+            thr = (
+                MARTIN_2013_MEN_BMI_LT25
+                if bmi < MARTIN_2013_BMI_SPLIT
+                else MARTIN_2013_MEN_BMI_GE25
+            )
+    else:
+        return SarcopeniaResult(cutoffs, None, None, f"unknown cut-off set {cutoffs!r}")
+    return SarcopeniaResult(cutoffs, bool(smi < thr), thr, None)
+
+
+def qa_flags(
+    hu: np.ndarray,
+    labels: np.ndarray,
+    body: np.ndarray,
+    spacing_mm: tuple[float, float],
+    config: CompositionConfig,
+) -> list[str]:
+    """QA flags from the image and the segmentation (the segmenter adds its own).
+
+    "metal_artefact": area of pixels > ``metal_hu`` (2000 HU) inside the body of at least
+    ``metal_min_area_mm2``; "unusual_muscle_hu": SMA mean outside ``muscle_mean_hu_qa``
+    (-20..80 HU) or no muscle found.
+    """
+    flags: list[str] = []
+    pix_mm2 = spacing_mm[0] * spacing_mm[1]
+    region = ndimage.binary_dilation(body, iterations=2) if body.any() else np.ones_like(body)
+    if ((hu > config.metal_hu) & region).sum() * pix_mm2 >= config.metal_min_area_mm2:
+        flags.append("metal_artefact")
+    m = hu[labels == lab.SMA]
+    lo, hi = config.muscle_mean_hu_qa
+    if m.size == 0 or not lo <= float(m.mean()) <= hi:
+        flags.append("unusual_muscle_hu")
+    return flags
+
+
+def segment_slice(
+    hu: np.ndarray,
+    spacing_mm: tuple[float, float],
+    config: CompositionConfig,
+    *,
+    device: str = "auto",
+    series_uid: str = "",
+) -> SliceSegmentation:
+    """Segment one axial slice with the configured method ("classical" or "unet").
+
+    Parameters
+    ----------
+    hu : (y, x) HU slice; y anterior->posterior, x patient right->left.
+    spacing_mm : (dy, dx) in mm.
+    config : ``method`` chooses; ``unet_weights`` for the U-Net.
+    device : torch device for the U-Net ("auto", "cpu", "cuda").
+    series_uid : for error messages.
+
+    Raises
+    ------
+    AnalysisError
+        The U-Net is configured but its weights are missing or unreadable.
+    """
+    if config.method == "classical":
+        return segment_classical(hu, spacing_mm, config)
+    from worker import seg_unet
+
+    body, flags = body_mask(np.asarray(hu, np.float32), spacing_mm, config)
+    try:
+        labels = seg_unet.predict_labels(hu, spacing_mm, config, device=device)
+    except (FileNotFoundError, RuntimeError, ValueError) as exc:
+        raise AnalysisError(series_uid, "composition", f"U-Net unavailable: {exc}") from exc
+    labels = np.where(body, labels, 0).astype(np.uint8)
+    return SliceSegmentation(labels, body, flags)
+
+
+def measure_composition(
+    volume: CTVolume, slice_index: int, config: CompositionConfig, *, device: str = "auto"
+) -> CompositionResult:
+    """Segment and measure body composition on the L3 slice.
+
+    Parameters
+    ----------
+    volume : the CT series (``hu`` (z, y, x), ``pixel_spacing_mm`` (dy, dx) mm, patient).
+    slice_index : index of the L3 slice into ``volume.z_mm``.
+    config : HU ranges, method, cut-offs, ``neighbour_mm`` averaging.
+    device : torch device for the U-Net.
+
+    Returns
+    -------
+    :class:`CompositionResult`; ``labels`` is the L3 slice's (y, x) label map; measures are
+    averaged over the slices within +/- ``neighbour_mm`` of L3 when that is > 0.
+
+    Raises
+    ------
+    AnalysisError
+        ``slice_index`` outside the volume, or the U-Net unavailable.
+    """
+    uid = volume.series_instance_uid
+    n_z = volume.hu.shape[0]
+    if not 0 <= slice_index < n_z:
+        raise AnalysisError(uid, "composition", f"slice index {slice_index} outside 0..{n_z - 1}")
+    spacing = (float(volume.pixel_spacing_mm[0]), float(volume.pixel_spacing_mm[1]))
+    seg = segment_slice(volume.hu[slice_index], spacing, config, device=device, series_uid=uid)
+    hu0 = np.asarray(volume.hu[slice_index], dtype=np.float32)
+    measures = measure_labels(seg.labels, hu0, spacing)
+    averaged = [slice_index]
+    if config.neighbour_mm > 0:
+        z0 = float(volume.z_mm[slice_index])
+        near = np.flatnonzero(np.abs(volume.z_mm - z0) <= config.neighbour_mm + 1e-6)
+        per = [measures]
+        for i in near:
+            if int(i) == slice_index:
+                continue
+            s = segment_slice(volume.hu[int(i)], spacing, config, device=device, series_uid=uid)
+            per.append(measure_labels(s.labels, np.asarray(volume.hu[int(i)], np.float32), spacing))
+        measures = _average_measures(per)
+        averaged = sorted(int(i) for i in near)
+    smi, smi_reason = skeletal_muscle_index(measures["sma"].area_cm2, volume.patient)
+    bmi = body_mass_index(volume.patient)
+    sarc = sarcopenia(smi, volume.patient, config.sarcopenia_cutoffs, bmi)
+    flags = list(seg.qa_flags) + qa_flags(hu0, seg.labels, seg.body, spacing, config)
+    log_event(
+        logger,
+        "composition_measured",
+        series_instance_uid=uid,
+        slice_index=slice_index,
+        method=config.method,
+        sma_cm2=round(measures["sma"].area_cm2, 2),
+        qa_flags=flags,
+    )
+    return CompositionResult(
+        slice_index=slice_index,
+        labels=seg.labels,
+        measures=measures,
+        smi_cm2_per_m2=smi,
+        smi_reason=smi_reason,
+        sarcopenia=sarc,
+        bmi_kg_per_m2=bmi,
+        qa_flags=flags,
+        method=config.method,
+        slices_averaged=averaged,
+    )

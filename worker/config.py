@@ -139,6 +139,29 @@ class CompositionConfig(_Section):
     fat_hu: tuple[float, float] = (-190.0, -30.0)  # Mitsiopoulos et al. 1998
     neighbour_mm: float = Field(0.0, ge=0)  # average over L3 +/- this many mm
     sarcopenia_cutoffs: Literal["prado2008", "martin2013"] = "prado2008"
+    # classical segmentation geometry (mm) and QA thresholds
+    body_hu: float = -500.0  # air/table-foam vs body
+    table_opening_mm: float = Field(4.0, ge=0)  # tables are thinner than this
+    arm_separation_mm: float = Field(15.0, ge=0)  # opening radius detaching touching arms
+    arm_min_area_cm2: float = Field(15.0, ge=0)
+    truncation_min_mm: float = Field(10.0, ge=0)  # body contact with the FOV edge to flag
+    skin_mm: float = Field(4.0, ge=0)  # skin thickness skipped before the SAT
+    wall_min_mm: float = Field(4.0, gt=0)  # thinnest wall muscle run taken as the wall
+    wall_median_deg: int = Field(41, ge=3)  # circular median window bridging ring gaps
+    wall_outlier_mm: float = Field(6.0, ge=0)
+    muscle_band_max_mm: float = Field(90.0, gt=0)  # deepest posterior (paraspinal) band
+    wall_muscle_max_mm: float = Field(30.0, gt=0)  # deepest anterior/lateral wall band
+    imat_gap_mm: float = Field(2.0, ge=0)  # fat gap inside a muscle band still IMAT
+    imat_close_mm: float = Field(4.0, ge=0)
+    psoas_anterior_mm: float = Field(20.0, ge=0)  # search box around the vertebral body
+    psoas_posterior_mm: float = Field(45.0, ge=0)
+    psoas_lateral_mm: float = Field(60.0, ge=0)
+    metal_hu: float = 2000.0
+    metal_min_area_mm2: float = Field(30.0, ge=0)
+    muscle_mean_hu_qa: tuple[float, float] = (-20.0, 80.0)
+    # U-Net (seed "Abdominal musculature segmentation and surface prediction from CT")
+    unet_pixel_mm: float = Field(1.0, gt=0)
+    unet_hu_window: tuple[float, float] = (-150.0, 300.0)
 
 
 class AnalysisConfig(_Section):
