@@ -495,7 +495,7 @@ def segment_classical(
         box &= ~((yy < y_ant + 5 / px) & (np.abs(xx - x_c) < body_half_w))
         cand = muscle_hu & inner & box & ~sma & ~vert
         opened = ndimage.binary_opening(cand, structure=_disk(max(1.0, 3.0 / px)))
-        near_vert = ndimage.binary_dilation(vert | sma, structure=_disk(max(1.0, 4.0 / px)))
+        near_vert = ndimage.binary_dilation(vert | sma, structure=_disk(max(1.0, 8.0 / px)))
         lab_img, n = ndimage.label(opened)
         keep = np.zeros_like(cand)
         for i in range(1, n + 1):
@@ -509,8 +509,16 @@ def segment_classical(
     # --- IMAT and VAT
     close_r = max(1.0, config.imat_close_mm / px)
     compartment = ndimage.binary_closing(sma, structure=_disk(close_r))
-    compartment = ndimage.binary_fill_holes(compartment) & inner
-    imat = fat & compartment & ~sma & band | (fat & compartment & ~sma & ~band & _near(sma, px))
+    holes = ndimage.binary_fill_holes(compartment) & ~compartment
+    lab_img, n = ndimage.label(holes)
+    if n:  # small holes are fat inside a muscle; the abdominal cavity is not
+        sizes = ndimage.sum_labels(np.ones_like(lab_img), lab_img, np.arange(1, n + 1))
+        small = np.flatnonzero(sizes * px * px <= 500.0) + 1  # <= 5 cm^2
+        compartment |= np.isin(lab_img, small)
+    compartment &= inner
+    # fat enclosed by muscle, not the fat lining the compartment's surface
+    compartment = ndimage.binary_erosion(compartment, structure=_disk(1.0))
+    imat = fat & compartment & ~sma
     vat = fat & inner & ~imat
     sat = fat & ~inner
     out[sat] = lab.SAT
@@ -518,10 +526,6 @@ def segment_classical(
     out[imat] = lab.IMAT
     out[sma] = lab.SMA
     return SliceSegmentation(out, body, flags, wall=inner)
-
-
-def _near(mask: np.ndarray, px: float) -> np.ndarray:
-    return ndimage.binary_dilation(mask, structure=_disk(max(1.0, 2.0 / px)))
 
 
 # --------------------------------------------------------------------------------------

@@ -142,7 +142,7 @@ class CompositionConfig(_Section):
     # classical segmentation geometry (mm) and QA thresholds
     body_hu: float = -500.0  # air/table-foam vs body
     table_opening_mm: float = Field(4.0, ge=0)  # tables are thinner than this
-    arm_separation_mm: float = Field(15.0, ge=0)  # opening radius detaching touching arms
+    arm_separation_mm: float = Field(20.0, ge=0)  # opening radius detaching touching arms
     arm_min_area_cm2: float = Field(15.0, ge=0)
     truncation_min_mm: float = Field(10.0, ge=0)  # body contact with the FOV edge to flag
     skin_mm: float = Field(4.0, ge=0)  # skin thickness skipped before the SAT
@@ -154,7 +154,7 @@ class CompositionConfig(_Section):
     imat_gap_mm: float = Field(2.0, ge=0)  # fat gap inside a muscle band still IMAT
     imat_close_mm: float = Field(4.0, ge=0)
     psoas_anterior_mm: float = Field(20.0, ge=0)  # search box around the vertebral body
-    psoas_posterior_mm: float = Field(45.0, ge=0)
+    psoas_posterior_mm: float = Field(200.0, ge=0)  # paraspinals too
     psoas_lateral_mm: float = Field(60.0, ge=0)
     metal_hu: float = 2000.0
     metal_min_area_mm2: float = Field(30.0, ge=0)

@@ -1,0 +1,223 @@
+"""Tests of worker.composition: HU ranges, areas, SMI and cut-offs, QA flags, segmentation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.synthetic_l3 import synthetic_l3
+from worker import labels as lab
+from worker.composition import (
+    body_mass_index,
+    in_hu_range,
+    measure_composition,
+    measure_labels,
+    qa_flags,
+    sarcopenia,
+    segment_classical,
+    skeletal_muscle_index,
+)
+from worker.config import CompositionConfig
+from worker.errors import AnalysisError
+from worker.volume import CTVolume, PatientInfo
+
+CFG = CompositionConfig()
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * float((a & b).sum()) / max(float(a.sum() + b.sum()), 1.0)
+
+
+@pytest.mark.parametrize(
+    ("hu", "muscle", "fat"),
+    [
+        (-191, False, False),
+        (-190, False, True),
+        (-30, False, True),
+        (-29.5, False, False),
+        (-29, True, False),
+        (150, True, False),
+        (150.5, False, False),
+    ],
+)
+def test_hu_range_boundaries_are_inclusive_mitsiopoulos(hu: float, muscle: bool, fat: bool):
+    arr = np.array([hu], dtype=np.float32)
+    assert bool(in_hu_range(arr, CFG.muscle_hu)[0]) is muscle
+    assert bool(in_hu_range(arr, CFG.fat_hu)[0]) is fat
+
+
+def test_area_is_pixel_count_times_spacing():
+    labels = np.zeros((10, 10), np.uint8)
+    labels[:4, :5] = lab.SMA  # 20 pixels
+    labels[5:, :] = lab.SAT  # 50 pixels
+    hu = np.where(labels == lab.SMA, 40.0, -100.0).astype(np.float32)
+    hu[0, 0] = 60.0
+    m = measure_labels(labels, hu, (0.8, 0.7))
+    assert m["sma"].area_cm2 == pytest.approx(20 * 0.8 * 0.7 / 100)
+    assert m["sat"].area_cm2 == pytest.approx(50 * 0.56 / 100)
+    assert m["sma"].mean_hu == pytest.approx((19 * 40 + 60) / 20)
+    assert m["sma"].sd_hu == pytest.approx(np.std([40.0] * 19 + [60.0]))
+    assert m["vat"].pixel_count == 0 and m["vat"].mean_hu is None
+
+
+def test_smi_from_height_and_null_with_reason_without_it():
+    smi, reason = skeletal_muscle_index(160.0, PatientInfo(size_m=1.6))
+    assert smi == pytest.approx(62.5) and reason is None
+    smi, reason = skeletal_muscle_index(160.0, PatientInfo())
+    assert smi is None and "PatientSize" in reason
+
+
+def test_bmi_needs_weight_and_height():
+    assert body_mass_index(PatientInfo(size_m=2.0, weight_kg=100.0)) == pytest.approx(25.0)
+    assert body_mass_index(PatientInfo(size_m=2.0)) is None
+
+
+@pytest.mark.parametrize(
+    ("sex", "smi", "flag", "thr"),
+    [
+        ("M", 52.3, True, 52.4),
+        ("M", 52.4, False, 52.4),
+        ("F", 38.4, True, 38.5),
+        ("F", 38.5, False, 38.5),
+    ],
+)
+def test_prado_2008_cutoffs(sex: str, smi: float, flag: bool, thr: float):
+    r = sarcopenia(smi, PatientInfo(sex=sex), "prado2008", None)
+    assert r.flag is flag and r.threshold_cm2_per_m2 == thr
+
+
+@pytest.mark.parametrize(
+    ("sex", "bmi", "smi", "flag", "thr"),
+    [
+        ("M", 24.9, 42.9, True, 43.0),
+        ("M", 24.9, 43.0, False, 43.0),
+        ("M", 25.0, 52.9, True, 53.0),
+        ("M", 30.0, 53.0, False, 53.0),
+        ("F", None, 40.9, True, 41.0),
+        ("F", 30.0, 41.0, False, 41.0),
+    ],
+)
+def test_martin_2013_cutoffs(sex: str, bmi: float | None, smi: float, flag: bool, thr: float):
+    r = sarcopenia(smi, PatientInfo(sex=sex), "martin2013", bmi)
+    assert r.flag is flag and r.threshold_cm2_per_m2 == thr
+
+
+@pytest.mark.parametrize(
+    ("smi", "sex", "cutoffs", "bmi", "word"),
+    [
+        (None, "M", "prado2008", None, "SMI"),
+        (40.0, None, "prado2008", None, "PatientSex"),
+        (40.0, "O", "martin2013", 22.0, "PatientSex"),
+        (40.0, "M", "martin2013", None, "Weight"),
+    ],
+)
+def test_sarcopenia_is_null_with_reason_when_data_missing(smi, sex, cutoffs, bmi, word):
+    r = sarcopenia(smi, PatientInfo(sex=sex), cutoffs, bmi)
+    assert r.flag is None and word in r.reason
+
+
+def test_qa_flags_metal_and_unusual_muscle_hu():
+    hu = np.full((50, 50), -100.0, np.float32)
+    labels = np.zeros((50, 50), np.uint8)
+    labels[10:20, 10:20] = lab.SMA
+    hu[10:20, 10:20] = 40.0
+    body = np.ones((50, 50), bool)
+    assert qa_flags(hu, labels, body, (1.0, 1.0), CFG) == []
+    hu[30:37, 30:37] = 3000.0  # 49 mm^2 of metal
+    hu[10:20, 10:20] = 90.0
+    flags = qa_flags(hu, labels, body, (1.0, 1.0), CFG)
+    assert "metal_artefact" in flags and "unusual_muscle_hu" in flags
+
+
+@pytest.mark.parametrize("px", [1.0, 0.75])
+def test_classical_matches_exact_masks_on_synthetic_slice(px: float):
+    hu, truth, sp = synthetic_l3(px)
+    seg = segment_classical(hu, sp, CFG)
+    sma_d = _dice(seg.labels == lab.SMA, truth == lab.SMA)
+    assert sma_d >= 0.96
+    area_err = abs((seg.labels == lab.SMA).sum() / (truth == lab.SMA).sum() - 1)
+    assert area_err <= 0.05
+    assert _dice(seg.labels == lab.SAT, truth == lab.SAT) >= 0.98
+    assert _dice(seg.labels == lab.VAT, truth == lab.VAT) >= 0.97
+    # bowel gas and oral contrast neither muscle nor fat; kidneys, liver not muscle
+    assert not (seg.labels[(hu > 250) | (hu < -500)] > 0).any()
+
+
+@pytest.mark.parametrize("arms", ["apart", "touching"])
+def test_arms_excluded_and_flagged(arms: str):
+    hu, truth, sp = synthetic_l3(arms=arms)
+    seg = segment_classical(hu, sp, CFG)
+    assert "arms_in_slice" in seg.qa_flags
+    xs = np.nonzero(seg.labels)[1]
+    # trunk spans x 60..360 mm; at most the skin-contact fringe of an arm may remain
+    assert xs.min() >= 52 and xs.max() <= 368
+    assert not (seg.labels[:, :52] > 0).any() and not (seg.labels[:, 368:] > 0).any()
+    assert _dice(seg.labels == lab.SMA, truth == lab.SMA) >= 0.96
+    assert "body_truncated" not in seg.qa_flags
+
+
+def test_table_excluded():
+    hu, _, sp = synthetic_l3(table=True)
+    seg = segment_classical(hu, sp, CFG)
+    assert not seg.body[262:266].any() and not seg.labels[262:266].any()
+
+
+def test_truncated_body_flagged():
+    hu, _, sp = synthetic_l3(truncate=True)
+    assert "body_truncated" in segment_classical(hu, sp, CFG).qa_flags
+    hu, _, sp = synthetic_l3()
+    assert "body_truncated" not in segment_classical(hu, sp, CFG).qa_flags
+
+
+def _volume(hu2d: np.ndarray, sp: tuple[float, float], patient: PatientInfo) -> CTVolume:
+    hu = np.stack([hu2d, hu2d + 1.0, hu2d - 1.0])
+    return CTVolume(hu=hu, z_mm=np.array([0.0, 3.0, 6.0]), pixel_spacing_mm=sp, patient=patient)
+
+
+def test_measure_composition_end_to_end_with_neighbour_averaging():
+    hu, truth, sp = synthetic_l3()
+    vol = _volume(hu, sp, PatientInfo(sex="F", size_m=1.7, weight_kg=60.0))
+    res = measure_composition(vol, 1, CFG)
+    assert res.labels.shape == hu.shape and res.labels.dtype == np.uint8
+    assert res.smi_cm2_per_m2 == pytest.approx(res.measures["sma"].area_cm2 / 1.7**2)
+    assert res.sarcopenia is not None and res.sarcopenia.flag is not None
+    assert res.bmi_kg_per_m2 == pytest.approx(60 / 1.7**2)
+    avg = measure_composition(vol, 1, CFG.model_copy(update={"neighbour_mm": 3.0}))
+    assert avg.slices_averaged == [0, 1, 2]
+    assert avg.measures["sma"].area_cm2 == pytest.approx(res.measures["sma"].area_cm2, rel=0.02)
+    with pytest.raises(AnalysisError):
+        measure_composition(vol, 5, CFG)
+
+
+def _load_real_l3(root: Path) -> CTVolume:
+    nib = pytest.importorskip("nibabel")
+    img = nib.load(root / "abdomen_ct_totalseg" / "ct.nii.gz")
+    a = np.asanyarray(img.dataobj).astype(np.float32)  # (x, y, z) RAS
+    hu = np.ascontiguousarray(np.transpose(a, (2, 1, 0))[:, ::-1, ::-1])
+    z = img.affine[2, 3] + 3.0 * np.arange(hu.shape[0])
+    return CTVolume(hu=hu, z_mm=z, pixel_spacing_mm=(3.0, 3.0), patient=PatientInfo(sex="M"))
+
+
+def test_real_l3_slice_areas_are_in_adult_ranges(shared_data: Path):
+    vol = _load_real_l3(shared_data)
+    res = measure_composition(vol, 72, CFG)
+    m = res.measures
+    assert 80 <= m["sma"].area_cm2 <= 220  # adult L3 SMA, e.g. Prado 2008 cohort ranges
+    assert -10 <= m["sma"].mean_hu <= 70
+    assert 50 <= m["vat"].area_cm2 <= 350 and 50 <= m["sat"].area_cm2 <= 400
+    assert m["imat"].area_cm2 < 0.2 * m["sma"].area_cm2
+    assert "body_truncated" in res.qa_flags  # the left flank touches the image edge
+    assert res.smi_cm2_per_m2 is None and res.sarcopenia.flag is None
+    # the vertebral body and kidneys are not muscle (their HU is in the muscle range here)
+    seg = _real_seg(shared_data)
+    kidney_or_liver = np.isin(seg, (2, 3, 5))
+    assert (res.labels[kidney_or_liver] == lab.SMA).mean() < 0.05
+    assert (res.labels[seg == 29] == lab.SMA).mean() < 0.05
+
+
+def _real_seg(root: Path) -> np.ndarray:
+    nib = pytest.importorskip("nibabel")
+    s = np.asanyarray(nib.load(root / "abdomen_ct_totalseg" / "segmentation_total.nii.gz").dataobj)
+    return np.ascontiguousarray(np.transpose(s, (2, 1, 0))[:, ::-1, ::-1])[72]
