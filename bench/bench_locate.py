@@ -1,0 +1,110 @@
+"""Benchmark of the L3 locator on a 512 x 512 x 500 series: time per scan by stage.
+
+Stages: frontal MIP (2 mm), windows (strip + sliding windows), CNN (all windows, batched),
+decision (correlation). CPU always, CUDA when available. Uses the shipped weights when
+present (timing does not depend on the weights), else a randomly initialised CNN4 of the
+same geometry. Prints figures; asserts nothing. Target (issue 3): < 1 s per scan on CPU for
+CNN4 at stride 4; the paper reports 2.36 s per scan (VGG16, stride 6, Tesla K40).
+
+Usage: python bench/bench_locate.py [--repeats 3] [--stride 4] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from worker.config import LocatorConfig
+from worker.locate import (
+    WindowSpec,
+    decide_l3,
+    load_locator,
+    mip_to_strip,
+    save_locator,
+    sliding_windows,
+)
+from worker.mip import frontal_mip
+from worker.model import build_model
+from worker.volume import CTVolume
+
+
+def synthetic_series(n: int = 500, size: int = 512, seed: int = 0) -> CTVolume:
+    """(500, 512, 512) HU volume: body ellipse, a bright spine, noise; 1 mm slices."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    body = ((yy - 256) / 170.0) ** 2 + ((xx - 256) / 220.0) ** 2 < 1
+    hu = np.full((n, size, size), -1000.0, np.float32)
+    hu[:, body] = 40.0
+    hu[:, 330:380, 236:276] = 300.0
+    hu += rng.normal(0, 20, size=(1, size, size)).astype(np.float32)
+    z = np.arange(n, dtype=np.float64) * 1.0
+    return CTVolume(hu=hu, z_mm=z, pixel_spacing_mm=(0.8, 0.8), series_instance_uid="bench")
+
+
+def run(weights: Path, vol: CTVolume, device: str, stride: int, repeats: int) -> dict[str, float]:
+    """Median seconds per stage over ``repeats`` scans."""
+    loc = load_locator(weights, device)
+    spec = loc.spec
+    times: dict[str, list[float]] = {"mip": [], "windows": [], "cnn": [], "decision": []}
+    n_windows = 0
+    for _ in range(repeats + 1):  # first run warms up
+        t0 = time.perf_counter()
+        mip = frontal_mip(vol, pixel_mm=spec.pixel_mm)
+        t1 = time.perf_counter()
+        win, tops = sliding_windows(mip_to_strip(mip.image, spec), spec, stride)
+        t2 = time.perf_counter()
+        rows, pres = loc.predict(win, 64)
+        if loc.device.type == "cuda":
+            torch.cuda.synchronize()
+        t3 = time.perf_counter()
+        decide_l3(tops, rows, spec.height_px, spec.a_px, pres)
+        t4 = time.perf_counter()
+        for k, v in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+            times[k].append(v)
+        n_windows = len(tops)
+    out = {k: float(np.median(v[1:])) for k, v in times.items()}
+    out["n_windows"] = n_windows
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--stride", type=int, default=LocatorConfig().stride_px)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    weights = LocatorConfig().weights
+    tmp = None
+    if not weights.is_file():
+        tmp = tempfile.TemporaryDirectory()
+        weights = Path(tmp.name) / "random_cnn4.pt"
+        spec = WindowSpec()
+        save_locator(weights, build_model("cnn4", spec.height_px, spec.width_px), "cnn4", spec, {})
+        print("shipped weights missing: timing a random CNN4 of the shipped geometry")
+    vol = synthetic_series()
+    print(f"series {vol.shape} (z, y, x), {vol.hu.nbytes / 2**20:.0f} MiB, stride {args.stride}")
+    print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for dev in devices:
+        r = run(weights, vol, dev, args.stride, args.repeats)
+        total = r["mip"] + r["windows"] + r["cnn"] + r["decision"]
+        print(
+            f"{dev:>4}: total {total:.3f} s/scan = MIP {r['mip']:.3f} + windows "
+            f"{r['windows']:.4f} + CNN {r['cnn']:.3f} ({int(r['n_windows'])} windows) + "
+            f"decision {r['decision']:.4f}; vs paper 2.36 s (VGG16, K40): x{2.36 / total:.1f}"
+        )
+    if not torch.cuda.is_available():
+        print("cuda: not available on this machine")
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
