@@ -144,7 +144,7 @@ def _text_lines(
     if not location.in_field_of_view:
         rows.append(("L3 not in field of view", ACCENT, 32, None))
         if location.reason:
-            rows.append((location.reason[:60], TEXT, 22, None))
+            rows.append((location.reason, TEXT, 22, None))
     else:
         z = location.z_mm if location.z_mm is not None else slice_z_mm
         rows.append(
@@ -170,11 +170,11 @@ def _text_lines(
         if composition.smi_cm2_per_m2 is not None:
             rows.append((f"SMI {composition.smi_cm2_per_m2:.1f} cm{_SQ}/m{_SQ}", TEXT, 28, None))
         else:
-            rows.append((f"SMI n/a ({composition.smi_reason or 'no height'})"[:60], TEXT, 24, None))
+            rows.append((f"SMI n/a: {composition.smi_reason or 'no height'}", TEXT, 22, None))
         sarc = composition.sarcopenia
         if sarc is not None:
             if sarc.flag is None:
-                text, colour = f"Sarcopenia: undetermined ({sarc.reason or ''})"[:60], TEXT
+                text, colour = "Sarcopenia: undetermined", TEXT
             elif sarc.flag:
                 text, colour = "Sarcopenia: YES", WARN
             else:
@@ -269,7 +269,7 @@ def render_summary(
     mid, _, _ = _mip_panel(mip, location)
     footer = (
         f"{ALGORITHM_NAME} {__version__}  automated measurement, verify before use\n"
-        f"{series_description}"[:70]
+        f"{series_description[:60]}"
     )
     right = _text_panel(_text_lines(location, composition, qa_flags, None), footer.rstrip())
     out = Image.new("RGB", (left.width + mid.width + right.width, HEIGHT), BACKGROUND)

@@ -1,0 +1,352 @@
+"""One series through the whole worker: load -> MIP -> locate L3 -> measure -> DICOM outputs.
+
+:func:`analyze_series` is what the Celery task and ``l3spot analyze`` call. It writes into
+``out_dir``: ``result.json`` (:class:`worker.result.AnalysisResult`), ``seg.dcm`` (only when
+L3 was found), ``sr.dcm``, ``sc.dcm`` and ``overview.png``; for NIfTI input also
+``source/`` (the volume written as a DICOM CT series, so the derived objects reference real
+SOP Instances).
+
+L3 outside the scanned range is a normal result (``l3.in_field_of_view`` false, no
+composition, no SEG, an SR and an SC saying so), never an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.dataset import Dataset
+
+from worker import ALGORITHM_NAME
+from worker.composition import CompositionResult, measure_composition
+from worker.config import Config
+from worker.dicom_out.render import render_overview, render_summary
+from worker.dicom_out.sc import build_sc
+from worker.dicom_out.seg import build_seg
+from worker.dicom_out.sr import build_sr
+from worker.errors import AnalysisError, L3SpotError, SeriesValidationError
+from worker.locate import L3Location, locate_l3
+from worker.logs import log_event
+from worker.mip import Mip, frontal_mip
+from worker.result import (
+    AnalysisResult,
+    DerivedObjects,
+    SourceInfo,
+    composition_fields,
+    l3_result,
+)
+from worker.volume import CTVolume, PatientInfo, is_nifti, load_series
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+RESULT_JSON = "result.json"
+SEG_FILE = "seg.dcm"
+SR_FILE = "sr.dcm"
+SC_FILE = "sc.dcm"
+OVERVIEW_FILE = "overview.png"
+SOURCE_DIR = "source"
+
+#: QA flag when L3 was found but the locator's confidence is below ``locator.min_confidence``.
+LOW_CONFIDENCE_FLAG = "low_l3_confidence"
+
+#: Generated patient context of NIfTI input (documented in docs/outputs.md).
+NIFTI_PATIENT_NAME = "L3SPOT^NIFTI"
+NIFTI_PATIENT_ID_PREFIX = "L3SPOT-"
+NIFTI_SERIES_DESCRIPTION = "NIfTI import (l3spot)"
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes (seeds the generated UIDs of NIfTI input)."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def nifti_context(volume: CTVolume, sha256: str) -> CTVolume:
+    """``volume`` with the generated patient context of a NIfTI file (content hash based).
+
+    Patient ID ``L3SPOT-<first 16 hex digits of the SHA-256>``, name ``L3SPOT^NIFTI``, no
+    birth date or sex: the same file always lands in the same generated patient and study.
+    """
+    patient = dataclasses.replace(
+        volume.patient,
+        patient_id=NIFTI_PATIENT_ID_PREFIX + sha256[:16],
+        name=NIFTI_PATIENT_NAME,
+    )
+    return dataclasses.replace(volume, patient=patient, series_description=NIFTI_SERIES_DESCRIPTION)
+
+
+@contextmanager
+def _stage(timing: dict[str, float], name: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timing[name] = round(time.perf_counter() - t0, 4)
+
+
+def _guard(series_uid: str, stage: str, fn: Callable[[], _T]) -> _T:
+    """Run ``fn``; turn unexpected exceptions into :class:`AnalysisError` for ``stage``."""
+    try:
+        return fn()
+    except L3SpotError:
+        raise
+    except Exception as exc:  # any library failure becomes a failed job, with the UID
+        raise AnalysisError(series_uid, stage, f"{type(exc).__name__}: {exc}") from exc
+
+
+def _save(ds: Dataset, path: Path) -> None:
+    """Write a DICOM file atomically (temporary name, then rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    ds.save_as(tmp, enforce_file_format=True)
+    os.replace(tmp, path)
+
+
+def _source_info(path: Path, volume: CTVolume, kind: str, sha: str | None) -> SourceInfo:
+    p: PatientInfo = volume.patient
+    return SourceInfo(
+        input_path=str(path),
+        kind=kind,  # type: ignore[arg-type]
+        generated_context=kind == "nifti",
+        n_slices=int(volume.hu.shape[0]),
+        rows=int(volume.hu.shape[1]),
+        columns=int(volume.hu.shape[2]),
+        pixel_spacing_mm=(float(volume.pixel_spacing_mm[0]), float(volume.pixel_spacing_mm[1])),
+        slice_spacing_mm=round(float(volume.slice_spacing_mm), 4),
+        series_description=volume.series_description,
+        manufacturer=volume.manufacturer,
+        study_date=volume.study_date,
+        patient_sex=p.sex,
+        patient_age=p.age,
+        patient_size_m=p.size_m,
+        patient_weight_kg=p.weight_kg,
+        content_sha256=sha,
+        load_warnings=list(volume.warnings),
+    )
+
+
+def load_input(input_path: Path, out_dir: Path, config: Config) -> tuple[CTVolume, SourceInfo]:
+    """Load a DICOM series folder or a NIfTI file; NIfTI gets a generated DICOM context.
+
+    Returns
+    -------
+    (CTVolume, SourceInfo)
+        The volume has Study/Series UIDs and ``source_files`` (for NIfTI: the series written
+        to ``out_dir/source/`` with UIDs seeded by the file's SHA-256).
+
+    Raises
+    ------
+    SeriesValidationError
+        The input is not a usable CT series (from :func:`worker.volume.load_series`).
+    """
+    min_slices = config.node.min_slices
+    if is_nifti(input_path):
+        from worker.dicom_series import write_ct_series
+
+        volume = load_series(input_path, min_slices=min_slices)
+        sha = file_sha256(input_path)
+        volume = nifti_context(volume, sha)
+        volume = write_ct_series(
+            volume,
+            out_dir / SOURCE_DIR,
+            uid_seed=f"{ALGORITHM_NAME}-nifti-{sha}",
+            series_description=NIFTI_SERIES_DESCRIPTION,
+        )
+        return volume, _source_info(input_path, volume, "nifti", sha)
+    volume = load_series(input_path, min_slices=min_slices)
+    if not volume.source_files or not volume.series_instance_uid:
+        raise SeriesValidationError(
+            volume.series_instance_uid, "loaded series has no source files or Series UID"
+        )
+    return volume, _source_info(input_path, volume, "dicom", None)
+
+
+def _read_source(volume: CTVolume, index: int) -> Dataset:
+    path = volume.source_files[index]
+    try:
+        return pydicom.dcmread(path)
+    except Exception as exc:
+        raise AnalysisError(
+            volume.series_instance_uid, "dicom_out", f"cannot re-read source image {path}: {exc}"
+        ) from exc
+
+
+def analyze_series(input_path: Path, out_dir: Path, config: Config) -> AnalysisResult:
+    """Analyse one CT series and write its results into ``out_dir``.
+
+    Parameters
+    ----------
+    input_path : folder holding one DICOM CT series, or a ``.nii``/``.nii.gz`` file.
+    out_dir : output folder (created); files are replaced atomically, so a re-run with the
+        same algorithm version replaces its earlier results (UIDs are deterministic).
+    config : the l3spot configuration (``locator``, ``composition``, ``analysis`` and
+        ``node.min_slices`` are used).
+
+    Returns
+    -------
+    AnalysisResult
+        The record also written to ``out_dir/result.json``; ``timing_s`` holds seconds per
+        stage (load, mip, locate, composition, dicom_out, total).
+
+    Raises
+    ------
+    SeriesValidationError
+        The input cannot be turned into a valid CT volume.
+    AnalysisError
+        The locator, the composition or the output writing failed (with the stage and the
+        Series Instance UID).
+    """
+    input_path = Path(input_path)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timing: dict[str, float] = {}
+    t_all = time.perf_counter()
+    device = config.analysis.device
+
+    with _stage(timing, "load"):
+        volume, source = load_input(input_path, out_dir, config)
+    uid = volume.series_instance_uid
+    log_event(logger, "analysis_started", series_instance_uid=uid, n_slices=source.n_slices)
+
+    with _stage(timing, "mip"):
+        mip = _guard(uid, "mip", lambda: frontal_mip(volume, config.locator.mip_pixel_mm))
+    with _stage(timing, "locate"):
+        location: L3Location = _guard(
+            uid, "locate", lambda: locate_l3(volume, config.locator, mip, device=device)
+        )
+    composition: CompositionResult | None = None
+    if location.in_field_of_view:
+        if location.slice_index is None:
+            raise AnalysisError(uid, "locate", "L3 in field of view but no slice index")
+        idx = int(location.slice_index)
+        with _stage(timing, "composition"):
+            composition = _guard(
+                uid,
+                "composition",
+                lambda: measure_composition(volume, idx, config.composition, device=device),
+            )
+
+    qa_flags: list[str] = list(composition.qa_flags) if composition is not None else []
+    if location.in_field_of_view and location.confidence < config.locator.min_confidence:
+        qa_flags.append(LOW_CONFIDENCE_FLAG)
+    qa_flags = list(dict.fromkeys(qa_flags))
+
+    with _stage(timing, "dicom_out"):
+        derived = _guard(
+            uid,
+            "dicom_out",
+            lambda: write_outputs(volume, mip, location, composition, qa_flags, out_dir),
+        )
+    timing["total"] = round(time.perf_counter() - t_all, 4)
+
+    sop_uid = None
+    if location.in_field_of_view and location.slice_index is not None:
+        uids = volume.sop_instance_uids
+        sop_uid = uids[location.slice_index] if location.slice_index < len(uids) else None
+    result = AnalysisResult(
+        status="done",
+        study_instance_uid=volume.study_instance_uid,
+        series_instance_uid=uid,
+        l3=l3_result(location, sop_uid),
+        **composition_fields(composition),  # type: ignore[arg-type]
+        qa_flags=qa_flags,
+        timing_s=timing,
+        source=source,
+        derived=derived,
+    )
+    tmp = out_dir / f".{RESULT_JSON}.tmp"
+    tmp.write_text(result.to_json())
+    os.replace(tmp, out_dir / RESULT_JSON)
+    log_event(
+        logger,
+        "analysis_done",
+        series_instance_uid=uid,
+        l3_in_field_of_view=location.in_field_of_view,
+        l3_slice_index=location.slice_index,
+        confidence=round(float(location.confidence), 3),
+        qa_flags=qa_flags,
+        timing_s=timing,
+    )
+    return result
+
+
+def write_outputs(
+    volume: CTVolume,
+    mip: Mip,
+    location: L3Location,
+    composition: CompositionResult | None,
+    qa_flags: list[str],
+    out_dir: Path,
+) -> DerivedObjects:
+    """Write ``seg.dcm`` (L3 found only), ``sr.dcm``, ``sc.dcm`` and ``overview.png``.
+
+    The reference image is the L3 source image, or the middle image of the series when L3 is
+    not in the field of view. A stale ``seg.dcm`` from an earlier run is removed when L3 is
+    no longer found.
+
+    Returns
+    -------
+    DerivedObjects
+        UIDs and file names of what was written.
+    """
+    derived = DerivedObjects()
+    in_fov = location.in_field_of_view and composition is not None
+    if in_fov and location.slice_index is not None:
+        index = int(location.slice_index)
+    else:
+        index = len(volume.source_files) // 2
+    ref = _read_source(volume, index)
+
+    seg = None
+    seg_path = out_dir / SEG_FILE
+    if in_fov and composition is not None:
+        seg = build_seg(ref, composition.labels, method=composition.method)
+        _save(seg, seg_path)
+        derived.seg_series_instance_uid = str(seg.SeriesInstanceUID)
+        derived.seg_sop_instance_uid = str(seg.SOPInstanceUID)
+        derived.files["seg"] = SEG_FILE
+    elif seg_path.exists():
+        seg_path.unlink()
+
+    sr = build_sr(ref, location, composition if in_fov else None, seg)
+    _save(sr, out_dir / SR_FILE)
+    derived.sr_series_instance_uid = str(sr.SeriesInstanceUID)
+    derived.sr_sop_instance_uid = str(sr.SOPInstanceUID)
+    derived.files["sr"] = SR_FILE
+
+    hu_slice = volume.hu[index] if in_fov else None
+    summary = render_summary(
+        hu_slice,
+        volume.pixel_spacing_mm,
+        mip,
+        location,
+        composition if in_fov else None,
+        qa_flags,
+        volume.series_description,
+    )
+    sc = build_sc(ref, summary)
+    _save(sc, out_dir / SC_FILE)
+    derived.sc_series_instance_uid = str(sc.SeriesInstanceUID)
+    derived.sc_sop_instance_uid = str(sc.SOPInstanceUID)
+    derived.files["sc"] = SC_FILE
+
+    overview = render_overview(summary, mip, location)
+    tmp = out_dir / f".{OVERVIEW_FILE}.tmp.png"
+    Image.fromarray(np.asarray(overview)).save(tmp, optimize=False)
+    os.replace(tmp, out_dir / OVERVIEW_FILE)
+    derived.files["overview"] = OVERVIEW_FILE
+    return derived
