@@ -33,7 +33,9 @@ def test_rewriting_an_instance_replaces_it(spool: Spool) -> None:
     assert instance_files(path.parent) == [path]
 
 
-def test_write_instance_fsyncs_file_and_folder(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_write_instance_fsyncs_file_and_folder(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     synced: list[int] = []
     real = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd)))
@@ -51,7 +53,9 @@ def test_invalid_uids_never_become_paths(spool: Spool, bad: str) -> None:
     assert not any(spool.root.rglob("*.dcm"))
 
 
-def test_disk_error_raises_and_leaves_no_file(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disk_error_raises_and_leaves_no_file(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def no_space(fd: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 

@@ -1,0 +1,108 @@
+"""The series watcher completes series by inactivity, filters them, and recovers after restarts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.eligibility import check_series
+from service.spool import Spool
+from service.watcher import SeriesWatcher
+from tests.node_helpers import write_series
+from worker.config import NodeConfig
+from worker.jobstore import DONE, INELIGIBLE, QUEUED, RECEIVED, JobStore
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture()
+def setup(tmp_path: Path) -> tuple[SeriesWatcher, Clock, list[tuple[Path, str, str]], NodeConfig]:
+    node = NodeConfig(spool_dir=tmp_path / "spool", series_stable_seconds=5, min_slices=4)
+    clock = Clock()
+    queued: list[tuple[Path, str, str]] = []
+    watcher = SeriesWatcher(
+        node, JobStore(node.spool_dir), lambda d, s, t: queued.append((d, s, t)), clock
+    )
+    return watcher, clock, queued, node
+
+
+def test_series_is_queued_once_after_its_stable_time(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    watcher, clock, queued, node = setup
+    study, series, folder = write_series(tmp_path / "spool" / "s", 6)
+    watcher.touch(study, series, folder)
+    assert watcher.jobs.get(series).state == RECEIVED
+    clock.t += 3
+    watcher.touch(study, series, folder)  # a second association, 3 s later: timer restarts
+    clock.t += 4
+    assert watcher.poll() == []
+    clock.t += 1.5
+    assert watcher.poll() == [series]
+    assert watcher.poll() == []
+    assert queued == [(folder, series, watcher.jobs.get(series).token)]
+    rec = watcher.jobs.get(series)
+    assert (rec.state, rec.n_instances) == (QUEUED, 6)
+
+
+def test_too_short_series_gets_an_ineligible_record(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    watcher, clock, queued, node = setup
+    study, series, folder = write_series(tmp_path / "spool" / "s", 2)
+    watcher.touch(study, series, folder)
+    clock.t += 10
+    watcher.poll()
+    rec = watcher.jobs.get(series)
+    assert rec.state == INELIGIBLE and "fewer than node.min_slices=4" in (rec.reason or "")
+    assert queued == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "reason"),
+    [
+        ({"modality": "MR"}, "no CT Image Storage"),
+        ({"image_type": ("ORIGINAL", "PRIMARY", "LOCALIZER")}, "LOCALIZER"),
+        ({"orientation": (0, 1, 0, 0, 0, -1)}, "not an axial"),
+    ],
+)
+def test_eligibility_rules_give_reasons(tmp_path: Path, kwargs: dict, reason: str) -> None:
+    _, _, folder = write_series(tmp_path / "s", 5, **kwargs)
+    verdict = check_series(folder, NodeConfig(min_slices=4))
+    assert not verdict.eligible and reason in verdict.reason
+    assert verdict.n_instances == 5
+
+
+def test_series_description_regex(tmp_path: Path) -> None:
+    _, _, folder = write_series(tmp_path / "s", 5, description="THORAX 1mm")
+    assert not check_series(
+        folder, NodeConfig(min_slices=4, series_description_regex="(?i)abdo")
+    ).eligible
+    assert check_series(
+        folder, NodeConfig(min_slices=4, series_description_regex="(?i)thorax")
+    ).eligible
+
+
+def test_recover_requeues_pending_and_restarts_timers(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    watcher, clock, queued, node = setup
+    spool = Spool(node.spool_dir, tmp_path / "q")
+    jobs = watcher.jobs
+    s_queued = write_series(spool.root / "1.1" / "1.1.1", 5)[1]
+    s_new = write_series(spool.root / "1.1" / "1.1.2", 5)[1]
+    s_done = write_series(spool.root / "1.1" / "1.1.3", 5)[1]
+    s_export = write_series(spool.root / "1.1" / "1.1.4", 5)[1]
+    del s_queued, s_new, s_done, s_export  # folder names are what the spool knows
+    jobs.mark_queued("1.1.1", 5)
+    jobs.mark_queued("1.1.3", 5)
+    jobs.finish_export("1.1.3")
+    assert jobs.get("1.1.3").state == DONE
+    jobs.mark_queued("1.1.4", 5)
+    jobs.start_export("1.1.4", ["P@h:1"])
+    exports: list[str] = []
+    actions = watcher.recover(spool, lambda s, t: exports.append(s))
+    assert actions == {"1.1.1": "requeued", "1.1.2": "timer", "1.1.4": "export_requeued"}
+    assert [q[1] for q in queued] == ["1.1.1"] and exports == ["1.1.4"]
+    assert "1.1.2" in watcher.pending
