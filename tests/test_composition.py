@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.synthetic_l3 import synthetic_l3
 from worker import labels as lab
 from worker.composition import (
     body_mass_index,
@@ -21,6 +20,7 @@ from worker.composition import (
 )
 from worker.config import CompositionConfig
 from worker.errors import AnalysisError
+from worker.evaluate_composition import synthetic_l3
 from worker.volume import CTVolume, PatientInfo
 
 CFG = CompositionConfig()

@@ -368,6 +368,15 @@ def _vertebra(hu: np.ndarray, inner: np.ndarray, px: float) -> np.ndarray | None
         front = cortex & (yy <= y_ant + 35 / px)
         if front.sum() >= 3:
             vert |= convex_hull_image(front)
+    # Osteoporotic or partial-volume cancellous bone (~100-150 HU, in the muscle range) with a
+    # sparse cortex: grow the vertebra into the median-filtered > 110 HU tissue it touches.
+    soft = (ndimage.median_filter(hu, size=3) > 110) & inner
+    lab_soft, n_soft = ndimage.label(soft)
+    touch = np.unique(lab_soft[ndimage.binary_dilation(vert, iterations=2) & soft])
+    touch = touch[touch > 0]
+    if touch.size:
+        grown = np.isin(lab_soft, touch) & near
+        vert |= ndimage.binary_opening(grown, structure=_disk(max(1.0, 2.0 / px)))
     # spinal canal (CSF is in the muscle HU range): the hole a wider closing of the vertebra
     # encloses, within 15 mm of the midline
     wide = ndimage.binary_fill_holes(
@@ -519,6 +528,12 @@ def segment_classical(
     # fat enclosed by muscle, not the fat lining the compartment's surface
     compartment = ndimage.binary_erosion(compartment, structure=_disk(1.0))
     imat = fat & compartment & ~sma
+    # pixels between bowel gas and the bowel wall fall in the fat range by partial volume
+    gas = (hu < -500) & inner
+    if gas.any():
+        fat_pv = fat & ndimage.binary_dilation(gas, structure=_disk(max(1.0, 1.5 / px)))
+        fat = fat & ~fat_pv
+        imat &= ~fat_pv
     vat = fat & inner & ~imat
     sat = fat & ~inner
     out[sat] = lab.SAT
