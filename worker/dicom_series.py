@@ -30,7 +30,9 @@ from pydicom.uid import (
 from pydicom.valuerep import format_number_as_ds
 
 from worker import __version__
-from worker.volume import CTVolume
+from worker.volume import CTVolume, slice_normal
+
+__all__ = ["choose_rescale", "deterministic_uid", "slice_normal", "write_ct_series"]
 
 #: Stored-value offset used whenever the HU range allows it (the usual CT convention).
 DEFAULT_RESCALE_INTERCEPT = -1024.0
@@ -50,16 +52,6 @@ def _ds(value: float) -> str:
 
 def _ds_multi(values: Sequence[float]) -> list[str]:
     return [_ds(v) for v in values]
-
-
-def slice_normal(orientation: Sequence[float]) -> np.ndarray:
-    """Unit slice normal: cross product of the row and column direction cosines."""
-    o = np.asarray(orientation, dtype=np.float64)
-    n = np.cross(o[:3], o[3:6])
-    norm = float(np.linalg.norm(n))
-    if norm < 1e-6:
-        raise ValueError(f"degenerate image orientation {tuple(orientation)}")
-    return n / norm
 
 
 def choose_rescale(hu_min: float, hu_max: float) -> tuple[float, float]:
@@ -225,7 +217,8 @@ def write_ct_series(
     - Pixels are stored as int16 with RescaleSlope 1 and RescaleIntercept -1024 whenever the
       HU range fits (see :func:`choose_rescale`), rounded to the nearest integer HU.
     - ImagePositionPatient of slice k is ``p0 + z_mm[k] * n`` where ``n`` is the slice normal
-      (row cosines x column cosines) and ``p0`` is ``image_position_first`` with its component
+      (row cosines x column cosines, pointing to the head: :func:`worker.volume.slice_normal`)
+      and ``p0`` is ``image_position_first`` with its component
       along ``n`` removed, so that the loader's projection of the position on the normal gives
       back exactly ``z_mm`` (and slice 0 is at ``image_position_first`` whenever that position
       was consistent with ``z_mm[0]``).
