@@ -1,0 +1,612 @@
+"""The phantom's skeleton as analytic bone primitives (body frame, mm; see ``anatomy``).
+
+Spine (vertebral bodies, discs, pedicles, laminae, spinous and transverse processes,
+articular pillars), ribs with costal cartilages, sternum, clavicles, scapulae, sacrum and
+coccyx, iliac wings with their crest, pubic and ischial rami, acetabula, femora, humeri and
+forearms, skull. Sizes from ANATOMY.md, scaled with the patient.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from worker.phantom.anatomy import LUMBAR_TP_HALF, Anatomy, torso_section
+from worker.phantom.primitives import Capsule, Ellipsoid, Plate, Slab
+
+
+def _chain(
+    pts: np.ndarray, r: float | np.ndarray, cort: float, canc: float, shell: float = 1.5
+) -> list[Capsule]:
+    """Capsules joining consecutive points of a (n, 3) polyline; ``r`` scalar or (n,)."""
+    rr = np.broadcast_to(np.asarray(r, dtype=float), (len(pts),))
+    return [
+        Capsule(tuple(pts[i]), tuple(pts[i + 1]), float(rr[i]), float(rr[i + 1]), cort, canc, shell)
+        for i in range(len(pts) - 1)
+    ]
+
+
+def build_skeleton(anat: Anatomy, rng: np.random.Generator) -> None:
+    """Append every bone primitive of ``anat`` to ``anat.bones``."""
+    e = anat.extra
+    cort, canc = float(e["cort"]), float(e["canc"])
+    k = anat.scale
+    bones = anat.bones
+    verts = anat.vertebrae
+    discs = e["discs"]
+    disc_hu = float(rng.uniform(70.0, 110.0))
+    lumbar = [v for v in verts if v.region == "L"]
+
+    # ---------------------------------------------------------------- vertebral column
+    for i, v in enumerate(verts):
+        lo = verts[i - 1] if i > 0 else None
+        d0, d1 = discs[v.name]
+        # disc below this body
+        cx0 = lo.cx if lo else 0.0
+        cy0 = lo.cy if lo else anat.spine_y(0.0)
+        bones.append(
+            Slab(
+                (cx0, cy0),
+                (v.cx, v.cy),
+                d0,
+                d1,
+                v.width / 2 * 0.97,
+                v.depth / 2 * 0.97,
+                disc_hu,
+                disc_hu,
+                0.5,
+                0.5,
+                waist=0.0,
+            )
+        )
+        bones.append(
+            Slab(
+                (v.cx, v.cy),
+                (v.cx, v.cy),
+                v.z0,
+                v.z1,
+                v.width / 2,
+                v.depth / 2,
+                cort * 0.75,
+                canc,
+                shell_mm=1.0,
+                endplate_mm=1.2,
+                waist=0.07,
+            )
+        )
+        h = v.z1 - v.z0
+        back = v.cy + v.depth / 2  # posterior wall of the body
+        ped_x = 0.33 * v.width
+        zp = v.z0 + 0.62 * h
+        if v.region == "L":
+            rank = int(v.name[1:]) - 1
+            tp = LUMBAR_TP_HALF[min(rank, 5)] * float(rng.uniform(0.92, 1.08)) * (v.width / 45.0)
+            if rank == len(lumbar) - 1 and len(lumbar) == 4:
+                tp *= 1.25  # sacralised lowest lumbar: broad "batwing" processes
+            ped_r, tp_r, sp_len, sp_drop, sp_r, canal = 6.0, 5.5, 32.0, 6.0, 5.5, 9.0
+            tp_y = back + 8.0
+        elif v.region == "T":
+            idx = int(v.name[1:])
+            tp = (38.0 - 10.0 * idx / 12.0) * k
+            ped_r, tp_r, sp_len, sp_drop, sp_r, canal = 4.5, 5.0, 30.0, 22.0, 4.0, 8.0
+            tp_y = back + 20.0
+        else:
+            tp = 26.0 * k
+            ped_r, tp_r, sp_len, sp_drop, sp_r, canal = 3.5, 3.5, 22.0, 5.0, 3.5, 8.0
+            tp_y = back + 4.0
+        ped_r *= k
+        tp_r *= k
+        lam_y = back + 2 * canal * k + 6.0
+        for s in (-1.0, 1.0):
+            bones.append(
+                Capsule(
+                    (v.cx + s * ped_x, back - 2, zp),
+                    (v.cx + s * ped_x, back + 12 * k, zp),
+                    ped_r,
+                    ped_r,
+                    cort * 0.9,
+                    canc,
+                    1.6,
+                )
+            )
+            # lamina to the midline
+            bones.append(
+                Capsule(
+                    (v.cx + s * ped_x, back + 12 * k, zp),
+                    (v.cx, lam_y, zp - 3 * k),
+                    ped_r * 0.75,
+                    ped_r * 0.75,
+                    cort * 0.85,
+                    canc,
+                    1.4,
+                )
+            )
+            # articular pillar (superior and inferior processes): vertical column
+            bones.append(
+                Capsule(
+                    (v.cx + s * ped_x * 1.05, back + 14 * k, v.z0 - 0.3 * h),
+                    (v.cx + s * ped_x * 1.05, back + 14 * k, v.z1 + 0.15 * h),
+                    ped_r * 0.85,
+                    ped_r * 0.85,
+                    cort * 0.85,
+                    canc,
+                    1.4,
+                )
+            )
+            # transverse process
+            bones.append(
+                Capsule(
+                    (v.cx + s * ped_x, back + 8 * k, zp),
+                    (v.cx + s * tp, tp_y, zp - (4 * k if v.region == "T" else 0)),
+                    tp_r,
+                    tp_r * 0.8,
+                    cort * 0.85,
+                    canc,
+                    1.4,
+                )
+            )
+        # spinous process
+        bones.append(
+            Capsule(
+                (v.cx, lam_y, zp - 3 * k),
+                (v.cx, lam_y + sp_len * k, zp - sp_drop * k - 3 * k),
+                sp_r * k,
+                sp_r * k * 1.1,
+                cort * 0.85,
+                canc,
+                1.4,
+            )
+        )
+        if v.region == "L":
+            bones.append(
+                Capsule(
+                    (v.cx, lam_y + 4, zp - 8 * k),
+                    (v.cx, lam_y + sp_len * k, zp - 12 * k),
+                    4.0 * k,
+                    4.5 * k,
+                    cort * 0.85,
+                    canc,
+                    1.4,
+                )
+            )
+
+    # ---------------------------------------------------------------- ribs
+    ribs = [v for v in verts if v.rib]
+    n_rib = len(ribs)
+    sternum_top = anat.vertebra("T2").z1 + 5 * k
+    sternum_bot = anat.vertebra(f"T{min(9, n_rib)}").zm
+    ster_y = []
+    for idx, v in enumerate(ribs, start=1):
+        from_last = n_rib - idx  # 0 = last rib-bearing vertebra
+        z_head = v.z1 - 0.15 * (v.z1 - v.z0)
+        if idx <= 7:
+            phi_end, drop = 0.80 * np.pi, [22, 40, 58, 70, 78, 82, 86][idx - 1]
+        elif from_last >= 2:
+            phi_end, drop = 0.70 * np.pi, 88.0
+        elif from_last == 1:
+            phi_end, drop = 0.52 * np.pi * float(rng.uniform(0.85, 1.1)), 62.0
+        else:
+            phi_end, drop = 0.36 * np.pi * float(rng.uniform(0.8, 1.15)), 48.0
+        if n_rib == 13 and from_last == 0:
+            phi_end, drop = 0.22 * np.pi, 30.0  # short lumbar-type rib
+        drop *= k * float(rng.uniform(0.85, 1.15))
+        r_rib = (5.5 if idx <= 2 else 4.6) * k
+        phis = np.linspace(0.16 * np.pi, phi_end, 11)
+        pts = []
+        for s in (-1.0, 1.0):
+            head = np.array([v.cx + s * (v.width / 2 + 2), v.cy + v.depth / 2 - 2, z_head])
+            tub_y = v.cy + v.depth / 2 + 18 * k
+            tub = np.array([v.cx + s * (32 * k), tub_y, z_head - 2])
+            pts = [head, tub]
+            for j, phi in enumerate(phis):
+                f = (phi - phis[0]) / (phis[-1] - phis[0])
+                zz = z_head - 4 - drop * f**1.25
+                sec = torso_section(anat, zz)
+                a = sec["a_c"] + 0.35 * anat.prof["m_lat"](zz)
+                yc = sec["yc"]
+                if phi < np.pi / 2:
+                    b = sec["b_cp"] + 0.3 * (sec["b_ip"] - sec["b_cp"])
+                    y = yc + b * np.cos(phi)
+                else:
+                    b = sec["b_ca"] + 0.3 * anat.prof["m_ant"](zz)
+                    y = yc + b * np.cos(phi)
+                x = s * a * np.sin(phi)
+                if idx == 1:
+                    x *= 0.85
+                if j == 0:
+                    # the rib angle lies behind the tubercle
+                    y = max(y, tub_y + 4)
+                pts.append(np.array([x, y, zz]))
+            pts_a = np.array(pts)
+            bones.extend(_chain(pts_a, r_rib, cort * 0.95, canc * 0.8, 1.6))
+            # costal cartilage to the sternum (true ribs) or the costal margin
+            end = pts_a[-1]
+            if idx <= 7:
+                f = (idx - 1) / 6.0
+                zs = sternum_top - f * (sternum_top - sternum_bot) - 5
+                ys = end[1] + 3
+                ster_y.append(ys)
+                tgt = np.array([s * 14 * anat.extra.get("kw", 1.0), ys, zs])
+            elif from_last >= 2:
+                tgt = np.array([s * (25 + 12 * (idx - 8)) * k, end[1] - 5, end[2] + 40 * k])
+            else:
+                continue
+            cart_hu = float(rng.uniform(100.0, 220.0))
+            calc = cort * 0.5 if rng.random() < 0.3 else cart_hu
+            mid = 0.5 * (end + tgt) + np.array([0, -4, -8 * k])
+            bones.extend(_chain(np.array([end, mid, tgt]), 4.2 * k, calc, cart_hu, 1.0))
+    anat.extra["rib_tips"] = {v.name: None for v in ribs}
+
+    # ---------------------------------------------------------------- sternum
+    ys = float(np.mean(ster_y)) if ster_y else 0.0
+    man_bot = sternum_top - 45 * k
+    bones.append(
+        Slab(
+            (0, ys),
+            (0, ys - 4),
+            man_bot,
+            sternum_top,
+            24 * k,
+            7 * k,
+            cort * 0.8,
+            canc,
+            1.2,
+            1.2,
+            p=2.2,
+            waist=0.1,
+        )
+    )
+    bones.append(
+        Slab(
+            (0, ys + 6),
+            (0, ys),
+            sternum_bot - 10 * k,
+            man_bot - 3,
+            15 * k,
+            6 * k,
+            cort * 0.8,
+            canc,
+            1.2,
+            1.2,
+            p=2.2,
+            waist=0.0,
+            a_top=13 * k,
+        )
+    )
+
+    # ---------------------------------------------------------------- shoulder girdle
+    t1 = anat.vertebra("T1")
+    z_sh = anat.landmarks["shoulder"]
+    sec_sh = torso_section(anat, t1.zm - 20)
+    x_sh = sec_sh["a_i"] + 18 * k
+    y_sh = sec_sh["yc"] + 0.15 * sec_sh["b_ip"]
+    anat.extra["shoulder_xy"] = (x_sh, y_sh)
+    for s in (-1.0, 1.0):
+        clav = np.array(
+            [
+                [s * 18 * k, ys - 4, sternum_top + 4],
+                [s * 70 * k, ys - 8, sternum_top + 12 * k],
+                [s * (x_sh - 30 * k), y_sh - 8, z_sh + 22 * k],
+                [s * (x_sh - 5 * k), y_sh + 5, z_sh + 20 * k],
+            ]
+        )
+        bones.extend(_chain(clav, 6.0 * k, cort, canc, 2.0))
+        # humeral head and glenoid
+        bones.append(
+            Ellipsoid((s * x_sh, y_sh, z_sh), (22 * k, 22 * k, 24 * k), cort * 0.8, canc, 1.5)
+        )
+        # scapula: a thin triangular plate on the posterior chest wall
+        z_top = z_sh + 12 * k
+        z_bot = anat.vertebra("T7").zm
+
+        def scap_path(z: float, s: float = s, z_top: float = z_top, z_bot: float = z_bot):
+            f = (z - z_bot) / (z_top - z_bot)
+            sec = torso_section(anat, z)
+            yb = sec["yc"] + sec["b_ip"] - 12 * k
+            x_med = s * (65 + 20 * f) * k
+            x_lat = s * (80 + 45 * f**0.8) * k
+            return np.array(
+                [[x_med, yb], [0.5 * (x_med + x_lat), yb - 4], [x_lat, yb - 16 - 20 * f]]
+            )
+
+        bones.append(
+            Plate(
+                z_bot,
+                z_top,
+                scap_path,
+                thickness=lambda z, u: 3.0 + 4.0 * np.asarray(u) ** 2,
+                cortical=lambda z, u, c=cort: np.full_like(np.asarray(u, dtype=float), 0.75 * c),
+                cancellous=canc,
+            )
+        )
+        # scapular spine / acromion
+        zsp = z_sh + 5 * k
+        yb = torso_section(anat, zsp)["yc"] + torso_section(anat, zsp)["b_ip"] - 10 * k
+        bones.extend(
+            _chain(
+                np.array(
+                    [[s * 65 * k, yb, zsp - 10 * k], [s * (x_sh + 5), yb - 15, z_sh + 25 * k]]
+                ),
+                5.0 * k,
+                cort * 0.85,
+                canc,
+                1.5,
+            )
+        )
+        # arm bones
+        bones.extend(_arm_bones(anat, s, x_sh, y_sh, z_sh, cort, canc, rng))
+
+    # ---------------------------------------------------------------- sacrum, coccyx
+    tilt = float(e["sac_tilt"])
+    sy0 = anat.spine_y(0.0)
+    seg_h = 21.0 * k
+    widths = [52, 44, 36, 28, 20]
+    ala = float(rng.uniform(48.0, 56.0)) * anat.extra.get("kw", 1.0)
+    for i in range(5):
+        z1 = -i * seg_h
+        z0 = z1 - seg_h + 1.0
+        yc1 = sy0 + tilt * i * seg_h
+        yc0 = sy0 + tilt * (i + 1) * seg_h
+        w = widths[i] * k
+        bones.append(
+            Slab(
+                (0, yc0),
+                (0, yc1),
+                z0,
+                z1,
+                w * 0.8 / 2,
+                28 * k / 2 * (1 - i * 0.12),
+                cort * 0.7,
+                canc,
+                1.0,
+                1.0,
+                waist=0.0,
+                a_top=w / 2,
+            )
+        )
+    # alae (lateral masses) reaching the sacro-iliac joints
+    bones.append(
+        Slab(
+            (0, sy0 + tilt * 40 * k + 6),
+            (0, sy0 + 8),
+            -45 * k,
+            -2,
+            30 * k,
+            16 * k,
+            cort * 0.7,
+            canc,
+            1.2,
+            1.5,
+            p=2.2,
+            waist=0.0,
+            a_top=ala,
+        )
+    )
+    zc = -5 * seg_h
+    yc = sy0 + tilt * 5 * seg_h
+    bones.extend(
+        _chain(
+            np.array([[0, yc, zc], [0, yc + 8, zc - 15 * k], [0, yc + 4, zc - 30 * k]]),
+            6.0 * k,
+            cort * 0.7,
+            canc,
+            1.0,
+        )
+    )
+    anat.extra["ala"] = ala
+
+    _pelvis(anat, rng, cort, canc)
+
+
+def _arm_bones(
+    anat: Anatomy,
+    s: float,
+    x_sh: float,
+    y_sh: float,
+    z_sh: float,
+    cort: float,
+    canc: float,
+    rng: np.random.Generator,
+) -> list[Capsule]:
+    """Humerus, radius and ulna for the arm position, and the arm axis for the soft tissue."""
+    k = anat.scale
+    out: list[Capsule] = []
+    if anat.arms == "none":
+        anat.extra.setdefault("arm_axes", [])
+        return out
+    if anat.arms == "down":
+        gap = float(anat.extra.setdefault("arm_gap", float(rng.uniform(3.0, 30.0))))
+        r_arm = 48.0 * k
+        z_elb = z_sh - 300 * k
+        z_wr = z_elb - 250 * k
+        z_fing = z_wr - 180 * k
+        x_axis = float(anat.extra.get("arm_x", 0.0)) or x_sh
+        # keep the arm beside the widest part of the torso it passes
+        widest = max(torso_section(anat, z)["a_o"] for z in np.linspace(z_wr, z_sh - 60, 12))
+        x_axis = max(x_sh, widest + gap + r_arm)
+        p_sh = np.array([s * x_sh, y_sh, z_sh])
+        p_el = np.array([s * x_axis, y_sh + 10, z_elb])
+        p_wr = np.array([s * (x_axis - 5), y_sh - 5, z_wr])
+        p_fi = np.array([s * (x_axis - 10), y_sh - 10, z_fing])
+    else:  # up, beside/above the head
+        z_elb = z_sh + 270 * k
+        p_sh = np.array([s * x_sh, y_sh, z_sh])
+        p_el = np.array([s * (x_sh - 10 * k), y_sh + 10, z_elb])
+        p_wr = np.array([s * 30 * k, y_sh - 20, z_elb + 150 * k])
+        p_fi = np.array([-s * 40 * k, y_sh - 20, z_elb + 180 * k])
+        anat.z_top = max(anat.z_top, float(p_wr[2] + 80 * k))
+    out.append(Capsule(tuple(p_sh), tuple(p_el), 11 * k, 9 * k, cort, -40.0, 4.0))
+    d = np.array([0, 8.0 * k, 0])
+    out.append(Capsule(tuple(p_el + d), tuple(p_wr + d), 7.5 * k, 8 * k, cort, -20.0, 3.0))
+    out.append(Capsule(tuple(p_el - d), tuple(p_wr - d), 8 * k, 6 * k, cort, -20.0, 3.0))
+    out.append(Capsule(tuple(p_wr), tuple(p_fi), 10 * k, 6 * k, cort * 0.6, canc, 2.0))
+    anat.extra.setdefault("arm_axes", []).append((p_sh, p_el, p_wr, p_fi))
+    return out
+
+
+def _pelvis(anat: Anatomy, rng: np.random.Generator, cort: float, canc: float) -> None:
+    """Iliac wings with a bright crest, acetabula, pubic/ischial rami, femora."""
+    k = anat.scale
+    kw = anat.extra.get("kw", 1.0)
+    lm = anat.landmarks
+    z_crest = lm["iliac_crest_top"]
+    z_fh = lm["femoral_head_centre"]
+    r_fh = float(anat.extra["r_fh"])
+    x_fh = float(anat.extra["x_fh"])
+    ala = float(anat.extra["ala"])
+    x_crest = float(rng.uniform(120.0, 145.0)) * (x_fh / 88.0)
+    x_asis = x_crest * float(rng.uniform(0.85, 0.95))
+    z_acet = z_fh + r_fh * 0.7
+    arch = float(rng.uniform(22.0, 35.0)) * k  # PSIS/ASIS lie this much below the crest top
+    crest_hu = cort * float(rng.uniform(1.0, 1.25))
+    wing_hu = cort * float(rng.uniform(0.55, 0.8))
+    sy0 = anat.spine_y(0.0)
+    tilt = float(anat.extra["sac_tilt"])
+    bones = anat.bones
+
+    for s in (-1.0, 1.0):
+
+        def path(z: float, s: float = s) -> np.ndarray:
+            f = float(np.clip((z - z_acet) / (z_crest - z_acet), 0.0, 1.0))
+            sec = torso_section(anat, min(z, z_crest))
+            y_post = sy0 + tilt * max(0.0, -z) * 0.6 + 10 * k
+            y_ant = sec["yc"] - 0.35 * sec["b_ca"]
+            p_post = np.array([s * (ala - 4 + 12 * f) * 0.98, y_post + 8 * (1 - f)])
+            p_ant = np.array([s * (x_fh - 20 + (x_asis - x_fh + 20) * f**0.6), y_ant - 10 * f])
+            apex = np.array(
+                [
+                    s * (x_fh - 12 + (x_crest - x_fh + 12) * f**0.7),
+                    0.5 * (p_post[1] + p_ant[1]) + 10,
+                ]
+            )
+            ctrl = 2 * apex - 0.5 * (p_post + p_ant)
+            t = np.linspace(0, 1, 9)[:, None]
+            return (1 - t) ** 2 * p_post + 2 * (1 - t) * t * ctrl + t**2 * p_ant
+
+        def top(u: np.ndarray) -> np.ndarray:
+            return z_crest - arch * np.square(2 * np.asarray(u) - 1.0)
+
+        def thickness(z: float, u: np.ndarray) -> np.ndarray:
+            f = float(np.clip((z - z_acet) / (z_crest - z_acet), 0.0, 1.0))
+            rim = np.exp(-np.clip(top(u) - z, 0, None) / 8.0)
+            edge = np.exp(-np.minimum(u, 1 - u) / 0.08)
+            return 4.0 + 7.0 * rim + 4.0 * edge + 22.0 * (1 - f) ** 3
+
+        def cortical(z: float, u: np.ndarray) -> np.ndarray:
+            rim = np.exp(-np.clip(top(u) - z, 0, None) / 6.0)
+            edge = np.exp(-np.minimum(u, 1 - u) / 0.1)
+            return wing_hu + (crest_hu - wing_hu) * np.maximum(rim, 0.6 * edge)
+
+        def visible(z: float, u: np.ndarray) -> np.ndarray:
+            return np.clip((top(u) - z) / 2.0 + 0.5, 0.0, 1.0)
+
+        bones.append(Plate(z_acet - 10, z_crest, path, thickness, cortical, canc, visible))
+        # acetabular roof: hollow sphere around the femoral head (upper half)
+        bones.append(
+            Ellipsoid(
+                (s * (x_fh - 4), 0.0 + _hip_y(anat), z_fh + 4),
+                (r_fh + 9, r_fh + 9, r_fh + 12),
+                cort * 0.9,
+                canc,
+                2.0,
+                hollow_mm=8.0,
+            )
+        )
+        # ilium body between acetabulum and the sacro-iliac joint
+        yh = _hip_y(anat)
+        bones.append(
+            Capsule(
+                (s * (x_fh - 8), yh + 5, z_acet + 5),
+                (s * (ala - 2), sy0 + 25 * k, -35 * k),
+                13 * k,
+                11 * k,
+                cort * 0.85,
+                canc,
+                2.0,
+            )
+        )
+        # pubic and ischial rami around the obturator foramen
+        y_sym = yh - 45 * k
+        z_sym = z_fh - 12 * k
+        ring = np.array(
+            [
+                [s * (x_fh - 20), yh - 15, z_fh + 8],
+                [s * 40 * kw, y_sym + 5, z_sym + 8],
+                [s * 12 * kw, y_sym, z_sym],
+                [s * 16 * kw, y_sym + 5, z_sym - 30 * k],
+                [s * (x_fh - 38), yh + 25, z_fh - 55 * k],
+                [s * (x_fh - 22), yh + 30, z_fh - 35 * k],
+                [s * (x_fh - 12), yh + 15, z_fh - 5],
+            ]
+        )
+        radii = np.array([9, 8, 9, 7, 10, 9, 10]) * k
+        bones.extend(_chain(ring, radii, cort * 0.9, canc, 2.0))
+        # femur: head, neck, greater trochanter, shaft
+        metal = bool(anat.extra.get("metal_hip_side") == s)
+        head_cort = 3000.0 if metal else cort * 0.8
+        bones.append(
+            Ellipsoid(
+                (s * x_fh, yh, z_fh), (r_fh, r_fh, r_fh), head_cort, 3000.0 if metal else canc, 1.5
+            )
+        )
+        gt = np.array([s * (x_fh + 42 * k), yh + 8, z_fh - 22 * k])
+        bones.append(
+            Capsule(
+                (s * x_fh, yh, z_fh),
+                tuple(gt),
+                15 * k,
+                15 * k,
+                3000.0 if metal else cort * 0.8,
+                3000.0 if metal else canc,
+                2.0,
+            )
+        )
+        bones.append(
+            Ellipsoid(
+                tuple(gt + np.array([s * 2, 0, 4])),
+                (16 * k, 18 * k, 22 * k),
+                cort * 0.75,
+                canc,
+                1.5,
+            )
+        )
+        knee = np.array([s * (x_fh - 5), yh - 5, lm["knee"]])
+        bones.append(
+            Capsule(
+                tuple(gt - np.array([s * 8, 0, 10 * k])),
+                tuple(knee),
+                15 * k,
+                13 * k,
+                cort * 1.05,
+                -30.0,
+                5.5 * k,
+            )
+        )
+        bones.append(
+            Ellipsoid(
+                (s * (x_fh + 10 * k), yh + 15, z_fh - 55 * k),
+                (9 * k, 9 * k, 12 * k),
+                cort * 0.7,
+                canc,
+                1.5,
+            )
+        )  # lesser trochanter
+        if metal:
+            bones.append(
+                Capsule(
+                    tuple(gt),
+                    tuple(gt + np.array([-s * 10, 0, -150 * k])),
+                    8 * k,
+                    6 * k,
+                    3000.0,
+                    3000.0,
+                    2.0,
+                )
+            )
+    _ = kw
+
+
+def _hip_y(anat: Anatomy) -> float:
+    """y (mm) of the femoral heads: a little anterior of the sacral promontory."""
+    z = anat.landmarks["femoral_head_centre"]
+    sec = torso_section(anat, z)
+    return sec["yc"] + 0.15 * sec["b_ip"]
