@@ -525,6 +525,10 @@ def segment_classical(
         small = np.flatnonzero(sizes * px * px <= 500.0) + 1  # <= 5 cm^2
         compartment |= np.isin(lab_img, small)
     compartment &= inner
+    if vert is not None:
+        compartment &= ~vert
+    # muscle between fat streaks that stopped the rays (fatty infiltration) is muscle too
+    sma |= muscle_hu & compartment
     # fat enclosed by muscle, not the fat lining the compartment's surface
     compartment = ndimage.binary_erosion(compartment, structure=_disk(1.0))
     imat = fat & compartment & ~sma
