@@ -25,3 +25,21 @@ def require_program(name: str) -> str:
     if path is None:
         pytest.skip(f"{name} not installed (see .ci/run)")
     return path
+
+
+@pytest.fixture(scope="session")
+def phantom_series(tmp_path_factory: pytest.TempPathFactory):
+    """A small phantom abdomen-pelvis DICOM series with known L3 (written once per session).
+
+    Returns ``(series_dir, phantom)``: ``series_dir`` holds the CT files (128 x 128 px,
+    3 mm pixels, 5 mm slices, seed 11); ``phantom`` is the :class:`worker.phantom.Phantom`
+    with ``truth`` (L3 z range, mid-L3 slice index) and ``labels`` (z, y, x).
+    """
+    from worker.phantom import PhantomSpec, generate_phantom, write_phantom
+
+    spec = PhantomSpec(
+        fov="abdomen_pelvis", rows=128, cols=128, pixel_spacing_mm=3.0, slice_thickness_mm=5.0
+    )
+    ph = generate_phantom(11, spec)
+    series_dir = write_phantom(ph, tmp_path_factory.mktemp("phantom_series"), fmt="dicom")
+    return series_dir, ph

@@ -226,7 +226,7 @@ def render(
             part.shape.draw_class(z, sg, cmap, part.cls, allow)
 
         o = offs[i]
-        if anat.imat_fraction > 0 and (lab is not None or not mip_only):
+        if anat.imat_fraction > 0:
             im = imat_bank[i % 3, o[2] : o[2] + rows, o[3] : o[3] + cols]
             cmap[(cmap == tc.MUSCLE) & (im > imat_thr)] = tc.IMAT
         hu = hu_lut[cmap]
