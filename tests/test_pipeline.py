@@ -13,7 +13,6 @@ import shutil
 from pathlib import Path
 
 import highdicom as hd
-import numpy as np
 import pydicom
 import pytest
 from typer.testing import CliRunner
@@ -229,18 +228,46 @@ def test_end_to_end_chest_ct_reports_l3_not_in_field_of_view(
     assert (tmp_path / "o" / "sr.dcm").exists() and (tmp_path / "o" / "sc.dcm").exists()
 
 
+def _small_phantom(tmp_path: Path, seed: int = 3) -> tuple[Path, object]:
+    """A small abdomen-pelvis phantom written as a DICOM series; returns (folder, truth)."""
+    from worker.dicom_series import write_ct_series
+    from worker.phantom import PhantomSpec, generate_phantom
+
+    spec = PhantomSpec(
+        fov="abdomen_pelvis", slice_thickness_mm=5.0, pixel_spacing_mm=3.0, rows=160, cols=160
+    )
+    ph = generate_phantom(seed, spec)
+    write_ct_series(ph.volume, tmp_path / "ct", uid_seed=f"phantom-{seed}")
+    return tmp_path / "ct", ph.truth
+
+
+def test_phantom_series_with_real_composition_at_the_true_l3(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder, truth = _small_phantom(tmp_path)
+    assert truth.l3_in_fov and truth.l3_mid_slice_index is not None
+
+    def locate(volume, config, mip, device="auto"):  # noqa: ANN001, ANN202
+        i = truth.l3_mid_slice_index
+        z = float(volume.z_mm[i])
+        return L3Location(True, i, z, float(mip.z_to_row(z)), 0.95)
+
+    monkeypatch.setattr(pipeline, "locate_l3", locate)
+    result = pipeline.analyze_series(folder, tmp_path / "o", Config())
+    assert result.l3.slice_index == truth.l3_mid_slice_index
+    assert result.composition is not None and result.composition["sma"].area_cm2 > 20
+    assert result.smi_cm2_per_m2 is not None  # the phantom has a PatientSize
+    seg = hd.seg.segread(tmp_path / "o" / "seg.dcm")
+    assert seg.number_of_segments == 4
+    report = hd.sr.srread(tmp_path / "o" / "sr.dcm")
+    assert len(report.content.get_planar_roi_measurement_groups()) == 5
+
+
 def test_end_to_end_phantom_dicom_series(tmp_path: Path) -> None:
     _require_locator()
-    phantom_mod = pytest.importorskip("worker.phantom")
-    if not hasattr(phantom_mod, "generate_phantom"):
-        pytest.skip("worker.phantom.generate_phantom not available yet")
-    from worker.dicom_series import write_ct_series
-
-    ph = phantom_mod.generate_phantom(3)
-    write_ct_series(ph.volume, tmp_path / "ct", uid_seed="phantom-3")
-    result = pipeline.analyze_series(tmp_path / "ct", tmp_path / "o", Config())
-    truth = getattr(ph.truth, "l3_slice_index", None)
-    assert result.l3.in_field_of_view
-    if truth is not None:
-        assert abs(result.l3.slice_index - truth) <= 3
-    assert np.isfinite(result.composition["sma"].area_cm2)
+    folder, truth = _small_phantom(tmp_path, seed=5)
+    result = pipeline.analyze_series(folder, tmp_path / "o", Config())
+    assert result.l3.in_field_of_view == truth.l3_in_fov
+    if truth.l3_in_fov:
+        assert abs(result.l3.slice_index - truth.l3_mid_slice_index) <= 3
+        assert (tmp_path / "o" / "seg.dcm").exists()
