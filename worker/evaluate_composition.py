@@ -211,12 +211,13 @@ def score(case: str, name: str, pred: np.ndarray, ref: np.ndarray, pix_cm2: floa
 def _phantom_slices(n: int, seed: int):
     """(name, hu, labels, spacing) of ``n`` L3 slices from ``worker.phantom`` if it exists."""
     try:
-        from worker.phantom import generate_phantom  # type: ignore[attr-defined]
+        from worker.phantom import PhantomSpec, generate_phantom
     except ImportError:
         return None
     out = []
     for i in range(n):
-        ph = generate_phantom(seed + i, None)
+        # abdomen FOV (L3 always inside), 5 mm slices for speed; the rest drawn from the seed
+        ph = generate_phantom(seed + i, PhantomSpec(fov="abdomen", slice_thickness_mm=5.0))
         k = int(ph.truth.l3_mid_slice_index)
         sp = tuple(float(v) for v in ph.volume.pixel_spacing_mm)
         out.append((f"phantom{seed + i}", ph.volume.hu[k], np.asarray(ph.labels[k]), sp))

@@ -40,7 +40,7 @@ class TrainingSlice:
 def phantom_slices(n: int, seed: int, neighbours: int = 0) -> list[TrainingSlice]:
     """L3 slices (and ``neighbours`` slices either side) of ``n`` phantoms from ``seed``."""
     try:
-        from worker.phantom import generate_phantom  # type: ignore[attr-defined]
+        from worker.phantom import PhantomSpec, generate_phantom
     except ImportError:
         from worker.evaluate_composition import random_synthetic_l3
 
@@ -51,7 +51,7 @@ def phantom_slices(n: int, seed: int, neighbours: int = 0) -> list[TrainingSlice
         return out
     out = []
     for i in range(n):
-        ph = generate_phantom(seed + i, None)
+        ph = generate_phantom(seed + i, PhantomSpec(fov="abdomen", slice_thickness_mm=5.0))
         k0 = int(ph.truth.l3_mid_slice_index)
         sp = tuple(float(v) for v in ph.volume.pixel_spacing_mm)
         for k in range(k0 - neighbours, k0 + neighbours + 1):
