@@ -58,6 +58,9 @@ _TAG_SOP_INSTANCE = 0x00080018
 _TAG_STUDY = 0x0020000D
 _TAG_SERIES = 0x0020000E
 _UID_TAGS = (_TAG_SOP_CLASS, _TAG_SOP_INSTANCE, _TAG_STUDY, _TAG_SERIES)
+#: Idle sleep of pynetdicom's DUL reactor per loop (its default is 1 ms). Costs a little CPU
+#: per open association; worth it for ingest latency.
+DUL_IDLE_SLEEP_S = 0.0001
 
 
 class UnreadableDatasetError(ValueError):
@@ -142,8 +145,15 @@ class StoreHandler:
 
     @staticmethod
     def handle_conn_open(event: evt.Event) -> None:
-        """Disable Nagle on the accepted socket (DESIGN.md "Known pitfalls")."""
+        """Tune the accepted connection for many back-to-back C-STOREs.
+
+        Disables Nagle (DESIGN.md "Known pitfalls") and shortens the DUL reactor's idle
+        sleep from pynetdicom's 1 ms to :data:`DUL_IDLE_SLEEP_S`: a scanner waits for each
+        response before sending the next instance, so that sleep is paid once per instance
+        (measured here: about 100 -> 165 instances/s for 512 x 512 CT, bench/bench_ingest.py).
+        """
         try:
+            event.assoc.dul._run_loop_delay = DUL_IDLE_SLEEP_S
             sock = event.assoc.dul.socket.socket
             if sock is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

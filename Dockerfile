@@ -1,0 +1,49 @@
+# l3spot: the DICOM node (`l3spot serve`) and its workers (`l3spot worker`) in one image.
+#
+# CPU (default):   docker build -t l3spot .
+# CUDA:            docker build -t l3spot:cuda \
+#                    --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 \
+#                    --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
+# The same CLI the tests exercise: `l3spot serve`, `l3spot worker`, `l3spot echo`, `l3spot jobs`.
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
+
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    DEBIAN_FRONTEND=noninteractive \
+    # dcmtk-based peers and Orthanc leave Nagle on otherwise (about 45 ms per C-STORE)
+    TCP_NODELAY=1 \
+    PATH=/opt/venv/bin:$PATH \
+    L3SPOT_CONFIG=/etc/l3spot/config.yaml \
+    L3SPOT__NODE__SPOOL_DIR=/var/lib/l3spot/spool
+
+# CUDA base images have no Python: install one (the slim Python image already has it).
+RUN if ! command -v python3 >/dev/null 2>&1 || ! python3 -m venv --help >/dev/null 2>&1; then \
+        apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi \
+    && python3 -m venv /opt/venv \
+    && pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY service ./service
+COPY worker ./worker
+RUN pip install . \
+    && useradd --system --uid 1000 --home /var/lib/l3spot l3spot \
+    && mkdir -p /var/lib/l3spot /etc/l3spot /app/models \
+    && chown -R l3spot /var/lib/l3spot
+# Trained weights are mounted at /app/models (locator.weights defaults to models/locator_cnn4.pt
+# beside the installed package; point locator.weights there in config.yaml).
+COPY deploy/config.yaml /etc/l3spot/config.yaml
+
+USER l3spot
+VOLUME ["/var/lib/l3spot"]
+EXPOSE 11112
+HEALTHCHECK --interval=30s --timeout=15s --start-period=30s --retries=3 CMD ["l3spot", "echo"]
+ENTRYPOINT ["l3spot"]
+CMD ["serve"]
