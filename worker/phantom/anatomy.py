@@ -139,7 +139,8 @@ class Anatomy:
         raise KeyError(name)
 
     def last_rib_vertebra(self) -> Vertebra:
-        return [v for v in self.vertebrae if v.rib][-1]
+        """The lowest rib-bearing vertebra (``vertebrae`` run from the bottom up)."""
+        return [v for v in self.vertebrae if v.rib][0]
 
 
 def _u(rng: np.random.Generator, lo: float, hi: float) -> float:
@@ -326,7 +327,7 @@ def sample_anatomy(
     z_vertex = z_skull_base + _u(rng, 125.0, 145.0) * k
     t1 = vz["T1"]
     z_shoulder = t1.z1 - 5.0 * k
-    last_rib = [v for v in verts if v.rib][-1]
+    last_rib = [v for v in verts if v.rib][0]  # lowest rib-bearing
 
     # --- habitus (BMI-driven SAT, VAT, muscularity)
     fat = max(0.0, bmi - 18.0)

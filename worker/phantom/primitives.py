@@ -278,10 +278,12 @@ class Ellipsoid:
     cancellous: float = 0.0
     shell_mm: float = 1.5
     hollow_mm: float | None = None  # bone: only a shell of this thickness (skull)
+    z_from: float | None = None  # cut below this z (acetabular roof)
 
     @property
     def zmin(self) -> float:
-        return self.c[2] - self.r[2]
+        lo = self.c[2] - self.r[2]
+        return lo if self.z_from is None else max(lo, self.z_from)
 
     @property
     def zmax(self) -> float:
@@ -289,7 +291,7 @@ class Ellipsoid:
 
     def _geometry(self, z: float, grid: SliceGrid):
         dz = (z - self.c[2]) / self.r[2]
-        if abs(dz) >= 1.0:
+        if abs(dz) >= 1.0 or (self.z_from is not None and z < self.z_from):
             return None
         k = np.sqrt(1.0 - dz * dz)
         a, b = self.r[0] * k, self.r[1] * k

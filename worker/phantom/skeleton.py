@@ -66,9 +66,9 @@ def build_skeleton(anat: Anatomy, rng: np.random.Generator) -> None:
                 v.z1,
                 v.width / 2,
                 v.depth / 2,
-                cort * 0.75,
+                cort * 0.95,
                 canc,
-                shell_mm=1.0,
+                shell_mm=1.3,
                 endplate_mm=1.2,
                 waist=0.07,
             )
@@ -175,7 +175,8 @@ def build_skeleton(anat: Anatomy, rng: np.random.Generator) -> None:
     sternum_top = anat.vertebra("T2").z1 + 5 * k
     sternum_bot = anat.vertebra(f"T{min(9, n_rib)}").zm
     ster_y = []
-    for idx, v in enumerate(ribs, start=1):
+    for v in ribs:
+        idx = int(v.name[1:])  # rib number, 1 = top
         from_last = n_rib - idx  # 0 = last rib-bearing vertebra
         z_head = v.z1 - 0.15 * (v.z1 - v.z0)
         if idx <= 7:
@@ -188,7 +189,7 @@ def build_skeleton(anat: Anatomy, rng: np.random.Generator) -> None:
             phi_end, drop = 0.36 * np.pi * float(rng.uniform(0.8, 1.15)), 48.0
         if n_rib == 13 and from_last == 0:
             phi_end, drop = 0.22 * np.pi, 30.0  # short lumbar-type rib
-        drop *= k * float(rng.uniform(0.85, 1.15))
+        drop *= 1.2 * k * float(rng.uniform(0.85, 1.15))
         r_rib = (5.5 if idx <= 2 else 4.6) * k
         phis = np.linspace(0.16 * np.pi, phi_end, 11)
         pts = []
@@ -199,7 +200,7 @@ def build_skeleton(anat: Anatomy, rng: np.random.Generator) -> None:
             pts = [head, tub]
             for j, phi in enumerate(phis):
                 f = (phi - phis[0]) / (phis[-1] - phis[0])
-                zz = z_head - 4 - drop * f**1.25
+                zz = z_head - 4 - drop * f**0.9
                 sec = torso_section(anat, zz)
                 a = sec["a_c"] + 0.35 * anat.prof["m_lat"](zz)
                 yc = sec["yc"]
@@ -231,7 +232,7 @@ def build_skeleton(anat: Anatomy, rng: np.random.Generator) -> None:
             else:
                 continue
             cart_hu = float(rng.uniform(100.0, 220.0))
-            calc = cort * 0.5 if rng.random() < 0.3 else cart_hu
+            calc = float(rng.uniform(250.0, 450.0)) if rng.random() < 0.15 else cart_hu
             mid = 0.5 * (end + tgt) + np.array([0, -4, -8 * k])
             bones.extend(_chain(np.array([end, mid, tgt]), 4.2 * k, calc, cart_hu, 1.0))
     anat.extra["rib_tips"] = {v.name: None for v in ribs}
@@ -458,7 +459,8 @@ def _pelvis(anat: Anatomy, rng: np.random.Generator, cort: float, canc: float) -
     z_acet = z_fh + r_fh * 0.7
     arch = float(rng.uniform(22.0, 35.0)) * k  # PSIS/ASIS lie this much below the crest top
     crest_hu = cort * float(rng.uniform(1.0, 1.25))
-    wing_hu = cort * float(rng.uniform(0.55, 0.8))
+    wing_hu = cort * float(rng.uniform(0.72, 0.95))
+    z_si = -45.0 * k
     sy0 = anat.spine_y(0.0)
     tilt = float(anat.extra["sac_tilt"])
     bones = anat.bones
@@ -470,14 +472,13 @@ def _pelvis(anat: Anatomy, rng: np.random.Generator, cort: float, canc: float) -
             sec = torso_section(anat, min(z, z_crest))
             y_post = sy0 + tilt * max(0.0, -z) * 0.6 + 10 * k
             y_ant = sec["yc"] - 0.35 * sec["b_ca"]
-            p_post = np.array([s * (ala - 4 + 12 * f) * 0.98, y_post + 8 * (1 - f)])
-            p_ant = np.array([s * (x_fh - 20 + (x_asis - x_fh + 20) * f**0.6), y_ant - 10 * f])
-            apex = np.array(
-                [
-                    s * (x_fh - 12 + (x_crest - x_fh + 12) * f**0.7),
-                    0.5 * (p_post[1] + p_ant[1]) + 10,
-                ]
-            )
+            # medial border: sacro-iliac joint above z_si, then the pelvic brim to the acetabulum
+            g = float(np.clip((z - z_acet) / max(z_si - z_acet, 1.0), 0.0, 1.0))
+            x_med = x_fh - 28 + (ala - 2 - (x_fh - 28)) * g**0.8
+            p_post = np.array([s * x_med, y_post + 8 * (1 - f)])
+            p_ant = np.array([s * (x_fh + 5 + (x_asis - x_fh - 5) * f**0.5), y_ant - 10 * f])
+            x_lat = x_fh + 12 + (x_crest - x_fh - 12) * f**0.4
+            apex = np.array([s * x_lat, 0.5 * (p_post[1] + p_ant[1]) + 10])
             ctrl = 2 * apex - 0.5 * (p_post + p_ant)
             t = np.linspace(0, 1, 9)[:, None]
             return (1 - t) ** 2 * p_post + 2 * (1 - t) * t * ctrl + t**2 * p_ant
@@ -509,6 +510,7 @@ def _pelvis(anat: Anatomy, rng: np.random.Generator, cort: float, canc: float) -
                 canc,
                 2.0,
                 hollow_mm=8.0,
+                z_from=z_fh - 0.2 * r_fh,
             )
         )
         # ilium body between acetabulum and the sacro-iliac joint

@@ -279,7 +279,7 @@ def build_soft(
 
     # ------------------------------------------------------------ muscles: psoas, iliacus, QL
     ala = float(anat.extra["ala"])
-    lumbar = [v for v in verts if v.region == "L"]
+    lumbar = [v for v in verts if v.region == "L"][::-1]  # L1 first
     for s in (-1.0, 1.0):
         pts, rad = [], []
         for i, v in enumerate(lumbar):
@@ -287,8 +287,6 @@ def build_soft(
             r = (5 + 14 * f) * k * mus
             pts.append([v.cx + s * (v.width / 2 + r * 0.7), v.cy + 2, v.zm])
             rad.append(r)
-        pts = pts[::-1]
-        rad = rad[::-1]
         pts += [
             [s * (ala - 5), anat.spine_y(-15) - 30 * k, -15 * k],
             [s * (x_fh - 30), yh - 35 * k, z_fh + 30 * k],
@@ -346,7 +344,7 @@ def build_soft(
     # ------------------------------------------------------------ spinal hardware
     if anat.extra.get("metal_kind") == "spine":
         lo = int(rng.integers(0, 2))
-        levels = [v for v in verts if v.region == "L"][::-1][lo : lo + 3]
+        levels = [v for v in verts if v.region == "L"][lo : lo + 3]  # from the bottom
         for s in (-1.0, 1.0):
             pts = np.array(
                 [[v.cx + s * 0.33 * v.width, v.cy + v.depth / 2 + 22 * k, v.zm] for v in levels]
