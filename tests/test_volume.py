@@ -24,8 +24,11 @@ from worker.volume import (
     NotCTError,
     PatientInfo,
     SliceGapError,
+    SliceHeader,
     TooFewSlicesError,
     UnreadableFileError,
+    _FallbackError,
+    _fast_header,
     load_nifti,
     load_series,
     read_series_headers,
@@ -585,3 +588,67 @@ def test_nifti_errors(tmp_path: Path) -> None:
     (tmp_path / "bad.nii.gz").write_bytes(b"nope")
     with pytest.raises(UnreadableFileError, match="bad.nii.gz"):
         load_series(tmp_path / "bad.nii.gz")
+
+
+# ---------------------------------------------------------------- fast header parser
+
+
+def _headers_agree(path: Path) -> SliceHeader:
+    import dataclasses
+
+    fast = _fast_header(path).header
+    assert fast is not None
+    with open(path, "rb") as fp:
+        ds = pydicom.dcmread(fp, stop_before_pixels=True)
+    ref = SliceHeader.from_dataset(path, ds, has_pixel_data=True, pixel_offset=fast.pixel_offset)
+    assert dataclasses.asdict(fast) == dataclasses.asdict(ref)
+    return fast
+
+
+@pytest.mark.parametrize("ts", [ImplicitVRLittleEndian, None])
+def test_fast_parser_skips_nested_sequences(tmp_path: Path, ts) -> None:
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    written, folder = _write(tmp_path, nz=N)
+    for f in written.source_files:
+        ds = pydicom.dcmread(f)
+        inner = Dataset()
+        inner.CodeValue = "123"
+        inner.CodeMeaning = "x" * 60
+        inner.TextValue = "y" * 3000  # UT: a 4-byte length in explicit VR
+        item = Dataset()
+        item.ReferencedSOPInstanceUID = "1.2.3"
+        item.PurposeOfReferenceCodeSequence = Sequence([inner, inner])
+        ds.ReferencedImageSequence = Sequence([item, item])  # (0008,1140), before the wanted
+        ds["ReferencedImageSequence"].is_undefined_length = True
+        ds.SourceImageSequence = Sequence([item])  # (0008,2112), defined length
+        ds.add_new(0x00091010, "OB", b"\x01" * 5000)  # a private blob
+        ds.add_new(0x00090010, "LO", "ACME private")
+        ds.SeriesDescription = "Thorax ü"
+        if ts is not None:
+            ds.file_meta.TransferSyntaxUID = ts
+        ds.save_as(f, implicit_vr=ts is not None, little_endian=True)
+    h = _headers_agree(written.source_files[3])
+    assert h.series_description == "Thorax ü" and h.pixel_offset is not None
+    vol = load_series(folder)
+    np.testing.assert_array_equal(vol.hu, written.hu)
+
+
+def test_fast_parser_leaves_unusual_character_sets_to_pydicom(tmp_path: Path) -> None:
+    written, folder = _write(tmp_path)
+    for f in written.source_files:
+        _edit(f, SpecificCharacterSet="ISO_IR 144", SeriesDescription="Грудь")
+    with pytest.raises(_FallbackError, match="character set"):
+        _fast_header(written.source_files[0])
+    assert load_series(folder).series_description == "Грудь"
+
+
+def test_fast_parser_agrees_with_pydicom_on_real_files(shared_data: Path) -> None:
+    files = sorted((shared_data / "chest_ct_lidc").glob("*.dcm"))[::50]
+    files += sorted((shared_data / EDGE / "duplicate_positions").glob("*.dcm"))[:3]
+    files += sorted((shared_data / EDGE / "sliceincrement").rglob("*.dcm"))
+    for f in files:
+        _headers_agree(f)
+    with pytest.raises(_FallbackError, match="transfer syntax"):  # JPEG 2000: pydicom
+        _fast_header(next((shared_data / "thorax_ct_siemens_j2k").glob("CT.*")))

@@ -34,13 +34,14 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 import numpy as np
 import pydicom
@@ -287,6 +288,10 @@ def _check_count(series_uid: str, n: int, min_slices: int, what: str) -> None:
 # DICOM
 # --------------------------------------------------------------------------------------------
 
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_U16x2 = struct.Struct("<HH")
+
 _T = TypeVar("_T")
 _R = TypeVar("_R")
 
@@ -324,41 +329,6 @@ def _raw_text(ds: Dataset, tag: int) -> str | None:
     if isinstance(v, MultiValue | list | tuple):
         return "\\".join(str(x) for x in v)
     return str(v).strip(" \x00")
-
-
-def _raw_floats(ds: Dataset, tag: int, n: int) -> tuple[float, ...] | None:
-    text = _raw_text(ds, tag)
-    if not text:
-        return None
-    try:
-        vals = tuple(float(v) for v in text.split("\\"))
-    except ValueError:
-        return None
-    return vals if len(vals) == n and all(math.isfinite(v) for v in vals) else None
-
-
-def _raw_float(ds: Dataset, tag: int, default: float | None) -> float | None:
-    text = _raw_text(ds, tag)
-    if not text:
-        return default
-    try:
-        v = float(text.split("\\")[0])
-    except ValueError:
-        return default
-    return v if math.isfinite(v) else default
-
-
-def _raw_int(ds: Dataset, tag: int) -> int | None:
-    v = _raw_float(ds, tag, None)
-    return int(v) if v is not None else None
-
-
-def _us(ds: Dataset, keyword: str, default: int | None) -> int | None:
-    v = ds.get(keyword)
-    try:
-        return int(v) if v is not None else default
-    except (TypeError, ValueError):
-        return default
 
 
 def _float_or(value: object, default: float | None) -> float | None:
@@ -408,41 +378,298 @@ class SliceHeader:
     def from_dataset(
         cls, path: Path, ds: Dataset, *, has_pixel_data: bool, pixel_offset: int | None = None
     ) -> SliceHeader:
+        """Header of a dataset read by pydicom."""
         meta = getattr(ds, "file_meta", None)
-        image_type = _raw_text(ds, 0x00080008) or ""
-        sop_class = _raw_text(ds, 0x00080016) or ""
-        if not sop_class and meta is not None:
-            sop_class = str(meta.get("MediaStorageSOPClassUID", "") or "")
-        return cls(
-            path=path,
-            sop_class_uid=sop_class,
-            sop_instance_uid=_raw_text(ds, 0x00080018) or "",
-            study_instance_uid=_raw_text(ds, 0x0020000D) or "",
-            series_instance_uid=_raw_text(ds, 0x0020000E) or "",
-            frame_of_reference_uid=_raw_text(ds, 0x00200052) or "",
-            modality=(_raw_text(ds, 0x00080060) or "").upper(),
-            image_type=tuple(v.strip().upper() for v in image_type.split("\\") if v.strip()),
-            series_description=str(ds.get("SeriesDescription") or ""),
-            series_number=_raw_int(ds, 0x00200011),
-            instance_number=_raw_int(ds, 0x00200013),
-            rows=_us(ds, "Rows", None),
-            columns=_us(ds, "Columns", None),
-            pixel_spacing=_raw_floats(ds, 0x00280030, 2),
-            image_orientation=_raw_floats(ds, 0x00200037, 6),
-            image_position=_raw_floats(ds, 0x00200032, 3),
-            slice_thickness=_raw_float(ds, 0x00180050, None),
-            gantry_tilt=_raw_float(ds, 0x00181120, 0.0) or 0.0,
-            number_of_frames=_raw_int(ds, 0x00280008) or 1,
-            samples_per_pixel=_us(ds, "SamplesPerPixel", 1) or 1,
-            bits_allocated=_us(ds, "BitsAllocated", 16) or 16,
-            bits_stored=_us(ds, "BitsStored", None) or _us(ds, "BitsAllocated", 16) or 16,
-            pixel_representation=_us(ds, "PixelRepresentation", 0) or 0,
-            rescale_slope=_raw_float(ds, 0x00281053, 1.0) or 1.0,
-            rescale_intercept=_raw_float(ds, 0x00281052, 0.0) or 0.0,
-            transfer_syntax_uid=str(meta.get("TransferSyntaxUID", "")) if meta else "",
+
+        def us(tag: int) -> int | None:
+            el = ds.get(tag)
+            try:
+                return int(el.value) if el is not None and el.value is not None else None
+            except (TypeError, ValueError):
+                return None
+
+        return cls._build(
+            path,
+            text=lambda tag: _raw_text(ds, tag),
+            us=us,
+            description=str(ds.get("SeriesDescription") or ""),
+            meta_sop_class=str(meta.get("MediaStorageSOPClassUID", "") or "") if meta else "",
+            transfer_syntax=str(meta.get("TransferSyntaxUID", "")) if meta else "",
             has_pixel_data=has_pixel_data,
             pixel_offset=pixel_offset,
         )
+
+    @classmethod
+    def _build(
+        cls,
+        path: Path,
+        *,
+        text: Callable[[int], str | None],
+        us: Callable[[int], int | None],
+        description: str,
+        meta_sop_class: str,
+        transfer_syntax: str,
+        has_pixel_data: bool,
+        pixel_offset: int | None,
+    ) -> SliceHeader:
+        def floats(tag: int, n: int) -> tuple[float, ...] | None:
+            return _parse_floats(text(tag), n)
+
+        def num(tag: int, default: float | None) -> float | None:
+            v = _parse_floats(text(tag), None)
+            return v[0] if v else default
+
+        def integer(tag: int) -> int | None:
+            v = num(tag, None)
+            return int(v) if v is not None else None
+
+        image_type = text(0x00080008) or ""
+        bits_allocated = us(0x00280100) or 16
+        return cls(
+            path=path,
+            sop_class_uid=text(0x00080016) or meta_sop_class,
+            sop_instance_uid=text(0x00080018) or "",
+            study_instance_uid=text(0x0020000D) or "",
+            series_instance_uid=text(0x0020000E) or "",
+            frame_of_reference_uid=text(0x00200052) or "",
+            modality=(text(0x00080060) or "").upper(),
+            image_type=tuple(v.strip().upper() for v in image_type.split("\\") if v.strip()),
+            series_description=description,
+            series_number=integer(0x00200011),
+            instance_number=integer(0x00200013),
+            rows=us(0x00280010),
+            columns=us(0x00280011),
+            pixel_spacing=floats(0x00280030, 2),
+            image_orientation=floats(0x00200037, 6),
+            image_position=floats(0x00200032, 3),
+            slice_thickness=num(0x00180050, None),
+            gantry_tilt=num(0x00181120, 0.0) or 0.0,
+            number_of_frames=integer(0x00280008) or 1,
+            samples_per_pixel=us(0x00280002) or 1,
+            bits_allocated=bits_allocated,
+            bits_stored=us(0x00280101) or bits_allocated,
+            pixel_representation=us(0x00280103) or 0,
+            rescale_slope=num(0x00281053, 1.0) or 1.0,
+            rescale_intercept=num(0x00281052, 0.0) or 0.0,
+            transfer_syntax_uid=transfer_syntax,
+            has_pixel_data=has_pixel_data,
+            pixel_offset=pixel_offset,
+        )
+
+
+def _parse_floats(text: str | None, n: int | None) -> tuple[float, ...] | None:
+    """Backslash-separated numbers; None when absent, malformed, non-finite or not ``n``."""
+    if not text:
+        return None
+    try:
+        vals = tuple(float(v) for v in text.split("\\"))
+    except ValueError:
+        return None
+    if (n is not None and len(vals) != n) or not all(math.isfinite(v) for v in vals):
+        return None
+    return vals
+
+
+# Fast header parser for the common case (native little-endian Part 10 files) ---------------
+
+#: Top-level attributes the header needs: tag -> VR (for implicit VR files).
+_WANTED_VR = {
+    0x00080005: "CS",  # Specific Character Set
+    0x00080008: "CS",  # Image Type
+    0x00080016: "UI",  # SOP Class UID
+    0x00080018: "UI",  # SOP Instance UID
+    0x00080060: "CS",  # Modality
+    0x0008103E: "LO",  # Series Description
+    0x00180050: "DS",  # Slice Thickness
+    0x00181120: "DS",  # Gantry/Detector Tilt
+    0x0020000D: "UI",  # Study Instance UID
+    0x0020000E: "UI",  # Series Instance UID
+    0x00200011: "IS",  # Series Number
+    0x00200013: "IS",  # Instance Number
+    0x00200032: "DS",  # Image Position (Patient)
+    0x00200037: "DS",  # Image Orientation (Patient)
+    0x00200052: "UI",  # Frame of Reference UID
+    0x00280002: "US",  # Samples per Pixel
+    0x00280008: "IS",  # Number of Frames
+    0x00280010: "US",  # Rows
+    0x00280011: "US",  # Columns
+    0x00280030: "DS",  # Pixel Spacing
+    0x00280100: "US",  # Bits Allocated
+    0x00280101: "US",  # Bits Stored
+    0x00280103: "US",  # Pixel Representation
+    0x00281052: "DS",  # Rescale Intercept
+    0x00281053: "DS",  # Rescale Slope
+}
+_LONG_VRS = {
+    b"OB",
+    b"OD",
+    b"OF",
+    b"OL",
+    b"OV",
+    b"OW",
+    b"SQ",
+    b"SV",
+    b"UC",
+    b"UN",
+    b"UR",
+    b"UT",
+    b"UV",
+}
+_SIMPLE_CHARSETS = {
+    "": "latin-1",
+    "ISO_IR 6": "latin-1",
+    "ISO_IR 100": "latin-1",
+    "ISO_IR 192": "utf-8",
+}
+_PIXEL_DATA = 0x7FE00010
+_UNDEFINED = 0xFFFFFFFF
+
+
+class _FallbackError(Exception):
+    """The fast parser met something it leaves to pydicom."""
+
+
+class _Stream:
+    """A file read forward in chunks, addressed by absolute offset."""
+
+    def __init__(self, fp: BinaryIO, chunk: int = 16384) -> None:
+        self.fp = fp
+        self.buf = fp.read(chunk)
+
+    def need(self, end: int) -> None:
+        if end > len(self.buf):
+            more = self.fp.read(max(end - len(self.buf), 65536))
+            self.buf += more
+            if end > len(self.buf):
+                raise _FallbackError("unexpected end of file")
+
+
+def _element_header(st: _Stream, pos: int, implicit: bool) -> tuple[int, bytes | None, int, int]:
+    """(tag, VR or None, value length, header size) of the element at ``pos``."""
+    st.need(pos + 8)
+    group, elem = _U16x2.unpack_from(st.buf, pos)
+    tag = (group << 16) | elem
+    if implicit or group == 0xFFFE:
+        return tag, None, _U32.unpack_from(st.buf, pos + 4)[0], 8
+    vr = st.buf[pos + 4 : pos + 6]
+    if vr in _LONG_VRS:
+        st.need(pos + 12)
+        return tag, vr, _U32.unpack_from(st.buf, pos + 8)[0], 12
+    return tag, vr, _U16.unpack_from(st.buf, pos + 6)[0], 8
+
+
+def _skip_undefined(st: _Stream, pos: int, implicit: bool, depth: int = 0) -> int:
+    """Position after an undefined-length sequence whose first item starts at ``pos``."""
+    if depth > 16:
+        raise _FallbackError("sequences nested too deep")
+    while True:
+        tag, _, length, hdr = _element_header(st, pos, True)
+        pos += hdr
+        if tag == 0xFFFEE0DD:  # Sequence Delimitation Item
+            return pos
+        if tag != 0xFFFEE000:  # Item
+            raise _FallbackError("malformed sequence")
+        if length != _UNDEFINED:
+            pos += length
+            continue
+        while True:  # undefined-length item: its elements up to the Item Delimitation Item
+            tag, vr, length, hdr = _element_header(st, pos, implicit)
+            if tag == 0xFFFEE00D:
+                pos += hdr
+                break
+            if length == _UNDEFINED:
+                if vr not in (None, b"SQ"):
+                    raise _FallbackError("undefined length outside a sequence")
+                pos = _skip_undefined(st, pos + hdr, implicit, depth + 1)
+            else:
+                pos += hdr + length
+
+
+def _fast_header(path: Path) -> _Read:
+    """Header of a native little-endian Part 10 file without pydicom (about 10 x faster).
+
+    Raises _FallbackError for anything else (deflate, big endian, compressed pixels, unusual
+    character sets, UN of undefined length, malformed data): pydicom then reads the file.
+    """
+    with open(path, "rb") as fp:
+        st = _Stream(fp)
+        if len(st.buf) < 132 or st.buf[128:132] != b"DICM":
+            raise _FallbackError("no DICM prefix")
+        pos, meta = 132, {}
+        while True:  # File Meta Information: explicit VR little endian, group 0002
+            st.need(pos + 8)
+            if _U16.unpack_from(st.buf, pos)[0] != 0x0002:
+                break
+            tag, _, length, hdr = _element_header(st, pos, False)
+            if length == _UNDEFINED:
+                raise _FallbackError("undefined length in file meta")
+            st.need(pos + hdr + length)
+            meta[tag] = st.buf[pos + hdr : pos + hdr + length]
+            pos += hdr + length
+        ts = meta.get(0x00020010, b"").decode("latin-1").strip(" \x00")
+        if ts not in _NATIVE_LE:
+            raise _FallbackError(f"transfer syntax {ts}")
+        if meta.get(0x00020002, b"").strip(b" \x00") == _DICOMDIR_CLASS.encode():
+            return _Read(path, skipped="DICOMDIR")
+        implicit = ts == "1.2.840.10008.1.2"
+        values: dict[int, bytes] = {}
+        pixel_at = pixel_len = None
+        while True:
+            if pos >= len(st.buf):
+                more = fp.read(65536)
+                if not more:
+                    break  # end of file, no pixel data
+                st.buf += more
+            tag, vr, length, hdr = _element_header(st, pos, implicit)
+            if tag >= _PIXEL_DATA:
+                if tag == _PIXEL_DATA:
+                    pixel_at, pixel_len = pos + hdr, length
+                break
+            if length == _UNDEFINED:
+                if vr not in (None, b"SQ"):
+                    raise _FallbackError(f"undefined length for VR {vr!r}")
+                pos = _skip_undefined(st, pos + hdr, implicit)
+                continue
+            if tag in _WANTED_VR:
+                if not implicit and vr != _WANTED_VR[tag].encode():
+                    raise _FallbackError(f"unexpected VR {vr!r} for {tag:08X}")
+                st.need(pos + hdr + length)
+                values[tag] = st.buf[pos + hdr : pos + hdr + length]
+            pos += hdr + length
+        size = os.fstat(fp.fileno()).st_size
+
+    charset = values.get(0x00080005, b"").decode("latin-1").strip(" \x00")
+    if charset not in _SIMPLE_CHARSETS:
+        raise _FallbackError(f"character set {charset}")
+
+    def text(tag: int) -> str | None:
+        v = values.get(tag)
+        return None if v is None else v.decode("latin-1").strip(" \x00")
+
+    def us(tag: int) -> int | None:
+        v = values.get(tag)
+        return _U16.unpack_from(v)[0] if v is not None and len(v) >= 2 else None
+
+    desc = values.get(0x0008103E, b"").decode(_SIMPLE_CHARSETS[charset], "replace")
+    offset = None
+    rows, cols, bits, spp = us(0x00280010), us(0x00280011), us(0x00280100), us(0x00280002)
+    if pixel_at is not None:
+        need = (rows or 0) * (cols or 0) * ((bits or 16) // 8)
+        if pixel_len == _UNDEFINED or pixel_len < need or pixel_at + need > size:
+            return _Read(path, broken=f"pixel data truncated or invalid ({size} bytes)")
+        if (bits or 16) == 16 and (spp or 1) == 1:
+            offset = pixel_at
+    header = SliceHeader._build(
+        path,
+        text=text,
+        us=us,
+        description=desc.strip(" \x00"),
+        meta_sop_class=meta.get(0x00020002, b"").decode("latin-1").strip(" \x00"),
+        transfer_syntax=ts,
+        has_pixel_data=pixel_at is not None,
+        pixel_offset=offset,
+    )
+    return _Read(path, header=header)
 
 
 _DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
@@ -464,6 +691,12 @@ class _Read:
 
 def _read_header(path: Path) -> _Read:
     """Parse one file up to its pixel data and locate native pixel bytes."""
+    try:
+        return _fast_header(path)
+    except _FallbackError:
+        pass
+    except OSError as exc:
+        return _Read(path, broken=f"{type(exc).__name__}: {exc}")
     try:
         with open(path, "rb") as fp:
             ds = pydicom.dcmread(fp, stop_before_pixels=True)
@@ -784,7 +1017,8 @@ def load_dicom_series(
     _parallel_map(decode, list(range(len(keep))), workers)
 
     first = good[keep[0]].dataset
-    assert first is not None
+    if first is None:  # fast-parsed: read the Patient/Study attributes of one file
+        first = pydicom.dcmread(heads[keep[0]].path, stop_before_pixels=True)
     return CTVolume(
         hu=hu,
         z_mm=zs,
