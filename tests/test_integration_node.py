@@ -80,10 +80,8 @@ class Orthanc:
         return self.get(f"/instances/{series['Instances'][0]}/simplified-tags")
 
 
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
-    _require_runtime()
-    root = tmp_path_factory.mktemp("orthanc")
+def start_orthanc(root: Path) -> Orthanc:
+    """Start Orthanc with its own ports and storage folder under ``root``; wait for REST."""
     http, dicom = free_port(), free_port()
     cfg = {
         "Name": "l3spot-test-pacs",
@@ -100,24 +98,41 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
         "StorageCompression": False,
     }
     (root / "orthanc.json").write_text(json.dumps(cfg))
-    log = open(root / "orthanc.log", "wb")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen(
-        [ORTHANC, str(root / "orthanc.json")], stdout=log, stderr=log, env=NODELAY
-    )
+    with open(root / "orthanc.log", "wb") as log:
+        proc = subprocess.Popen(
+            [ORTHANC, str(root / "orthanc.json")], stdout=log, stderr=log, env=NODELAY
+        )
     pacs = Orthanc(http, dicom, proc)
     deadline = time.monotonic() + 30
     while True:
         try:
             pacs.get("/system")
-            break
-        except OSError:
+            return pacs
+        except OSError as exc:
             if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"Orthanc did not start: {(root / 'orthanc.log').read_text()[-2000:]}")
+                stop_process(proc)
+                log_tail = (root / "orthanc.log").read_text()[-2000:]
+                raise RuntimeError(f"Orthanc did not start: {log_tail}") from exc
             time.sleep(0.2)
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
+    """SIGTERM by PID, wait for the exit (SIGKILL after ``timeout_s``)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    _require_runtime()
+    pacs = start_orthanc(tmp_path_factory.mktemp("orthanc"))
     yield pacs
-    proc.terminate()
-    proc.wait(30)
-    log.close()
+    stop_process(pacs.proc)
 
 
 # ---------------------------------------------------------------------------- the node
@@ -128,16 +143,6 @@ class RunningNode:
     config_path: Path
     port: int
     jobs: JobStore
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @contextlib.contextmanager
@@ -181,18 +186,30 @@ def run_node(tmp: Path, broker_url: str | None, pacs: Orthanc) -> Iterator[Runni
         deadline = time.monotonic() + 60
         while subprocess.run([*cli, "echo", "--config", str(path)], capture_output=True).returncode:
             if procs[0].poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"node did not start: {(tmp / 'node.log').read_text()[-3000:]}")
+                raise RuntimeError(f"node did not start: {(tmp / 'node.log').read_text()[-3000:]}")
             time.sleep(0.5)
         yield RunningNode(path, port, JobStore(tmp / "var" / "spool"))
     finally:
         for p in procs:
-            _stop(p)
+            stop_process(p)
         logs.close()
 
 
 def send(folder: Path, port: int) -> None:
     out = subprocess.run(
-        [STORESCU, "-aet", "SCANNER", "-aec", "L3SPOT", "127.0.0.1", str(port), "+sd", "+sp", "*.dcm", str(folder)],
+        [
+            STORESCU,
+            "-aet",
+            "SCANNER",
+            "-aec",
+            "L3SPOT",
+            "127.0.0.1",
+            str(port),
+            "+sd",
+            "+sp",
+            "*.dcm",
+            str(folder),
+        ],
         capture_output=True,
         text=True,
         env=NODELAY,
