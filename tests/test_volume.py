@@ -652,3 +652,22 @@ def test_fast_parser_agrees_with_pydicom_on_real_files(shared_data: Path) -> Non
         _headers_agree(f)
     with pytest.raises(_FallbackError, match="transfer syntax"):  # JPEG 2000: pydicom
         _fast_header(next((shared_data / "thorax_ct_siemens_j2k").glob("CT.*")))
+
+
+@pytest.mark.parametrize("signed", [0, 1])
+def test_twelve_bit_pixels_match_pydicom(tmp_path: Path, signed: int) -> None:
+    written, folder = _write(tmp_path)
+    rng = np.random.default_rng(9)
+    for f in written.source_files:
+        ds = pydicom.dcmread(f)
+        vals = rng.integers(-2048 if signed else 0, 2048 if signed else 4096, size=(20, 18))
+        raw = (vals & 0x0FFF) | (rng.integers(0, 16, size=vals.shape) << 12)  # junk high bits
+        ds.PixelData = raw.astype("<u2").tobytes()
+        ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 12, 11, signed
+        ds.RescaleIntercept = "-1000"
+        ds.save_as(f)
+    vol = load_series(folder)
+    for k in (0, 11, N - 1):
+        ds = pydicom.dcmread(vol.source_files[k])
+        np.testing.assert_array_equal(vol.hu[k], ds.pixel_array.astype(np.float32) - 1000.0)
+    assert vol.hu.min() < -2000 if signed else vol.hu.min() >= -1000
