@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.node_helpers import free_port
+from tests.node_helpers import free_port, write_series
 from worker.config import load_config
 from worker.jobstore import DONE, FAILED, INELIGIBLE, JobNotFoundError, JobStore
 
@@ -146,7 +146,9 @@ class RunningNode:
 
 
 @contextlib.contextmanager
-def run_node(tmp: Path, broker_url: str | None, pacs: Orthanc) -> Iterator[RunningNode]:
+def run_node(
+    tmp: Path, broker_url: str | None, pacs: Orthanc | None, min_slices: int = 20
+) -> Iterator[RunningNode]:
     """``l3spot serve`` (plus ``l3spot worker`` for Redis) with a 2 s stable time."""
     port = free_port()
     cfg = {
@@ -157,10 +159,13 @@ def run_node(tmp: Path, broker_url: str | None, pacs: Orthanc) -> Iterator[Runni
             "spool_dir": str(tmp / "var" / "spool"),
             "series_stable_seconds": 2,
             "watcher_interval_seconds": 0.2,
+            "min_slices": min_slices,
         },
         "broker": {"url": broker_url},
         "export": {
-            "destinations": [{"ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs.dicom}],
+            "destinations": []
+            if pacs is None
+            else [{"ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs.dicom}],
             "max_attempts": 3,
             "backoff_initial_seconds": 1,
         },
@@ -299,6 +304,37 @@ def assert_results_in_pacs(pacs: Orthanc, case: Case, with_seg: bool) -> None:
 
 
 # ---------------------------------------------------------------------------- the tests
+
+
+def test_serve_alone_queues_eligible_series_to_its_own_worker(tmp_path: Path) -> None:
+    """Embedded default, no weights or PACS needed: SCP -> watcher -> queue -> child worker."""
+    if not os.access(STORESCU, os.X_OK):
+        pytest.skip(f"{STORESCU} not installed (see .ci/run)")
+    _, short_series, short = write_series(tmp_path / "in" / "short", 3)
+    _, series, folder = write_series(tmp_path / "in" / "ok", 6)
+    with run_node(tmp_path, None, None, min_slices=5) as node:
+        send(short, node.port)
+        send(folder, node.port)
+        rec = wait_final(node, short_series, 30)
+        assert rec.state == INELIGIBLE and "fewer than node.min_slices=5" in (rec.reason or "")
+        assert rec.n_instances == 3
+        # the eligible one reaches the worker: analysed, or failed with a reason (a 16 x 16
+        # toy series, or no trained weights here); either way exactly one attempt
+        rec = wait_final(node, series, 90)
+        assert rec.attempts == 1 and rec.analysis_started_at is not None
+        assert rec.state == DONE or rec.reason
+        cli = [sys.executable, "-m", "service.cli"]
+        out = subprocess.run(
+            [*cli, "retry", series, "--config", str(node.config_path)],
+            capture_output=True,
+            text=True,
+        )
+        assert out.returncode == 0 and "analysis re-queued" in out.stdout
+        deadline = time.monotonic() + 60
+        while node.jobs.get(series).attempts < 2 and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert wait_final(node, series, 60).attempts == 2
+    assert len(list((tmp_path / "var" / "spool").rglob("*.dcm"))) == 9
 
 
 @pytest.fixture()
