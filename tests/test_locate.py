@@ -25,7 +25,7 @@ from worker.mip import frontal_mip
 from worker.model import build_model
 from worker.volume import CTVolume
 
-SPEC = WindowSpec()  # the shipped geometry: 2 mm, H = 160 px, a = 25 px
+SPEC = WindowSpec()  # the shipped geometry: 3 mm, H = 110 px, a = 17 px
 H, A = SPEC.height_px, SPEC.a_px
 SHIPPED = Path(__file__).resolve().parent.parent / "models" / "locator_cnn4.pt"
 
@@ -129,7 +129,7 @@ def test_locate_maps_the_decided_row_to_the_nearest_real_slice(
     p = tmp_path / "m.pt"
     _save_random_model(p)
     vol = _volume(uneven=True)
-    mip = frontal_mip(vol, pixel_mm=2.0)
+    mip = frontal_mip(vol, pixel_mm=SPEC.pixel_mm)
     l3_z = float(vol.z_mm[61]) + 0.4
 
     def perfect(self: LoadedLocator, windows: torch.Tensor, batch_size: int = 64):  # noqa: ANN202
@@ -170,7 +170,7 @@ def test_locate_runs_a_real_network_end_to_end(tmp_path: Path) -> None:
     _save_random_model(p)
     vol = _volume()
     res = locate_l3(vol, LocatorConfig(weights=p), device="cpu")
-    mip = frontal_mip(vol, pixel_mm=2.0)
+    mip = frontal_mip(vol, pixel_mm=SPEC.pixel_mm)
     n_expected = len(sliding_windows(mip_to_strip(mip.image, SPEC), SPEC, 4)[1])
     assert len(res.predictions) == len(res.window_top_rows) == n_expected
     assert len(res.presence) == n_expected and np.all((res.presence >= 0) & (res.presence <= 1))

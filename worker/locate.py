@@ -63,10 +63,10 @@ class WindowSpec:
     hu_window : (low, high) HU mapped linearly to [0, 1] (clipped).
     """
 
-    pixel_mm: float = 2.0
-    height_mm: float = 320.0
+    pixel_mm: float = 3.0
+    height_mm: float = 330.0
     width_mm: float = 384.0
-    a_mm: float = 50.0
+    a_mm: float = 51.0
     hu_window: tuple[float, float] = INPUT_HU_WINDOW
 
     @property
@@ -251,7 +251,7 @@ def decide_l3(
     height_px: int,
     a_px: float,
     presence: np.ndarray | None = None,
-    tol_px: float = 3.0,
+    tol_px: float = 2.0,
 ) -> Decision:
     """Correlate the prediction sequence with the ideal slope -1 line (paper Fig. 6).
 
@@ -276,7 +276,7 @@ def decide_l3(
     consecutive windows spans exactly those windows for one L3 row; for each segment we
     take the Pearson correlation between the predictions and the ideal line (``-top``),
     as Belharbi et al. 2017 (section 3.3, Fig. 6). l3spot picks the segment maximising
-    ``max(corr, 0) * agreement * presence`` (agreement = share of the segment's votes
+    ``max(corr, 0)**2 * agreement * presence`` (agreement = share of the segment's votes
     within ``tol_px`` of their median; presence = mean presence probability, 1 without the
     head) and reports that product as the confidence.
     """
@@ -302,7 +302,7 @@ def decide_l3(
         pres = view(np.asarray(presence, np.float64), seg).mean(axis=1)
     else:
         pres = np.ones_like(corr)
-    score = np.maximum(corr, 0.0) * agree * pres
+    score = np.maximum(corr, 0.0) ** 2 * agree * pres
     j = int(np.argmax(score))
     candidate_rows = ts.mean(axis=1) + height_px / 2.0
     return Decision(

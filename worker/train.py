@@ -116,25 +116,63 @@ def load_case_folder(folder: Path, pixel_mm: float) -> list[MipCase]:
     return cases
 
 
-def phantom_volume(seed: int) -> tuple[CTVolume, float | None]:
-    """The phantom of ``seed`` (fast, low-resolution spec) and its mid-L3 z (mm) or None.
+#: Slice thicknesses (mm) of the training phantoms (the coarser half of the generator's range
+#: keeps generation fast; the MIP is resampled to 2 mm pixels anyway).
+TRAIN_THICKNESSES = (1.25, 2.0, 2.5, 3.0, 5.0)
 
-    Uses :func:`worker.phantom.generate_phantom`; truth ``l3_mid_z_mm`` and ``l3_in_fov``.
-    The generator randomises field of view, slice thickness, habitus and so on per seed.
+#: In-plane pixel of the (low-resolution) phantoms; the MIP is resampled to ``pixel_mm``.
+PHANTOM_PIXEL_MM = 2.5
+
+
+def phantom_spec(seed: int, training: bool = True) -> Any:
+    """Low-resolution :class:`worker.phantom.PhantomSpec` for ``seed``.
+
+    The field of view in z is the generator's random type (chest, abdomen, pelvis, ...);
+    the in-plane field of view is drawn in 340-500 mm (2.5 mm pixels) so that wide patients
+    touch the image edge, as in real CT; training draws the slice thickness from
+    :data:`TRAIN_THICKNESSES`, evaluation (``training=False``) leaves it to the generator
+    (0.625-5 mm).
     """
-    from worker import phantom as ph  # lazy: the generator is only needed for training
+    from worker.phantom import PhantomSpec
 
-    spec_cls = ph.PhantomSpec
-    spec = spec_cls.fast() if hasattr(spec_cls, "fast") else spec_cls()
-    p = ph.generate_phantom(seed, spec)
+    rng = np.random.default_rng([seed, 0x13])
+    n = int(round(rng.uniform(340.0, 500.0) / PHANTOM_PIXEL_MM))
+    thk = float(rng.choice(TRAIN_THICKNESSES)) if training else None
+    return PhantomSpec(
+        rows=n,
+        cols=n,
+        pixel_spacing_mm=PHANTOM_PIXEL_MM,
+        slice_thickness_mm=thk,
+        with_labels=False,
+    )
+
+
+def phantom_volume(seed: int, training: bool = False) -> tuple[CTVolume, float | None]:
+    """The phantom volume of ``seed`` (spec :func:`phantom_spec`) and its mid-L3 z (mm) or
+    None when L3 is outside its field of view (``worker.phantom`` ground truth)."""
+    from worker.phantom import generate_phantom
+
+    p = generate_phantom(seed, phantom_spec(seed, training))
     z = float(p.truth.l3_mid_z_mm) if p.truth.l3_in_fov else None
     return p.volume, z
 
 
+def phantom_mip(seed: int, pixel_mm: float, training: bool = True) -> tuple[Mip, float | None]:
+    """Frontal MIP of the phantom of ``seed`` (fast path, no volume) and mid-L3 z or None."""
+    from worker.phantom import generate_phantom_mip
+
+    pm = generate_phantom_mip(seed, phantom_spec(seed, training), pixel_mm)
+    z = float(pm.truth.l3_mid_z_mm) if pm.truth.l3_in_fov else None
+    return pm.mip, z
+
+
 def phantom_case(seed: int, pixel_mm: float) -> MipCase:
-    """MIP case of the phantom of ``seed`` (see :func:`phantom_volume`)."""
-    vol, z = phantom_volume(seed)
-    return case_from_volume(vol, z, pixel_mm, f"phantom-{seed}", f"phantom-{seed}")
+    """Training case of the phantom of ``seed`` (see :func:`phantom_mip`)."""
+    mip, z = phantom_mip(seed, pixel_mm, training=True)
+    row = None if z is None else float(mip.z_to_row(z))
+    sz = mip.slice_z_mm
+    slice_mm = float(np.median(np.diff(sz))) if len(sz) > 1 else 1.0
+    return MipCase(f"phantom-{seed}", f"phantom-{seed}", mip.image, pixel_mm, row, slice_mm)
 
 
 def phantom_cases(
@@ -475,9 +513,14 @@ def train_locator(
     model.to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     total = settings.epochs * settings.steps_per_epoch
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=settings.lr, total_steps=max(total, 1), pct_start=0.1
-    )
+    warm = max(1, total // 20)
+
+    def lr_factor(step: int) -> float:  # linear warm-up, then cosine decay to 2 %
+        return min(1.0, (step + 1) / warm) * (
+            0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * step / total))
+        )
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     rng = np.random.default_rng(settings.seed)
     val_rng = np.random.default_rng(settings.seed + 7919)
     val_pool = list(val_cases) or list(train_cases)
