@@ -124,7 +124,11 @@ class LocatorConfig(_Section):
     """L3 localisation (Belharbi et al. 2017)."""
 
     weights: Path = MODELS_DIR / "locator_cnn4.pt"
-    mip_pixel_mm: float = Field(2.0, gt=0)
+    # MIP pixel (mm) the pipeline builds for the locator; must match the model's (the shipped
+    # CNN4 uses 3 mm: 2.2x fewer pixels than 2 mm for CPU training and inference, still finer
+    # than the common 3-5 mm slices; see models/locator_cnn4.md). locate_l3 rebuilds the MIP
+    # at the model's pixel size if they differ.
+    mip_pixel_mm: float = Field(3.0, gt=0)
     stride_px: int = Field(4, ge=1)
     batch_size: int = Field(64, ge=1)
     min_confidence: float = Field(0.5, ge=0, le=1)
