@@ -163,6 +163,7 @@ class CompositionConfig(_Section):
     metal_hu: float = 2000.0
     metal_min_area_mm2: float = Field(30.0, ge=0)
     muscle_mean_hu_qa: tuple[float, float] = (-20.0, 80.0)
+    denoise_above_hu: float = Field(25.0, ge=0)  # noise SD above which to median-filter; 0 = off
     # U-Net (seed "Abdominal musculature segmentation and surface prediction from CT")
     unet_pixel_mm: float = Field(1.0, gt=0)
     unet_hu_window: tuple[float, float] = (-150.0, 300.0)
