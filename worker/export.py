@@ -94,13 +94,14 @@ def send_results(
         ]
         ae.add_requested_context(sop_class, syntaxes)
     label = destination_label(dest)
+    series_uid = str(datasets[0].get("SeriesInstanceUID", "")) if datasets else ""
     try:
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
     except (OSError, RuntimeError) as exc:
-        return ExportOutcome(False, None, f"{label}: cannot associate: {exc}")
+        return _logged(ExportOutcome(False, None, f"{label}: cannot associate: {exc}"), series_uid)
     if not assoc.is_established:
         what = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
-        return ExportOutcome(False, None, f"{label}: association {what}")
+        return _logged(ExportOutcome(False, None, f"{label}: association {what}"), series_uid)
     outcome = ExportOutcome(True)
     try:
         for ds in datasets:
@@ -120,14 +121,18 @@ def send_results(
     finally:
         if assoc.is_established:
             assoc.release()
+    return _logged(outcome, series_uid)
+
+
+def _logged(outcome: ExportOutcome, series_uid: str) -> ExportOutcome:
     log_event(
         log,
         "export_attempt",
         level=logging.INFO if outcome.ok else logging.WARNING,
-        destination=label,
         ok=outcome.ok,
         status=outcome.status,
+        error=outcome.error,
         stored=len(outcome.stored),
-        series_instance_uid=str(datasets[0].get("SeriesInstanceUID", "")) if datasets else "",
+        series_instance_uid=series_uid,
     )
     return outcome
