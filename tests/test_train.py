@@ -127,8 +127,11 @@ def test_smoke_training_reduces_the_offset_error_and_saves_loadable_weights(tmp_
         epochs=3, steps_per_epoch=25, batch_size=16, lr=3e-3, val_windows=128, seed=0, spec=SMALL
     )
     out = tmp_path / "loc.pt"
-    model, logs = train_locator(tr, va, settings, out, {"command": "test"}, max_val_scans=3)
-    assert len(logs) == 3 and out.is_file() and (tmp_path / "loc.pt.ckpt").is_file()
+    ckpt = tmp_path / "loc.ckpt"
+    model, logs = train_locator(
+        tr, va, settings, out, {"command": "test"}, max_val_scans=3, checkpoint=ckpt
+    )
+    assert len(logs) == 3 and out.is_file() and ckpt.is_file()
     # an untrained network of the same seed, on the same validation windows
     from worker.model import build_model
 

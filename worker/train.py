@@ -309,21 +309,29 @@ def sample_windows(
     rng: np.random.Generator,
     positive_fraction: float = 0.6,
     augment: bool = True,
+    absent_fraction: float = 0.35,
 ) -> Sample:
     """Draw ``n`` windows across scans (shuffled).
 
     Positives hold L3 within ``[-a, +a]`` of the window centre (uniform offset), target =
     its offset; negatives hold L3 farther than ``a + 4 px`` from the centre (or not at
-    all) and train only the presence head.
+    all) and train only the presence head; ``absent_fraction`` of the negatives come from
+    scans without L3 (chest-only, pelvis-only), the hardest "absent" cases.
     """
     h, a = spec.height_px, spec.a_px
     with_l3 = [c for c in cases if c.l3_row is not None]
     xs = np.zeros((n, h, spec.width_px), np.float32)
     off = np.full(n, np.nan, np.float32)
     pres = np.zeros(n, np.float32)
+    without_l3 = [c for c in cases if c.l3_row is None]
     for i in range(n):
         positive = bool(with_l3) and rng.random() < positive_fraction
-        case = with_l3[rng.integers(len(with_l3))] if positive else cases[rng.integers(len(cases))]
+        if positive:
+            case = with_l3[rng.integers(len(with_l3))]
+        elif without_l3 and rng.random() < absent_fraction:  # oversample chest/pelvis-only
+            case = without_l3[rng.integers(len(without_l3))]
+        else:
+            case = cases[rng.integers(len(cases))]
         if case.strip is None:
             case.strip = mip_to_strip(case.image_hu, spec)
         scale = float(np.exp(rng.uniform(np.log(0.88), np.log(1.12)))) if augment else 1.0
@@ -481,6 +489,7 @@ def train_locator(
     progress: Callable[[int, float], None] | None = None,
     on_epoch: Callable[[EpochLog], None] | None = None,
     max_val_scans: int = 40,
+    checkpoint: Path | None = None,
 ) -> tuple[nn.Module, list[EpochLog]]:
     """Train a locator; saves the best epoch (lowest validation error) to ``out``.
 
@@ -489,8 +498,9 @@ def train_locator(
     train_cases, val_cases : patient-disjoint MIP cases at ``settings.spec.pixel_mm``.
     settings : hyper-parameters; ``seed`` makes sampling, initialisation and augmentation
         deterministic (on one device and thread count).
-    out : weights file (:func:`worker.locate.save_locator` format); a resumable checkpoint
-        is written beside it as ``<out>.ckpt`` after every epoch.
+    out : weights file (:func:`worker.locate.save_locator` format) of the best epoch.
+    checkpoint : where the last epoch's model and optimiser state are written after every
+        epoch (default ``var/checkpoints/<out name>.ckpt``).
     record : metadata stored in the weights (command line, data description...).
     progress : called after each step with (1, loss) (a progress bar).
     on_epoch : called with each epoch's validation log.
@@ -527,7 +537,8 @@ def train_locator(
     val = sample_windows(val_pool, spec, settings.val_windows, val_rng, augment=False)
     logs: list[EpochLog] = []
     best = math.inf
-    ckpt = Path(str(out) + ".ckpt")
+    ckpt = checkpoint or Path("var/checkpoints") / (Path(out).name + ".ckpt")
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
     rec = dict(record or {})
     for epoch in range(1, settings.epochs + 1):
         model.train()
