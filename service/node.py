@@ -3,17 +3,26 @@
 ``l3spot serve`` builds one :class:`Node`. With the embedded broker (``broker.url: null``)
 it also starts its workers as child processes (``l3spot worker``), one for the
 ``analysis`` queue and one for ``export``, and restarts them if they die, so a crash in the
-analysis never takes the SCP down and a slow PACS never blocks the analysis.
+analysis never takes the SCP down and a slow PACS never blocks the analysis. The children
+get ``SIGTERM`` when the node dies, even by ``SIGKILL`` (Linux ``PR_SET_PDEATHSIG``), so a
+restarted node never finds orphan workers of its predecessor.
+
+The spool and the job records are the truth, not the broker: a reconciliation thread
+(:meth:`Node.reconcile`) queues again every series whose task was lost (a worker killed
+with its message, a Redis restarted without persistence).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import os
 import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from service.scp import start_scp
@@ -27,10 +36,18 @@ from worker.celery_app import (
     configure_app,
 )
 from worker.config import Config
-from worker.jobstore import JobStore
+from worker.jobstore import EXPORTING, JobRecord, JobStore
 from worker.logs import log_event
 
 log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: ask Linux for SIGTERM when the parent dies (no-op elsewhere)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 class WorkerSupervisor:
@@ -60,7 +77,9 @@ class WorkerSupervisor:
         return cmd
 
     def _spawn(self, queue: str) -> None:
-        self.procs[queue] = subprocess.Popen(self._command(queue))
+        # PR_SET_PDEATHSIG is tied to the thread that forks: children are spawned from the
+        # main thread (start) or the supervisor thread, both alive as long as the node
+        self.procs[queue] = subprocess.Popen(self._command(queue), preexec_fn=_die_with_parent)
         log_event(log, "worker_started", queue=queue, pid=self.procs[queue].pid)
 
     def start(self) -> None:
@@ -111,6 +130,8 @@ class Node:
         self.supervisor: WorkerSupervisor | None = None
         self.ae = None
         self.server = None
+        self._stop = threading.Event()
+        self._reconciler: threading.Thread | None = None
 
     def enqueue_analysis(self, series_dir: Path, series_uid: str, token: str | None) -> None:
         """Send ``worker.tasks.analyze_series(series_dir, token=...)`` to queue ``analysis``."""
@@ -127,23 +148,100 @@ class Node:
             EXPORT_TASK, args=[series_uid], kwargs={"token": token}, queue=EXPORT_QUEUE
         )
 
+    def reconcile(self, now: float | None = None) -> list[JobRecord]:
+        """Queue again every series whose task was lost; returns their (updated) records.
+
+        Lost means the job record did not move for longer than ``broker.stale_queued_seconds``
+        (``queued``: no worker picked the message up, e.g. Redis restarted empty),
+        ``broker.stale_running_seconds`` (``analysing``: no heartbeat, the worker died) or
+        that plus ``export.backoff_max_seconds + export.timeout_seconds`` (``exporting``).
+        :meth:`worker.jobstore.JobStore.claim_stale` gives each a new token atomically, so the
+        old message, should it still be delivered, does nothing. A failed publish (broker
+        down) is logged; the series is claimed again after the same delay.
+
+        Parameters
+        ----------
+        now : Unix time (s) of the check (default: now).
+        """
+        now = time.time() if now is None else now
+        b, e = self.config.broker, self.config.export
+        claimed = self.jobs.claim_stale(
+            queued_before=now - b.stale_queued_seconds,
+            running_before=now - b.stale_running_seconds,
+            exporting_before=now
+            - b.stale_running_seconds
+            - e.backoff_max_seconds
+            - e.timeout_seconds,
+        )
+        for rec in claimed:
+            try:
+                if rec.state == EXPORTING:
+                    self.enqueue_export(rec.series_uid, rec.token)
+                else:
+                    series_dir = Path(rec.series_dir) if rec.series_dir else None
+                    if series_dir is None or not series_dir.is_dir():
+                        ref = self.spool.find_series(rec.series_uid)
+                        if ref is None:
+                            self.jobs.mark_failed(rec.series_uid, "series not in the spool")
+                            continue
+                        series_dir = ref.path
+                    self.enqueue_analysis(series_dir, rec.series_uid, rec.token)
+            except Exception as exc:  # broker down: try again after the stale delay
+                log_event(
+                    log,
+                    "requeue_failed",
+                    logging.WARNING,
+                    series_instance_uid=rec.series_uid,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+                continue
+            log_event(
+                log,
+                "series_requeued",
+                logging.WARNING,
+                series_instance_uid=rec.series_uid,
+                state=rec.state,
+                requeues=rec.requeues,
+            )
+        return claimed
+
+    def _reconcile_loop(self) -> None:
+        interval = self.config.broker.reconcile_interval_seconds
+        while not self._stop.wait(interval):
+            try:
+                self.reconcile()
+            except Exception:  # keep the thread alive (database locked, ...)
+                log.exception("reconcile_failed")
+
     def start(self) -> None:
         """Start workers (embedded broker), re-queue pending series, then listen."""
-        if self.config.broker.starts_workers():
+        own_workers = self.config.broker.starts_workers()
+        if own_workers:
             self.supervisor = WorkerSupervisor(
                 self.config_path,
                 [ANALYSIS_QUEUE, EXPORT_QUEUE],
                 self.config.broker.worker_concurrency,
             )
             self.supervisor.start()
-        self.watcher.recover(self.spool, self.enqueue_export)
+        # the node's own workers died with its predecessor: their series are re-queued now;
+        # separate workers may still run theirs: the reconciliation handles the lost ones
+        self.watcher.recover(self.spool, self.enqueue_export, requeue_running=own_workers)
         self.watcher.start()
+        if self.config.broker.reconcile_interval_seconds > 0:
+            self._stop.clear()
+            self._reconciler = threading.Thread(
+                target=self._reconcile_loop, name="reconciler", daemon=True
+            )
+            self._reconciler.start()
         self.ae, self.server = start_scp(self.config, self.spool, self.watcher.touch)
 
     def stop(self) -> None:
-        """Stop listening, stop the watcher, stop the child workers."""
+        """Stop listening, stop the watcher and the reconciliation, stop the child workers."""
         if self.ae is not None:
             self.ae.shutdown()
+        self._stop.set()
+        if self._reconciler is not None:
+            self._reconciler.join(timeout=10)
         self.watcher.stop()
         if self.supervisor is not None:
             self.supervisor.stop()

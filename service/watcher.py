@@ -137,7 +137,17 @@ class SeriesWatcher:
             )
             return False
         token = self.jobs.mark_queued(series_uid, verdict.n_instances)
-        self.enqueue(series_dir, series_uid, token)
+        try:
+            self.enqueue(series_dir, series_uid, token)
+        except Exception as exc:  # broker down: the record stays queued, reconciliation re-sends
+            log_event(
+                log,
+                "enqueue_failed",
+                logging.WARNING,
+                series_instance_uid=series_uid,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            return True
         log_event(
             log,
             "series_queued",
@@ -147,12 +157,22 @@ class SeriesWatcher:
         )
         return True
 
-    def recover(self, spool: Spool, enqueue_export: Callable[[str, str], None]) -> dict[str, str]:
+    def recover(
+        self,
+        spool: Spool,
+        enqueue_export: Callable[[str, str], None],
+        requeue_running: bool = True,
+    ) -> dict[str, str]:
         """Start-up: pick up every series that has work left after a restart.
 
         Series folders with no record or still ``received`` restart their timer (they may
-        be incomplete); ``queued`` and ``analysing`` series are queued again; ``exporting``
-        series have their export queued again. Returns series UID -> action taken.
+        be incomplete). With ``requeue_running`` (the node's own workers died with it: the
+        embedded broker), ``queued`` and ``analysing`` series are queued again and
+        ``exporting`` series have their export queued again, each with a new token so that
+        a surviving copy of the old message does nothing. Without it (Redis, separate
+        workers that may still be running them) they are left to the periodic
+        reconciliation, which re-queues only those whose record stopped moving.
+        Returns series UID -> action taken.
         """
         records = {r.series_uid: r for r in self.jobs.list()}
         actions: dict[str, str] = {}
@@ -161,12 +181,14 @@ class SeriesWatcher:
             if rec is None or rec.state == jobstore.RECEIVED:
                 self.touch(ref.study_uid, ref.series_uid, ref.path)
                 actions[ref.series_uid] = "timer"
+            elif not requeue_running:
+                continue
             elif rec.state in (jobstore.QUEUED, jobstore.ANALYSING):
                 token = self.jobs.mark_queued(ref.series_uid)
                 self.enqueue(ref.path, ref.series_uid, token)
                 actions[ref.series_uid] = "requeued"
             elif rec.state == jobstore.EXPORTING:
-                enqueue_export(ref.series_uid, rec.token or "")
+                enqueue_export(ref.series_uid, self.jobs.renew_token(ref.series_uid))
                 actions[ref.series_uid] = "export_requeued"
         if actions:
             log_event(log, "recovered_series", count=len(actions))

@@ -10,6 +10,17 @@ The broker comes from the configuration:
 No result backend is needed: the job records (:mod:`worker.jobstore`) are the truth.
 Tasks are acknowledged late and rejected when their worker dies, so a killed worker's task
 runs again; tasks are idempotent (deterministic derived UIDs, results replaced atomically).
+
+What happens to the task of a worker killed with SIGKILL depends on the transport:
+
+* a killed pool child (the task's process): the worker's main process rejects the message
+  with requeue (``task_reject_on_worker_lost``), on both transports;
+* the whole worker (main process; its pool children follow by ``PR_SET_PDEATHSIG``): Redis
+  delivers the unacknowledged message again after ``broker.visibility_timeout_seconds``;
+  the filesystem transport removed the message file when it was fetched, so the message is
+  gone. In both cases the node's reconciliation (:meth:`service.node.Node.reconcile`)
+  queues the series again once its job record shows no heartbeat for
+  ``broker.stale_running_seconds``; tokens make whichever copy comes second a no-op.
 """
 
 from __future__ import annotations
@@ -69,9 +80,18 @@ def celery_settings(config: Config) -> dict[str, object]:
         }
     else:
         settings["broker_url"] = broker.url
+        vt = broker.visibility_timeout_seconds
         settings["broker_transport_options"] = {
-            "visibility_timeout": broker.visibility_timeout_seconds
+            "visibility_timeout": vt,
+            # sweep for unacknowledged messages of dead workers often enough for the
+            # visibility timeout to mean what it says (kombu: interval x throttle seconds)
+            "unacked_restore_interval": max(1, min(10, vt // 2)),
+            "unacked_restore_throttle": 1,
+            "socket_timeout": broker.socket_timeout_seconds,
+            "socket_connect_timeout": broker.socket_timeout_seconds,
+            "health_check_interval": 10,
         }
+        settings["broker_connection_max_retries"] = None  # a restarted Redis: keep trying
     return settings
 
 

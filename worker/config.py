@@ -92,7 +92,18 @@ class BrokerConfig(_Section):
     embedded_dir: Path | None = None  # default: <spool_dir>/../broker
     serve_starts_workers: bool | None = None  # default: only with the embedded broker
     worker_pool: Literal["prefork", "solo", "threads"] = "prefork"
-    visibility_timeout_seconds: int = Field(3600, ge=60)  # redis: re-deliver unacked tasks
+    # redis: a task not acknowledged this long after delivery (its worker died) is delivered
+    # again; must exceed the longest analysis and export backoff (Celery "visibility timeout")
+    visibility_timeout_seconds: int = Field(3600, ge=1)
+    # a running analysis writes a heartbeat into its job record this often
+    heartbeat_seconds: float = Field(10.0, gt=0)
+    # the node's reconciliation: every reconcile_interval_seconds (0 = off) series whose job
+    # record did not move for longer than these are sent to the queue again (lost task)
+    reconcile_interval_seconds: float = Field(30.0, ge=0)
+    stale_queued_seconds: float = Field(900.0, gt=0)  # queued, no worker picked it up
+    stale_running_seconds: float = Field(120.0, gt=0)  # analysing/exporting, no heartbeat
+    # redis: socket timeout (s) so that a publish on a dead connection fails instead of hanging
+    socket_timeout_seconds: float = Field(10.0, gt=0)
 
     def resolved_embedded_dir(self, node: NodeConfig) -> Path:
         return self.embedded_dir or node.spool_dir.parent / "broker"

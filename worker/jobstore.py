@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +56,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     analysis_started_at REAL,
     analysis_finished_at REAL,
     export_finished_at REAL,
-    updated_at   REAL NOT NULL
+    updated_at   REAL NOT NULL,
+    requeues     INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS exports (
     series_uid   TEXT NOT NULL,
@@ -77,6 +79,15 @@ _TIME_FIELDS = (
     "analysis_finished_at",
     "export_finished_at",
 )
+
+
+#: Columns added after the first release: ``ALTER TABLE`` on databases that lack them.
+_MIGRATIONS = (("requeues", "ALTER TABLE jobs ADD COLUMN requeues INTEGER NOT NULL DEFAULT 0"),)
+
+
+def new_token() -> str:
+    """A fresh queue token: Unix time (µs) plus 8 random hex digits, unique per call."""
+    return f"{time.time():.6f}-{uuid.uuid4().hex[:8]}"
 
 
 class JobNotFoundError(KeyError):
@@ -119,6 +130,7 @@ class JobRecord:
     analysis_finished_at: float | None = None
     export_finished_at: float | None = None
     updated_at: float = 0.0
+    requeues: int = 0
     exports: list[ExportRecord] = field(default_factory=list)
 
     def timings(self) -> dict[str, float]:
@@ -160,6 +172,11 @@ class JobStore:
         with self._connect() as con:
             con.execute("PRAGMA journal_mode=WAL")
             con.executescript(_SCHEMA)
+            have = {r["name"] for r in con.execute("PRAGMA table_info(jobs)")}
+            for column, ddl in _MIGRATIONS:
+                if column not in have:
+                    with contextlib.suppress(sqlite3.OperationalError):  # another process won
+                        con.execute(ddl)
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -219,7 +236,7 @@ class JobStore:
         at start-up while the old message survived in Redis) and does nothing.
         """
         now = time.time()
-        token = f"{now:.6f}"
+        token = new_token()
         fields: dict[str, Any] = {
             "state": QUEUED,
             "reason": None,
@@ -239,11 +256,24 @@ class JobStore:
     # ---- worker side -----------------------------------------------------------------
 
     def start_analysis(self, series_uid: str, token: str | None) -> bool:
-        """Claim the analysis. False when the token is stale (another run superseded it)."""
+        """Claim the analysis. False when the task is a stale or repeated delivery.
+
+        Stale: the record carries another token (a newer run superseded this task).
+        Repeated: same token but the record already went past ``analysing`` (the broker
+        delivered the message again after the work was done, e.g. the worker died between
+        finishing and acknowledging). Same token and ``queued``/``analysing`` runs (again):
+        that is the re-delivery of a task whose worker died.
+        """
         now = time.time()
         with self._write() as con:
-            row = con.execute("SELECT token FROM jobs WHERE series_uid=?", (series_uid,)).fetchone()
-            if row is not None and token is not None and row["token"] != token:
+            row = con.execute(
+                "SELECT token, state FROM jobs WHERE series_uid=?", (series_uid,)
+            ).fetchone()
+            if (
+                row is not None
+                and token is not None
+                and (row["token"] != token or row["state"] in (EXPORTING, DONE, FAILED))
+            ):
                 return False
             if row is None:
                 con.execute(
@@ -257,17 +287,101 @@ class JobStore:
             )
         return True
 
-    def finish_analysis(self, series_uid: str, note: str | None, exporting: bool) -> None:
-        """Analysis produced results; ``exporting`` when destinations are configured."""
+    def finish_analysis(
+        self, series_uid: str, note: str | None, exporting: bool, token: str | None = None
+    ) -> bool:
+        """Analysis produced results; ``exporting`` when destinations are configured.
+
+        Returns False (and changes nothing) when ``token`` is given and no longer the
+        record's: the series was re-queued meanwhile and the newer run owns the record.
+        """
         now = time.time()
-        fields: dict[str, Any] = {
-            "state": EXPORTING if exporting else DONE,
-            "note": note,
-            "analysis_finished_at": now,
-        }
-        if not exporting:
-            fields["export_finished_at"] = now
-        self._update(series_uid, **fields)
+        state = EXPORTING if exporting else DONE
+        with self._write() as con:
+            row = con.execute("SELECT token FROM jobs WHERE series_uid=?", (series_uid,)).fetchone()
+            if row is not None and token is not None and row["token"] != token:
+                return False
+            con.execute(
+                "UPDATE jobs SET state=?, note=?, analysis_finished_at=?,"
+                " export_finished_at=?, updated_at=? WHERE series_uid=?",
+                (state, note, now, None if exporting else now, now, series_uid),
+            )
+        return True
+
+    def heartbeat(self, series_uid: str, token: str | None) -> bool:
+        """A running task is alive: bump ``updated_at`` (see :meth:`claim_stale`).
+
+        Returns False when ``token`` is no longer the record's (the task was superseded).
+        """
+        with self._write() as con:
+            cur = con.execute(
+                "UPDATE jobs SET updated_at=? WHERE series_uid=? AND (? IS NULL OR token=?)",
+                (time.time(), series_uid, token, token),
+            )
+        return cur.rowcount > 0
+
+    def renew_token(self, series_uid: str) -> str:
+        """Give the record a new token (e.g. before re-queueing its export); returns it.
+
+        Any task still carrying the old token becomes a stale duplicate and does nothing.
+
+        Raises
+        ------
+        JobNotFoundError
+            No record for ``series_uid``.
+        """
+        token = new_token()
+        with self._write() as con:
+            cur = con.execute(
+                "UPDATE jobs SET token=?, updated_at=? WHERE series_uid=?",
+                (token, time.time(), series_uid),
+            )
+        if cur.rowcount == 0:
+            raise JobNotFoundError(series_uid)
+        return token
+
+    def claim_stale(
+        self, queued_before: float, running_before: float, exporting_before: float
+    ) -> list[JobRecord]:
+        """Atomically take over series whose task was lost (dead worker, restarted broker).
+
+        A series is stale when its record was last updated before the cut-off of its state
+        (Unix seconds): ``queued`` before ``queued_before`` (no worker picked it up),
+        ``analysing`` before ``running_before`` (its worker stopped sending heartbeats),
+        ``exporting`` before ``exporting_before`` (no delivery attempt recorded). Each one
+        gets a new token (so a late copy of the old task is a stale duplicate),
+        ``requeues`` + 1 and ``updated_at`` = now; ``analysing`` ones go back to ``queued``.
+        The caller then sends the task again with the returned records' tokens.
+
+        Returns
+        -------
+        list[JobRecord]
+            The claimed records, as they are after the update.
+        """
+        now = time.time()
+        claimed: list[str] = []
+        with self._write() as con:
+            rows = con.execute(
+                "SELECT series_uid, state FROM jobs WHERE (state=? AND updated_at<?)"
+                " OR (state=? AND updated_at<?) OR (state=? AND updated_at<?)",
+                (
+                    QUEUED,
+                    queued_before,
+                    ANALYSING,
+                    running_before,
+                    EXPORTING,
+                    exporting_before,
+                ),
+            ).fetchall()
+            for row in rows:
+                state = EXPORTING if row["state"] == EXPORTING else QUEUED
+                con.execute(
+                    "UPDATE jobs SET state=?, token=?, requeues=requeues+1, updated_at=?"
+                    " WHERE series_uid=?",
+                    (state, new_token(), now, row["series_uid"]),
+                )
+                claimed.append(row["series_uid"])
+        return [self.get(uid) for uid in claimed]
 
     def start_export(self, series_uid: str, destinations: list[str]) -> None:
         """(Re)start delivery: state ``exporting``, export rows reset to ``pending``."""

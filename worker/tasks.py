@@ -14,9 +14,11 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 from celery import Task
@@ -49,6 +51,53 @@ def _note_from_result(result: Any) -> str | None:
     if l3.get("in_field_of_view") is False:
         return L3_NOT_IN_FOV
     return None
+
+
+class Heartbeat:
+    """Context manager: bump the job record's ``updated_at`` every ``interval_s`` seconds.
+
+    The node's reconciliation (:meth:`worker.jobstore.JobStore.claim_stale`) takes a series
+    whose ``analysing`` record stopped moving for ``broker.stale_running_seconds`` as lost
+    (its worker died) and queues it again; a live analysis, however long, keeps its record
+    moving from this daemon thread.
+
+    Parameters
+    ----------
+    jobs : the job records.
+    series_uid : Series Instance UID of the running analysis.
+    token : the task's token (the heartbeat stops when it is superseded).
+    interval_s : seconds between heartbeats.
+    """
+
+    def __init__(self, jobs: JobStore, series_uid: str, token: str | None, interval_s: float):
+        self.jobs = jobs
+        self.series_uid = series_uid
+        self.token = token
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                if not self.jobs.heartbeat(self.series_uid, self.token):
+                    log_event(log, "analysis_superseded", series_instance_uid=self.series_uid)
+                    return
+            except Exception:  # a locked or unreachable database must not stop the analysis
+                log.exception("heartbeat_failed")
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -95,7 +144,8 @@ def run_analysis(
     tmp = results_root / f".{series_uid}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        result = (pipeline or run_pipeline)(series_dir, tmp, config)
+        with Heartbeat(jobs, series_uid, token, config.broker.heartbeat_seconds):
+            result = (pipeline or run_pipeline)(series_dir, tmp, config)
     except (SeriesValidationError, AnalysisError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         jobs.mark_failed(series_uid, exc.reason)
@@ -116,7 +166,11 @@ def run_analysis(
     _replace_dir(tmp, results_root / series_uid)
     note = _note_from_result(result)
     destinations = config.export.destinations
-    jobs.finish_analysis(series_uid, note, exporting=bool(destinations))
+    if not jobs.finish_analysis(series_uid, note, exporting=bool(destinations), token=token):
+        # re-queued while we ran (e.g. our heartbeats were late): the newer run owns the
+        # record and the export; our results are the same objects (deterministic UIDs)
+        log_event(log, "analysis_superseded", series_instance_uid=series_uid)
+        return "stale"
     log_event(log, "analysis_done", series_instance_uid=series_uid, note=note)
     if not destinations:
         return "done"

@@ -123,9 +123,8 @@ def retry(
         and cfg.export.destinations
     ):
         store.start_export(series_uid, [destination_label(d) for d in cfg.export.destinations])
-        app.send_task(
-            EXPORT_TASK, args=[series_uid], kwargs={"token": rec.token}, queue=EXPORT_QUEUE
-        )
+        token = store.renew_token(series_uid)  # an older export chain still retrying stops
+        app.send_task(EXPORT_TASK, args=[series_uid], kwargs={"token": token}, queue=EXPORT_QUEUE)
         typer.echo(f"export re-queued: {series_uid}")
         return
     series_dir = Path(rec.series_dir) if rec.series_dir else None
