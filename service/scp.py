@@ -1,51 +1,79 @@
 """The DICOM SCP: C-ECHO and C-STORE for every storage SOP class (pynetdicom 3).
 
-The C-STORE handler stays small because it runs on the association's thread: it reads the
-three UIDs from the received bytes (no full decode), writes preamble + File Meta
-Information + the data set bytes as received (DESIGN.md: about 1.5x faster than decode +
-``save_as``), fsyncs, renames, and answers:
+Association requests pass :class:`service.security.PeerPolicy` first (allowed calling AE
+titles and addresses, called AE title, association limit, free-disk floor); a refused
+peer gets the A-ASSOCIATE-RJ listed there, a log line and an audit record.
+
+The C-STORE handler stays small because it runs on the association's thread: it checks the
+structure of the received bytes and reads the UIDs without decoding the data set
+(:mod:`service.validate`), writes preamble + File Meta Information + the data set bytes as
+received, makes them durable (:mod:`service.spool`) and answers:
 
 ============  ==========================================================================
-``0x0000``    stored (the file is durable on disk)
-``0xA700``    Refused: Out of Resources (the disk refused the write)
-``0xA900``    Error: Data Set does not match SOP Class (PS3.4 Table B.2-1)
-``0xC000``    Error: Cannot understand (unreadable data set or missing/invalid UIDs);
-              the bytes go to quarantine with a reason file
+``0x0000``    stored (the file is durable on disk), or an identical copy was already
+``0x0111``    Duplicate SOP Instance (PS3.7 C.4.2): the SOP Instance UID is already
+              stored with *different* bytes. The first copy is kept; the second goes to
+              quarantine with a reason file (nothing is lost, nothing silently replaced)
+``0xA700``    Refused: Out of Resources: the disk refused the write, the free-disk floor
+              ``node.min_free_disk_mb`` would be crossed, or the series already holds
+              ``node.max_series_instances`` instances (not quarantined: the sender keeps it)
+``0xA900``    Error: Data Set does not match SOP Class (PS3.4 Table B.2-1): the data set's
+              SOP Class UID is not the Affected SOP Class UID; quarantined
+``0xC000``    Error: Cannot understand: malformed data set (truncated, bad lengths or
+              VRs, unordered tags), missing or invalid UIDs, a CT image without its pixel
+              attributes or with too little pixel data; quarantined with the reason
 ============  ==========================================================================
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import socket
-import ssl
-import zlib
+import struct
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset
-from pydicom.filewriter import write_file_meta_info
-from pydicom.tag import BaseTag
 from pydicom.uid import UID
 from pynetdicom import (
     AE,
     ALL_TRANSFER_SYNTAXES,
+    PYNETDICOM_IMPLEMENTATION_UID,
+    PYNETDICOM_IMPLEMENTATION_VERSION,
     AllStoragePresentationContexts,
     evt,
 )
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
+from service.audit import AuditLog, audit_log_path
+from service.security import FreeBytes, PeerPolicy, disk_free_bytes, make_ssl_context
 from service.spool import Spool, SpoolWriteError, is_valid_uid
+from service.validate import MalformedDatasetError, inspect_dataset
 from worker.config import Config
 from worker.logs import log_event
+
+__all__ = [
+    "STATUS_SUCCESS",
+    "STATUS_DUPLICATE_SOP_INSTANCE",
+    "STATUS_OUT_OF_RESOURCES",
+    "STATUS_SOP_CLASS_MISMATCH",
+    "STATUS_CANNOT_UNDERSTAND",
+    "StoreHandler",
+    "UnreadableDatasetError",
+    "build_ae",
+    "make_ssl_context",
+    "read_uids",
+    "start_scp",
+]
 
 log = logging.getLogger(__name__)
 
 STATUS_SUCCESS = 0x0000
+STATUS_DUPLICATE_SOP_INSTANCE = 0x0111
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_SOP_CLASS_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
@@ -53,14 +81,15 @@ STATUS_CANNOT_UNDERSTAND = 0xC000
 #: ``on_stored(study_uid, series_uid, series_dir)`` after each durable write.
 OnStored = Callable[[str, str, Path], None]
 
-_TAG_SOP_CLASS = 0x00080016
-_TAG_SOP_INSTANCE = 0x00080018
-_TAG_STUDY = 0x0020000D
-_TAG_SERIES = 0x0020000E
-_UID_TAGS = (_TAG_SOP_CLASS, _TAG_SOP_INSTANCE, _TAG_STUDY, _TAG_SERIES)
 #: Idle sleep of pynetdicom's DUL reactor per loop (its default is 1 ms). Costs a little CPU
 #: per open association; worth it for ingest latency.
 DUL_IDLE_SLEEP_S = 0.0001
+#: Largest A-ASSOCIATE-RQ accepted whatever ``node.max_pdu_bytes`` says (a request with
+#: every storage SOP class x a dozen transfer syntaxes is about 100 kB).
+MAX_ASSOCIATE_RQ_BYTES = 1024 * 1024
+#: Largest PDU when ``node.max_pdu_bytes`` is 0 ("unlimited" in pynetdicom).
+UNLIMITED_PDU_GUARD_BYTES = 64 * 1024 * 1024
+_PREAMBLE = b"\x00" * 128 + b"DICM"
 
 
 class UnreadableDatasetError(ValueError):
@@ -70,7 +99,8 @@ class UnreadableDatasetError(ValueError):
 def read_uids(raw: bytes, transfer_syntax: UID) -> dict[str, str]:
     """SOP Class/Instance, Study and Series Instance UIDs of an encoded data set.
 
-    Reads only up to (0020,000E), so the pixel data is never decoded or copied.
+    Walks the element headers only (:func:`service.validate.inspect_dataset`), so the
+    pixel data is never decoded or copied.
 
     Parameters
     ----------
@@ -84,27 +114,12 @@ def read_uids(raw: bytes, transfer_syntax: UID) -> dict[str, str]:
     Raises
     ------
     UnreadableDatasetError
-        The bytes are not a data set in that transfer syntax.
+        The bytes are not a well-formed data set in that transfer syntax.
     """
     try:
-        if transfer_syntax.is_deflated:
-            raw = zlib.decompress(raw, -zlib.MAX_WBITS)
-        ds = read_dataset(
-            io.BytesIO(raw),
-            transfer_syntax.is_implicit_VR,
-            transfer_syntax.is_little_endian,
-            stop_when=lambda tag, vr, length: tag > _TAG_SERIES,
-            specific_tags=[BaseTag(t) for t in _UID_TAGS],
-        )
-        values = {
-            name: str(ds.get(tag).value or "").strip("\x00 ") if tag in ds else ""
-            for name, tag in zip(
-                ("sop_class", "sop_instance", "study", "series"), _UID_TAGS, strict=True
-            )
-        }
-    except Exception as exc:  # pydicom raises many types on corrupt input
-        raise UnreadableDatasetError(f"cannot parse data set: {type(exc).__name__}: {exc}") from exc
-    return values
+        return inspect_dataset(raw, transfer_syntax).uids()
+    except MalformedDatasetError as exc:
+        raise UnreadableDatasetError(f"cannot parse data set: {exc}") from exc
 
 
 def _failure(status: int, comment: str) -> Dataset:
@@ -114,6 +129,63 @@ def _failure(status: int, comment: str) -> Dataset:
     return ds
 
 
+def _element(group_elem: int, vr: bytes, value: bytes, pad: bytes) -> bytes:
+    if len(value) % 2:
+        value += pad
+    if vr == b"OB":
+        return struct.pack("<HH2s2xL", 2, group_elem, vr, len(value)) + value
+    return struct.pack("<HH2sH", 2, group_elem, vr, len(value)) + value
+
+
+def file_meta_bytes(
+    sop_class: str, sop_instance: str, transfer_syntax: str, source_ae: str
+) -> bytes:
+    """Encoded File Meta Information (PS3.10 section 7.1), group length included.
+
+    Hand-encoded (Explicit VR Little Endian, as PS3.10 requires) because pydicom's
+    ``write_file_meta_info`` costs more than the rest of the handler together.
+    """
+    body = b"".join(
+        (
+            _element(0x0001, b"OB", b"\x00\x01", b"\x00"),
+            _element(0x0002, b"UI", sop_class.encode(), b"\x00"),
+            _element(0x0003, b"UI", sop_instance.encode(), b"\x00"),
+            _element(0x0010, b"UI", transfer_syntax.encode(), b"\x00"),
+            _element(0x0012, b"UI", PYNETDICOM_IMPLEMENTATION_UID.encode(), b"\x00"),
+            _element(0x0013, b"SH", PYNETDICOM_IMPLEMENTATION_VERSION.encode(), b" "),
+            _element(0x0016, b"AE", source_ae.strip().encode("ascii", "replace"), b" "),
+        )
+    )
+    return struct.pack("<HH2sHL", 2, 0, b"UL", 4, len(body)) + body
+
+
+class _PduGuard:
+    """Wraps an association socket's ``recv``: refuses PDUs longer than the limit.
+
+    pynetdicom reads a PDU's announced length in full before decoding it, so a peer
+    announcing a 4 GB PDU would make it buffer 4 GB. The DUL treats the ``OSError`` raised
+    here as a closed connection and aborts the association.
+    """
+
+    def __init__(self, sock: Any, limit: int, context: dict[str, Any]) -> None:
+        self._recv = sock.recv
+        self.limit = limit
+        self.context = context
+
+    def __call__(self, nr_bytes: int) -> bytearray:
+        if nr_bytes > self.limit:
+            log_event(
+                log,
+                "pdu_too_large",
+                level=logging.WARNING,
+                length=nr_bytes,
+                limit=self.limit,
+                **self.context,
+            )
+            raise OSError(f"PDU of {nr_bytes} bytes exceeds the limit of {self.limit}")
+        return self._recv(nr_bytes)  # type: ignore[no-any-return]
+
+
 class StoreHandler:
     """``EVT_C_STORE`` / ``EVT_C_ECHO`` / association event handlers bound to one spool.
 
@@ -121,11 +193,33 @@ class StoreHandler:
     ----------
     spool : where instances are written.
     on_stored : called after each durable write (the series watcher's ``touch``).
+    config : limits (``node``) and access control (``security``); defaults apply if None.
+    audit : the audit log (None = no audit records).
+    free_bytes : free-space function of the spool's file system (tests inject one).
     """
 
-    def __init__(self, spool: Spool, on_stored: OnStored) -> None:
+    def __init__(
+        self,
+        spool: Spool,
+        on_stored: OnStored,
+        config: Config | None = None,
+        audit: AuditLog | None = None,
+        free_bytes: FreeBytes = disk_free_bytes,
+    ) -> None:
         self.spool = spool
         self.on_stored = on_stored
+        self.config = config or Config()
+        self.audit = audit
+        self.policy = PeerPolicy(self.config, free_bytes)
+        self.policy.spool_dir = spool.root
+        self.max_series_instances = self.config.node.max_series_instances
+        max_pdu = self.config.node.max_pdu_bytes
+        self.pdu_limit = (
+            max(max_pdu, MAX_ASSOCIATE_RQ_BYTES) if max_pdu else UNLIMITED_PDU_GUARD_BYTES
+        )
+        self._series_counts: dict[str, int] = {}
+        self._inflight: set[str] = set()
+        self._lock = threading.Lock()
 
     def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
         """The ``evt_handlers`` list for ``AE.start_server``."""
@@ -133,6 +227,8 @@ class StoreHandler:
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_C_ECHO, self.handle_echo),
             (evt.EVT_CONN_OPEN, self.handle_conn_open),
+            (evt.EVT_REQUESTED, self.handle_requested),
+            (evt.EVT_REJECTED, self.handle_rejected),
             (evt.EVT_ACCEPTED, self.handle_accepted),
             (evt.EVT_RELEASED, self.handle_closed),
             (evt.EVT_ABORTED, self.handle_closed),
@@ -143,115 +239,218 @@ class StoreHandler:
         """C-ECHO: always success (the node is up)."""
         return STATUS_SUCCESS
 
-    @staticmethod
-    def handle_conn_open(event: evt.Event) -> None:
-        """Tune the accepted connection for many back-to-back C-STOREs.
+    def handle_conn_open(self, event: evt.Event) -> None:
+        """Tune the accepted connection for many back-to-back C-STOREs; guard the PDU size.
 
         Disables Nagle (DESIGN.md "Known pitfalls") and shortens the DUL reactor's idle
         sleep from pynetdicom's 1 ms to :data:`DUL_IDLE_SLEEP_S`: a scanner waits for each
-        response before sending the next instance, so that sleep is paid once per instance
-        (measured here: about 100 -> 165 instances/s for 512 x 512 CT, bench/bench_ingest.py).
+        response before sending the next instance, so that sleep is paid once per instance.
         """
+        assoc = event.assoc
+        assoc.l3spot_t0 = time.monotonic()  # type: ignore[attr-defined]
         try:
-            event.assoc.dul._run_loop_delay = DUL_IDLE_SLEEP_S
-            sock = event.assoc.dul.socket.socket
+            assoc.dul._run_loop_delay = DUL_IDLE_SLEEP_S
+            assoc_sock = assoc.dul.socket
+            sock = assoc_sock.socket
             if sock is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            context = {"address": assoc.requestor.address}
+            assoc_sock.recv = _PduGuard(assoc_sock, self.pdu_limit, context)
         except (AttributeError, OSError):
             pass
 
-    @staticmethod
-    def handle_accepted(event: evt.Event) -> None:
-        """Audit: an association was accepted."""
+    def _peer(self, assoc: Any) -> dict[str, Any]:
+        rq = getattr(assoc.requestor, "primitive", None)
+        calling = getattr(rq, "calling_ae_title", None) or assoc.requestor.ae_title or ""
+        called = getattr(rq, "called_ae_title", None) or ""
+        sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+        return {
+            "calling_ae_title": str(calling).strip(),
+            "called_ae_title": str(called).strip(),
+            "address": assoc.requestor.address,
+            "port": assoc.requestor.port,
+            "tls": sock is not None and hasattr(sock, "cipher"),
+        }
+
+    def _duration(self, assoc: Any) -> float:
+        return round(time.monotonic() - getattr(assoc, "l3spot_t0", time.monotonic()), 3)
+
+    def handle_requested(self, event: evt.Event) -> None:
+        """Access control and limits on an A-ASSOCIATE-RQ (:class:`PeerPolicy`)."""
+        assoc = event.assoc
+        peer = self._peer(assoc)
+        active = sum(1 for a in assoc.ae.active_associations if a.is_acceptor)
+        rejection = self.policy.check(
+            peer["calling_ae_title"], peer["called_ae_title"], peer["address"], active
+        )
+        if rejection is None:
+            return
+        assoc.l3spot_rejected = True  # type: ignore[attr-defined]
+        log_event(
+            log,
+            "association_rejected",
+            level=logging.WARNING,
+            reason=rejection.reason,
+            result=rejection.result,
+            source=rejection.source,
+            diagnostic=rejection.diagnostic,
+            **peer,
+        )
+        if self.audit is not None:
+            self.audit.record(
+                event="association",
+                outcome="rejected",
+                reason=rejection.reason,
+                rejection=[rejection.result, rejection.source, rejection.diagnostic],
+                stored=0,
+                failed=0,
+                duration_s=self._duration(assoc),
+                **peer,
+            )
+        assoc.acse.send_reject(rejection.result, rejection.source, rejection.diagnostic)
+        assoc.kill()
+
+    def handle_rejected(self, event: evt.Event) -> None:
+        """Audit a rejection made by pynetdicom itself (after our policy accepted)."""
+        assoc = event.assoc
+        if getattr(assoc, "l3spot_rejected", False):
+            return
+        peer = self._peer(assoc)
+        log_event(log, "association_rejected", level=logging.WARNING, reason="pynetdicom", **peer)
+        if self.audit is not None:
+            self.audit.record(
+                event="association",
+                outcome="rejected",
+                reason="rejected by pynetdicom",
+                stored=0,
+                failed=0,
+                duration_s=self._duration(assoc),
+                **peer,
+            )
+
+    def handle_accepted(self, event: evt.Event) -> None:
+        """Log an accepted association; start its counters."""
         assoc = event.assoc
         assoc.l3spot_counts = {"stored": 0, "failed": 0}  # type: ignore[attr-defined]
-        log_event(
-            log,
-            "association_accepted",
-            calling_ae_title=assoc.requestor.ae_title,
-            address=assoc.requestor.address,
-            port=assoc.requestor.port,
-        )
+        log_event(log, "association_accepted", **self._peer(assoc))
 
-    @staticmethod
-    def handle_closed(event: evt.Event) -> None:
-        """Audit: an association ended (released or aborted) with its counts."""
+    def handle_closed(self, event: evt.Event) -> None:
+        """Log and audit an association that ended (released or aborted) with its counts."""
         assoc = event.assoc
         counts = getattr(assoc, "l3spot_counts", {"stored": 0, "failed": 0})
-        log_event(
-            log,
-            "association_released" if event.event is evt.EVT_RELEASED else "association_aborted",
-            calling_ae_title=assoc.requestor.ae_title,
-            address=assoc.requestor.address,
-            **counts,
-        )
+        outcome = "released" if event.event is evt.EVT_RELEASED else "aborted"
+        peer = self._peer(assoc)
+        duration = self._duration(assoc)
+        log_event(log, f"association_{outcome}", duration_s=duration, **peer, **counts)
+        if self.audit is not None:
+            self.audit.record(
+                event="association", outcome=outcome, duration_s=duration, **peer, **counts
+            )
 
     def _count(self, event: evt.Event, key: str) -> None:
         counts = getattr(event.assoc, "l3spot_counts", None)
         if counts is not None:
             counts[key] += 1
 
+    def _series_count(self, series_dir: Path, series_uid: str) -> int:
+        count = self._series_counts.get(series_uid)
+        if count is None:
+            try:
+                count = sum(1 for p in series_dir.iterdir() if p.suffix == ".dcm")
+            except FileNotFoundError:
+                count = 0
+            self._series_counts[series_uid] = count
+        return count
+
     def handle_store(self, event: evt.Event) -> int | Dataset:
-        """C-STORE: write the instance durably, then answer (see the module docstring)."""
+        """C-STORE: check, write the instance durably, then answer (module docstring)."""
         req = event.request
         raw: bytes = req.DataSet.getvalue()  # type: ignore[union-attr]
         ts = UID(event.context.transfer_syntax)
+        assoc = event.assoc
         context: dict[str, Any] = {
-            "calling_ae_title": event.assoc.requestor.ae_title,
-            "address": event.assoc.requestor.address,
+            "calling_ae_title": str(assoc.requestor.ae_title).strip(),
+            "address": assoc.requestor.address,
             "transfer_syntax": str(ts),
             "affected_sop_class_uid": str(req.AffectedSOPClassUID or ""),
             "affected_sop_instance_uid": str(req.AffectedSOPInstanceUID or ""),
         }
         try:
-            uids = read_uids(raw, ts)
-        except UnreadableDatasetError as exc:
+            info = inspect_dataset(raw, ts)
+        except MalformedDatasetError as exc:
             return self._reject(event, raw, STATUS_CANNOT_UNDERSTAND, str(exc), context)
-        context.update(
-            study_instance_uid=uids["study"],
-            series_instance_uid=uids["series"],
-            sop_instance_uid=uids["sop_instance"],
-        )
-        for key, name in (
-            ("study", "StudyInstanceUID"),
-            ("series", "SeriesInstanceUID"),
-            ("sop_instance", "SOPInstanceUID"),
+        study, series, sop = info.study, info.series, info.sop_instance
+        context.update(study_instance_uid=study, series_instance_uid=series, sop_instance_uid=sop)
+        for uid, name in (
+            (study, "StudyInstanceUID"),
+            (series, "SeriesInstanceUID"),
+            (sop, "SOPInstanceUID"),
+            (info.sop_class, "SOPClassUID"),
         ):
-            if not is_valid_uid(uids[key]):
-                reason = f"missing or invalid {name} {uids[key]!r}"
+            if not is_valid_uid(uid):
+                reason = f"missing or invalid {name} {uid!r}"
                 return self._reject(event, raw, STATUS_CANNOT_UNDERSTAND, reason, context)
-        if uids["sop_instance"] != context["affected_sop_instance_uid"]:
+        if sop != context["affected_sop_instance_uid"]:
             reason = "SOPInstanceUID differs from Affected SOP Instance UID"
             return self._reject(event, raw, STATUS_CANNOT_UNDERSTAND, reason, context)
-        if uids["sop_class"] and uids["sop_class"] != context["affected_sop_class_uid"]:
+        if info.sop_class != context["affected_sop_class_uid"]:
             reason = "SOPClassUID differs from Affected SOP Class UID"
             return self._reject(event, raw, STATUS_SOP_CLASS_MISMATCH, reason, context)
 
-        meta = io.BytesIO()
-        write_file_meta_info(meta, event.file_meta, enforce_standard=True)
+        series_dir = self.spool.series_dir(study, series)
+        with self._lock:
+            if sop in self._inflight:
+                return self._refuse(
+                    event, "same SOP Instance being stored by another association", context
+                )
+            existing = self.spool.existing_dataset(study, series, sop)
+            if existing is not None:
+                if existing == raw:  # a re-send (e.g. after a lost response): idempotent
+                    self._count(event, "stored")
+                    log_event(log, "store_duplicate_identical", **context)
+                    return STATUS_SUCCESS
+                reason = "duplicate SOP Instance UID with different content; first copy kept"
+                return self._reject(event, raw, STATUS_DUPLICATE_SOP_INSTANCE, reason, context)
+            if self._series_count(series_dir, series) >= self.max_series_instances:
+                return self._refuse(
+                    event,
+                    f"series exceeds node.max_series_instances={self.max_series_instances}",
+                    context,
+                )
+            if not self.policy.disk_ok(len(raw)):
+                return self._refuse(event, "free disk below node.min_free_disk_mb", context)
+            self._series_counts[series] = self._series_counts.get(series, 0) + 1
+            self._inflight.add(sop)
+        meta = file_meta_bytes(info.sop_class, sop, str(ts), context["calling_ae_title"])
         try:
-            self.spool.write_instance(
-                uids["study"],
-                uids["series"],
-                uids["sop_instance"],
-                [b"\x00" * 128, b"DICM", meta.getvalue(), raw],
-            )
+            self.spool.write_instance(study, series, sop, [_PREAMBLE, meta, raw])
         except SpoolWriteError as exc:
+            with self._lock:
+                self._series_counts[series] -= 1
             self._count(event, "failed")
             log_event(log, "store_failed_disk", level=logging.ERROR, error=str(exc), **context)
             return _failure(STATUS_OUT_OF_RESOURCES, "cannot write to spool")
+        finally:
+            with self._lock:
+                self._inflight.discard(sop)
         self._count(event, "stored")
-        self.on_stored(
-            uids["study"], uids["series"], self.spool.series_dir(uids["study"], uids["series"])
-        )
+        self.on_stored(study, series, series_dir)
         return STATUS_SUCCESS
+
+    def _refuse(self, event: evt.Event, reason: str, context: dict[str, Any]) -> Dataset:
+        """0xA700 for a resource limit; not quarantined (the sender still has the data)."""
+        self._count(event, "failed")
+        log_event(log, "store_refused", level=logging.WARNING, reason=reason, **context)
+        return _failure(STATUS_OUT_OF_RESOURCES, reason)
 
     def _reject(
         self, event: evt.Event, raw: bytes, status: int, reason: str, context: dict[str, Any]
     ) -> Dataset:
         self._count(event, "failed")
         try:
-            where = str(self.spool.quarantine(raw, reason, context))
+            where = str(
+                self.spool.quarantine(raw, reason, {"status": f"0x{status:04X}", **context})
+            )
         except OSError as exc:
             where = f"not quarantined: {exc}"
         log_event(
@@ -266,27 +465,13 @@ class StoreHandler:
         return _failure(status, reason)
 
 
-def make_ssl_context(config: Config) -> ssl.SSLContext | None:
-    """Server-side TLS context from ``security`` (DICOM TLS, PS3.15 Annex B.9), or None."""
-    sec = config.security
-    if not sec.tls_enabled:
-        return None
-    if sec.tls_certificate is None or sec.tls_private_key is None:
-        raise ValueError("security.tls_enabled needs tls_certificate and tls_private_key")
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(str(sec.tls_certificate), str(sec.tls_private_key))
-    if sec.tls_ca_certificate is not None:
-        ctx.load_verify_locations(str(sec.tls_ca_certificate))
-    ctx.verify_mode = ssl.CERT_REQUIRED if sec.tls_require_client_certificate else ssl.CERT_NONE
-    return ctx
-
-
 def build_ae(config: Config) -> AE:
     """The application entity: every storage SOP class x every transfer syntax, plus echo.
 
     Parameters
     ----------
-    config : ``node`` (AE title, limits, timeouts) and ``security`` (AE title checks).
+    config : ``node`` (AE title, limits, timeouts) and ``security`` (AE title checks; the
+        full policy runs in :meth:`StoreHandler.handle_requested`, these are a backstop).
     """
     node = config.node
     ae = AE(ae_title=node.ae_title)
@@ -304,9 +489,22 @@ def build_ae(config: Config) -> AE:
 
 
 def start_scp(
-    config: Config, spool: Spool, on_stored: OnStored
+    config: Config,
+    spool: Spool,
+    on_stored: OnStored,
+    *,
+    free_bytes: FreeBytes = disk_free_bytes,
+    audit: AuditLog | None = None,
 ) -> tuple[AE, ThreadedAssociationServer]:
     """Start listening on ``node.host:node.port`` in background threads.
+
+    Parameters
+    ----------
+    config : the configuration (``node``, ``security``, ``logging.audit_log``).
+    spool : where instances go.
+    on_stored : called after each durable write.
+    free_bytes : free-space function for the disk floor (tests inject one).
+    audit : the audit log; default a file at :func:`service.audit.audit_log_path`.
 
     Returns
     -------
@@ -316,9 +514,12 @@ def start_scp(
     ------
     OSError
         The port cannot be bound.
+    ValueError
+        TLS is enabled without the files it needs, or an allowed address is not an IP/CIDR.
     """
     ae = build_ae(config)
-    handler = StoreHandler(spool, on_stored)
+    audit = audit if audit is not None else AuditLog(audit_log_path(config))
+    handler = StoreHandler(spool, on_stored, config, audit, free_bytes)
     server = ae.start_server(
         (config.node.host, config.node.port),
         block=False,
@@ -331,5 +532,6 @@ def start_scp(
         ae_title=config.node.ae_title,
         host=config.node.host,
         port=server.server_address[1],
+        tls=config.security.tls_enabled,
     )
     return ae, server

@@ -5,10 +5,15 @@ Layout::
     <spool_dir>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
     <quarantine_dir>/<time>-<id>.bin  +  <time>-<id>.reason.json
 
-Writes go to a temporary file in the target folder, are flushed and ``fsync``-ed, then
-renamed over the final name (``os.replace``, atomic on POSIX) and the folder is ``fsync``-ed
-so the rename itself survives a power cut. A reader therefore sees either no file or a
-complete one; a re-sent instance atomically replaces the earlier copy.
+Each instance is written to a temporary file in its series folder with one ``writev``,
+``fdatasync``-ed (the data and the size/blocks needed to read it back; ``fsync`` would
+also flush the timestamps), renamed to its final name (``os.replace``, atomic on POSIX),
+and the folder is ``fsync``-ed so that the rename survives a power cut. Only then does the
+SCP acknowledge. A reader (or a node restarted after a crash) therefore sees either no file
+or a complete one at the final name. The rename must not happen before the data is durable:
+with delayed allocation a crash could otherwise leave the final name pointing at an empty
+or partial file. When a series folder (and its study folder) is created, their parents are
+fsynced once, so the folder entries are durable too.
 """
 
 from __future__ import annotations
@@ -41,11 +46,36 @@ def is_valid_uid(uid: str | None) -> bool:
 
 
 def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write_all(fd: int, chunks: list[bytes]) -> None:
+    """``writev`` the chunks, continuing after short writes."""
+    views = [memoryview(c) for c in chunks if len(c)]
+    while views:
+        n = os.writev(fd, views)
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
+
+
+def dataset_offset(head: bytes) -> int:
+    """Offset of the data set in a Part 10 file written by :class:`Spool` (after the meta).
+
+    Raises
+    ------
+    ValueError
+        ``head`` does not start with preamble, ``DICM`` and a (0002,0000) group length.
+    """
+    if len(head) < 144 or head[128:132] != b"DICM" or head[132:138] != b"\x02\x00\x00\x00UL":
+        raise ValueError("not a Part 10 file with a File Meta group length")
+    return 144 + int.from_bytes(head[140:144], "little")
 
 
 @dataclass(frozen=True)
@@ -89,6 +119,36 @@ class Spool:
                 raise ValueError(f"invalid {name} {uid!r}")
         return self.root / study_uid / series_uid
 
+    def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        """Final path of an instance (UIDs validated, see :meth:`series_dir`)."""
+        if not is_valid_uid(sop_uid):
+            raise ValueError(f"invalid SOPInstanceUID {sop_uid!r}")
+        return self.series_dir(study_uid, series_uid) / f"{sop_uid}.dcm"
+
+    def existing_dataset(self, study_uid: str, series_uid: str, sop_uid: str) -> bytes | None:
+        """The data set bytes (after the File Meta) of a stored instance, or None if absent.
+
+        Used to tell an identical re-send from a conflicting one with the same UID.
+        """
+        path = self.instance_path(study_uid, series_uid, sop_uid)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            return data[dataset_offset(data[:144]) :]
+        except ValueError:
+            return data
+
+    def _make_series_dir(self, folder: Path) -> None:
+        """Create the study/series folders; fsync the parents of those that are new."""
+        created = [p for p in (folder.parent, folder) if not p.is_dir()]
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.fsync:
+            for p in created:
+                _fsync_dir(p.parent)
+        self._known_dirs.add(folder)
+
     def write_instance(
         self, study_uid: str, series_uid: str, sop_uid: str, chunks: list[bytes]
     ) -> Path:
@@ -106,21 +166,19 @@ class Spool:
         SpoolWriteError
             The disk refused the write; nothing is left at the final path.
         """
-        if not is_valid_uid(sop_uid):
-            raise ValueError(f"invalid SOPInstanceUID {sop_uid!r}")
-        folder = self.series_dir(study_uid, series_uid)
-        final = folder / f"{sop_uid}.dcm"
+        final = self.instance_path(study_uid, series_uid, sop_uid)
+        folder = final.parent
         tmp = folder / f"{TMP_PREFIX}{sop_uid}.{uuid.uuid4().hex[:8]}"
         try:
             if folder not in self._known_dirs:
-                folder.mkdir(parents=True, exist_ok=True)
-                self._known_dirs.add(folder)
-            with open(tmp, "wb") as fh:
-                for chunk in chunks:
-                    fh.write(chunk)
-                fh.flush()
+                self._make_series_dir(folder)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                _write_all(fd, chunks)
                 if self.fsync:
-                    os.fsync(fh.fileno())
+                    os.fdatasync(fd)
+            finally:
+                os.close(fd)
             os.replace(tmp, final)
             if self.fsync:
                 _fsync_dir(folder)
@@ -157,6 +215,8 @@ class Spool:
                 if self.fsync:
                     os.fsync(fh.fileno())
             os.replace(tmp, path)
+        if self.fsync:
+            _fsync_dir(self.quarantine_dir)
         return data
 
     def iter_series(self) -> Iterator[SeriesRef]:

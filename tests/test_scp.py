@@ -174,8 +174,9 @@ def test_read_uids_stops_before_pixel_data() -> None:
     }
     with pytest.raises(scp.UnreadableDatasetError):
         scp.read_uids(b"\x08\x00\x16\x00ZZ\x04\x001234", ExplicitVRLittleEndian)
-    # garbage without a recognisable element yields no UIDs (the handler then answers C000)
-    assert set(scp.read_uids(b"\xff" * 20, ExplicitVRLittleEndian).values()) == {""}
+    # garbage is not a data set: the handler answers C000 and quarantines it
+    with pytest.raises(scp.UnreadableDatasetError, match="unknown VR"):
+        scp.read_uids(b"\xff" * 20, ExplicitVRLittleEndian)
 
 
 @pytest.mark.integration

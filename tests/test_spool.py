@@ -33,14 +33,51 @@ def test_rewriting_an_instance_replaces_it(spool: Spool) -> None:
     assert instance_files(path.parent) == [path]
 
 
-def test_write_instance_fsyncs_file_and_folder(
+def test_data_is_durable_before_the_rename_and_the_rename_before_returning(
     spool: Spool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    synced: list[int] = []
-    real = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd)))
+    ops: list[str] = []
+    real_fdatasync, real_fsync, real_replace = os.fdatasync, os.fsync, os.replace
+
+    def fdatasync(fd: int) -> None:
+        ops.append("fdatasync:file")
+        real_fdatasync(fd)
+
+    def fsync(fd: int) -> None:
+        ops.append("fsync:" + os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    def replace(a: object, b: object) -> None:
+        ops.append("rename")
+        real_replace(a, b)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
     spool.write_instance(STUDY, SERIES, SOP, [b"x"])
-    assert len(synced) == 2  # the file, then the folder holding the rename
+    series_dir = str(spool.root / STUDY / SERIES)
+    # new study and series folders: their parents are fsynced once, at creation
+    assert ops[:2] == [f"fsync:{spool.root}", f"fsync:{spool.root / STUDY}"]
+    assert ops[2:] == ["fdatasync:file", "rename", f"fsync:{series_dir}"]
+    ops.clear()
+    spool.write_instance(STUDY, SERIES, "1.2.3.4.6", [b"y"])
+    assert ops == ["fdatasync:file", "rename", f"fsync:{series_dir}"]
+
+
+def test_without_fsync_nothing_is_synced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fast = Spool(tmp_path / "s", tmp_path / "q", fsync=False)
+    monkeypatch.setattr(os, "fsync", lambda fd: pytest.fail("fsync called"))
+    monkeypatch.setattr(os, "fdatasync", lambda fd: pytest.fail("fdatasync called"))
+    assert fast.write_instance(STUDY, SERIES, SOP, [b"a", b"b"]).read_bytes() == b"ab"
+
+
+def test_existing_dataset_returns_the_bytes_after_the_file_meta(spool: Spool) -> None:
+    from service.scp import file_meta_bytes
+
+    meta = file_meta_bytes("1.2.840.10008.5.1.4.1.1.2", SOP, "1.2.840.10008.1.2.1", "SCANNER")
+    assert spool.existing_dataset(STUDY, SERIES, SOP) is None
+    spool.write_instance(STUDY, SERIES, SOP, [b"\x00" * 128, b"DICM", meta, b"DATASET!"])
+    assert spool.existing_dataset(STUDY, SERIES, SOP) == b"DATASET!"
 
 
 @pytest.mark.parametrize("bad", ["", "../../etc", "1.2.a", "1..2", "1" * 65, "1.2/3"])
@@ -59,7 +96,7 @@ def test_disk_error_raises_and_leaves_no_file(
     def no_space(fd: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(os, "fsync", no_space)
+    monkeypatch.setattr(os, "fdatasync", no_space)
     with pytest.raises(SpoolWriteError) as info:
         spool.write_instance(STUDY, SERIES, SOP, [b"x" * 100])
     assert info.value.errno == errno.ENOSPC
