@@ -27,6 +27,7 @@ received, makes them durable (:mod:`service.spool`) and answers:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import struct
@@ -168,6 +169,7 @@ class _PduGuard:
     """
 
     def __init__(self, sock: Any, limit: int, context: dict[str, Any]) -> None:
+        self._sock = sock
         self._recv = sock.recv
         self.limit = limit
         self.context = context
@@ -182,6 +184,8 @@ class _PduGuard:
                 limit=self.limit,
                 **self.context,
             )
+            with contextlib.suppress(OSError, AttributeError):
+                self._sock.socket.shutdown(socket.SHUT_RDWR)  # the peer sees the close now
             raise OSError(f"PDU of {nr_bytes} bytes exceeds the limit of {self.limit}")
         return self._recv(nr_bytes)  # type: ignore[no-any-return]
 
@@ -341,10 +345,18 @@ class StoreHandler:
         outcome = "released" if event.event is evt.EVT_RELEASED else "aborted"
         peer = self._peer(assoc)
         duration = self._duration(assoc)
-        log_event(log, f"association_{outcome}", duration_s=duration, **peer, **counts)
+        extra: dict[str, str] = {}
+        if getattr(assoc.requestor, "primitive", None) is None:
+            extra["reason"] = "connection closed before an A-ASSOCIATE-RQ"
+        log_event(log, f"association_{outcome}", duration_s=duration, **peer, **counts, **extra)
         if self.audit is not None:
             self.audit.record(
-                event="association", outcome=outcome, duration_s=duration, **peer, **counts
+                event="association",
+                outcome=outcome,
+                duration_s=duration,
+                **peer,
+                **counts,
+                **extra,
             )
 
     def _count(self, event: evt.Event, key: str) -> None:
