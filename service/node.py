@@ -233,12 +233,20 @@ class Node:
                 target=self._reconcile_loop, name="reconciler", daemon=True
             )
             self._reconciler.start()
-        self.ae, self.server = start_scp(self.config, self.spool, self.watcher.touch)
+        from service.web.server import start_web  # operators' page (issue 8); None if disabled
+
+        self.web = start_web(self)
+        on_stored = self.web.observe(self.watcher.touch) if self.web else self.watcher.touch
+        self.ae, self.server = start_scp(self.config, self.spool, on_stored)
+        if self.web:
+            self.web.observer.bind(self.server)
 
     def stop(self) -> None:
         """Stop listening, stop the watcher and the reconciliation, stop the child workers."""
         if self.ae is not None:
             self.ae.shutdown()
+        if getattr(self, "web", None) is not None:
+            self.web.stop()
         self._stop.set()
         if self._reconciler is not None:
             self._reconciler.join(timeout=10)

@@ -1,0 +1,85 @@
+"""What the page's buttons do: re-queue a series, exactly as ``l3spot retry`` does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from service.spool import Spool
+from worker.celery_app import ANALYSIS_QUEUE, ANALYZE_TASK, EXPORT_QUEUE, EXPORT_TASK
+from worker.config import Config
+from worker.export import destination_label, result_files
+from worker.jobstore import JobStore
+
+
+class RetryError(LookupError):
+    """The series cannot be re-queued (no job record, or its instances are gone)."""
+
+    def __init__(self, series_uid: str, reason: str) -> None:
+        self.series_uid = series_uid
+        self.reason = reason
+        super().__init__(f"series {series_uid}: {reason}")
+
+
+def requeue_series(
+    config: Config, store: JobStore, celery: Any, series_uid: str, analysis: bool = False
+) -> str:
+    """Re-queue one series: its export if its results exist, else its analysis.
+
+    The same rules as ``l3spot retry`` (:func:`service.commands.node.retry`): when the
+    analysis finished, result files exist and export destinations are configured (and
+    ``analysis`` is false), the export rows are reset, the job gets a new token and the
+    export task is sent;
+    otherwise the job gets a new token (state ``queued``) and the analysis task is sent.
+
+    Parameters
+    ----------
+    config : the configuration.
+    store : the job records.
+    celery : the configured Celery app (``send_task``).
+    series_uid : Series Instance UID.
+    analysis : re-run the analysis even if results exist.
+
+    Returns
+    -------
+    "export" or "analysis": what was re-queued.
+
+    Raises
+    ------
+    RetryError
+        No job record for ``series_uid``, or its instances are no longer in the spool.
+    """
+    from worker.jobstore import JobNotFoundError
+
+    try:
+        rec = store.get(series_uid)
+    except JobNotFoundError as exc:
+        raise RetryError(series_uid, "no job record") from exc
+    results = config.node.resolved_results_dir() / series_uid
+    if (
+        not analysis
+        and rec.analysis_finished_at is not None
+        and result_files(results)
+        and config.export.destinations
+    ):
+        store.start_export(series_uid, [destination_label(d) for d in config.export.destinations])
+        token = store.renew_token(series_uid)  # an older export chain still retrying stops
+        celery.send_task(
+            EXPORT_TASK, args=[series_uid], kwargs={"token": token}, queue=EXPORT_QUEUE
+        )
+        return "export"
+    series_dir = Path(rec.series_dir) if rec.series_dir else None
+    if series_dir is None or not series_dir.is_dir():
+        spool = Spool(config.node.spool_dir, config.node.resolved_quarantine_dir())
+        ref = spool.find_series(series_uid)
+        if ref is None:
+            raise RetryError(series_uid, "its instances are not in the spool any more")
+        series_dir = ref.path
+    token = store.mark_queued(series_uid)
+    celery.send_task(
+        ANALYZE_TASK,
+        args=[str(series_dir.resolve())],
+        kwargs={"token": token},
+        queue=ANALYSIS_QUEUE,
+    )
+    return "analysis"

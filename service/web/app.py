@@ -1,0 +1,344 @@
+"""The operators' web application (Flask, plain Jinja2 templates, no front-end build).
+
+Routes
+------
+``GET /``                        job list, newest first; filters ``state``, ``calling_ae``,
+                                 ``study_date_from``/``study_date_to`` (``YYYY-MM-DD``)
+``GET /jobs/<uid>``              one series: pictures, numbers, timings, exports, retry
+``GET /jobs/<uid>/overview.png`` the results folder's ``overview.png`` (MIP, L3 line, curves)
+``GET /jobs/<uid>/l3.png``       the Secondary Capture (``sc.dcm``) decoded to PNG
+``POST /jobs/<uid>/retry``       re-queue as ``l3spot retry`` (CSRF token + same origin)
+``GET /measurements.csv``        every result, the columns of ``l3spot analyze --csv``
+``GET /healthz``                 JSON, 200 or 503 (no authentication: holds no patient data)
+``GET /metrics``                 Prometheus text format
+
+Access: with ``web.token`` set every route but ``/healthz`` needs it, as a bearer token
+(``Authorization: Bearer <token>``) or as the password of HTTP Basic authentication (any
+user name; browsers ask for it). :func:`check_web_config` refuses a listen address other than
+loopback without a token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import ipaddress
+import secrets
+import threading
+from collections import OrderedDict
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+import pydicom
+from flask import Flask, Response, abort, redirect, render_template, request, send_file, url_for
+from PIL import Image
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.metrics import registry_for
+from service.spool import is_valid_uid
+from service.web.actions import RetryError, requeue_series
+from service.web.health import NodeProbe, health
+from service.web.views import (
+    COMPARTMENTS,
+    OVERVIEW_PNG,
+    PIPELINE_STAGES,
+    SC_DCM,
+    JobFilter,
+    JobViews,
+)
+from worker.config import Config, WebConfig
+from worker.jobstore import STATES, JobNotFoundError
+from worker.labels import COMPARTMENT_COLOURS
+from worker.labels import COMPARTMENTS as COMPARTMENT_KEYS
+
+#: Most job rows one page shows.
+MAX_ROWS = 1000
+
+
+class WebConfigError(ValueError):
+    """The ``web`` section would expose the page unprotected."""
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_web_config(web: WebConfig) -> None:
+    """Refuse to serve without protection on anything but loopback.
+
+    Raises
+    ------
+    WebConfigError
+        ``web.host`` is not a loopback address and ``web.token`` is empty.
+    """
+    if not is_loopback(web.host) and not (web.token or "").strip():
+        raise WebConfigError(
+            f"web.host {web.host!r} is not loopback: set web.token (bearer token / Basic"
+            " password) or bind web.host to 127.0.0.1"
+        )
+
+
+def _authorized(token: str) -> bool:
+    auth = request.authorization
+    given = ""
+    if auth is not None:
+        given = (auth.token if auth.type == "bearer" else auth.password) or ""
+    return hmac.compare_digest(given.encode(), token.encode())
+
+
+def _same_origin() -> bool:
+    """The request's Origin (else Referer), when sent, names this host (CSRF defence)."""
+    source = request.headers.get("Origin") or request.headers.get("Referer")
+    if not source:
+        return True  # not sent (some clients): the CSRF token alone decides
+    if source == "null":
+        return False  # sandboxed or cross-origin redirect context
+    return urlsplit(source).netloc == request.host
+
+
+class _PngCache:
+    """PNG bytes of decoded ``sc.dcm`` files keyed by path and modification time."""
+
+    def __init__(self, size: int = 32) -> None:
+        self.size = size
+        self._items: OrderedDict[Path, tuple[int, bytes]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def png(self, path: Path) -> bytes:
+        """PNG of a Secondary Capture's pixels (RGB or MONOCHROME2, 8 bit).
+
+        Raises
+        ------
+        OSError
+            The file cannot be read.
+        """
+        mtime = path.stat().st_mtime_ns
+        with self._lock:
+            hit = self._items.get(path)
+            if hit is not None and hit[0] == mtime:
+                return hit[1]
+        ds = pydicom.dcmread(path)
+        pixels = np.asarray(ds.pixel_array)
+        if pixels.dtype != np.uint8:
+            lo, hi = float(pixels.min()), float(pixels.max())
+            pixels = ((pixels - lo) / max(hi - lo, 1.0) * 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="PNG")
+        data = buf.getvalue()
+        with self._lock:
+            self._items[path] = (mtime, data)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return data
+
+
+def _parse_date(value: str | None) -> date | None:
+    if not value:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        return None
+
+
+def _fmt_time(ts: float | None) -> str:
+    if not ts:
+        return ""
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _fmt_num(value: float | None, digits: int = 1) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def _fmt_da(d: date | None) -> str:
+    return d.isoformat() if d else ""
+
+
+def create_app(config: Config, probe: NodeProbe | None = None, celery: Any | None = None) -> Flask:
+    """The web application of one node.
+
+    Parameters
+    ----------
+    config : the node's configuration (``node`` folders, ``export``, ``web``).
+    probe : the running node's self-report for ``/healthz`` (None: TCP connect to the SCP).
+    celery : the configured Celery app for retries (None: configured from ``config`` on the
+        first retry).
+
+    Raises
+    ------
+    WebConfigError
+        See :func:`check_web_config`.
+    """
+    check_web_config(config.web)
+    here = Path(__file__).resolve().parent
+    app = Flask(
+        "l3spot.web",
+        template_folder=str(here / "templates"),
+        static_folder=str(here / "static"),
+    )
+    views = JobViews(config)
+    registry = registry_for(config)
+    pngs = _PngCache()
+    csrf_key = secrets.token_bytes(32)
+    token = (config.web.token or "").strip()
+    state: dict[str, Any] = {"celery": celery}
+
+    app.jinja_env.filters.update(time=_fmt_time, num=_fmt_num, da=_fmt_da)
+    app.jinja_env.globals.update(
+        ae_title=config.node.ae_title,
+        show_patient=config.web.show_patient_identifiers,
+        states=STATES,
+        compartments=COMPARTMENTS,
+        pipeline_stages=PIPELINE_STAGES,
+        colours={COMPARTMENT_KEYS[k]: f"rgb{c}" for k, c in COMPARTMENT_COLOURS.items()},
+    )
+
+    def csrf_token(series_uid: str) -> str:
+        return hmac.new(csrf_key, f"retry:{series_uid}".encode(), hashlib.sha256).hexdigest()
+
+    app.jinja_env.globals["csrf_token"] = csrf_token
+
+    @app.before_request
+    def _require_token() -> Response | None:
+        if not token or request.endpoint in ("healthz", "static"):
+            return None
+        if _authorized(token):
+            return None
+        return Response(
+            "authentication required\n",
+            401,
+            {"WWW-Authenticate": 'Basic realm="l3spot", charset="UTF-8"'},
+            mimetype="text/plain",
+        )
+
+    @app.after_request
+    def _headers(resp: Response) -> Response:
+        resp.headers.setdefault("X-Content-Type-Options", "nosniff")
+        resp.headers.setdefault("X-Frame-Options", "DENY")
+        resp.headers.setdefault("Referrer-Policy", "same-origin")
+        resp.headers.setdefault("Cache-Control", "no-store")
+        return resp
+
+    def _uid_or_404(series_uid: str) -> str:
+        if not is_valid_uid(series_uid):
+            abort(404)
+        return series_uid
+
+    @app.get("/")
+    def jobs() -> str:
+        flt = JobFilter(
+            state=request.args.get("state", "") if request.args.get("state") in STATES else "",
+            calling_ae=request.args.get("calling_ae", "").strip(),
+            study_date_from=_parse_date(request.args.get("study_date_from")),
+            study_date_to=_parse_date(request.args.get("study_date_to")),
+        )
+        limit = min(max(request.args.get("limit", 200, type=int) or 200, 1), MAX_ROWS)
+        rows, total = views.list_jobs(flt, limit)
+        return render_template(
+            "jobs.html", rows=rows, total=total, flt=flt, calling_aes=views.calling_aes()
+        )
+
+    @app.get("/jobs/<series_uid>")
+    def job(series_uid: str) -> str:
+        try:
+            row = views.job(_uid_or_404(series_uid))
+        except JobNotFoundError:
+            abort(404)
+        will_export = bool(
+            row.record.analysis_finished_at is not None
+            and row.result is not None
+            and config.export.destinations
+        )
+        return render_template(
+            "job.html",
+            row=row,
+            rec=row.record,
+            result=row.result,
+            will_export=will_export,
+            requeued=request.args.get("requeued", ""),
+            error=request.args.get("error", ""),
+        )
+
+    @app.get("/jobs/<series_uid>/overview.png")
+    def overview_png(series_uid: str) -> Response:
+        path = views.result_dir(_uid_or_404(series_uid)) / OVERVIEW_PNG
+        if not path.is_file():
+            abort(404)
+        return send_file(path, mimetype="image/png", max_age=0)
+
+    @app.get("/jobs/<series_uid>/l3.png")
+    def l3_png(series_uid: str) -> Response:
+        path = views.result_dir(_uid_or_404(series_uid)) / SC_DCM
+        if not path.is_file():
+            abort(404)
+        try:
+            data = pngs.png(path)
+        except (OSError, ValueError, AttributeError):
+            abort(404)
+        return Response(data, mimetype="image/png")
+
+    @app.post("/jobs/<series_uid>/retry")
+    def retry(series_uid: str) -> Response:
+        uid = _uid_or_404(series_uid)
+        given = request.form.get("csrf", "")
+        if not _same_origin() or not hmac.compare_digest(given, csrf_token(uid)):
+            abort(403)
+        if state["celery"] is None:
+            from worker.celery_app import configure_app
+
+            state["celery"] = configure_app(config)
+        try:
+            what = requeue_series(
+                config,
+                views.store,
+                state["celery"],
+                uid,
+                analysis=bool(request.form.get("analysis")),
+            )
+        except RetryError as exc:
+            return redirect(url_for("job", series_uid=uid, error=exc.reason), code=303)
+        return redirect(url_for("job", series_uid=uid, requeued=what), code=303)
+
+    @app.get("/measurements.csv")
+    def measurements_csv() -> Response:
+        return Response(
+            views.measurements_csv(),
+            mimetype="text/csv",
+            headers={"Content-Disposition": 'attachment; filename="l3spot-measurements.csv"'},
+        )
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        body, status = health(config, probe, state["celery"])
+        resp = app.json.response(body)
+        resp.status_code = status
+        return resp
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
+
+    @app.errorhandler(403)
+    def _forbidden(exc: Exception) -> tuple[str, int]:
+        return render_template(
+            "error.html",
+            code=403,
+            message="Request refused (stale page or other site): reload the page and try again.",
+        ), 403
+
+    @app.errorhandler(404)
+    def _not_found(exc: Exception) -> tuple[str, int]:
+        return render_template("error.html", code=404, message="No such series or file."), 404
+
+    return app
