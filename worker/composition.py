@@ -142,6 +142,50 @@ def _circular_median(values: np.ndarray, size: int) -> np.ndarray:
     return ndimage.median_filter(values, size=size, mode="wrap")
 
 
+def noise_sd(hu: np.ndarray, body: np.ndarray) -> float:
+    """Robust noise SD (HU) of a slice: MAD of the residual of a 3x3 median in soft tissue.
+
+    Parameters
+    ----------
+    hu : (y, x) HU slice.
+    body : (y, x) bool trunk mask; only pixels with |HU| < 300 inside it are used.
+
+    Returns
+    -------
+    Noise SD estimate in HU (1.4826 x MAD, x 1.2 for the median's own smoothing); 0 when no
+    soft tissue is present.
+    """
+    soft = body & (np.abs(hu) < 300)
+    if not soft.any():
+        return 0.0
+    d = (hu - ndimage.median_filter(hu, size=3))[soft]
+    return 1.4826 * float(np.median(np.abs(d - np.median(d)))) * 1.2
+
+
+def denoise_slice(hu: np.ndarray, sigma_hu: float) -> np.ndarray:
+    """Edge-preserving total-variation denoising (Chambolle 2004) of a noisy slice.
+
+    Used to classify low-dose slices (PET/CT attenuation CT) by HU range: muscle and fat are
+    piecewise-constant, so TV keeps their borders while the noise that pushes pixels across
+    the Mitsiopoulos thresholds is removed.
+
+    Parameters
+    ----------
+    hu : (y, x) HU slice.
+    sigma_hu : noise SD (HU) from :func:`noise_sd`; sets the TV weight (1.5 sigma).
+
+    Returns
+    -------
+    (y, x) float32 denoised HU; pixels outside -300..300 HU keep their value.
+    """
+    from skimage.restoration import denoise_tv_chambolle
+
+    # air kept at -1000 HU so the skin border does not move; bone clipped at 300 HU
+    clipped = np.clip(hu, -1000.0, 300.0) / 1000.0
+    den = denoise_tv_chambolle(clipped, weight=1.5 * sigma_hu / 1000.0) * 1000.0
+    return np.where(np.abs(hu) < 300.0, den, hu).astype(np.float32)
+
+
 # --------------------------------------------------------------------------------------
 # classical segmentation
 # --------------------------------------------------------------------------------------
@@ -295,26 +339,49 @@ def wall_region(
     n_a = len(angles)
     sat_depth = np.full(n_a, np.nan)
     r_skin = np.zeros(n_a)
+    # rays leaving the body at the image edge or into the padding outside the reconstruction
+    # circle: the skin (and maybe the wall) is outside the field of view
+    truncated = np.zeros(n_a, dtype=bool)
+    found_trunc = np.full(n_a, np.nan)
+    ny, nx = hu.shape
+    outside_fov = _sample(hu < -1500.0, ys, xs)
     for a in range(n_a):
         idx = np.flatnonzero(in_body[a])
         if idx.size == 0:
             continue
         i_skin = int(idx[-1])
         r_skin[a] = radii[i_skin]
+        y_s, x_s = ys[a, i_skin], xs[a, i_skin]
+        nxt = min(i_skin + int(round(1.5 / step)), ys.shape[1] - 1)
+        truncated[a] = (
+            y_s < 1.0 or y_s > ny - 2.0 or x_s < 1.0 or x_s > nx - 2.0 or bool(outside_fov[a, nxt])
+        )
         inward_dense = dense[a, i_skin::-1]
         inward_fat = fat[a, i_skin::-1]
-        # skip the skin: leading dense samples up to skin_n
+        # skip the skin: leading dense samples up to skin_n (no skin at a cut edge)
         j = 0
-        while j < min(skin_n, len(inward_dense)) and not inward_fat[j]:
+        while not truncated[a] and j < min(skin_n, len(inward_dense)) and not inward_fat[j]:
             j += 1
         k = _first_run(inward_dense, j, wall_n)
         if k < 0:
             continue
-        sat_depth[a] = k * step
+        if truncated[a]:
+            found_trunc[a] = k * step
+        else:
+            sat_depth[a] = k * step
     valid = np.isfinite(sat_depth)
-    if valid.sum() < n_a // 4:
-        return body.copy()
-    sat_depth[~valid] = np.nanmedian(sat_depth)
+    if valid.sum() < n_a // 8:
+        # (almost) the whole skin is outside the field of view: rely on the cut-edge rays
+        if not np.isfinite(found_trunc).any():
+            return body.copy()
+        sat_depth = np.where(truncated & np.isfinite(found_trunc), found_trunc, sat_depth)
+        valid = np.isfinite(sat_depth)
+        truncated[:] = False
+    typical = float(np.nanmedian(sat_depth))
+    # truncated rays do not take part in the smoothing: interpolate them from their neighbours
+    if (~valid).any():
+        ang_ok = np.flatnonzero(valid)
+        sat_depth[~valid] = np.interp(np.flatnonzero(~valid), ang_ok, sat_depth[ang_ok], period=n_a)
     tol = config.wall_outlier_mm / px
     # isolated spikes either way (a vessel or septum in the fat, a skin fold) first
     med_small = _circular_median(sat_depth, 9)
@@ -324,6 +391,12 @@ def wall_region(
     # a gap in the ring only ever makes the subcutaneous layer look thicker: lower envelope
     depth = np.where(sat_depth - med > tol, med, sat_depth)
     depth = _circular_median(depth, 5)
+    # At a cut edge the wall is the first dense run within twice the usual subcutaneous depth
+    # (it varies around the trunk) from the edge; without one the wall lies outside the image
+    # and everything inside is visceral.
+    if truncated.any():
+        ok = np.isfinite(found_trunc) & (found_trunc <= 2.0 * typical + tol)
+        depth = np.where(truncated, np.where(ok, np.nan_to_num(found_trunc), 0.0), depth)
     r_wall = np.maximum(r_skin - depth, 0.0)
     wy = cy + np.sin(angles) * r_wall
     wx = cx + np.cos(angles) * r_wall
@@ -353,7 +426,9 @@ def _vertebra(hu: np.ndarray, inner: np.ndarray, px: float) -> np.ndarray | None
             best, best_size = i, size
     if best == 0 or best_size * px * px < 300:  # < 3 cm^2 is not a lumbar vertebra
         return None
-    vert = lab_img == best
+    # the closing only groups the vertebra's parts; the mask is the bone itself (the closing
+    # would bridge the muscle between the transverse processes and the body)
+    vert = ndimage.binary_fill_holes(bone & (lab_img == best))
     # Vertebral body: convex hull of the bone within 35 mm of its anterior edge and 25 mm of
     # the midline; a thin or interrupted cortex (osteoporosis, 3 mm pixels) does not fill.
     from skimage.morphology import convex_hull_image
@@ -363,11 +438,13 @@ def _vertebra(hu: np.ndarray, inner: np.ndarray, px: float) -> np.ndarray | None
     yy, xx = np.mgrid[0 : hu.shape[0], 0 : hu.shape[1]]
     near = ndimage.binary_dilation(vert, structure=_disk(20.0 / px))
     cortex = bone & near & (np.abs(xx - x_c) <= 25 / px)
+    body_hull = np.zeros_like(vert)
     if cortex.sum() >= 3:
         y_ant = np.nonzero(cortex)[0].min()
         front = cortex & (yy <= y_ant + 35 / px)
         if front.sum() >= 3:
-            vert |= convex_hull_image(front)
+            body_hull = convex_hull_image(front)
+            vert |= body_hull
     # Osteoporotic or partial-volume cancellous bone (~100-150 HU, in the muscle range) with a
     # sparse cortex: grow the vertebra into the median-filtered > 110 HU tissue it touches.
     soft = (ndimage.median_filter(hu, size=3) > 110) & inner
@@ -375,7 +452,9 @@ def _vertebra(hu: np.ndarray, inner: np.ndarray, px: float) -> np.ndarray | None
     touch = np.unique(lab_soft[ndimage.binary_dilation(vert, iterations=2) & soft])
     touch = touch[touch > 0]
     if touch.size:
-        grown = np.isin(lab_soft, touch) & near
+        # only inside the vertebral body: elsewhere it is the partial-volume rim of the cortex,
+        # whose muscle side is muscle
+        grown = np.isin(lab_soft, touch) & ndimage.binary_dilation(body_hull, iterations=2)
         vert |= ndimage.binary_opening(grown, structure=_disk(max(1.0, 2.0 / px)))
     # spinal canal (CSF is in the muscle HU range): the hole a wider closing of the vertebra
     # encloses, within 15 mm of the midline
@@ -418,17 +497,13 @@ def segment_classical(
     hu = np.asarray(hu, dtype=np.float32)
     px = float(min(spacing_mm))
     body, flags = body_mask(hu, spacing_mm, config)
-    # Low-dose noise pushes pixels across the HU thresholds: classify on a median-filtered
-    # image when the noise estimate exceeds ``denoise_above_hu`` (areas only; mean HU is
-    # measured on the original pixels).
+    # Low-dose noise pushes pixels across the HU thresholds: classify on a denoised image when
+    # the noise estimate exceeds ``denoise_above_hu`` (areas only; mean HU is measured on the
+    # original pixels).
     if body.any() and config.denoise_above_hu > 0:
-        med = ndimage.median_filter(hu, size=3)
-        soft = body & (np.abs(hu) < 300)
-        if soft.any():
-            d = (hu - med)[soft]
-            sigma = 1.4826 * float(np.median(np.abs(d - np.median(d)))) * 1.2
-            if sigma > config.denoise_above_hu:
-                hu = med
+        sigma = noise_sd(hu, body)
+        if sigma > config.denoise_above_hu:
+            hu = denoise_slice(hu, sigma)
     out = np.zeros(hu.shape, dtype=np.uint8)
     if not body.any():
         return SliceSegmentation(out, body, flags)
@@ -447,12 +522,22 @@ def segment_classical(
     s_inner = _sample(inner, ys, xs)
     s_musc = _sample(muscle_hu & ~(vert if vert is not None else False), ys, xs)
     s_fat = _sample(fat, ys, xs)
+    # the posterior band never extends in front of the vertebral body (psoas are found below)
+    if vert is not None:
+        vy_all, vx_all = np.nonzero(vert)
+        y_front, x_mid = float(vy_all.min()), float(np.median(vx_all))
+        yy0 = np.arange(hu.shape[0])[:, None] * np.ones((1, hu.shape[1]), bool)
+        s_front = _sample(yy0 < y_front, ys, xs)
+    else:
+        y_front, x_mid = 0.0, cx
+        s_front = np.zeros_like(s_fat)
     gap_n = max(int(round(config.imat_gap_mm / (step * px))), 1)
     n_a = len(angles)
     r_wall = np.zeros(n_a)
     thick = np.zeros(n_a)
     terminated = np.zeros(n_a, dtype=bool)
     posterior = np.zeros(n_a, dtype=bool)
+    paraspinal = np.zeros(n_a, dtype=bool)
     for a in range(n_a):
         idx = np.flatnonzero(s_inner[a])
         if idx.size == 0:
@@ -460,11 +545,16 @@ def segment_classical(
         i0 = int(idx[-1])
         r_wall[a] = radii[i0]
         y_w = cy + np.sin(angles[a]) * radii[i0]
+        x_w = cx + np.cos(angles[a]) * radii[i0]
         posterior[a] = y_vert is not None and y_w > y_vert
+        paraspinal[a] = posterior[a] and abs(x_w - x_mid) * px <= config.paraspinal_half_width_mm
         max_mm = config.muscle_band_max_mm if posterior[a] else config.wall_muscle_max_mm
         max_n = int(round(max_mm / (step * px)))
         m = s_musc[a, i0::-1]
         f = s_fat[a, i0::-1]
+        if posterior[a]:  # never in front of the vertebral body (psoas are found below)
+            m = m & ~s_front[a, i0::-1]
+            f = f & ~s_front[a, i0::-1]
         j, last_m, fat_run = 0, -1, 0
         while j < min(len(m), max_n):
             if m[j]:
@@ -480,15 +570,17 @@ def segment_classical(
             j += 1
         thick[a] = (last_m + 1) * step
     # Rays that ran into an organ abutting the wall (no fat plane before the maximum) take
-    # the circular median of the terminated rays around them.
-    good = terminated | posterior
+    # the circular median of the terminated rays around them. Only the paraspinal rays are
+    # trusted without a fat plane (erector spinae and multifidus reach the lamina); lateral to
+    # them a deep posterior ray without one ran into the kidney, liver or spleen.
+    good = terminated | paraspinal
     if good.any():
         half = max(int(config.wall_median_deg), 3)
         fixed = thick.copy()
         for a in np.flatnonzero(~good):
             win = (np.arange(a - half, a + half + 1)) % n_a
-            ok = win[good[win] & ~posterior[win]]
-            ref = thick[ok] if ok.size else thick[good & ~posterior]
+            ok = win[good[win] & ~paraspinal[win]]
+            ref = thick[ok] if ok.size else thick[good & ~paraspinal]
             if ref.size:
                 fixed[a] = min(thick[a], float(np.median(ref)))
         thick = fixed
@@ -540,6 +632,14 @@ def segment_classical(
         compartment &= ~vert
     # muscle between fat streaks that stopped the rays (fatty infiltration) is muscle too
     sma |= muscle_hu & compartment
+    # the outer layer of a wall muscle the ray casting put outside the wall (partial volume
+    # with the subcutaneous fat, a smoothed-over bulge): muscle-HU tissue connected to the
+    # muscle, deeper than the skin and within ``wall_outlier_mm`` of the wall
+    skin = body & ~ndimage.binary_erosion(body, structure=_disk((config.skin_mm + px) / px))
+    near_wall = ndimage.binary_dilation(inner, structure=_disk(config.wall_outlier_mm / px))
+    outer = muscle_hu & ~inner & ~skin & near_wall
+    if outer.any() and sma.any():
+        sma |= ndimage.binary_propagation(sma, mask=sma | outer) & outer
     # fat enclosed by muscle, not the fat lining the compartment's surface
     compartment = ndimage.binary_erosion(compartment, structure=_disk(1.0))
     imat = fat & compartment & ~sma

@@ -166,6 +166,7 @@ class CompositionConfig(_Section):
     wall_outlier_mm: float = Field(6.0, ge=0)
     muscle_band_max_mm: float = Field(90.0, gt=0)  # deepest posterior (paraspinal) band
     wall_muscle_max_mm: float = Field(30.0, gt=0)  # deepest anterior/lateral wall band
+    paraspinal_half_width_mm: float = Field(90.0, gt=0)  # trusted deep band this near midline
     imat_gap_mm: float = Field(2.0, ge=0)  # fat gap inside a muscle band still IMAT
     imat_close_mm: float = Field(4.0, ge=0)
     psoas_anterior_mm: float = Field(20.0, ge=0)  # search box around the vertebral body
@@ -174,7 +175,7 @@ class CompositionConfig(_Section):
     metal_hu: float = 2000.0
     metal_min_area_mm2: float = Field(30.0, ge=0)
     muscle_mean_hu_qa: tuple[float, float] = (-20.0, 80.0)
-    denoise_above_hu: float = Field(25.0, ge=0)  # noise SD above which to median-filter; 0 = off
+    denoise_above_hu: float = Field(20.0, ge=0)  # noise SD above which to TV-denoise; 0 = off
     # U-Net (seed "Abdominal musculature segmentation and surface prediction from CT")
     unet_pixel_mm: float = Field(1.0, gt=0)
     unet_hu_window: tuple[float, float] = (-150.0, 300.0)
