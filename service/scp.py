@@ -47,6 +47,7 @@ from pynetdicom import (
     AllStoragePresentationContexts,
     evt,
 )
+from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -126,7 +127,9 @@ def read_uids(raw: bytes, transfer_syntax: UID) -> dict[str, str]:
 def _failure(status: int, comment: str) -> Dataset:
     ds = Dataset()
     ds.Status = status
-    ds.ErrorComment = comment[:64]
+    # LO: no backslash (it would split the value), printable ASCII, at most 64 characters
+    text = "".join(c if " " <= c < "\x7f" and c != "\\" else "?" for c in comment)
+    ds.ErrorComment = text[:64].strip()
     return ds
 
 
@@ -260,8 +263,40 @@ class StoreHandler:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             context = {"address": assoc.requestor.address}
             assoc_sock.recv = _PduGuard(assoc_sock, self.pdu_limit, context)
+            self._guard_state_machine(assoc)
         except (AttributeError, OSError):
             pass
+
+    def _guard_state_machine(self, assoc: Any) -> None:
+        """Abort (not crash) when pynetdicom cannot decode what the peer sent.
+
+        pynetdicom 3.0 decodes P-DATA inside its state machine, outside the DUL reactor's
+        exception handler: a malformed DIMSE command set (e.g. no Command Field) raises in
+        the DUL thread, which dies without an A-ABORT and without ``EVT_ABORTED``. Wrapped
+        here, the peer gets an A-ABORT (PS3.8 section 9.3.8, source: service provider) and
+        the audit log an "aborted" record.
+        """
+        dul = assoc.dul
+        machine = dul.state_machine
+        do_action = machine.do_action
+
+        def guarded(event: str) -> None:
+            try:
+                do_action(event)
+            except Exception as exc:  # pynetdicom raises many types on malformed input
+                pdu = A_ABORT_RQ()
+                pdu.source = 0x02
+                pdu.reason_diagnostic = 0x00
+                with contextlib.suppress(Exception):
+                    dul.socket.send(pdu.encode())
+                assoc.is_aborted = True
+                assoc.is_established = False
+                assoc._kill = True
+                dul._kill_thread = True
+                reason = f"malformed message from peer: {type(exc).__name__}: {exc}"
+                self._record_end(assoc, "aborted", reason=reason[:200])
+
+        machine.do_action = guarded
 
     def _peer(self, assoc: Any) -> dict[str, Any]:
         rq = getattr(assoc.requestor, "primitive", None)
@@ -341,14 +376,31 @@ class StoreHandler:
     def handle_closed(self, event: evt.Event) -> None:
         """Log and audit an association that ended (released or aborted) with its counts."""
         assoc = event.assoc
-        counts = getattr(assoc, "l3spot_counts", {"stored": 0, "failed": 0})
         outcome = "released" if event.event is evt.EVT_RELEASED else "aborted"
-        peer = self._peer(assoc)
-        duration = self._duration(assoc)
         extra: dict[str, str] = {}
         if getattr(assoc.requestor, "primitive", None) is None:
             extra["reason"] = "connection closed before an A-ASSOCIATE-RQ"
-        log_event(log, f"association_{outcome}", duration_s=duration, **peer, **counts, **extra)
+        self._record_end(assoc, outcome, **extra)
+
+    def _record_end(self, assoc: Any, outcome: str, **extra: str) -> None:
+        """Log and audit the end of an association, once."""
+        with self._lock:
+            if getattr(assoc, "l3spot_ended", False):
+                return
+            assoc.l3spot_ended = True
+        counts = getattr(assoc, "l3spot_counts", {"stored": 0, "failed": 0})
+        peer = self._peer(assoc)
+        duration = self._duration(assoc)
+        level = logging.INFO if outcome == "released" else logging.WARNING
+        log_event(
+            log,
+            f"association_{outcome}",
+            level=level,
+            duration_s=duration,
+            **peer,
+            **counts,
+            **extra,
+        )
         if self.audit is not None:
             self.audit.record(
                 event="association",
