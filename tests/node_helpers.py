@@ -1,11 +1,24 @@
-"""Small helpers shared by the node's tests: tiny CT datasets and a free TCP port."""
+"""Helpers shared by the node's tests: tiny CT datasets, free ports, real processes."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from subprocess import Popen
+from typing import Any
 
 import numpy as np
+import yaml
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -72,3 +85,308 @@ def write_series(folder: Path, n: int, **kwargs: object) -> tuple[str, str, Path
         ds = make_ct(study, series, i, **kwargs)  # type: ignore[arg-type]
         ds.save_as(folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
     return study, series, folder
+
+
+# ---------------------------------------------------------------------------- real processes
+# Helpers for tests and benches that run the node, workers, Redis and Orthanc as real
+# processes (tests/test_faults.py, tests/test_load.py, bench/bench_load.py).
+
+STORESCU = "/usr/bin/storescu"
+ORTHANC = "/usr/sbin/Orthanc"
+REDIS_SERVER = "/usr/bin/redis-server"
+NODELAY_ENV = {**os.environ, "TCP_NODELAY": "1"}
+CLI = [sys.executable, "-m", "service.cli"]
+
+
+def phantom_datasets(seed: int, n_slices: int, size: int = 64) -> list[Dataset]:
+    """A small abdomen-pelvis phantom as ``n_slices`` CT datasets (deterministic UIDs).
+
+    ``size`` x ``size`` pixels of 448 / ``size`` mm; the slice thickness is chosen so that
+    the field of view covers the abdomen and pelvis, then the volume is cut to exactly
+    ``n_slices`` (inferior first). The pipeline analyses it in about a second.
+    """
+    import dataclasses
+    import tempfile
+
+    import pydicom
+
+    from worker.dicom_series import write_ct_series
+    from worker.phantom import PhantomSpec, generate_phantom
+
+    spec = PhantomSpec(
+        rows=size,
+        cols=size,
+        pixel_spacing_mm=448.0 / size,
+        fov="abdomen_pelvis",
+        slice_thickness_mm=max(0.5, 430.0 / n_slices),
+        with_labels=False,
+    )
+    vol = generate_phantom(seed, spec).volume
+    while vol.hu.shape[0] < n_slices:  # short patient: thinner slices
+        spec = dataclasses.replace(spec, slice_thickness_mm=spec.slice_thickness_mm * 0.9)
+        vol = generate_phantom(seed, spec).volume
+    vol = dataclasses.replace(vol, hu=vol.hu[:n_slices], z_mm=vol.z_mm[:n_slices])
+    with tempfile.TemporaryDirectory() as tmp:
+        write_ct_series(vol, Path(tmp), uid_seed=f"l3spot-test-phantom-{seed}-{n_slices}-{size}")
+        return [pydicom.dcmread(f) for f in sorted(Path(tmp).glob("*.dcm"))]
+
+
+def write_config(path: Path, spool_dir: Path, port: int, **sections: dict[str, Any]) -> Path:
+    """Write a test ``config.yaml``: short stable time, local ports, given section overrides."""
+    cfg: dict[str, Any] = {
+        "node": {
+            "ae_title": "L3SPOT",
+            "host": "127.0.0.1",
+            "port": port,
+            "spool_dir": str(spool_dir),
+            "series_stable_seconds": 1,
+            "watcher_interval_seconds": 0.2,
+            "min_slices": 10,
+            "min_free_disk_mb": 0,
+            "max_associations": 20,
+        },
+        "broker": {"url": None},
+        "export": {"destinations": []},
+        "logging": {"level": "INFO"},
+    }
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def spawn(args: list[str], log_path: Path, env: dict[str, str] | None = None) -> Popen[bytes]:
+    """Start a process in its own session (so :func:`kill_group` reaches its children)."""
+    with open(log_path, "ab") as log:
+        return Popen(args, stdout=log, stderr=log, env=env or NODELAY_ENV, start_new_session=True)
+
+
+def kill_group(proc: Popen[bytes], sig: int = signal.SIGKILL) -> None:
+    """Send ``sig`` to the process group of ``proc`` (started by :func:`spawn`), then reap."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(30)
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def stop(proc: Popen[bytes], timeout_s: float = 20) -> None:
+    """SIGTERM the process (Celery warm shutdown, node stop), SIGKILL its group after a while."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            kill_group(proc)
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str, step: float = 0.1) -> Any:
+    """Poll ``predicate`` until it returns something truthy; AssertionError after timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(step)
+
+
+def echo_ok(port: int, timeout_s: float = 2.0) -> bool:
+    """True when a C-ECHO to ``L3SPOT`` on 127.0.0.1:``port`` succeeds."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    ae = AE(ae_title="TESTECHO")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="L3SPOT")
+    if not assoc.is_established:
+        return False
+    status = assoc.send_c_echo()
+    assoc.release()
+    return "Status" in status and int(status.Status) == 0
+
+
+def start_node(config: Path, log_path: Path, port: int, timeout_s: float = 60) -> Popen[bytes]:
+    """``l3spot serve --config config`` in its own session; returns once it answers C-ECHO."""
+    proc = spawn([*CLI, "serve", "--config", str(config)], log_path)
+    deadline = time.monotonic() + timeout_s
+    while not echo_ok(port):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            kill_group(proc)
+            raise RuntimeError(f"node did not start: {log_path.read_text()[-3000:]}")
+        time.sleep(0.2)
+    return proc
+
+
+def start_worker(config: Path, log_path: Path, name: str, queues: str = "analysis,export"):  # noqa: ANN201
+    """``l3spot worker`` in its own session (prefork, concurrency 1); returns the Popen."""
+    return spawn(
+        [*CLI, "worker", "--config", str(config), "--queues", queues, "--hostname", f"{name}@%h"],
+        log_path,
+    )
+
+
+def start_redis(port: int, log_path: Path) -> Popen[bytes]:
+    """A private redis-server on ``port`` without persistence (a restart loses everything)."""
+    proc = spawn(
+        [
+            REDIS_SERVER,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(log_path.parent),
+        ],
+        log_path,
+    )
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1)
+    wait_for(lambda: _redis_ping(client), 20, f"redis-server on {port}")
+    return proc
+
+
+def _redis_ping(client: Any) -> bool:
+    try:
+        return bool(client.ping())
+    except Exception:
+        return False
+
+
+@dataclass
+class OrthancPacs:
+    """A running Orthanc (the PACS) with its REST and DICOM ports."""
+
+    http: int
+    dicom: int
+    proc: Popen[bytes]
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}{path}", timeout=10) as r:
+            return json.loads(r.read())
+
+    def post(self, path: str, body: dict[str, Any]) -> Any:
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.http}{path}", data=json.dumps(body).encode(), method="POST"
+        )
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+
+    def sop_uids_of_study(self, study_uid: str) -> list[str]:
+        """SOP Instance UIDs of every instance Orthanc holds in the study (with repeats)."""
+        found = self.post(
+            "/tools/find",
+            {
+                "Level": "Instance",
+                "Query": {"StudyInstanceUID": study_uid},
+                "RequestedTags": ["SOPInstanceUID"],
+                "Expand": True,
+            },
+        )
+        return [i["MainDicomTags"]["SOPInstanceUID"] for i in found]
+
+
+def start_orthanc(root: Path, dicom_port: int | None = None) -> OrthancPacs:
+    """Start Orthanc with its storage under ``root`` (optionally on a given DICOM port)."""
+    root.mkdir(parents=True, exist_ok=True)
+    http, dicom = free_port(), dicom_port or free_port()
+    cfg = {
+        "Name": "l3spot-test-pacs",
+        "StorageDirectory": str(root / "db"),
+        "IndexDirectory": str(root / "db"),
+        "HttpPort": http,
+        "DicomPort": dicom,
+        "DicomAet": "ORTHANC",
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomCheckCalledAet": False,
+        "DicomAlwaysAllowStore": True,
+        "OverwriteInstances": True,
+        "Plugins": [],
+        "StorageCompression": False,
+    }
+    (root / "orthanc.json").write_text(json.dumps(cfg))
+    proc = spawn([ORTHANC, str(root / "orthanc.json")], root / "orthanc.log")
+    pacs = OrthancPacs(http, dicom, proc)
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"Orthanc exited: {(root / 'orthanc.log').read_text()[-2000:]}")
+        try:
+            pacs.get("/system")
+            return True
+        except OSError:
+            return False
+
+    wait_for(up, 30, "Orthanc REST API", step=0.2)
+    return pacs
+
+
+def result_sop_uids(results_dir: Path) -> list[str]:
+    """SOP Instance UIDs of the result objects (SEG, SR, SC) in one series' results folder."""
+    import pydicom
+
+    return sorted(
+        str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+        for f in sorted(results_dir.glob("*.dcm"))
+    )
+
+
+@dataclass
+class StoreLog:
+    """What one SCU association got back: per instance (SOP UID, status or None, seconds)."""
+
+    sent: list[tuple[str, int | None, float]] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def acknowledged(self) -> list[str]:
+        return [uid for uid, status, _ in self.sent if status == 0]
+
+
+def send_datasets(
+    datasets: list[Dataset], port: int, log: StoreLog | None = None, ae_title: str = "SCANNER"
+) -> StoreLog:
+    """C-STORE ``datasets`` over one pynetdicom association, recording every status.
+
+    Never raises: an association that breaks (the node was killed) ends the log with
+    ``error`` set; the instances after it are not sent.
+    """
+    from pynetdicom import AE
+
+    log = log if log is not None else StoreLog()
+    ae = AE(ae_title=ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    for cls in sorted({str(ds.SOPClassUID) for ds in datasets}):
+        ae.add_requested_context(cls, [ExplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", port, ae_title="L3SPOT")
+    if not assoc.is_established:
+        log.error = "association not established"
+        return log
+    try:
+        for ds in datasets:
+            t0 = time.perf_counter()
+            try:
+                status = assoc.send_c_store(ds)
+            except Exception as exc:  # the peer died mid-association
+                log.error = f"{type(exc).__name__}: {exc}"
+                break
+            code = int(status.Status) if "Status" in status else None
+            log.sent.append((str(ds.SOPInstanceUID), code, time.perf_counter() - t0))
+            if code is None or not assoc.is_established:
+                log.error = "association broken"
+                break
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return log

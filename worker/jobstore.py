@@ -57,7 +57,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     analysis_finished_at REAL,
     export_finished_at REAL,
     updated_at   REAL NOT NULL,
-    requeues     INTEGER NOT NULL DEFAULT 0
+    requeues     INTEGER NOT NULL DEFAULT 0,
+    worker       TEXT
 );
 CREATE TABLE IF NOT EXISTS exports (
     series_uid   TEXT NOT NULL,
@@ -82,7 +83,10 @@ _TIME_FIELDS = (
 
 
 #: Columns added after the first release: ``ALTER TABLE`` on databases that lack them.
-_MIGRATIONS = (("requeues", "ALTER TABLE jobs ADD COLUMN requeues INTEGER NOT NULL DEFAULT 0"),)
+_MIGRATIONS = (
+    ("requeues", "ALTER TABLE jobs ADD COLUMN requeues INTEGER NOT NULL DEFAULT 0"),
+    ("worker", "ALTER TABLE jobs ADD COLUMN worker TEXT"),
+)
 
 
 def new_token() -> str:
@@ -131,6 +135,7 @@ class JobRecord:
     export_finished_at: float | None = None
     updated_at: float = 0.0
     requeues: int = 0
+    worker: str | None = None
     exports: list[ExportRecord] = field(default_factory=list)
 
     def timings(self) -> dict[str, float]:
@@ -255,14 +260,15 @@ class JobStore:
 
     # ---- worker side -----------------------------------------------------------------
 
-    def start_analysis(self, series_uid: str, token: str | None) -> bool:
+    def start_analysis(self, series_uid: str, token: str | None, worker: str | None = None) -> bool:
         """Claim the analysis. False when the task is a stale or repeated delivery.
 
         Stale: the record carries another token (a newer run superseded this task).
         Repeated: same token but the record already went past ``analysing`` (the broker
         delivered the message again after the work was done, e.g. the worker died between
         finishing and acknowledging). Same token and ``queued``/``analysing`` runs (again):
-        that is the re-delivery of a task whose worker died.
+        that is the re-delivery of a task whose worker died. ``worker`` (``host/pid`` of
+        the process running the analysis) is recorded for operators.
         """
         now = time.time()
         with self._write() as con:
@@ -282,8 +288,8 @@ class JobStore:
                 )
             con.execute(
                 "UPDATE jobs SET state=?, attempts=attempts+1, analysis_started_at=?,"
-                " reason=NULL, updated_at=? WHERE series_uid=?",
-                (ANALYSING, now, now, series_uid),
+                " reason=NULL, worker=?, updated_at=? WHERE series_uid=?",
+                (ANALYSING, now, worker, now, series_uid),
             )
         return True
 

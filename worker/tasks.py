@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import threading
 import uuid
 from collections.abc import Callable
@@ -135,7 +136,7 @@ def run_analysis(
     "done", "exporting", "failed" or "stale".
     """
     series_uid = series_dir.name
-    if not jobs.start_analysis(series_uid, token):
+    if not jobs.start_analysis(series_uid, token, worker=f"{socket.gethostname()}/{os.getpid()}"):
         log_event(log, "analysis_stale_task_skipped", series_instance_uid=series_uid)
         return "stale"
     log_event(log, "analysis_started", series_instance_uid=series_uid)

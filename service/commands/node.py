@@ -52,6 +52,10 @@ def worker(
 
     cfg = _load(config)
     app = configure_app(cfg)
+    if "analysis" in queues.split(","):
+        # import torch and the pipeline once here, before the pool forks: each new pool
+        # child (first task, or a replacement for a killed one) starts seconds sooner
+        import worker.pipeline  # noqa: F401
     argv = [
         "worker",
         "--queues",
