@@ -266,6 +266,7 @@ def create_app(config: Config, probe: NodeProbe | None = None, celery: Any | Non
             rec=row.record,
             result=row.result,
             will_export=will_export,
+            n_destinations=len(config.export.destinations),
             requeued=request.args.get("requeued", ""),
             error=request.args.get("error", ""),
         )
