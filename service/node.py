@@ -215,6 +215,9 @@ class Node:
 
     def start(self) -> None:
         """Start workers (embedded broker), re-queue pending series, then listen."""
+        from service.web.server import start_web  # operators' page (issue 8); None if disabled
+
+        self.web = start_web(self)  # first: an unprotected non-loopback page stops the start
         own_workers = self.config.broker.starts_workers()
         if own_workers:
             self.supervisor = WorkerSupervisor(
@@ -233,9 +236,6 @@ class Node:
                 target=self._reconcile_loop, name="reconciler", daemon=True
             )
             self._reconciler.start()
-        from service.web.server import start_web  # operators' page (issue 8); None if disabled
-
-        self.web = start_web(self)
         on_stored = self.web.observe(self.watcher.touch) if self.web else self.watcher.touch
         self.ae, self.server = start_scp(self.config, self.spool, on_stored)
         if self.web:

@@ -321,6 +321,16 @@ def test_refuses_to_start_unprotected_off_loopback(tmp_path: Path) -> None:
     create_app(make_config(tmp_path, host="::1"))  # loopback: allowed without a token
 
 
+def test_node_refuses_to_start_with_an_unprotected_public_page(tmp_path: Path) -> None:
+    from service.node import Node
+
+    config = make_config(tmp_path, enabled=True, host="0.0.0.0")
+    node = Node(config)
+    with pytest.raises(WebConfigError):
+        node.start()
+    assert node.supervisor is None and node.server is None  # nothing was started
+
+
 def test_token_is_required_when_set_as_bearer_or_basic_password(analysed: WebCase) -> None:
     config = analysed.config.model_copy(deep=True)
     config.web.host, config.web.token = "0.0.0.0", "s3cret-token"

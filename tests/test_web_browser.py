@@ -75,7 +75,7 @@ def _scp_up(web_port: int) -> bool:
 
 @contextlib.contextmanager
 def serve(tmp: Path) -> Iterator[tuple[Path, int, int]]:
-    """``l3spot serve`` with the web page on; yields (config path, DICOM port, web port)."""
+    """``l3spot serve --web``; yields (config path, DICOM port, web port)."""
     dicom_port, web_port = free_port(), free_port()
     cfg = {
         "node": {
@@ -88,14 +88,14 @@ def serve(tmp: Path) -> Iterator[tuple[Path, int, int]]:
         },
         "broker": {"url": None},
         "export": {"destinations": []},
-        "web": {"enabled": True, "host": "127.0.0.1", "port": web_port},
+        "web": {"enabled": False, "host": "127.0.0.1", "port": web_port},  # on by --web
     }
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in os.environ.items() if not k.startswith("L3SPOT__")}
     log = open(tmp / "node.log", "wb")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--config", str(path)],
+        [sys.executable, "-m", "service.cli", "serve", "--web", "--config", str(path)],
         stdout=log,
         stderr=log,
         env=env,

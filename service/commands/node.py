@@ -27,7 +27,12 @@ def _load(config: Path | None):  # noqa: ANN202 (Config, imported lazily)
     return cfg
 
 
-def serve(config: ConfigOpt = None) -> None:
+def serve(
+    config: ConfigOpt = None,
+    web: Annotated[
+        bool | None, typer.Option("--web/--no-web", help="operators' web page (web.enabled)")
+    ] = None,
+) -> None:
     """Run the DICOM node (C-STORE/C-ECHO SCP) until SIGTERM/Ctrl-C.
 
     With ``broker.url: null`` it also runs its own workers: the whole node on one machine.
@@ -35,6 +40,8 @@ def serve(config: ConfigOpt = None) -> None:
     from service.node import Node
 
     cfg = _load(config)
+    if web is not None:
+        cfg.web.enabled = web
     Node(cfg, config.resolve() if config else None).serve_forever()
 
 
