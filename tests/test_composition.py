@@ -10,9 +10,11 @@ import pytest
 from worker import labels as lab
 from worker.composition import (
     body_mass_index,
+    denoise_slice,
     in_hu_range,
     measure_composition,
     measure_labels,
+    noise_sd,
     qa_flags,
     sarcopenia,
     segment_classical,
@@ -169,6 +171,34 @@ def test_truncated_body_flagged():
     assert "body_truncated" in segment_classical(hu, sp, CFG).qa_flags
     hu, _, sp = synthetic_l3()
     assert "body_truncated" not in segment_classical(hu, sp, CFG).qa_flags
+
+
+def test_noise_estimate_and_tv_denoising_restore_low_dose_classification():
+    hu, _, sp = synthetic_l3(noise_hu=45.0, table=False)
+    truth = synthetic_l3(noise_hu=0.0, table=False)[1]  # anatomical masks, same geometry
+    body = truth > 0
+    sigma = noise_sd(hu, body)
+    assert 25.0 <= sigma <= 60.0  # robust estimate of the 45 HU noise
+    clean_sigma = noise_sd(synthetic_l3(noise_hu=5.0)[0], body)
+    assert clean_sigma < 10.0
+    den = denoise_slice(hu, sigma)
+    musc = truth == lab.SMA
+    before = in_hu_range(hu[musc], CFG.muscle_hu).mean()
+    after = in_hu_range(den[musc], CFG.muscle_hu).mean()
+    assert after > before + 0.04 and after > 0.97
+    seg = segment_classical(hu, sp, CFG)  # denoised internally (sigma > denoise_above_hu)
+    off = segment_classical(hu, sp, CFG.model_copy(update={"denoise_above_hu": 0.0}))
+    d_on = _dice(seg.labels == lab.SMA, musc)
+    assert d_on >= 0.97 and d_on > _dice(off.labels == lab.SMA, musc) + 0.05
+
+
+def test_truncated_trunk_keeps_the_sat_vat_split():
+    hu, truth, sp = synthetic_l3(truncate=True)
+    seg = segment_classical(hu, sp, CFG)
+    # the cut edge is not skin: visceral fat reaching it stays visceral, SAT stays SAT
+    assert _dice(seg.labels == lab.VAT, truth == lab.VAT) >= 0.98
+    assert _dice(seg.labels == lab.SAT, truth == lab.SAT) >= 0.98
+    assert _dice(seg.labels == lab.SMA, truth == lab.SMA) >= 0.98
 
 
 def _volume(hu2d: np.ndarray, sp: tuple[float, float], patient: PatientInfo) -> CTVolume:

@@ -415,16 +415,21 @@ def _vertebra(hu: np.ndarray, inner: np.ndarray, px: float) -> np.ndarray | None
     lab_img, n = ndimage.label(closed)
     if n == 0:
         return None
-    ys, _ = np.nonzero(inner)
+    ys, xs_in = np.nonzero(inner)
     y_mid = (ys.min() + ys.max()) / 2
+    x_mid = float(np.median(xs_in))
     best, best_size = 0, 0.0
     for i in range(1, n + 1):
         comp = lab_img == i
         size = float(comp.sum())
-        cy = ndimage.center_of_mass(comp)[0]
-        if cy >= y_mid - 10 / px and size > best_size:
+        cy, cx_c = ndimage.center_of_mass(comp)
+        # the spine is in the midline (ribs are lateral), in the posterior half
+        midline = abs(cx_c - x_mid) * px <= 40.0
+        if cy >= y_mid - 10 / px and midline and size > best_size:
             best, best_size = i, size
-    if best == 0 or best_size * px * px < 300:  # < 3 cm^2 is not a lumbar vertebra
+    # < 2 cm^2 of cortical bone is not a vertebra (a thin, osteoporotic cortex at 3 mm
+    # pixels can be that small; the cancellous bone is added below)
+    if best == 0 or best_size * px * px < 200:
         return None
     # the closing only groups the vertebra's parts; the mask is the bone itself (the closing
     # would bridge the muscle between the transverse processes and the body)
@@ -522,6 +527,7 @@ def segment_classical(
     s_inner = _sample(inner, ys, xs)
     s_musc = _sample(muscle_hu & ~(vert if vert is not None else False), ys, xs)
     s_fat = _sample(fat, ys, xs)
+    s_gas = _sample(hu < config.fat_hu[0], ys, xs)
     # the posterior band never extends in front of the vertebral body (psoas are found below)
     if vert is not None:
         vy_all, vx_all = np.nonzero(vert)
@@ -548,7 +554,12 @@ def segment_classical(
         x_w = cx + np.cos(angles[a]) * radii[i0]
         posterior[a] = y_vert is not None and y_w > y_vert
         paraspinal[a] = posterior[a] and abs(x_w - x_mid) * px <= config.paraspinal_half_width_mm
-        max_mm = config.muscle_band_max_mm if posterior[a] else config.wall_muscle_max_mm
+        if paraspinal[a]:
+            max_mm = config.muscle_band_max_mm
+        elif posterior[a]:
+            max_mm = config.posterior_wall_max_mm
+        else:
+            max_mm = config.wall_muscle_max_mm
         max_n = int(round(max_mm / (step * px)))
         m = s_musc[a, i0::-1]
         f = s_fat[a, i0::-1]
@@ -565,7 +576,9 @@ def segment_classical(
                     terminated[a] = True
                     break
             else:
-                terminated[a] = True
+                # gas ends the muscle like a fat plane; bone or contrast (a rib, a loop of
+                # opacified bowel) does not prove the muscle ended there
+                terminated[a] = bool(s_gas[a, i0 - j])
                 break
             j += 1
         thick[a] = (last_m + 1) * step
@@ -606,7 +619,8 @@ def segment_classical(
         # no muscle in front of the vertebral body in the midline (aorta, IVC, duodenum)
         box &= ~((yy < y_ant + 5 / px) & (np.abs(xx - x_c) < body_half_w))
         cand = muscle_hu & inner & box & ~sma & ~vert
-        opened = ndimage.binary_opening(cand, structure=_disk(max(1.0, 3.0 / px)))
+        r_open = max(1.0, config.psoas_opening_mm / px)
+        opened = ndimage.binary_opening(cand, structure=_disk(r_open))
         near_vert = ndimage.binary_dilation(vert | sma, structure=_disk(max(1.0, 8.0 / px)))
         lab_img, n = ndimage.label(opened)
         keep = np.zeros_like(cand)
@@ -615,7 +629,7 @@ def segment_classical(
             if (comp & near_vert).any() and comp.sum() * px * px >= 100:
                 keep |= comp
         # restore the border removed by the opening, within the candidate mask
-        keep = ndimage.binary_dilation(keep, structure=_disk(max(1.0, 3.0 / px))) & cand
+        keep = ndimage.binary_dilation(keep, structure=_disk(r_open)) & cand
         sma |= keep
 
     # --- IMAT and VAT
