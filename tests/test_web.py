@@ -13,6 +13,7 @@ import io
 import json
 import shutil
 import socket
+import sqlite3
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -136,6 +137,11 @@ def case(tmp_path: Path, analysed: WebCase) -> WebCase:
     """A private copy of the case (for tests that change job states)."""
     shutil.copytree(analysed.root, tmp_path / "copy")
     root = tmp_path / "copy"
+    with sqlite3.connect(root / "var" / "spool" / "jobs.sqlite") as con:  # absolute paths
+        con.execute(
+            "UPDATE jobs SET series_dir = replace(series_dir, ?, ?)",
+            (str(analysed.root), str(root)),
+        )
     config = make_config(root)
     config.node.port = analysed.config.node.port
     return WebCase(
@@ -308,6 +314,21 @@ def test_retry_refuses_missing_csrf_token_and_other_origins(case: WebCase) -> No
     assert _queued_messages(case.config) == []
     ok = {"Origin": "http://localhost"}
     assert c.post(f"/jobs/{uid}/retry", data={"csrf": token}, headers=ok).status_code == 303
+
+
+def test_retry_of_a_series_gone_from_the_spool_says_why(case: WebCase) -> None:
+    c = _client(case)
+    uid = case.failed_uid
+    shutil.rmtree(JobStore(case.config.node.spool_dir).get(uid).series_dir)
+    token = _csrf(c.get(f"/jobs/{uid}").get_data(as_text=True))
+    resp = c.post(f"/jobs/{uid}/retry", data={"csrf": token}, follow_redirects=True)
+    assert "Not re-queued: its instances are not in the spool any more" in resp.get_data(
+        as_text=True
+    )
+    assert JobStore(case.config.node.spool_dir).get(uid).state == FAILED
+    # the message comes from a fixed list, never from the query string
+    page = c.get(f"/jobs/{uid}?error=<b>pay+here</b>").get_data(as_text=True)
+    assert "pay here" not in page and "Not re-queued" not in page
 
 
 # ----------------------------------------------------------------------------- access

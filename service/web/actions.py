@@ -11,14 +11,21 @@ from worker.config import Config
 from worker.export import destination_label, result_files
 from worker.jobstore import JobStore
 
+#: Why a retry can fail: code -> explanation (the page shows the explanation for the code).
+RETRY_ERRORS = {
+    "no_record": "no job record",
+    "not_in_spool": "its instances are not in the spool any more",
+}
+
 
 class RetryError(LookupError):
-    """The series cannot be re-queued (no job record, or its instances are gone)."""
+    """The series cannot be re-queued; ``code`` is a key of :data:`RETRY_ERRORS`."""
 
-    def __init__(self, series_uid: str, reason: str) -> None:
+    def __init__(self, series_uid: str, code: str) -> None:
         self.series_uid = series_uid
-        self.reason = reason
-        super().__init__(f"series {series_uid}: {reason}")
+        self.code = code
+        self.reason = RETRY_ERRORS[code]
+        super().__init__(f"series {series_uid}: {self.reason}")
 
 
 def requeue_series(
@@ -54,7 +61,7 @@ def requeue_series(
     try:
         rec = store.get(series_uid)
     except JobNotFoundError as exc:
-        raise RetryError(series_uid, "no job record") from exc
+        raise RetryError(series_uid, "no_record") from exc
     results = config.node.resolved_results_dir() / series_uid
     if (
         not analysis
@@ -73,7 +80,7 @@ def requeue_series(
         spool = Spool(config.node.spool_dir, config.node.resolved_quarantine_dir())
         ref = spool.find_series(series_uid)
         if ref is None:
-            raise RetryError(series_uid, "its instances are not in the spool any more")
+            raise RetryError(series_uid, "not_in_spool")
         series_dir = ref.path
     token = store.mark_queued(series_uid)
     celery.send_task(

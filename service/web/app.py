@@ -40,7 +40,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.metrics import registry_for
 from service.spool import is_valid_uid
-from service.web.actions import RetryError, requeue_series
+from service.web.actions import RETRY_ERRORS, RetryError, requeue_series
 from service.web.health import NodeProbe, health
 from service.web.views import (
     COMPARTMENTS,
@@ -268,7 +268,7 @@ def create_app(config: Config, probe: NodeProbe | None = None, celery: Any | Non
             will_export=will_export,
             n_destinations=len(config.export.destinations),
             requeued=request.args.get("requeued", ""),
-            error=request.args.get("error", ""),
+            error=RETRY_ERRORS.get(request.args.get("error", ""), ""),
         )
 
     @app.get("/jobs/<series_uid>/overview.png")
@@ -308,7 +308,7 @@ def create_app(config: Config, probe: NodeProbe | None = None, celery: Any | Non
                 analysis=bool(request.form.get("analysis")),
             )
         except RetryError as exc:
-            return redirect(url_for("job", series_uid=uid, error=exc.reason), code=303)
+            return redirect(url_for("job", series_uid=uid, error=exc.code), code=303)
         return redirect(url_for("job", series_uid=uid, requeued=what), code=303)
 
     @app.get("/measurements.csv")
