@@ -58,11 +58,16 @@ ASSOCIATIONS_REJECTED = Counter(
 #: Histogram buckets (seconds) of the job stages: queue wait, analysis, export.
 STAGE_BUCKETS_S = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
-#: Job stage -> (start column, end column) in the ``jobs`` table.
+#: Job stage -> (start column, end column, extra condition) in the ``jobs`` table; the export
+#: stage counts only series that had destinations (others finish it at once, in 0 s).
 _STAGES = {
-    "queue_wait": ("queued_at", "analysis_started_at"),
-    "analysis": ("analysis_started_at", "analysis_finished_at"),
-    "export": ("analysis_finished_at", "export_finished_at"),
+    "queue_wait": ("queued_at", "analysis_started_at", ""),
+    "analysis": ("analysis_started_at", "analysis_finished_at", ""),
+    "export": (
+        "analysis_finished_at",
+        "export_finished_at",
+        " AND EXISTS (SELECT 1 FROM exports e WHERE e.series_uid = jobs.series_uid)",
+    ),
 }
 
 
@@ -189,9 +194,10 @@ class NodeCollector(Collector):
             with self._connect() as con:
                 for r in con.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"):
                     counts[r["state"]] = int(r["n"])
-                for name, (a, b) in _STAGES.items():
+                for name, (a, b, extra) in _STAGES.items():
                     rows = con.execute(
-                        f"SELECT {b} - {a} AS d FROM jobs WHERE {a} IS NOT NULL AND {b} IS NOT NULL"
+                        f"SELECT {b} - {a} AS d FROM jobs"
+                        f" WHERE {a} IS NOT NULL AND {b} IS NOT NULL{extra}"
                     ).fetchall()
                     values = [max(float(r["d"]), 0.0) for r in rows]
                     buckets = [(str(le), sum(v <= le for v in values)) for le in STAGE_BUCKETS_S]
