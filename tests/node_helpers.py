@@ -390,3 +390,172 @@ def send_datasets(
         if assoc.is_established:
             assoc.release()
     return log
+
+
+# ---------------------------------------------------------------------------- load
+
+
+@dataclass
+class LoadReport:
+    """Outcome and figures of :func:`run_load`.
+
+    Attributes
+    ----------
+    instances : instances sent; acknowledged : those answered 0x0000.
+    send_s : wall seconds from the first association to the last release.
+    latencies_s : per C-STORE round trip (s), all associations together.
+    all_done_s : seconds from the first association to the last series final.
+    node_peak_rss_mb : high-water mark of the node process's resident memory (MiB).
+    records : final job record of every series.
+    stored : instances in the spool per series; expected : sent per series.
+    pacs_ok : per series, whether the PACS holds exactly its result objects.
+    errors : association errors.
+    """
+
+    instances: int
+    acknowledged: int
+    send_s: float
+    latencies_s: list[float]
+    all_done_s: float
+    node_peak_rss_mb: float
+    records: dict[str, Any]
+    stored: dict[str, int]
+    expected: dict[str, int]
+    pacs_ok: dict[str, bool]
+    errors: list[str]
+
+    def percentile_ms(self, q: float) -> float:
+        return float(np.percentile(np.asarray(self.latencies_s) * 1000.0, q))
+
+    def summary(self) -> str:
+        states: dict[str, int] = {}
+        for r in self.records.values():
+            states[r.state] = states.get(r.state, 0) + 1
+        return (
+            f"{self.acknowledged}/{self.instances} instances acknowledged in {self.send_s:.1f} s "
+            f"= {self.acknowledged / self.send_s:.0f} instances/s; C-STORE latency p50 "
+            f"{self.percentile_ms(50):.1f} ms, p95 {self.percentile_ms(95):.1f} ms; node peak RSS "
+            f"{self.node_peak_rss_mb:.0f} MiB; all {len(self.records)} series final after "
+            f"{self.all_done_s:.1f} s {states}; analysed once: "
+            f"{sum(r.attempts == 1 for r in self.records.values())}/{len(self.records)}; "
+            f"PACS exact: {sum(self.pacs_ok.values())}/{len(self.pacs_ok)}"
+        )
+
+
+def _peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def _send_job(args: tuple[list[Dataset], int]) -> StoreLog:
+    datasets, port = args
+    return send_datasets(datasets, port)
+
+
+def run_load(
+    work: Path,
+    n_associations: int,
+    n_series: int,
+    n_instances: int,
+    size: int = 64,
+    n_workers: int = 2,
+    timeout_s: float = 600,
+    fsync: bool = True,
+) -> LoadReport:
+    """Concurrent associations -> one node (Redis broker) -> ``n_workers`` workers -> Orthanc.
+
+    Starts a private redis-server, Orthanc, ``l3spot serve`` and ``n_workers`` ``l3spot
+    worker`` processes (both queues, one pool process each) under ``work``; sends
+    ``n_series`` phantom series of ``n_instances`` ``size`` x ``size`` slices over
+    ``n_associations`` concurrent associations (series ``i`` goes over association
+    ``i % n_associations``, one after another; each association is a forked process with a
+    pynetdicom SCU); waits until every series' job record is final; stops everything.
+    """
+    import multiprocessing
+
+    from worker.jobstore import DONE, FAILED, INELIGIBLE, JobNotFoundError, JobStore
+
+    series = [phantom_datasets(1000 + i, n_instances, size) for i in range(n_series)]
+    per_assoc: list[list[Dataset]] = [[] for _ in range(n_associations)]
+    for i, ds in enumerate(series):
+        per_assoc[i % n_associations].extend(ds)
+    redis_port, port = free_port(), free_port()
+    procs: list[Popen[bytes]] = []
+    redis_proc = start_redis(redis_port, work / "redis.log")
+    pacs = start_orthanc(work / "orthanc")
+    spool = work / "var" / "spool"
+    cfg = write_config(
+        work / "config.yaml",
+        spool,
+        port,
+        node={"fsync": fsync, "max_series_instances": max(5000, n_instances)},
+        broker={"url": f"redis://127.0.0.1:{redis_port}/0", "reconcile_interval_seconds": 5},
+        export={
+            "destinations": [{"ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs.dicom}],
+            "backoff_initial_seconds": 1,
+        },
+    )
+    try:
+        node = start_node(cfg, work / "node.log", port)
+        procs.append(node)
+        procs += [start_worker(cfg, work / f"worker{i}.log", f"w{i}") for i in range(n_workers)]
+        jobs = JobStore(spool)
+        t0 = time.monotonic()
+        with multiprocessing.get_context("fork").Pool(n_associations) as pool:
+            logs = pool.map(_send_job, [(d, port) for d in per_assoc], chunksize=1)
+        send_s = time.monotonic() - t0
+        uids = [str(ds[0].SeriesInstanceUID) for ds in series]
+
+        def final() -> dict[str, Any] | None:
+            out = {}
+            for uid in uids:
+                try:
+                    rec = jobs.get(uid)
+                except JobNotFoundError:
+                    return None
+                if rec.state not in (DONE, FAILED, INELIGIBLE):
+                    return None
+                out[uid] = rec
+            return out
+
+        records = wait_for(final, timeout_s, "every series final", step=0.5)
+        all_done_s = time.monotonic() - t0
+        peak = _peak_rss_mb(node.pid)
+        stored = {
+            str(ds[0].SeriesInstanceUID): len(
+                list(
+                    (spool / str(ds[0].StudyInstanceUID) / str(ds[0].SeriesInstanceUID)).glob(
+                        "*.dcm"
+                    )
+                )
+            )
+            for ds in series
+        }
+        pacs_ok = {}
+        for ds in series:
+            uid = str(ds[0].SeriesInstanceUID)
+            results = spool.parent / "results" / uid
+            expected = result_sop_uids(results) if records[uid].state == DONE else []
+            got = sorted(pacs.sop_uids_of_study(str(ds[0].StudyInstanceUID)))
+            pacs_ok[uid] = got == expected
+        return LoadReport(
+            instances=sum(len(d) for d in per_assoc),
+            acknowledged=sum(len(log.acknowledged) for log in logs),
+            send_s=send_s,
+            latencies_s=[lat for log in logs for _, _, lat in log.sent],
+            all_done_s=all_done_s,
+            node_peak_rss_mb=peak,
+            records=records,
+            stored=stored,
+            expected={str(ds[0].SeriesInstanceUID): len(ds) for ds in series},
+            pacs_ok=pacs_ok,
+            errors=[log.error for log in logs if log.error],
+        )
+    finally:
+        for p in reversed(procs):
+            stop(p)
+        kill_group(pacs.proc)
+        kill_group(redis_proc)
