@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from pathlib import Path
 
 import pytest
 
 from service.jobs import (
+    ANALYSING,
     DONE,
     EXPORTING,
     FAILED,
@@ -17,6 +20,7 @@ from service.jobs import (
     JobStore,
     format_jobs,
 )
+from worker.jobstore import DB_NAME
 
 SERIES = "1.2.826.0.1.3680043.8.498.1"
 
@@ -95,3 +99,70 @@ def test_list_filters_by_state_and_formats_reasons(tmp_path: Path) -> None:
     assert len(store.list()) == 2
     text = format_jobs(store.list())
     assert "fewer than node.min_slices=20" in text and "received" in text
+
+
+def test_claim_stale_takes_over_lost_tasks_with_new_tokens(tmp_path: Path) -> None:
+    jobs = JobStore(tmp_path)
+    lost_queued, lost_running, alive, exporting, done = (f"1.2.{i}" for i in range(5))
+    old = {uid: jobs.mark_queued(uid, 30) for uid in (lost_queued, lost_running, alive)}
+    assert jobs.start_analysis(lost_running, old[lost_running])
+    assert jobs.start_analysis(alive, old[alive])
+    jobs.mark_queued(exporting, 30)
+    jobs.start_export(exporting, ["PACS@h:1"])
+    jobs.mark_queued(done, 30)
+    jobs.finish_export(done)
+    cutoff = time.time() + 1e-3  # everything above is older than this
+    time.sleep(0.01)
+    assert jobs.heartbeat(alive, old[alive])  # alive: its heartbeat is newer than the cutoff
+    claimed = jobs.claim_stale(cutoff, cutoff, cutoff)
+    by_uid = {r.series_uid: r for r in claimed}
+    assert sorted(by_uid) == sorted([lost_queued, lost_running, exporting])
+    assert by_uid[lost_running].state == QUEUED and by_uid[exporting].state == EXPORTING
+    for uid in (lost_queued, lost_running):
+        assert by_uid[uid].requeues == 1 and by_uid[uid].token != old[uid]
+        assert not jobs.start_analysis(uid, old[uid])  # a late copy of the lost task
+        assert jobs.start_analysis(uid, by_uid[uid].token)
+    assert jobs.get(alive).state == ANALYSING and jobs.get(alive).requeues == 0
+    assert jobs.claim_stale(0, 0, 0) == []  # just claimed: nothing is stale any more
+
+
+def test_a_repeated_delivery_after_the_work_is_done_does_nothing(tmp_path: Path) -> None:
+    jobs = JobStore(tmp_path)
+    token = jobs.mark_queued("1.2.3", 30)
+    assert jobs.start_analysis("1.2.3", token, worker="host/42")
+    assert jobs.get("1.2.3").worker == "host/42"
+    assert jobs.start_analysis("1.2.3", token)  # re-delivered while analysing: runs again
+    assert jobs.finish_analysis("1.2.3", None, exporting=False, token=token)
+    assert not jobs.start_analysis("1.2.3", token)  # re-delivered after done
+    assert jobs.get("1.2.3").attempts == 2
+
+
+def test_superseded_run_cannot_finish_or_heartbeat(tmp_path: Path) -> None:
+    jobs = JobStore(tmp_path)
+    old = jobs.mark_queued("1.2.3", 30)
+    assert jobs.start_analysis("1.2.3", old)
+    new = jobs.renew_token("1.2.3")
+    assert not jobs.heartbeat("1.2.3", old) and jobs.heartbeat("1.2.3", new)
+    assert not jobs.finish_analysis("1.2.3", None, exporting=True, token=old)
+    assert jobs.get("1.2.3").state == ANALYSING
+    with pytest.raises(JobNotFoundError):
+        jobs.renew_token("9.9.9")
+
+
+def test_a_database_of_the_first_schema_gains_the_new_columns(tmp_path: Path) -> None:
+    with sqlite3.connect(tmp_path / DB_NAME) as con:
+        con.execute(
+            "CREATE TABLE jobs (series_uid TEXT PRIMARY KEY, study_uid TEXT NOT NULL DEFAULT '',"
+            " series_dir TEXT NOT NULL DEFAULT '', state TEXT NOT NULL, reason TEXT, note TEXT,"
+            " n_instances INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0,"
+            " token TEXT, received_at REAL, completed_at REAL, queued_at REAL,"
+            " analysis_started_at REAL, analysis_finished_at REAL, export_finished_at REAL,"
+            " updated_at REAL NOT NULL)"
+        )
+        con.execute(
+            "INSERT INTO jobs (series_uid, state, updated_at) VALUES ('1.2.3', 'queued', 1)"
+        )
+    jobs = JobStore(tmp_path)
+    rec = jobs.get("1.2.3")
+    assert (rec.state, rec.requeues, rec.worker) == (QUEUED, 0, None)
+    assert [r.series_uid for r in jobs.claim_stale(2, 2, 2)] == ["1.2.3"]

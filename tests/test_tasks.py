@@ -7,6 +7,7 @@ test (tests/test_integration_node.py) runs the real one.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -156,3 +157,44 @@ def test_export_retries_with_backoff_then_fails_with_remote_status(
     jobs.start_export(SERIES, ["PACS@127.0.0.1:4242"])
     ok = tasks.run_export(SERIES, cfg, jobs, lambda *a: ExportOutcome(True))
     assert ok == ("done", 0.0) and jobs.get(SERIES).state == DONE
+
+
+def test_heartbeats_keep_a_long_analysis_from_being_taken_over(
+    tmp_path: Path, series_dir: Path
+) -> None:
+    cfg = _config(tmp_path)
+    cfg.broker.heartbeat_seconds = 0.05
+    jobs = JobStore(cfg.node.spool_dir)
+    token = jobs.mark_queued(SERIES, 30)
+    claimed: list[list[Any]] = []
+    inner = stand_in()
+
+    def slow(input_path: Path, out_dir: Path, config: Config) -> FakeResult:
+        time.sleep(0.4)
+        # the reconciliation, 0.4 s into the analysis, with a 0.2 s stale threshold
+        claimed.append(jobs.claim_stale(0, time.time() - 0.2, 0))
+        return inner(input_path, out_dir, config)
+
+    assert tasks.run_analysis(series_dir, cfg, jobs, lambda s, t: None, token, slow) == "exporting"
+    assert claimed == [[]]
+    assert jobs.get(SERIES).attempts == 1
+
+
+def test_a_run_superseded_while_analysing_neither_finishes_nor_exports(
+    tmp_path: Path, series_dir: Path
+) -> None:
+    cfg = _config(tmp_path)
+    jobs = JobStore(cfg.node.spool_dir)
+    token = jobs.mark_queued(SERIES, 30)
+    inner = stand_in()
+
+    def requeued_meanwhile(input_path: Path, out_dir: Path, config: Config) -> FakeResult:
+        jobs.renew_token(SERIES)  # the node decided this run was lost and queued it again
+        return inner(input_path, out_dir, config)
+
+    exports: list[str] = []
+    out = tasks.run_analysis(
+        series_dir, cfg, jobs, lambda s, t: exports.append(s), token, requeued_meanwhile
+    )
+    assert out == "stale" and exports == []
+    assert jobs.get(SERIES).state != EXPORTING

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from service.spool import Spool
 from service.watcher import SeriesWatcher
 from tests.node_helpers import write_series
 from worker.config import NodeConfig
-from worker.jobstore import DONE, INELIGIBLE, QUEUED, RECEIVED, JobStore
+from worker.jobstore import DONE, FAILED, INELIGIBLE, QUEUED, RECEIVED, JobStore
 
 
 class Clock:
@@ -106,3 +107,76 @@ def test_recover_requeues_pending_and_restarts_timers(setup, tmp_path: Path) -> 
     assert actions == {"1.1.1": "requeued", "1.1.2": "timer", "1.1.4": "export_requeued"}
     assert [q[1] for q in queued] == ["1.1.1"] and exports == ["1.1.4"]
     assert "1.1.2" in watcher.pending
+
+
+def test_a_failed_publish_leaves_the_series_queued_for_the_reconciliation(
+    tmp_path: Path,
+) -> None:
+    node = NodeConfig(spool_dir=tmp_path / "spool", series_stable_seconds=0, min_slices=4)
+
+    def broker_down(d: Path, s: str, t: str) -> None:
+        raise ConnectionRefusedError("redis down")
+
+    watcher = SeriesWatcher(node, JobStore(node.spool_dir), broker_down)
+    study, series, folder = write_series(tmp_path / "spool" / "s", 6)
+    watcher.touch(study, series, folder)
+    assert watcher.poll() == [series]
+    rec = watcher.jobs.get(series)
+    assert rec.state == QUEUED and rec.token and rec.reason is None
+
+
+def test_recover_leaves_running_series_of_separate_workers_alone(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    watcher, clock, queued, node = setup
+    spool = Spool(node.spool_dir, tmp_path / "q")
+    write_series(spool.root / "1.1" / "1.1.1", 5)
+    token = watcher.jobs.mark_queued("1.1.1", 5)
+    assert watcher.jobs.start_analysis("1.1.1", token)
+    # Redis, separate workers: one may still be running it; the reconciliation decides
+    assert watcher.recover(spool, lambda s, t: None, requeue_running=False) == {}
+    assert queued == [] and watcher.jobs.get("1.1.1").token == token
+    # the node's own workers died with it: queued again at once, with a new token
+    assert watcher.recover(spool, lambda s, t: None) == {"1.1.1": "requeued"}
+    assert len(queued) == 1 and queued[0][2] == watcher.jobs.get("1.1.1").token != token
+
+
+def test_node_reconciliation_requeues_lost_tasks_and_survives_a_broker_outage(
+    tmp_path: Path,
+) -> None:
+    from service.node import Node
+    from worker.config import Config
+
+    cfg = Config.model_validate(
+        {
+            "node": {"spool_dir": tmp_path / "spool"},
+            "broker": {"stale_queued_seconds": 60, "stale_running_seconds": 10},
+            "export": {"backoff_max_seconds": 5, "timeout_seconds": 5},
+        }
+    )
+    node = Node(cfg)
+    study, series, folder = write_series(tmp_path / "spool" / "1.9" / "1.9.1", 5)
+    del study, series
+    jobs = node.jobs
+    jobs.mark_received("1.9.1", "1.9", folder)
+    token = jobs.mark_queued("1.9.1", 5)
+    assert jobs.start_analysis("1.9.1", token)
+    jobs.mark_queued("1.9.2", 5)  # queued, but its folder is gone from the spool
+    sent: list[tuple[str, str]] = []
+    node.enqueue_analysis = lambda d, s, t: sent.append((s, t))  # type: ignore[method-assign]
+    now = time.time()
+    assert node.reconcile(now + 5) == []  # analysing, heartbeat 5 s old: alive
+    claimed = node.reconcile(now + 11)
+    assert [r.series_uid for r in claimed] == ["1.9.1"]
+    assert sent == [("1.9.1", jobs.get("1.9.1").token)] and sent[0][1] != token
+    assert jobs.get("1.9.1").state == QUEUED
+
+    # 70 s later the queued one's message is presumed lost too; the broker is down now
+    def down(d: Path, s: str, t: str) -> None:
+        raise ConnectionError("broker down")
+
+    node.enqueue_analysis = down  # type: ignore[method-assign]
+    claimed = node.reconcile(time.time() + 70)
+    assert sorted(r.series_uid for r in claimed) == ["1.9.1", "1.9.2"]
+    assert jobs.get("1.9.2").state == FAILED and "not in the spool" in (
+        jobs.get("1.9.2").reason or ""
+    )
+    assert jobs.get("1.9.1").state == QUEUED  # still pending: claimed again after the delay
