@@ -9,7 +9,9 @@ Generates one 500-slice 512 x 512 CT series (about 260 MB), then sends it with
 
 Every process gets ``TCP_NODELAY=1`` (DESIGN.md, "Known pitfalls"). The node runs without
 workers and with a long stable time, so only ingest is measured. Prints instances/s, MB/s
-and the ratio to storescp (goal: >= 0.8). Usage: ``python bench/bench_ingest.py [--slices N]``.
+and the ratio to storescp (goal: >= 0.8), and the time of a one-instance association (what
+association set-up costs). Readiness is checked with dcmtk ``echoscu``. Usage:
+``python bench/bench_ingest.py [--slices N] [--repeat N]``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
+ECHOSCU = "/usr/bin/echoscu"
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
@@ -71,14 +74,19 @@ def make_series(folder: Path, n: int, size: int = 512) -> int:
     return total
 
 
-def wait_port(port: int, timeout_s: float = 60) -> None:
+def wait_port(port: int, aec: str, timeout_s: float = 60) -> None:
+    """Wait until a C-ECHO (dcmtk echoscu) succeeds.
+
+    A bare TCP connect would leave a half-open connection that the receiver keeps polling
+    for seconds, during the measurement.
+    """
     deadline = time.monotonic() + timeout_s
+    echo = [ECHOSCU, "-aec", aec, "-to", "5", "127.0.0.1", str(port)]
     while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
+        if subprocess.run(echo, env=ENV, capture_output=True).returncode == 0:
+            return
         time.sleep(0.2)
-    raise RuntimeError(f"nothing listens on {port}")
+    raise RuntimeError(f"nothing answers on {port}")
 
 
 def send(folder: Path, port: int, aec: str) -> float:
@@ -92,20 +100,30 @@ def send(folder: Path, port: int, aec: str) -> float:
     return time.perf_counter() - t0
 
 
-def run_storescp(src: Path, work: Path) -> float:
+def measure(src: Path, port: int, aec: str) -> tuple[float, float]:
+    """(seconds for the series in one association, best seconds of a 1-instance association)."""
+    one = min(send(src / "one", port, aec) for _ in range(3))
+    return send(src / "all", port, aec), one
+
+
+def run_storescp(src: Path, work: Path) -> tuple[float, float]:
     out = work / "storescp"
     out.mkdir()
     port = free_port()
-    proc = subprocess.Popen([STORESCP, "-od", str(out), "-aet", "STORESCP", str(port)], env=ENV)
+    proc = subprocess.Popen(
+        [STORESCP, "-od", str(out), "-aet", "STORESCP", str(port)],
+        env=ENV,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        wait_port(port)
-        return send(src, port, "STORESCP")
+        wait_port(port, "STORESCP")
+        return measure(src, port, "STORESCP")
     finally:
         proc.terminate()
         proc.wait(10)
 
 
-def run_l3spot(src: Path, work: Path, fsync: bool) -> float:
+def run_l3spot(src: Path, work: Path, fsync: bool) -> tuple[float, float]:
     port = free_port()
     cfg = {
         "node": {
@@ -124,8 +142,8 @@ def run_l3spot(src: Path, work: Path, fsync: bool) -> float:
         [sys.executable, "-m", "service.cli", "serve", "--config", str(path)], env=ENV
     )
     try:
-        wait_port(port)
-        return send(src, port, "L3SPOT")
+        wait_port(port, "L3SPOT")
+        return measure(src, port, "L3SPOT")
     finally:
         proc.terminate()
         proc.wait(30)
@@ -136,35 +154,41 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=500)
     parser.add_argument("--repeat", type=int, default=2, help="best of N per receiver")
     args = parser.parse_args()
-    for prog in (STORESCU, STORESCP):
+    for prog in (STORESCU, STORESCP, ECHOSCU):
         if not os.access(prog, os.X_OK):
             sys.exit(f"{prog} missing (apt-get install dcmtk)")
     work = Path(tempfile.mkdtemp(prefix="l3spot-bench-ingest-"))
     try:
         src = work / "series"
-        total = make_series(src, args.slices)
+        total = make_series(src / "all", args.slices)
+        (src / "one").mkdir()
+        first = sorted((src / "all").iterdir())[0]
+        shutil.copy(first, src / "one" / first.name)
         mb = total / 1e6
         print(f"series: {args.slices} instances, {mb:.1f} MB; best of {args.repeat}")
-        results: dict[str, float] = {}
+        results: dict[str, tuple[float, float]] = {}
         receivers = {
             "dcmtk storescp": lambda d: run_storescp(src, d),
             "l3spot serve (fsync)": lambda d: run_l3spot(src, d, True),
             "l3spot serve (no fsync)": lambda d: run_l3spot(src, d, False),
         }
         for k, (name, fn) in enumerate(receivers.items()):
-            times = []
+            runs = []
             for i in range(args.repeat):
                 run_dir = work / f"run-{k}-{i}"
                 run_dir.mkdir()
-                times.append(fn(run_dir))
+                runs.append(fn(run_dir))
                 shutil.rmtree(run_dir, ignore_errors=True)
-            results[name] = min(times)
-        ref = results["dcmtk storescp"]
-        print(f"{'receiver':26} {'s':>7} {'inst/s':>8} {'MB/s':>8} {'vs storescp':>12}")
-        for name, secs in results.items():
+            results[name] = (min(r[0] for r in runs), min(r[1] for r in runs))
+        ref = results["dcmtk storescp"][0]
+        print(
+            f"{'receiver':26} {'s':>7} {'inst/s':>8} {'MB/s':>8} {'vs storescp':>12} "
+            f"{'1-instance association s':>25}"
+        )
+        for name, (secs, one) in results.items():
             print(
                 f"{name:26} {secs:7.2f} {args.slices / secs:8.1f} {mb / secs:8.1f} "
-                f"{ref / secs:12.2f}"
+                f"{ref / secs:12.2f} {one:25.3f}"
             )
     finally:
         shutil.rmtree(work, ignore_errors=True)
