@@ -509,19 +509,28 @@ def run_load(
         send_s = time.monotonic() - t0
         uids = [str(ds[0].SeriesInstanceUID) for ds in series]
 
-        def final() -> dict[str, Any] | None:
+        def snapshot() -> dict[str, Any]:
             out = {}
             for uid in uids:
-                try:
-                    rec = jobs.get(uid)
-                except JobNotFoundError:
-                    return None
-                if rec.state not in (DONE, FAILED, INELIGIBLE):
-                    return None
-                out[uid] = rec
+                with contextlib.suppress(JobNotFoundError):
+                    out[uid] = jobs.get(uid)
             return out
 
-        records = wait_for(final, timeout_s, "every series final", step=0.5)
+        def final() -> dict[str, Any] | None:
+            out = snapshot()
+            done = len(out) == len(uids)
+            return (
+                out
+                if done and all(r.state in (DONE, FAILED, INELIGIBLE) for r in out.values())
+                else None
+            )
+
+        errors = [log.error for log in logs if log.error]
+        try:
+            records = wait_for(final, timeout_s, "every series final", step=0.5)
+        except AssertionError:  # report what there is: the caller's checks say what is missing
+            records = snapshot()
+            errors.append(f"not every series final after {timeout_s} s")
         all_done_s = time.monotonic() - t0
         peak = _peak_rss_mb(node.pid)
         stored = {
@@ -538,7 +547,8 @@ def run_load(
         for ds in series:
             uid = str(ds[0].SeriesInstanceUID)
             results = spool.parent / "results" / uid
-            expected = result_sop_uids(results) if records[uid].state == DONE else []
+            rec = records.get(uid)
+            expected = result_sop_uids(results) if rec is not None and rec.state == DONE else []
             got = sorted(pacs.sop_uids_of_study(str(ds[0].StudyInstanceUID)))
             pacs_ok[uid] = got == expected
         return LoadReport(
@@ -552,7 +562,7 @@ def run_load(
             stored=stored,
             expected={str(ds[0].SeriesInstanceUID): len(ds) for ds in series},
             pacs_ok=pacs_ok,
-            errors=[log.error for log in logs if log.error],
+            errors=errors,
         )
     finally:
         for p in reversed(procs):

@@ -34,6 +34,7 @@ def test_concurrent_associations_every_instance_stored_every_series_analysed_onc
     assert report.errors == []
     assert report.acknowledged == report.instances == 9 * 40
     assert report.stored == report.expected
+    assert len(report.records) == 9
     for rec in report.records.values():
         assert rec.attempts == 1, rec.series_uid
         assert rec.state == DONE or (rec.state == FAILED and rec.reason), rec.state
