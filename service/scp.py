@@ -46,6 +46,7 @@ from pynetdicom import (
     PYNETDICOM_IMPLEMENTATION_UID,
     PYNETDICOM_IMPLEMENTATION_VERSION,
     AllStoragePresentationContexts,
+    _handlers,
     evt,
 )
 from pynetdicom.pdu import A_ABORT_RQ
@@ -207,6 +208,14 @@ def _wake_on_put(q: Any, wake: threading.Event) -> None:
     q.put = put_and_wake
 
 
+_PYNETDICOM_LOG_HANDLERS = (
+    (evt.EVT_DIMSE_RECV, _handlers.standard_dimse_recv_handler),
+    (evt.EVT_DIMSE_SENT, _handlers.standard_dimse_sent_handler),
+    (evt.EVT_PDU_RECV, _handlers.standard_pdu_recv_handler),
+    (evt.EVT_PDU_SENT, _handlers.standard_pdu_sent_handler),
+)
+
+
 class _SharedContexts(list):  # type: ignore[type-arg]
     """The server's supported presentation contexts, shared by its associations.
 
@@ -320,6 +329,12 @@ class StoreHandler:
             context = {"address": assoc.requestor.address}
             assoc_sock.recv = _PduGuard(assoc_sock, self.pdu_limit, context)
             self._guard_state_machine(assoc)
+            if not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
+                # pynetdicom's standard handlers format a DEBUG message for every PDU and
+                # DIMSE message even when nothing is logged (the C-STORE one copies the
+                # whole data set to test it for emptiness): about a tenth of the DUL thread
+                for event_type, handler in _PYNETDICOM_LOG_HANDLERS:
+                    assoc.unbind(event_type, handler)
             wake = threading.Event()
             _wake_on_put(assoc.dimse.msg_queue, wake)
             _wake_on_put(assoc.dul.to_user_queue, wake)
