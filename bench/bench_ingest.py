@@ -123,7 +123,7 @@ def run_storescp(src: Path, work: Path) -> tuple[float, float]:
         proc.wait(10)
 
 
-def run_l3spot(src: Path, work: Path, fsync: bool) -> tuple[float, float]:
+def run_l3spot(src: Path, work: Path, fsync: bool, root: Path | None = None) -> tuple[float, float]:
     port = free_port()
     cfg = {
         "node": {
@@ -139,7 +139,7 @@ def run_l3spot(src: Path, work: Path, fsync: bool) -> tuple[float, float]:
     path = work / f"config-{fsync}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--config", str(path)], env=ENV
+        [sys.executable, "-m", "service.cli", "serve", "--config", str(path)], env=ENV, cwd=root
     )
     try:
         wait_port(port, "L3SPOT")
@@ -153,6 +153,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=500)
     parser.add_argument("--repeat", type=int, default=2, help="best of N per receiver")
+    parser.add_argument(
+        "--baseline-tree",
+        type=Path,
+        help="also run l3spot from this source tree (e.g. an older commit: "
+        "git archive <commit> service worker | tar -x -C DIR), for before/after figures",
+    )
     args = parser.parse_args()
     for prog in (STORESCU, STORESCP, ECHOSCU):
         if not os.access(prog, os.X_OK):
@@ -172,6 +178,10 @@ def main() -> None:
             "l3spot serve (fsync)": lambda d: run_l3spot(src, d, True),
             "l3spot serve (no fsync)": lambda d: run_l3spot(src, d, False),
         }
+        if args.baseline_tree is not None:
+            tree = args.baseline_tree.resolve()
+            receivers["baseline (fsync)"] = lambda d: run_l3spot(src, d, True, tree)
+            receivers["baseline (no fsync)"] = lambda d: run_l3spot(src, d, False, tree)
         for k, (name, fn) in enumerate(receivers.items()):
             runs = []
             for i in range(args.repeat):

@@ -149,7 +149,18 @@ def file_meta_bytes(
     """Encoded File Meta Information (PS3.10 section 7.1), group length included.
 
     Hand-encoded (Explicit VR Little Endian, as PS3.10 requires) because pydicom's
-    ``write_file_meta_info`` costs more than the rest of the handler together.
+    ``write_file_meta_info`` cost more than the rest of the handler together. Holds the
+    same elements as pynetdicom's ``Event.file_meta`` plus (0002,0016) Source AE Title.
+
+    Parameters
+    ----------
+    sop_class, sop_instance : Media Storage SOP Class/Instance UID (the Affected ones).
+    transfer_syntax : the presentation context's transfer syntax UID.
+    source_ae : the calling AE title.
+
+    Returns
+    -------
+    bytes from (0002,0000) to the last group 2 element, ready to follow ``DICM``.
     """
     body = b"".join(
         (
