@@ -264,7 +264,7 @@ def render_locator_png(
             d.ellipse([xx - 1.5, y(c) - 1.5, xx + 1.5, y(c) + 1.5], fill=(80, 160, 255))
             if len(loc.presence) == len(loc.predictions):
                 px = x1 + float(loc.presence[i]) * (panel_w - 10)
-                d.point((px, y(c)), fill=(255, 160, 0))
+                d.rectangle([px - 1, y(c) - 1, px + 1, y(c) + 1], fill=(255, 160, 0))
         if loc.mip_row is not None:
             # ideal line: prediction = L3 row - top = L3 row - (centre - H/2)
             c0, c1 = float(centres.min()), float(centres.max())

@@ -252,6 +252,7 @@ def decide_l3(
     a_px: float,
     presence: np.ndarray | None = None,
     tol_px: float = 2.0,
+    presence_power: float = 4.0,
 ) -> Decision:
     """Correlate the prediction sequence with the ideal slope -1 line (paper Fig. 6).
 
@@ -263,6 +264,10 @@ def decide_l3(
     a_px : half-range of L3 offsets around the window centre seen in training (rows).
     presence : (n,) optional probability that L3 lies within +/- a of each window centre.
     tol_px : votes within this many rows of the decision count as agreeing.
+    presence_power : the segment is chosen by ``confidence * presence**(power - 1)``: a
+        strong preference for segments the presence head is sure of (4 was chosen on the
+        validation phantoms of the shipped model: mean error 9.9 -> 5.2 mm, the median
+        unchanged; the real cases were not used).
 
     Returns
     -------
@@ -303,7 +308,7 @@ def decide_l3(
     else:
         pres = np.ones_like(corr)
     score = np.maximum(corr, 0.0) ** 2 * agree * pres
-    j = int(np.argmax(score))
+    j = int(np.argmax(score * pres ** (presence_power - 1.0)))
     candidate_rows = ts.mean(axis=1) + height_px / 2.0
     return Decision(
         row=float(med[j]),

@@ -463,9 +463,15 @@ def validate_windows(
 
 @torch.no_grad()
 def validate_scans(
-    model: nn.Module, cases: Sequence[MipCase], spec: WindowSpec, dev: torch.device, stride: int = 4
+    model: nn.Module,
+    cases: Sequence[MipCase],
+    spec: WindowSpec,
+    dev: torch.device,
+    stride: int = 4,
+    clip_mm: float = 50.0,
 ) -> float | None:
-    """Mean absolute whole-scan decision error (mm) on in-FOV cases (sliding window)."""
+    """Mean absolute whole-scan decision error (mm) on in-FOV cases (sliding window), each
+    error clipped at ``clip_mm`` so that one wrong level does not decide the best epoch."""
     model.eval()
     loc = LoadedLocator(model, spec, "?", dev, Path("<training>"))
     errs = []
@@ -476,7 +482,7 @@ def validate_scans(
         win, tops = sliding_windows(strip, spec, stride)
         rows, p = loc.predict(win, 128)
         d = decide_l3(tops, rows, spec.height_px, spec.a_px, p, tol_px=max(1.5, 6 / spec.pixel_mm))
-        errs.append(abs(d.row - c.l3_row) * spec.pixel_mm)
+        errs.append(min(abs(d.row - c.l3_row) * spec.pixel_mm, clip_mm))
     return float(np.mean(errs)) if errs else None
 
 
@@ -488,7 +494,7 @@ def train_locator(
     record: dict[str, Any] | None = None,
     progress: Callable[[int, float], None] | None = None,
     on_epoch: Callable[[EpochLog], None] | None = None,
-    max_val_scans: int = 40,
+    max_val_scans: int = 80,
     checkpoint: Path | None = None,
 ) -> tuple[nn.Module, list[EpochLog]]:
     """Train a locator; saves the best epoch (lowest validation error) to ``out``.
