@@ -210,7 +210,7 @@ def evaluate_csv(
 
 
 def render_locator_png(
-    mip: Mip, loc: L3Location, out: Path, truth_row: float | None = None, scale: int = 2
+    mip: Mip, loc: L3Location, out: Path, truth_row: float | None = None, scale: int | None = None
 ) -> Path:
     """Draw the MIP with the L3 line and, beside it, the prediction sequence and correlation.
 
@@ -220,7 +220,7 @@ def render_locator_png(
     loc : the locator's result (``window_top_rows``, ``predictions``, ``correlation``...).
     out : PNG path.
     truth_row : reference L3 row, drawn dashed green when given.
-    scale : pixels per MIP pixel in the picture.
+    scale : pixels per MIP pixel in the picture (default: about 500 px tall, 1 to 4).
 
     Notes
     -----
@@ -230,6 +230,7 @@ def render_locator_png(
     Right: correlation with the ideal line per candidate row (the paper's Fig. 6).
     """
     rows, cols = mip.image.shape
+    scale = scale or max(1, min(4, 500 // max(rows, 1)))
     g = (normalise_hu(mip.image, (-300.0, 1500.0)) * 255).astype(np.uint8)
     left = Image.fromarray(g).resize((cols * scale, rows * scale), Image.Resampling.BILINEAR)
     panel_w = 220
@@ -260,6 +261,8 @@ def render_locator_png(
         centres = loc.window_top_rows + hgt / 2.0
         # x axis of the middle panel: the predicted row inside the window, 0..H
         for i, (c, p) in enumerate(zip(centres, loc.predictions, strict=True)):
+            if not 0 <= c < rows:  # window centred in the air padding: off the picture
+                continue
             xx = x1 + float(np.clip(p / hgt, 0, 1)) * (panel_w - 10)
             d.ellipse([xx - 1.5, y(c) - 1.5, xx + 1.5, y(c) + 1.5], fill=(80, 160, 255))
             if len(loc.presence) == len(loc.predictions):
@@ -267,7 +270,7 @@ def render_locator_png(
                 d.rectangle([px - 1, y(c) - 1, px + 1, y(c) + 1], fill=(255, 160, 0))
         if loc.mip_row is not None:
             # ideal line: prediction = L3 row - top = L3 row - (centre - H/2)
-            c0, c1 = float(centres.min()), float(centres.max())
+            c0, c1 = max(float(centres.min()), 0.0), min(float(centres.max()), rows - 1.0)
             pts = []
             for c in (c0, c1):
                 p = loc.mip_row - (c - hgt / 2.0)
@@ -279,6 +282,7 @@ def render_locator_png(
         pts = [
             (x2 + (float(c) + 1) / 2 * (panel_w - 10), y(r))
             for r, c in zip(loc.candidate_rows, loc.correlation, strict=True)
+            if 0 <= r < rows
         ]
         d.line(pts, fill=(255, 255, 255), width=1)
         d.line(

@@ -196,9 +196,8 @@ def locate(
     cfg = _locator_config(weights, stride)
     try:
         vol = load_volume_any(series)
-        loc_model = load_locator(cfg.weights, device)
-        mip = frontal_mip(vol, pixel_mm=loc_model.spec.pixel_mm)
-        res = locate_l3(vol, cfg, mip, device=device)
+        res = locate_l3(vol, cfg, device=device)  # timings include the MIP
+        mip = frontal_mip(vol, pixel_mm=load_locator(cfg.weights, device).spec.pixel_mm)
     except (L3SpotError, ValueError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
