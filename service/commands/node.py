@@ -107,53 +107,18 @@ def retry(
     ] = False,
 ) -> None:
     """Re-queue one series: its export if its results exist, else its analysis."""
-    from service.jobs import JobNotFoundError, JobStore
-    from service.spool import Spool
-    from worker.celery_app import (
-        ANALYSIS_QUEUE,
-        ANALYZE_TASK,
-        EXPORT_QUEUE,
-        EXPORT_TASK,
-        configure_app,
-    )
-    from worker.export import destination_label, result_files
+    from service.jobs import JobStore
+    from service.requeue import RetryError, requeue_series
+    from worker.celery_app import configure_app
 
     cfg = _load(config)
     store = JobStore(cfg.node.spool_dir)
     try:
-        rec = store.get(series_uid)
-    except JobNotFoundError as exc:
+        what = requeue_series(cfg, store, configure_app(cfg), series_uid, analysis=analysis)
+    except RetryError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
-    app = configure_app(cfg)
-    results = cfg.node.resolved_results_dir() / series_uid
-    if (
-        not analysis
-        and rec.analysis_finished_at is not None
-        and result_files(results)
-        and cfg.export.destinations
-    ):
-        store.start_export(series_uid, [destination_label(d) for d in cfg.export.destinations])
-        token = store.renew_token(series_uid)  # an older export chain still retrying stops
-        app.send_task(EXPORT_TASK, args=[series_uid], kwargs={"token": token}, queue=EXPORT_QUEUE)
-        typer.echo(f"export re-queued: {series_uid}")
-        return
-    series_dir = Path(rec.series_dir) if rec.series_dir else None
-    if series_dir is None or not series_dir.is_dir():
-        spool = Spool(cfg.node.spool_dir, cfg.node.resolved_quarantine_dir())
-        ref = spool.find_series(series_uid)
-        if ref is None:
-            typer.echo(f"error: series {series_uid} is not in the spool", err=True)
-            raise typer.Exit(1)
-        series_dir = ref.path
-    token = store.mark_queued(series_uid)
-    app.send_task(
-        ANALYZE_TASK,
-        args=[str(series_dir.resolve())],
-        kwargs={"token": token},
-        queue=ANALYSIS_QUEUE,
-    )
-    typer.echo(f"analysis re-queued: {series_uid}")
+    typer.echo(f"{what} re-queued: {series_uid}")
 
 
 def echo(

@@ -39,8 +39,8 @@ from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.metrics import registry_for
+from service.requeue import RETRY_ERRORS, RetryError, requeue_series
 from service.spool import is_valid_uid
-from service.web.actions import RETRY_ERRORS, RetryError, requeue_series
 from service.web.health import NodeProbe, health
 from service.web.views import (
     COMPARTMENTS,

@@ -1,4 +1,4 @@
-"""What the page's buttons do: re-queue a series, exactly as ``l3spot retry`` does."""
+"""Re-queue one series: what ``l3spot retry`` and the web page's retry button both do."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def requeue_series(
 ) -> str:
     """Re-queue one series: its export if its results exist, else its analysis.
 
-    The same rules as ``l3spot retry`` (:func:`service.commands.node.retry`): when the
+    Used by ``l3spot retry`` and the web page's retry button. When the
     analysis finished, result files exist and export destinations are configured (and
     ``analysis`` is false), the export rows are reset, the job gets a new token and the
     export task is sent;
