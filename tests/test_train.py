@@ -12,6 +12,7 @@ from worker.locate import WindowSpec, load_locator, mip_to_strip
 from worker.train import (
     MipCase,
     TrainSettings,
+    csv_cases,
     extract_window,
     load_case,
     read_case_csv,
@@ -144,3 +145,22 @@ def test_smoke_training_reduces_the_offset_error_and_saves_loadable_weights(tmp_
     loaded = load_locator(out, "cpu")
     assert loaded.spec == SMALL and loaded.arch == "cnn4" and loaded.record["command"] == "test"
     assert mip_to_strip(cases[0].image_hu, SMALL).shape == (150, SMALL.width_px)
+
+
+def test_csv_cases_put_l3_on_the_mip_row_of_the_annotated_slice(tmp_path: Path) -> None:
+    from worker.volume import CTVolume
+
+    (tmp_path / "cases.csv").write_text("series_path,l3_slice_index\na,30\nb,\n")
+    z = np.arange(60, dtype=np.float64) * 3.0 + 10.0
+
+    def loader(path: Path) -> CTVolume:
+        return CTVolume(hu=np.zeros((60, 8, 40), np.float32), z_mm=z, pixel_spacing_mm=(3.0, 3.0))
+
+    cases = csv_cases(tmp_path / "cases.csv", 3.0, loader)
+    assert [c.name for c in cases] == [str(tmp_path / "a"), str(tmp_path / "b")]
+    # row 0 is the top slice (z = 187 mm); slice 30 is at z = 100 mm -> row 29
+    assert cases[0].l3_row == pytest.approx((z[-1] - z[30]) / 3.0)
+    assert cases[1].l3_row is None
+    (tmp_path / "bad.csv").write_text("series_path,l3_slice_index\na,99\n")
+    with pytest.raises(ValueError, match="outside"):
+        csv_cases(tmp_path / "bad.csv", 3.0, loader)
