@@ -125,6 +125,7 @@ def train_unet(
     levels: int = 4,
     base: int = 18,
     device: str = "cpu",
+    max_seconds: float | None = None,
 ) -> tuple[UNet2D, list[float]]:
     """Train one U-Net with Adam and the Dice loss.
 
@@ -133,6 +134,8 @@ def train_unet(
     slices : training slices (any pixel spacing; resampled to ``config.unet_pixel_mm``).
     steps : optimiser steps; batch : slices per step; crop : square crop (pixels at 1 mm),
         a multiple of 2^(levels-1).
+    max_seconds : wall-time budget; training stops after the step that exceeds it (the
+        number of steps done is ``len(losses)``). None = no limit.
 
     Returns
     -------
@@ -154,14 +157,17 @@ def train_unet(
         loss.backward()
         opt.step()
         losses.append(float(loss.item()))
+        elapsed = time.perf_counter() - t0
         if step % 20 == 0:
             log_event(
                 logger,
                 "seg_train_step",
                 step=step,
                 loss=round(losses[-1], 4),
-                seconds=round(time.perf_counter() - t0, 1),
+                seconds=round(elapsed, 1),
             )
+        if max_seconds is not None and elapsed > max_seconds:
+            break
     return model.eval(), losses
 
 

@@ -142,8 +142,15 @@ def train_seg(
     ensemble: Annotated[int, typer.Option(min=1, help="Models with seeds seed..seed+n-1.")] = 1,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
     device: Annotated[str, typer.Option()] = "cpu",
+    max_minutes: Annotated[
+        float | None, typer.Option(help="Wall-time budget per model; stops early.")
+    ] = None,
 ) -> None:
     """Train the body-composition U-Net (Dice loss) from phantoms and/or site masks."""
+    import logging
+    import subprocess
+    import time
+
     import torch
 
     from worker.config import load_config
@@ -151,22 +158,46 @@ def train_seg(
 
     if threads:
         torch.set_num_threads(threads)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        git = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        git = None
     cfg = load_config().composition
     slices = phantom_slices(phantoms, phantom_seed, neighbours) if phantoms else []
+    typer.echo(f"{len(slices)} training slices")
     if site_csv is not None:
         slices += site_nifti_slices(site_csv)
     paths = []
     for i in range(ensemble):
         path = out if ensemble == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")
+        t0 = time.perf_counter()
         model, losses = train_unet(
-            slices, cfg, steps=steps, batch=batch, crop=crop, lr=lr, seed=seed + i, device=device
+            slices,
+            cfg,
+            steps=steps,
+            batch=batch,
+            crop=crop,
+            lr=lr,
+            seed=seed + i,
+            device=device,
+            max_seconds=max_minutes * 60 if max_minutes else None,
         )
         record = {
             "command": "l3spot " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+            "git_commit": git,
             "seed": seed + i,
+            "steps_done": len(losses),
+            "train_seconds": round(time.perf_counter() - t0, 1),
+            "threads": torch.get_num_threads(),
             "data": {
                 "phantoms": phantoms,
                 "phantom_seed": phantom_seed,
+                "phantom_seeds": [phantom_seed, phantom_seed + phantoms - 1] if phantoms else None,
+                "phantom_spec": "worker.phantom PhantomSpec(fov='abdomen', slice_thickness_mm=5)",
                 "neighbours": neighbours,
                 "site_csv": str(site_csv) if site_csv else None,
                 "n_slices": len(slices),
@@ -176,6 +207,7 @@ def train_seg(
             "crop": crop,
             "lr": lr,
             "final_loss": float(np.mean(losses[-20:])),
+            "loss_every_50_steps": [round(v, 4) for v in losses[::50]],
             "architecture": {"levels": model.levels, "base": model.base},
         }
         save_trained(model, path, record)
