@@ -37,8 +37,9 @@ RUN pip install . \
     && useradd --system --uid 1000 --home /var/lib/l3spot l3spot \
     && mkdir -p /var/lib/l3spot /etc/l3spot /app/models \
     && chown -R l3spot /var/lib/l3spot
-# Trained weights are mounted at /app/models (locator.weights defaults to models/locator_cnn4.pt
-# beside the installed package; point locator.weights there in config.yaml).
+# The shipped weights and their model cards; docker-compose.yml may mount a site's own
+# retrained weights over /app/models (deploy/config.yaml points locator.weights there).
+COPY models ./models
 COPY deploy/config.yaml /etc/l3spot/config.yaml
 
 USER l3spot
