@@ -5,11 +5,21 @@ A series is complete when no instance of it arrived for ``node.series_stable_sec
 scanners send one series over several associations, or one instance per association
 (pynetdicom#369, #855). An instance arriving after the series was queued starts the timer
 again, and the series is analysed again when it is stable (tasks are idempotent).
+
+:meth:`SeriesWatcher.touch` runs on the SCP's association threads, inside the C-STORE
+handler, so it only updates memory: the ``received`` job record of a new series is written
+by the watcher's own thread (:meth:`SeriesWatcher.record_received`), never by the thread that
+owes the scanner its C-STORE response. The job database is shared with the workers, the
+reconciliation and the CLI; a write there waits for SQLite's write lock (up to the
+``timeout`` of :class:`worker.jobstore.JobStore`, 30 s), and a C-STORE handler that waited
+with it made the scanner's DIMSE timeout (also 30 s) abort the association (issue 7,
+``docs/reliability.md`` "The 30 s C-STORE stall").
 """
 
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -37,6 +47,15 @@ class _Pending:
     count: int = 0
 
 
+@dataclass
+class _Received:
+    """A ``received`` record not yet written: the first instance of a burst arrived."""
+
+    study_uid: str
+    series_dir: Path
+    at: float  # Unix time (s) of that first instance
+
+
 class SeriesWatcher:
     """Tracks series being received and hands complete, eligible ones to ``enqueue``.
 
@@ -60,8 +79,10 @@ class SeriesWatcher:
         self.enqueue = enqueue
         self.clock = clock
         self._pending: dict[str, _Pending] = {}
+        self._unrecorded: dict[str, _Received] = {}  # insertion order = arrival order
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
     # ---- called from the SCP's association threads ------------------------------------
@@ -69,7 +90,12 @@ class SeriesWatcher:
     def touch(self, study_uid: str, series_uid: str, series_dir: Path) -> None:
         """One instance of the series was stored: (re)start its timer.
 
-        The first instance of a burst also writes the ``received`` job record.
+        Runs on the association's thread inside the C-STORE handler: memory only, never
+        the job database, the disk or the broker. The first instance of a burst queues a
+        ``received`` job record for the watcher thread (:meth:`record_received`) and wakes
+        it. A node that dies before the record is written loses nothing: the series is in
+        the spool, and :meth:`recover` restarts the timer of a spooled series without a
+        record.
         """
         now = self.clock()
         with self._lock:
@@ -77,16 +103,53 @@ class SeriesWatcher:
             first = p is None
             if first:
                 p = self._pending[series_uid] = _Pending(study_uid, series_dir, now)
+                self._unrecorded.setdefault(
+                    series_uid, _Received(study_uid, series_dir, time.time())
+                )
             p.last_seen = now
             p.count += 1
         if first:
-            self.jobs.mark_received(series_uid, study_uid, series_dir)
+            self._wake.set()
             log_event(
                 log,
                 "series_receiving",
                 study_instance_uid=study_uid,
                 series_instance_uid=series_uid,
             )
+
+    # ---- the watcher thread ------------------------------------------------------------
+
+    def record_received(self) -> int:
+        """Write the queued ``received`` job records (oldest first); returns how many.
+
+        Called from the watcher thread (first thing in :meth:`poll`) and at :meth:`stop`.
+        A record stays queued when the database refuses it (locked past the store's
+        timeout) and is written on a later call; a series is not completed before its
+        ``received`` record is written, so ``received`` never lands after ``queued``.
+        """
+        written = 0
+        while True:
+            with self._lock:
+                if not self._unrecorded:
+                    return written
+                series_uid, rec = next(iter(self._unrecorded.items()))
+            try:
+                self.jobs.mark_received(
+                    series_uid, rec.study_uid, rec.series_dir, received_at=rec.at
+                )
+            except sqlite3.Error as exc:
+                log_event(
+                    log,
+                    "received_record_deferred",
+                    logging.WARNING,
+                    series_instance_uid=series_uid,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+                return written
+            with self._lock:
+                if self._unrecorded.get(series_uid) is rec:
+                    del self._unrecorded[series_uid]
+            written += 1
 
     @property
     def pending(self) -> dict[str, float]:
@@ -98,13 +161,17 @@ class SeriesWatcher:
     # ---- the timer ---------------------------------------------------------------------
 
     def poll(self) -> list[str]:
-        """Complete every series stable for ``series_stable_seconds``; returns their UIDs."""
+        """Write queued ``received`` records, then complete every series stable for
+        ``series_stable_seconds`` (and whose ``received`` record is written); returns the
+        UIDs of the completed series."""
+        self.record_received()
         now = self.clock()
         with self._lock:
             done = [
                 (uid, p)
                 for uid, p in self._pending.items()
                 if now - p.last_seen >= self.node.series_stable_seconds
+                and uid not in self._unrecorded
             ]
             for uid, _ in done:
                 del self._pending[uid]
@@ -195,20 +262,33 @@ class SeriesWatcher:
         return actions
 
     def start(self) -> None:
-        """Run :meth:`poll` every ``watcher_interval_seconds`` in a daemon thread."""
+        """Run :meth:`poll` every ``watcher_interval_seconds`` (and whenever a new series
+        starts arriving) in a daemon thread."""
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="series-watcher", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop the thread (pending series stay pending; recovery picks them up)."""
+        """Stop the thread, then write the queued ``received`` records (best effort).
+
+        Pending series stay pending; recovery picks them up at the next start.
+        """
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
-            self._thread.join(timeout=10)
+            self._thread.join(timeout=40)
+        self.record_received()
 
     def _run(self) -> None:
         interval = min(
             self.node.watcher_interval_seconds, max(self.node.series_stable_seconds, 0.05)
         )
-        while not self._stop.wait(interval):
-            self.poll()
+        while not self._stop.is_set():
+            self._wake.wait(interval)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.poll()
+            except Exception:  # keep watching (a locked database, a vanished folder, ...)
+                log.exception("watcher_poll_failed")

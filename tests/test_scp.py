@@ -208,3 +208,51 @@ def test_dcmtk_storescu_sends_a_series(node: Node, tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert len(list((node.spool.root / study / series).glob("*.dcm"))) == 5
+
+
+def test_c_store_is_answered_at_once_while_the_job_database_is_locked(tmp_path: Path) -> None:
+    """Issue 7, the 30 s stall: a busy job database must not delay C-STORE responses.
+
+    The node's ``on_stored`` is the series watcher's ``touch``. It used to write the
+    ``received`` job record from the association thread on the first instance of each
+    series, waiting up to 30 s for SQLite's write lock, as long as the scanner's DIMSE
+    timeout. Here another connection holds the lock (a worker, the reconciliation, the
+    CLI) while three new series arrive: every response must come within a second; the
+    records are written by the watcher once the lock is free.
+    """
+    import sqlite3
+    import time
+
+    from service.watcher import SeriesWatcher
+    from worker.jobstore import RECEIVED, JobStore
+
+    config = Config.model_validate(
+        {"node": {"port": free_port(), "host": "127.0.0.1", "spool_dir": tmp_path / "spool"}}
+    )
+    jobs = JobStore(tmp_path / "spool")
+    watcher = SeriesWatcher(config.node, jobs, lambda d, s, t: None)
+    ae, _ = scp.start_scp(config, Spool(tmp_path / "spool", tmp_path / "q"), watcher.touch)
+    lock = sqlite3.connect(jobs.path, isolation_level=None)
+    try:
+        lock.execute("BEGIN IMMEDIATE")
+        scu = AE(ae_title="SCANNER")
+        scu.dimse_timeout = 5  # fail fast: before the fix each new series waited 30 s
+        scu.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+        assoc = scu.associate("127.0.0.1", config.node.port, ae_title="L3SPOT")
+        assert assoc.is_established
+        series = [generate_uid() for _ in range(3)]
+        waits = []
+        for uid in series:
+            for i in range(2):
+                t0 = time.perf_counter()
+                status = assoc.send_c_store(make_ct("1.2.3", uid, i))
+                waits.append(time.perf_counter() - t0)
+                assert "Status" in status and int(status.Status) == 0
+        assoc.release()
+        assert max(waits) < 1.0, waits
+        lock.execute("COMMIT")
+        assert watcher.record_received() == 3
+        assert {jobs.get(uid).state for uid in series} == {RECEIVED}
+    finally:
+        lock.close()
+        ae.shutdown()

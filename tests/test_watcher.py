@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import sqlite3
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -12,7 +16,15 @@ from service.spool import Spool
 from service.watcher import SeriesWatcher
 from tests.node_helpers import write_series
 from worker.config import NodeConfig
-from worker.jobstore import DONE, FAILED, INELIGIBLE, QUEUED, RECEIVED, JobStore
+from worker.jobstore import (
+    DONE,
+    FAILED,
+    INELIGIBLE,
+    QUEUED,
+    RECEIVED,
+    JobNotFoundError,
+    JobStore,
+)
 
 
 class Clock:
@@ -38,6 +50,7 @@ def test_series_is_queued_once_after_its_stable_time(setup, tmp_path: Path) -> N
     watcher, clock, queued, node = setup
     study, series, folder = write_series(tmp_path / "spool" / "s", 6)
     watcher.touch(study, series, folder)
+    assert watcher.record_received() == 1  # the watcher thread's job, not the C-STORE's
     assert watcher.jobs.get(series).state == RECEIVED
     clock.t += 3
     watcher.touch(study, series, folder)  # a second association, 3 s later: timer restarts
@@ -180,3 +193,80 @@ def test_node_reconciliation_requeues_lost_tasks_and_survives_a_broker_outage(
         jobs.get("1.9.2").reason or ""
     )
     assert jobs.get("1.9.1").state == QUEUED  # still pending: claimed again after the delay
+
+
+@contextmanager
+def db_write_locked(db: Path) -> Iterator[None]:
+    """Hold the job database's write lock from another connection (a busy worker)."""
+    con = sqlite3.connect(db, isolation_level=None)
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        con.execute("COMMIT")
+        con.close()
+
+
+def test_touch_never_waits_for_a_locked_job_database(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Issue 7: ``touch`` runs inside the C-STORE handler; it must not wait for SQLite.
+
+    Before the fix the first instance of a series wrote its ``received`` record from the
+    association thread and waited up to 30 s (the job store's busy timeout, also the
+    scanners' DIMSE timeout) for the write lock.
+    """
+    watcher, clock, queued, node = setup
+    watcher.jobs.busy_timeout_s = 0.3  # a failed attempt costs 0.3 s, not 30 (test speed)
+    study, series, folder = write_series(tmp_path / "spool" / "s", 6)
+    with db_write_locked(watcher.jobs.path):
+        t0 = time.perf_counter()
+        for _ in range(3):
+            watcher.touch(study, series, folder)
+        assert time.perf_counter() - t0 < 0.5
+        assert series in watcher.pending
+        clock.t += 10  # stable, but its received record could not be written yet:
+        assert watcher.poll() == []  # not completed (received must not land after queued)
+    with pytest.raises(JobNotFoundError):
+        watcher.jobs.get(series)
+    assert watcher.poll() == [series]  # lock released: received, then queued, in order
+    rec = watcher.jobs.get(series)
+    assert rec.state == QUEUED and rec.received_at is not None
+    assert queued == [(folder, series, rec.token)]
+
+
+def test_watcher_thread_records_received_promptly_and_at_stop(tmp_path: Path) -> None:
+    node = NodeConfig(
+        spool_dir=tmp_path / "spool",
+        series_stable_seconds=60,
+        watcher_interval_seconds=30,  # the wake-up, not the interval, must write the record
+        min_slices=4,
+    )
+    jobs = JobStore(node.spool_dir)
+    watcher = SeriesWatcher(node, jobs, lambda d, s, t: None)
+    study, series, folder = write_series(tmp_path / "spool" / "s", 5)
+    watcher.start()
+    try:
+        before = time.time()
+        watcher.touch(study, series, folder)
+        rec = wait_record(jobs, series, 5.0)
+        assert rec.state == RECEIVED and before <= (rec.received_at or 0) <= time.time()
+        late = write_series(tmp_path / "spool" / "t", 5)
+        with db_write_locked(jobs.path):  # the thread waits on SQLite; touch does not
+            t0 = time.perf_counter()
+            watcher.touch(*late)
+            assert time.perf_counter() - t0 < 0.5
+    finally:
+        stopper = threading.Thread(target=watcher.stop)
+        stopper.start()
+        stopper.join(60)
+    assert jobs.get(late[1]).state == RECEIVED  # written once the lock was free
+
+
+def wait_record(jobs: JobStore, series_uid: str, timeout_s: float):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return jobs.get(series_uid)
+        except JobNotFoundError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)

@@ -27,6 +27,10 @@ from pathlib import Path
 from typing import Any
 
 DB_NAME = "jobs.sqlite"
+#: Seconds a statement waits for another connection's lock before ``database is locked``.
+#: Never wait like this on a thread that owes a DICOM peer a response (the SCP's C-STORE
+#: handler): scanners' DIMSE timeouts are typically 30 s too (docs/reliability.md).
+BUSY_TIMEOUT_S = 30.0
 
 RECEIVED = "received"
 INELIGIBLE = "ineligible"
@@ -162,6 +166,8 @@ class JobStore:
     Parameters
     ----------
     spool_dir : the node's spool folder (created if missing).
+    busy_timeout_s : seconds a call waits for another connection's write lock before
+        raising ``sqlite3.OperationalError`` ("database is locked").
 
     Notes
     -----
@@ -170,8 +176,9 @@ class JobStore:
     the spool over NFS should use one host for the job database (see docs/deployment.md).
     """
 
-    def __init__(self, spool_dir: Path) -> None:
+    def __init__(self, spool_dir: Path, busy_timeout_s: float = BUSY_TIMEOUT_S) -> None:
         self.spool_dir = Path(spool_dir)
+        self.busy_timeout_s = busy_timeout_s
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.spool_dir / DB_NAME
         with self._connect() as con:
@@ -185,7 +192,7 @@ class JobStore:
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        con = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        con = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
         con.row_factory = sqlite3.Row
         try:
             yield con
@@ -205,22 +212,41 @@ class JobStore:
 
     # ---- node side -------------------------------------------------------------------
 
-    def mark_received(self, series_uid: str, study_uid: str, series_dir: Path) -> None:
-        """First instance of a series (or of a new burst after it was finished) arrived."""
-        now = time.time()
+    def mark_received(
+        self,
+        series_uid: str,
+        study_uid: str,
+        series_dir: Path,
+        received_at: float | None = None,
+    ) -> None:
+        """First instance of a series (or of a new burst after it was finished) arrived.
+
+        Parameters
+        ----------
+        series_uid, study_uid : Series and Study Instance UIDs.
+        series_dir : the series folder in the spool.
+        received_at : Unix time (s) of that first instance (default: now). The node writes
+            this record from its watcher thread, shortly after the instance was stored.
+
+        Raises
+        ------
+        sqlite3.OperationalError
+            The database stayed locked for the whole ``timeout`` (30 s).
+        """
+        now = time.time() if received_at is None else received_at
         with self._write() as con:
             row = con.execute("SELECT state FROM jobs WHERE series_uid=?", (series_uid,)).fetchone()
             if row is None:
                 con.execute(
                     "INSERT INTO jobs (series_uid, study_uid, series_dir, state, received_at,"
                     " updated_at) VALUES (?,?,?,?,?,?)",
-                    (series_uid, study_uid, str(series_dir), RECEIVED, now, now),
+                    (series_uid, study_uid, str(series_dir), RECEIVED, now, time.time()),
                 )
             elif row["state"] != RECEIVED:
                 con.execute(
                     "UPDATE jobs SET state=?, reason=NULL, note=NULL, received_at=?,"
                     " updated_at=? WHERE series_uid=?",
-                    (RECEIVED, now, now, series_uid),
+                    (RECEIVED, now, time.time(), series_uid),
                 )
 
     def mark_ineligible(self, series_uid: str, reason: str, n_instances: int) -> None:
