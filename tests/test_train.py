@@ -14,6 +14,7 @@ from worker.train import (
     TrainSettings,
     csv_cases,
     extract_window,
+    init_from_locator,
     load_case,
     read_case_csv,
     sample_windows,
@@ -145,6 +146,26 @@ def test_smoke_training_reduces_the_offset_error_and_saves_loadable_weights(tmp_
     loaded = load_locator(out, "cpu")
     assert loaded.spec == SMALL and loaded.arch == "cnn4" and loaded.record["command"] == "test"
     assert mip_to_strip(cases[0].image_hu, SMALL).shape == (150, SMALL.width_px)
+
+
+def test_training_can_continue_from_saved_weights_of_the_same_geometry(tmp_path: Path) -> None:
+    from worker.locate import save_locator
+    from worker.model import build_model
+
+    torch.manual_seed(3)
+    src = build_model("cnn4", SMALL.height_px, SMALL.width_px)
+    path = tmp_path / "src.pt"
+    save_locator(path, src, "cnn4", SMALL, {"command": "test"})
+    torch.manual_seed(4)
+    dst = build_model("cnn4", SMALL.height_px, SMALL.width_px)
+    assert not torch.equal(dst.regressor.weight, src.regressor.weight)
+    init_from_locator(dst, path, "cnn4", SMALL)
+    for k, v in src.state_dict().items():
+        assert torch.equal(dst.state_dict()[k], v)
+    other = WindowSpec(pixel_mm=2.0, height_mm=100.0, width_mm=192.0, a_mm=20.0)
+    wrong = build_model("cnn4", other.height_px, other.width_px)
+    with pytest.raises(ValueError, match="window geometry"):
+        init_from_locator(wrong, path, "cnn4", other)
 
 
 def test_csv_cases_put_l3_on_the_mip_row_of_the_annotated_slice(tmp_path: Path) -> None:

@@ -403,6 +403,8 @@ class TrainSettings:
     device: str = "cpu"
     pretrained: Path | None = None
     spec: WindowSpec = field(default_factory=WindowSpec)
+    init: Path | None = None
+    positive_fraction: float = 0.6
 
 
 @dataclass
@@ -486,6 +488,31 @@ def validate_scans(
     return float(np.mean(errs)) if errs else None
 
 
+def init_from_locator(model: nn.Module, weights: Path, arch: str, spec: WindowSpec) -> None:
+    """Start training from a saved locator (fine-tuning / continued training).
+
+    Parameters
+    ----------
+    model : freshly built network of ``arch`` for ``spec``.
+    weights : a :func:`worker.locate.save_locator` file of the same architecture and window
+        geometry.
+
+    Raises
+    ------
+    ValueError
+        The file's architecture or window geometry differs from the one being trained.
+    """
+    from worker.locate import load_locator
+
+    src = load_locator(Path(weights), "cpu")
+    if src.arch != arch or src.spec != spec:
+        raise ValueError(
+            f"{weights}: {src.arch} {src.spec} cannot initialise {arch} {spec} "
+            "(architecture and window geometry must match)"
+        )
+    model.load_state_dict(src.model.state_dict())
+
+
 def train_locator(
     train_cases: Sequence[MipCase],
     val_cases: Sequence[MipCase],
@@ -526,6 +553,8 @@ def train_locator(
         if settings.arch != "vgg16":
             raise ValueError("--pretrained needs --arch vgg16")
         load_pretrained_backbone(model, settings.pretrained)  # type: ignore[arg-type]
+    if settings.init is not None:
+        init_from_locator(model, settings.init, settings.arch, spec)
     model.to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     total = settings.epochs * settings.steps_per_epoch
@@ -551,7 +580,9 @@ def train_locator(
         t0 = time.perf_counter()
         losses = []
         for _ in range(settings.steps_per_epoch):
-            batch = sample_windows(train_cases, spec, settings.batch_size, rng)
+            batch = sample_windows(
+                train_cases, spec, settings.batch_size, rng, settings.positive_fraction
+            )
             loss = _loss(model, batch, dev, settings.presence_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()

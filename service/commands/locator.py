@@ -64,6 +64,13 @@ def train(
     pretrained: Annotated[
         Path | None, typer.Option(help="VGG16 backbone state dict (features.*) to start from.")
     ] = None,
+    init: Annotated[
+        Path | None,
+        typer.Option(help="Locator weights to continue training from (same arch and window)."),
+    ] = None,
+    positive_fraction: Annotated[
+        float, typer.Option(help="Share of windows holding L3 within +/- a (the rest: presence).")
+    ] = 0.6,
     epochs: Annotated[int, typer.Option(min=1)] = 12,
     steps_per_epoch: Annotated[int, typer.Option(min=1)] = 200,
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
@@ -132,6 +139,8 @@ def train(
         device=dev,
         pretrained=pretrained,
         spec=spec,
+        init=init,
+        positive_fraction=positive_fraction,
     )
     record: dict[str, Any] = {
         "command": command,
@@ -147,6 +156,8 @@ def train(
         "steps_per_epoch": steps_per_epoch,
         "batch_size": batch_size,
         "lr": lr,
+        "init": None if init is None else str(init),
+        "positive_fraction": positive_fraction,
         "device": dev,
         "torch": torch.__version__,
         "window": spec.to_dict(),
