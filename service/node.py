@@ -18,12 +18,15 @@ import contextlib
 import ctypes
 import logging
 import os
+import queue
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from service.scp import start_scp
 from service.spool import Spool
@@ -48,6 +51,57 @@ def _die_with_parent() -> None:
     """In the child before exec: ask Linux for SIGTERM when the parent dies (no-op elsewhere)."""
     with contextlib.suppress(Exception):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+class BackgroundCalls:
+    """Runs calls one after another on a daemon thread, so the caller never waits for them.
+
+    For bookkeeping that must stay off the SCP's association threads (the C-STORE handler
+    owes the scanner a response; DESIGN.md: keep it short), such as the web page's SQLite
+    record of which AE title sent a series. A call that raises is logged and dropped.
+
+    Parameters
+    ----------
+    name : the thread's name.
+    max_pending : calls queued at most; beyond that new calls are dropped (and logged), so
+        a stuck database cannot make the node's memory grow.
+    """
+
+    def __init__(self, name: str, max_pending: int = 10_000) -> None:
+        self._queue: queue.Queue[tuple[Callable[..., Any], tuple[Any, ...]] | None] = queue.Queue(
+            max_pending
+        )
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Queue ``fn(*args)``; returns at once."""
+        try:
+            self._queue.put_nowait((fn, args))
+        except queue.Full:
+            log_event(log, "background_call_dropped", logging.WARNING, call=repr(fn)[:80])
+
+    def wrap(self, fn: Callable[..., Any]) -> Callable[..., None]:
+        """``fn`` made asynchronous: each call is queued with :meth:`submit`."""
+
+        def deferred(*args: Any) -> None:
+            self.submit(fn, *args)
+
+        return deferred
+
+    def join(self, timeout_s: float = 10.0) -> None:
+        """Run what is queued, then stop the thread (waits at most ``timeout_s``)."""
+        with contextlib.suppress(queue.Full):
+            self._queue.put(None, timeout=timeout_s)
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            fn, args = item
+            try:
+                fn(*args)
+            except Exception:  # bookkeeping only: never stop the thread
+                log.exception("background_call_failed")
 
 
 class WorkerSupervisor:
@@ -132,6 +186,7 @@ class Node:
         self.server = None
         self._stop = threading.Event()
         self._reconciler: threading.Thread | None = None
+        self._web_records: BackgroundCalls | None = None
 
     def enqueue_analysis(self, series_dir: Path, series_uid: str, token: str | None) -> None:
         """Send ``worker.tasks.analyze_series(series_dir, token=...)`` to queue ``analysis``."""
@@ -236,7 +291,15 @@ class Node:
                 target=self._reconcile_loop, name="reconciler", daemon=True
             )
             self._reconciler.start()
-        on_stored = self.web.observe(self.watcher.touch) if self.web else self.watcher.touch
+        # on_stored runs inside the C-STORE handler: memory only (the watcher writes the job
+        # records from its own thread; the web page's sender record from another one)
+        on_stored = self.watcher.touch
+        if self.web:
+            record_sender = self.web.observer.record_sender
+            if record_sender is not None:
+                self._web_records = BackgroundCalls("web-records")
+                self.web.observer.record_sender = self._web_records.wrap(record_sender)
+            on_stored = self.web.observe(self.watcher.touch)
         self.ae, self.server = start_scp(self.config, self.spool, on_stored)
         if self.web:
             self.web.observer.bind(self.server)
@@ -247,6 +310,8 @@ class Node:
             self.ae.shutdown()
         if getattr(self, "web", None) is not None:
             self.web.stop()
+        if self._web_records is not None:
+            self._web_records.join()
         self._stop.set()
         if self._reconciler is not None:
             self._reconciler.join(timeout=10)

@@ -22,6 +22,8 @@ import yaml
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from worker.export import guard_scu_reactor
+
 PATIENT_NAME = "Doe^Secret"
 
 
@@ -206,6 +208,7 @@ def echo_ok(port: int, timeout_s: float = 2.0) -> bool:
     assoc = ae.associate("127.0.0.1", port, ae_title="L3SPOT")
     if not assoc.is_established:
         return False
+    guard_scu_reactor(assoc)
     status = assoc.send_c_echo()
     assoc.release()
     return "Status" in status and int(status.Status) == 0
@@ -373,6 +376,7 @@ def send_datasets(
     if not assoc.is_established:
         log.error = "association not established"
         return log
+    guard_scu_reactor(assoc)  # else pynetdicom's reactor may eat a response: 30 s stall
     try:
         for ds in datasets:
             t0 = time.perf_counter()

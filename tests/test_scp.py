@@ -256,3 +256,110 @@ def test_c_store_is_answered_at_once_while_the_job_database_is_locked(tmp_path: 
     finally:
         lock.close()
         ae.shutdown()
+
+
+def test_reactor_wakeup_never_sleeps_longer_than_pynetdicom_would() -> None:
+    """The reactor patch only shortens pynetdicom's 1 ms sleep, never lengthens it.
+
+    On an acceptor thread (one with ``l3spot_wakeup``) ``sleep(s)`` waits at most ``s``
+    for the wake-up event and returns at once when a message was queued; the reactor then
+    looks at its queues as it always did, so no message waits for a wake-up.
+    """
+    import threading
+    import time
+
+    clock = scp._ReactorClock(time)
+    out: dict[str, float] = {}
+
+    def acceptor() -> None:
+        wake = threading.Event()
+        threading.current_thread().l3spot_wakeup = wake  # type: ignore[attr-defined]
+        t0 = time.perf_counter()
+        for _ in range(20):
+            clock.sleep(0.001)  # never set: bounded by the timeout
+        out["idle"] = time.perf_counter() - t0
+        wake.set()
+        t0 = time.perf_counter()
+        clock.sleep(5.0)  # set: returns at once, and the flag is cleared
+        out["woken"] = time.perf_counter() - t0
+        out["cleared"] = float(not wake.is_set())
+
+    thread = threading.Thread(target=acceptor)
+    thread.start()
+    thread.join(10)
+    assert out["idle"] < 1.0 and out["woken"] < 0.5 and out["cleared"] == 1.0
+    assert clock.monotonic() > 0  # everything else is the real time module
+
+
+class _LateReactorCheckpoint:
+    """A requestor's ``_reactor_checkpoint`` whose reactor thread resumes late.
+
+    Forces the interleaving behind the 30 s stall of issue 7 (seen 1 in ~3,000 C-STOREs
+    on the loaded machine): the reactor thread, woken at its checkpoint, gets the CPU back
+    only after the peer's C-STORE-RSP is queued, while ``send_c_store`` already passed its
+    ``while not _is_paused`` check on the stale flag and sent the request; the caller's
+    own thread is slower still to pick the response up.
+    """
+
+    def __init__(self, assoc: object, real: object) -> None:
+        import threading
+
+        self.assoc, self.real = assoc, real
+        self.passed = threading.Event()  # the reactor is past the checkpoint, not yet resumed
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.real, name)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        import threading
+        import time
+
+        ok = self.real.wait(timeout)  # type: ignore[attr-defined]
+        if threading.current_thread() is self.assoc:
+            self.passed.set()
+            deadline = time.monotonic() + 2.0
+            while not self.assoc.dimse.msg_queue.qsize() and time.monotonic() < deadline:  # type: ignore[attr-defined]
+                time.sleep(0.001)
+        return ok  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_scu_reactor_guard_keeps_the_c_store_response_for_its_caller(
+    node: Node, guarded: bool
+) -> None:
+    """The 30 s C-STORE stall was pynetdicom's requestor race, on the sending side.
+
+    Unguarded, the SCU's reactor takes the response (pynetdicom logs "Received unexpected
+    C-STORE service message") and ``send_c_store`` gets nothing within its DIMSE timeout;
+    with :func:`worker.export.guard_scu_reactor` (used by the export and the test SCUs) the
+    response reaches ``send_c_store`` however late the threads run.
+    """
+    import queue
+    import time
+
+    from worker.export import guard_scu_reactor
+
+    class SlowCaller(queue.Queue):  # type: ignore[type-arg]
+        def get(self, block: bool = True, timeout: float | None = None) -> object:
+            if block:
+                time.sleep(0.2)  # the caller's thread is descheduled
+            return super().get(block, timeout)
+
+    ae = AE(ae_title="SCANNER")
+    ae.dimse_timeout = 2
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="L3SPOT")
+    assert assoc.is_established
+    if guarded:
+        guard_scu_reactor(assoc)
+    assoc.dimse.msg_queue = SlowCaller()
+    checkpoint = _LateReactorCheckpoint(assoc, assoc._reactor_checkpoint)
+    assoc._reactor_checkpoint = checkpoint  # type: ignore[assignment]
+    assert checkpoint.passed.wait(2)
+    status = assoc.send_c_store(make_ct(generate_uid(), generate_uid(), 0))
+    if guarded:
+        assert int(status.Status) == 0
+        assoc.release()
+    else:  # the response was stored by the node but eaten by the SCU's own reactor
+        assert "Status" not in status and len(node.stored) == 1
+        assert assoc.is_aborted

@@ -270,3 +270,29 @@ def wait_record(jobs: JobStore, series_uid: str, timeout_s: float):  # type: ign
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.02)
+
+
+def test_background_calls_never_make_the_caller_wait_and_run_in_order() -> None:
+    """The web page's sender record runs here, off the association thread (issue 7)."""
+    from service.node import BackgroundCalls
+
+    release = threading.Event()
+    done: list[int] = []
+
+    def slow(i: int) -> None:
+        release.wait(10)  # a locked web.sqlite
+        done.append(i)
+
+    def boom() -> None:
+        raise sqlite3.OperationalError("database is locked")
+
+    calls = BackgroundCalls("test-calls")
+    deferred = calls.wrap(slow)
+    t0 = time.perf_counter()
+    deferred(1)
+    calls.submit(boom)  # logged and dropped; the thread goes on
+    deferred(2)
+    assert time.perf_counter() - t0 < 0.5 and done == []
+    release.set()
+    calls.join()
+    assert done == [1, 2]

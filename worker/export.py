@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -102,6 +103,7 @@ def send_results(
     if not assoc.is_established:
         what = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
         return _logged(ExportOutcome(False, None, f"{label}: association {what}"), series_uid)
+    guard_scu_reactor(assoc)
     outcome = ExportOutcome(True)
     try:
         for ds in datasets:
@@ -122,6 +124,32 @@ def send_results(
         if assoc.is_established:
             assoc.release()
     return _logged(outcome, series_uid)
+
+
+def guard_scu_reactor(assoc: Any) -> None:
+    """Keep a requestor association's reactor from taking the responses its caller awaits.
+
+    pynetdicom 3.0.4 runs a reactor thread on requestor associations too; it looks at the
+    DIMSE queue with ``get_msg(block=False)`` (``Association._run_reactor``) between the
+    caller's requests. ``send_c_store`` pauses it with ``_reactor_checkpoint.clear()`` then
+    ``while not _is_paused``, but ``_is_paused`` is still True from the reactor's previous
+    pause when the reactor was woken by the previous ``send_c_store`` and has not run yet
+    (a busy CPU, the GIL): the request goes out, the reactor resumes, takes the C-STORE-RSP
+    off the queue and drops it ("Received unexpected C-STORE service message"), and
+    ``send_c_store`` waits its whole DIMSE timeout (30 s) and aborts. Only the reactor calls
+    ``get_msg`` without blocking (every ``send_*`` blocks), so answering it "no message"
+    leaves every response to the ``send_*`` waiting for it. Use on associations that only
+    send requests (C-STORE, C-ECHO); call it right after the association is established.
+    See docs/reliability.md "The 30 s C-STORE stall".
+    """
+    get_msg = assoc.dimse.get_msg
+
+    def get_msg_for_callers_only(block: bool = False) -> Any:
+        if not block:  # the reactor's look: responses belong to the waiting send_*
+            return None, None
+        return get_msg(block=True)
+
+    assoc.dimse.get_msg = get_msg_for_callers_only
 
 
 def _logged(outcome: ExportOutcome, series_uid: str) -> ExportOutcome:
