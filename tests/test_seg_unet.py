@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -76,3 +77,33 @@ def test_ensemble_inference_on_source_grid(tmp_path: Path):
     assert lab.shape == (50, 70) and lab.dtype == np.uint8 and lab.max() < 5
     with pytest.raises(FileNotFoundError):
         load_models([tmp_path / "missing.pt"])
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "seg_unet.pt"
+# Dice of the shipped weights on phantom seed 7000's L3 slice, measured at commit of the
+# weights (docs/composition.md); the test allows 0.02 below (thread-count rounding).
+SMA_DICE_7000, VAT_DICE_7000, SAT_DICE_7000 = 0.958, 0.761, 0.965
+
+
+def test_shipped_weights_are_small_and_carry_their_training_record():
+    assert SHIPPED.is_file(), "models/seg_unet.pt is shipped (docs/composition.md)"
+    assert SHIPPED.stat().st_size < 5 * 2**20
+    rec = json.loads(SHIPPED.with_suffix(".json").read_text())
+    assert rec["command"].startswith("l3spot train-seg") and rec["git_commit"]
+    lo, hi = rec["data"]["phantom_seeds"]
+    assert hi < 7000 or lo > 7019  # disjoint from the held-out evaluation set (seed 7000, n=20)
+    (model,) = load_models([SHIPPED])
+    assert (model.levels, model.base, model.n_classes) == (4, 18, 5)
+
+
+def test_shipped_weights_segment_a_held_out_phantom_l3_slice():
+    from worker.composition import segment_slice
+    from worker.evaluate_composition import _phantom_slices, dice
+
+    torch.set_num_threads(1)
+    ((_, hu, truth, sp),) = _phantom_slices(1, 7000)  # held out: training used seeds 1000-1059
+    cfg = CompositionConfig(method="unet", unet_weights=SHIPPED)
+    seg = segment_slice(hu, sp, cfg, device="cpu")
+    measured = {"sma": SMA_DICE_7000, "vat": VAT_DICE_7000, "sat": SAT_DICE_7000}
+    for v, key in ((1, "sma"), (3, "vat"), (4, "sat")):
+        assert dice(seg.labels == v, truth == v) >= measured[key] - 0.02, key

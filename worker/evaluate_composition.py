@@ -220,7 +220,8 @@ def _phantom_slices(n: int, seed: int):
         ph = generate_phantom(seed + i, PhantomSpec(fov="abdomen", slice_thickness_mm=5.0))
         k = int(ph.truth.l3_mid_slice_index)
         sp = tuple(float(v) for v in ph.volume.pixel_spacing_mm)
-        out.append((f"phantom{seed + i}", ph.volume.hu[k], np.asarray(ph.labels[k]), sp))
+        # copies, so the phantom volume is freed
+        out.append((f"phantom{seed + i}", np.array(ph.volume.hu[k]), np.array(ph.labels[k]), sp))
     return out
 
 

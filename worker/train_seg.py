@@ -56,9 +56,9 @@ def phantom_slices(n: int, seed: int, neighbours: int = 0) -> list[TrainingSlice
         sp = tuple(float(v) for v in ph.volume.pixel_spacing_mm)
         for k in range(k0 - neighbours, k0 + neighbours + 1):
             if 0 <= k < ph.volume.hu.shape[0]:
-                out.append(
-                    TrainingSlice(f"phantom{seed + i}_z{k}", ph.volume.hu[k], ph.labels[k], sp)
-                )
+                # copies: a view would keep the whole phantom volume alive
+                hu, lab_k = np.array(ph.volume.hu[k]), np.array(ph.labels[k])
+                out.append(TrainingSlice(f"phantom{seed + i}_z{k}", hu, lab_k, sp))
     return out
 
 

@@ -159,7 +159,9 @@ def train_seg(
     if threads:
         torch.set_num_threads(threads)
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        from worker.logs import setup_logging
+
+        setup_logging("INFO", json_logs=True)  # progress: one JSON line per 20 steps
     try:
         git = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
