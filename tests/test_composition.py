@@ -251,3 +251,33 @@ def _real_seg(root: Path) -> np.ndarray:
     nib = pytest.importorskip("nibabel")
     s = np.asanyarray(nib.load(root / "abdomen_ct_totalseg" / "segmentation_total.nii.gz").dataobj)
     return np.ascontiguousarray(np.transpose(s, (2, 1, 0))[:, ::-1, ::-1])[72]
+
+
+def test_unet_labels_are_gated_by_the_hu_ranges(monkeypatch: pytest.MonkeyPatch):
+    """A network's muscle/fat labels count only inside the Mitsiopoulos HU ranges.
+
+    Bowel gas, cortical bone or contrast labelled as fat or muscle by the U-Net must not
+    enter the areas (the same rule the classical method applies).
+    """
+    from worker import seg_unet
+    from worker.composition import segment_slice
+
+    hu, _, sp = synthetic_l3(1.0)
+
+    def everything_is_vat(hu_, spacing_mm, config, device="auto"):  # a badly wrong network
+        return np.full(np.shape(hu_), lab.VAT, np.uint8)
+
+    monkeypatch.setattr(seg_unet, "predict_labels", everything_is_vat)
+    seg = segment_slice(hu, sp, CompositionConfig(method="unet"))
+    fat = in_hu_range(hu, CFG.fat_hu)
+    assert (seg.labels == lab.VAT).any()
+    assert not ((seg.labels == lab.VAT) & ~fat).any()
+    muscle_hu = in_hu_range(hu, CFG.muscle_hu)
+
+    def everything_is_muscle(hu_, spacing_mm, config, device="auto"):
+        return np.full(np.shape(hu_), lab.SMA, np.uint8)
+
+    monkeypatch.setattr(seg_unet, "predict_labels", everything_is_muscle)
+    seg = segment_slice(hu, sp, CompositionConfig(method="unet"))
+    assert (seg.labels == lab.SMA).any()
+    assert not ((seg.labels == lab.SMA) & ~muscle_hu).any()

@@ -850,7 +850,14 @@ def segment_slice(
         labels = seg_unet.predict_labels(hu, spacing_mm, config, device=device)
     except (FileNotFoundError, RuntimeError, ValueError) as exc:
         raise AnalysisError(series_uid, "composition", f"U-Net unavailable: {exc}") from exc
-    labels = np.where(body, labels, 0).astype(np.uint8)
+    # The network proposes compartments; the tissue itself is defined by HU (Mitsiopoulos
+    # et al. 1998), as in the classical method: gas, bone or contrast never count.
+    hu_arr = np.asarray(hu, np.float32)
+    muscle = in_hu_range(hu_arr, config.muscle_hu)
+    fat = in_hu_range(hu_arr, config.fat_hu)
+    is_fat_label = np.isin(labels, (lab.IMAT, lab.VAT, lab.SAT))
+    keep = body & (((labels == lab.SMA) & muscle) | (is_fat_label & fat))
+    labels = np.where(keep, labels, 0).astype(np.uint8)
     return SliceSegmentation(labels, body, flags)
 
 
