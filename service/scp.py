@@ -82,7 +82,10 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_SOP_CLASS_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
 
-#: ``on_stored(study_uid, series_uid, series_dir)`` after each durable write.
+#: ``on_stored(study_uid, series_uid, series_dir)`` after each durable write. It runs on the
+#: association's thread before the response is sent, so it must return at once: no
+#: database, broker or network calls (a 30 s SQLite busy wait there equals the scanner's
+#: DIMSE timeout; docs/reliability.md "The 30 s C-STORE stall").
 OnStored = Callable[[str, str, Path], None]
 
 #: Idle sleep of pynetdicom's DUL reactor per loop (its default is 1 ms). Costs a little CPU
