@@ -298,6 +298,17 @@ class OrthancPacs:
         )
         return [i["MainDicomTags"]["SOPInstanceUID"] for i in found]
 
+    def series_of_study(self, study_uid: str) -> list[dict[str, Any]]:
+        """Every series Orthanc holds in the study (expanded records)."""
+        return self.post(
+            "/tools/find",
+            {"Level": "Series", "Query": {"StudyInstanceUID": study_uid}, "Expand": True},
+        )
+
+    def tags(self, series: dict[str, Any]) -> dict[str, Any]:
+        """Simplified tags of the first instance of a series record."""
+        return self.get(f"/instances/{series['Instances'][0]}/simplified-tags")
+
 
 def start_orthanc(root: Path, dicom_port: int | None = None) -> OrthancPacs:
     """Start Orthanc with its storage under ``root`` (optionally on a given DICOM port)."""

@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.node_helpers import free_port, write_series
+from tests.node_helpers import OrthancPacs, free_port, start_orthanc, write_series
 from worker.config import load_config
 from worker.jobstore import DONE, FAILED, INELIGIBLE, JobNotFoundError, JobStore
 
@@ -50,70 +49,7 @@ def _require_runtime() -> None:
     pytest.importorskip("worker.pipeline")
 
 
-# ---------------------------------------------------------------------------- Orthanc
-
-
-@dataclass
-class Orthanc:
-    http: int
-    dicom: int
-    proc: subprocess.Popen[bytes]
-
-    def get(self, path: str) -> Any:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}{path}", timeout=10) as r:
-            return json.loads(r.read())
-
-    def post(self, path: str, body: dict[str, Any]) -> Any:
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{self.http}{path}", data=json.dumps(body).encode(), method="POST"
-        )
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return json.loads(r.read())
-
-    def series_of_study(self, study_uid: str) -> list[dict[str, Any]]:
-        return self.post(
-            "/tools/find",
-            {"Level": "Series", "Query": {"StudyInstanceUID": study_uid}, "Expand": True},
-        )
-
-    def tags(self, series: dict[str, Any]) -> dict[str, Any]:
-        return self.get(f"/instances/{series['Instances'][0]}/simplified-tags")
-
-
-def start_orthanc(root: Path) -> Orthanc:
-    """Start Orthanc with its own ports and storage folder under ``root``; wait for REST."""
-    http, dicom = free_port(), free_port()
-    cfg = {
-        "Name": "l3spot-test-pacs",
-        "StorageDirectory": str(root / "db"),
-        "IndexDirectory": str(root / "db"),
-        "HttpPort": http,
-        "DicomPort": dicom,
-        "DicomAet": "ORTHANC",
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "DicomCheckCalledAet": False,
-        "DicomAlwaysAllowStore": True,
-        "Plugins": [],
-        "StorageCompression": False,
-    }
-    (root / "orthanc.json").write_text(json.dumps(cfg))
-    with open(root / "orthanc.log", "wb") as log:
-        proc = subprocess.Popen(
-            [ORTHANC, str(root / "orthanc.json")], stdout=log, stderr=log, env=NODELAY
-        )
-    pacs = Orthanc(http, dicom, proc)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            pacs.get("/system")
-            return pacs
-        except OSError as exc:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                stop_process(proc)
-                log_tail = (root / "orthanc.log").read_text()[-2000:]
-                raise RuntimeError(f"Orthanc did not start: {log_tail}") from exc
-            time.sleep(0.2)
+# ---------------------------------------------------------------------------- OrthancPacs
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
@@ -128,7 +64,7 @@ def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
 
 
 @pytest.fixture(scope="module")
-def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancPacs]:
     _require_runtime()
     pacs = start_orthanc(tmp_path_factory.mktemp("orthanc"))
     yield pacs
@@ -147,7 +83,7 @@ class RunningNode:
 
 @contextlib.contextmanager
 def run_node(
-    tmp: Path, broker_url: str | None, pacs: Orthanc | None, min_slices: int = 20
+    tmp: Path, broker_url: str | None, pacs: OrthancPacs | None, min_slices: int = 20
 ) -> Iterator[RunningNode]:
     """``l3spot serve`` (plus ``l3spot worker`` for Redis) with a 2 s stable time."""
     port = free_port()
@@ -274,7 +210,7 @@ def phantom_case(out: Path, seed: int) -> Case | None:
     return _case_from_folder(out)
 
 
-def assert_results_in_pacs(pacs: Orthanc, case: Case, with_seg: bool) -> None:
+def assert_results_in_pacs(pacs: OrthancPacs, case: Case, with_seg: bool) -> None:
     series = pacs.series_of_study(case.study_uid)
     by_class: dict[str, dict[str, Any]] = {}
     for s in series:
@@ -349,7 +285,7 @@ def redis_url() -> str:
 
 
 def test_redis_node_analyses_phantom_abdomen_and_chest_and_returns_results(
-    orthanc: Orthanc, redis_url: str, shared_data: Path, tmp_path: Path
+    orthanc: OrthancPacs, redis_url: str, shared_data: Path, tmp_path: Path
 ) -> None:
     abdomen = abdomen_case(shared_data, tmp_path / "in" / "abdomen", "l3spot-it-redis-abdomen")
     phantom = phantom_case(tmp_path / "in" / "phantom", seed=7)
@@ -378,7 +314,7 @@ def test_redis_node_analyses_phantom_abdomen_and_chest_and_returns_results(
 
 
 def test_embedded_node_runs_alone_and_returns_results(
-    orthanc: Orthanc, shared_data: Path, tmp_path: Path
+    orthanc: OrthancPacs, shared_data: Path, tmp_path: Path
 ) -> None:
     abdomen = abdomen_case(shared_data, tmp_path / "in" / "abdomen", "l3spot-it-embedded-abdomen")
     with run_node(tmp_path, None, orthanc) as node:

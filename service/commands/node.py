@@ -138,6 +138,8 @@ def echo(
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+    from worker.export import guard_scu_reactor
+
     cfg = _load(config)
     h = host or ("127.0.0.1" if cfg.node.host in ("0.0.0.0", "::", "") else cfg.node.host)
     p = port or cfg.node.port
@@ -148,6 +150,7 @@ def echo(
     if not assoc.is_established:
         typer.echo(f"echo {h}:{p}: association failed", err=True)
         raise typer.Exit(1)
+    guard_scu_reactor(assoc)  # pynetdicom 3.0.4 race, see docs/reliability.md
     status = assoc.send_c_echo()
     assoc.release()
     code = int(status.Status) if "Status" in status else None
