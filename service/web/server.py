@@ -65,6 +65,7 @@ class WebServer:
         self.app = create_app(config, probe=probe, celery=getattr(node, "app", None))
         self._server: Any = None
         self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
 
     def observe(self, on_stored: Callable[[str, str, Path], None]) -> Callable[..., None]:
         """The SCP's ``on_stored`` callback, counted (see :class:`ScpObserver`)."""
@@ -89,9 +90,18 @@ class WebServer:
         self._server = create_server(
             self.app, host=web.host, port=web.port, threads=WEB_THREADS, ident="l3spot"
         )
-        self._thread = threading.Thread(target=self._server.run, name="web", daemon=True)
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._serve, name="web", daemon=True)
         self._thread.start()
         log_event(log, "web_listening", host=web.host, port=self.port)
+
+    def _serve(self) -> None:
+        try:
+            self._server.run()
+        except OSError:
+            # stop() closes the sockets under waitress's select(): EBADF is the way out.
+            if not self._stopping.is_set():
+                raise
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Close the listening socket and open connections; wait for the thread."""
@@ -99,6 +109,7 @@ class WebServer:
             return
         from waitress import wasyncore
 
+        self._stopping.set()
         self._server.task_dispatcher.shutdown()
         wasyncore.close_all(self._server._map)
         if self._thread is not None:
