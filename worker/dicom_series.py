@@ -72,7 +72,9 @@ def choose_rescale(hu_min: float, hu_max: float) -> tuple[float, float]:
     return slope, intercept
 
 
-#: Namespace of the name-based (version 5) UUIDs behind deterministic UIDs.
+#: Namespace of the name-based (version 5) UUIDs behind every deterministic UID of l3spot
+#: (generated series, derived SEG/SR/SC). Never change it: re-runs would stop replacing
+#: earlier results in the PACS.
 _UID_NAMESPACE = uuid.UUID("6f1b8f0e-3c51-5a43-9a38-4c0b4c2f7a13")
 
 

@@ -246,29 +246,20 @@ def evaluate_phantoms(
     return source, scores
 
 
-def _nifti_zyx(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(array (z, y, x) with y anterior->posterior, x right->left; affine) of an RAS NIfTI."""
-    import nibabel as nib
-
-    img = nib.load(str(path))
-    codes = nib.aff2axcodes(img.affine)
-    if codes != ("R", "A", "S"):
-        img = nib.as_closest_canonical(img)
-    a = np.asanyarray(img.dataobj)
-    return np.ascontiguousarray(np.transpose(a, (2, 1, 0))[:, ::-1, ::-1]), img.affine
-
-
 def nifti_volume(path: Path) -> CTVolume:
-    """A :class:`CTVolume` from a NIfTI CT (RAS or reoriented to it), HU as stored."""
-    a, aff = _nifti_zyx(path)
-    zooms = np.sqrt((aff[:3, :3] ** 2).sum(0))
-    z = aff[2, 3] + zooms[2] * np.arange(a.shape[0])
-    return CTVolume(
-        hu=a.astype(np.float32),
-        z_mm=z.astype(np.float64),
-        pixel_spacing_mm=(float(zooms[1]), float(zooms[0])),
-        slice_thickness_mm=float(zooms[2]),
-    )
+    """A NIfTI CT or label map as a :class:`CTVolume` in the axial DICOM layout.
+
+    :func:`worker.volume.load_nifti` with no slice minimum (reference label maps and the
+    30-slice ``ct_sm.nii.gz`` crop are short); values as stored (HU or label values).
+    """
+    from worker.volume import load_nifti
+
+    return load_nifti(path, min_slices=1)
+
+
+def nifti_array(path: Path) -> np.ndarray:
+    """(z, y, x) array of a NIfTI file in the same layout as :func:`nifti_volume`."""
+    return nifti_volume(path).hu
 
 
 #: first slice of ``tissue_types/ct_sm.nii.gz`` inside ``ct.nii.gz`` (its affine is wrong)
@@ -298,7 +289,7 @@ def evaluate_real(
     sp = vol.pixel_spacing_mm
     pix = sp[0] * sp[1] / 100.0
     refs = {
-        n: _nifti_zyx(base / "tissue_types" / f"{n}.nii.gz")[0] > 0
+        n: nifti_array(base / "tissue_types" / f"{n}.nii.gz") > 0
         for n in ("skeletal_muscle", "subcutaneous_fat", "torso_fat")
     }
     out: dict[str, list[Score]] = {"tissue_types_raw": [], "tissue_types_hu": []}
@@ -317,7 +308,7 @@ def evaluate_real(
         for key, (pred, ref, r) in pairs.items():
             out["tissue_types_raw"].append(score(f"z{k}", key, pred, ref, pix))
             out["tissue_types_hu"].append(score(f"z{k}", key, pred, ref & in_hu_range(hu, r), pix))
-    seg_total = _nifti_zyx(base / "segmentation_total.nii.gz")[0]
+    seg_total = np.rint(nifti_array(base / "segmentation_total.nii.gz")).astype(np.int16)
     zs = np.flatnonzero((seg_total == L3_LABEL).any(axis=(1, 2)))
     from scipy import ndimage
 

@@ -619,36 +619,16 @@ def train_locator(
 
 
 def load_volume_any(path: Path) -> CTVolume:
-    """Load a DICOM series folder or a NIfTI file with the project's loader.
-
-    Uses :mod:`worker.volume`'s loader when present; falls back to a minimal NIfTI reader
-    (RAS-reoriented, HU as stored) so evaluation works on the shared NIfTI case.
+    """Load a DICOM series folder or a NIfTI file (:func:`worker.volume.load_series`).
 
     Raises
     ------
-    ValueError
-        No loader can read ``path``.
+    worker.errors.SeriesValidationError
+        The input is not a usable CT series.
     """
-    from worker import volume as v
+    from worker.volume import load_series
 
-    for name in ("load_volume", "load_series", "load_ct", "read_volume"):
-        fn = getattr(v, name, None)
-        if callable(fn):
-            return fn(Path(path))
-    p = Path(path)
-    if p.name.endswith((".nii", ".nii.gz")):
-        import nibabel as nib
-
-        img = nib.as_closest_canonical(nib.load(str(p)))
-        data = np.asarray(img.dataobj, dtype=np.float32)  # (x, y, z) RAS
-        zooms = img.header.get_zooms()[:3]
-        hu = np.transpose(data, (2, 1, 0))[:, ::-1, :]  # (z, y: anterior->posterior, x)
-        z0 = float(img.affine[2, 3])
-        z = z0 + np.arange(hu.shape[0]) * float(zooms[2])
-        return CTVolume(
-            hu=np.ascontiguousarray(hu), z_mm=z, pixel_spacing_mm=(float(zooms[1]), float(zooms[0]))
-        )
-    raise ValueError(f"{path}: no volume loader available for this input")
+    return load_series(Path(path))
 
 
 def case_volume_and_mip(path: Path, pixel_mm: float) -> tuple[CTVolume, Mip]:

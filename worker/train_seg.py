@@ -68,14 +68,15 @@ def site_nifti_slices(csv_path: Path) -> list[TrainingSlice]:
     ``labels`` holds values of :mod:`worker.labels` on the CT grid; without ``slice`` every
     slice with any label is used. Relative paths are relative to the CSV.
     """
-    from worker.evaluate_composition import _nifti_zyx, nifti_volume
+    from worker.evaluate_composition import nifti_array, nifti_volume
 
     out = []
     with open(csv_path, newline="") as fh:
         for row in csv.DictReader(fh):
             ct = (csv_path.parent / row["ct"]).resolve()
             vol = nifti_volume(ct)
-            lab_ = _nifti_zyx((csv_path.parent / row["labels"]).resolve())[0].astype(np.uint8)
+            lab_path = (csv_path.parent / row["labels"]).resolve()
+            lab_ = np.rint(nifti_array(lab_path)).astype(np.uint8)
             if lab_.shape != vol.hu.shape:
                 raise ValueError(f"{row['labels']}: shape {lab_.shape} != CT {vol.hu.shape}")
             ks = [int(row["slice"])] if row.get("slice") else np.flatnonzero(lab_.any((1, 2)))

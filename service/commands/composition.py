@@ -19,18 +19,9 @@ import typer
 
 def _load(path: Path) -> Any:
     """CTVolume from a DICOM series folder or a NIfTI file."""
-    name = path.name.lower()
-    try:
-        from worker.volume import load_series  # type: ignore[attr-defined]
-    except ImportError:
-        load_series = None
-    if load_series is not None:
-        return load_series(path)
-    if name.endswith((".nii", ".nii.gz")):
-        from worker.evaluate_composition import nifti_volume
+    from worker.volume import load_series
 
-        return nifti_volume(path)
-    raise typer.BadParameter(f"{path}: cannot load (worker.volume.load_series unavailable)")
+    return load_series(path)
 
 
 def render_png(hu: np.ndarray, result: Any, spacing_mm: tuple[float, float], out: Path) -> None:

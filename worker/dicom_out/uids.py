@@ -4,19 +4,15 @@ A re-run of the same algorithm version on the same source series must *replace* 
 in the PACS, never duplicate them, so every derived UID is a pure function of the source
 Series Instance UID, the algorithm name and version, and the object kind. The UIDs use the
 ``2.25`` root with a name-based UUID (ISO/IEC 9834-8 / RFC 4122 version 5, PS3.5 B.2) of
-those inputs, in a namespace of l3spot's own.
+those inputs (:func:`worker.dicom_series.deterministic_uid`, the one UID function of l3spot).
 """
 
 from __future__ import annotations
 
-import uuid
 from typing import Literal
 
 from worker import ALGORITHM_NAME, __version__
-
-#: UUID namespace of l3spot's derived UIDs (a fixed random UUID; never change it, or re-runs
-#: would stop replacing earlier results).
-_NAMESPACE = uuid.UUID("7a3c1f0e-5b8d-4e62-9c1a-3d2f6b9e8a41")
+from worker.dicom_series import deterministic_uid
 
 #: Object kinds and the parts of them that carry a UID.
 DerivedKind = Literal[
@@ -71,5 +67,5 @@ def device_observer_uid(version: str = __version__) -> str:
 
 
 def _uid_from_parts(*parts: str) -> str:
-    """``2.25.<int of the version-5 UUID of the parts joined by NUL>``."""
-    return f"2.25.{uuid.uuid5(_NAMESPACE, chr(0).join(parts)).int}"
+    """``2.25.<int of a version-5 UUID of the parts>`` (:func:`deterministic_uid`)."""
+    return deterministic_uid(*parts)
