@@ -197,16 +197,11 @@ def abdomen_case(shared: Path, out: Path, seed: str) -> Case:
     return _case_from_folder(out)
 
 
-def phantom_case(out: Path, seed: int) -> Case | None:
-    try:
-        from worker.phantom import generate_phantom  # type: ignore[attr-defined]
-    except ImportError:
-        return None
+def phantom_case(out: Path, seed: int) -> Case:
     from worker.dicom_series import write_ct_series
+    from worker.phantom import generate_phantom
 
-    phantom = generate_phantom(seed=seed)
-    volume = getattr(phantom, "volume", phantom)
-    write_ct_series(volume, out, uid_seed=f"l3spot-it-phantom-{seed}")
+    write_ct_series(generate_phantom(seed=seed).volume, out, uid_seed=f"l3spot-it-phantom-{seed}")
     return _case_from_folder(out)
 
 
@@ -291,15 +286,14 @@ def test_redis_node_analyses_phantom_abdomen_and_chest_and_returns_results(
     phantom = phantom_case(tmp_path / "in" / "phantom", seed=7)
     chest = _case_from_folder(shared_data / "chest_ct_lidc")
     with run_node(tmp_path, redis_url, orthanc) as node:
-        for case in (c for c in (phantom, abdomen, chest) if c is not None):
+        for case in (phantom, abdomen, chest):
             send(case.folder, node.port)
         rec = wait_final(node, abdomen.series_uid, 150)
         assert rec.state == DONE, rec.reason
         assert_results_in_pacs(orthanc, abdomen, with_seg=True)
-        if phantom is not None:
-            rec = wait_final(node, phantom.series_uid, 60)
-            assert rec.state == DONE, rec.reason
-            assert_results_in_pacs(orthanc, phantom, with_seg=True)
+        rec = wait_final(node, phantom.series_uid, 60)
+        assert rec.state == DONE, rec.reason
+        assert_results_in_pacs(orthanc, phantom, with_seg=True)
         rec = wait_final(node, chest.series_uid, 150)
         assert rec.state == DONE, rec.reason
         assert rec.note == L3_NOT_IN_FOV

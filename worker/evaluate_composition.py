@@ -209,11 +209,9 @@ def score(case: str, name: str, pred: np.ndarray, ref: np.ndarray, pix_cm2: floa
 
 
 def _phantom_slices(n: int, seed: int):
-    """(name, hu, labels, spacing) of ``n`` L3 slices from ``worker.phantom`` if it exists."""
-    try:
-        from worker.phantom import PhantomSpec, generate_phantom
-    except ImportError:
-        return None
+    """(name, hu, labels, spacing) of the L3 slices of ``n`` abdomen phantoms from ``seed``."""
+    from worker.phantom import PhantomSpec, generate_phantom
+
     out = []
     for i in range(n):
         # abdomen FOV (L3 always inside), 5 mm slices for speed; the rest drawn from the seed
@@ -232,11 +230,12 @@ def evaluate_phantoms(
 
     Returns (source description, scores for SMA, IMAT, VAT, SAT of every case).
     """
-    cases = None if synthetic else _phantom_slices(n, seed)
-    source = "worker.phantom"
-    if cases is None:
+    if synthetic:
         source = "synthetic L3 slices (worker.evaluate_composition.random_synthetic_l3)"
         cases = [(f"synthetic{seed + i}", *random_synthetic_l3(seed + i)) for i in range(n)]
+    else:
+        source = "worker.phantom"
+        cases = _phantom_slices(n, seed)
     scores: list[Score] = []
     for name, hu, truth, sp in cases:
         seg = segment_slice(hu, sp, config, device=device)

@@ -39,16 +39,8 @@ class TrainingSlice:
 
 def phantom_slices(n: int, seed: int, neighbours: int = 0) -> list[TrainingSlice]:
     """L3 slices (and ``neighbours`` slices either side) of ``n`` phantoms from ``seed``."""
-    try:
-        from worker.phantom import PhantomSpec, generate_phantom
-    except ImportError:
-        from worker.evaluate_composition import random_synthetic_l3
+    from worker.phantom import PhantomSpec, generate_phantom
 
-        out = []
-        for i in range(n):
-            hu, lab_, sp = random_synthetic_l3(seed + i)
-            out.append(TrainingSlice(f"synthetic{seed + i}", hu, lab_, sp))
-        return out
     out = []
     for i in range(n):
         ph = generate_phantom(seed + i, PhantomSpec(fov="abdomen", slice_thickness_mm=5.0))
