@@ -152,19 +152,30 @@ def evaluate_phantoms(
     Keep the seeds disjoint from the training seeds (the shipped model trained on seeds
     below 1 000 000). Phantoms come from :func:`worker.train.phantom_mip` with
     ``training=False``: the generator's random field of view and slice thickness
-    (0.625-5 mm), low in-plane resolution; the locator runs on their frontal MIP directly
+    (0.625-5 mm), low in-plane resolution; the locator runs on their frontal MIPs directly
     (the MIP of a volume is timed in ``bench/bench_locate.py``), so ``seconds`` is the
-    time of windows + CNN + decision.
+    time of windows + CNN + decision (+ the refinement stage when configured).
     """
     from worker.locate import load_locator, locate_in_mip
-    from worker.train import phantom_mip
+    from worker.train import phantom_mips
 
     loc = load_locator(config.weights, device)
+    fine = None if config.refine_weights is None else load_locator(config.refine_weights, device)
+    pixels = (loc.spec.pixel_mm,) if fine is None else (loc.spec.pixel_mm, fine.spec.pixel_mm)
     out = []
     for s in range(seed, seed + n):
-        mip, z = phantom_mip(s, loc.spec.pixel_mm, training=False)
+        mips, z = phantom_mips(s, pixels, training=False)
+        mip = mips[0]
         t0 = time.perf_counter()
-        res = locate_in_mip(mip, loc, config.stride_px, config.batch_size, config.min_confidence)
+        res = locate_in_mip(
+            mip,
+            loc,
+            config.stride_px,
+            config.batch_size,
+            config.min_confidence,
+            None if fine is None else (mips[1], fine),
+            config.refine_stride_px,
+        )
         dt = time.perf_counter() - t0
         sz = mip.slice_z_mm
         truth = None if z is None else int(np.argmin(np.abs(sz - z)))

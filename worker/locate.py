@@ -120,8 +120,11 @@ class L3Location:
     presence : (n_windows,) float32, probability that L3 lies within +/- a of each window's
         centre (l3spot's second head; empty for a paper-only model).
     window_height_px : window height H in MIP rows (for plots).
-    timings_s : seconds spent per stage ("mip", "windows", "cnn", "decision").
+    timings_s : seconds spent per stage ("mip", "windows", "cnn", "decision", "refine").
     model : architecture and weights file the decision came from.
+    refinement : the second (fine) stage's report (:class:`worker.refine.Refinement`
+        summary) when one ran; ``z_mm``/``slice_index``/``mip_row`` are then the refined
+        answer and ``refinement["start_z_mm"]`` the first stage's.
     """
 
     in_field_of_view: bool
@@ -138,6 +141,7 @@ class L3Location:
     window_height_px: int = 0
     timings_s: dict[str, float] = field(default_factory=dict)
     model: str = ""
+    refinement: dict[str, Any] | None = None
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready dict of the decision (without the per-window arrays)."""
@@ -151,6 +155,7 @@ class L3Location:
             "n_windows": int(len(self.predictions)),
             "timings_s": {k: round(v, 4) for k, v in self.timings_s.items()},
             "model": self.model,
+            "refinement": self.refinement,
         }
 
 
@@ -464,10 +469,15 @@ def locate_in_mip(
     stride_px: int = 4,
     batch_size: int = 64,
     min_confidence: float = 0.5,
+    fine: tuple[Mip, LoadedLocator] | None = None,
+    refine_stride_px: int = 2,
 ) -> L3Location:
     """Run the sliding-window locator on a frontal MIP already at ``loc.spec.pixel_mm``.
 
     ``slice_index`` is the nearest source slice (``mip.slice_z_mm``); see :func:`locate_l3`.
+    ``fine`` = (frontal MIP at the fine model's pixel size, refinement-stage locator): when
+    given and L3 is in the field of view, :func:`worker.refine.refine_in_mip` refines the
+    answer (``refinement`` in the result).
     """
     spec = loc.spec
     if abs(mip.pixel_mm - spec.pixel_mm) > 1e-6:
@@ -507,11 +517,29 @@ def locate_in_mip(
     if not in_fov:
         return L3Location(False, None, None, None, d.confidence, reason=why, **common)
     z = float(mip.row_to_z(d.row))
+    row = d.row
+    refinement = None
+    if fine is not None:
+        from worker.refine import refine_in_mip
+
+        t4 = time.perf_counter()
+        ref = refine_in_mip(fine[0], z, fine[1], refine_stride_px, batch_size)
+        timings["refine"] = time.perf_counter() - t4
+        z, refinement = ref.z_mm, ref.summary()
+        refinement["model"] = f"{fine[1].arch}:{fine[1].path.name}"
+        row = float(mip.z_to_row(z))
     reason = None
     if d.confidence < min_confidence:
         reason = f"low confidence ({d.confidence:.2f} < {min_confidence:.2f}); check the L3 slice"
     return L3Location(
-        True, mip.row_to_slice_index(d.row), z, d.row, d.confidence, reason=reason, **common
+        True,
+        mip.row_to_slice_index(row),
+        z,
+        row,
+        d.confidence,
+        reason=reason,
+        refinement=refinement,
+        **common,
     )
 
 
@@ -553,8 +581,29 @@ def locate_l3(
             mip = frontal_mip(volume, pixel_mm=loc.spec.pixel_mm)
     except ValueError as exc:
         raise AnalysisError(uid, "locator", f"cannot build the frontal MIP: {exc}") from exc
+    fine = None
+    if config.refine_weights is not None:
+        try:
+            fine_loc = load_locator(config.refine_weights, device)
+        except LocatorWeightsError as exc:
+            raise AnalysisError(uid, "locator", str(exc)) from exc
+        try:
+            fine = (frontal_mip(volume, pixel_mm=fine_loc.spec.pixel_mm), fine_loc)
+        except ValueError as exc:
+            raise AnalysisError(uid, "locator", f"cannot build the fine MIP: {exc}") from exc
     t_mip = time.perf_counter() - t0
-    result = locate_in_mip(mip, loc, config.stride_px, config.batch_size, config.min_confidence)
+    try:
+        result = locate_in_mip(
+            mip,
+            loc,
+            config.stride_px,
+            config.batch_size,
+            config.min_confidence,
+            fine,
+            config.refine_stride_px,
+        )
+    except LocatorWeightsError as exc:  # a refinement file that is not a fine-stage model
+        raise AnalysisError(uid, "locator", str(exc)) from exc
     if result.z_mm is not None:
         result.slice_index = volume.nearest_slice(result.z_mm)
     result.timings_s = {"mip": t_mip, **result.timings_s}

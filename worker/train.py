@@ -159,11 +159,20 @@ def phantom_volume(seed: int, training: bool = False) -> tuple[CTVolume, float |
 
 def phantom_mip(seed: int, pixel_mm: float, training: bool = True) -> tuple[Mip, float | None]:
     """Frontal MIP of the phantom of ``seed`` (fast path, no volume) and mid-L3 z or None."""
-    from worker.phantom import generate_phantom_mip
+    mips, z = phantom_mips(seed, (pixel_mm,), training)
+    return mips[0], z
 
-    pm = generate_phantom_mip(seed, phantom_spec(seed, training), pixel_mm)
-    z = float(pm.truth.l3_mid_z_mm) if pm.truth.l3_in_fov else None
-    return pm.mip, z
+
+def phantom_mips(
+    seed: int, pixel_mms: tuple[float, ...], training: bool = True
+) -> tuple[list[Mip], float | None]:
+    """Frontal MIPs of the phantom of ``seed`` at several pixel sizes (rendered once, for
+    the two-stage locator) and mid-L3 z or None."""
+    from worker.phantom import generate_phantom_mips
+
+    pms = generate_phantom_mips(seed, phantom_spec(seed, training), pixel_mms)
+    z = float(pms[0].truth.l3_mid_z_mm) if pms[0].truth.l3_in_fov else None
+    return [pm.mip for pm in pms], z
 
 
 def phantom_case(seed: int, pixel_mm: float) -> MipCase:
@@ -405,6 +414,12 @@ class TrainSettings:
     spec: WindowSpec = field(default_factory=WindowSpec)
     init: Path | None = None
     positive_fraction: float = 0.6
+    stage: str = "coarse"  # "coarse": whole-MIP locator; "fine": refinement stage
+
+
+#: Starting errors (multiples of a) from which :func:`validate_refinement` refines each
+#: validation scan: the first stage's misses lie on both sides, up to about one a.
+REFINE_VALIDATION_STARTS = (-0.8, -0.4, 0.0, 0.4, 0.8)
 
 
 @dataclass
@@ -488,6 +503,38 @@ def validate_scans(
     return float(np.mean(errs)) if errs else None
 
 
+@torch.no_grad()
+def validate_refinement(
+    model: nn.Module,
+    cases: Sequence[MipCase],
+    spec: WindowSpec,
+    dev: torch.device,
+    stride: int = 2,
+    starts: Sequence[float] = REFINE_VALIDATION_STARTS,
+) -> float | None:
+    """Mean absolute error (mm) of a refinement-stage model on in-FOV validation cases.
+
+    Each case is refined (:func:`worker.refine.refine_in_mip`) from first answers placed at
+    ``true L3 + k * a`` for every ``k`` in ``starts``; the error is that of the refined z
+    (the first answer when the refinement declines). Clipped at ``2a`` per attempt.
+    """
+    from worker.refine import FINE_STAGE, refine_in_mip
+
+    model.eval()
+    loc = LoadedLocator(model, spec, "?", dev, Path("<training>"), {"stage": FINE_STAGE})
+    errs = []
+    for c in cases:
+        if c.l3_row is None:
+            continue
+        mip = Mip(image=c.image_hu, pixel_mm=spec.pixel_mm, z_top_mm=0.0, slice_z_mm=np.zeros(0))
+        true_z = float(mip.row_to_z(c.l3_row))
+        for k in starts:
+            start = float(mip.row_to_z(c.l3_row + k * spec.a_px))
+            ref = refine_in_mip(mip, start, loc, stride, 128)
+            errs.append(min(abs(ref.z_mm - true_z), 2 * spec.a_mm))
+    return float(np.mean(errs)) if errs else None
+
+
 def init_from_locator(model: nn.Module, weights: Path, arch: str, spec: WindowSpec) -> None:
     """Start training from a saved locator (fine-tuning / continued training).
 
@@ -548,7 +595,13 @@ def train_locator(
     spec = settings.spec
     _seed_everything(settings.seed)
     dev = torch.device(settings.device)
-    model = build_model(settings.arch, spec.height_px, spec.width_px, presence_head=True)
+    if settings.stage not in ("coarse", "fine"):
+        raise ValueError(f"unknown stage {settings.stage!r}; choose 'coarse' or 'fine'")
+    fine = settings.stage == "fine"
+    # the refinement stage is the paper's protocol exactly: only L3-holding windows, one
+    # regression output (no presence head; the first stage decides "not in field of view")
+    model = build_model(settings.arch, spec.height_px, spec.width_px, presence_head=not fine)
+    positive_fraction = 1.0 if fine else settings.positive_fraction
     if settings.pretrained is not None:
         if settings.arch != "vgg16":
             raise ValueError("--pretrained needs --arch vgg16")
@@ -575,14 +628,13 @@ def train_locator(
     ckpt = checkpoint or Path("var/checkpoints") / (Path(out).name + ".ckpt")
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     rec = dict(record or {})
+    rec["stage"] = settings.stage
     for epoch in range(1, settings.epochs + 1):
         model.train()
         t0 = time.perf_counter()
         losses = []
         for _ in range(settings.steps_per_epoch):
-            batch = sample_windows(
-                train_cases, spec, settings.batch_size, rng, settings.positive_fraction
-            )
+            batch = sample_windows(train_cases, spec, settings.batch_size, rng, positive_fraction)
             loss = _loss(model, batch, dev, settings.presence_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -593,7 +645,9 @@ def train_locator(
             if progress:
                 progress(1, losses[-1])
         mae, acc = validate_windows(model, val, spec, dev)
-        scan_mae = validate_scans(model, val_pool[:max_val_scans], spec, dev)
+        scan_mae = (validate_refinement if fine else validate_scans)(
+            model, val_pool[:max_val_scans], spec, dev
+        )
         log = EpochLog(epoch, float(np.mean(losses)), mae, acc, scan_mae, time.perf_counter() - t0)
         logs.append(log)
         if on_epoch:

@@ -18,6 +18,14 @@ import typer
 
 DEFAULT_CACHE = Path("var/cache/locator_mips")
 
+#: Default window geometry (mm) per training stage: the coarse one is the shipped CNN4's
+#: (models/locator_cnn4.md); the fine one works at 1 mm around the coarse answer, a = 30 mm
+#: covering the coarse stage's misses (10-25 mm), H = 176 mm showing the neighbouring levels.
+STAGE_GEOMETRY: dict[str, dict[str, float]] = {
+    "coarse": {"pixel_mm": 3.0, "height_mm": 330.0, "width_mm": 384.0, "a_mm": 51.0},
+    "fine": {"pixel_mm": 1.0, "height_mm": 176.0, "width_mm": 160.0, "a_mm": 30.0},
+}
+
 
 def _git_commit() -> str:
     try:
@@ -76,10 +84,26 @@ def train(
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
     lr: Annotated[float, typer.Option()] = 1e-3,
     val_fraction: Annotated[float, typer.Option(help="Share of patients for validation.")] = 0.1,
-    pixel_mm: Annotated[float, typer.Option(help="MIP pixel size (mm).")] = 3.0,
-    height_mm: Annotated[float, typer.Option(help="Window height H (mm).")] = 330.0,
-    width_mm: Annotated[float, typer.Option(help="Fixed window width (mm).")] = 384.0,
-    a_mm: Annotated[float, typer.Option(help="L3 within +/- a of the window centre (mm).")] = 51.0,
+    stage: Annotated[
+        str,
+        typer.Option(
+            help="coarse: the whole-MIP locator; fine: the refinement stage around its answer "
+            "(worker/refine.py). Sets the default window geometry below."
+        ),
+    ] = "coarse",
+    pixel_mm: Annotated[
+        float | None, typer.Option(help="MIP pixel size (mm) [coarse 3, fine 1].")
+    ] = None,
+    height_mm: Annotated[
+        float | None, typer.Option(help="Window height H (mm) [coarse 330, fine 176].")
+    ] = None,
+    width_mm: Annotated[
+        float | None, typer.Option(help="Fixed window width (mm) [coarse 384, fine 160].")
+    ] = None,
+    a_mm: Annotated[
+        float | None,
+        typer.Option(help="L3 within +/- a of the window centre (mm) [coarse 51, fine 30]."),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of splits, init, sampling, augmentation.")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
@@ -103,7 +127,13 @@ def train(
         torch.set_num_threads(threads)
     dev = str(resolve_device(device))
     command = "l3spot " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    spec = WindowSpec(pixel_mm=pixel_mm, height_mm=height_mm, width_mm=width_mm, a_mm=a_mm)
+    if stage not in STAGE_GEOMETRY:
+        raise typer.BadParameter(f"--stage must be one of {sorted(STAGE_GEOMETRY)}")
+    geometry = dict(STAGE_GEOMETRY[stage])
+    given = {"pixel_mm": pixel_mm, "height_mm": height_mm, "width_mm": width_mm, "a_mm": a_mm}
+    geometry.update({k: v for k, v in given.items() if v is not None})
+    spec = WindowSpec(**geometry)
+    pixel_mm = spec.pixel_mm
     cases = []
     data: list[str] = []
     if phantoms > 0:
@@ -141,6 +171,7 @@ def train(
         spec=spec,
         init=init,
         positive_fraction=positive_fraction,
+        stage=stage,
     )
     record: dict[str, Any] = {
         "command": command,
@@ -157,7 +188,8 @@ def train(
         "batch_size": batch_size,
         "lr": lr,
         "init": None if init is None else str(init),
-        "positive_fraction": positive_fraction,
+        "positive_fraction": 1.0 if stage == "fine" else positive_fraction,
+        "stage": stage,
         "device": dev,
         "torch": torch.__version__,
         "window": spec.to_dict(),

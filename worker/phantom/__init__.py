@@ -35,6 +35,7 @@ __all__ = [
     "PhantomSpec",
     "generate_phantom",
     "generate_phantom_mip",
+    "generate_phantom_mips",
     "write_phantom",
 ]
 
@@ -350,11 +351,34 @@ def generate_phantom_mip(
     PhantomMip
         ``mip`` (rows, cols) with head up, and the ground truth.
     """
+    return generate_phantom_mips(seed, spec, (pixel_mm,))[0]
+
+
+def generate_phantom_mips(
+    seed: int, spec: PhantomSpec | None, pixel_mms: tuple[float, ...]
+) -> list[PhantomMip]:
+    """Frontal MIPs of one phantom at several pixel sizes, rendered once.
+
+    The two-stage locator needs the coarse (3 mm) and the fine (1 mm) MIP of the same scan;
+    rendering dominates the cost, so both come from one anterior-posterior projection. Each
+    MIP equals :func:`generate_phantom_mip` at that pixel size.
+
+    Parameters
+    ----------
+    seed, spec : as :func:`generate_phantom`.
+    pixel_mms : MIP pixel sizes (mm), one output per entry, in order.
+
+    Returns
+    -------
+    list[PhantomMip]
+        One per pixel size; they share the ground truth.
+    """
     spec, rng, fov, anat, grid, (_, _, z_off) = _build(seed, spec)
     proj, _ = render(anat, grid, rng, with_labels=False, mip_only=True)
     zs = grid.zs + z_off
     vol = CTVolume(hu=proj, z_mm=zs, pixel_spacing_mm=(grid.pixel_mm, grid.pixel_mm))
-    return PhantomMip(mip=frontal_mip(vol, pixel_mm), truth=_truth(seed, fov, anat, grid, z_off))
+    truth = _truth(seed, fov, anat, grid, z_off)
+    return [PhantomMip(mip=frontal_mip(vol, px), truth=truth) for px in pixel_mms]
 
 
 def write_phantom(phantom: Phantom, out_dir: Path, fmt: str = "dicom") -> Path:
