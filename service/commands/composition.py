@@ -123,7 +123,12 @@ def train_seg(
     phantom_seed: Annotated[int, typer.Option()] = 1000,
     neighbours: Annotated[int, typer.Option(help="Slices either side of L3 per phantom.")] = 1,
     site_csv: Annotated[
-        Path | None, typer.Option(help="CSV ct,labels[,slice] of NIfTI CT + label maps.")
+        Path | None,
+        typer.Option(
+            help="CSV ct,labels[,slice]: NIfTI CT + NIfTI label map (worker.labels values), or "
+            "DICOM series folder + DICOM SEG with SMA/IMAT/VAT/SAT segments (matched by "
+            "l3spot's SNOMED codes or by segment label; docs/composition.md)."
+        ),
     ] = None,
     steps: Annotated[int, typer.Option(min=1)] = 300,
     batch: Annotated[int, typer.Option(min=1)] = 4,
@@ -137,7 +142,11 @@ def train_seg(
         float | None, typer.Option(help="Wall-time budget per model; stops early.")
     ] = None,
 ) -> None:
-    """Train the body-composition U-Net (Dice loss) from phantoms and/or site masks."""
+    """Train the body-composition U-Net (Dice loss) from phantoms and/or site masks.
+
+    Site masks come as NIfTI label maps or DICOM SEG objects referencing the CT series
+    (--site-csv); a SEG of another series or without a known segment is refused.
+    """
     import logging
     import subprocess
     import time
@@ -145,7 +154,7 @@ def train_seg(
     import torch
 
     from worker.config import load_config
-    from worker.train_seg import phantom_slices, save_trained, site_nifti_slices, train_unet
+    from worker.train_seg import phantom_slices, save_trained, site_slices, train_unet
 
     if threads:
         torch.set_num_threads(threads)
@@ -163,7 +172,7 @@ def train_seg(
     slices = phantom_slices(phantoms, phantom_seed, neighbours) if phantoms else []
     typer.echo(f"{len(slices)} training slices")
     if site_csv is not None:
-        slices += site_nifti_slices(site_csv)
+        slices += site_slices(site_csv)
     paths = []
     for i in range(ensemble):
         path = out if ensemble == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")
