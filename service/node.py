@@ -301,6 +301,7 @@ class Node:
                 self.web.observer.record_sender = self._web_records.wrap(record_sender)
             on_stored = self.web.observe(self.watcher.touch)
         self.ae, self.server = start_scp(self.config, self.spool, on_stored)
+        self.watcher.on_stable = self.server.store_handler.forget_series
         if self.web:
             self.web.observer.bind(self.server)
 

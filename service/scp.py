@@ -521,6 +521,16 @@ class StoreHandler:
             self._series_counts[series_uid] = count
         return count
 
+    def forget_series(self, series_uid: str) -> None:
+        """Drop the cached instance count of a series that has completed.
+
+        The count only guards ``node.max_series_instances`` while a series is arriving; a
+        later instance of the same series recounts the files in its spool folder. Without
+        this the node would keep one entry per series it ever received.
+        """
+        with self._lock:
+            self._series_counts.pop(series_uid, None)
+
     def handle_store(self, event: evt.Event) -> int | Dataset:
         """C-STORE: check, write the instance durably, then answer (module docstring)."""
         req = event.request
@@ -667,7 +677,8 @@ def start_scp(
 
     Returns
     -------
-    (AE, server); stop with ``ae.shutdown()``.
+    (AE, server); stop with ``ae.shutdown()``. ``server.store_handler`` is the
+    :class:`StoreHandler`.
 
     Raises
     ------
@@ -687,6 +698,7 @@ def start_scp(
         ssl_context=make_ssl_context(config),
     )
     server.contexts = _SharedContexts(server.contexts)
+    server.store_handler = handler  # type: ignore[attr-defined]  # for Node (forget_series)
     log_event(
         log,
         "scp_listening",

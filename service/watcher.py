@@ -84,6 +84,9 @@ class SeriesWatcher:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        #: called with the Series Instance UID of each series the timer completes (the SCP
+        #: drops its per-series instance count); set by the node after the SCP starts.
+        self.on_stable: Callable[[str], None] | None = None
 
     # ---- called from the SCP's association threads ------------------------------------
 
@@ -176,6 +179,8 @@ class SeriesWatcher:
             for uid, _ in done:
                 del self._pending[uid]
         for uid, p in done:
+            if self.on_stable is not None:
+                self.on_stable(uid)
             try:
                 self.complete(uid, p.study_uid, p.series_dir)
             except Exception as exc:  # keep the watcher alive; the record says what failed

@@ -58,7 +58,7 @@ class Node:
         self.spool = Spool(tmp / "spool", tmp / "quarantine")
         self.audit = AuditLog(tmp / "audit.log")
         self.stored: list[tuple[str, str, Path]] = []
-        self.ae, _ = scp.start_scp(
+        self.ae, self.server = scp.start_scp(
             self.config,
             self.spool,
             lambda *a: self.stored.append(a),
@@ -203,6 +203,25 @@ def test_series_beyond_max_series_instances_answers_a700(make_node: Callable[...
     assert len(list((node.spool.root / study / big).glob("*.dcm"))) == 3
     rec = node.records("released")[0]
     assert (rec["stored"], rec["failed"]) == (4, 2)
+
+
+def test_a_completed_series_leaves_no_count_behind_and_a_late_instance_recounts(
+    make_node: Callable[..., Node],
+) -> None:
+    node = make_node(node={"max_series_instances": 3})
+    handler = node.server.store_handler
+    study, series = generate_uid(), generate_uid()
+    assoc = _associate(node.port)
+    assert [int(assoc.send_c_store(make_ct(study, series, i)).Status) for i in range(2)] == [0, 0]
+    assert handler._series_counts == {series: 2}
+    handler.forget_series(series)  # what the watcher does when the series is stable
+    assert handler._series_counts == {}
+    # a late instance of the same series: the count comes back from the spool folder, so
+    # the limit still holds (2 on disk + 1 = 3 allowed, the 4th refused)
+    statuses = [int(assoc.send_c_store(make_ct(study, series, i)).Status) for i in (2, 3)]
+    assoc.release()
+    assert statuses == [0, 0xA700]
+    assert handler._series_counts == {series: 3}
 
 
 def test_max_pdu_is_advertised_and_oversized_pdus_abort_the_connection(

@@ -64,6 +64,20 @@ def test_series_is_queued_once_after_its_stable_time(setup, tmp_path: Path) -> N
     assert (rec.state, rec.n_instances) == (QUEUED, 6)
 
 
+def test_the_watcher_tells_the_scp_which_series_became_stable(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    watcher, clock, queued, node = setup
+    stable: list[str] = []
+    watcher.on_stable = stable.append
+    study, series, folder = write_series(tmp_path / "spool" / "s", 6)
+    watcher.touch(study, series, folder)
+    clock.t += 4
+    watcher.poll()
+    assert stable == []
+    clock.t += 2
+    watcher.poll()
+    assert stable == [series] and len(queued) == 1
+
+
 def test_too_short_series_gets_an_ineligible_record(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     watcher, clock, queued, node = setup
     study, series, folder = write_series(tmp_path / "spool" / "s", 2)
