@@ -42,6 +42,7 @@ class CaseResult:
     slice_mm: float
     seconds: float
     reason: str | None = None
+    refined: bool | None = None  # None: no refinement stage ran; else whether it was applied
 
     @property
     def error_slices(self) -> int | None:
@@ -70,6 +71,7 @@ class CaseResult:
             "confidence": round(self.confidence, 3),
             "fov_ok": self.fov_correct,
             "seconds": round(self.seconds, 3),
+            "refined": self.refined,
         }
 
 
@@ -96,6 +98,7 @@ def evaluate_case(
         volume.slice_spacing_mm,
         dt,
         loc.reason,
+        None if loc.refinement is None else bool(loc.refinement["applied"]),
     )
 
 
@@ -120,6 +123,7 @@ def summarise(results: Iterable[CaseResult]) -> dict[str, Any]:
         }
 
     absent = [r for r in res if r.truth_slice is None]
+    ran = [r for r in res if r.refined is not None]
     within = sum(1 for r in found if (r.error_mm or 0.0) <= SUCCESS_MM)
     times = np.array([r.seconds for r in res]) if res else np.zeros(1)
     return {
@@ -133,6 +137,9 @@ def summarise(results: Iterable[CaseResult]) -> dict[str, Any]:
         "not_in_fov_cases": len(absent),
         "not_in_fov_correct": sum(1 for r in absent if r.pred_slice is None),
         "not_in_fov_incorrect": sum(1 for r in absent if r.pred_slice is not None),
+        "refinement_applied": (
+            f"{sum(1 for r in ran if r.refined)}/{len(ran)}" if ran else None
+        ),
         "seconds_per_scan": {
             "mean": round(float(times.mean()), 3),
             "max": round(float(times.max()), 3),
@@ -189,6 +196,7 @@ def evaluate_phantoms(
             float(np.median(np.diff(sz))) if len(sz) > 1 else 1.0,
             dt,
             res.reason,
+            None if res.refinement is None else bool(res.refinement["applied"]),
         )
         out.append(r)
         if each:
