@@ -106,9 +106,9 @@ def main() -> None:
         weights = _random_weights(Path(tmp.name), "coarse.pt", WindowSpec(), fine=False)
         print("shipped weights missing: timing a random CNN4 of the shipped geometry")
     if fine_weights is None or not fine_weights.is_file():
-        fine_spec = WindowSpec(pixel_mm=1.0, height_mm=176.0, width_mm=160.0, a_mm=30.0)
+        fine_spec = WindowSpec(pixel_mm=1.0, height_mm=128.0, width_mm=128.0, a_mm=18.0)
         fine_weights = _random_weights(Path(tmp.name), "fine.pt", fine_spec, fine=True)
-        print("no refinement weights configured: timing a random fine CNN4 (1 mm, 176 x 160 mm)")
+        print("no refinement weights configured: timing a random fine CNN4 (1 mm, 128 x 128 mm)")
     vol = synthetic_series()
     print(f"series {vol.shape} (z, y, x), {vol.hu.nbytes / 2**20:.0f} MiB, stride {args.stride}")
     print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}")

@@ -19,11 +19,13 @@ import typer
 DEFAULT_CACHE = Path("var/cache/locator_mips")
 
 #: Default window geometry (mm) per training stage: the coarse one is the shipped CNN4's
-#: (models/locator_cnn4.md); the fine one works at 1 mm around the coarse answer, a = 30 mm
-#: covering the coarse stage's misses (10-25 mm), H = 176 mm showing the neighbouring levels.
+#: (models/locator_cnn4.md); the fine one works at 1 mm around the coarse answer with
+#: a = 18 mm, under half the distance between two lumbar vertebral centres (about 35-40 mm),
+#: so the vertebral body nearest the window centre is the target and no level has to be
+#: counted (the coarse stage did that); H = 128 mm shows that body and both discs.
 STAGE_GEOMETRY: dict[str, dict[str, float]] = {
     "coarse": {"pixel_mm": 3.0, "height_mm": 330.0, "width_mm": 384.0, "a_mm": 51.0},
-    "fine": {"pixel_mm": 1.0, "height_mm": 176.0, "width_mm": 160.0, "a_mm": 30.0},
+    "fine": {"pixel_mm": 1.0, "height_mm": 128.0, "width_mm": 128.0, "a_mm": 18.0},
 }
 
 
@@ -41,7 +43,9 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def _locator_config(weights: Path | None, stride: int | None) -> Any:
+def _locator_config(
+    weights: Path | None, stride: int | None, refine: Path | None = None, no_refine: bool = False
+) -> Any:
     from worker.config import load_config
 
     cfg = load_config().locator
@@ -49,7 +53,19 @@ def _locator_config(weights: Path | None, stride: int | None) -> Any:
         cfg = cfg.model_copy(update={"weights": weights})
     if stride is not None:
         cfg = cfg.model_copy(update={"stride_px": stride})
+    if refine is not None:
+        cfg = cfg.model_copy(update={"refine_weights": refine})
+    if no_refine:
+        cfg = cfg.model_copy(update={"refine_weights": None})
     return cfg
+
+
+RefineOption = Annotated[
+    Path | None, typer.Option(help="Refinement-stage weights (default: config).")
+]
+NoRefineOption = Annotated[
+    bool, typer.Option("--no-refine", help="First stage only (ignore locator.refine_weights).")
+]
 
 
 def train(
@@ -95,14 +111,14 @@ def train(
         float | None, typer.Option(help="MIP pixel size (mm) [coarse 3, fine 1].")
     ] = None,
     height_mm: Annotated[
-        float | None, typer.Option(help="Window height H (mm) [coarse 330, fine 176].")
+        float | None, typer.Option(help="Window height H (mm) [coarse 330, fine 128].")
     ] = None,
     width_mm: Annotated[
-        float | None, typer.Option(help="Fixed window width (mm) [coarse 384, fine 160].")
+        float | None, typer.Option(help="Fixed window width (mm) [coarse 384, fine 128].")
     ] = None,
     a_mm: Annotated[
         float | None,
-        typer.Option(help="L3 within +/- a of the window centre (mm) [coarse 51, fine 30]."),
+        typer.Option(help="L3 within +/- a of the window centre (mm) [coarse 51, fine 18]."),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of splits, init, sampling, augmentation.")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
@@ -227,6 +243,8 @@ def locate(
     png: Annotated[Path | None, typer.Option(help="Write the diagnostic picture here.")] = None,
     weights: Annotated[Path | None, typer.Option(help="Locator weights (default: config).")] = None,
     stride: Annotated[int | None, typer.Option(help="Window stride, MIP pixels.")] = None,
+    refine_weights: RefineOption = None,
+    no_refine: NoRefineOption = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
     """Find the L3 slice of one series and print the result as JSON."""
@@ -236,7 +254,7 @@ def locate(
     from worker.mip import frontal_mip
     from worker.train import load_volume_any
 
-    cfg = _locator_config(weights, stride)
+    cfg = _locator_config(weights, stride, refine_weights, no_refine)
     try:
         vol = load_volume_any(series)
         res = locate_l3(vol, cfg, device=device)  # timings include the MIP
@@ -261,6 +279,8 @@ def evaluate(
     ] = None,
     weights: Annotated[Path | None, typer.Option(help="Locator weights (default: config).")] = None,
     stride: Annotated[int | None, typer.Option(help="Window stride, MIP pixels.")] = None,
+    refine_weights: RefineOption = None,
+    no_refine: NoRefineOption = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write all figures.")] = None,
 ) -> None:
@@ -270,7 +290,7 @@ def evaluate(
 
     if phantoms <= 0 and csv_path is None:
         raise typer.BadParameter("give --phantoms N or --csv FILE")
-    cfg = _locator_config(weights, stride)
+    cfg = _locator_config(weights, stride, refine_weights, no_refine)
 
     def show(r: CaseResult) -> None:
         typer.echo(json.dumps(r.row()))
@@ -283,6 +303,7 @@ def evaluate(
     summary = summarise(results)
     summary["weights"] = str(cfg.weights)
     summary["stride_px"] = cfg.stride_px
+    summary["refine_weights"] = None if cfg.refine_weights is None else str(cfg.refine_weights)
     typer.echo(json.dumps({"overall": summary}, indent=2))
     if json_out is not None:
         json_out.write_text(
