@@ -189,7 +189,9 @@ def test_noise_estimate_and_tv_denoising_restore_low_dose_classification():
     seg = segment_classical(hu, sp, CFG)  # denoised internally (sigma > denoise_above_hu)
     off = segment_classical(hu, sp, CFG.model_copy(update={"denoise_above_hu": 0.0}))
     d_on = _dice(seg.labels == lab.SMA, musc)
-    assert d_on >= 0.97 and d_on > _dice(off.labels == lab.SMA, musc) + 0.05
+    # (margin 0.04: since the psoas opening fills fat-HU holes, the noisy image without
+    # denoising no longer loses its psoas: 0.941 instead of 0.896)
+    assert d_on >= 0.97 and d_on > _dice(off.labels == lab.SMA, musc) + 0.04
 
 
 def test_truncated_trunk_keeps_the_sat_vat_split():
@@ -281,3 +283,35 @@ def test_unet_labels_are_gated_by_the_hu_ranges(monkeypatch: pytest.MonkeyPatch)
     seg = segment_slice(hu, sp, CompositionConfig(method="unet"))
     assert (seg.labels == lab.SMA).any()
     assert not ((seg.labels == lab.SMA) & ~muscle_hu).any()
+
+
+def _fatty_psoas_slice() -> tuple[np.ndarray, np.ndarray, tuple[float, float], np.ndarray]:
+    """synthetic_l3 with 2.4 mm fat spots every 5 mm in both psoas (myosteatosis), 0.6 mm pixels.
+
+    The failure seen on development phantoms 6000-6019 (e.g. 6016): the 3 mm opening that
+    breaks bridges to a kidney also erased a psoas riddled with intramuscular fat.
+    """
+    hu, labels, sp = synthetic_l3(0.6, noise_hu=5.0, seed=3)
+    yy, xx = np.mgrid[0 : hu.shape[0], 0 : hu.shape[1]] * sp[0]
+    cy, cx = 140.0, 210.0
+    psoas = np.zeros(hu.shape, bool)
+    for sx in (-1, 1):
+        psoas |= ((yy - cy - 22) / 17) ** 2 + ((xx - cx - sx * 35) / 15) ** 2 <= 1.0
+    psoas &= labels == lab.SMA
+    spots = ((np.hypot((yy % 5.0) - 2.5, (xx % 5.0) - 2.5)) <= 1.2) & psoas
+    hu[spots] = -100.0
+    labels[spots] = lab.IMAT
+    return hu, labels, sp, psoas & ~spots
+
+
+def test_psoas_with_intramuscular_fat_spots_is_still_muscle():
+    hu, labels, sp, psoas_muscle = _fatty_psoas_slice()
+    got = segment_classical(hu, sp, CFG).labels
+    found = (got[psoas_muscle] == lab.SMA).mean()
+    # without filling the fat spots before the opening the psoas is lost (reproduces it)
+    lost = segment_classical(hu, sp, CFG.model_copy(update={"psoas_hole_mm2": 0.0})).labels
+    assert (lost[psoas_muscle] == lab.SMA).mean() < 0.5
+    assert found > 0.95
+    # the spots themselves are fat inside the muscle: IMAT, not VAT
+    spots = (labels == lab.IMAT) & (hu < -30)
+    assert (got[spots] == lab.IMAT).mean() > 0.85

@@ -125,6 +125,16 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return lab_img == (int(np.argmax(sizes)) + 1)
 
 
+def _small_holes(mask: np.ndarray, max_px: float) -> np.ndarray:
+    """Holes of ``mask`` (background components it encloses) of at most ``max_px`` pixels."""
+    holes = ndimage.binary_fill_holes(mask) & ~mask
+    lab_img, n = ndimage.label(holes)
+    if n == 0:
+        return holes
+    sizes = ndimage.sum_labels(np.ones_like(lab_img), lab_img, np.arange(1, n + 1))
+    return np.isin(lab_img, np.flatnonzero(sizes <= max_px) + 1)
+
+
 def in_hu_range(hu: np.ndarray, hu_range: tuple[float, float]) -> np.ndarray:
     """Boolean mask of ``lo <= hu <= hu_range[1]`` (both bounds inclusive).
 
@@ -620,7 +630,10 @@ def segment_classical(
         box &= ~((yy < y_ant + 5 / px) & (np.abs(xx - x_c) < body_half_w))
         cand = muscle_hu & inner & box & ~sma & ~vert
         r_open = max(1.0, config.psoas_opening_mm / px)
-        opened = ndimage.binary_opening(cand, structure=_disk(r_open))
+        # fat spots inside a muscle (IMAT, myosteatosis) and noise would let the opening eat
+        # the muscle itself: open the candidate with its small holes filled
+        solid = cand | (_small_holes(cand, config.psoas_hole_mm2 / (px * px)) & fat)
+        opened = ndimage.binary_opening(solid, structure=_disk(r_open))
         near_vert = ndimage.binary_dilation(vert | sma, structure=_disk(max(1.0, 8.0 / px)))
         lab_img, n = ndimage.label(opened)
         keep = np.zeros_like(cand)

@@ -177,6 +177,7 @@ class CompositionConfig(_Section):
     psoas_posterior_mm: float = Field(200.0, ge=0)  # paraspinals too
     psoas_lateral_mm: float = Field(60.0, ge=0)
     psoas_opening_mm: float = Field(3.0, gt=0)  # breaks bridges to a kidney or bowel loop
+    psoas_hole_mm2: float = Field(100.0, ge=0)  # fat spots (IMAT) filled before that opening
     metal_hu: float = 2000.0
     metal_min_area_mm2: float = Field(30.0, ge=0)
     muscle_mean_hu_qa: tuple[float, float] = (-20.0, 80.0)
