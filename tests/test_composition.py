@@ -22,7 +22,7 @@ from worker.composition import (
 )
 from worker.config import CompositionConfig
 from worker.errors import AnalysisError
-from worker.evaluate_composition import synthetic_l3
+from worker.evaluate_composition import FAT_HU, synthetic_l3
 from worker.volume import CTVolume, PatientInfo
 
 CFG = CompositionConfig()
@@ -315,3 +315,33 @@ def test_psoas_with_intramuscular_fat_spots_is_still_muscle():
     # the spots themselves are fat inside the muscle: IMAT, not VAT
     spots = (labels == lab.IMAT) & (hu < -30)
     assert (got[spots] == lab.IMAT).mean() > 0.85
+
+
+def _pannus_cut_by_the_top_edge() -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+    """synthetic_l3 with a thick anterior subcutaneous layer cut by the top image edge.
+
+    The failure seen on development phantom 6012: towards the image corners the cut edge is
+    far from the wall, the dense run there lay deeper than twice the usual subcutaneous
+    depth, so those rays were taken as "wall outside the image": full-thickness wedges of
+    the anterior wall were lost and their subcutaneous fat counted as visceral.
+    """
+    hu, labels, sp = synthetic_l3(1.0, sat_mm=15.0)
+    yy, xx = np.mgrid[0 : hu.shape[0], 0 : hu.shape[1]] * sp[0]
+    cy, cx = 140.0, 210.0
+    pannus = (((yy - cy) / 200.0) ** 2 + ((xx - cx) / 230.0) ** 2 <= 1.0) & (yy < cy)
+    pannus &= hu < -500
+    hu[pannus] = FAT_HU
+    labels[pannus] = lab.SAT
+    return hu, labels, sp
+
+
+def test_wall_continues_under_a_thick_layer_cut_by_the_image_edge():
+    hu, truth, sp = _pannus_cut_by_the_top_edge()
+    assert (hu[0] > -500).sum() > 200  # the trunk is cut along the top edge
+    seg = segment_classical(hu, sp, CFG)
+    assert "body_truncated" in seg.qa_flags
+    yy = np.mgrid[0 : hu.shape[0], 0 : hu.shape[1]][0] * sp[0]
+    anterior_wall = (truth == lab.SMA) & (yy < 100.0)
+    assert (seg.labels[anterior_wall] == lab.SMA).mean() > 0.95
+    assert _dice(seg.labels == lab.SAT, truth == lab.SAT) >= 0.95
+    assert _dice(seg.labels == lab.VAT, truth == lab.VAT) >= 0.93

@@ -406,6 +406,23 @@ def wall_region(
     # and everything inside is visceral.
     if truncated.any():
         ok = np.isfinite(found_trunc) & (found_trunc <= 2.0 * typical + tol)
+        # Where the cut edge is far from the trunk (an image corner) the subcutaneous layer
+        # there is thicker than that; a dense run deeper than the limit is still the wall when
+        # it continues the wall of the rays around it (within ``wall_outlier_mm``).
+        sure = ~truncated | ok
+        far = truncated & np.isfinite(found_trunc) & ~ok
+        r_sure = r_skin - np.where(truncated, np.nan_to_num(found_trunc), depth)
+        while far.any() and sure.any():  # grown ray by ray from the sure rays
+            i_sure, i_far = np.flatnonzero(sure), np.flatnonzero(far)
+            r_ref = np.interp(i_far, i_sure, r_sure[i_sure], period=n_a)
+            gap = np.abs(r_sure[i_far] - r_ref) <= tol
+            # only the rays next to a sure ray are decided in each pass
+            nxt = sure[(i_far - 1) % n_a] | sure[(i_far + 1) % n_a]
+            if not (gap & nxt).any():
+                break
+            ok[i_far[gap & nxt]] = True
+            sure[i_far[gap & nxt]] = True
+            far[i_far[gap & nxt]] = False
         depth = np.where(truncated, np.where(ok, np.nan_to_num(found_trunc), 0.0), depth)
     r_wall = np.maximum(r_skin - depth, 0.0)
     wy = cy + np.sin(angles) * r_wall
