@@ -11,10 +11,18 @@ from torch import nn
 
 from worker.config import LocatorConfig
 from worker.errors import AnalysisError
-from worker.locate import LoadedLocator, LocatorWeightsError, WindowSpec, locate_l3, save_locator
+from worker.locate import (
+    Decision,
+    LoadedLocator,
+    LocatorWeightsError,
+    WindowSpec,
+    decide_l3,
+    locate_l3,
+    save_locator,
+)
 from worker.mip import Mip
 from worker.model import build_model
-from worker.refine import FINE_STAGE, refine_in_mip, refine_windows
+from worker.refine import FINE_STAGE, choose_run, refine_in_mip, refine_windows
 from worker.train import MipCase, TrainSettings, split_by_group, train_locator
 from worker.volume import CTVolume
 
@@ -86,6 +94,45 @@ def test_refinement_declines_when_the_fine_windows_disagree() -> None:
     mip = marker_mip(l3_row=150)
     ref = refine_in_mip(mip, 310.0, loc, stride_px=2, min_correlation=0.9)
     assert not ref.applied and ref.z_mm == 310.0 and "do not agree" in (ref.reason or "")
+
+
+def _run(row: float, selection: float) -> Decision:
+    return Decision(row, 0.9, 0.9, 0.9, selection, np.zeros(0), np.zeros(0), (0, 1),
+                    selection_score=selection)  # fmt: skip
+
+
+def test_choose_run_prefers_the_candidate_the_fine_stage_confirms() -> None:
+    img = np.full((400, 120), -1000.0, np.float32)
+    img[:, 10:110] = 40.0
+    img[149:152, 30:90] = 1400.0  # the only "vertebral body" the oracle recognises
+    mip = Mip(image=img, pixel_mm=1.0, z_top_mm=500.0, slice_z_mm=np.zeros(0))
+    near_l3, elsewhere = _run(158.0, 0.3), _run(320.0, 0.5)  # first stage prefers elsewhere
+    chosen, ref = choose_run([elsewhere, near_l3], mip, mip, oracle(), stride_px=2)
+    assert chosen is near_l3 and ref.applied
+    assert ref.z_mm == pytest.approx(float(mip.row_to_z(150)), abs=1.0)
+    only, ref1 = choose_run([elsewhere], mip, mip, oracle(), stride_px=2)
+    assert only is elsewhere and not ref1.applied and ref1.z_mm == float(mip.row_to_z(320))
+    with pytest.raises(ValueError):
+        choose_run([], mip, mip, oracle())
+
+
+def test_decision_lists_alternatives_at_other_places_best_first() -> None:
+    h, a = 110, 17.0
+    tops = np.arange(-105, 600, 4).astype(np.float64)
+
+    def line(l3: float) -> np.ndarray:
+        return np.clip(l3 - tops, h / 2 - a - 2, h / 2 + a + 2)
+
+    pred = line(100.0)
+    far = np.abs(tops + h / 2 - 400.0) <= a + 8  # a second, weaker line far below
+    pred[far] = line(400.0)[far]
+    presence = np.where(far, 0.8, 0.95)
+    d = decide_l3(tops, pred, h, a, presence, n_alternatives=2)
+    assert d.row == pytest.approx(100.0)
+    assert len(d.alternatives) >= 1 and d.alternatives[0].row == pytest.approx(400.0, abs=1.0)
+    assert all(abs(x.row - d.row) > 2 * a for x in d.alternatives)
+    assert d.selection_score >= d.alternatives[0].selection_score
+    assert decide_l3(tops, pred, h, a, presence).alternatives == []
 
 
 def test_a_first_stage_model_is_refused_as_refinement_stage(tmp_path: Path) -> None:

@@ -43,6 +43,10 @@ FALLBACK_MIN_AGREEMENT = 0.5
 #: Votes within this distance (mm) of the decided row count as agreeing windows.
 AGREEMENT_TOL_MM = 6.0
 
+#: With a refinement stage, this many next-best first-stage runs at other places are
+#: refined too, and the fine stage's agreement arbitrates (:func:`worker.refine.choose_run`).
+REFINE_ALTERNATIVES = 2
+
 
 class LocatorWeightsError(L3SpotError):
     """The locator weights file is missing, unreadable or not an l3spot locator."""
@@ -248,6 +252,11 @@ class Decision:
     correlation: np.ndarray
     candidate_rows: np.ndarray
     segment: tuple[int, int]
+    #: the next-best runs at other places (each more than 2a from every better one), best
+    #: first; filled when ``decide_l3(..., n_alternatives=k)`` asks for them
+    alternatives: list[Decision] = field(default_factory=list)
+    #: the run's selection score ``confidence * presence**(power - 1)``
+    selection_score: float = 0.0
 
 
 def decide_l3(
@@ -258,6 +267,7 @@ def decide_l3(
     presence: np.ndarray | None = None,
     tol_px: float = 2.0,
     presence_power: float = 4.0,
+    n_alternatives: int = 0,
 ) -> Decision:
     """Correlate the prediction sequence with the ideal slope -1 line (paper Fig. 6).
 
@@ -273,6 +283,8 @@ def decide_l3(
         strong preference for segments the presence head is sure of (4 was chosen on the
         validation phantoms of the shipped model: mean error 9.9 -> 5.2 mm, the median
         unchanged; the real cases were not used).
+    n_alternatives : also return up to this many next-best runs at other places (more than
+        2a from every better run), for a second opinion (:func:`worker.refine.choose_run`).
 
     Returns
     -------
@@ -313,18 +325,34 @@ def decide_l3(
     else:
         pres = np.ones_like(corr)
     score = np.maximum(corr, 0.0) ** 2 * agree * pres
-    j = int(np.argmax(score * pres ** (presence_power - 1.0)))
+    selection = score * pres ** (presence_power - 1.0)
     candidate_rows = ts.mean(axis=1) + height_px / 2.0
-    return Decision(
-        row=float(med[j]),
-        correlation_peak=float(corr[j]),
-        agreement=float(agree[j]),
-        presence=float(pres[j]) if presence is not None and len(presence) == n else None,
-        confidence=float(np.clip(score[j], 0.0, 1.0)),
-        correlation=corr.astype(np.float32),
-        candidate_rows=candidate_rows,
-        segment=(j, j + seg),
-    )
+    has_presence = presence is not None and len(presence) == n
+    correlation = corr.astype(np.float32)
+
+    def run(j: int) -> Decision:
+        return Decision(
+            row=float(med[j]),
+            correlation_peak=float(corr[j]),
+            agreement=float(agree[j]),
+            presence=float(pres[j]) if has_presence else None,
+            confidence=float(np.clip(score[j], 0.0, 1.0)),
+            correlation=correlation,
+            candidate_rows=candidate_rows,
+            segment=(j, j + seg),
+            selection_score=float(selection[j]),
+        )
+
+    order = np.argsort(-selection, kind="stable")
+    best = run(int(order[0]))
+    taken = [best.row]
+    for j in order[1:]:
+        if len(best.alternatives) >= n_alternatives or selection[j] <= 0:
+            break
+        if all(abs(med[j] - r) > 2 * a_px for r in taken):
+            best.alternatives.append(run(int(j)))
+            taken.append(float(med[j]))
+    return best
 
 
 # ------------------------------------------------------------------------------- the model
@@ -476,8 +504,9 @@ def locate_in_mip(
 
     ``slice_index`` is the nearest source slice (``mip.slice_z_mm``); see :func:`locate_l3`.
     ``fine`` = (frontal MIP at the fine model's pixel size, refinement-stage locator): when
-    given and L3 is in the field of view, :func:`worker.refine.refine_in_mip` refines the
-    answer (``refinement`` in the result).
+    given and L3 is in the field of view, the best run and up to
+    :data:`REFINE_ALTERNATIVES` next-best runs elsewhere are refined and
+    :func:`worker.refine.choose_run` picks one (``refinement`` in the result).
     """
     spec = loc.spec
     if abs(mip.pixel_mm - spec.pixel_mm) > 1e-6:
@@ -488,7 +517,8 @@ def locate_in_mip(
     rows, pres = loc.predict(windows, batch_size)
     t2 = time.perf_counter()
     tol = max(1.5, AGREEMENT_TOL_MM / spec.pixel_mm)
-    d = decide_l3(tops, rows, spec.height_px, spec.a_px, pres, tol_px=tol)
+    n_alt = REFINE_ALTERNATIVES if fine is not None else 0
+    d = decide_l3(tops, rows, spec.height_px, spec.a_px, pres, tol_px=tol, n_alternatives=n_alt)
     t3 = time.perf_counter()
     timings = {"windows": t1 - t0, "cnn": t2 - t1, "decision": t3 - t2}
     common: dict[str, Any] = {
@@ -501,33 +531,24 @@ def locate_in_mip(
         "timings_s": timings,
         "model": f"{loc.arch}:{loc.path.name}",
     }
-    if d.presence is not None:
-        in_fov = d.presence >= 0.5
-        why = f"L3 not in field of view (presence {d.presence:.2f} < 0.50)"
-    else:
-        in_fov = (
-            d.correlation_peak >= FALLBACK_MIN_CORRELATION and d.agreement >= FALLBACK_MIN_AGREEMENT
-        )
-        why = (
-            f"L3 not in field of view (correlation {d.correlation_peak:.2f}, "
-            f"agreement {d.agreement:.2f})"
-        )
-    if in_fov and not (-0.5 <= d.row <= mip.rows - 0.5):
-        in_fov, why = False, f"L3 not in field of view (decided row {d.row:.1f} outside the scan)"
+    in_fov, why = _in_field_of_view(d, mip)
     if not in_fov:
         return L3Location(False, None, None, None, d.confidence, reason=why, **common)
-    z = float(mip.row_to_z(d.row))
-    row = d.row
     refinement = None
-    if fine is not None:
-        from worker.refine import refine_in_mip
+    if fine is None:
+        z = float(mip.row_to_z(d.row))
+    else:
+        from worker.refine import choose_run
 
         t4 = time.perf_counter()
-        ref = refine_in_mip(fine[0], z, fine[1], refine_stride_px, batch_size)
+        candidates = [d] + [c for c in d.alternatives if _in_field_of_view(c, mip)[0]]
+        d, ref = choose_run(candidates, mip, fine[0], fine[1], refine_stride_px, batch_size)
         timings["refine"] = time.perf_counter() - t4
         z, refinement = ref.z_mm, ref.summary()
         refinement["model"] = f"{fine[1].arch}:{fine[1].path.name}"
-        row = float(mip.z_to_row(z))
+        refinement["candidates"] = len(candidates)
+        refinement["first_stage_choice_kept"] = d is candidates[0]
+    row = float(mip.z_to_row(z))
     reason = None
     if d.confidence < min_confidence:
         reason = f"low confidence ({d.confidence:.2f} < {min_confidence:.2f}); check the L3 slice"
@@ -541,6 +562,24 @@ def locate_in_mip(
         refinement=refinement,
         **common,
     )
+
+
+def _in_field_of_view(d: Decision, mip: Mip) -> tuple[bool, str]:
+    """Whether a run's decision says L3 is in the scan, and the reason when it is not."""
+    if d.presence is not None:
+        in_fov = d.presence >= 0.5
+        why = f"L3 not in field of view (presence {d.presence:.2f} < 0.50)"
+    else:
+        in_fov = (
+            d.correlation_peak >= FALLBACK_MIN_CORRELATION and d.agreement >= FALLBACK_MIN_AGREEMENT
+        )
+        why = (
+            f"L3 not in field of view (correlation {d.correlation_peak:.2f}, "
+            f"agreement {d.agreement:.2f})"
+        )
+    if in_fov and not (-0.5 <= d.row <= mip.rows - 0.5):
+        in_fov, why = False, f"L3 not in field of view (decided row {d.row:.1f} outside the scan)"
+    return in_fov, why
 
 
 def locate_l3(
@@ -583,8 +622,11 @@ def locate_l3(
         raise AnalysisError(uid, "locator", f"cannot build the frontal MIP: {exc}") from exc
     fine = None
     if config.refine_weights is not None:
+        from worker.refine import check_fine_locator
+
         try:
             fine_loc = load_locator(config.refine_weights, device)
+            check_fine_locator(fine_loc)  # a misconfiguration fails every series, at once
         except LocatorWeightsError as exc:
             raise AnalysisError(uid, "locator", str(exc)) from exc
         try:
@@ -592,18 +634,15 @@ def locate_l3(
         except ValueError as exc:
             raise AnalysisError(uid, "locator", f"cannot build the fine MIP: {exc}") from exc
     t_mip = time.perf_counter() - t0
-    try:
-        result = locate_in_mip(
-            mip,
-            loc,
-            config.stride_px,
-            config.batch_size,
-            config.min_confidence,
-            fine,
-            config.refine_stride_px,
-        )
-    except LocatorWeightsError as exc:  # a refinement file that is not a fine-stage model
-        raise AnalysisError(uid, "locator", str(exc)) from exc
+    result = locate_in_mip(
+        mip,
+        loc,
+        config.stride_px,
+        config.batch_size,
+        config.min_confidence,
+        fine,
+        config.refine_stride_px,
+    )
     if result.z_mm is not None:
         result.slice_index = volume.nearest_slice(result.z_mm)
     result.timings_s = {"mip": t_mip, **result.timings_s}

@@ -13,20 +13,25 @@ at a finer pixel, only around the first answer:
 4. the same correlation decision (:func:`worker.locate.decide_l3`) on that short sequence:
    the run of windows whose predictions fall on a slope -1 line gives the refined row.
 
-Because the candidate runs are centred within +/- a of the first answer, the refinement can
-move the answer by at most about a (30 mm for the shipped model); which vertebra is L3 stays
-the first stage's decision.
+With a = 18 mm, under half the distance between two lumbar vertebral centres (35-40 mm),
+the only L3-like target within +/- a of a window centre is the vertebral body nearest to it,
+so the fine CNN learns "where is the centre of this body", a local task a 21-pixel receptive
+field can do; which vertebra is L3 stays the first stage's decision. The candidate runs are
+centred within +/- a of the first answer, so the refinement moves it by at most about a; a
+first answer more than half a level off (about 18 mm) is moved onto the neighbouring body
+(see ``models/locator_fine_cnn4.md`` for how often that happens).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from worker.locate import LoadedLocator, LocatorWeightsError, decide_l3, mip_to_strip
+from worker.locate import Decision, LoadedLocator, LocatorWeightsError, decide_l3, mip_to_strip
 from worker.mip import Mip
 
 #: The refined row replaces the first answer only when the chosen run of fine windows
@@ -179,3 +184,48 @@ def refine_in_mip(
         )
     z = float(mip.row_to_z(d.row))
     return Refinement(True, z, shift_mm=z - float(start_z_mm), **common)
+
+
+def choose_run(
+    candidates: Sequence[Decision],
+    mip: Mip,
+    fine_mip: Mip,
+    fine: LoadedLocator,
+    stride_px: int = 2,
+    batch_size: int = 64,
+) -> tuple[Decision, Refinement]:
+    """Refine each first-stage candidate and keep the one both stages agree on best.
+
+    Parameters
+    ----------
+    candidates : first-stage runs in the field of view (:func:`worker.locate.decide_l3`'s
+        best run first, then its ``alternatives``), rows in ``mip``.
+    mip : the first stage's MIP (maps candidate rows to z).
+    fine_mip, fine : the fine MIP and refinement-stage locator (:func:`refine_in_mip`).
+    stride_px, batch_size : as :func:`refine_in_mip`.
+
+    Returns
+    -------
+    (Decision, Refinement)
+        The chosen candidate and its refinement. The choice maximises the first stage's
+        selection score x (fine correlation, floored at 0)^2: the fine windows line up on a
+        slope -1 line only around a lumbar body like the ones they were trained on, so a
+        first-stage run that scored well on a cervical or thoracic level (a whole-body scan)
+        loses to a slightly weaker run on L3. With one candidate this is
+        :func:`refine_in_mip` of it.
+
+    Raises
+    ------
+    ValueError
+        No candidates.
+    """
+    if not candidates:
+        raise ValueError("no first-stage candidate to refine")
+    best: tuple[float, Decision, Refinement] | None = None
+    for c in candidates:
+        ref = refine_in_mip(fine_mip, float(mip.row_to_z(c.row)), fine, stride_px, batch_size)
+        value = c.selection_score * max(ref.correlation, 0.0) ** 2
+        if best is None or value > best[0]:
+            best = (value, c, ref)
+    assert best is not None
+    return best[1], best[2]
