@@ -22,7 +22,7 @@ from worker.composition import (
 )
 from worker.config import CompositionConfig
 from worker.errors import AnalysisError
-from worker.evaluate_composition import FAT_HU, synthetic_l3
+from worker.evaluate_composition import FAT_HU, MUSCLE_HU, synthetic_l3
 from worker.volume import CTVolume, PatientInfo
 
 CFG = CompositionConfig()
@@ -345,3 +345,43 @@ def test_wall_continues_under_a_thick_layer_cut_by_the_image_edge():
     assert (seg.labels[anterior_wall] == lab.SMA).mean() > 0.95
     assert _dice(seg.labels == lab.SAT, truth == lab.SAT) >= 0.95
     assert _dice(seg.labels == lab.VAT, truth == lab.VAT) >= 0.93
+
+
+def _fatty_posterolateral_muscle() -> tuple[
+    np.ndarray, np.ndarray, tuple[float, float], np.ndarray
+]:
+    """synthetic_l3 with a thick posterolateral muscle (quadratus lumborum region) on both
+    sides, riddled like the posterior wall with 3 mm fat spots every 6 mm; 0.6 mm pixels.
+
+    The failure seen on development phantoms 6000, 6003, 6016: a wall ray stops at the first
+    fat run > ``imat_gap_mm``, so a fat spot ended the muscle and the muscle behind it was lost
+    in ray-shaped wedges.
+    """
+    hu, labels, sp = synthetic_l3(0.6, noise_hu=5.0, seed=3)
+    yy, xx = np.mgrid[0 : hu.shape[0], 0 : hu.shape[1]] * sp[0]
+    ql = np.zeros(hu.shape, bool)
+    for sx in (-1, 1):
+        ql |= ((yy - 205.0) / 16.0) ** 2 + ((xx - 210.0 - sx * 78.0) / 22.0) ** 2 <= 1.0
+    ql &= labels == lab.VAT
+    hu[ql] = MUSCLE_HU
+    labels[ql] = lab.SMA
+    region = ql | (
+        (labels == lab.SMA) & (yy > 180.0) & (np.abs(xx - 210.0) > 55) & (np.abs(xx - 210.0) < 110)
+    )
+    spots = (np.hypot((yy % 6.0) - 3.0, (xx % 6.0) - 3.0) <= 1.5) & region
+    hu[spots] = -100.0
+    labels[spots] = lab.IMAT
+    return hu, labels, sp, region & ~spots
+
+
+def test_fat_spots_do_not_end_a_thick_wall_muscle():
+    hu, labels, sp, muscle = _fatty_posterolateral_muscle()
+    got = segment_classical(hu, sp, CFG).labels
+    # without filling the spots the rays stop at them (reproduces the failure)
+    lost = segment_classical(hu, sp, CFG.model_copy(update={"psoas_hole_mm2": 0.0})).labels
+    assert (lost[muscle] == lab.SMA).mean() < 0.95
+    assert (got[muscle] == lab.SMA).mean() > 0.98
+    # the spots stay fat inside the muscle (IMAT), never muscle
+    spots = (labels == lab.IMAT) & (hu < -30)
+    assert not (got[spots] == lab.SMA).any()
+    assert (got[spots] == lab.IMAT).mean() > 0.8

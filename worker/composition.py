@@ -35,6 +35,8 @@ MARTIN_2013_MEN_BMI_GE25 = 53.0
 MARTIN_2013_WOMEN = 41.0
 #: BMI boundary (kg/m^2) of Martin et al. 2013 (WHO overweight threshold).
 MARTIN_2013_BMI_SPLIT = 25.0
+#: fat-HU holes of a muscle this small (pixels) are not taken as intramuscular fat spots
+_MIN_SPOT_PX = 3
 
 
 @dataclass(frozen=True)
@@ -552,8 +554,15 @@ def segment_classical(
     r_max = float(np.hypot(*hu.shape)) + 2
     angles, radii, ys, xs = _rays((cy, cx), 360, r_max, step)
     s_inner = _sample(inner, ys, xs)
-    s_musc = _sample(muscle_hu & ~(vert if vert is not None else False), ys, xs)
-    s_fat = _sample(fat, ys, xs)
+    # Fat spots inside a muscle (IMAT, myosteatosis) do not end it: the rays see the muscle
+    # with its fat-HU holes up to ``psoas_hole_mm2`` filled (a fat plane is not a hole).
+    # Holes of <= _MIN_SPOT_PX pixels are not filled: at 3 mm pixels they are the thin fat
+    # plane between a muscle and an organ abutting it, at fine pixels noise.
+    not_vert = ~vert if vert is not None else np.ones_like(body)
+    spots = _small_holes(muscle_hu & not_vert, config.psoas_hole_mm2 / (px * px)) & fat
+    spots &= ~_small_holes(muscle_hu & not_vert, _MIN_SPOT_PX)
+    s_musc = _sample((muscle_hu | spots) & not_vert, ys, xs)
+    s_fat = _sample(fat & ~spots, ys, xs)
     s_gas = _sample(hu < config.fat_hu[0], ys, xs)
     # the posterior band never extends in front of the vertebral body (psoas are found below)
     if vert is not None:
