@@ -198,3 +198,30 @@ def test_a_run_superseded_while_analysing_neither_finishes_nor_exports(
     )
     assert out == "stale" and exports == []
     assert jobs.get(SERIES).state != EXPORTING
+
+
+def test_a_series_that_kills_its_worker_every_time_is_failed_after_max_attempts(
+    tmp_path: Path, series_dir: Path
+) -> None:
+    cfg = _config(tmp_path)
+    cfg.analysis.max_attempts = 2
+    jobs = JobStore(cfg.node.spool_dir)
+    token = jobs.mark_queued(SERIES, 30)
+    # two deliveries whose worker process died mid-analysis (started, never finished)
+    for _ in range(2):
+        assert jobs.start_analysis(SERIES, token)
+    called: list[int] = []
+
+    def pipeline(*a: Any) -> None:
+        called.append(1)
+
+    # the third delivery of the same task: not run again, a clear failure instead
+    assert tasks.run_analysis(series_dir, cfg, jobs, lambda s, t: None, token, pipeline) == "failed"
+    rec = jobs.get(SERIES)
+    assert called == [] and rec.state == FAILED
+    assert "started 2 times without finishing" in (rec.reason or "")
+    # an operator's retry queues it again with a fresh count, and it runs
+    token = jobs.mark_queued(SERIES)
+    assert jobs.get(SERIES).attempts == 0
+    tasks.run_analysis(series_dir, cfg, jobs, lambda s, t: None, token, pipeline)
+    assert called == [1] and jobs.get(SERIES).attempts == 1

@@ -192,6 +192,9 @@ class AnalysisConfig(_Section):
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: int | None = None
+    # a series whose analysis started this many times without finishing (its worker process
+    # died each time: out of memory, a crash in a native library) is failed, not re-run
+    max_attempts: int = Field(3, ge=1)
 
 
 class WebConfig(_Section):

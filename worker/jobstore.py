@@ -264,11 +264,14 @@ class JobStore:
         """Analysis was queued. Returns the new token that the task must present.
 
         A task whose token differs from the record's is a stale duplicate (e.g. re-queued
-        at start-up while the old message survived in Redis) and does nothing.
+        at start-up while the old message survived in Redis) and does nothing. ``attempts``
+        restarts at 0: it counts the analysis attempts of this queueing (re-deliveries after
+        a worker died and automatic take-overs), which ``analysis.max_attempts`` bounds.
         """
         now = time.time()
         token = new_token()
         fields: dict[str, Any] = {
+            "attempts": 0,
             "state": QUEUED,
             "reason": None,
             "note": None,

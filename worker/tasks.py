@@ -139,7 +139,19 @@ def run_analysis(
     if not jobs.start_analysis(series_uid, token, worker=f"{socket.gethostname()}/{os.getpid()}"):
         log_event(log, "analysis_stale_task_skipped", series_instance_uid=series_uid)
         return "stale"
-    log_event(log, "analysis_started", series_instance_uid=series_uid)
+    attempts = jobs.get(series_uid).attempts
+    if attempts > config.analysis.max_attempts:
+        reason = (
+            f"analysis started {attempts - 1} times without finishing (the worker process "
+            f"died each time); not run again (analysis.max_attempts="
+            f"{config.analysis.max_attempts}); 'l3spot retry' runs it once more"
+        )
+        jobs.mark_failed(series_uid, reason)
+        log_event(
+            log, "analysis_given_up", logging.ERROR, series_instance_uid=series_uid, reason=reason
+        )
+        return "failed"
+    log_event(log, "analysis_started", series_instance_uid=series_uid, attempt=attempts)
     results_root = config.node.resolved_results_dir()
     results_root.mkdir(parents=True, exist_ok=True)
     tmp = results_root / f".{series_uid}.tmp-{uuid.uuid4().hex[:8]}"
