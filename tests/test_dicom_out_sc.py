@@ -24,6 +24,7 @@ from tests.dicom_out_fixtures import (
 from worker.dicom_out.render import (
     ACCENT,
     HEIGHT,
+    _mip_panel,
     overlay_labels,
     render_overview,
     render_summary,
@@ -82,6 +83,14 @@ def test_not_in_fov_picture_has_no_mask_colours() -> None:
     for colour in COMPARTMENT_COLOURS.values():
         assert not np.any(np.all(np.abs(left - np.asarray(colour)) <= 1, axis=2))
     assert np.any(np.all(img == ACCENT, axis=2))  # the "L3 not in field of view" text
+
+
+def test_not_in_fov_picture_shows_the_mip_once(summary: np.ndarray) -> None:
+    img = render_summary(None, (1.0, 1.0), _mip(), fabricated_location(False), None, [])
+    # the large left MIP + the text panel: the in-FOV layout minus its small MIP panel
+    # (before, the same MIP was drawn twice and both pictures had the same width)
+    mip_panel_width = _mip_panel(_mip(), fabricated_location())[0].width
+    assert img.shape[1] == summary.shape[1] - mip_panel_width
 
 
 def test_overview_adds_the_locator_curves(summary: np.ndarray) -> None:

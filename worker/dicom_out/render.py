@@ -251,7 +251,8 @@ def render_summary(
     Returns
     -------
     numpy.ndarray
-        (1024, width, 3) uint8 RGB image, width about 1024 + MIP width + 700 px.
+        (1024, width, 3) uint8 RGB image, width about 1024 + MIP width + 700 px (1024 +
+        700 px when L3 is not in the field of view: the MIP is then the large left panel).
     """
     if location.in_field_of_view:
         labels = composition.labels if composition is not None else None
@@ -266,7 +267,8 @@ def render_summary(
         w = draw.textlength(msg, font=f)
         draw.rectangle([(HEIGHT - w) / 2 - 12, 16, (HEIGHT + w) / 2 + 12, 80], fill=(0, 0, 0))
         draw.text(((HEIGHT - w) / 2, 22), msg, fill=ACCENT, font=f)
-    mid, _, _ = _mip_panel(mip, location)
+    # the MIP panel beside the slice; without an L3 slice the MIP is already the left panel
+    mid = _mip_panel(mip, location)[0] if location.in_field_of_view else Image.new("RGB", (0, 0))
     footer = (
         f"{ALGORITHM_NAME} {__version__}  automated measurement, verify before use\n"
         f"{series_description[:60]}"
