@@ -385,3 +385,51 @@ def test_fat_spots_do_not_end_a_thick_wall_muscle():
     spots = (labels == lab.IMAT) & (hu < -30)
     assert not (got[spots] == lab.SMA).any()
     assert (got[spots] == lab.IMAT).mean() > 0.8
+
+
+def _bowel_with_fat_hu_contents() -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+    """synthetic_l3 with bowel contents in the fat HU range; 1 mm pixels.
+
+    The failure seen on development phantoms 6000-6019 (6006, 6008, 6015: VAT +45-49 %) and on
+    the real T11-L2 slices (colon contents, 25 % of the VAT+IMAT excess): stool with fat HU
+    inside the bowel wall was counted as VAT. One loop is filled with stool of -80 HU (as the
+    phantom draws it); a gas-filled loop has mottled stool of fat HU and gas bubbles in its
+    dependent half. The truth labels neither as fat.
+    """
+    hu, labels, sp = synthetic_l3(1.0, noise_hu=5.0, seed=3)
+    yy, xx = np.mgrid[0 : hu.shape[0], 0 : hu.shape[1]] * sp[0]
+    cy, cx = 140.0, 210.0
+    stool = ((yy - cy + 60) / 11) ** 2 + ((xx - cx + 20) / 11) ** 2 <= 1.0
+    hu[stool] = -80.0 + np.random.default_rng(1).normal(0, 5.0, stool.sum())
+    lumen = ((yy - cy + 20) / 11) ** 2 + ((xx - cx - 75) / 11) ** 2 <= 1.0
+    dependent = lumen & (yy > cy - 22)
+    bubbles = (np.hypot((yy % 5.0) - 2.5, (xx % 5.0) - 2.5) <= 1.0) & dependent
+    hu[dependent] = -90.0
+    hu[bubbles] = -800.0
+    labels[stool | lumen] = 0
+    return hu, labels, sp
+
+
+def test_bowel_contents_with_fat_hu_are_not_visceral_fat():
+    hu, truth, sp = _bowel_with_fat_hu_contents()
+    contents = (truth == 0) & (hu >= -190) & (hu <= -30)
+    assert contents.sum() > 400
+    got = segment_classical(hu, sp, CFG).labels
+    # both rules off (the gas rule at the former 1.5 mm): the contents are VAT (reproduces it)
+    off = CFG.model_copy(update={"bowel_lumen_cm2": 0.0, "bowel_wall_mm": 1.5})
+    before = segment_classical(hu, sp, off).labels
+    assert (before[contents] == lab.VAT).mean() > 0.5
+    assert (got[contents] == lab.VAT).mean() < 0.05
+    vat = truth == lab.VAT
+    assert _dice(got == lab.VAT, vat) >= _dice(before == lab.VAT, vat)
+    assert _dice(got == lab.VAT, vat) >= 0.95
+
+
+def test_fat_enclosed_by_a_thick_organ_stays_visceral_fat():
+    # renal-sinus-like fat inside a kidney: enclosed, convex, but no thin wall around it
+    hu, truth, sp = synthetic_l3(1.0, noise_hu=5.0, seed=3)
+    yy, xx = np.mgrid[0 : hu.shape[0], 0 : hu.shape[1]] * sp[0]
+    sinus = ((yy - 150.0) / 8.0) ** 2 + ((xx - 290.0) / 5.0) ** 2 <= 1.0
+    hu[sinus] = FAT_HU
+    got = segment_classical(hu, sp, CFG).labels
+    assert (got[sinus & (hu >= -190) & (hu <= -30)] == lab.VAT).mean() > 0.95

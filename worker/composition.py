@@ -37,6 +37,9 @@ MARTIN_2013_WOMEN = 41.0
 MARTIN_2013_BMI_SPLIT = 25.0
 #: fat-HU holes of a muscle this small (pixels) are not taken as intramuscular fat spots
 _MIN_SPOT_PX = 3
+#: smallest bowel lumen (cm^2, about 11 mm across) taken as enclosed stool; smaller fat
+#: islands stay fat
+_MIN_LUMEN_CM2 = 1.0
 
 
 @dataclass(frozen=True)
@@ -499,6 +502,80 @@ def _vertebra(hu: np.ndarray, inner: np.ndarray, px: float) -> np.ndarray | None
     return vert
 
 
+def bowel_contents(
+    hu: np.ndarray,
+    visceral_fat: np.ndarray,
+    inner: np.ndarray,
+    px: float,
+    config: CompositionConfig,
+) -> np.ndarray:
+    """Fat-HU pixels that are bowel contents, not visceral adipose tissue.
+
+    Parameters
+    ----------
+    hu : (y, x) HU slice.
+    visceral_fat : (y, x) bool fat-HU pixels inside the abdominal wall, outside the muscles.
+    inner : (y, x) bool region inside the abdominal wall (:func:`wall_region`).
+    px : pixel spacing (mm, the smaller of the two).
+    config : ``bowel_wall_mm``, ``bowel_lumen_cm2`` (0 disables the second rule).
+
+    Returns
+    -------
+    (y, x) bool mask, a subset of ``visceral_fat``.
+
+    Notes
+    -----
+    Two anatomical rules (docs/composition.md, round 6):
+
+    1. *Gas in the lumen*: fat lies outside the bowel wall, so no fat pixel is nearer to
+       luminal gas (< -500 HU) than the wall thickness (``bowel_wall_mm``) plus one pixel of
+       partial volume. Fat-HU pixels that near are gas mixed with bowel wall or stool.
+    2. *Enclosed lumen*: a fat-HU region of bowel-lumen size (1 cm², a lumen about 11 mm
+       across, .. ``bowel_lumen_cm2``) that is convex (solidity of the hole-filled region
+       >= 0.85: a lumen is round or oval, fat pockets between loops are concave) and
+       enclosed by a thin wall beyond which lies fat or gas (at least half of the shell
+       just outside ``bowel_wall_mm``) is stool with fat HU. A fat region inside a thick
+       organ (the renal sinus) is not enclosed by a thin wall and stays fat.
+    """
+    out = np.zeros_like(visceral_fat)
+    gas = (hu < -500) & inner
+    r_wall = max(1, int(np.ceil(config.bowel_wall_mm / px)))
+    if gas.any():
+        out |= visceral_fat & ndimage.binary_dilation(gas, structure=_disk(r_wall + 1))
+    if config.bowel_lumen_cm2 <= 0:
+        return out
+    cand = visceral_fat & ~out
+    # a one-pixel leak through the wall (noise, partial volume) must not join the lumen to
+    # the fat outside: regions are taken after an opening and restored to ``cand`` below
+    lab_img, n = ndimage.label(ndimage.binary_opening(cand, structure=_disk(1)))
+    if n == 0:
+        return out
+    px_cm2 = px * px / 100.0
+    sizes = ndimage.sum_labels(np.ones_like(lab_img), lab_img, np.arange(1, n + 1)) * px_cm2
+    from skimage.measure import regionprops
+
+    r_in, r_out = r_wall + 1, r_wall + 1 + max(1, int(np.ceil(3.0 / px)))
+    pad = r_out + 1
+    for reg in regionprops(lab_img):
+        area = sizes[reg.label - 1]
+        if not (_MIN_LUMEN_CM2 <= area <= config.bowel_lumen_cm2):
+            continue
+        # holes (noise, non-fat stool pixels) filled: a lumen's outline is convex
+        if reg.area_filled / max(reg.area_convex, 1) < 0.85:
+            continue
+        y0, x0, y1, x1 = reg.bbox
+        y0, x0 = max(y0 - pad, 0), max(x0 - pad, 0)
+        y1, x1 = min(y1 + pad, hu.shape[0]), min(x1 + pad, hu.shape[1])
+        comp = lab_img[y0:y1, x0:x1] == reg.label
+        shell = ndimage.binary_dilation(comp, structure=_disk(r_out)) & ~ndimage.binary_dilation(
+            comp, structure=_disk(r_in)
+        )
+        beyond = (visceral_fat | gas)[y0:y1, x0:x1] & ~comp
+        if shell.any() and (beyond & shell).sum() >= 0.5 * shell.sum():
+            out[y0:y1, x0:x1] |= ndimage.binary_dilation(comp) & cand[y0:y1, x0:x1]
+    return out
+
+
 def segment_classical(
     hu: np.ndarray, spacing_mm: tuple[float, float], config: CompositionConfig
 ) -> SliceSegmentation:
@@ -702,6 +779,8 @@ def segment_classical(
         fat_pv = fat & ndimage.binary_dilation(gas, structure=_disk(max(1.0, 1.5 / px)))
         fat = fat & ~fat_pv
         imat &= ~fat_pv
+    # bowel contents with fat HU (stool, gas mixed with wall or stool) are not fat either
+    fat &= ~bowel_contents(hu, fat & inner & ~imat, inner, px, config)
     vat = fat & inner & ~imat
     sat = fat & ~inner
     out[sat] = lab.SAT

@@ -178,6 +178,8 @@ class CompositionConfig(_Section):
     psoas_lateral_mm: float = Field(60.0, ge=0)
     psoas_opening_mm: float = Field(3.0, gt=0)  # breaks bridges to a kidney or bowel loop
     psoas_hole_mm2: float = Field(100.0, ge=0)  # fat spots (IMAT) filled before that opening
+    bowel_wall_mm: float = Field(3.0, ge=0)  # no fat nearer than this (+1 px) to luminal gas
+    bowel_lumen_cm2: float = Field(40.0, ge=0)  # largest enclosed fat-HU lumen (stool); 0 = off
     metal_hu: float = 2000.0
     metal_min_area_mm2: float = Field(30.0, ge=0)
     muscle_mean_hu_qa: tuple[float, float] = (-20.0, 80.0)
