@@ -27,7 +27,6 @@ from worker.volume import CTVolume
 
 SPEC = WindowSpec()  # the shipped geometry: 3 mm, H = 110 px, a = 17 px
 H, A = SPEC.height_px, SPEC.a_px
-SHIPPED = Path(__file__).resolve().parent.parent / "models" / "locator_cnn4.pt"
 
 
 def ideal_predictions(tops: np.ndarray, l3_row: float) -> np.ndarray:
@@ -112,7 +111,7 @@ def test_missing_or_corrupt_weights_give_clear_errors(tmp_path: Path) -> None:
     torch.save({"a": torch.zeros(1)}, foreign)
     with pytest.raises(LocatorWeightsError, match="not an l3spot locator"):
         load_locator(foreign)
-    cfg = LocatorConfig(weights=tmp_path / "none.pt")
+    cfg = LocatorConfig(weights=tmp_path / "none.pt", refine_weights=None)
     with pytest.raises(AnalysisError, match="1.2.3.4"):
         locate_l3(_volume(), cfg, device="cpu")
 
@@ -140,7 +139,7 @@ def test_locate_maps_the_decided_row_to_the_nearest_real_slice(
         ).astype(np.float32)
 
     monkeypatch.setattr(LoadedLocator, "predict", perfect)
-    res = locate_l3(vol, LocatorConfig(weights=p), mip, device="cpu")
+    res = locate_l3(vol, LocatorConfig(weights=p, refine_weights=None), mip, device="cpu")
     assert res.in_field_of_view and res.slice_index == 61
     assert res.z_mm == pytest.approx(l3_z, abs=1.0)
     assert res.reason is None and res.confidence > 0.8  # corr 1 x agreement 1 x presence 0.9
@@ -159,7 +158,7 @@ def test_locate_says_not_in_field_of_view_without_guessing(
         return rng.uniform(H / 2 - A, H / 2 + A, n).astype(np.float32), np.full(n, 0.02, np.float32)
 
     monkeypatch.setattr(LoadedLocator, "predict", absent)
-    res = locate_l3(_volume(), LocatorConfig(weights=p), device="cpu")
+    res = locate_l3(_volume(), LocatorConfig(weights=p, refine_weights=None), device="cpu")
     assert not res.in_field_of_view
     assert res.slice_index is None and res.z_mm is None and res.mip_row is None
     assert "not in field of view" in (res.reason or "")
@@ -169,7 +168,7 @@ def test_locate_runs_a_real_network_end_to_end(tmp_path: Path) -> None:
     p = tmp_path / "m.pt"
     _save_random_model(p)
     vol = _volume()
-    res = locate_l3(vol, LocatorConfig(weights=p), device="cpu")
+    res = locate_l3(vol, LocatorConfig(weights=p, refine_weights=None), device="cpu")
     mip = frontal_mip(vol, pixel_mm=SPEC.pixel_mm)
     n_expected = len(sliding_windows(mip_to_strip(mip.image, SPEC), SPEC, 4)[1])
     assert len(res.predictions) == len(res.window_top_rows) == n_expected
@@ -181,9 +180,11 @@ def test_locate_runs_a_real_network_end_to_end(tmp_path: Path) -> None:
 
 
 def _shipped() -> LocatorConfig:
-    if not SHIPPED.is_file():
-        pytest.skip("models/locator_cnn4.pt not trained yet")
-    return LocatorConfig(weights=SHIPPED)
+    """The shipped configuration: both stages (``locator.weights`` + ``refine_weights``)."""
+    cfg = LocatorConfig()
+    if not cfg.weights.is_file():
+        pytest.skip(f"{cfg.weights} not trained yet")
+    return cfg
 
 
 def test_shipped_model_finds_l3_in_a_held_out_phantom() -> None:

@@ -143,8 +143,9 @@ class LocatorConfig(_Section):
     stride_px: int = Field(4, ge=1)
     batch_size: int = Field(64, ge=1)
     min_confidence: float = Field(0.5, ge=0, le=1)
-    # second, finer stage around the first answer (worker/refine.py); null = first stage only
-    refine_weights: Path | None = None
+    # second, finer stage around the first answer (worker/refine.py, models/
+    # locator_fine_cnn4.md); null = first stage only
+    refine_weights: Path | None = MODELS_DIR / "locator_fine_cnn4.pt"
     refine_stride_px: int = Field(2, ge=1)  # step between fine window centres (fine MIP rows)
 
 
