@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from worker import labels as lab
 from worker.composition import (
@@ -433,3 +434,46 @@ def test_fat_enclosed_by_a_thick_organ_stays_visceral_fat():
     hu[sinus] = FAT_HU
     got = segment_classical(hu, sp, CFG).labels
     assert (got[sinus & (hu >= -190) & (hu <= -30)] == lab.VAT).mean() > 0.95
+
+
+def _vertebra_in_halves() -> tuple[np.ndarray, np.ndarray, tuple[float, float], np.ndarray]:
+    """synthetic_l3 at 3 mm pixels with an osteopenic L3 whose thin cortex is interrupted.
+
+    The failure seen on the real case (L3, z 73-77, 25-87 vertebral-body pixels per slice
+    labelled SMA): cancellous bone of ~110 HU (muscle range) inside a one-pixel cortex that
+    3 mm partial volume shows only in parts. No cortex is seen in the midline (front and back,
+    spinous process included) nor over the front of the left half, so the vertebra falls apart
+    into a right and a left part (pedicle, transverse process, that side of the body); the
+    psoas touch the body without a fat plane.
+    """
+    hu, labels, sp = synthetic_l3(3.0, noise_hu=8.0, seed=0)
+    yy, xx = np.mgrid[0 : hu.shape[0], 0 : hu.shape[1]] * sp[0]
+    cy, cx = 140.0, 210.0
+    rng = np.random.default_rng(100)
+    body = ((yy - cy - 20) / 16) ** 2 + ((xx - cx) / 20) ** 2 <= 1.0
+    for sx in (-1, 1):
+        psoas = (((yy - cy - 14) / 15) ** 2 + ((xx - cx - sx * 32) / 14) ** 2 <= 1.0) & ~body
+        hu[psoas] = 45.0 + rng.normal(0, 8.0, psoas.sum())
+        labels[psoas] = lab.SMA
+    process = (np.abs(yy - cy - 38) < 4) & (np.abs(xx - cx) > 9) & (np.abs(xx - cx) < 42)
+    hu[process & ~body] = 500.0 + rng.normal(0, 30.0, (process & ~body).sum())
+    labels[process] = 0
+    hu[body] = 110.0 + rng.normal(0, 15.0, body.sum())
+    cortex = body & ~ndimage.binary_erosion(body)
+    midline = np.abs(xx - cx) < 4.5
+    cortex &= ~midline & ~((xx > cx) & (yy < cy + 14))
+    hu[cortex] = 260.0 + rng.normal(0, 30.0, cortex.sum())
+    hu[midline & (yy > cy + 30) & (hu > 200)] = 40.0  # laminae not joined
+    return hu, labels, sp, body
+
+
+def test_osteopenic_vertebral_body_with_an_interrupted_cortex_is_not_muscle():
+    hu, truth, sp, body = _vertebra_in_halves()
+    assert ((hu[body] >= -29) & (hu[body] <= 150)).mean() > 0.7  # the body has muscle HU
+    got = segment_classical(hu, sp, CFG).labels
+    # before the fix (one half taken as the vertebra) 24-33 % of the body was SMA
+    assert (got[body] == lab.SMA).mean() < 0.02
+    # the psoas touching the body stay muscle
+    sma = truth == lab.SMA
+    assert (got[sma] == lab.SMA).mean() > 0.95
+    assert _dice(got == lab.SMA, sma) > 0.9

@@ -435,37 +435,78 @@ def wall_region(
     return _polygon_mask(hu.shape, wy, wx) & body
 
 
+#: largest gap (mm) between pixels of a thin vertebral cortex that still belong together
+_CORTEX_GAP_MM = 6.0
+#: largest piece of bone (mm^2) taken as a fragment of such a cortex
+_CORTEX_FRAGMENT_MM2 = 50.0
+
+
 def _vertebra(hu: np.ndarray, inner: np.ndarray, px: float) -> np.ndarray | None:
     """Filled mask of the vertebra: cortical bone (> 200 HU) closed and filled.
 
     Cancellous bone can be in the muscle HU range (osteoporosis), hence the filling. The
-    vertebra is the largest bone component in the posterior half of the wall region.
+    vertebra is the largest bone component in the posterior half of the wall region, within
+    40 mm of the midline, with the components beside or behind it within 20 mm (the other
+    half of a vertebra whose thin cortex is interrupted); fragments of a thin cortex
+    (<= ``_CORTEX_FRAGMENT_MM2``) bridge gaps of up to ``_CORTEX_GAP_MM``. Returns a (y, x)
+    bool mask, or None when there is less than 2 cm^2 of such bone.
     """
     bone = (hu > 200) & inner
     closed = ndimage.binary_closing(bone, structure=_disk(max(2.0, 5.0 / px)))
     closed = ndimage.binary_fill_holes(closed)
-    lab_img, n = ndimage.label(closed)
+    # A thin cortex (osteopenia, 3 mm pixels) is seen as isolated pixels one or two pixels
+    # apart, which no closing joins: fragments of bone (<= ``_CORTEX_FRAGMENT_MM2``) bridge
+    # gaps of up to ``_CORTEX_GAP_MM`` (8-connected labelling of the closed bone with the
+    # fragments dilated by half that gap). Only fragments: a contrast-filled vessel beside the
+    # vertebral body is not joined to it. Taking one fragment (a pedicle) as the vertebra put
+    # its midline beside the body's and left the rest of the body to the psoas (real case, L3).
+    eight = np.ones((3, 3), bool)
+    lab_img, n = ndimage.label(closed, structure=eight)
+    if n == 0:
+        return None
+    sizes = ndimage.sum_labels(closed, lab_img, np.arange(1, n + 1)) * px * px
+    frag = np.isin(lab_img, np.flatnonzero(sizes <= _CORTEX_FRAGMENT_MM2) + 1)
+    chain_r = max(1.0, _CORTEX_GAP_MM / (2 * px))
+    grouped = closed | ndimage.binary_dilation(frag, structure=_disk(chain_r))
+    lab_img, n = ndimage.label(grouped, structure=eight)
+    lab_img[~closed] = 0
     if n == 0:
         return None
     ys, xs_in = np.nonzero(inner)
     y_mid = (ys.min() + ys.max()) / 2
     x_mid = float(np.median(xs_in))
     best, best_size = 0, 0.0
+    cands: list[tuple[int, float]] = []
     for i in range(1, n + 1):
         comp = lab_img == i
         size = float(comp.sum())
         cy, cx_c = ndimage.center_of_mass(comp)
         # the spine is in the midline (ribs are lateral), in the posterior half
         midline = abs(cx_c - x_mid) * px <= 40.0
-        if cy >= y_mid - 10 / px and midline and size > best_size:
-            best, best_size = i, size
+        if cy >= y_mid - 10 / px and midline:
+            cands.append((i, cy))
+            if size > best_size:
+                best, best_size = i, size
+    if best == 0:
+        return None
+    # A vertebra whose cortex is interrupted (osteopenia, 3 mm pixels) falls apart into its
+    # left and right halves (pedicle, lamina and that side of the body): the parts in the
+    # midline beside or behind the largest one, within 20 mm of it, are the same vertebra
+    # (a calcified aorta lies in front of the vertebral body and is not taken).
+    part = lab_img == best
+    y_front = float(np.nonzero(part)[0].min())
+    reach = ndimage.binary_dilation(part, structure=_disk(20.0 / px))
+    members = [best] + [
+        i for i, cy in cands if i != best and cy >= y_front and (reach & (lab_img == i)).any()
+    ]
+    group = np.isin(lab_img, members)
     # < 2 cm^2 of cortical bone is not a vertebra (a thin, osteoporotic cortex at 3 mm
     # pixels can be that small; the cancellous bone is added below)
-    if best == 0 or best_size * px * px < 200:
+    if float(group.sum()) * px * px < 200:
         return None
     # the closing only groups the vertebra's parts; the mask is the bone itself (the closing
     # would bridge the muscle between the transverse processes and the body)
-    vert = ndimage.binary_fill_holes(bone & (lab_img == best))
+    vert = ndimage.binary_fill_holes(bone & group)
     # Vertebral body: convex hull of the bone within 35 mm of its anterior edge and 25 mm of
     # the midline; a thin or interrupted cortex (osteoporosis, 3 mm pixels) does not fill.
     from skimage.morphology import convex_hull_image
