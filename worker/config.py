@@ -134,7 +134,7 @@ class ExportConfig(_Section):
 class LocatorConfig(_Section):
     """L3 localisation (Belharbi et al. 2017)."""
 
-    weights: Path = MODELS_DIR / "locator_cnn4.pt"
+    weights: Path = MODELS_DIR / "locator_cnn4_round3.pt"  # first stage (locator_cnn4.md)
     # MIP pixel (mm) the pipeline builds for the locator; must match the model's (the shipped
     # CNN4 uses 3 mm: 2.2x fewer pixels than 2 mm for CPU training and inference, still finer
     # than the common 3-5 mm slices; see models/locator_cnn4.md). locate_l3 rebuilds the MIP
