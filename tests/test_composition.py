@@ -477,3 +477,45 @@ def test_osteopenic_vertebral_body_with_an_interrupted_cortex_is_not_muscle():
     sma = truth == lab.SMA
     assert (got[sma] == lab.SMA).mean() > 0.95
     assert _dice(got == lab.SMA, sma) > 0.9
+
+
+def _kidney_touching_the_psoas(
+    px: float,
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float], np.ndarray]:
+    """synthetic_l3 with both kidneys (unenhanced, 30 HU) against the psoas, no fat plane.
+
+    The failure seen on the real case (right kidney as psoas at L1-L2, up to 215 pixels per
+    slice, round 6): the kidney touching the psoas joins the psoas candidate and the 3 mm
+    opening cannot separate them.
+    """
+    hu, labels, sp = synthetic_l3(px, noise_hu=8.0, seed=3)
+    yy, xx = np.mgrid[0 : hu.shape[0], 0 : hu.shape[1]] * px
+    cy, cx = 140.0, 210.0
+    rng = np.random.default_rng(1)
+    old = np.zeros(hu.shape, bool)
+    kidney = np.zeros(hu.shape, bool)
+    for sx in (-1, 1):
+        old |= ((yy - cy - 10) / 22) ** 2 + ((xx - cx - sx * 80) / 14) ** 2 <= 1.0
+        kidney |= ((yy - cy - 10) / 22) ** 2 + ((xx - cx - sx * 62) / 14) ** 2 <= 1.0
+    old &= labels == 0
+    hu[old] = FAT_HU + rng.normal(0, 8.0, old.sum())  # the kidneys' former place: fat
+    labels[old] = lab.VAT
+    kidney &= labels != lab.SMA
+    hu[kidney] = 30.0 + rng.normal(0, 8.0, kidney.sum())
+    labels[kidney] = 0
+    return hu, labels, sp, kidney
+
+
+@pytest.mark.parametrize("px", [1.0, 3.0])
+def test_kidney_against_the_psoas_is_not_muscle(px: float, monkeypatch: pytest.MonkeyPatch):
+    import worker.composition as comp
+
+    hu, truth, sp, kidney = _kidney_touching_the_psoas(px)
+    got = segment_classical(hu, sp, CFG).labels
+    sma = truth == lab.SMA
+    assert (got[kidney] == lab.SMA).mean() < 0.05
+    assert (got[sma] == lab.SMA).mean() > 0.95
+    # without the lateral-organ rule the kidney is psoas (reproduces the failure)
+    monkeypatch.setattr(comp, "_without_lateral_organ", lambda keep, *a: keep)
+    before = segment_classical(hu, sp, CFG).labels
+    assert (before[kidney] == lab.SMA).mean() > 0.5

@@ -553,6 +553,66 @@ def _vertebra(hu: np.ndarray, inner: np.ndarray, px: float) -> np.ndarray | None
     return vert
 
 
+#: psoas-candidate regions: watershed markers this far apart (mm), organ minimum area (mm^2),
+#: contact distance to the vertebra (mm), and depth behind the body's front (mm)
+_PSOAS_SPLIT_MM, _ORGAN_MIN_MM2, _PSOAS_TOUCH_MM, _BODY_DEPTH_MM = 10.0, 500.0, 8.0, 35.0
+
+
+def _without_lateral_organ(
+    keep: np.ndarray, vert: np.ndarray, px: float, x_c: float, y_ant: float
+) -> np.ndarray:
+    """Psoas candidates without an organ joined to their lateral side (round 7).
+
+    An unenhanced kidney (10-40 HU) touching the psoas without a fat plane at 3 mm pixels
+    joins it and the opening cannot separate them. The psoas hugs the vertebral body; the
+    kidney lies lateral to it. The candidates are split by a watershed of their distance map
+    (markers ``_PSOAS_SPLIT_MM`` apart); a region of >= ``_ORGAN_MIN_MM2`` that is not within
+    ``_PSOAS_TOUCH_MM`` of the vertebra, lies in front of the body's back (``y_ant`` +
+    ``_BODY_DEPTH_MM``) and lateral to a region of the same side that does touch the
+    vertebra is dropped.
+
+    Parameters
+    ----------
+    keep : (y, x) bool, the kept psoas / paravertebral candidates.
+    vert : (y, x) bool, the vertebra (:func:`_vertebra`).
+    px : pixel size (mm).
+    x_c, y_ant : column of the body's midline and row of its front (pixels).
+
+    Returns
+    -------
+    (y, x) bool, ``keep`` without the dropped regions.
+    """
+    from skimage.feature import peak_local_max
+    from skimage.segmentation import watershed
+
+    if not keep.any():
+        return keep
+    dist = ndimage.distance_transform_edt(keep)
+    lab_k, _ = ndimage.label(keep)
+    peaks = peak_local_max(
+        dist, min_distance=max(1, int(round(_PSOAS_SPLIT_MM / px))), labels=lab_k
+    )
+    if len(peaks) < 2:
+        return keep
+    markers = np.zeros(keep.shape, np.int32)
+    markers[peaks[:, 0], peaks[:, 1]] = np.arange(1, len(peaks) + 1)
+    regions = watershed(-dist, markers, mask=keep)
+    near = ndimage.binary_dilation(vert, structure=_disk(max(1.0, _PSOAS_TOUCH_MM / px)))
+    info = []
+    for i in range(1, int(regions.max()) + 1):
+        r = regions == i
+        if r.any():
+            cy, cx = ndimage.center_of_mass(r)
+            info.append((i, float(r.sum()) * px * px, bool((r & near).any()), cy, cx - x_c))
+    out = keep.copy()
+    for i, area, touch, cy, dx in info:
+        if area < _ORGAN_MIN_MM2 or touch or cy > y_ant + _BODY_DEPTH_MM / px:
+            continue
+        if any(t and np.sign(d) == np.sign(dx) and abs(d) < abs(dx) for _, _, t, _, d in info):
+            out &= regions != i
+    return out
+
+
 def bowel_contents(
     hu: np.ndarray,
     visceral_fat: np.ndarray,
@@ -797,6 +857,7 @@ def segment_classical(
                 keep |= comp
         # restore the border removed by the opening, within the candidate mask
         keep = ndimage.binary_dilation(keep, structure=_disk(r_open)) & cand
+        keep = _without_lateral_organ(keep, vert, px, x_c, y_ant)
         sma |= keep
 
     # --- IMAT and VAT
