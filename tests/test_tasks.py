@@ -220,8 +220,9 @@ def test_a_series_that_kills_its_worker_every_time_is_failed_after_max_attempts(
     rec = jobs.get(SERIES)
     assert called == [] and rec.state == FAILED
     assert "started 2 times without finishing" in (rec.reason or "")
-    # an operator's retry queues it again with a fresh count, and it runs
+    # an operator's retry queues it again with a fresh count, and it runs; the record's
+    # total of attempts keeps the history
     token = jobs.mark_queued(SERIES)
-    assert jobs.get(SERIES).attempts == 0
+    assert (jobs.get(SERIES).run_attempts, jobs.get(SERIES).attempts) == (0, 3)
     tasks.run_analysis(series_dir, cfg, jobs, lambda s, t: None, token, pipeline)
-    assert called == [1] and jobs.get(SERIES).attempts == 1
+    assert called == [1] and (jobs.get(SERIES).run_attempts, jobs.get(SERIES).attempts) == (1, 4)

@@ -62,7 +62,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     export_finished_at REAL,
     updated_at   REAL NOT NULL,
     requeues     INTEGER NOT NULL DEFAULT 0,
-    worker       TEXT
+    worker       TEXT,
+    run_attempts INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS exports (
     series_uid   TEXT NOT NULL,
@@ -90,6 +91,7 @@ _TIME_FIELDS = (
 _MIGRATIONS = (
     ("requeues", "ALTER TABLE jobs ADD COLUMN requeues INTEGER NOT NULL DEFAULT 0"),
     ("worker", "ALTER TABLE jobs ADD COLUMN worker TEXT"),
+    ("run_attempts", "ALTER TABLE jobs ADD COLUMN run_attempts INTEGER NOT NULL DEFAULT 0"),
 )
 
 
@@ -140,6 +142,9 @@ class JobRecord:
     updated_at: float = 0.0
     requeues: int = 0
     worker: str | None = None
+    #: analysis attempts since the series was last queued by the watcher or an operator
+    #: (``attempts`` counts all of them); bounded by ``analysis.max_attempts``
+    run_attempts: int = 0
     exports: list[ExportRecord] = field(default_factory=list)
 
     def timings(self) -> dict[str, float]:
@@ -264,14 +269,15 @@ class JobStore:
         """Analysis was queued. Returns the new token that the task must present.
 
         A task whose token differs from the record's is a stale duplicate (e.g. re-queued
-        at start-up while the old message survived in Redis) and does nothing. ``attempts``
-        restarts at 0: it counts the analysis attempts of this queueing (re-deliveries after
-        a worker died and automatic take-overs), which ``analysis.max_attempts`` bounds.
+        at start-up while the old message survived in Redis) and does nothing.
+        ``run_attempts`` restarts at 0: it counts the analysis attempts of this queueing
+        (re-deliveries after a worker died, automatic take-overs), which
+        ``analysis.max_attempts`` bounds; ``attempts`` keeps counting all of them.
         """
         now = time.time()
         token = new_token()
         fields: dict[str, Any] = {
-            "attempts": 0,
+            "run_attempts": 0,
             "state": QUEUED,
             "reason": None,
             "note": None,
@@ -316,7 +322,8 @@ class JobStore:
                     (series_uid, ANALYSING, now),
                 )
             con.execute(
-                "UPDATE jobs SET state=?, attempts=attempts+1, analysis_started_at=?,"
+                "UPDATE jobs SET state=?, attempts=attempts+1, run_attempts=run_attempts+1,"
+                " analysis_started_at=?,"
                 " reason=NULL, worker=?, updated_at=? WHERE series_uid=?",
                 (ANALYSING, now, worker, now, series_uid),
             )

@@ -139,7 +139,7 @@ def run_analysis(
     if not jobs.start_analysis(series_uid, token, worker=f"{socket.gethostname()}/{os.getpid()}"):
         log_event(log, "analysis_stale_task_skipped", series_instance_uid=series_uid)
         return "stale"
-    attempts = jobs.get(series_uid).attempts
+    attempts = jobs.get(series_uid).run_attempts
     if attempts > config.analysis.max_attempts:
         reason = (
             f"analysis started {attempts - 1} times without finishing (the worker process "
