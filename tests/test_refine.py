@@ -195,3 +195,25 @@ def test_shipped_refinement_stage_sharpens_held_out_phantoms() -> None:
             continue
         assert res.refinement is not None and res.z_mm is not None
         assert abs(res.z_mm - z) <= 5.0
+
+
+def test_train_command_stage_fine_writes_a_refiner_with_its_record(tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from service.cli import app
+
+    out = tmp_path / "fine.pt"
+    args = ["train", "--stage", "fine", "--out", str(out), "--phantoms", "3", "--epochs", "1",
+            "--steps-per-epoch", "2", "--batch-size", "4", "--cache-dir", str(tmp_path / "c"),
+            "--threads", "1"]  # fmt: skip
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    rec = json.loads(out.with_suffix(".json").read_text())
+    assert rec["stage"] == FINE_STAGE and rec["positive_fraction"] == 1.0
+    assert rec["window"]["pixel_mm"] == 1.0 and rec["window"]["a_mm"] == 18.0
+    from worker.locate import load_locator
+
+    loc = load_locator(out, "cpu")
+    assert loc.record["stage"] == FINE_STAGE and not loc.has_presence
