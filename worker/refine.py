@@ -122,9 +122,9 @@ def refine_windows(
     hi = int(max(tops.max() + height_px, rows))
     padded = np.zeros((hi - lo, w), np.float32)
     padded[-lo : -lo + rows] = strip
-    t = torch.from_numpy(padded)
-    idx = torch.from_numpy((tops - lo).astype(np.int64))
-    windows = torch.stack([t[i : i + height_px] for i in idx.tolist()])
+    first = int(tops[0] - lo)
+    block = torch.from_numpy(padded[first : int(tops[-1] - lo) + height_px])
+    windows = block.unfold(0, height_px, stride_px).permute(0, 2, 1)  # (n, H, W) view
     return windows, tops.astype(np.int64)
 
 
@@ -135,6 +135,7 @@ def refine_in_mip(
     stride_px: int = 2,
     batch_size: int = 64,
     min_correlation: float = MIN_REFINE_CORRELATION,
+    strip: np.ndarray | None = None,
 ) -> Refinement:
     """Refine a first-stage L3 z on a frontal MIP at the fine model's pixel size.
 
@@ -146,6 +147,8 @@ def refine_in_mip(
     stride_px : step between fine window centres (MIP rows).
     batch_size : windows per forward pass.
     min_correlation : below this correlation peak the first answer is kept.
+    strip : ``mip_to_strip(mip.image, fine.spec)`` when the caller already has it (several
+        starts on one MIP, :func:`choose_run`).
 
     Returns
     -------
@@ -164,7 +167,8 @@ def refine_in_mip(
     if abs(mip.pixel_mm - spec.pixel_mm) > 1e-6:
         raise ValueError(f"MIP pixel {mip.pixel_mm} mm != fine model pixel {spec.pixel_mm} mm")
     start_row = float(mip.z_to_row(start_z_mm))
-    strip = mip_to_strip(mip.image, spec)
+    if strip is None:
+        strip = mip_to_strip(mip.image, spec)
     windows, tops = refine_windows(strip, start_row, spec.height_px, spec.a_px, stride_px)
     rows, _ = fine.predict(windows, batch_size)
     d = decide_l3(tops, rows, spec.height_px, spec.a_px, None, tol_px=max(1.5, 3.0 / spec.pixel_mm))
@@ -222,8 +226,10 @@ def choose_run(
     if not candidates:
         raise ValueError("no first-stage candidate to refine")
     best: tuple[float, Decision, Refinement] | None = None
+    strip = mip_to_strip(fine_mip.image, fine.spec)  # once for all candidates
     for c in candidates:
-        ref = refine_in_mip(fine_mip, float(mip.row_to_z(c.row)), fine, stride_px, batch_size)
+        z = float(mip.row_to_z(c.row))
+        ref = refine_in_mip(fine_mip, z, fine, stride_px, batch_size, strip=strip)
         value = c.selection_score * max(ref.correlation, 0.0) ** 2
         if best is None or value > best[0]:
             best = (value, c, ref)
