@@ -528,9 +528,10 @@ def validate_refinement(
             continue
         mip = Mip(image=c.image_hu, pixel_mm=spec.pixel_mm, z_top_mm=0.0, slice_z_mm=np.zeros(0))
         true_z = float(mip.row_to_z(c.l3_row))
+        strip = c.strip if c.strip is not None else mip_to_strip(c.image_hu, spec)
         for k in starts:
             start = float(mip.row_to_z(c.l3_row + k * spec.a_px))
-            ref = refine_in_mip(mip, start, loc, stride, 128)
+            ref = refine_in_mip(mip, start, loc, stride, 128, strip=strip)
             errs.append(min(abs(ref.z_mm - true_z), 2 * spec.a_mm))
     return float(np.mean(errs)) if errs else None
 
