@@ -286,6 +286,23 @@ def test_unet_labels_are_gated_by_the_hu_ranges(monkeypatch: pytest.MonkeyPatch)
     assert not ((seg.labels == lab.SMA) & ~muscle_hu).any()
 
 
+def _add_fat_spots(
+    hu: np.ndarray,
+    labels: np.ndarray,
+    region: np.ndarray,
+    yy: np.ndarray,
+    xx: np.ndarray,
+    period: float,
+    radius: float,
+) -> np.ndarray:
+    """Put -100 HU intramuscular fat spots (IMAT) on a grid of ``period`` pixels inside
+    ``region``; returns the spot mask."""
+    spots = (np.hypot((yy % period) - period / 2, (xx % period) - period / 2) <= radius) & region
+    hu[spots] = -100.0
+    labels[spots] = lab.IMAT
+    return spots
+
+
 def _fatty_psoas_slice() -> tuple[np.ndarray, np.ndarray, tuple[float, float], np.ndarray]:
     """synthetic_l3 with 2.4 mm fat spots every 5 mm in both psoas (myosteatosis), 0.6 mm pixels.
 
@@ -299,9 +316,7 @@ def _fatty_psoas_slice() -> tuple[np.ndarray, np.ndarray, tuple[float, float], n
     for sx in (-1, 1):
         psoas |= ((yy - cy - 22) / 17) ** 2 + ((xx - cx - sx * 35) / 15) ** 2 <= 1.0
     psoas &= labels == lab.SMA
-    spots = ((np.hypot((yy % 5.0) - 2.5, (xx % 5.0) - 2.5)) <= 1.2) & psoas
-    hu[spots] = -100.0
-    labels[spots] = lab.IMAT
+    spots = _add_fat_spots(hu, labels, psoas, yy, xx, period=5.0, radius=1.2)
     return hu, labels, sp, psoas & ~spots
 
 
@@ -369,9 +384,7 @@ def _fatty_posterolateral_muscle() -> tuple[
     region = ql | (
         (labels == lab.SMA) & (yy > 180.0) & (np.abs(xx - 210.0) > 55) & (np.abs(xx - 210.0) < 110)
     )
-    spots = (np.hypot((yy % 6.0) - 3.0, (xx % 6.0) - 3.0) <= 1.5) & region
-    hu[spots] = -100.0
-    labels[spots] = lab.IMAT
+    spots = _add_fat_spots(hu, labels, region, yy, xx, period=6.0, radius=1.5)
     return hu, labels, sp, region & ~spots
 
 
