@@ -190,9 +190,10 @@ def test_noise_estimate_and_tv_denoising_restore_low_dose_classification():
     seg = segment_classical(hu, sp, CFG)  # denoised internally (sigma > denoise_above_hu)
     off = segment_classical(hu, sp, CFG.model_copy(update={"denoise_above_hu": 0.0}))
     d_on = _dice(seg.labels == lab.SMA, musc)
-    # (margin 0.04: since the psoas opening fills fat-HU holes, the noisy image without
-    # denoising no longer loses its psoas: 0.941 instead of 0.896)
-    assert d_on >= 0.97 and d_on > _dice(off.labels == lab.SMA, musc) + 0.04
+    # (margin 0.03: since the psoas opening fills fat-HU holes, the noisy image without
+    # denoising no longer loses its psoas: 0.941 instead of 0.896; since round 8 drops
+    # candidates detached from the muscles, 0.949, against 0.989 denoised)
+    assert d_on >= 0.97 and d_on > _dice(off.labels == lab.SMA, musc) + 0.03
 
 
 def test_truncated_trunk_keeps_the_sat_vat_split():
@@ -492,6 +493,33 @@ def test_osteopenic_vertebral_body_with_an_interrupted_cortex_is_not_muscle():
     assert _dice(got == lab.SMA, sma) > 0.9
 
 
+def _kidneys_moved(
+    px: float, *, seed: int, rng_seed: int, dy: float, dx: float, ry: float, rx: float
+) -> tuple[
+    np.ndarray, np.ndarray, tuple[float, float], np.ndarray, np.ndarray, np.random.Generator
+]:
+    """synthetic_l3 with the kidneys' place turned to fat and a new kidney mask at
+    (cy + dy, cx -/+ dx) mm, radii (ry, rx) mm, not yet drawn.
+
+    Returns (hu, labels, spacing, kidney mask, a copy of the labels, the noise generator), so
+    that the caller decides what the kidney may cover before drawing it at 30 HU.
+    """
+    hu, labels, sp = synthetic_l3(px, noise_hu=8.0, seed=seed)
+    yy, xx = np.mgrid[0 : hu.shape[0], 0 : hu.shape[1]] * px
+    cy, cx = 140.0, 210.0
+    rng = np.random.default_rng(rng_seed)
+    old = np.zeros(hu.shape, bool)
+    kidney = np.zeros(hu.shape, bool)
+    for sx in (-1, 1):
+        old |= ((yy - cy - 10) / 22) ** 2 + ((xx - cx - sx * 80) / 14) ** 2 <= 1.0
+        kidney |= ((yy - cy - dy) / ry) ** 2 + ((xx - cx - sx * dx) / rx) ** 2 <= 1.0
+    old &= labels == 0
+    hu[old] = FAT_HU + rng.normal(0, 8.0, old.sum())  # the kidneys' former place: fat
+    labels[old] = lab.VAT
+    under = labels.copy()
+    return hu, labels, sp, kidney, under, rng
+
+
 def _kidney_touching_the_psoas(
     px: float,
 ) -> tuple[np.ndarray, np.ndarray, tuple[float, float], np.ndarray]:
@@ -501,34 +529,216 @@ def _kidney_touching_the_psoas(
     slice, round 6): the kidney touching the psoas joins the psoas candidate and the 3 mm
     opening cannot separate them.
     """
-    hu, labels, sp = synthetic_l3(px, noise_hu=8.0, seed=3)
-    yy, xx = np.mgrid[0 : hu.shape[0], 0 : hu.shape[1]] * px
-    cy, cx = 140.0, 210.0
-    rng = np.random.default_rng(1)
-    old = np.zeros(hu.shape, bool)
-    kidney = np.zeros(hu.shape, bool)
-    for sx in (-1, 1):
-        old |= ((yy - cy - 10) / 22) ** 2 + ((xx - cx - sx * 80) / 14) ** 2 <= 1.0
-        kidney |= ((yy - cy - 10) / 22) ** 2 + ((xx - cx - sx * 62) / 14) ** 2 <= 1.0
-    old &= labels == 0
-    hu[old] = FAT_HU + rng.normal(0, 8.0, old.sum())  # the kidneys' former place: fat
-    labels[old] = lab.VAT
-    kidney &= labels != lab.SMA
+    hu, labels, sp, kidney, under, rng = _kidneys_moved(
+        px, seed=3, rng_seed=1, dy=10, dx=62, ry=22, rx=14
+    )
+    kidney &= under != lab.SMA
     hu[kidney] = 30.0 + rng.normal(0, 8.0, kidney.sum())
     labels[kidney] = 0
     return hu, labels, sp, kidney
 
 
-@pytest.mark.parametrize("px", [1.0, 3.0])
-def test_kidney_against_the_psoas_is_not_muscle(px: float, monkeypatch: pytest.MonkeyPatch):
+def _assert_rule_removes(
+    monkeypatch: pytest.MonkeyPatch,
+    case: tuple,
+    *,
+    rule: str,
+    identity,
+    after_max: float,
+    before_min: float,
+) -> None:
+    """The organ masks of ``case`` (hu, truth, spacing, *masks) are not SMA, > 95 % of the
+    true muscle is; with ``worker.composition.<rule>`` replaced by ``identity`` each mask is
+    SMA over more than ``before_min`` (the failure the rule fixes, reproduced)."""
     import worker.composition as comp
 
-    hu, truth, sp, kidney = _kidney_touching_the_psoas(px)
+    hu, truth, sp, *masks = case
+    got = segment_classical(hu, sp, CFG).labels
+    for m in masks:
+        assert (got[m] == lab.SMA).mean() < after_max
+    assert (got[truth == lab.SMA] == lab.SMA).mean() > 0.95
+    monkeypatch.setattr(comp, rule, identity)
+    before = segment_classical(hu, sp, CFG).labels
+    for m in masks:
+        assert (before[m] == lab.SMA).mean() > before_min
+
+
+def _organ_tip_behind_the_lateral_wall(
+    px: float,
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float], np.ndarray]:
+    """synthetic_l3 with a spleen-like tip (unenhanced, 50 HU) against the left posterolateral
+    wall.
+
+    The failure seen on the real case (T12-L1, 3 mm pixels, round 8): the tip touches the
+    wall muscle with no fat plane and has fat behind it, so the wall rays crossing it end on
+    a fat plane 15-30 mm deeper than their neighbours (within the 50 mm posterolateral
+    limit) and the band takes a wedge of organ.
+    """
+    hu, labels, sp = synthetic_l3(px, noise_hu=8.0, seed=5, liver=False)
+    yy, xx = np.mgrid[0 : hu.shape[0], 0 : hu.shape[1]] * px
+    cy, cx = 140.0, 210.0
+    wall_in = ((yy - cy) / 80) ** 2 + ((xx - cx) / 115) ** 2 <= 1.0
+    tip = (((yy - cy - 40) / 6) ** 2 + ((xx - cx - 86) / 20) ** 2 <= 1.0) & wall_in
+    tip &= labels != lab.SMA
+    hu[tip] = 50.0 + np.random.default_rng(2).normal(0, 8.0, tip.sum())
+    labels[tip] = 0
+    return hu, labels, sp, tip
+
+
+def _fluid_loop_under_the_anterior_wall(
+    px: float,
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float], np.ndarray]:
+    """synthetic_l3 with a fluid-filled loop against the anterior wall, a gas loop behind it.
+
+    The failure seen on the real case (T12-L1, round 8): rays from the rectus run through the
+    wall and fluid contents of a loop abutting it (no fat plane at 3 mm pixels) to the gas of
+    the next loop; gas was taken as the end of the muscle, so up to 24 mm of bowel was SMA.
+    """
+    hu, labels, sp = synthetic_l3(px, noise_hu=8.0, seed=6)
+    yy, xx = np.mgrid[0 : hu.shape[0], 0 : hu.shape[1]] * px
+    cy, cx = 140.0, 210.0
+    rng = np.random.default_rng(4)
+    wall_in = ((yy - cy) / 80) ** 2 + ((xx - cx) / 115) ** 2 <= 1.0
+    # the synthetic slice's own anterior loops are replaced by mesenteric fat
+    old = wall_in & (labels == 0) & (yy < cy - 40)
+    hu[old] = FAT_HU + rng.normal(0, 8.0, old.sum())
+    labels[old] = lab.VAT
+    loop = wall_in & (((yy - cy + 72) / 7) ** 2 + ((xx - cx + 30) / 28) ** 2 <= 1.0)
+    loop &= labels != lab.SMA
+    hu[loop] = 30.0 + rng.normal(0, 8.0, loop.sum())  # wall and fluid contents
+    labels[loop] = 0
+    gas_loop = ((yy - cy + 55) / 11) ** 2 + ((xx - cx + 30) / 26) ** 2 <= 1.0
+    gas = ((yy - cy + 55) / 8) ** 2 + ((xx - cx + 30) / 23) ** 2 <= 1.0
+    hu[gas_loop & ~loop] = 40.0 + rng.normal(0, 8.0, (gas_loop & ~loop).sum())
+    hu[gas & ~loop] = -1000.0
+    labels[gas_loop & ~loop] = 0
+    return hu, labels, sp, loop
+
+
+@pytest.mark.parametrize("px", [1.0, 3.0])
+def test_fluid_filled_bowel_against_the_anterior_wall_is_not_muscle(px: float):
+    hu, truth, sp, loop = _fluid_loop_under_the_anterior_wall(px)
     got = segment_classical(hu, sp, CFG).labels
     sma = truth == lab.SMA
-    assert (got[kidney] == lab.SMA).mean() < 0.05
+    # before round 8 (gas ended a wall ray): 0.91 at 1 mm, 0.89 at 3 mm pixels
+    assert (got[loop] == lab.SMA).mean() < 0.25  # one closing layer at 3 mm may stay
     assert (got[sma] == lab.SMA).mean() > 0.95
-    # without the lateral-organ rule the kidney is psoas (reproduces the failure)
-    monkeypatch.setattr(comp, "_without_lateral_organ", lambda keep, *a: keep)
-    before = segment_classical(hu, sp, CFG).labels
-    assert (before[kidney] == lab.SMA).mean() > 0.5
+
+
+def _disc_level(
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float], np.ndarray, np.ndarray]:
+    """synthetic_l3 at 3 mm redrawn at a disc level: endplate, disc, open canal, arch.
+
+    The failure seen on the real case (T12-L2, e.g. z 90, round 8): the slice passes through
+    the endplate in front and the intervertebral disc (50-110 HU, muscle range) behind it; the
+    pedicles are not in the slice, so the canal (CSF) is open to the foramina and the
+    posterior arch lies > 20 mm behind the endplate's bone, not joined to it. The disc's back
+    and the canal were SMA (psoas candidates touching the vertebra).
+    """
+    hu, labels, sp = synthetic_l3(3.0, noise_hu=8.0, seed=seed)
+    yy, xx = np.mgrid[0 : hu.shape[0], 0 : hu.shape[1]] * sp[0]
+    cy, cx = 140.0, 210.0
+    rng = np.random.default_rng(200 + seed)
+    # synthetic_l3's vertebra, spinous process and lamina ring are redrawn
+    old = (labels == 0) & (yy > cy) & (yy < cy + 80) & (np.abs(xx - cx) < 22) & (hu > 0)
+    hu[old] = 45.0 + rng.normal(0, 8.0, old.sum())  # provisional; overwritten below
+    body = ((yy - cy - 20) / 16) ** 2 + ((xx - cx) / 20) ** 2 <= 1.0
+    endplate = body & (yy < cy + 22)  # front 18 mm: endplate bone
+    disc = body & ~endplate  # the disc behind it (muscle HU)
+    canal = ((yy - cy - 44) / 7) ** 2 + ((xx - cx) / 9) ** 2 <= 1.0
+    lamina = (((yy - cy - 44) / 11) ** 2 + ((xx - cx) / 13) ** 2 <= 1.0) & ~canal & (yy > cy + 44)
+    spine = (np.abs(xx - cx) < 4) & (yy > cy + 50) & (yy < cy + 68)
+    gap = (np.abs(xx - cx) < 22) & (yy >= cy + 36) & (yy <= cy + 44) & ~canal  # foramina: fat
+    hu[gap] = -100.0 + rng.normal(0, 8.0, gap.sum())
+    labels[gap] = lab.VAT
+    for sx in (-1, 1):  # psoas beside the body, touching it
+        psoas = (((yy - cy - 22) / 17) ** 2 + ((xx - cx - sx * 35) / 15) ** 2 <= 1.0) & ~body
+        hu[psoas] = 45.0 + rng.normal(0, 8.0, psoas.sum())
+        labels[psoas] = lab.SMA
+    hu[endplate] = 320.0 + rng.normal(0, 40.0, endplate.sum())
+    hu[disc] = 85.0 + rng.normal(0, 12.0, disc.sum())
+    hu[canal] = 15.0 + rng.normal(0, 8.0, canal.sum())
+    hu[lamina | spine] = 500.0 + rng.normal(0, 30.0, (lamina | spine).sum())
+    labels[body | canal | lamina | spine] = 0
+    # the paraspinals are the truth's: everything else behind the arch is unchanged
+    rest = old & ~(body | canal | lamina | spine | gap) & (labels != lab.SMA)
+    hu[rest] = -100.0 + rng.normal(0, 8.0, rest.sum())
+    labels[rest] = np.where(labels[rest] == 0, lab.VAT, labels[rest])
+    return hu, labels, sp, disc, canal
+
+
+def test_disc_and_canal_at_a_disc_level_are_not_muscle(monkeypatch: pytest.MonkeyPatch):
+    hu, truth, sp, disc, canal = _disc_level()
+    assert ((hu[disc] >= -29) & (hu[disc] <= 150)).mean() > 0.9  # the disc has muscle HU
+    # without the canal-to-arch rule the disc and the canal are psoas
+    _assert_rule_removes(
+        monkeypatch,
+        (hu, truth, sp, disc, canal),
+        rule="_canal_to_arch",
+        identity=lambda hu, bone, *a: np.zeros_like(bone),
+        after_max=0.05,
+        before_min=0.5,
+    )
+
+
+def _kidney_pole_near_the_posterior_wall(
+    px: float,
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float], np.ndarray]:
+    """synthetic_l3 with both kidneys (30 HU) moved back to a few mm of the posterior wall.
+
+    The failure seen on the real case (L1-L3, round 8): a kidney pole in its perirenal fat,
+    within 8 mm of the wall muscles but not touching them, was kept as psoas (up to
+    19.7 cm^2 on one slice).
+    """
+    hu, labels, sp, kidney, under, rng = _kidneys_moved(
+        px, seed=7, rng_seed=3, dy=38, dx=78, ry=16, rx=13
+    )
+    kidney &= under == lab.VAT  # not into the muscle: a fat rim stays around it
+    hu[kidney] = 30.0 + rng.normal(0, 8.0, kidney.sum())
+    labels[kidney] = 0
+    return hu, labels, sp, kidney
+
+
+_ORGAN_RULES = {
+    # organ case: (its builder, the rule that removes it, the rule's identity, at most SMA
+    # after, at least SMA without the rule)
+    "kidney against the psoas": (
+        _kidney_touching_the_psoas,
+        "_without_lateral_organ",
+        lambda keep, *a: keep,
+        0.05,
+        0.5,
+    ),
+    # the tip's tapering edge (< 10 mm deeper than the wall) may stay
+    "organ tip behind a lateral wall": (
+        _organ_tip_behind_the_lateral_wall,
+        "_without_spikes",
+        lambda t, *a: t,
+        0.15,
+        0.4,
+    ),
+    "kidney pole in its fat near the wall": (
+        _kidney_pole_near_the_posterior_wall,
+        "_attached",
+        lambda keep, *a: keep,
+        0.05,
+        0.5,
+    ),
+}
+
+
+@pytest.mark.parametrize("px", [1.0, 3.0])
+@pytest.mark.parametrize("organ", list(_ORGAN_RULES))
+def test_organ_next_to_a_muscle_is_not_muscle(
+    organ: str, px: float, monkeypatch: pytest.MonkeyPatch
+):
+    build, rule, identity, after_max, before_min = _ORGAN_RULES[organ]
+    _assert_rule_removes(
+        monkeypatch,
+        build(px),
+        rule=rule,
+        identity=identity,
+        after_max=after_max,
+        before_min=before_min,
+    )

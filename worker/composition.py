@@ -14,6 +14,7 @@ boundary, psoas selected by its position beside the vertebral body) and the 2-D 
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -550,12 +551,70 @@ def _vertebra(hu: np.ndarray, inner: np.ndarray, px: float) -> np.ndarray | None
         ndimage.binary_closing(vert | (bone & near), structure=_disk(max(2.0, 8.0 / px)))
     )
     vert |= wide & (np.abs(xx - x_c) <= 15 / px) & (yy >= y_body)
+    if body_hull.any():
+        vert |= _canal_to_arch(hu, bone, body_hull, px, x_c)
     return vert
 
 
-#: psoas-candidate regions: watershed markers this far apart (mm), organ minimum area (mm^2),
-#: contact distance to the vertebra (mm), and depth behind the body's front (mm)
-_PSOAS_SPLIT_MM, _ORGAN_MIN_MM2, _PSOAS_TOUCH_MM, _BODY_DEPTH_MM = 10.0, 500.0, 8.0, 35.0
+#: half-width (mm) of the midline band holding the spinal canal and the lamina, depth (mm)
+#: behind the vertebral body within which the arch's front is searched, and the thickness
+#: (mm) of that front
+_CANAL_HALF_MM, _CANAL_DEPTH_MM, _ARCH_FRONT_MM = 15.0, 30.0, 6.0
+#: largest fraction of a vertebral body's hull below ``_CORTEX_MEDIAN_HU``
+_HULL_MAX_SOFT = 0.25
+
+
+def _canal_to_arch(
+    hu: np.ndarray, bone: np.ndarray, body_hull: np.ndarray, px: float, x_c: float
+) -> np.ndarray:
+    """The disc and spinal canal between the vertebral body and the front of its arch.
+
+    Where the slice passes through an intervertebral disc (50-110 HU) or the pedicles are
+    not in the slice, the canal is open to the sides (neural foramina) and no closing of
+    the bone encloses it: the disc behind the endplate and the canal (CSF, cord, both in the
+    muscle HU range) were taken as psoas (real case, T12-L2). No muscle lies between the
+    back of the vertebral body and the front of its posterior arch (lamina, spinous process
+    root) in the midline: the psoas is lateral to the body, the paraspinals behind the arch.
+    The region is the convex hull of the body and of the arch's front: bone within
+    ``_CANAL_HALF_MM`` of the midline, less than ``_CANAL_DEPTH_MM`` behind the body,
+    within ``_ARCH_FRONT_MM`` of its most anterior pixel (the lamina itself and the spinous
+    process are not taken, so the muscle beside them stays muscle).
+
+    Only when the hull taken as the body is one: bone, marrow or disc (> 50 HU) over at least
+    ``1 - _HULL_MAX_SOFT`` of it. Where the body is not in the slice (a disc level with no
+    endplate bone) the arch itself is taken as the body, its hull encloses the canal
+    (CSF < 50 HU), and the bone behind it is the spinous process: the muscle beside it is
+    multifidus (real case, z 79).
+
+    Returns a (y, x) bool mask (empty when no arch is found).
+    """
+    from skimage.morphology import convex_hull_image
+
+    if float((hu[body_hull] < _CORTEX_MEDIAN_HU).mean()) > _HULL_MAX_SOFT:
+        return np.zeros_like(bone)
+    yy, xx = np.mgrid[0 : bone.shape[0], 0 : bone.shape[1]]
+    y_back = float(np.nonzero(body_hull)[0].max())
+    arch = (
+        bone
+        & (np.abs(xx - x_c) <= _CANAL_HALF_MM / px)
+        & (yy > y_back)
+        & (yy <= y_back + _CANAL_DEPTH_MM / px)
+    )
+    if arch.sum() < 2:
+        return np.zeros_like(bone)
+    y_arch = float(np.nonzero(arch)[0].min())
+    # each column of the arch is closed at its own front: the laminae run back and out from
+    # the midline (a V), and the muscle behind and beside them is multifidus
+    front_row = np.where(arch.any(axis=0), np.argmax(arch, axis=0), y_arch)
+    arch &= yy <= y_arch + _ARCH_FRONT_MM / px
+    return convex_hull_image(body_hull | arch) & (yy <= front_row[None, :])
+
+
+#: psoas-candidate regions: organ minimum area (mm^2), contact distance to the vertebra (mm),
+#: and depth behind the body's front (mm)
+_ORGAN_MIN_MM2, _PSOAS_TOUCH_MM, _BODY_DEPTH_MM = 500.0, 8.0, 35.0
+#: depth (mm) of the neck between two blobs of the psoas candidates that splits them
+_SPLIT_DEPTH_MM = 3.0
 
 
 def _without_lateral_organ(
@@ -566,10 +625,10 @@ def _without_lateral_organ(
     An unenhanced kidney (10-40 HU) touching the psoas without a fat plane at 3 mm pixels
     joins it and the opening cannot separate them. The psoas hugs the vertebral body; the
     kidney lies lateral to it. The candidates are split by a watershed of their distance map
-    (markers ``_PSOAS_SPLIT_MM`` apart); a region of >= ``_ORGAN_MIN_MM2`` that is not within
-    ``_PSOAS_TOUCH_MM`` of the vertebra, lies in front of the body's back (``y_ant`` +
-    ``_BODY_DEPTH_MM``) and lateral to a region of the same side that does touch the
-    vertebra is dropped.
+    (one marker per blob: h-maxima of depth ``_SPLIT_DEPTH_MM``); a region of
+    >= ``_ORGAN_MIN_MM2`` that is not within ``_PSOAS_TOUCH_MM`` of the vertebra, lies in
+    front of the body's back (``y_ant`` + ``_BODY_DEPTH_MM``) and lateral to a region of the
+    same side that does touch the vertebra is dropped.
 
     Parameters
     ----------
@@ -582,20 +641,22 @@ def _without_lateral_organ(
     -------
     (y, x) bool, ``keep`` without the dropped regions.
     """
-    from skimage.feature import peak_local_max
     from skimage.segmentation import watershed
 
     if not keep.any():
         return keep
     dist = ndimage.distance_transform_edt(keep)
     lab_k, _ = ndimage.label(keep)
-    peaks = peak_local_max(
-        dist, min_distance=max(1, int(round(_PSOAS_SPLIT_MM / px))), labels=lab_k
-    )
-    if len(peaks) < 2:
+    # One marker per blob: the maxima of the distance map that rise at least
+    # ``_SPLIT_DEPTH_MM`` above the saddle joining them (h-maxima). Markers taken only by
+    # their spacing (peak_local_max, 10 mm apart: round 7) cut an unenhanced kidney at 3 mm
+    # pixels into pieces of 1-5 cm^2, each below ``_ORGAN_MIN_MM2`` (real case, L1-L2).
+    from skimage.morphology import h_maxima
+
+    h = max(1.0, _SPLIT_DEPTH_MM / px)
+    markers, n_mk = ndimage.label(h_maxima(dist, h), structure=np.ones((3, 3), bool))
+    if n_mk < 2:
         return keep
-    markers = np.zeros(keep.shape, np.int32)
-    markers[peaks[:, 0], peaks[:, 1]] = np.arange(1, len(peaks) + 1)
     regions = watershed(-dist, markers, mask=keep)
     near = ndimage.binary_dilation(vert, structure=_disk(max(1.0, _PSOAS_TOUCH_MM / px)))
     info = []
@@ -687,6 +748,92 @@ def bowel_contents(
     return out
 
 
+def _attached(keep: np.ndarray, vert: np.ndarray, wall: np.ndarray, px: float) -> np.ndarray:
+    """Psoas candidates that are attached to the vertebra or to a wall muscle.
+
+    The psoas arises from the vertebral bodies and transverse processes, the quadratus
+    lumborum and the paraspinals lie against the transverse processes and the posterior
+    wall: each touches the vertebra or another muscle. A candidate only *near* the wall
+    muscles (``_PSOAS_TOUCH_MM``) but separated from them by a fat rim is an organ in its
+    own fat: a kidney pole in its perirenal fat, the duodenum (real case, L1-L3: 3.5-19.7
+    cm^2 components, none of them muscle). Components of ``keep`` not within
+    ``_PSOAS_TOUCH_MM`` of the vertebra and not adjacent (8-connected) to ``wall`` are
+    dropped.
+
+    Parameters
+    ----------
+    keep : (y, x) bool, the kept psoas / paravertebral candidates.
+    vert : (y, x) bool, the vertebra (:func:`_vertebra`).
+    wall : (y, x) bool, the wall-band muscles found by the rays.
+    px : pixel size (mm).
+
+    Returns
+    -------
+    (y, x) bool, ``keep`` without the detached components.
+    """
+    lab_k, n = ndimage.label(keep)
+    if n == 0:
+        return keep
+    near = ndimage.binary_dilation(vert, structure=_disk(max(1.0, _PSOAS_TOUCH_MM / px)))
+    touch = ndimage.binary_dilation(wall, structure=np.ones((3, 3), bool))
+    ok = np.zeros(n + 1, dtype=bool)
+    ok[np.unique(lab_k[near | touch])] = True
+    ok[0] = False
+    return ok[lab_k]
+
+
+#: wall-band spikes: half window (rays, one per degree) on each side, and the excess (mm)
+#: over both sides' medians that makes a ray a spike
+_SPIKE_HALF_RAYS, _SPIKE_MM = 10, 10.0
+
+
+def _without_spikes(thick: np.ndarray, check: np.ndarray, unit_mm: float) -> np.ndarray:
+    """Wall-muscle band thickness with narrow spikes cut back to their surroundings.
+
+    A ray that runs through a thin wall muscle into an organ abutting it with no fat plane
+    at the slice's resolution (a liver or spleen tip behind the lateral wall at T12-L2,
+    3 mm pixels) and out into the fat behind it ends on a fat plane like a true muscle ray,
+    but 20-40 mm deeper than the rays beside it: the band gets a wedge of organ. A muscle's
+    thickness does not jump like that over a few degrees. A ray of ``check`` whose thickness
+    exceeds the medians of the ``_SPIKE_HALF_RAYS`` rays on *each* side by more than
+    ``_SPIKE_MM`` takes the larger of the two medians; the spikes found leave the medians
+    and the search repeats (a spike of more than half the window is peeled from its middle
+    out). Requiring both sides keeps a one-sided rise (the quadratus lumborum and
+    latissimus thickening towards the paraspinals).
+
+    Parameters
+    ----------
+    thick : (n_rays,) band thickness per ray, in units of ``unit_mm`` mm; rays ordered by
+        angle around the full circle.
+    check : (n_rays,) bool, the rays that may be cut (not the paraspinal rays).
+    unit_mm : mm per unit of ``thick``.
+
+    Returns
+    -------
+    (n_rays,) float array, the cleaned thickness in the same units.
+    """
+    n = thick.size
+    ar = np.arange(n)[:, None]
+    offs = np.arange(1, _SPIKE_HALF_RAYS + 1)[None, :]
+    cut = np.zeros(n, dtype=bool)
+    base = thick
+    # a spike wider than half the window hides in its edge rays' medians: rays found to be
+    # spikes leave the medians and the search repeats (the spike is peeled from its middle
+    # out), at most once per ray of the half window
+    for _ in range(_SPIKE_HALF_RAYS):
+        work = np.where(cut, np.nan, thick)
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN side: the other side
+            left = np.nanmedian(work[(ar - offs) % n], axis=1)
+            right = np.nanmedian(work[(ar + offs) % n], axis=1)
+        base = np.fmax(left, right)
+        new = check & ~cut & ((thick - base) * unit_mm > _SPIKE_MM)
+        if not new.any():
+            break
+        cut |= new
+    return np.where(cut & np.isfinite(base), np.minimum(thick, base), thick)
+
+
 def segment_classical(
     hu: np.ndarray, spacing_mm: tuple[float, float], config: CompositionConfig
 ) -> SliceSegmentation:
@@ -707,12 +854,16 @@ def segment_classical(
     1. Trunk mask (:func:`body_mask`): table and arms excluded.
     2. Abdominal wall (:func:`wall_region`): fat outside it is SAT.
     3. Wall muscles: from the wall inward, muscle-HU tissue is followed along each ray up to
-       the first fat layer (``muscle_band_max_mm``); rays that run into an organ abutting the
-       wall are replaced by the circular median of the band thickness.
+       the first fat layer (``muscle_band_max_mm``); rays that run into an organ or bowel
+       abutting the wall (stopped by bone, contrast, gas or the maximum) take at most the
+       circular median of the fat-terminated rays, and narrow spikes of the band thickness
+       are cut back (:func:`_without_spikes`).
     4. Psoas and the other paravertebral muscles: muscle-HU components touching the vertebra
        (bone > 200 HU) inside a box around the vertebral body that does not extend in front
        of it in the midline (aorta, IVC, duodenum); opened first so that thin bridges to a
-       kidney or bowel loop do not carry them in.
+       kidney or bowel loop do not carry them in; an organ joined to a psoas's lateral side
+       (:func:`_without_lateral_organ`) and candidates detached from the muscles by a fat
+       rim (:func:`_attached`) are dropped.
     5. IMAT: fat inside the closed muscle compartments; VAT: the remaining fat inside the
        wall. Bowel gas and contrast are neither muscle nor fat and do not affect the split.
     """
@@ -751,7 +902,6 @@ def segment_classical(
     spots &= ~_small_holes(muscle_hu & not_vert, _MIN_SPOT_PX)
     s_musc = _sample((muscle_hu | spots) & not_vert, ys, xs)
     s_fat = _sample(fat & ~spots, ys, xs)
-    s_gas = _sample(hu < config.fat_hu[0], ys, xs)
     # the posterior band never extends in front of the vertebral body (psoas are found below)
     if vert is not None:
         vy_all, vx_all = np.nonzero(vert)
@@ -800,16 +950,19 @@ def segment_classical(
                     terminated[a] = True
                     break
             else:
-                # gas ends the muscle like a fat plane; bone or contrast (a rib, a loop of
-                # opacified bowel) does not prove the muscle ended there
-                terminated[a] = bool(s_gas[a, i0 - j])
+                # Only a fat plane proves the muscle ended. Bone or contrast (a rib, a loop
+                # of opacified bowel) does not, and neither does gas: gas lies in a bowel
+                # lumen, so a ray reaching it crossed the bowel wall, and the bowel's fluid
+                # contents where a fluid-filled loop abuts the wall (real case, T12-L1: a
+                # 20 mm "muscle" under the rectus).
                 break
             j += 1
         thick[a] = (last_m + 1) * step
-    # Rays that ran into an organ abutting the wall (no fat plane before the maximum) take
-    # the circular median of the terminated rays around them. Only the paraspinal rays are
-    # trusted without a fat plane (erector spinae and multifidus reach the lamina); lateral to
-    # them a deep posterior ray without one ran into the kidney, liver or spleen.
+    # Rays that ran into an organ or bowel abutting the wall (no fat plane before the
+    # maximum) take at most the circular median of the fat-terminated rays around them. Only
+    # the paraspinal rays are trusted without a fat plane (erector spinae and multifidus
+    # reach the lamina); lateral to them a deep posterior ray without one ran into the
+    # kidney, liver or spleen.
     good = terminated | paraspinal
     if good.any():
         half = max(int(config.wall_median_deg), 3)
@@ -821,6 +974,7 @@ def segment_classical(
             if ref.size:
                 fixed[a] = min(thick[a], float(np.median(ref)))
         thick = fixed
+    thick = _without_spikes(thick, ~paraspinal, px)
     r_in = np.maximum(r_wall - thick, 0.0)
     inner_core = _polygon_mask(hu.shape, cy + np.sin(angles) * r_in, cx + np.cos(angles) * r_in)
     band = inner & ~inner_core
@@ -858,6 +1012,7 @@ def segment_classical(
         # restore the border removed by the opening, within the candidate mask
         keep = ndimage.binary_dilation(keep, structure=_disk(r_open)) & cand
         keep = _without_lateral_organ(keep, vert, px, x_c, y_ant)
+        keep = _attached(keep, vert, sma, px)
         sma |= keep
 
     # --- IMAT and VAT
