@@ -281,7 +281,9 @@ def evaluate_real(
     "tissue_types_hu": the same references restricted to the HU ranges of ``config``;
     "l3_psoas_paraspinal": at the L3 slices (vertebrae_L3 extent), SMA inside the
         iliopsoas/autochthon region (dilated by one pixel) vs those labels within the muscle
-        HU range (the reference has no abdominal wall).
+        HU range (the reference has no abdominal wall);
+    "tissue_types_ceiling": :func:`hu_range_ceiling`, what an HU-range method that agreed
+        with the reference everywhere but its one-pixel rim would score (no segmentation).
     """
     base = Path(root) / "abdomen_ct_totalseg"
     vol = nifti_volume(base / "ct.nii.gz")
@@ -319,7 +321,56 @@ def evaluate_real(
         seg = segment_slice(hu, sp, config, device=device)
         pred = (seg.labels == lab.SMA) & ndimage.binary_dilation(region)
         out["l3_psoas_paraspinal"].append(score(f"z{k}", "sma", pred, ref, pix))
+    out["tissue_types_ceiling"] = hu_range_ceiling(vol, refs, config)
     return out
+
+
+def hu_range_ceiling(
+    vol: CTVolume, refs: dict[str, np.ndarray], config: CompositionConfig
+) -> list[Score]:
+    """The score of an HU-range method with the reference's own anatomy (tissue_types masks).
+
+    The references are anatomical (model output, no HU limits): at 3 mm pixels their border
+    runs through the partial-volume rim that the Mitsiopoulos ranges count or not pixel by
+    pixel. The "oracle" keeps the reference's pixels that lie in the HU range and adds the
+    pixels in the HU range within one pixel of it (8-connected) that no other reference mask
+    claims: ``in_hu_range(hu, range) & dilate(ref) & ~(other references)``. Its Dice and area
+    error against the raw reference are the definitional gap between the two definitions, not
+    a segmenter's error (round 8, docs/composition.md).
+
+    Parameters
+    ----------
+    vol : the full CT (``ct.nii.gz``), (z, y, x) HU.
+    refs : (30, y, x) bool masks "skeletal_muscle", "subcutaneous_fat", "torso_fat" of
+        ``tissue_types`` (slice i is ``vol`` slice ``CT_SM_FIRST_SLICE + i``).
+    config : the HU ranges.
+
+    Returns
+    -------
+    One :class:`Score` per slice and compartment ("sma", "sat", "vat+imat").
+    """
+    from scipy import ndimage
+
+    sp = vol.pixel_spacing_mm
+    pix = sp[0] * sp[1] / 100.0
+    ring = np.ones((3, 3), bool)
+    pairs = (
+        ("sma", "skeletal_muscle", config.muscle_hu),
+        ("sat", "subcutaneous_fat", config.fat_hu),
+        ("vat+imat", "torso_fat", config.fat_hu),
+    )
+    scores = []
+    for i in range(refs["skeletal_muscle"].shape[0]):
+        hu = vol.hu[CT_SM_FIRST_SLICE + i]
+        for key, name, r in pairs:
+            ref = refs[name][i]
+            others = np.zeros_like(ref)
+            for other in refs:
+                if other != name:
+                    others |= refs[other][i]
+            oracle = in_hu_range(hu, r) & ndimage.binary_dilation(ref, structure=ring) & ~others
+            scores.append(score(f"z{CT_SM_FIRST_SLICE + i}", key, oracle, ref, pix))
+    return scores
 
 
 def summarise(scores: list[Score]) -> list[tuple[str, int, float, float, float, float]]:
