@@ -105,3 +105,17 @@ def test_hu_range_ceiling_on_the_real_reference_is_below_the_targets(shared_data
     assert len(sma) == 30
     assert 0.8 < np.mean([s.dice for s in sma]) < 0.95
     assert np.mean([s.area_error_pct for s in sma]) > 5.0  # the rim adds area
+
+
+def test_real_evaluation_scores_every_reference_and_its_oracles(shared_data: Path):
+    from worker.evaluate_composition import evaluate_real
+
+    out = evaluate_real(shared_data, CompositionConfig(), device="cpu")
+    assert {len(out[k]) for k in ("tissue_types_raw", "tissue_types_hu")} == {90}
+    assert len(out["tissue_types_ceiling"]) == 90
+    ours, oracle = out["l3_psoas_paraspinal"], out["l3_psoas_paraspinal_oracle"]
+    assert len(ours) == len(oracle) == 15  # the vertebrae_L3 extent, z 65..79
+    for a, b in zip(ours, oracle, strict=True):
+        # the oracle takes every muscle-HU pixel of the scored region, our SMA a subset of it
+        assert a.case == b.case and a.area_ref_cm2 == b.area_ref_cm2
+        assert b.area_pred_cm2 >= a.area_pred_cm2 > 0

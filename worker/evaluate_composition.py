@@ -282,6 +282,9 @@ def evaluate_real(
     "l3_psoas_paraspinal": at the L3 slices (vertebrae_L3 extent), SMA inside the
         iliopsoas/autochthon region (dilated by one pixel) vs those labels within the muscle
         HU range (the reference has no abdominal wall);
+    "l3_psoas_paraspinal_oracle": the same score for every muscle-HU pixel of the scored
+        region (the labels dilated by one pixel): what the labels' own anatomy with its rim
+        counted by HU range scores (no segmentation);
     "tissue_types_ceiling": :func:`hu_range_ceiling`, what an HU-range method that agreed
         with the reference everywhere but its one-pixel rim would score (no segmentation).
     """
@@ -314,13 +317,18 @@ def evaluate_real(
     from scipy import ndimage
 
     out["l3_psoas_paraspinal"] = []
+    out["l3_psoas_paraspinal_oracle"] = []
     for k in zs:
         hu = vol.hu[k]
         region = np.isin(seg_total[k], PSOAS_LABELS + AUTOCHTHON_LABELS)
         ref = region & in_hu_range(hu, musc_r)
         seg = segment_slice(hu, sp, config, device=device)
-        pred = (seg.labels == lab.SMA) & ndimage.binary_dilation(region)
+        near = ndimage.binary_dilation(region)
+        pred = (seg.labels == lab.SMA) & near
         out["l3_psoas_paraspinal"].append(score(f"z{k}", "sma", pred, ref, pix))
+        # every muscle-HU pixel of the scored region: the labels' anatomy with their rim by HU
+        oracle = in_hu_range(hu, musc_r) & near
+        out["l3_psoas_paraspinal_oracle"].append(score(f"z{k}", "sma", oracle, ref, pix))
     out["tissue_types_ceiling"] = hu_range_ceiling(vol, refs, config)
     return out
 

@@ -247,6 +247,8 @@ def evaluate_composition(
             "tissue_types_raw": "[real] tissue_types T11-L2 (z 82..111), raw reference masks",
             "tissue_types_hu": "[real] tissue_types T11-L2, reference restricted to HU ranges",
             "l3_psoas_paraspinal": "[real] L3 (z 65..79): iliopsoas + autochthon, muscle HU",
+            "l3_psoas_paraspinal_oracle": "[real] L3, oracle: every muscle-HU pixel of the "
+            "scored region (the labels' anatomy, rim by HU range; no segmentation)",
             "tissue_types_ceiling": "[real] tissue_types T11-L2, oracle with the reference's "
             "anatomy and its one-pixel rim by HU range (the definitional gap; no segmentation)",
         }
