@@ -571,7 +571,7 @@ def _organ_tip_behind_the_lateral_wall(
 
     The failure seen on the real case (T12-L1, 3 mm pixels, round 8): the tip touches the
     wall muscle with no fat plane and has fat behind it, so the wall rays crossing it end on
-    a fat plane 15-30 mm deeper than their neighbours (within the 50 mm posterolateral
+    a fat plane 15-30 mm deeper than their neighbours (within the posterolateral
     limit) and the band takes a wedge of organ.
     """
     hu, labels, sp = synthetic_l3(px, noise_hu=8.0, seed=5, liver=False)

@@ -171,7 +171,7 @@ class CompositionConfig(_Section):
     muscle_band_max_mm: float = Field(90.0, gt=0)  # deepest posterior (paraspinal) band
     wall_muscle_max_mm: float = Field(30.0, gt=0)  # deepest anterior/lateral wall band
     paraspinal_half_width_mm: float = Field(90.0, gt=0)  # trusted deep band this near midline
-    posterior_wall_max_mm: float = Field(50.0, gt=0)  # deepest posterolateral band (lat., QL)
+    posterior_wall_max_mm: float = Field(70.0, gt=0)  # deepest posterolateral band (lat., QL)
     imat_gap_mm: float = Field(2.0, ge=0)  # fat gap inside a muscle band still IMAT
     imat_close_mm: float = Field(4.0, ge=0)
     psoas_anterior_mm: float = Field(20.0, ge=0)  # search box around the vertebral body
