@@ -618,7 +618,7 @@ _SPLIT_DEPTH_MM = 3.0
 
 
 def _without_lateral_organ(
-    keep: np.ndarray, vert: np.ndarray, px: float, x_c: float, y_ant: float
+    keep: np.ndarray, near: np.ndarray, px: float, x_c: float, y_ant: float
 ) -> np.ndarray:
     """Psoas candidates without an organ joined to their lateral side (round 7).
 
@@ -633,7 +633,7 @@ def _without_lateral_organ(
     Parameters
     ----------
     keep : (y, x) bool, the kept psoas / paravertebral candidates.
-    vert : (y, x) bool, the vertebra (:func:`_vertebra`).
+    near : (y, x) bool, the vertebra (:func:`_vertebra`) dilated by ``_PSOAS_TOUCH_MM``.
     px : pixel size (mm).
     x_c, y_ant : column of the body's midline and row of its front (pixels).
 
@@ -646,7 +646,6 @@ def _without_lateral_organ(
     if not keep.any():
         return keep
     dist = ndimage.distance_transform_edt(keep)
-    lab_k, _ = ndimage.label(keep)
     # One marker per blob: the maxima of the distance map that rise at least
     # ``_SPLIT_DEPTH_MM`` above the saddle joining them (h-maxima). Markers taken only by
     # their spacing (peak_local_max, 10 mm apart: round 7) cut an unenhanced kidney at 3 mm
@@ -658,7 +657,6 @@ def _without_lateral_organ(
     if n_mk < 2:
         return keep
     regions = watershed(-dist, markers, mask=keep)
-    near = ndimage.binary_dilation(vert, structure=_disk(max(1.0, _PSOAS_TOUCH_MM / px)))
     info = []
     for i in range(1, int(regions.max()) + 1):
         r = regions == i
@@ -748,7 +746,7 @@ def bowel_contents(
     return out
 
 
-def _attached(keep: np.ndarray, vert: np.ndarray, wall: np.ndarray, px: float) -> np.ndarray:
+def _attached(keep: np.ndarray, near: np.ndarray, wall: np.ndarray) -> np.ndarray:
     """Psoas candidates that are attached to the vertebra or to a wall muscle.
 
     The psoas arises from the vertebral bodies and transverse processes, the quadratus
@@ -763,9 +761,8 @@ def _attached(keep: np.ndarray, vert: np.ndarray, wall: np.ndarray, px: float) -
     Parameters
     ----------
     keep : (y, x) bool, the kept psoas / paravertebral candidates.
-    vert : (y, x) bool, the vertebra (:func:`_vertebra`).
+    near : (y, x) bool, the vertebra (:func:`_vertebra`) dilated by ``_PSOAS_TOUCH_MM``.
     wall : (y, x) bool, the wall-band muscles found by the rays.
-    px : pixel size (mm).
 
     Returns
     -------
@@ -774,7 +771,6 @@ def _attached(keep: np.ndarray, vert: np.ndarray, wall: np.ndarray, px: float) -
     lab_k, n = ndimage.label(keep)
     if n == 0:
         return keep
-    near = ndimage.binary_dilation(vert, structure=_disk(max(1.0, _PSOAS_TOUCH_MM / px)))
     touch = ndimage.binary_dilation(wall, structure=np.ones((3, 3), bool))
     ok = np.zeros(n + 1, dtype=bool)
     ok[np.unique(lab_k[near | touch])] = True
@@ -1002,7 +998,9 @@ def segment_classical(
         # the muscle itself: open the candidate with its small holes filled
         solid = cand | (_small_holes(cand, config.psoas_hole_mm2 / (px * px)) & fat)
         opened = ndimage.binary_opening(solid, structure=_disk(r_open))
-        near_vert = ndimage.binary_dilation(vert | sma, structure=_disk(max(1.0, 8.0 / px)))
+        near_vert = ndimage.binary_dilation(
+            vert | sma, structure=_disk(max(1.0, _PSOAS_TOUCH_MM / px))
+        )
         lab_img, n = ndimage.label(opened)
         keep = np.zeros_like(cand)
         for i in range(1, n + 1):
@@ -1011,19 +1009,16 @@ def segment_classical(
                 keep |= comp
         # restore the border removed by the opening, within the candidate mask
         keep = ndimage.binary_dilation(keep, structure=_disk(r_open)) & cand
-        keep = _without_lateral_organ(keep, vert, px, x_c, y_ant)
-        keep = _attached(keep, vert, sma, px)
+        near_body = ndimage.binary_dilation(vert, structure=_disk(max(1.0, _PSOAS_TOUCH_MM / px)))
+        keep = _without_lateral_organ(keep, near_body, px, x_c, y_ant)
+        keep = _attached(keep, near_body, sma)
         sma |= keep
 
     # --- IMAT and VAT
     close_r = max(1.0, config.imat_close_mm / px)
     compartment = ndimage.binary_closing(sma, structure=_disk(close_r))
-    holes = ndimage.binary_fill_holes(compartment) & ~compartment
-    lab_img, n = ndimage.label(holes)
-    if n:  # small holes are fat inside a muscle; the abdominal cavity is not
-        sizes = ndimage.sum_labels(np.ones_like(lab_img), lab_img, np.arange(1, n + 1))
-        small = np.flatnonzero(sizes * px * px <= 500.0) + 1  # <= 5 cm^2
-        compartment |= np.isin(lab_img, small)
+    # small holes (<= 5 cm^2) are fat inside a muscle; the abdominal cavity is not
+    compartment |= _small_holes(compartment, 500.0 / (px * px))
     compartment &= inner
     if vert is not None:
         compartment &= ~vert
