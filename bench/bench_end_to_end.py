@@ -37,8 +37,9 @@ from tests.test_integration_node import (  # noqa: E402 (after the path tweak)
     stop_process,
     wait_final,
 )
-from worker.config import data_dir  # noqa: E402
-from worker.jobstore import DONE  # noqa: E402
+
+from core.config import data_dir  # noqa: E402
+from core.jobs import DONE  # noqa: E402
 
 STORESCU = "/usr/bin/storescu"
 

@@ -139,7 +139,7 @@ def run_l3spot(src: Path, work: Path, fsync: bool, root: Path | None = None) -> 
     path = work / f"config-{fsync}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--config", str(path)], env=ENV, cwd=root
+        [sys.executable, "-m", "l3spot", "serve", "--config", str(path)], env=ENV, cwd=root
     )
     try:
         wait_port(port, "L3SPOT")

@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.node_helpers import run_load  # noqa: E402 (after the path tweak)
+from tests.support.node import run_load  # noqa: E402 (after the path tweak)
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Benchmark: load a 512 x 512 x 500 DICOM CT series and project its frontal MIP, against the
 I/O floor (reading the same files' bytes and nothing else).
 
-The series is written once with :func:`worker.dicom_series.write_ct_series` (uncompressed
+The series is written once with :func:`worker.volume.write.write_ct_series` (uncompressed
 Explicit VR Little Endian, 0.8 mm pixels, 1 mm slices, a body ellipse with noise and a bright
 spine) into a cache folder and reused. Each repeat measures, in the same run:
 
@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from worker.dicom_series import write_ct_series
 from worker.mip import frontal_mip
-from worker.volume import CTVolume, PatientInfo, load_series
+from worker.volume.load import CTVolume, PatientInfo, load_series
+from worker.volume.write import write_ct_series
 
 
 def make_series(folder: Path, n: int, size: int) -> list[Path]:

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from worker.config import LocatorConfig
-from worker.locate import (
+from core.config import LocatorConfig
+from worker.locator.coarse import (
     REFINE_ALTERNATIVES,
     WindowSpec,
     decide_l3,
@@ -31,10 +31,10 @@ from worker.locate import (
     save_locator,
     sliding_windows,
 )
+from worker.locator.fine import FINE_STAGE, choose_run
+from worker.locator.model import build_model
 from worker.mip import frontal_mip
-from worker.model import build_model
-from worker.refine import FINE_STAGE, choose_run
-from worker.volume import CTVolume
+from worker.volume.load import CTVolume
 
 
 def synthetic_series(n: int = 500, size: int = 512, seed: int = 0) -> CTVolume:

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from worker.config import Config
-from worker.logs import log_event
+from core.config import Config
+from core.logs import log_event
 
 log = logging.getLogger(__name__)
 

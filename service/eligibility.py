@@ -14,8 +14,8 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from core.config import NodeConfig
 from service.spool import instance_files
-from worker.config import NodeConfig
 
 #: CT Image Storage (PS3.4 Annex B.5). Enhanced CT (multi-frame) is stored but not analysed.
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"

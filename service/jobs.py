@@ -1,6 +1,6 @@
-"""Job records as the node sees them: re-exports :mod:`worker.jobstore`, plus formatting.
+"""Job records as the node sees them: re-exports :mod:`core.jobs`, plus formatting.
 
-The store itself lives in :mod:`worker.jobstore` because the workers write it too and
+The store itself lives in :mod:`core.jobs` because the workers write it too and
 ``worker`` never imports ``service``.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from worker.jobstore import (
+from core.jobs import (
     ANALYSING,
     DONE,
     EXPORTING,

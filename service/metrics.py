@@ -33,8 +33,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from worker.config import Config
-from worker.jobstore import DB_NAME, STATES
+from core.config import Config
+from core.jobs import DB_NAME, STATES
 
 #: The registry ``/metrics`` exposes (the process-wide default registry is not used, so
 #: tests and several nodes in one process do not collide on names).

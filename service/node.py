@@ -28,19 +28,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from core.config import Config
+from core.jobs import EXPORTING, JobRecord, JobStore
+from core.logs import log_event
+from core.queue import ANALYSIS_QUEUE, EXPORT_QUEUE, configure_app, send_analysis, send_export
 from service.scp import start_scp
 from service.spool import Spool
 from service.watcher import SeriesWatcher
-from worker.celery_app import (
-    ANALYSIS_QUEUE,
-    ANALYZE_TASK,
-    EXPORT_QUEUE,
-    EXPORT_TASK,
-    configure_app,
-)
-from worker.config import Config
-from worker.jobstore import EXPORTING, JobRecord, JobStore
-from worker.logs import log_event
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +117,7 @@ class WorkerSupervisor:
         self._thread: threading.Thread | None = None
 
     def _command(self, queue: str) -> list[str]:
-        cmd = [sys.executable, "-m", "service.cli", "worker", "--queues", queue]
+        cmd = [sys.executable, "-m", "l3spot", "worker", "--queues", queue]
         cmd += ["--concurrency", str(self.concurrency if queue == ANALYSIS_QUEUE else 1)]
         cmd += ["--hostname", f"{queue}-{os.getpid()}@%h"]
         if self.config_path is not None:
@@ -190,18 +184,11 @@ class Node:
 
     def enqueue_analysis(self, series_dir: Path, series_uid: str, token: str | None) -> None:
         """Send ``worker.tasks.analyze_series(series_dir, token=...)`` to queue ``analysis``."""
-        self.app.send_task(
-            ANALYZE_TASK,
-            args=[str(Path(series_dir).resolve())],
-            kwargs={"token": token},
-            queue=ANALYSIS_QUEUE,
-        )
+        send_analysis(self.app, series_dir, token)
 
     def enqueue_export(self, series_uid: str, token: str | None) -> None:
         """Send ``worker.tasks.export_results(series_uid, token=...)`` to queue ``export``."""
-        self.app.send_task(
-            EXPORT_TASK, args=[series_uid], kwargs={"token": token}, queue=EXPORT_QUEUE
-        )
+        send_export(self.app, series_uid, token)
 
     def reconcile(self, now: float | None = None) -> list[JobRecord]:
         """Queue again every series whose task was lost; returns their (updated) records.
@@ -210,7 +197,7 @@ class Node:
         (``queued``: no worker picked the message up, e.g. Redis restarted empty),
         ``broker.stale_running_seconds`` (``analysing``: no heartbeat, the worker died) or
         that plus ``export.backoff_max_seconds + export.timeout_seconds`` (``exporting``).
-        :meth:`worker.jobstore.JobStore.claim_stale` gives each a new token atomically, so the
+        :meth:`core.jobs.JobStore.claim_stale` gives each a new token atomically, so the
         old message, should it still be delivered, does nothing. A failed publish (broker
         down) is logged; the series is claimed again after the same delay.
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from core.config import Config
+from core.jobs import JobStore
+from core.layout import result_files, series_results_dir
+from core.queue import send_analysis, send_export
 from service.spool import Spool
-from worker.celery_app import ANALYSIS_QUEUE, ANALYZE_TASK, EXPORT_QUEUE, EXPORT_TASK
-from worker.config import Config
-from worker.export import destination_label, result_files
-from worker.jobstore import JobStore
 
 #: Why a retry can fail: code -> explanation (the page shows the explanation for the code).
 RETRY_ERRORS = {
@@ -56,24 +56,22 @@ def requeue_series(
     RetryError
         No job record for ``series_uid``, or its instances are no longer in the spool.
     """
-    from worker.jobstore import JobNotFoundError
+    from core.jobs import JobNotFoundError
 
     try:
         rec = store.get(series_uid)
     except JobNotFoundError as exc:
         raise RetryError(series_uid, "no_record") from exc
-    results = config.node.resolved_results_dir() / series_uid
+    results = series_results_dir(config.node.resolved_results_dir(), series_uid)
     if (
         not analysis
         and rec.analysis_finished_at is not None
         and result_files(results)
         and config.export.destinations
     ):
-        store.start_export(series_uid, [destination_label(d) for d in config.export.destinations])
+        store.start_export(series_uid, [d.label for d in config.export.destinations])
         token = store.renew_token(series_uid)  # an older export chain still retrying stops
-        celery.send_task(
-            EXPORT_TASK, args=[series_uid], kwargs={"token": token}, queue=EXPORT_QUEUE
-        )
+        send_export(celery, series_uid, token)
         return "export"
     series_dir = Path(rec.series_dir) if rec.series_dir else None
     if series_dir is None or not series_dir.is_dir():
@@ -83,10 +81,5 @@ def requeue_series(
             raise RetryError(series_uid, "not_in_spool")
         series_dir = ref.path
     token = store.mark_queued(series_uid)
-    celery.send_task(
-        ANALYZE_TASK,
-        args=[str(series_dir.resolve())],
-        kwargs={"token": token},
-        queue=ANALYSIS_QUEUE,
-    )
+    send_analysis(celery, series_dir, token)
     return "analysis"

@@ -53,12 +53,12 @@ from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
+from core.config import Config
+from core.logs import log_event
 from service.audit import AuditLog, audit_log_path
 from service.security import FreeBytes, PeerPolicy, disk_free_bytes, make_ssl_context
 from service.spool import Spool, SpoolWriteError, is_valid_uid
 from service.validate import MalformedDatasetError, inspect_dataset
-from worker.config import Config
-from worker.logs import log_event
 
 __all__ = [
     "STATUS_SUCCESS",

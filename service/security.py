@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker.config import Config
+from core.config import Config
 
 # A-ASSOCIATE-RJ fields (PS3.8 Table 9-21).
 RESULT_REJECTED_PERMANENT = 0x01

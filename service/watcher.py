@@ -11,7 +11,7 @@ handler, so it only updates memory: the ``received`` job record of a new series 
 by the watcher's own thread (:meth:`SeriesWatcher.record_received`), never by the thread that
 owes the scanner its C-STORE response. The job database is shared with the workers, the
 reconciliation and the CLI; a write there waits for SQLite's write lock (up to the
-``timeout`` of :class:`worker.jobstore.JobStore`, 30 s), and a C-STORE handler that waited
+``timeout`` of :class:`core.jobs.JobStore`, 30 s), and a C-STORE handler that waited
 with it made the scanner's DIMSE timeout (also 30 s) abort the association (issue 7,
 ``docs/reliability.md`` "The 30 s C-STORE stall").
 """
@@ -26,12 +26,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from core import jobs as jobstore
+from core.config import NodeConfig
+from core.jobs import JobStore
+from core.logs import log_event
 from service.eligibility import check_series
 from service.spool import Spool
-from worker import jobstore
-from worker.config import NodeConfig
-from worker.jobstore import JobStore
-from worker.logs import log_event
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.config import data_dir
+from core.config import data_dir
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +43,10 @@ def phantom_series(tmp_path_factory: pytest.TempPathFactory):
     ph = generate_phantom(11, spec)
     series_dir = write_phantom(ph, tmp_path_factory.mktemp("phantom_series"), fmt="dicom")
     return series_dir, ph
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test under ``tests/integration/`` carries the ``integration`` marker."""
+    for item in items:
+        if "integration" in Path(str(item.fspath)).parts:
+            item.add_marker(pytest.mark.integration)

@@ -1,8 +1,8 @@
-"""l3spot worker: computes (volume -> mip -> locate -> composition -> dicom_out) and exports.
+"""l3spot worker: the analysis process.
 
-The worker never imports :mod:`service`; data flows one way, from the node that receives
-and enqueues to the worker that computes and returns.
+A series flows through the subpackages in this order: :mod:`.volume` (DICOM or NIfTI -> HU
+volume) -> :mod:`.mip` (frontal MIP) -> :mod:`.locator` (the L3 slice) -> :mod:`.composition`
+(SMA, IMAT, VAT, SAT) -> :mod:`.outputs` (SEG, SR, SC); :mod:`.pipeline` runs them,
+:mod:`.tasks` are the Celery tasks and :mod:`.export` sends the results to the PACS.
+The worker imports :mod:`core`, never :mod:`service`.
 """
-
-__version__ = "0.1.0"
-ALGORITHM_NAME = "l3spot"

@@ -9,19 +9,18 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
-from worker.config import Destination, ExportConfig
-from worker.logs import log_event
+from core.config import Destination, ExportConfig
+from core.logs import log_event
+from core.netpatch import guard_scu_reactor
 
 log = logging.getLogger(__name__)
 
 #: Result objects of one series, in sending order (SEG only exists when L3 was found).
-RESULT_FILES = ("seg.dcm", "sr.dcm", "sc.dcm")
 #: C-STORE statuses that mean "stored" (PS3.4 Table B.2-1: success and the warnings
 #: B000 coercion of data elements, B007 data set does not match SOP class, B006 elements
 #: discarded).
@@ -46,21 +45,11 @@ class ExportOutcome:
     stored: list[str] = field(default_factory=list)
 
 
-def destination_label(dest: Destination) -> str:
-    """``AE@host:port``, the key of a destination in the job records."""
-    return f"{dest.ae_title}@{dest.host}:{dest.port}"
-
-
 def backoff_seconds(attempt: int, export: ExportConfig) -> float:
     """Wait before retry number ``attempt`` (1-based): initial x 2^(attempt-1), capped."""
     return float(
         min(export.backoff_initial_seconds * 2 ** max(attempt - 1, 0), export.backoff_max_seconds)
     )
-
-
-def result_files(results_dir: Path) -> list[Path]:
-    """The result objects present in ``results_dir``, in :data:`RESULT_FILES` order."""
-    return [results_dir / n for n in RESULT_FILES if (results_dir / n).is_file()]
 
 
 def send_results(
@@ -94,7 +83,7 @@ def send_results(
             s for s in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) if s not in syntaxes
         ]
         ae.add_requested_context(sop_class, syntaxes)
-    label = destination_label(dest)
+    label = dest.label
     series_uid = str(datasets[0].get("SeriesInstanceUID", "")) if datasets else ""
     try:
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
@@ -124,32 +113,6 @@ def send_results(
         if assoc.is_established:
             assoc.release()
     return _logged(outcome, series_uid)
-
-
-def guard_scu_reactor(assoc: Any) -> None:
-    """Keep a requestor association's reactor from taking the responses its caller awaits.
-
-    pynetdicom 3.0.4 runs a reactor thread on requestor associations too; it looks at the
-    DIMSE queue with ``get_msg(block=False)`` (``Association._run_reactor``) between the
-    caller's requests. ``send_c_store`` pauses it with ``_reactor_checkpoint.clear()`` then
-    ``while not _is_paused``, but ``_is_paused`` is still True from the reactor's previous
-    pause when the reactor was woken by the previous ``send_c_store`` and has not run yet
-    (a busy CPU, the GIL): the request goes out, the reactor resumes, takes the C-STORE-RSP
-    off the queue and drops it ("Received unexpected C-STORE service message"), and
-    ``send_c_store`` waits its whole DIMSE timeout (30 s) and aborts. Only the reactor calls
-    ``get_msg`` without blocking (every ``send_*`` blocks), so answering it "no message"
-    leaves every response to the ``send_*`` waiting for it. Use on associations that only
-    send requests (C-STORE, C-ECHO); call it right after the association is established.
-    See docs/reliability.md "The 30 s C-STORE stall".
-    """
-    get_msg = assoc.dimse.get_msg
-
-    def get_msg_for_callers_only(block: bool = False) -> Any:
-        if not block:  # the reactor's look: responses belong to the waiting send_*
-            return None, None
-        return get_msg(block=True)
-
-    assoc.dimse.get_msg = get_msg_for_callers_only
 
 
 def _logged(outcome: ExportOutcome, series_uid: str) -> ExportOutcome:

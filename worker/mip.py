@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from worker.volume import CTVolume
+from worker.volume.load import CTVolume
 
 #: HU range kept in the MIP (air floor, metal ceiling); values outside are clipped.
 MIP_HU_RANGE = (-1024.0, 3071.0)

@@ -1,7 +1,7 @@
 """One series through the whole worker: load -> MIP -> locate L3 -> measure -> DICOM outputs.
 
 :func:`analyze_series` is what the Celery task and ``l3spot analyze`` call. It writes into
-``out_dir``: ``result.json`` (:class:`worker.result.AnalysisResult`), ``seg.dcm`` (only when
+``out_dir``: ``result.json`` (:class:`core.result.AnalysisResult`), ``seg.dcm`` (only when
 L3 was found), ``sr.dcm``, ``sc.dcm`` and ``overview.png``; for NIfTI input also
 ``source/`` (the volume written as a DICOM CT series, so the derived objects reference real
 SOP Instances).
@@ -27,36 +27,31 @@ import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset
 
-from worker import ALGORITHM_NAME
-from worker.composition import CompositionResult, measure_composition
-from worker.config import Config
-from worker.dicom_out.render import render_overview, render_summary
-from worker.dicom_out.sc import build_sc
-from worker.dicom_out.seg import build_seg
-from worker.dicom_out.sr import build_sr
-from worker.errors import AnalysisError, L3SpotError, SeriesValidationError
-from worker.locate import L3Location, locate_l3
-from worker.logs import log_event
-from worker.mip import Mip, frontal_mip
-from worker.result import (
+from core import ALGORITHM_NAME
+from core.config import Config
+from core.errors import AnalysisError, L3SpotError, SeriesValidationError
+from core.layout import OVERVIEW_FILE, RESULT_JSON, SC_FILE, SEG_FILE, SOURCE_DIR, SR_FILE
+from core.logs import log_event
+from core.result import (
     AnalysisResult,
     DerivedObjects,
     SourceInfo,
     composition_fields,
     l3_result,
 )
-from worker.volume import CTVolume, PatientInfo, is_nifti, load_series
+from worker.composition.measure import CompositionResult, measure_composition
+from worker.locator.coarse import L3Location, locate_l3
+from worker.mip import Mip, frontal_mip
+from worker.outputs.render import render_overview, render_summary
+from worker.outputs.sc import build_sc
+from worker.outputs.seg import build_seg
+from worker.outputs.sr import build_sr
+from worker.volume.load import CTVolume, PatientInfo, is_nifti, load_series
 
 logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-RESULT_JSON = "result.json"
-SEG_FILE = "seg.dcm"
-SR_FILE = "sr.dcm"
-SC_FILE = "sc.dcm"
-OVERVIEW_FILE = "overview.png"
-SOURCE_DIR = "source"
 
 #: QA flag when L3 was found but the locator's confidence is below ``locator.min_confidence``.
 LOW_CONFIDENCE_FLAG = "low_l3_confidence"
@@ -151,11 +146,11 @@ def load_input(input_path: Path, out_dir: Path, config: Config) -> tuple[CTVolum
     Raises
     ------
     SeriesValidationError
-        The input is not a usable CT series (from :func:`worker.volume.load_series`).
+        The input is not a usable CT series (from :func:`worker.volume.load.load_series`).
     """
     min_slices = config.node.min_slices
     if is_nifti(input_path):
-        from worker.dicom_series import write_ct_series
+        from worker.volume.write import write_ct_series
 
         volume = load_series(input_path, min_slices=min_slices)
         sha = file_sha256(input_path)

@@ -24,12 +24,13 @@ from typing import Any
 
 from celery import Task
 
-from worker.celery_app import EXPORT_QUEUE, EXPORT_TASK, app, current_config
-from worker.config import Config
-from worker.errors import AnalysisError, SeriesValidationError
-from worker.export import backoff_seconds, destination_label, result_files, send_results
-from worker.jobstore import JobStore
-from worker.logs import log_event
+from core.config import Config
+from core.errors import AnalysisError, SeriesValidationError
+from core.jobs import JobStore
+from core.layout import result_files, series_results_dir
+from core.logs import log_event
+from core.queue import app, current_config, send_export
+from worker.export import backoff_seconds, send_results
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def _note_from_result(result: Any) -> str | None:
 class Heartbeat:
     """Context manager: bump the job record's ``updated_at`` every ``interval_s`` seconds.
 
-    The node's reconciliation (:meth:`worker.jobstore.JobStore.claim_stale`) takes a series
+    The node's reconciliation (:meth:`core.jobs.JobStore.claim_stale`) takes a series
     whose ``analysing`` record stopped moving for ``broker.stale_running_seconds`` as lost
     (its worker died) and queues it again; a live analysis, however long, keeps its record
     moving from this daemon thread.
@@ -176,7 +177,7 @@ def run_analysis(
         jobs.mark_failed(series_uid, reason)
         log.exception("analysis_crashed", extra={"fields": {"series_instance_uid": series_uid}})
         return "failed"
-    _replace_dir(tmp, results_root / series_uid)
+    _replace_dir(tmp, series_results_dir(results_root, series_uid))
     note = _note_from_result(result)
     destinations = config.export.destinations
     if not jobs.finish_analysis(series_uid, note, exporting=bool(destinations), token=token):
@@ -187,7 +188,7 @@ def run_analysis(
     log_event(log, "analysis_done", series_instance_uid=series_uid, note=note)
     if not destinations:
         return "done"
-    jobs.start_export(series_uid, [destination_label(d) for d in destinations])
+    jobs.start_export(series_uid, [d.label for d in destinations])
     enqueue_export(series_uid, token)
     return "exporting"
 
@@ -208,7 +209,7 @@ def run_export(
         says which destination answered which status.
     """
     rec = jobs.get(series_uid)
-    results = config.node.resolved_results_dir() / series_uid
+    results = series_results_dir(config.node.resolved_results_dir(), series_uid)
     files = result_files(results)
     if not files:
         jobs.mark_failed(series_uid, f"no result objects in {results}")
@@ -218,7 +219,7 @@ def run_export(
     retry_after: list[float] = []
     failures: list[str] = []
     for dest in config.export.destinations:
-        label = destination_label(dest)
+        label = dest.label
         prior = previous.get(label)
         if prior is not None and prior.state == "done":
             continue
@@ -249,7 +250,7 @@ def run_export(
 
 def send_export_task(series_uid: str, token: str | None) -> None:
     """Queue :func:`export_results` for a series."""
-    app.send_task(EXPORT_TASK, args=[series_uid], kwargs={"token": token}, queue=EXPORT_QUEUE)
+    send_export(app, series_uid, token)
 
 
 @app.task(

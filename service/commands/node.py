@@ -1,30 +1,14 @@
-"""CLI commands of the node: ``serve``, ``worker``, ``jobs``, ``retry``, ``echo``."""
+"""CLI commands of the node: ``serve``, ``jobs``, ``retry``, ``echo``."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
-ConfigOpt = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help="config.yaml (default: $L3SPOT_CONFIG or ./config.yaml)"),
-]
-
-
-def _load(config: Path | None):  # noqa: ANN202 (Config, imported lazily)
-    from worker.config import ConfigError, load_config
-    from worker.logs import setup_logging
-
-    try:
-        cfg = load_config(config)
-    except ConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
-    setup_logging(cfg.logging.level, cfg.logging.json_logs)
-    return cfg
+from core.commands import ConfigOpt
+from core.commands import load_for_cli as _load
 
 
 def serve(
@@ -43,43 +27,6 @@ def serve(
     if web is not None:
         cfg.web.enabled = web
     Node(cfg, config.resolve() if config else None).serve_forever()
-
-
-def worker(
-    config: ConfigOpt = None,
-    queues: Annotated[str, typer.Option(help="comma-separated queues")] = "analysis,export",
-    concurrency: Annotated[
-        int | None, typer.Option(help="default broker.worker_concurrency")
-    ] = None,
-    pool: Annotated[str | None, typer.Option(help="prefork|solo|threads")] = None,
-    hostname: Annotated[str | None, typer.Option(help="Celery node name")] = None,
-) -> None:
-    """Run a Celery worker for the configured broker (several may share the spool)."""
-    from worker.celery_app import configure_app
-
-    cfg = _load(config)
-    app = configure_app(cfg)
-    if "analysis" in queues.split(","):
-        # import torch and the pipeline once here, before the pool forks: each new pool
-        # child (first task, or a replacement for a killed one) starts seconds sooner
-        import worker.pipeline  # noqa: F401
-    argv = [
-        "worker",
-        "--queues",
-        queues,
-        "--concurrency",
-        str(concurrency or cfg.broker.worker_concurrency),
-        "--pool",
-        pool or cfg.broker.worker_pool,
-        "--loglevel",
-        cfg.logging.level,
-        "--without-gossip",
-        "--without-mingle",
-        "--without-heartbeat",
-    ]
-    if hostname:
-        argv += ["--hostname", hostname]
-    app.worker_main(argv)
 
 
 def jobs(
@@ -107,9 +54,9 @@ def retry(
     ] = False,
 ) -> None:
     """Re-queue one series: its export if its results exist, else its analysis."""
+    from core.queue import configure_app
     from service.jobs import JobStore
     from service.requeue import RetryError, requeue_series
-    from worker.celery_app import configure_app
 
     cfg = _load(config)
     store = JobStore(cfg.node.spool_dir)
@@ -138,7 +85,7 @@ def echo(
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-    from worker.export import guard_scu_reactor
+    from core.netpatch import guard_scu_reactor
 
     cfg = _load(config)
     h = host or ("127.0.0.1" if cfg.node.host in ("0.0.0.0", "::", "") else cfg.node.host)
@@ -163,7 +110,6 @@ def echo(
 def register(app: typer.Typer) -> None:
     """Add this module's commands to app."""
     app.command()(serve)
-    app.command()(worker)
     app.command()(jobs)
     app.command()(retry)
     app.command()(echo)

@@ -38,22 +38,21 @@ from flask import Flask, Response, abort, redirect, render_template, request, se
 from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from core.config import Config, WebConfig
+from core.jobs import STATES, JobNotFoundError
+from core.labels import COMPARTMENT_COLOURS
+from core.labels import COMPARTMENTS as COMPARTMENT_KEYS
+from core.layout import OVERVIEW_FILE, SC_FILE
 from service.metrics import registry_for
 from service.requeue import RETRY_ERRORS, RetryError, requeue_series
 from service.spool import is_valid_uid
 from service.web.health import NodeProbe, health
 from service.web.views import (
     COMPARTMENTS,
-    OVERVIEW_PNG,
     PIPELINE_STAGES,
-    SC_DCM,
     JobFilter,
     JobViews,
 )
-from worker.config import Config, WebConfig
-from worker.jobstore import STATES, JobNotFoundError
-from worker.labels import COMPARTMENT_COLOURS
-from worker.labels import COMPARTMENTS as COMPARTMENT_KEYS
 
 #: Most job rows one page shows.
 MAX_ROWS = 1000
@@ -273,14 +272,14 @@ def create_app(config: Config, probe: NodeProbe | None = None, celery: Any | Non
 
     @app.get("/jobs/<series_uid>/overview.png")
     def overview_png(series_uid: str) -> Response:
-        path = views.result_dir(_uid_or_404(series_uid)) / OVERVIEW_PNG
+        path = views.result_dir(_uid_or_404(series_uid)) / OVERVIEW_FILE
         if not path.is_file():
             abort(404)
         return send_file(path, mimetype="image/png", max_age=0)
 
     @app.get("/jobs/<series_uid>/l3.png")
     def l3_png(series_uid: str) -> Response:
-        path = views.result_dir(_uid_or_404(series_uid)) / SC_DCM
+        path = views.result_dir(_uid_or_404(series_uid)) / SC_FILE
         if not path.is_file():
             abort(404)
         try:
@@ -296,7 +295,7 @@ def create_app(config: Config, probe: NodeProbe | None = None, celery: Any | Non
         if not _same_origin() or not hmac.compare_digest(given, csrf_token(uid)):
             abort(403)
         if state["celery"] is None:
-            from worker.celery_app import configure_app
+            from core.queue import configure_app
 
             state["celery"] = configure_app(config)
         try:

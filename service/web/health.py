@@ -12,7 +12,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from worker.config import Config
+from core.config import Config
 
 
 class NodeProbe(Protocol):

@@ -14,11 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from core.config import Config
+from core.logs import log_event
 from service.metrics import ScpObserver
 from service.web.app import create_app
 from service.web.sources import SeriesSources
-from worker.config import Config
-from worker.logs import log_event
 
 log = logging.getLogger(__name__)
 

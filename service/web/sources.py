@@ -1,6 +1,6 @@
 """Where a series came from, and header facts the job records do not hold.
 
-The job records (:mod:`worker.jobstore`) hold UIDs, states and timings only. The web page
+The job records (:mod:`core.jobs`) hold UIDs, states and timings only. The web page
 also filters by calling AE title and study date, so the node keeps a second small SQLite
 database beside them, ``<spool_dir>/web.sqlite``, with one row per series:
 

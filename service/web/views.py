@@ -16,14 +16,11 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from core.config import Config
+from core.jobs import JobRecord, JobStore
+from core.layout import OVERVIEW_FILE, RESULT_JSON, SC_FILE
+from core.result import CSV_HEADER, AnalysisResult, result_csv_row
 from service.web.sources import SeriesInfo, SeriesSources, read_patient_identifiers
-from worker.config import Config
-from worker.jobstore import JobRecord, JobStore
-from worker.result import CSV_HEADER, AnalysisResult, result_csv_row
-
-RESULT_JSON = "result.json"
-OVERVIEW_PNG = "overview.png"
-SC_DCM = "sc.dcm"
 
 #: Stage names of ``result.json`` ``timing_s`` in pipeline order (worker.pipeline).
 PIPELINE_STAGES = ("load", "mip", "locate", "composition", "dicom_out", "total")
@@ -175,8 +172,8 @@ class JobViews:
             record=rec,
             info=info,
             result=self.cache.load(out / RESULT_JSON),
-            has_overview=(out / OVERVIEW_PNG).is_file(),
-            has_sc=(out / SC_DCM).is_file(),
+            has_overview=(out / OVERVIEW_FILE).is_file(),
+            has_sc=(out / SC_FILE).is_file(),
         )
         if with_patient and self.config.web.show_patient_identifiers and series_dir:
             row.patient = read_patient_identifiers(series_dir)
@@ -210,7 +207,7 @@ class JobViews:
 
         Raises
         ------
-        worker.jobstore.JobNotFoundError
+        core.jobs.JobNotFoundError
             No job record for ``series_uid``.
         """
         rec = self.store.get(series_uid)
@@ -219,7 +216,7 @@ class JobViews:
     def measurements_csv(self) -> str:
         """Every ``result.json`` under the results folder as CSV, one row per series.
 
-        The columns are :data:`worker.result.CSV_HEADER` (those of ``l3spot analyze --csv``),
+        The columns are :data:`core.result.CSV_HEADER` (those of ``l3spot analyze --csv``),
         rows ordered by Series Instance UID.
         """
         buf = io.StringIO()

@@ -3,7 +3,7 @@
 A phantom is a random patient (:mod:`worker.phantom.anatomy`: skeleton, soft-tissue
 profiles, organs; sizes and HU from ``/work/shared/ANATOMY.md``) rasterised into a CT volume
 (:mod:`worker.phantom.render`) with exact ground truth: every vertebra's z range, the L3
-slice, tissue labels (SMA, IMAT, VAT, SAT; :mod:`worker.labels`) at every slice and the
+slice, tissue labels (SMA, IMAT, VAT, SAT; :mod:`core.labels`) at every slice and the
 anatomical variants. L3 is counted from the top (the first non-rib-bearing vertebra is L1),
 see :mod:`worker.phantom.anatomy`.
 
@@ -25,7 +25,7 @@ import numpy as np
 from worker.mip import Mip, frontal_mip
 from worker.phantom.anatomy import Anatomy, sample_anatomy
 from worker.phantom.render import RenderGrid, render
-from worker.volume import CTVolume, PatientInfo
+from worker.volume.load import CTVolume, PatientInfo
 
 __all__ = [
     "FOVS",
@@ -153,7 +153,7 @@ class Phantom:
     ----------
     volume : CT volume, ``hu`` (z, y, x) float32, z ascending, rows anterior -> posterior,
         columns patient right -> left; patient info filled (name ``PHANTOM^<seed>``).
-    labels : (z, y, x) uint8 tissue labels (worker.labels: SMA, IMAT, VAT, SAT, 0 elsewhere;
+    labels : (z, y, x) uint8 tissue labels (core.labels: SMA, IMAT, VAT, SAT, 0 elsewhere;
         bone, organs, bowel, arms are 0), or an empty (0, 0, 0) array when not rendered.
     truth : ground truth.
     anatomy : the sampled patient (for inspection and tests).
@@ -388,7 +388,7 @@ def write_phantom(phantom: Phantom, out_dir: Path, fmt: str = "dicom") -> Path:
     ----------
     phantom : from :func:`generate_phantom`.
     out_dir : output folder (created). ``dicom``: a CT Image Storage series in
-        ``out_dir/dicom/`` (one file per slice, via :func:`worker.dicom_series.write_ct_series`,
+        ``out_dir/dicom/`` (one file per slice, via :func:`worker.volume.write.write_ct_series`,
         UIDs deterministic from the seed); ``nifti``: ``ct.nii.gz`` (int16 HU) and
         ``labels.nii.gz`` (uint8) in RAS+ orientation, as TotalSegmentator writes them.
     fmt : "dicom" or "nifti".
@@ -407,7 +407,7 @@ def write_phantom(phantom: Phantom, out_dir: Path, fmt: str = "dicom") -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     truth = phantom.truth.to_json()
     if fmt == "dicom":
-        from worker.dicom_series import write_ct_series
+        from worker.volume.write import write_ct_series
 
         series_dir = out_dir / "dicom"
         written = write_ct_series(

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from worker import labels as tl
+from core import labels as tl
 from worker.phantom import anatomy as tc
 from worker.phantom.anatomy import Anatomy, torso_section
 from worker.phantom.primitives import BoneBuffers, SliceGrid
 
-#: tissue class -> tissue label (worker.labels). Arm tissue is left unlabelled, as in the usual
+#: tissue class -> tissue label (core.labels). Arm tissue is left unlabelled, as in the usual
 #: L3 analysis protocols that exclude the arms from the body-composition areas.
 LABEL_OF_CLASS = np.zeros(tc.N_CLASSES, dtype=np.uint8)
 LABEL_OF_CLASS[tc.MUSCLE] = tl.SMA
@@ -100,7 +100,7 @@ def render(
     anat : the sampled patient.
     grid : voxel centres (body frame, mm).
     rng : randomness for noise and texture (deterministic for a seed).
-    with_labels : also return the (z, y, x) uint8 tissue labels (worker.labels values).
+    with_labels : also return the (z, y, x) uint8 tissue labels (core.labels values).
     mip_only : return only the frontal maximum over y per slice, shape (z, 1, x), without
         keeping the volume (the fast path for training the locator).
 

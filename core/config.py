@@ -1,0 +1,304 @@
+"""One typed configuration model for the node and the workers.
+
+Loaded from ``config.yaml`` (path from ``--config`` or the ``L3SPOT_CONFIG`` environment
+variable), then overridden by environment variables named ``L3SPOT__<SECTION>__<KEY>``
+(for example ``L3SPOT__NODE__PORT=11113`` or ``L3SPOT__BROKER__URL=redis://redis:6379/0``).
+Every key is documented in ``docs/configuration.md``.
+
+The model lives in :mod:`worker` because both the node (``service``) and the workers read it,
+and data flows from ``service`` to ``worker``, never back.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+ENV_CONFIG_PATH = "L3SPOT_CONFIG"
+ENV_PREFIX = "L3SPOT__"
+
+#: Root folder of the real test data (``../shared/data`` beside the repository by default).
+ENV_DATA_DIR = "L3SPOT_DATA"
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MODELS_DIR = REPO_ROOT / "models"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class NodeConfig(_Section):
+    """The DICOM node (C-STORE/C-ECHO SCP) and its spool."""
+
+    ae_title: str = Field("L3SPOT", max_length=16)
+    host: str = "0.0.0.0"
+    port: int = Field(11112, ge=0, le=65535)
+    spool_dir: Path = Path("./var/spool")
+    quarantine_dir: Path | None = None  # default: <spool_dir>/../quarantine
+    results_dir: Path | None = None  # default: <spool_dir>/../results
+    series_stable_seconds: float = Field(30.0, ge=0)
+    watcher_interval_seconds: float = Field(1.0, gt=0)
+    min_slices: int = Field(20, ge=1)
+    series_description_regex: str | None = None
+    max_associations: int = Field(10, ge=1)
+    max_pdu_bytes: int = Field(65536, ge=0)  # 0 = unlimited (pynetdicom)
+    min_free_disk_mb: int = Field(1024, ge=0)
+    max_series_instances: int = Field(5000, ge=1)
+    acse_timeout_seconds: float = 30.0
+    dimse_timeout_seconds: float = 60.0
+    network_timeout_seconds: float = 60.0
+    fsync: bool = True  # fsync each instance and its folder before answering 0x0000
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title_valid(cls, v: str) -> str:
+        v = v.strip()
+        if not v or "\\" in v or any(ord(c) < 32 for c in v):
+            raise ValueError("AE title must be 1-16 printable characters without backslash")
+        return v
+
+    def resolved_quarantine_dir(self) -> Path:
+        return self.quarantine_dir or self.spool_dir.parent / "quarantine"
+
+    def resolved_results_dir(self) -> Path:
+        return self.results_dir or self.spool_dir.parent / "results"
+
+
+class SecurityConfig(_Section):
+    """Who may associate, and DICOM TLS (PS3.15 Annex B.9)."""
+
+    allowed_calling_ae_titles: list[str] = Field(default_factory=list)  # empty = any
+    allowed_addresses: list[str] = Field(default_factory=list)  # IPs or CIDRs; empty = any
+    require_called_ae_title: bool = True
+    tls_enabled: bool = False
+    tls_certificate: Path | None = None
+    tls_private_key: Path | None = None
+    tls_ca_certificate: Path | None = None
+    tls_require_client_certificate: bool = True
+
+
+class BrokerConfig(_Section):
+    """Celery broker. ``url: null`` = the embedded default (no Redis, no Docker)."""
+
+    url: str | None = None
+    result_backend: str | None = None
+    embedded_polling_interval_seconds: float = 0.05
+    worker_concurrency: int = Field(1, ge=1)
+    embedded_dir: Path | None = None  # default: <spool_dir>/../broker
+    serve_starts_workers: bool | None = None  # default: only with the embedded broker
+    worker_pool: Literal["prefork", "solo", "threads"] = "prefork"
+    # redis: a task not acknowledged this long after delivery (its worker died) is delivered
+    # again; must exceed the longest analysis and export backoff (Celery "visibility timeout")
+    visibility_timeout_seconds: int = Field(3600, ge=1)
+    # a running analysis writes a heartbeat into its job record this often
+    heartbeat_seconds: float = Field(10.0, gt=0)
+    # the node's reconciliation: every reconcile_interval_seconds (0 = off) series whose job
+    # record did not move for longer than these are sent to the queue again (lost task)
+    reconcile_interval_seconds: float = Field(30.0, ge=0)
+    stale_queued_seconds: float = Field(900.0, gt=0)  # queued, no worker picked it up
+    stale_running_seconds: float = Field(120.0, gt=0)  # analysing/exporting, no heartbeat
+    # redis: socket timeout (s) so that a publish on a dead connection fails instead of hanging
+    socket_timeout_seconds: float = Field(10.0, gt=0)
+
+    def resolved_embedded_dir(self, node: NodeConfig) -> Path:
+        return self.embedded_dir or node.spool_dir.parent / "broker"
+
+    def starts_workers(self) -> bool:
+        return self.url is None if self.serve_starts_workers is None else self.serve_starts_workers
+
+
+class Destination(_Section):
+    """A C-STORE SCP (the PACS) that receives the SEG, SR and SC."""
+
+    ae_title: str = Field(..., max_length=16)
+    host: str
+    port: int = Field(..., ge=1, le=65535)
+
+    @property
+    def label(self) -> str:
+        """``AE@host:port``, the key of a destination in the job records."""
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class ExportConfig(_Section):
+    """Sending the results back (C-STORE SCU) with retries and exponential backoff."""
+
+    destinations: list[Destination] = Field(default_factory=list)
+    calling_ae_title: str | None = None  # default: node.ae_title
+    max_attempts: int = Field(5, ge=1)
+    backoff_initial_seconds: float = Field(5.0, ge=0)
+    backoff_max_seconds: float = Field(300.0, ge=0)
+    timeout_seconds: float = Field(30.0, gt=0)  # ACSE/DIMSE/network timeout of the SCU
+
+
+class LocatorConfig(_Section):
+    """L3 localisation (Belharbi et al. 2017)."""
+
+    weights: Path = MODELS_DIR / "locator_cnn4_round3.pt"  # first stage (locator_cnn4.md)
+    # MIP pixel (mm) the pipeline builds for the locator; must match the model's (the shipped
+    # CNN4 uses 3 mm: 2.2x fewer pixels than 2 mm for CPU training and inference, still finer
+    # than the common 3-5 mm slices; see models/locator_cnn4.md). locate_l3 rebuilds the MIP
+    # at the model's pixel size if they differ.
+    mip_pixel_mm: float = Field(3.0, gt=0)
+    stride_px: int = Field(4, ge=1)
+    batch_size: int = Field(64, ge=1)
+    min_confidence: float = Field(0.5, ge=0, le=1)
+    # second, finer stage around the first answer (worker/refine.py, models/
+    # locator_fine_cnn4.md); null = first stage only
+    refine_weights: Path | None = MODELS_DIR / "locator_fine_cnn4.pt"
+    refine_stride_px: int = Field(2, ge=1)  # step between fine window centres (fine MIP rows)
+
+
+class CompositionConfig(_Section):
+    """Body composition at L3 (Mitsiopoulos et al. 1998 HU ranges)."""
+
+    method: Literal["classical", "unet"] = "classical"
+    unet_weights: Path = MODELS_DIR / "seg_unet.pt"
+    muscle_hu: tuple[float, float] = (-29.0, 150.0)  # Mitsiopoulos et al. 1998
+    fat_hu: tuple[float, float] = (-190.0, -30.0)  # Mitsiopoulos et al. 1998
+    neighbour_mm: float = Field(0.0, ge=0)  # average over L3 +/- this many mm
+    sarcopenia_cutoffs: Literal["prado2008", "martin2013"] = "prado2008"
+    # classical segmentation geometry (mm) and QA thresholds
+    body_hu: float = -500.0  # air/table-foam vs body
+    table_opening_mm: float = Field(4.0, ge=0)  # tables are thinner than this
+    arm_separation_mm: float = Field(20.0, ge=0)  # opening radius detaching touching arms
+    arm_min_area_cm2: float = Field(15.0, ge=0)
+    truncation_min_mm: float = Field(10.0, ge=0)  # body contact with the FOV edge to flag
+    skin_mm: float = Field(4.0, ge=0)  # skin thickness skipped before the SAT
+    wall_min_mm: float = Field(4.0, gt=0)  # thinnest wall muscle run taken as the wall
+    wall_median_deg: int = Field(41, ge=3)  # circular median window bridging ring gaps
+    wall_outlier_mm: float = Field(6.0, ge=0)
+    muscle_band_max_mm: float = Field(90.0, gt=0)  # deepest posterior (paraspinal) band
+    wall_muscle_max_mm: float = Field(30.0, gt=0)  # deepest anterior/lateral wall band
+    paraspinal_half_width_mm: float = Field(90.0, gt=0)  # trusted deep band this near midline
+    posterior_wall_max_mm: float = Field(70.0, gt=0)  # deepest posterolateral band (lat., QL)
+    imat_gap_mm: float = Field(2.0, ge=0)  # fat gap inside a muscle band still IMAT
+    imat_close_mm: float = Field(4.0, ge=0)
+    psoas_anterior_mm: float = Field(20.0, ge=0)  # search box around the vertebral body
+    psoas_posterior_mm: float = Field(200.0, ge=0)  # paraspinals too
+    psoas_lateral_mm: float = Field(60.0, ge=0)
+    psoas_opening_mm: float = Field(3.0, gt=0)  # breaks bridges to a kidney or bowel loop
+    psoas_hole_mm2: float = Field(100.0, ge=0)  # fat spots (IMAT) filled before that opening
+    bowel_wall_mm: float = Field(3.0, ge=0)  # no fat nearer than this (+1 px) to luminal gas
+    bowel_lumen_cm2: float = Field(40.0, ge=0)  # largest enclosed fat-HU lumen (stool); 0 = off
+    metal_hu: float = 2000.0
+    metal_min_area_mm2: float = Field(30.0, ge=0)
+    muscle_mean_hu_qa: tuple[float, float] = (-20.0, 80.0)
+    denoise_above_hu: float = Field(20.0, ge=0)  # noise SD above which to TV-denoise; 0 = off
+    # U-Net (seed "Abdominal musculature segmentation and surface prediction from CT")
+    unet_pixel_mm: float = Field(1.0, gt=0)
+    unet_hu_window: tuple[float, float] = (-150.0, 300.0)
+
+
+class AnalysisConfig(_Section):
+    """Where the computation runs."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: int | None = None
+    # a series whose analysis started this many times without finishing (its worker process
+    # died each time: out of memory, a crash in a native library) is failed, not re-run
+    max_attempts: int = Field(3, ge=1)
+
+
+class WebConfig(_Section):
+    """The operators' web page."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    token: str | None = None
+    show_patient_identifiers: bool = False
+
+
+class LoggingConfig(_Section):
+    level: str = "INFO"
+    json_logs: bool = True
+    audit_log: Path | None = None  # default: <spool_dir>/../audit.log
+
+
+class Config(_Section):
+    """The whole configuration of a node and its workers."""
+
+    node: NodeConfig = Field(default_factory=NodeConfig)
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
+    broker: BrokerConfig = Field(default_factory=BrokerConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    locator: LocatorConfig = Field(default_factory=LocatorConfig)
+    composition: CompositionConfig = Field(default_factory=CompositionConfig)
+    analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
+    web: WebConfig = Field(default_factory=WebConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+
+class ConfigError(ValueError):
+    """The configuration file or an environment override is invalid."""
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    """Nested dict from ``L3SPOT__SECTION__KEY=value`` variables; values parsed as YAML."""
+    out: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__") if p]
+        if not parts:
+            continue
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+    return out
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(merged.get(k), dict):
+            merged[k] = _merge(merged[k], v)
+        else:
+            merged[k] = v
+    return merged
+
+
+def load_config(path: str | Path | None = None, environ: dict[str, str] | None = None) -> Config:
+    """Load the configuration.
+
+    Parameters
+    ----------
+    path : YAML file; default ``$L3SPOT_CONFIG``, else ``config.yaml`` in the working
+        directory if present, else the built-in defaults.
+    environ : environment to read overrides from (default ``os.environ``).
+
+    Raises
+    ------
+    ConfigError
+        The file is missing (when named explicitly), not YAML, or a value is invalid.
+    """
+    environ = dict(os.environ if environ is None else environ)
+    explicit = path is not None or ENV_CONFIG_PATH in environ
+    cfg_path = Path(path or environ.get(ENV_CONFIG_PATH) or "config.yaml")
+    data: dict[str, Any] = {}
+    if cfg_path.is_file():
+        try:
+            data = yaml.safe_load(cfg_path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{cfg_path}: not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{cfg_path}: top level must be a mapping")
+    elif explicit:
+        raise ConfigError(f"configuration file not found: {cfg_path}")
+    data = _merge(data, _env_overrides(environ))
+    try:
+        return Config.model_validate(data)
+    except Exception as exc:  # pydantic.ValidationError, with the key path in its text
+        raise ConfigError(f"invalid configuration ({cfg_path}): {exc}") from exc
+
+
+def data_dir() -> Path:
+    """Root of the shared real CT data (``$L3SPOT_DATA`` or ``../shared/data``)."""
+    return Path(os.environ.get(ENV_DATA_DIR) or REPO_ROOT.parent / "shared" / "data")

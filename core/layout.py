@@ -1,0 +1,42 @@
+"""The result-folder layout: where one series' results live and what their files are called.
+
+The worker writes these files (:mod:`worker.pipeline`), the export task sends the DICOM ones
+(:mod:`worker.export`), the node re-queues an export when they exist (:mod:`service.requeue`)
+and the web page shows them (:mod:`service.web.views`); this module is the one place that
+names them.
+
+``<results_dir>/<SeriesInstanceUID>/``:
+
+=================  =================================================================
+``result.json``    the record of the analysis (:class:`core.result.AnalysisResult`)
+``seg.dcm``        DICOM SEG (SMA, IMAT, VAT, SAT on the L3 image)
+``sr.dcm``         TID 1500 Comprehensive 3D SR
+``sc.dcm``         RGB Secondary Capture (L3 slice with masks, MIP with the L3 line)
+``overview.png``   the same picture as the SC, for the web page
+``source/``        NIfTI inputs only: the CT series written from the NIfTI
+=================  =================================================================
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+RESULT_JSON = "result.json"
+SEG_FILE = "seg.dcm"
+SR_FILE = "sr.dcm"
+SC_FILE = "sc.dcm"
+OVERVIEW_FILE = "overview.png"
+SOURCE_DIR = "source"
+
+#: The DICOM objects sent to the PACS, in the order they are sent.
+RESULT_FILES = (SEG_FILE, SR_FILE, SC_FILE)
+
+
+def series_results_dir(results_root: Path, series_uid: str) -> Path:
+    """``results_root/<series_uid>``: the folder of one series' results."""
+    return results_root / series_uid
+
+
+def result_files(results_dir: Path) -> list[Path]:
+    """The result objects present in ``results_dir``, in :data:`RESULT_FILES` order."""
+    return [results_dir / n for n in RESULT_FILES if (results_dir / n).is_file()]

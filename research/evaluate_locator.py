@@ -1,0 +1,313 @@
+"""Evaluation of the L3 locator and the locator's diagnostic picture.
+
+Per case: error in slices and in mm against the reference L3 slice, the not-in-field-of-view
+decision, time per scan. Overall: mean +/- sd, median, max, and the share within 10 mm
+("technical success", Ha et al. 2021).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from core.config import LocatorConfig
+from worker.locator.coarse import L3Location, locate_l3, normalise_hu
+from worker.mip import Mip
+from worker.volume.load import CTVolume
+
+#: Ha et al. 2021: a slice within 10 mm of the reference counts as a technical success.
+SUCCESS_MM = 10.0
+
+
+@dataclass
+class CaseResult:
+    """One evaluated scan.
+
+    ``truth_slice`` None = L3 not in the field of view; ``error_slices``/``error_mm`` are
+    None unless both truth and prediction are in the field of view.
+    """
+
+    name: str
+    truth_slice: int | None
+    truth_z_mm: float | None
+    pred_slice: int | None
+    pred_z_mm: float | None
+    confidence: float
+    slice_mm: float
+    seconds: float
+    reason: str | None = None
+    refined: bool | None = None  # None: no refinement stage ran; else whether it was applied
+
+    @property
+    def error_slices(self) -> int | None:
+        if self.truth_slice is None or self.pred_slice is None:
+            return None
+        return abs(self.pred_slice - self.truth_slice)
+
+    @property
+    def error_mm(self) -> float | None:
+        if self.truth_z_mm is None or self.pred_z_mm is None:
+            return None
+        return abs(self.pred_z_mm - self.truth_z_mm)
+
+    @property
+    def fov_correct(self) -> bool:
+        return (self.truth_slice is None) == (self.pred_slice is None)
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "case": self.name,
+            "truth_slice": self.truth_slice,
+            "pred_slice": self.pred_slice,
+            "err_slices": self.error_slices,
+            "err_mm": None if self.error_mm is None else round(self.error_mm, 2),
+            "slice_mm": round(self.slice_mm, 2),
+            "confidence": round(self.confidence, 3),
+            "fov_ok": self.fov_correct,
+            "seconds": round(self.seconds, 3),
+            "refined": self.refined,
+        }
+
+
+def evaluate_case(
+    name: str,
+    volume: CTVolume,
+    truth_z_mm: float | None,
+    config: LocatorConfig,
+    device: str = "auto",
+) -> CaseResult:
+    """Locate L3 in one volume and compare with the reference z (None = not in FOV)."""
+    t0 = time.perf_counter()
+    loc = locate_l3(volume, config, device=device)
+    dt = time.perf_counter() - t0
+    truth_slice = None if truth_z_mm is None else volume.nearest_slice(truth_z_mm)
+    truth_z = None if truth_slice is None else truth_z_mm
+    return CaseResult(
+        name,
+        truth_slice,
+        truth_z,
+        loc.slice_index,
+        None if loc.slice_index is None else float(volume.z_mm[loc.slice_index]),
+        loc.confidence,
+        volume.slice_spacing_mm,
+        dt,
+        loc.reason,
+        None if loc.refinement is None else bool(loc.refinement["applied"]),
+    )
+
+
+def summarise(results: Iterable[CaseResult]) -> dict[str, Any]:
+    """Overall figures: errors (slices, mm: mean, sd, median, max), share within 10 mm (of
+    the cases whose L3 is in the field of view; a missed L3 counts as a failure), not-in-FOV
+    decisions, time per scan."""
+    res = list(results)
+    in_fov = [r for r in res if r.truth_slice is not None]
+    found = [r for r in in_fov if r.pred_slice is not None]
+    es = np.array([r.error_slices for r in found], np.float64)
+    em = np.array([r.error_mm for r in found], np.float64)
+
+    def stats(a: np.ndarray) -> dict[str, float | None]:
+        if a.size == 0:
+            return {"mean": None, "sd": None, "median": None, "max": None}
+        return {
+            "mean": round(float(a.mean()), 3),
+            "sd": round(float(a.std()), 3),
+            "median": round(float(np.median(a)), 3),
+            "max": round(float(a.max()), 3),
+        }
+
+    absent = [r for r in res if r.truth_slice is None]
+    ran = [r for r in res if r.refined is not None]
+    within = sum(1 for r in found if (r.error_mm or 0.0) <= SUCCESS_MM)
+    times = np.array([r.seconds for r in res]) if res else np.zeros(1)
+    return {
+        "n_cases": len(res),
+        "n_l3_in_fov": len(in_fov),
+        "error_slices": stats(es),
+        "error_mm": stats(em),
+        "within_10mm": f"{within}/{len(in_fov)}",
+        "within_10mm_share": round(within / len(in_fov), 4) if in_fov else None,
+        "missed_l3_said_not_in_fov": len(in_fov) - len(found),
+        "not_in_fov_cases": len(absent),
+        "not_in_fov_correct": sum(1 for r in absent if r.pred_slice is None),
+        "not_in_fov_incorrect": sum(1 for r in absent if r.pred_slice is not None),
+        "refinement_applied": (
+            f"{sum(1 for r in ran if r.refined)}/{len(ran)}" if ran else None
+        ),
+        "seconds_per_scan": {
+            "mean": round(float(times.mean()), 3),
+            "max": round(float(times.max()), 3),
+        },
+    }
+
+
+def evaluate_phantoms(
+    n: int,
+    seed: int,
+    config: LocatorConfig,
+    device: str = "auto",
+    each: Callable[[CaseResult], None] | None = None,
+) -> list[CaseResult]:
+    """Evaluate on ``n`` phantoms with seeds ``seed .. seed + n - 1``.
+
+    Keep the seeds disjoint from the training seeds (the shipped model trained on seeds
+    below 1 000 000). Phantoms come from :func:`worker.training.locator.phantom_mip` with
+    ``training=False``: the generator's random field of view and slice thickness
+    (0.625-5 mm), low in-plane resolution; the locator runs on their frontal MIPs directly
+    (the MIP of a volume is timed in ``bench/bench_locate.py``), so ``seconds`` is the
+    time of windows + CNN + decision (+ the refinement stage when configured).
+    """
+    from worker.locator.coarse import load_locator, locate_in_mip
+    from worker.training.locator import phantom_mips
+
+    loc = load_locator(config.weights, device)
+    fine = None if config.refine_weights is None else load_locator(config.refine_weights, device)
+    pixels = (loc.spec.pixel_mm,) if fine is None else (loc.spec.pixel_mm, fine.spec.pixel_mm)
+    out = []
+    for s in range(seed, seed + n):
+        mips, z = phantom_mips(s, pixels, training=False)
+        mip = mips[0]
+        t0 = time.perf_counter()
+        res = locate_in_mip(
+            mip,
+            loc,
+            config.stride_px,
+            config.batch_size,
+            config.min_confidence,
+            None if fine is None else (mips[1], fine),
+            config.refine_stride_px,
+        )
+        dt = time.perf_counter() - t0
+        sz = mip.slice_z_mm
+        truth = None if z is None else int(np.argmin(np.abs(sz - z)))
+        r = CaseResult(
+            f"phantom-{s}",
+            truth,
+            z,
+            res.slice_index,
+            None if res.slice_index is None else float(sz[res.slice_index]),
+            res.confidence,
+            float(np.median(np.diff(sz))) if len(sz) > 1 else 1.0,
+            dt,
+            res.reason,
+            None if res.refinement is None else bool(res.refinement["applied"]),
+        )
+        out.append(r)
+        if each:
+            each(r)
+    return out
+
+
+def evaluate_csv(
+    path: Path,
+    config: LocatorConfig,
+    loader: Callable[[Path], CTVolume],
+    device: str = "auto",
+    each: Callable[[CaseResult], None] | None = None,
+) -> list[CaseResult]:
+    """Evaluate on a CSV ``series_path,l3_slice_index`` (empty/negative = not in FOV)."""
+    from worker.training.locator import read_case_csv
+
+    out = []
+    for sp, idx, _ in read_case_csv(path):
+        vol = loader(sp)
+        z = None if idx is None else float(vol.z_mm[idx])
+        r = evaluate_case(str(sp), vol, z, config, device)
+        out.append(r)
+        if each:
+            each(r)
+    return out
+
+
+# ------------------------------------------------------------------------------- the picture
+
+
+def render_locator_png(
+    mip: Mip, loc: L3Location, out: Path, truth_row: float | None = None, scale: int | None = None
+) -> Path:
+    """Draw the MIP with the L3 line and, beside it, the prediction sequence and correlation.
+
+    Parameters
+    ----------
+    mip : the frontal MIP the locator used (rows = z, head up).
+    loc : the locator's result (``window_top_rows``, ``predictions``, ``correlation``...).
+    out : PNG path.
+    truth_row : reference L3 row, drawn dashed green when given.
+    scale : pixels per MIP pixel in the picture (default: about 500 px tall, 1 to 4).
+
+    Notes
+    -----
+    Left: MIP in a bone window, red line = decided L3 (none if not in FOV). Middle: per
+    window, the vote ``top + predicted offset`` plotted at the window's centre row (blue),
+    the ideal slope -1 line through the decision (grey), presence probability (orange).
+    Right: correlation with the ideal line per candidate row (the paper's Fig. 6).
+    """
+    rows, cols = mip.image.shape
+    scale = scale or max(1, min(4, 500 // max(rows, 1)))
+    g = (normalise_hu(mip.image, (-300.0, 1500.0)) * 255).astype(np.uint8)
+    left = Image.fromarray(g).resize((cols * scale, rows * scale), Image.Resampling.BILINEAR)
+    panel_w = 220
+    h = rows * scale
+    canvas = Image.new("RGB", (left.width + 2 * panel_w + 20, h + 40), (20, 20, 20))
+    canvas.paste(left.convert("RGB"), (0, 40))
+    d = ImageDraw.Draw(canvas)
+    title = (
+        f"L3 slice {loc.slice_index}  z={loc.z_mm:.1f} mm  conf={loc.confidence:.2f}"
+        if loc.in_field_of_view and loc.z_mm is not None
+        else f"{loc.reason or 'not found'}  conf={loc.confidence:.2f}"
+    )
+    d.text((4, 4), title, fill=(255, 255, 255))
+    d.text((4, 20), "MIP | votes (blue), presence (orange) | correlation", fill=(180, 180, 180))
+
+    def y(row: float) -> float:
+        return 40 + (row + 0.5) * scale
+
+    if truth_row is not None:
+        for x0 in range(0, left.width, 12):
+            d.line([(x0, y(truth_row)), (x0 + 6, y(truth_row))], fill=(0, 220, 0), width=2)
+    if loc.mip_row is not None:
+        d.line([(0, y(loc.mip_row)), (canvas.width, y(loc.mip_row))], fill=(255, 40, 40), width=1)
+    x1 = left.width + 10
+    d.rectangle([x1, 40, x1 + panel_w - 10, 40 + h], outline=(90, 90, 90))
+    hgt = loc.window_height_px or 1
+    if len(loc.predictions):
+        centres = loc.window_top_rows + hgt / 2.0
+        # x axis of the middle panel: the predicted row inside the window, 0..H
+        for i, (c, p) in enumerate(zip(centres, loc.predictions, strict=True)):
+            if not 0 <= c < rows:  # window centred in the air padding: off the picture
+                continue
+            xx = x1 + float(np.clip(p / hgt, 0, 1)) * (panel_w - 10)
+            d.ellipse([xx - 1.5, y(c) - 1.5, xx + 1.5, y(c) + 1.5], fill=(80, 160, 255))
+            if len(loc.presence) == len(loc.predictions):
+                px = x1 + float(loc.presence[i]) * (panel_w - 10)
+                d.rectangle([px - 1, y(c) - 1, px + 1, y(c) + 1], fill=(255, 160, 0))
+        if loc.mip_row is not None:
+            # ideal line: prediction = L3 row - top = L3 row - (centre - H/2)
+            c0, c1 = max(float(centres.min()), 0.0), min(float(centres.max()), rows - 1.0)
+            pts = []
+            for c in (c0, c1):
+                p = loc.mip_row - (c - hgt / 2.0)
+                pts.append((x1 + float(np.clip(p / hgt, 0, 1)) * (panel_w - 10), y(c)))
+            d.line(pts, fill=(160, 160, 160), width=1)
+    x2 = x1 + panel_w
+    d.rectangle([x2, 40, x2 + panel_w - 10, 40 + h], outline=(90, 90, 90))
+    if len(loc.correlation):
+        pts = [
+            (x2 + (float(c) + 1) / 2 * (panel_w - 10), y(r))
+            for r, c in zip(loc.candidate_rows, loc.correlation, strict=True)
+            if 0 <= r < rows
+        ]
+        d.line(pts, fill=(255, 255, 255), width=1)
+        d.line(
+            [(x2 + (panel_w - 10) / 2, 40), (x2 + (panel_w - 10) / 2, 40 + h)], fill=(90, 90, 90)
+        )
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out)
+    return out

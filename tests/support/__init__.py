@@ -1,0 +1,1 @@
+"""Shared test support: dataset factories, process control, the Orthanc harness."""

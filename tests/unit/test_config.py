@@ -1,0 +1,106 @@
+"""Configuration: the documented names hold, env overrides apply, every key is documented."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import BaseModel
+from typer.testing import CliRunner
+
+from core.config import Config, ConfigError, load_config
+from core.queue import celery_settings
+from l3spot import app
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    out = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        inner = next(
+            (a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None
+        )
+        if inner is not None and prefix == "":
+            out += _keys(inner, f"{name}.")
+        else:
+            out.append(prefix + name)
+    return out
+
+
+def test_issue_keys_keep_their_names_and_defaults() -> None:
+    cfg = Config()
+    assert (cfg.node.ae_title, cfg.node.host, cfg.node.port) == ("L3SPOT", "0.0.0.0", 11112)
+    assert cfg.node.spool_dir == Path("./var/spool")
+    assert cfg.node.series_stable_seconds == 30
+    assert cfg.broker.url is None
+    assert cfg.export.destinations == []
+
+
+def test_yaml_file_and_environment_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "node": {"port": 11113, "spool_dir": str(tmp_path / "spool")},
+                "export": {"destinations": [{"ae_title": "PACS", "host": "pacs", "port": 104}]},
+            }
+        )
+    )
+    cfg = load_config(path, environ={"L3SPOT__BROKER__URL": "redis://redis:6379/0"})
+    assert cfg.node.port == 11113
+    assert cfg.export.destinations[0].port == 104
+    assert cfg.broker.url == "redis://redis:6379/0"
+    assert not cfg.broker.starts_workers()
+    assert cfg.node.resolved_results_dir() == tmp_path / "results"
+    with pytest.raises(ConfigError, match="port"):
+        load_config(path, environ={"L3SPOT__NODE__PORT": "99999"})
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml", environ={})
+
+
+def test_embedded_broker_uses_the_filesystem_transport_beside_the_spool(tmp_path: Path) -> None:
+    cfg = Config.model_validate({"node": {"spool_dir": tmp_path / "var" / "spool"}})
+    assert cfg.broker.starts_workers()
+    s: dict[str, Any] = celery_settings(cfg)
+    assert s["broker_url"] == "filesystem://"
+    opts = s["broker_transport_options"]
+    assert opts["polling_interval"] == 0.05
+    assert Path(opts["data_folder_in"]) == (tmp_path / "var" / "broker" / "queue").resolve()
+    assert Path(opts["data_folder_in"]).is_dir()
+    assert s["task_acks_late"] and s["task_reject_on_worker_lost"]
+    assert s["task_routes"]["worker.tasks.export_results"] == {"queue": "export"}
+
+
+def test_every_config_key_is_documented() -> None:
+    doc = (REPO / "docs" / "configuration.md").read_text()
+    missing = [k for k in _keys(Config) if f"`{k}`" not in doc]
+    assert missing == []
+
+
+def test_deploy_config_loads() -> None:
+    cfg = load_config(REPO / "deploy" / "config.yaml", environ={})
+    assert cfg.node.port == 11112 and cfg.export.destinations
+
+
+def test_compose_and_dockerfile_run_commands_the_cli_has() -> None:
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    commands = []
+    for service in compose["services"].values():
+        if service.get("image", "").startswith("l3spot"):
+            commands.append(service["command"])
+            hc = service.get("healthcheck", {}).get("test")
+            if hc:
+                commands.append(hc[2:])  # ["CMD", "l3spot", ...]
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert 'CMD ["serve"]' in dockerfile and 'CMD ["l3spot", "echo"]' in dockerfile
+    assert len(commands) >= 6
+    runner = CliRunner()
+    for cmd in commands:
+        result = runner.invoke(app, [*cmd, "--help"])
+        assert result.exit_code == 0, f"{shlex.join(cmd)}: {result.output}"

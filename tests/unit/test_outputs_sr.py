@@ -1,0 +1,217 @@
+"""The TID 1500 SR: valid for dcmtk and dicom3tools, parsable by highdicom, says what it must."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+
+from tests.conftest import require_program
+from tests.support.outputs import (
+    L3_INDEX,
+    PATIENT,
+    STUDY_UID,
+    ct_dataset,
+    fabricated_composition,
+    fabricated_location,
+    synthetic_hu,
+    synthetic_labels,
+)
+from worker.outputs.seg import build_seg, compartment_tracking_uid
+from worker.outputs.sr import NOT_IN_FOV_TEXT, build_sr, region_polygon
+
+#: dciodvfy warnings accepted, with the reason (docs/outputs.md):
+#: l3spot's private coding scheme "99L3SPOT" (PS3.16 section 8) is declared in the Coding
+#: Scheme Identification Sequence but is not a DICOM defined term.
+ACCEPTED_WARNINGS = ("Unrecognized defined term <99L3SPOT>",)
+
+
+def _write(tmp: Path, in_fov: bool) -> tuple[Path, Path | None]:
+    labels = synthetic_labels()
+    ct = ct_dataset(L3_INDEX, synthetic_hu(labels))
+    if not in_fov:
+        sr = build_sr(ct, fabricated_location(False), None, None)
+        sr.save_as(tmp / "sr.dcm", enforce_file_format=True)
+        return tmp / "sr.dcm", None
+    seg = build_seg(ct, labels)
+    seg.save_as(tmp / "seg.dcm", enforce_file_format=True)
+    sr = build_sr(ct, fabricated_location(), fabricated_composition(labels), seg)
+    sr.save_as(tmp / "sr.dcm", enforce_file_format=True)
+    return tmp / "sr.dcm", tmp / "seg.dcm"
+
+
+@pytest.fixture(scope="module")
+def sr_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    sr, seg = _write(tmp_path_factory.mktemp("sr"), True)
+    assert seg is not None
+    return sr, seg
+
+
+@pytest.fixture(scope="module")
+def sr_no_fov(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _write(tmp_path_factory.mktemp("srnofov"), False)[0]
+
+
+def _dciodvfy_problems(path: Path) -> tuple[list[str], list[str]]:
+    exe = require_program("dciodvfy")
+    lines = subprocess.run([exe, str(path)], capture_output=True, text=True).stderr.splitlines()
+    errors = [ln for ln in lines if ln.startswith("Error")]
+    warnings = [ln for ln in lines if ln.startswith("Warning")]
+    return errors, [w for w in warnings if not any(a in w for a in ACCEPTED_WARNINGS)]
+
+
+@pytest.mark.parametrize("which", ["in_fov", "not_in_fov"])
+def test_sr_passes_dciodvfy_with_only_the_accepted_warnings(
+    which: str, sr_files: tuple[Path, Path], sr_no_fov: Path
+) -> None:
+    path = sr_files[0] if which == "in_fov" else sr_no_fov
+    errors, warnings = _dciodvfy_problems(path)
+    assert errors == [] and warnings == [], errors + warnings
+
+
+def test_dsrdump_reads_the_tree_without_complaint(sr_files: tuple[Path, Path]) -> None:
+    require_program("dsrdump")
+    res = subprocess.run(["/usr/bin/dsrdump", str(sr_files[0])], capture_output=True, text=True)
+    assert res.returncode == 0
+    assert not [ln for ln in res.stderr.splitlines() if ln[:2] in ("E:", "W:")], res.stderr
+    assert '"Imaging Measurement Report"' in res.stdout
+    assert '(36470004,SCT,"L3 vertebra")' in res.stdout
+    assert res.stdout.count("Referenced Segmentation Frame") == 4
+    res2 = subprocess.run(["/usr/bin/dcmdump", str(sr_files[0])], capture_output=True, text=True)
+    assert res2.returncode == 0 and "E:" not in res2.stderr
+
+
+def test_measurements_round_trip_through_highdicom(sr_files: tuple[Path, Path]) -> None:
+    sr_path, seg_path = sr_files
+    report = hd.sr.srread(sr_path)
+    seg = pydicom.dcmread(seg_path)
+    comp = fabricated_composition()
+    groups = report.content.get_planar_roi_measurement_groups()
+    by_id = {g.tracking_identifier: g for g in groups}
+    assert set(by_id) == {
+        "L3 localisation",
+        "L3 Skeletal muscle",
+        "L3 Intermuscular adipose tissue",
+        "L3 Visceral adipose tissue",
+        "L3 Subcutaneous adipose tissue",
+    }
+    for number, key, name in [
+        (1, "sma", "Skeletal muscle"),
+        (2, "imat", "Intermuscular adipose tissue"),
+        (3, "vat", "Visceral adipose tissue"),
+        (4, "sat", "Subcutaneous adipose tissue"),
+    ]:
+        g = by_id[f"L3 {name}"]
+        src_series = ct_dataset(L3_INDEX, np.zeros((2, 2))).SeriesInstanceUID
+        assert g.tracking_uid == compartment_tracking_uid(src_series, key)
+        values = {m.name.value: (m.value, m.unit.value) for m in g.get_measurements()}
+        assert values["42798000"] == (pytest.approx(comp.measures[key].area_cm2), "cm2")
+        assert values["112181"] == (pytest.approx(comp.measures[key].mean_hu), "[hnsf'U]")
+        assert g.finding_sites[0].value.CodeValue == "36470004"
+        ref = g.referenced_segmentation_frame
+        seg_item = ref[0].ReferencedSOPSequence[0]
+        assert seg_item.ReferencedSOPInstanceUID == seg.SOPInstanceUID
+        assert int(seg_item.ReferencedSegmentNumber) == number
+        assert "ReferencedFrameNumber" not in seg_item
+        src_item = ref[1].ReferencedSOPSequence[0]
+        assert (
+            src_item.ReferencedSOPInstanceUID
+            == ct_dataset(L3_INDEX, np.zeros((2, 2))).SOPInstanceUID
+        )
+        assert "ReferencedFrameNumber" not in src_item
+        assert g.roi is not None and g.roi.GraphicType == "POLYLINE"
+    sma = by_id["L3 Skeletal muscle"]
+    smi = [m for m in sma.get_measurements() if m.name.value == "SMI"]
+    assert smi and smi[0].value == pytest.approx(comp.smi_cm2_per_m2)
+    evals = sma.get_qualitative_evaluations()
+    assert [(e.name.value, e.value.value) for e in evals] == [("SARCO", "373067005")]
+
+
+def test_tracking_uids_are_shared_with_the_seg_segments(sr_files: tuple[Path, Path]) -> None:
+    report = hd.sr.srread(sr_files[0])
+    seg = hd.seg.segread(sr_files[1])
+    seg_uids = {seg.get_segment_description(n).tracking_uid for n in (1, 2, 3, 4)}
+    sr_uids = {g.tracking_uid for g in report.content.get_planar_roi_measurement_groups()}
+    assert seg_uids <= sr_uids
+    assert len(sr_uids) == 5
+
+
+def test_localisation_group_carries_slice_position_confidence_and_region(
+    sr_files: tuple[Path, Path],
+) -> None:
+    report = hd.sr.srread(sr_files[0])
+    loc = fabricated_location()
+    g = report.content.get_planar_roi_measurement_groups()[0]
+    assert g.tracking_identifier == "L3 localisation"
+    values = {m.name.value: m.value for m in g.get_measurements()}
+    assert values["L3Z"] == pytest.approx(loc.z_mm)
+    assert values["L3CONF"] == pytest.approx(loc.confidence)
+    assert g.roi.GraphicType == "POINT"
+    assert (
+        g.roi.ContentSequence[0]
+        .ReferencedSOPSequence[0]
+        .ReferencedSOPInstanceUID.endswith(f".{L3_INDEX + 1}")
+    )
+
+
+def test_sr_is_in_the_source_study_with_the_source_patient(sr_files: tuple[Path, Path]) -> None:
+    ds = pydicom.dcmread(sr_files[0])
+    assert ds.StudyInstanceUID == STUDY_UID
+    assert (ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex) == (
+        PATIENT.name,
+        PATIENT.patient_id,
+        PATIENT.birth_date,
+        PATIENT.sex,
+    )
+    assert ds.CompletionFlag == "COMPLETE" and ds.VerificationFlag == "UNVERIFIED"
+    assert "report" in ds.SeriesDescription and "l3spot" in ds.SeriesDescription
+    evidence = {
+        r.ReferencedSOPInstanceUID
+        for s in ds.CurrentRequestedProcedureEvidenceSequence
+        for se in s.ReferencedSeriesSequence
+        for r in se.ReferencedSOPSequence
+    }
+    assert pydicom.dcmread(sr_files[1]).SOPInstanceUID in evidence
+
+
+def test_not_in_fov_report_says_so_and_has_no_compartment_groups(sr_no_fov: Path) -> None:
+    report = hd.sr.srread(sr_no_fov)
+    assert report.content.get_planar_roi_measurement_groups() == []
+    groups = report.content.get_image_measurement_groups()
+    assert len(groups) == 1
+    (g,) = groups
+    assert g.tracking_identifier == NOT_IN_FOV_TEXT
+    evals = {e.name.value: e.value.value for e in g.get_qualitative_evaluations()}
+    assert evals == {"L3FOV": "373067005"}  # SCT "No"
+    res = subprocess.run(["/usr/bin/dsrdump", str(sr_no_fov)], capture_output=True, text=True)
+    assert "L3 not in field of view" in res.stdout
+
+
+def test_sr_uids_are_deterministic(tmp_path: Path) -> None:
+    a = pydicom.dcmread(_write(tmp_path, True)[0])
+    (tmp_path / "b").mkdir()
+    b = pydicom.dcmread(_write(tmp_path / "b", True)[0])
+    assert (a.SeriesInstanceUID, a.SOPInstanceUID) == (b.SeriesInstanceUID, b.SOPInstanceUID)
+
+
+def test_region_polygon_is_closed_and_outlines_the_largest_part() -> None:
+    mask = np.zeros((20, 20), bool)
+    mask[2:8, 3:9] = True  # 6 x 6 square
+    mask[15, 15] = True  # a stray pixel, smaller
+    poly = region_polygon(mask)
+    assert poly is not None
+    assert np.array_equal(poly[0], poly[-1])
+    assert poly[:, 0].min() == pytest.approx(3.0) and poly[:, 0].max() == pytest.approx(9.0)
+    assert poly[:, 1].min() == pytest.approx(2.0) and poly[:, 1].max() == pytest.approx(8.0)
+    assert region_polygon(np.zeros((4, 4), bool)) is None
+
+
+def test_sr_requires_seg_and_composition_together() -> None:
+    labels = synthetic_labels()
+    ct = ct_dataset(L3_INDEX, synthetic_hu(labels))
+    with pytest.raises(ValueError, match="together"):
+        build_sr(ct, fabricated_location(), fabricated_composition(labels), None)

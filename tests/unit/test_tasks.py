@@ -1,0 +1,228 @@
+"""Tasks: analysis results replace earlier ones, failures end in records, exports retry and fail.
+
+The real pipeline (worker.pipeline) is replaced here by a tiny stand-in; the integration
+test (tests/test_integration_node.py) runs the real one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from core.config import Config
+from core.errors import SeriesValidationError
+from core.jobs import DONE, EXPORTING, FAILED, JobStore
+from worker import tasks
+from worker.export import ExportOutcome
+
+SERIES = "1.2.826.0.1.3680043.8.498.7"
+
+
+class FakeResult:
+    def __init__(self, in_fov: bool) -> None:
+        self.in_fov = in_fov
+
+    def model_dump(self, mode: str = "json") -> dict[str, Any]:
+        return {"l3": {"in_field_of_view": self.in_fov}}
+
+
+def stand_in(in_fov: bool = True, marker: str = "1"):  # type: ignore[no-untyped-def]
+    def pipeline(input_path: Path, out_dir: Path, config: Config) -> FakeResult:
+        names = ("seg.dcm", "sr.dcm", "sc.dcm") if in_fov else ("sr.dcm", "sc.dcm")
+        for n in names:
+            (out_dir / n).write_text(marker)
+        (out_dir / "result.json").write_text(json.dumps({"marker": marker}))
+        return FakeResult(in_fov)
+
+    return pipeline
+
+
+def _config(tmp_path: Path, destinations: bool = True, attempts: int = 3) -> Config:
+    return Config.model_validate(
+        {
+            "node": {"spool_dir": tmp_path / "spool"},
+            "export": {
+                "destinations": [{"ae_title": "PACS", "host": "127.0.0.1", "port": 4242}]
+                if destinations
+                else [],
+                "max_attempts": attempts,
+                "backoff_initial_seconds": 1,
+            },
+        }
+    )
+
+
+@pytest.fixture()
+def series_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "spool" / "1.2.3" / SERIES
+    d.mkdir(parents=True)
+    return d
+
+
+def test_analysis_writes_results_then_queues_export(tmp_path: Path, series_dir: Path) -> None:
+    cfg = _config(tmp_path)
+    jobs = JobStore(cfg.node.spool_dir)
+    token = jobs.mark_queued(SERIES, 30)
+    exports: list[tuple[str, str | None]] = []
+    out = tasks.run_analysis(
+        series_dir, cfg, jobs, lambda s, t: exports.append((s, t)), token, stand_in()
+    )
+    assert out == "exporting" and exports == [(SERIES, token)]
+    results = cfg.node.resolved_results_dir() / SERIES
+    assert sorted(p.name for p in results.iterdir()) == [
+        "result.json",
+        "sc.dcm",
+        "seg.dcm",
+        "sr.dcm",
+    ]
+    assert jobs.get(SERIES).state == EXPORTING
+    # a re-run replaces the earlier results (idempotent), no temporary folders left
+    token = jobs.mark_queued(SERIES)
+    tasks.run_analysis(series_dir, cfg, jobs, lambda s, t: None, token, stand_in(False, "2"))
+    assert sorted(p.name for p in results.iterdir()) == ["result.json", "sc.dcm", "sr.dcm"]
+    assert json.loads((results / "result.json").read_text()) == {"marker": "2"}
+    assert [p.name for p in results.parent.iterdir()] == [SERIES]
+    assert jobs.get(SERIES).note == tasks.L3_NOT_IN_FOV
+
+
+def test_without_destinations_analysis_ends_done(tmp_path: Path, series_dir: Path) -> None:
+    cfg = _config(tmp_path, destinations=False)
+    jobs = JobStore(cfg.node.spool_dir)
+    assert tasks.run_analysis(series_dir, cfg, jobs, lambda s, t: None, None, stand_in()) == "done"
+    assert jobs.get(SERIES).state == DONE
+
+
+def test_stale_task_does_nothing(tmp_path: Path, series_dir: Path) -> None:
+    cfg = _config(tmp_path)
+    jobs = JobStore(cfg.node.spool_dir)
+    old = jobs.mark_queued(SERIES, 30)
+    jobs.mark_queued(SERIES)
+    called: list[int] = []
+
+    def pipeline(*a: Any) -> None:
+        called.append(1)
+
+    assert tasks.run_analysis(series_dir, cfg, jobs, lambda s, t: None, old, pipeline) == "stale"
+    assert called == []
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (
+            SeriesValidationError(SERIES, "gantry tilt of 15.0 degrees"),
+            "gantry tilt of 15.0 degrees",
+        ),
+        (RuntimeError("boom"), "internal error: RuntimeError: boom"),
+    ],
+)
+def test_pipeline_errors_end_in_a_failed_record(
+    tmp_path: Path, series_dir: Path, error: Exception, reason: str
+) -> None:
+    cfg = _config(tmp_path)
+    jobs = JobStore(cfg.node.spool_dir)
+
+    def pipeline(*a: Any) -> None:
+        raise error
+
+    assert tasks.run_analysis(series_dir, cfg, jobs, lambda s, t: None, None, pipeline) == "failed"
+    rec = jobs.get(SERIES)
+    assert rec.state == FAILED and rec.reason == reason
+    assert not (cfg.node.resolved_results_dir() / SERIES).exists()
+
+
+def test_export_retries_with_backoff_then_fails_with_remote_status(
+    tmp_path: Path, series_dir: Path
+) -> None:
+    cfg = _config(tmp_path, attempts=3)
+    jobs = JobStore(cfg.node.spool_dir)
+    tasks.run_analysis(series_dir, cfg, jobs, lambda s, t: None, None, stand_in())
+    sent: list[list[str]] = []
+
+    def refuse(files: list[Path], dest: Any, calling: str, timeout: float) -> ExportOutcome:
+        sent.append([f.name for f in files])
+        return ExportOutcome(False, "0xA700", "PACS@127.0.0.1:4242: C-STORE status 0xA700")
+
+    assert tasks.run_export(SERIES, cfg, jobs, refuse) == ("retry", 1.0)
+    assert tasks.run_export(SERIES, cfg, jobs, refuse) == ("retry", 2.0)
+    assert tasks.run_export(SERIES, cfg, jobs, refuse) == ("failed", 0.0)
+    rec = jobs.get(SERIES)
+    assert rec.state == FAILED and "after 3 attempts: status 0xA700" in (rec.reason or "")
+    assert sent[0] == ["seg.dcm", "sr.dcm", "sc.dcm"]
+    # l3spot retry: attempts reset, delivery succeeds
+    jobs.start_export(SERIES, ["PACS@127.0.0.1:4242"])
+    ok = tasks.run_export(SERIES, cfg, jobs, lambda *a: ExportOutcome(True))
+    assert ok == ("done", 0.0) and jobs.get(SERIES).state == DONE
+
+
+def test_heartbeats_keep_a_long_analysis_from_being_taken_over(
+    tmp_path: Path, series_dir: Path
+) -> None:
+    cfg = _config(tmp_path)
+    cfg.broker.heartbeat_seconds = 0.05
+    jobs = JobStore(cfg.node.spool_dir)
+    token = jobs.mark_queued(SERIES, 30)
+    claimed: list[list[Any]] = []
+    inner = stand_in()
+
+    def slow(input_path: Path, out_dir: Path, config: Config) -> FakeResult:
+        time.sleep(0.4)
+        # the reconciliation, 0.4 s into the analysis, with a 0.2 s stale threshold
+        claimed.append(jobs.claim_stale(0, time.time() - 0.2, 0))
+        return inner(input_path, out_dir, config)
+
+    assert tasks.run_analysis(series_dir, cfg, jobs, lambda s, t: None, token, slow) == "exporting"
+    assert claimed == [[]]
+    assert jobs.get(SERIES).attempts == 1
+
+
+def test_a_run_superseded_while_analysing_neither_finishes_nor_exports(
+    tmp_path: Path, series_dir: Path
+) -> None:
+    cfg = _config(tmp_path)
+    jobs = JobStore(cfg.node.spool_dir)
+    token = jobs.mark_queued(SERIES, 30)
+    inner = stand_in()
+
+    def requeued_meanwhile(input_path: Path, out_dir: Path, config: Config) -> FakeResult:
+        jobs.renew_token(SERIES)  # the node decided this run was lost and queued it again
+        return inner(input_path, out_dir, config)
+
+    exports: list[str] = []
+    out = tasks.run_analysis(
+        series_dir, cfg, jobs, lambda s, t: exports.append(s), token, requeued_meanwhile
+    )
+    assert out == "stale" and exports == []
+    assert jobs.get(SERIES).state != EXPORTING
+
+
+def test_a_series_that_kills_its_worker_every_time_is_failed_after_max_attempts(
+    tmp_path: Path, series_dir: Path
+) -> None:
+    cfg = _config(tmp_path)
+    cfg.analysis.max_attempts = 2
+    jobs = JobStore(cfg.node.spool_dir)
+    token = jobs.mark_queued(SERIES, 30)
+    # two deliveries whose worker process died mid-analysis (started, never finished)
+    for _ in range(2):
+        assert jobs.start_analysis(SERIES, token)
+    called: list[int] = []
+
+    def pipeline(*a: Any) -> None:
+        called.append(1)
+
+    # the third delivery of the same task: not run again, a clear failure instead
+    assert tasks.run_analysis(series_dir, cfg, jobs, lambda s, t: None, token, pipeline) == "failed"
+    rec = jobs.get(SERIES)
+    assert called == [] and rec.state == FAILED
+    assert "started 2 times without finishing" in (rec.reason or "")
+    # an operator's retry queues it again with a fresh count, and it runs; the record's
+    # total of attempts keeps the history
+    token = jobs.mark_queued(SERIES)
+    assert (jobs.get(SERIES).run_attempts, jobs.get(SERIES).attempts) == (0, 3)
+    tasks.run_analysis(series_dir, cfg, jobs, lambda s, t: None, token, pipeline)
+    assert called == [1] and (jobs.get(SERIES).run_attempts, jobs.get(SERIES).attempts) == (1, 4)

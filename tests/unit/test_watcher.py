@@ -1,0 +1,312 @@
+"""The series watcher completes series by inactivity, filters them, and recovers after restarts."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from core.config import NodeConfig
+from core.jobs import (
+    DONE,
+    FAILED,
+    INELIGIBLE,
+    QUEUED,
+    RECEIVED,
+    JobNotFoundError,
+    JobStore,
+)
+from service.eligibility import check_series
+from service.spool import Spool
+from service.watcher import SeriesWatcher
+from tests.support.node import write_series
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture()
+def setup(tmp_path: Path) -> tuple[SeriesWatcher, Clock, list[tuple[Path, str, str]], NodeConfig]:
+    node = NodeConfig(spool_dir=tmp_path / "spool", series_stable_seconds=5, min_slices=4)
+    clock = Clock()
+    queued: list[tuple[Path, str, str]] = []
+    watcher = SeriesWatcher(
+        node, JobStore(node.spool_dir), lambda d, s, t: queued.append((d, s, t)), clock
+    )
+    return watcher, clock, queued, node
+
+
+def test_series_is_queued_once_after_its_stable_time(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    watcher, clock, queued, node = setup
+    study, series, folder = write_series(tmp_path / "spool" / "s", 6)
+    watcher.touch(study, series, folder)
+    assert watcher.record_received() == 1  # the watcher thread's job, not the C-STORE's
+    assert watcher.jobs.get(series).state == RECEIVED
+    clock.t += 3
+    watcher.touch(study, series, folder)  # a second association, 3 s later: timer restarts
+    clock.t += 4
+    assert watcher.poll() == []
+    clock.t += 1.5
+    assert watcher.poll() == [series]
+    assert watcher.poll() == []
+    assert queued == [(folder, series, watcher.jobs.get(series).token)]
+    rec = watcher.jobs.get(series)
+    assert (rec.state, rec.n_instances) == (QUEUED, 6)
+
+
+def test_the_watcher_tells_the_scp_which_series_became_stable(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    watcher, clock, queued, node = setup
+    stable: list[str] = []
+    watcher.on_stable = stable.append
+    study, series, folder = write_series(tmp_path / "spool" / "s", 6)
+    watcher.touch(study, series, folder)
+    clock.t += 4
+    watcher.poll()
+    assert stable == []
+    clock.t += 2
+    watcher.poll()
+    assert stable == [series] and len(queued) == 1
+
+
+def test_too_short_series_gets_an_ineligible_record(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    watcher, clock, queued, node = setup
+    study, series, folder = write_series(tmp_path / "spool" / "s", 2)
+    watcher.touch(study, series, folder)
+    clock.t += 10
+    watcher.poll()
+    rec = watcher.jobs.get(series)
+    assert rec.state == INELIGIBLE and "fewer than node.min_slices=4" in (rec.reason or "")
+    assert queued == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "reason"),
+    [
+        ({"modality": "MR"}, "no CT Image Storage"),
+        ({"image_type": ("ORIGINAL", "PRIMARY", "LOCALIZER")}, "LOCALIZER"),
+        ({"orientation": (0, 1, 0, 0, 0, -1)}, "not an axial"),
+    ],
+)
+def test_eligibility_rules_give_reasons(tmp_path: Path, kwargs: dict, reason: str) -> None:
+    _, _, folder = write_series(tmp_path / "s", 5, **kwargs)
+    verdict = check_series(folder, NodeConfig(min_slices=4))
+    assert not verdict.eligible and reason in verdict.reason
+    assert verdict.n_instances == 5
+
+
+def test_series_description_regex(tmp_path: Path) -> None:
+    _, _, folder = write_series(tmp_path / "s", 5, description="THORAX 1mm")
+    assert not check_series(
+        folder, NodeConfig(min_slices=4, series_description_regex="(?i)abdo")
+    ).eligible
+    assert check_series(
+        folder, NodeConfig(min_slices=4, series_description_regex="(?i)thorax")
+    ).eligible
+
+
+def test_recover_requeues_pending_and_restarts_timers(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    watcher, clock, queued, node = setup
+    spool = Spool(node.spool_dir, tmp_path / "q")
+    jobs = watcher.jobs
+    s_queued = write_series(spool.root / "1.1" / "1.1.1", 5)[1]
+    s_new = write_series(spool.root / "1.1" / "1.1.2", 5)[1]
+    s_done = write_series(spool.root / "1.1" / "1.1.3", 5)[1]
+    s_export = write_series(spool.root / "1.1" / "1.1.4", 5)[1]
+    del s_queued, s_new, s_done, s_export  # folder names are what the spool knows
+    jobs.mark_queued("1.1.1", 5)
+    jobs.mark_queued("1.1.3", 5)
+    jobs.finish_export("1.1.3")
+    assert jobs.get("1.1.3").state == DONE
+    jobs.mark_queued("1.1.4", 5)
+    jobs.start_export("1.1.4", ["P@h:1"])
+    exports: list[str] = []
+    actions = watcher.recover(spool, lambda s, t: exports.append(s))
+    assert actions == {"1.1.1": "requeued", "1.1.2": "timer", "1.1.4": "export_requeued"}
+    assert [q[1] for q in queued] == ["1.1.1"] and exports == ["1.1.4"]
+    assert "1.1.2" in watcher.pending
+
+
+def test_a_failed_publish_leaves_the_series_queued_for_the_reconciliation(
+    tmp_path: Path,
+) -> None:
+    node = NodeConfig(spool_dir=tmp_path / "spool", series_stable_seconds=0, min_slices=4)
+
+    def broker_down(d: Path, s: str, t: str) -> None:
+        raise ConnectionRefusedError("redis down")
+
+    watcher = SeriesWatcher(node, JobStore(node.spool_dir), broker_down)
+    study, series, folder = write_series(tmp_path / "spool" / "s", 6)
+    watcher.touch(study, series, folder)
+    assert watcher.poll() == [series]
+    rec = watcher.jobs.get(series)
+    assert rec.state == QUEUED and rec.token and rec.reason is None
+
+
+def test_recover_leaves_running_series_of_separate_workers_alone(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    watcher, clock, queued, node = setup
+    spool = Spool(node.spool_dir, tmp_path / "q")
+    write_series(spool.root / "1.1" / "1.1.1", 5)
+    token = watcher.jobs.mark_queued("1.1.1", 5)
+    assert watcher.jobs.start_analysis("1.1.1", token)
+    # Redis, separate workers: one may still be running it; the reconciliation decides
+    assert watcher.recover(spool, lambda s, t: None, requeue_running=False) == {}
+    assert queued == [] and watcher.jobs.get("1.1.1").token == token
+    # the node's own workers died with it: queued again at once, with a new token
+    assert watcher.recover(spool, lambda s, t: None) == {"1.1.1": "requeued"}
+    assert len(queued) == 1 and queued[0][2] == watcher.jobs.get("1.1.1").token != token
+
+
+def test_node_reconciliation_requeues_lost_tasks_and_survives_a_broker_outage(
+    tmp_path: Path,
+) -> None:
+    from core.config import Config
+    from service.node import Node
+
+    cfg = Config.model_validate(
+        {
+            "node": {"spool_dir": tmp_path / "spool"},
+            "broker": {"stale_queued_seconds": 60, "stale_running_seconds": 10},
+            "export": {"backoff_max_seconds": 5, "timeout_seconds": 5},
+        }
+    )
+    node = Node(cfg)
+    study, series, folder = write_series(tmp_path / "spool" / "1.9" / "1.9.1", 5)
+    del study, series
+    jobs = node.jobs
+    jobs.mark_received("1.9.1", "1.9", folder)
+    token = jobs.mark_queued("1.9.1", 5)
+    assert jobs.start_analysis("1.9.1", token)
+    jobs.mark_queued("1.9.2", 5)  # queued, but its folder is gone from the spool
+    sent: list[tuple[str, str]] = []
+    node.enqueue_analysis = lambda d, s, t: sent.append((s, t))  # type: ignore[method-assign]
+    now = time.time()
+    assert node.reconcile(now + 5) == []  # analysing, heartbeat 5 s old: alive
+    claimed = node.reconcile(now + 11)
+    assert [r.series_uid for r in claimed] == ["1.9.1"]
+    assert sent == [("1.9.1", jobs.get("1.9.1").token)] and sent[0][1] != token
+    assert jobs.get("1.9.1").state == QUEUED
+
+    # 70 s later the queued one's message is presumed lost too; the broker is down now
+    def down(d: Path, s: str, t: str) -> None:
+        raise ConnectionError("broker down")
+
+    node.enqueue_analysis = down  # type: ignore[method-assign]
+    claimed = node.reconcile(time.time() + 70)
+    assert sorted(r.series_uid for r in claimed) == ["1.9.1", "1.9.2"]
+    assert jobs.get("1.9.2").state == FAILED and "not in the spool" in (
+        jobs.get("1.9.2").reason or ""
+    )
+    assert jobs.get("1.9.1").state == QUEUED  # still pending: claimed again after the delay
+
+
+@contextmanager
+def db_write_locked(db: Path) -> Iterator[None]:
+    """Hold the job database's write lock from another connection (a busy worker)."""
+    con = sqlite3.connect(db, isolation_level=None)
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        con.execute("COMMIT")
+        con.close()
+
+
+def test_touch_never_waits_for_a_locked_job_database(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Issue 7: ``touch`` runs inside the C-STORE handler; it must not wait for SQLite.
+
+    Before the fix the first instance of a series wrote its ``received`` record from the
+    association thread and waited up to 30 s (the job store's busy timeout, also the
+    scanners' DIMSE timeout) for the write lock.
+    """
+    watcher, clock, queued, node = setup
+    watcher.jobs.busy_timeout_s = 0.3  # a failed attempt costs 0.3 s, not 30 (test speed)
+    study, series, folder = write_series(tmp_path / "spool" / "s", 6)
+    with db_write_locked(watcher.jobs.path):
+        t0 = time.perf_counter()
+        for _ in range(3):
+            watcher.touch(study, series, folder)
+        assert time.perf_counter() - t0 < 0.5
+        assert series in watcher.pending
+        clock.t += 10  # stable, but its received record could not be written yet:
+        assert watcher.poll() == []  # not completed (received must not land after queued)
+    with pytest.raises(JobNotFoundError):
+        watcher.jobs.get(series)
+    assert watcher.poll() == [series]  # lock released: received, then queued, in order
+    rec = watcher.jobs.get(series)
+    assert rec.state == QUEUED and rec.received_at is not None
+    assert queued == [(folder, series, rec.token)]
+
+
+def test_watcher_thread_records_received_promptly_and_at_stop(tmp_path: Path) -> None:
+    node = NodeConfig(
+        spool_dir=tmp_path / "spool",
+        series_stable_seconds=60,
+        watcher_interval_seconds=30,  # the wake-up, not the interval, must write the record
+        min_slices=4,
+    )
+    jobs = JobStore(node.spool_dir)
+    watcher = SeriesWatcher(node, jobs, lambda d, s, t: None)
+    study, series, folder = write_series(tmp_path / "spool" / "s", 5)
+    watcher.start()
+    try:
+        before = time.time()
+        watcher.touch(study, series, folder)
+        rec = wait_record(jobs, series, 5.0)
+        assert rec.state == RECEIVED and before <= (rec.received_at or 0) <= time.time()
+        late = write_series(tmp_path / "spool" / "t", 5)
+        with db_write_locked(jobs.path):  # the thread waits on SQLite; touch does not
+            t0 = time.perf_counter()
+            watcher.touch(*late)
+            assert time.perf_counter() - t0 < 0.5
+    finally:
+        stopper = threading.Thread(target=watcher.stop)
+        stopper.start()
+        stopper.join(60)
+    assert jobs.get(late[1]).state == RECEIVED  # written once the lock was free
+
+
+def wait_record(jobs: JobStore, series_uid: str, timeout_s: float):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return jobs.get(series_uid)
+        except JobNotFoundError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+def test_background_calls_never_make_the_caller_wait_and_run_in_order() -> None:
+    """The web page's sender record runs here, off the association thread (issue 7)."""
+    from service.node import BackgroundCalls
+
+    release = threading.Event()
+    done: list[int] = []
+
+    def slow(i: int) -> None:
+        release.wait(10)  # a locked web.sqlite
+        done.append(i)
+
+    def boom() -> None:
+        raise sqlite3.OperationalError("database is locked")
+
+    calls = BackgroundCalls("test-calls")
+    deferred = calls.wrap(slow)
+    t0 = time.perf_counter()
+    deferred(1)
+    calls.submit(boom)  # logged and dropped; the thread goes on
+    deferred(2)
+    assert time.perf_counter() - t0 < 0.5 and done == []
+    release.set()
+    calls.join()
+    assert done == [1, 2]

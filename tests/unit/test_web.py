@@ -1,0 +1,498 @@
+"""The operators' web page: job list, filters, detail, pictures, CSV, retry, auth, health, metrics.
+
+One real :func:`worker.pipeline.analyze_series` run on a small phantom (about 3 s) fills a
+results folder; the job records around it are written through :class:`JobStore` as the node
+and the workers would. The retry tests send real Celery messages to the embedded
+(filesystem) broker in the test's folder and check the message files.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import socket
+import sqlite3
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+import pytest
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from core.config import Config
+from core.jobs import DONE, FAILED, INELIGIBLE, QUEUED, JobStore
+from core.result import CSV_HEADER, AnalysisResult, result_csv_row
+from service.metrics import INSTANCES_RECEIVED, ScpObserver
+from service.web.app import WebConfigError, create_app
+from service.web.server import WebServer
+from service.web.sources import SeriesSources
+from tests.support.node import PATIENT_NAME, free_port, write_series
+
+PACS = {"ae_title": "PACS", "host": "127.0.0.1", "port": 1}
+PACS_LABEL = "PACS@127.0.0.1:1"
+
+
+@dataclass
+class WebCase:
+    """A node's folders with three series: analysed phantom, ineligible, failed."""
+
+    root: Path
+    config: Config
+    phantom_uid: str
+    phantom_patient: tuple[str, str]
+    ineligible_uid: str
+    failed_uid: str
+    result: AnalysisResult
+
+
+def make_config(root: Path, **web: object) -> Config:
+    """A node configuration whose folders (and embedded broker) live under ``root``."""
+    return Config.model_validate(
+        {
+            "node": {"spool_dir": str(root / "var" / "spool"), "port": free_port()},
+            "broker": {"url": None},
+            "export": {"destinations": [PACS]},
+            "web": {"host": "127.0.0.1", "port": 0, **web},
+        }
+    )
+
+
+def _spool(series_dir: Path, config: Config) -> tuple[str, str, Path]:
+    """Copy a DICOM series into the spool layout; returns (study, series, folder)."""
+    files = sorted(series_dir.glob("*.dcm"))
+    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+    dest = config.node.spool_dir / ds.StudyInstanceUID / ds.SeriesInstanceUID
+    dest.mkdir(parents=True)
+    for f in files:
+        shutil.copy(f, dest / f.name)
+    return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), dest
+
+
+def build_case(root: Path, phantom_dir: Path, **web: object) -> WebCase:
+    """Folders, job records and a real phantom result, as a node would leave them.
+
+    The phantom series went through the whole flow (received -> queued -> analysing ->
+    exporting -> one failed delivery attempt -> delivered -> done), sent by ``SCANNER_A``;
+    a 3-slice series from ``CT_B`` is ineligible; a 6-slice one from ``CT_B`` failed.
+    """
+    from core.queue import celery_settings
+    from worker.pipeline import analyze_series
+
+    config = make_config(root, **web)
+    celery_settings(config)  # creates the embedded broker's folders, as the node does
+    store = JobStore(config.node.spool_dir)
+    sources = SeriesSources(config.node.spool_dir)
+    study, uid, series_dir = _spool(phantom_dir, config)
+    first = pydicom.dcmread(sorted(series_dir.glob("*.dcm"))[0], stop_before_pixels=True)
+    store.mark_received(uid, study, series_dir)
+    n = len(list(series_dir.glob("*.dcm")))
+    token = store.mark_queued(uid, n_instances=n)
+    assert store.start_analysis(uid, token)
+    out = config.node.resolved_results_dir() / uid
+    result = analyze_series(series_dir, out, config)
+    store.finish_analysis(uid, None, exporting=True)
+    store.start_export(uid, [PACS_LABEL])
+    store.record_export_attempt(uid, PACS_LABEL, False, None, "association rejected", False)
+    store.record_export_attempt(uid, PACS_LABEL, True, "0x0000", None, True)
+    store.finish_export(uid)
+    sources.record_sender(uid, "SCANNER_A", "10.0.0.5")
+
+    _, bad_uid, bad_src = write_series(root / "in" / "short", 3)
+    bad_study, _, bad_dir = _spool(bad_src, config)
+    store.mark_received(bad_uid, bad_study, bad_dir)
+    store.mark_ineligible(bad_uid, "3 instances: fewer than node.min_slices=20", 3)
+    sources.record_sender(bad_uid, "CT_B", "10.0.0.6")
+
+    _, fail_uid, fail_src = write_series(root / "in" / "fail", 6)
+    fail_study, _, fail_dir = _spool(fail_src, config)
+    store.mark_received(fail_uid, fail_study, fail_dir)
+    tok = store.mark_queued(fail_uid, n_instances=6)
+    store.start_analysis(fail_uid, tok)
+    store.mark_failed(fail_uid, "series validation: slices not equally spaced")
+    sources.record_sender(fail_uid, "CT_B", "10.0.0.6")
+    return WebCase(
+        root=root,
+        config=config,
+        phantom_uid=uid,
+        phantom_patient=(str(first.PatientName), str(first.PatientID)),
+        ineligible_uid=bad_uid,
+        failed_uid=fail_uid,
+        result=result,
+    )
+
+
+@pytest.fixture(scope="module")
+def analysed(tmp_path_factory: pytest.TempPathFactory, phantom_series) -> WebCase:  # noqa: ANN001
+    """The case, built once per module (read-only tests use it)."""
+    return build_case(tmp_path_factory.mktemp("web"), phantom_series[0])
+
+
+@pytest.fixture()
+def case(tmp_path: Path, analysed: WebCase) -> WebCase:
+    """A private copy of the case (for tests that change job states)."""
+    shutil.copytree(analysed.root, tmp_path / "copy")
+    root = tmp_path / "copy"
+    with sqlite3.connect(root / "var" / "spool" / "jobs.sqlite") as con:  # absolute paths
+        con.execute(
+            "UPDATE jobs SET series_dir = replace(series_dir, ?, ?)",
+            (str(analysed.root), str(root)),
+        )
+    config = make_config(root)
+    config.node.port = analysed.config.node.port
+    return WebCase(
+        root,
+        config,
+        analysed.phantom_uid,
+        analysed.phantom_patient,
+        analysed.ineligible_uid,
+        analysed.failed_uid,
+        analysed.result,
+    )
+
+
+def _client(case: WebCase):  # noqa: ANN202 (FlaskClient)
+    return create_app(case.config).test_client()
+
+
+def _queued_messages(config: Config) -> list[dict]:
+    folder = config.broker.resolved_embedded_dir(config.node) / "queue"
+    msgs = []
+    for f in sorted(folder.glob("*")):
+        body = json.loads(f.read_text())
+        msgs.append(body)
+    return msgs
+
+
+def _rows(html: str) -> list[str]:
+    """Series UIDs of the job list's rows, in page order."""
+    out, key = [], 'data-series="'
+    i = html.find(key)
+    while i >= 0:
+        j = html.index('"', i + len(key))
+        out.append(html[i + len(key) : j])
+        i = html.find(key, j)
+    return out
+
+
+# ----------------------------------------------------------------------------- job list
+
+
+def test_job_list_is_newest_first_and_filters_by_state_and_calling_ae(analysed: WebCase) -> None:
+    c = _client(analysed)
+    page = c.get("/")
+    assert page.status_code == 200
+    html = page.get_data(as_text=True)
+    # received in this order: phantom, ineligible, failed -> newest first
+    assert _rows(html) == [analysed.failed_uid, analysed.ineligible_uid, analysed.phantom_uid]
+    assert "fewer than node.min_slices=20" in html
+    done = c.get("/?state=done").get_data(as_text=True)
+    assert _rows(done) == [analysed.phantom_uid]
+    ct_b = c.get("/?calling_ae=CT_B").get_data(as_text=True)
+    assert _rows(ct_b) == [analysed.failed_uid, analysed.ineligible_uid]
+    both = c.get("/?calling_ae=CT_B&state=failed").get_data(as_text=True)
+    assert _rows(both) == [analysed.failed_uid]
+    # an unknown state is ignored rather than hiding everything
+    assert len(_rows(c.get("/?state=bogus").get_data(as_text=True))) == 3
+
+
+def test_job_list_filters_by_study_date(analysed: WebCase) -> None:
+    study_date = analysed.result.source.study_date if analysed.result.source else ""
+    assert len(study_date) == 8, "the phantom carries a Study Date"
+    iso = f"{study_date[:4]}-{study_date[4:6]}-{study_date[6:]}"
+    c = _client(analysed)
+    same = c.get(f"/?study_date_from={iso}&study_date_to={iso}").get_data(as_text=True)
+    assert _rows(same) == [analysed.phantom_uid]  # the toy series have no Study Date
+    later = c.get("/?study_date_from=2999-01-01").get_data(as_text=True)
+    assert _rows(later) == []
+    assert iso in c.get("/").get_data(as_text=True)
+
+
+# ----------------------------------------------------------------------------- detail
+
+
+def test_detail_shows_numbers_timings_exports_and_both_pictures(analysed: WebCase) -> None:
+    c = _client(analysed)
+    r = analysed.result
+    html = c.get(f"/jobs/{analysed.phantom_uid}").get_data(as_text=True)
+    assert r.composition is not None and r.smi_cm2_per_m2 is not None
+    for key in ("sma", "imat", "vat", "sat"):
+        assert f"{r.composition[key].area_cm2:.1f}" in html
+    assert f"{r.composition['sma'].mean_hu:.1f}" in html
+    assert f"{r.smi_cm2_per_m2:.1f} cm²/m²" in html
+    assert f"{r.l3.confidence:.2f}" in html
+    for flag in r.qa_flags:
+        assert flag in html
+    assert "Sarcopenia" in html and (r.sarcopenia is None or r.sarcopenia.cutoffs in html)
+    assert "Waiting in queue" in html and "Pipeline stages" in html
+    assert f"{r.timing_s['locate']:.2f} s" in html
+    assert PACS_LABEL in html and "association rejected" not in html  # last attempt was ok
+    assert "SCANNER_A" in html and "Send results to PACS again" in html
+    for name, size in (("overview.png", None), ("l3.png", None)):
+        resp = c.get(f"/jobs/{analysed.phantom_uid}/{name}")
+        assert resp.status_code == 200 and resp.mimetype == "image/png", name
+        img = Image.open(io.BytesIO(resp.data))
+        assert img.width > 100 and img.height > 100, (name, size)
+    sc = pydicom.dcmread(
+        analysed.config.node.resolved_results_dir() / analysed.phantom_uid / "sc.dcm"
+    )
+    png = Image.open(io.BytesIO(c.get(f"/jobs/{analysed.phantom_uid}/l3.png").data))
+    assert (png.height, png.width) == (sc.Rows, sc.Columns)
+
+
+def test_detail_of_failed_and_unknown_series(analysed: WebCase) -> None:
+    c = _client(analysed)
+    html = c.get(f"/jobs/{analysed.failed_uid}").get_data(as_text=True)
+    assert "slices not equally spaced" in html and "Analyse again" in html
+    assert 'id="img-l3"' not in html
+    assert c.get(f"/jobs/{analysed.failed_uid}/overview.png").status_code == 404
+    assert c.get("/jobs/1.2.3.4").status_code == 404
+    assert c.get("/jobs/..%2F..%2Fetc/overview.png").status_code == 404
+
+
+# ----------------------------------------------------------------------------- CSV
+
+
+def test_csv_has_the_analyze_csv_columns_one_row_per_analysed_series(analysed: WebCase) -> None:
+    resp = _client(analysed).get("/measurements.csv")
+    assert resp.status_code == 200 and resp.mimetype == "text/csv"
+    reader = csv.DictReader(io.StringIO(resp.get_data(as_text=True)))
+    assert tuple(reader.fieldnames or ()) == CSV_HEADER
+    rows = list(reader)
+    assert rows == [result_csv_row(analysed.result)]
+
+
+# ----------------------------------------------------------------------------- retry
+
+
+def _csrf(html: str) -> str:
+    key = 'name="csrf" value="'
+    i = html.index(key) + len(key)
+    return html[i : html.index('"', i)]
+
+
+def test_retry_requeues_export_then_analysis_like_l3spot_retry(case: WebCase) -> None:
+    c = _client(case)
+    uid = case.phantom_uid
+    token = _csrf(c.get(f"/jobs/{uid}").get_data(as_text=True))
+    resp = c.post(f"/jobs/{uid}/retry", data={"csrf": token})
+    assert resp.status_code == 303 and "requeued=export" in resp.headers["Location"]
+    store = JobStore(case.config.node.spool_dir)
+    rec = store.get(uid)
+    assert rec.state == "exporting" and rec.exports[0].state == "pending"
+    msgs = _queued_messages(case.config)
+    assert [m["headers"]["task"] for m in msgs] == ["worker.tasks.export_results"]
+    resp = c.post(f"/jobs/{uid}/retry", data={"csrf": token, "analysis": "1"})
+    assert resp.status_code == 303 and "requeued=analysis" in resp.headers["Location"]
+    assert store.get(uid).state == QUEUED
+    tasks = sorted(m["headers"]["task"] for m in _queued_messages(case.config))
+    assert tasks == ["worker.tasks.analyze_series", "worker.tasks.export_results"]
+    page = c.get(resp.headers["Location"]).get_data(as_text=True)
+    assert "Analysis re-queued." in page and ">queued<" in page
+    # a failed series (no results) is analysed again
+    token = _csrf(c.get(f"/jobs/{case.failed_uid}").get_data(as_text=True))
+    c.post(f"/jobs/{case.failed_uid}/retry", data={"csrf": token})
+    assert store.get(case.failed_uid).state == QUEUED
+
+
+def test_retry_refuses_missing_csrf_token_and_other_origins(case: WebCase) -> None:
+    c = _client(case)
+    uid = case.failed_uid
+    token = _csrf(c.get(f"/jobs/{uid}").get_data(as_text=True))
+    assert c.post(f"/jobs/{uid}/retry").status_code == 403
+    assert c.post(f"/jobs/{uid}/retry", data={"csrf": "0" * 64}).status_code == 403
+    evil = {"Origin": "http://evil.example"}
+    assert c.post(f"/jobs/{uid}/retry", data={"csrf": token}, headers=evil).status_code == 403
+    other = _csrf(c.get(f"/jobs/{case.phantom_uid}").get_data(as_text=True))
+    assert c.post(f"/jobs/{uid}/retry", data={"csrf": other}).status_code == 403
+    assert c.get(f"/jobs/{uid}/retry").status_code == 405
+    assert JobStore(case.config.node.spool_dir).get(uid).state == FAILED
+    assert _queued_messages(case.config) == []
+    ok = {"Origin": "http://localhost"}
+    assert c.post(f"/jobs/{uid}/retry", data={"csrf": token}, headers=ok).status_code == 303
+
+
+def test_retry_of_a_series_gone_from_the_spool_says_why(case: WebCase) -> None:
+    c = _client(case)
+    uid = case.failed_uid
+    shutil.rmtree(JobStore(case.config.node.spool_dir).get(uid).series_dir)
+    token = _csrf(c.get(f"/jobs/{uid}").get_data(as_text=True))
+    resp = c.post(f"/jobs/{uid}/retry", data={"csrf": token}, follow_redirects=True)
+    assert "Not re-queued: its instances are not in the spool any more" in resp.get_data(
+        as_text=True
+    )
+    assert JobStore(case.config.node.spool_dir).get(uid).state == FAILED
+    # the message comes from a fixed list, never from the query string
+    page = c.get(f"/jobs/{uid}?error=<b>pay+here</b>").get_data(as_text=True)
+    assert "pay here" not in page and "Not re-queued" not in page
+
+
+# ----------------------------------------------------------------------------- access
+
+
+def test_refuses_to_start_unprotected_off_loopback(tmp_path: Path) -> None:
+    with pytest.raises(WebConfigError, match="web.token"):
+        create_app(make_config(tmp_path, host="0.0.0.0"))
+    with pytest.raises(WebConfigError):
+        WebServer(make_config(tmp_path, host="192.168.1.10", token=""))
+    create_app(make_config(tmp_path, host="::1"))  # loopback: allowed without a token
+
+
+def test_node_refuses_to_start_with_an_unprotected_public_page(tmp_path: Path) -> None:
+    from service.node import Node
+
+    config = make_config(tmp_path, enabled=True, host="0.0.0.0")
+    node = Node(config)
+    with pytest.raises(WebConfigError):
+        node.start()
+    assert node.supervisor is None and node.server is None  # nothing was started
+
+
+def test_token_is_required_when_set_as_bearer_or_basic_password(analysed: WebCase) -> None:
+    config = analysed.config.model_copy(deep=True)
+    config.web.host, config.web.token = "0.0.0.0", "s3cret-token"
+    c = create_app(config).test_client()
+    for path in ("/", f"/jobs/{analysed.phantom_uid}", "/measurements.csv", "/metrics"):
+        resp = c.get(path)
+        assert resp.status_code == 401 and "Basic" in resp.headers["WWW-Authenticate"], path
+    assert c.get("/", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert c.get("/", headers={"Authorization": "Bearer s3cret-token"}).status_code == 200
+    assert c.get("/", auth=("admin", "s3cret-token")).status_code == 200
+    assert c.get("/", auth=("admin", "nope")).status_code == 401
+    assert c.get("/healthz").status_code in (200, 503)  # open to load balancers
+
+
+# ----------------------------------------------------------------------------- privacy
+
+
+def test_no_patient_name_or_id_in_any_page_unless_configured(analysed: WebCase) -> None:
+    name, pid = analysed.phantom_patient
+    assert name and pid
+    secrets = (name, pid, name.replace("^", " "), PATIENT_NAME, "SECRET-ID-42")
+    c = _client(analysed)
+    uids = (analysed.phantom_uid, analysed.ineligible_uid, analysed.failed_uid)
+    paths = ["/", "/?state=done", "/measurements.csv", "/healthz", "/metrics"]
+    paths += [f"/jobs/{u}" for u in uids]
+    for path in paths:
+        text = c.get(path).get_data(as_text=True)
+        for s in secrets:
+            assert s not in text, (path, s)
+    config = analysed.config.model_copy(deep=True)
+    config.web.show_patient_identifiers = True
+    shown = create_app(config).test_client()
+    assert pid in shown.get(f"/jobs/{analysed.phantom_uid}").get_data(as_text=True)
+    assert PATIENT_NAME in shown.get("/").get_data(as_text=True)
+
+
+# ----------------------------------------------------------------------------- health, metrics
+
+
+def test_healthz_is_503_naming_the_failed_checks(analysed: WebCase) -> None:
+    c = _client(analysed)
+    resp = c.get("/healthz")  # nothing listens on node.port
+    body = resp.get_json()
+    assert resp.status_code == 503 and body["failed"] == ["node"]
+    assert body["checks"]["broker"]["ok"] is True and body["checks"]["disk"]["ok"] is True
+    assert body["checks"]["workers"]["ok"] is None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        config = analysed.config.model_copy(deep=True)
+        config.node.port = s.getsockname()[1]
+        ok = create_app(config).test_client().get("/healthz")
+        assert ok.status_code == 200 and ok.get_json()["status"] == "ok"
+        config.node.min_free_disk_mb = 10**9
+        full = create_app(config).test_client().get("/healthz")
+        assert full.status_code == 503 and full.get_json()["failed"] == ["disk"]
+
+
+def test_metrics_are_prometheus_text_with_jobs_stages_and_export_failures(
+    analysed: WebCase,
+) -> None:
+    resp = _client(analysed).get("/metrics")
+    assert resp.status_code == 200 and resp.mimetype.startswith("text/plain")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(resp.get_data(as_text=True))
+        for s in fam.samples
+    }
+    assert samples[("l3spot_jobs", (("state", DONE),))] == 1
+    assert samples[("l3spot_jobs", (("state", INELIGIBLE),))] == 1
+    assert samples[("l3spot_jobs", (("state", FAILED),))] == 1
+    assert samples[("l3spot_jobs", (("state", QUEUED),))] == 0
+    # two series waited in the queue; one analysis finished (the other failed), one export
+    assert samples[("l3spot_stage_duration_seconds_count", (("stage", "queue_wait"),))] == 2
+    assert samples[("l3spot_stage_duration_seconds_count", (("stage", "analysis"),))] == 1
+    assert samples[("l3spot_stage_duration_seconds_count", (("stage", "export"),))] == 1
+    analysis_s = samples[("l3spot_stage_duration_seconds_sum", (("stage", "analysis"),))]
+    assert analysis_s >= analysed.result.timing_s["total"] * 0.9
+    assert samples[("l3spot_export_failures_total", (("destination", PACS_LABEL),))] == 1
+    assert samples[("l3spot_exports", (("destination", PACS_LABEL), ("state", "done")))] == 1
+    assert ("l3spot_instances_received_total", ()) in samples
+    assert ("l3spot_associations_rejected_total", ()) in samples
+
+
+# ----------------------------------------------------------------------------- SCP hooks, server
+
+
+def test_scp_observer_counts_instances_rejections_and_records_calling_ae(tmp_path: Path) -> None:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    from service.metrics import ASSOCIATIONS_REJECTED
+    from service.scp import start_scp
+    from service.spool import Spool
+    from tests.support.node import make_ct
+
+    config = make_config(tmp_path)
+    config.node.fsync = False
+    config.node.host = "127.0.0.1"
+    spool = Spool(config.node.spool_dir, config.node.resolved_quarantine_dir(), fsync=False)
+    stored: list[str] = []
+    observer = ScpObserver(SeriesSources(config.node.spool_dir).record_sender)
+    on_stored = observer.wrap_on_stored(lambda st, se, d: stored.append(se))
+    ae, server = start_scp(config, spool, on_stored)
+    observer.bind(server)
+    before = INSTANCES_RECEIVED._value.get()
+    rejected_before = ASSOCIATIONS_REJECTED._value.get()
+    try:
+        scu = AE(ae_title="MODALITY_7")
+        scu.add_requested_context(CTImageStorage)
+        assoc = scu.associate("127.0.0.1", config.node.port, ae_title=config.node.ae_title)
+        assert assoc.is_established
+        study, series = "1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2"
+        for i in range(3):
+            assert assoc.send_c_store(make_ct(study, series, i)).Status == 0
+        assoc.release()
+        wrong = scu.associate("127.0.0.1", config.node.port, ae_title="NOT_THE_NODE")
+        assert wrong.is_rejected
+    finally:
+        ae.shutdown()
+    assert stored == [series] * 3
+    assert INSTANCES_RECEIVED._value.get() - before == 3
+    assert ASSOCIATIONS_REJECTED._value.get() - rejected_before == 1
+    info = SeriesSources(config.node.spool_dir).get(series)
+    assert info.calling_ae == "MODALITY_7" and info.address == "127.0.0.1"
+
+
+@pytest.fixture()
+def web_server(analysed: WebCase) -> Iterator[WebServer]:
+    config = analysed.config.model_copy(deep=True)
+    server = WebServer(config)
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_web_server_serves_over_http_and_stops(web_server: WebServer) -> None:
+    port = web_server.port
+    assert port > 0
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+        assert r.status == 200 and b"Series received" in r.read()
+    web_server.stop()
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)

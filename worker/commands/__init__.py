@@ -1,0 +1,1 @@
+"""The worker's CLI commands (analysis, stages, phantoms, training)."""

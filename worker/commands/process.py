@@ -1,0 +1,53 @@
+"""CLI command of the analysis process: ``l3spot worker``, a Celery worker for the broker."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from core.commands import ConfigOpt
+from core.commands import load_for_cli as _load
+
+
+def worker(
+    config: ConfigOpt = None,
+    queues: Annotated[str, typer.Option(help="comma-separated queues")] = "analysis,export",
+    concurrency: Annotated[
+        int | None, typer.Option(help="default broker.worker_concurrency")
+    ] = None,
+    pool: Annotated[str | None, typer.Option(help="prefork|solo|threads")] = None,
+    hostname: Annotated[str | None, typer.Option(help="Celery node name")] = None,
+) -> None:
+    """Run a Celery worker for the configured broker (several may share the spool)."""
+    from core.queue import configure_app
+
+    cfg = _load(config)
+    app = configure_app(cfg)
+    if "analysis" in queues.split(","):
+        # import torch and the pipeline once here, before the pool forks: each new pool
+        # child (first task, or a replacement for a killed one) starts seconds sooner
+        import worker.pipeline  # noqa: F401
+    argv = [
+        "worker",
+        "--queues",
+        queues,
+        "--concurrency",
+        str(concurrency or cfg.broker.worker_concurrency),
+        "--pool",
+        pool or cfg.broker.worker_pool,
+        "--loglevel",
+        cfg.logging.level,
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ]
+    if hostname:
+        argv += ["--hostname", hostname]
+    app.worker_main(argv)
+
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to app."""
+    app.command()(worker)

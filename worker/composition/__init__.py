@@ -1,0 +1,1 @@
+"""Body composition on the L3 slice: SMA, IMAT, VAT, SAT."""

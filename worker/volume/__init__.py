@@ -1,0 +1,1 @@
+"""CT series in and out: DICOM/NIfTI loading to an HU volume, and writing a CT series."""
