@@ -18,6 +18,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from core.errors import ConfigError
+
+__all__ = ["Config", "ConfigError", "load_config"]
+
 ENV_CONFIG_PATH = "L3SPOT_CONFIG"
 ENV_PREFIX = "L3SPOT__"
 
@@ -233,10 +237,6 @@ class Config(_Section):
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
     web: WebConfig = Field(default_factory=WebConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
-
-
-class ConfigError(ValueError):
-    """The configuration file or an environment override is invalid."""
 
 
 def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:

@@ -1,10 +1,98 @@
-"""Exception types. Each carries the Series Instance UID it concerns, never patient data."""
+"""The error tree: every exception l3spot defines derives from :class:`L3SpotError`.
+
+Each error carries the Series Instance UID (and the Study Instance UID where one is known)
+it concerns as attributes, never patient data, so a handler can record it in the job
+record or a log line without parsing the message. Errors that code elsewhere catches as a
+builtin type also derive from that type (``ConfigError`` is a ``ValueError``,
+``JobNotFoundError`` a ``KeyError``, ``SpoolWriteError`` in :mod:`service.spool` an
+``OSError``), so ``except ValueError`` and the like keep working.
+
+Errors shared by both processes live here; errors that only one module raises live in that
+module (:mod:`service.spool`, :mod:`service.requeue`, :mod:`worker.locator.coarse`, ...)
+and derive from :class:`L3SpotError` too (``tests/unit/test_errors.py`` checks every
+module).
+
+The tree::
+
+    L3SpotError
+    ├── ConfigError (ValueError)              the configuration file or an override is invalid
+    ├── JobNotFoundError (KeyError)           no job record for a Series Instance UID
+    ├── MalformedDatasetError (ValueError)    an encoded data set is not well-formed (PS3.5 7)
+    ├── NetPatchError (RuntimeError)          a pynetdicom patch cannot attach (core.netpatch)
+    ├── SeriesValidationError                 a series cannot become a valid CT volume
+    │   ├── NotCTError, MixedSeriesError, NonAxialError, GantryTiltError,
+    │   ├── InconsistentGeometryError, DuplicatePositionError, SliceGapError,
+    │   └── TooFewSlicesError, MissingIdentifierError, UnreadableFileError
+    └── AnalysisError                         a loaded series could not be analysed
+"""
 
 from __future__ import annotations
 
+__all__ = [
+    "AnalysisError",
+    "ConfigError",
+    "DuplicatePositionError",
+    "GantryTiltError",
+    "InconsistentGeometryError",
+    "JobNotFoundError",
+    "L3SpotError",
+    "MalformedDatasetError",
+    "MissingIdentifierError",
+    "MixedSeriesError",
+    "NetPatchError",
+    "NonAxialError",
+    "NotCTError",
+    "SeriesValidationError",
+    "SliceGapError",
+    "TooFewSlicesError",
+    "UnreadableFileError",
+]
+
 
 class L3SpotError(Exception):
-    """Base class of every error l3spot raises on purpose."""
+    """Base class of every error l3spot raises on purpose.
+
+    Parameters
+    ----------
+    *args : the message (passed on to the builtin base, e.g. ``OSError(errno, strerror)``).
+    series_uid : Series Instance UID the error concerns ("" when none or unknown).
+    study_uid : Study Instance UID the error concerns ("" when none or unknown).
+
+    Attributes
+    ----------
+    series_uid, study_uid : as given; class defaults are "" so every instance has them.
+    """
+
+    series_uid: str = ""
+    study_uid: str = ""
+
+    def __init__(self, *args: object, series_uid: str = "", study_uid: str = "") -> None:
+        super().__init__(*args)
+        self.series_uid = series_uid
+        self.study_uid = study_uid
+
+
+class ConfigError(L3SpotError, ValueError):
+    """The configuration file or an environment override is invalid."""
+
+
+class JobNotFoundError(L3SpotError, KeyError):
+    """No job record for this Series Instance UID."""
+
+    def __init__(self, series_uid: str) -> None:
+        super().__init__(f"no job record for series {series_uid}", series_uid=series_uid)
+
+
+class MalformedDatasetError(L3SpotError, ValueError):
+    """The encoded data set is not well-formed (the reason says where and why).
+
+    Raised by the element walker of :mod:`core.dicom` for truncated elements, lengths that
+    run past their container, unknown VRs, unordered tags, bad nesting (PS3.5 section 7).
+    """
+
+
+class NetPatchError(L3SpotError, RuntimeError):
+    """A patch of :mod:`core.netpatch` cannot attach to the installed pynetdicom."""
 
 
 class SeriesValidationError(L3SpotError):
@@ -14,19 +102,74 @@ class SeriesValidationError(L3SpotError):
     ----------
     series_uid : Series Instance UID ("" when the input has none).
     reason : what is wrong, in the standard's terms (e.g. "gantry tilt of 15.0 degrees").
+    study_uid : Study Instance UID when known.
     """
 
-    def __init__(self, series_uid: str, reason: str) -> None:
-        self.series_uid = series_uid
+    def __init__(self, series_uid: str, reason: str, study_uid: str = "") -> None:
         self.reason = reason
-        super().__init__(f"series {series_uid or '<no Series Instance UID>'}: {reason}")
+        super().__init__(
+            f"series {series_uid or '<no Series Instance UID>'}: {reason}",
+            series_uid=series_uid,
+            study_uid=study_uid,
+        )
+
+
+class NotCTError(SeriesValidationError):
+    """The series is not a single-frame grayscale CT image series (modality, SOP class)."""
+
+
+class MixedSeriesError(SeriesValidationError):
+    """The folder holds images of more than one series (or study)."""
+
+
+class NonAxialError(SeriesValidationError):
+    """The images are not axial slices (sagittal, coronal, oblique, localizer)."""
+
+
+class GantryTiltError(SeriesValidationError):
+    """The slices were acquired with gantry tilt: the stack is sheared."""
+
+
+class InconsistentGeometryError(SeriesValidationError):
+    """Rows, columns, pixel spacing, orientation or frame of reference differ or are missing."""
+
+
+class DuplicatePositionError(SeriesValidationError):
+    """Several slices with different pixels share one position."""
+
+
+class SliceGapError(SeriesValidationError):
+    """A step between consecutive slices is larger than allowed (missing slices)."""
+
+
+class TooFewSlicesError(SeriesValidationError):
+    """Fewer slices than the configured minimum (or none at all)."""
+
+
+class MissingIdentifierError(SeriesValidationError):
+    """An image has an empty SOP Instance, Study Instance or Series Instance UID."""
+
+
+class UnreadableFileError(SeriesValidationError):
+    """A DICOM file of the series cannot be parsed or its pixels cannot be decoded."""
 
 
 class AnalysisError(L3SpotError):
-    """A loaded series could not be analysed (locator or composition failed)."""
+    """A loaded series could not be analysed (locator or composition failed).
 
-    def __init__(self, series_uid: str, stage: str, reason: str) -> None:
-        self.series_uid = series_uid
+    Parameters
+    ----------
+    series_uid : Series Instance UID.
+    stage : the pipeline stage that failed ("locator", "composition", ...).
+    reason : what went wrong.
+    study_uid : Study Instance UID when known.
+    """
+
+    def __init__(self, series_uid: str, stage: str, reason: str, study_uid: str = "") -> None:
         self.stage = stage
         self.reason = reason
-        super().__init__(f"series {series_uid or '<no Series Instance UID>'}: {stage}: {reason}")
+        super().__init__(
+            f"series {series_uid or '<no Series Instance UID>'}: {stage}: {reason}",
+            series_uid=series_uid,
+            study_uid=study_uid,
+        )

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.errors import JobNotFoundError
+
 DB_NAME = "jobs.sqlite"
 #: Seconds a statement waits for another connection's lock before ``database is locked``.
 #: Never wait like this on a thread that owes a DICOM peer a response (the SCP's C-STORE
@@ -98,14 +100,6 @@ _MIGRATIONS = (
 def new_token() -> str:
     """A fresh queue token: Unix time (µs) plus 8 random hex digits, unique per call."""
     return f"{time.time():.6f}-{uuid.uuid4().hex[:8]}"
-
-
-class JobNotFoundError(KeyError):
-    """No job record for this Series Instance UID."""
-
-    def __init__(self, series_uid: str) -> None:
-        self.series_uid = series_uid
-        super().__init__(f"no job record for series {series_uid}")
 
 
 @dataclass

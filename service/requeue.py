@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from core.config import Config
-from core.jobs import JobStore
+from core.errors import L3SpotError
+from core.jobs import JobNotFoundError, JobStore
 from core.layout import result_files, series_results_dir
 from core.queue import send_analysis, send_export
 from service.spool import Spool
@@ -18,14 +19,13 @@ RETRY_ERRORS = {
 }
 
 
-class RetryError(LookupError):
+class RetryError(L3SpotError, LookupError):
     """The series cannot be re-queued; ``code`` is a key of :data:`RETRY_ERRORS`."""
 
     def __init__(self, series_uid: str, code: str) -> None:
-        self.series_uid = series_uid
         self.code = code
         self.reason = RETRY_ERRORS[code]
-        super().__init__(f"series {series_uid}: {self.reason}")
+        super().__init__(f"series {series_uid}: {self.reason}", series_uid=series_uid)
 
 
 def requeue_series(
@@ -56,8 +56,6 @@ def requeue_series(
     RetryError
         No job record for ``series_uid``, or its instances are no longer in the spool.
     """
-    from core.jobs import JobNotFoundError
-
     try:
         rec = store.get(series_uid)
     except JobNotFoundError as exc:

@@ -54,6 +54,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from core.config import Config
+from core.errors import L3SpotError
 from core.logs import log_event
 from service.audit import AuditLog, audit_log_path
 from service.security import FreeBytes, PeerPolicy, disk_free_bytes, make_ssl_context
@@ -99,7 +100,7 @@ UNLIMITED_PDU_GUARD_BYTES = 64 * 1024 * 1024
 _PREAMBLE = b"\x00" * 128 + b"DICM"
 
 
-class UnreadableDatasetError(ValueError):
+class UnreadableDatasetError(L3SpotError, ValueError):
     """The received data set cannot be parsed far enough to find its UIDs."""
 
 

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.errors import L3SpotError
+
 #: A DICOM UID (PS3.5 section 9.1): digits and dots, at most 64 characters. Checking this
 #: before a UID becomes a path also keeps ``..`` and ``/`` out of the spool.
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -36,7 +38,7 @@ PREAMBLE = b"\x00" * 128 + b"DICM"
 TMP_PREFIX = ".tmp-"
 
 
-class SpoolWriteError(OSError):
+class SpoolWriteError(L3SpotError, OSError):
     """Writing an instance to the spool failed (disk full, permissions, I/O error)."""
 
 
@@ -186,7 +188,12 @@ class Spool:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             self._known_dirs.discard(folder)
-            raise SpoolWriteError(exc.errno, f"cannot write {final.name}: {exc.strerror}") from exc
+            raise SpoolWriteError(
+                exc.errno,
+                f"cannot write {final.name}: {exc.strerror}",
+                series_uid=series_uid,
+                study_uid=study_uid,
+            ) from exc
         return final
 
     def quarantine(self, raw: bytes, reason: str, context: dict[str, Any]) -> Path:

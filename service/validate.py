@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 from pydicom.uid import UID
 
+from core.errors import MalformedDatasetError
+
 _UNDEFINED = 0xFFFFFFFF
 _ITEM = 0xFFFEE000
 _ITEM_DELIM = 0xFFFEE00D
@@ -58,10 +60,6 @@ _UIDS = ("sop_class", "sop_instance", "study", "series")
 CT_IMAGE_CLASSES = frozenset(
     {"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"}
 )
-
-
-class MalformedDatasetError(ValueError):
-    """The encoded data set is not well-formed (the reason says where and why)."""
 
 
 @dataclass

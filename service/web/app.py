@@ -39,6 +39,7 @@ from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from core.config import Config, WebConfig
+from core.errors import L3SpotError
 from core.jobs import STATES, JobNotFoundError
 from core.labels import COMPARTMENT_COLOURS
 from core.labels import COMPARTMENTS as COMPARTMENT_KEYS
@@ -58,7 +59,7 @@ from service.web.views import (
 MAX_ROWS = 1000
 
 
-class WebConfigError(ValueError):
+class WebConfigError(L3SpotError, ValueError):
     """The ``web`` section would expose the page unprotected."""
 
 

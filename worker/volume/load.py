@@ -50,7 +50,43 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
-from core.errors import SeriesValidationError
+from core.errors import (
+    DuplicatePositionError,
+    GantryTiltError,
+    InconsistentGeometryError,
+    L3SpotError,
+    MissingIdentifierError,
+    MixedSeriesError,
+    NonAxialError,
+    NotCTError,
+    SeriesValidationError,
+    SliceGapError,
+    TooFewSlicesError,
+    UnreadableFileError,
+)
+
+__all__ = [
+    "CTVolume",
+    "DuplicatePositionError",
+    "GantryTiltError",
+    "InconsistentGeometryError",
+    "MissingIdentifierError",
+    "MixedSeriesError",
+    "NonAxialError",
+    "NotCTError",
+    "PatientInfo",
+    "SeriesValidationError",
+    "SliceGapError",
+    "SliceHeader",
+    "TooFewSlicesError",
+    "UnreadableFileError",
+    "is_nifti",
+    "load_dicom_series",
+    "load_nifti",
+    "load_series",
+    "read_series_headers",
+    "slice_normal",
+]
 
 
 @dataclass(frozen=True)
@@ -127,51 +163,6 @@ class CTVolume:
     def nearest_slice(self, z: float) -> int:
         """Index of the real slice whose z position (mm) is nearest to ``z``."""
         return int(np.argmin(np.abs(self.z_mm - z)))
-
-
-# --------------------------------------------------------------------------------------------
-# Validation errors
-# --------------------------------------------------------------------------------------------
-
-
-class NotCTError(SeriesValidationError):
-    """The series is not a single-frame grayscale CT image series (modality, SOP class)."""
-
-
-class MixedSeriesError(SeriesValidationError):
-    """The folder holds images of more than one series (or study)."""
-
-
-class NonAxialError(SeriesValidationError):
-    """The images are not axial slices (sagittal, coronal, oblique, localizer)."""
-
-
-class GantryTiltError(SeriesValidationError):
-    """The slices were acquired with gantry tilt: the stack is sheared."""
-
-
-class InconsistentGeometryError(SeriesValidationError):
-    """Rows, columns, pixel spacing, orientation or frame of reference differ or are missing."""
-
-
-class DuplicatePositionError(SeriesValidationError):
-    """Several slices with different pixels share one position."""
-
-
-class SliceGapError(SeriesValidationError):
-    """A step between consecutive slices is larger than allowed (missing slices)."""
-
-
-class TooFewSlicesError(SeriesValidationError):
-    """Fewer slices than the configured minimum (or none at all)."""
-
-
-class MissingIdentifierError(SeriesValidationError):
-    """An image has an empty SOP Instance, Study Instance or Series Instance UID."""
-
-
-class UnreadableFileError(SeriesValidationError):
-    """A DICOM file of the series cannot be parsed or its pixels cannot be decoded."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -525,7 +516,7 @@ _PIXEL_DATA = 0x7FE00010
 _UNDEFINED = 0xFFFFFFFF
 
 
-class _FallbackError(Exception):
+class _FallbackError(L3SpotError):
     """The fast parser met something it leaves to pydicom."""
 
 
