@@ -5,9 +5,9 @@ The job record, not Celery's result backend, is the truth about a series: the no
 ``failed``. The database survives restarts of the node and of the workers, and several
 processes on one host may use it at once (SQLite WAL mode, ``BEGIN IMMEDIATE`` writers).
 
-It lives in :mod:`worker` because both sides write it and ``worker`` never imports ``service``;
-:mod:`service.jobs` re-exports it for the node. Records hold UIDs, states, reasons and
-timings only, never patient name, ID or birth date.
+It lives in :mod:`core` because both sides write it; :mod:`service.jobs` re-exports it for
+the node. The states are :class:`JobState` members (a ``StrEnum``: stored as their strings).
+Records hold UIDs, states, reasons and timings only, never patient name, ID or birth date.
 
 States (in the order a series passes through them)::
 
@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -34,16 +35,41 @@ DB_NAME = "jobs.sqlite"
 #: handler): scanners' DIMSE timeouts are typically 30 s too (docs/reliability.md).
 BUSY_TIMEOUT_S = 30.0
 
-RECEIVED = "received"
-INELIGIBLE = "ineligible"
-QUEUED = "queued"
-ANALYSING = "analysing"
-EXPORTING = "exporting"
-DONE = "done"
-FAILED = "failed"
-STATES = (RECEIVED, INELIGIBLE, QUEUED, ANALYSING, EXPORTING, DONE, FAILED)
+
+class JobState(StrEnum):
+    """The state of a series' job record, in the order a series passes through them.
+
+    A :class:`~enum.StrEnum`: each member *is* its lower-case string, so the values in
+    SQLite, in the JSON of the web page and in ``l3spot jobs`` are the same strings as
+    before the enum (no migration), and ``rec.state == "done"`` still holds.
+    """
+
+    RECEIVED = "received"  # instances arriving; the series timer runs (node)
+    INELIGIBLE = "ineligible"  # stored but not analysed; ``reason`` says why (node)
+    QUEUED = "queued"  # the analysis task is sent (node)
+    ANALYSING = "analysing"  # a worker runs the pipeline (worker)
+    EXPORTING = "exporting"  # results written, delivery to the PACS pending (worker)
+    DONE = "done"  # results written (and delivered, if destinations are configured)
+    FAILED = "failed"  # analysis or delivery failed; ``reason`` says why
+
+    @property
+    def pending(self) -> bool:
+        """True while the series still has work to do (re-queued at node start-up)."""
+        return self in PENDING_STATES
+
+
 #: States in which a series still has work to do (re-queued at node start-up).
-PENDING_STATES = (RECEIVED, QUEUED, ANALYSING, EXPORTING)
+PENDING_STATES = (JobState.RECEIVED, JobState.QUEUED, JobState.ANALYSING, JobState.EXPORTING)
+
+
+class ExportState(StrEnum):
+    """The state of one destination's delivery (the ``exports`` table)."""
+
+    PENDING = "pending"  # not tried yet (or reset by a retry)
+    RETRYING = "retrying"  # an attempt failed; another is scheduled with back-off
+    DONE = "done"  # the PACS accepted every object
+    FAILED = "failed"  # ``export.max_attempts`` attempts failed
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -107,7 +133,7 @@ class ExportRecord:
     """Delivery of one series' results to one destination (``AE@host:port``)."""
 
     destination: str
-    state: str
+    state: ExportState
     attempts: int = 0
     last_status: str | None = None
     last_error: str | None = None
@@ -121,7 +147,7 @@ class JobRecord:
     series_uid: str
     study_uid: str
     series_dir: str
-    state: str
+    state: JobState
     reason: str | None = None
     note: str | None = None
     n_instances: int = 0
@@ -239,13 +265,13 @@ class JobStore:
                 con.execute(
                     "INSERT INTO jobs (series_uid, study_uid, series_dir, state, received_at,"
                     " updated_at) VALUES (?,?,?,?,?,?)",
-                    (series_uid, study_uid, str(series_dir), RECEIVED, now, time.time()),
+                    (series_uid, study_uid, str(series_dir), JobState.RECEIVED, now, time.time()),
                 )
-            elif row["state"] != RECEIVED:
+            elif row["state"] != JobState.RECEIVED:
                 con.execute(
                     "UPDATE jobs SET state=?, reason=NULL, note=NULL, received_at=?,"
                     " updated_at=? WHERE series_uid=?",
-                    (RECEIVED, now, time.time(), series_uid),
+                    (JobState.RECEIVED, now, time.time(), series_uid),
                 )
 
     def mark_ineligible(self, series_uid: str, reason: str, n_instances: int) -> None:
@@ -253,7 +279,7 @@ class JobStore:
         now = time.time()
         self._update(
             series_uid,
-            state=INELIGIBLE,
+            state=JobState.INELIGIBLE,
             reason=reason,
             n_instances=n_instances,
             completed_at=now,
@@ -272,7 +298,7 @@ class JobStore:
         token = new_token()
         fields: dict[str, Any] = {
             "run_attempts": 0,
-            "state": QUEUED,
+            "state": JobState.QUEUED,
             "reason": None,
             "note": None,
             "token": token,
@@ -307,19 +333,22 @@ class JobStore:
             if (
                 row is not None
                 and token is not None
-                and (row["token"] != token or row["state"] in (EXPORTING, DONE, FAILED))
+                and (
+                    row["token"] != token
+                    or row["state"] in (JobState.EXPORTING, JobState.DONE, JobState.FAILED)
+                )
             ):
                 return False
             if row is None:
                 con.execute(
                     "INSERT INTO jobs (series_uid, state, updated_at) VALUES (?,?,?)",
-                    (series_uid, ANALYSING, now),
+                    (series_uid, JobState.ANALYSING, now),
                 )
             con.execute(
                 "UPDATE jobs SET state=?, attempts=attempts+1, run_attempts=run_attempts+1,"
                 " analysis_started_at=?,"
                 " reason=NULL, worker=?, updated_at=? WHERE series_uid=?",
-                (ANALYSING, now, worker, now, series_uid),
+                (JobState.ANALYSING, now, worker, now, series_uid),
             )
         return True
 
@@ -332,7 +361,7 @@ class JobStore:
         record's: the series was re-queued meanwhile and the newer run owns the record.
         """
         now = time.time()
-        state = EXPORTING if exporting else DONE
+        state = JobState.EXPORTING if exporting else JobState.DONE
         with self._write() as con:
             row = con.execute("SELECT token FROM jobs WHERE series_uid=?", (series_uid,)).fetchone()
             if row is not None and token is not None and row["token"] != token:
@@ -401,16 +430,18 @@ class JobStore:
                 "SELECT series_uid, state FROM jobs WHERE (state=? AND updated_at<?)"
                 " OR (state=? AND updated_at<?) OR (state=? AND updated_at<?)",
                 (
-                    QUEUED,
+                    JobState.QUEUED,
                     queued_before,
-                    ANALYSING,
+                    JobState.ANALYSING,
                     running_before,
-                    EXPORTING,
+                    JobState.EXPORTING,
                     exporting_before,
                 ),
             ).fetchall()
             for row in rows:
-                state = EXPORTING if row["state"] == EXPORTING else QUEUED
+                state = (
+                    JobState.EXPORTING if row["state"] == JobState.EXPORTING else JobState.QUEUED
+                )
                 con.execute(
                     "UPDATE jobs SET state=?, token=?, requeues=requeues+1, updated_at=?"
                     " WHERE series_uid=?",
@@ -426,7 +457,7 @@ class JobStore:
             con.execute(
                 "UPDATE jobs SET state=?, reason=NULL, export_finished_at=NULL, updated_at=?"
                 " WHERE series_uid=?",
-                (EXPORTING, now, series_uid),
+                (JobState.EXPORTING, now, series_uid),
             )
             for dest in destinations:
                 con.execute(
@@ -434,7 +465,7 @@ class JobStore:
                     " VALUES (?,?,?,?) ON CONFLICT(series_uid, destination) DO UPDATE SET"
                     " state=excluded.state, attempts=0, last_status=NULL, last_error=NULL,"
                     " updated_at=excluded.updated_at",
-                    (series_uid, dest, "pending", now),
+                    (series_uid, dest, ExportState.PENDING, now),
                 )
 
     def record_export_attempt(
@@ -451,7 +482,7 @@ class JobStore:
         ``final`` marks the destination ``failed`` (no more retries) when ``ok`` is false.
         """
         now = time.time()
-        state = "done" if ok else ("failed" if final else "retrying")
+        state = ExportState.DONE if ok else (ExportState.FAILED if final else ExportState.RETRYING)
         with self._write() as con:
             con.execute(
                 "INSERT INTO exports (series_uid, destination, state, attempts, last_status,"
@@ -470,11 +501,11 @@ class JobStore:
     def finish_export(self, series_uid: str) -> None:
         """Every destination has the results."""
         now = time.time()
-        self._update(series_uid, state=DONE, export_finished_at=now)
+        self._update(series_uid, state=JobState.DONE, export_finished_at=now)
 
     def mark_failed(self, series_uid: str, reason: str) -> None:
         """The series ends failed, with a reason an operator can act on."""
-        self._update(series_uid, state=FAILED, reason=reason)
+        self._update(series_uid, state=JobState.FAILED, reason=reason)
 
     # ---- reading ---------------------------------------------------------------------
 
@@ -495,7 +526,7 @@ class JobStore:
             ).fetchall()
         return self._record(row, exports)
 
-    def list(self, states: tuple[str, ...] | None = None) -> list[JobRecord]:
+    def list(self, states: tuple[JobState, ...] | None = None) -> list[JobRecord]:
         """All records (optionally only those in ``states``), most recently updated first."""
         with self._connect() as con:
             if states:
@@ -522,7 +553,7 @@ class JobStore:
                 f"UPDATE jobs SET {cols} WHERE series_uid=?", (*fields.values(), series_uid)
             )
             if cur.rowcount == 0:
-                state = fields.pop("state", RECEIVED)
+                state = fields.pop("state", JobState.RECEIVED)
                 fields.pop("updated_at")
                 con.execute(
                     "INSERT INTO jobs (series_uid, state, updated_at) VALUES (?,?,?)",
@@ -538,11 +569,12 @@ class JobStore:
     @staticmethod
     def _record(row: sqlite3.Row, exports: list[sqlite3.Row]) -> JobRecord:
         data = {k: row[k] for k in row.keys()}  # noqa: SIM118 (sqlite3.Row)
+        data["state"] = JobState(data["state"])
         rec = JobRecord(**data)
         rec.exports = [
             ExportRecord(
                 destination=e["destination"],
-                state=e["state"],
+                state=ExportState(e["state"]),
                 attempts=e["attempts"],
                 last_status=e["last_status"],
                 last_error=e["last_error"],

@@ -9,32 +9,20 @@ from __future__ import annotations
 import time
 
 from core.jobs import (
-    ANALYSING,
-    DONE,
-    EXPORTING,
-    FAILED,
-    INELIGIBLE,
     PENDING_STATES,
-    QUEUED,
-    RECEIVED,
-    STATES,
     ExportRecord,
+    ExportState,
     JobNotFoundError,
     JobRecord,
+    JobState,
     JobStore,
 )
 
 __all__ = [
-    "ANALYSING",
-    "DONE",
-    "EXPORTING",
-    "FAILED",
-    "INELIGIBLE",
     "PENDING_STATES",
-    "QUEUED",
-    "RECEIVED",
-    "STATES",
     "ExportRecord",
+    "ExportState",
+    "JobState",
     "JobNotFoundError",
     "JobRecord",
     "JobStore",

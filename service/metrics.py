@@ -34,7 +34,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from core.config import Config
-from core.jobs import DB_NAME, STATES
+from core.jobs import DB_NAME, ExportState, JobState
 
 #: The registry ``/metrics`` exposes (the process-wide default registry is not used, so
 #: tests and several nodes in one process do not collide on names).
@@ -174,7 +174,7 @@ class NodeCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         """Yield the metric families (see the module docstring)."""
         jobs = GaugeMetricFamily("l3spot_jobs", "Series by job state.", labels=["state"])
-        counts = dict.fromkeys(STATES, 0)
+        counts = dict.fromkeys(JobState, 0)
         stage = HistogramMetricFamily(
             "l3spot_stage_duration_seconds",
             "Seconds per job stage (queue wait, analysis, export) of the recorded jobs.",
@@ -210,14 +210,15 @@ class NodeCollector(Collector):
                     exports.add_metric([r["destination"], r["state"]], int(r["n"]))
                 per_dest: dict[str, int] = {}
                 for r in con.execute(
-                    "SELECT destination, SUM(attempts - (CASE WHEN state='done' THEN 1 ELSE 0"
-                    " END)) AS failed FROM exports GROUP BY destination"
+                    "SELECT destination, SUM(attempts - (CASE WHEN state=? THEN 1 ELSE 0"
+                    " END)) AS failed FROM exports GROUP BY destination",
+                    (ExportState.DONE,),
                 ):
                     per_dest[r["destination"]] = max(int(r["failed"] or 0), 0)
                 for dest, n in per_dest.items():
                     failures.add_metric([dest], n)
         for state, n in counts.items():
-            jobs.add_metric([state], n)
+            jobs.add_metric([str(state)], n)
         yield jobs
         yield stage
         yield exports

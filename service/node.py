@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from core.config import Config
-from core.jobs import EXPORTING, JobRecord, JobStore
+from core.jobs import JobRecord, JobState, JobStore
 from core.logs import log_event
 from core.queue import ANALYSIS_QUEUE, EXPORT_QUEUE, configure_app, send_analysis, send_export
 from service.scp import start_scp
@@ -217,7 +217,7 @@ class Node:
         )
         for rec in claimed:
             try:
-                if rec.state == EXPORTING:
+                if rec.state == JobState.EXPORTING:
                     self.enqueue_export(rec.series_uid, rec.token)
                 else:
                     series_dir = Path(rec.series_dir) if rec.series_dir else None

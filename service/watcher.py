@@ -26,9 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from core import jobs as jobstore
 from core.config import NodeConfig
-from core.jobs import JobStore
+from core.jobs import JobState, JobStore
 from core.logs import log_event
 from service.eligibility import check_series
 from service.spool import Spool
@@ -250,16 +249,16 @@ class SeriesWatcher:
         actions: dict[str, str] = {}
         for ref in spool.iter_series():
             rec = records.get(ref.series_uid)
-            if rec is None or rec.state == jobstore.RECEIVED:
+            if rec is None or rec.state == JobState.RECEIVED:
                 self.touch(ref.study_uid, ref.series_uid, ref.path)
                 actions[ref.series_uid] = "timer"
             elif not requeue_running:
                 continue
-            elif rec.state in (jobstore.QUEUED, jobstore.ANALYSING):
+            elif rec.state in (JobState.QUEUED, JobState.ANALYSING):
                 token = self.jobs.mark_queued(ref.series_uid)
                 self.enqueue(ref.path, ref.series_uid, token)
                 actions[ref.series_uid] = "requeued"
-            elif rec.state == jobstore.EXPORTING:
+            elif rec.state == JobState.EXPORTING:
                 enqueue_export(ref.series_uid, self.jobs.renew_token(ref.series_uid))
                 actions[ref.series_uid] = "export_requeued"
         if actions:

@@ -26,7 +26,7 @@ from celery import Task
 
 from core.config import Config
 from core.errors import AnalysisError, SeriesValidationError
-from core.jobs import JobStore
+from core.jobs import ExportState, JobState, JobStore
 from core.layout import result_files, series_results_dir
 from core.logs import log_event
 from core.queue import app, current_config, send_export
@@ -134,7 +134,8 @@ def run_analysis(
 
     Returns
     -------
-    "done", "exporting", "failed" or "stale".
+    :attr:`JobState.DONE`, :attr:`JobState.EXPORTING`, :attr:`JobState.FAILED` (the state the
+    job record was left in; equal to their strings) or "stale" (another run owns the job).
     """
     series_uid = series_dir.name
     if not jobs.start_analysis(series_uid, token, worker=f"{socket.gethostname()}/{os.getpid()}"):
@@ -151,7 +152,7 @@ def run_analysis(
         log_event(
             log, "analysis_given_up", logging.ERROR, series_instance_uid=series_uid, reason=reason
         )
-        return "failed"
+        return JobState.FAILED
     log_event(log, "analysis_started", series_instance_uid=series_uid, attempt=attempts)
     results_root = config.node.resolved_results_dir()
     results_root.mkdir(parents=True, exist_ok=True)
@@ -170,13 +171,13 @@ def run_analysis(
             series_instance_uid=series_uid,
             reason=exc.reason,
         )
-        return "failed"
+        return JobState.FAILED
     except Exception as exc:  # a bug or a corrupt input: record it, keep the worker alive
         shutil.rmtree(tmp, ignore_errors=True)
         reason = f"internal error: {type(exc).__name__}: {exc}"
         jobs.mark_failed(series_uid, reason)
         log.exception("analysis_crashed", extra={"fields": {"series_instance_uid": series_uid}})
-        return "failed"
+        return JobState.FAILED
     _replace_dir(tmp, series_results_dir(results_root, series_uid))
     note = _note_from_result(result)
     destinations = config.export.destinations
@@ -187,10 +188,10 @@ def run_analysis(
         return "stale"
     log_event(log, "analysis_done", series_instance_uid=series_uid, note=note)
     if not destinations:
-        return "done"
+        return JobState.DONE
     jobs.start_export(series_uid, [d.label for d in destinations])
     enqueue_export(series_uid, token)
-    return "exporting"
+    return JobState.EXPORTING
 
 
 def run_export(
@@ -221,7 +222,7 @@ def run_export(
     for dest in config.export.destinations:
         label = dest.label
         prior = previous.get(label)
-        if prior is not None and prior.state == "done":
+        if prior is not None and prior.state == ExportState.DONE:
             continue
         attempt = (prior.attempts if prior is not None else 0) + 1
         final = attempt >= config.export.max_attempts

@@ -40,7 +40,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from core.config import Config, WebConfig
 from core.errors import L3SpotError
-from core.jobs import STATES, JobNotFoundError
+from core.jobs import JobNotFoundError, JobState
 from core.labels import COMPARTMENT_COLOURS
 from core.labels import COMPARTMENTS as COMPARTMENT_KEYS
 from core.layout import OVERVIEW_FILE, SC_FILE
@@ -198,7 +198,7 @@ def create_app(config: Config, probe: NodeProbe | None = None, celery: Any | Non
     app.jinja_env.globals.update(
         ae_title=config.node.ae_title,
         show_patient=config.web.show_patient_identifiers,
-        states=STATES,
+        states=tuple(JobState),
         compartments=COMPARTMENTS,
         pipeline_stages=PIPELINE_STAGES,
         colours={COMPARTMENT_KEYS[k]: f"rgb{c}" for k, c in COMPARTMENT_COLOURS.items()},
@@ -238,7 +238,9 @@ def create_app(config: Config, probe: NodeProbe | None = None, celery: Any | Non
     @app.get("/")
     def jobs() -> str:
         flt = JobFilter(
-            state=request.args.get("state", "") if request.args.get("state") in STATES else "",
+            state=request.args.get("state", "")
+            if request.args.get("state") in tuple(JobState)
+            else "",
             calling_ae=request.args.get("calling_ae", "").strip(),
             study_date_from=_parse_date(request.args.get("study_date_from")),
             study_date_to=_parse_date(request.args.get("study_date_to")),

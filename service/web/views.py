@@ -17,7 +17,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from core.config import Config
-from core.jobs import JobRecord, JobStore
+from core.jobs import JobRecord, JobState, JobStore
 from core.layout import OVERVIEW_FILE, RESULT_JSON, SC_FILE
 from core.result import CSV_HEADER, AnalysisResult, result_csv_row
 from service.web.sources import SeriesInfo, SeriesSources, read_patient_identifiers
@@ -41,7 +41,7 @@ class JobFilter:
     Study Date; series with no known study date are left out when either bound is set.
     """
 
-    state: str = ""
+    state: JobState | str = ""
     calling_ae: str = ""
     study_date_from: date | None = None
     study_date_to: date | None = None
@@ -187,7 +187,7 @@ class JobViews:
         (rows, total): the rows shown and how many passed the filter.
         """
         infos = self.sources.all()
-        records = self.store.list((flt.state,) if flt.state else None)
+        records = self.store.list((JobState(flt.state),) if flt.state else None)
         rows = [self._row(r, infos.get(r.series_uid), with_patient=False) for r in records]
         rows = [r for r in rows if flt.matches(r)]
         rows.sort(key=lambda r: r.newest_time, reverse=True)

@@ -27,13 +27,9 @@ import redis as redis_client
 
 from core.config import load_config
 from core.jobs import (
-    ANALYSING,
-    DONE,
-    FAILED,
-    INELIGIBLE,
-    QUEUED,
     JobNotFoundError,
     JobRecord,
+    JobState,
     JobStore,
 )
 from tests.support.node import (
@@ -60,7 +56,7 @@ from tests.support.node import (
 
 pytestmark = pytest.mark.integration
 
-FINAL = (DONE, FAILED, INELIGIBLE)
+FINAL = (JobState.DONE, JobState.FAILED, JobState.INELIGIBLE)
 
 
 @pytest.fixture(autouse=True)
@@ -196,7 +192,7 @@ def test_node_killed_mid_association_loses_nothing_acknowledged_and_analyses_onc
         again = send_datasets(rest, port)
         assert again.error is None and len(again.acknowledged) == len(rest)
         rec = wait_state(JobStore(spool), series, FINAL, 90)
-        assert rec.state == DONE, rec.reason
+        assert rec.state == JobState.DONE, rec.reason
         assert rec.attempts == 1 and rec.n_instances == len(datasets)
         assert sorted(p.name for p in series_dir.glob("*.dcm")) == sorted(
             f"{ds.SOPInstanceUID}.dcm" for ds in datasets
@@ -231,13 +227,13 @@ def test_worker_killed_mid_analysis_reruns_on_another_worker_and_pacs_gets_one_c
         study, series = str(datasets[0].StudyInstanceUID), str(datasets[0].SeriesInstanceUID)
         assert len(send_datasets(datasets, port).acknowledged) == len(datasets)
         jobs = JobStore(spool)
-        rec = wait_state(jobs, series, (ANALYSING, *FINAL), 60)
-        assert rec.state == ANALYSING and rec.worker, "analysis finished before the kill"
+        rec = wait_state(jobs, series, (JobState.ANALYSING, *FINAL), 60)
+        assert rec.state == JobState.ANALYSING and rec.worker, "analysis finished before the kill"
         pid = int(rec.worker.rsplit("/", 1)[1])
         victim = next(w for w in workers if os.getpgid(pid) == w.pid)
         kill_group(victim)  # the worker's main process and its pool child, SIGKILL
         rec = wait_state(jobs, series, FINAL, 90)
-        assert rec.state == DONE, rec.reason
+        assert rec.state == JobState.DONE, rec.reason
         assert rec.attempts == 2  # the killed run, then one run on the other worker
         survivor = next(w for w in workers if w is not victim)
         assert os.getpgid(int(rec.worker.rsplit("/", 1)[1])) == survivor.pid
@@ -282,12 +278,12 @@ def test_redis_restarted_empty_loses_no_job(tmp_path: Path) -> None:
             30,
             "D's failed publish",
         )
-        assert record(jobs, str(d[0].SeriesInstanceUID)).state == QUEUED  # type: ignore[union-attr]
+        assert record(jobs, str(d[0].SeriesInstanceUID)).state == JobState.QUEUED  # type: ignore[union-attr]
         redis = start_redis(redis_port, tmp_path / "redis.log")
         worker = start_worker(cfg, tmp_path / "worker.log", "w1")
         for ds in (b, d):
             rec = wait_state(jobs, str(ds[0].SeriesInstanceUID), FINAL, 90)
-            assert rec.state == DONE, rec.reason
+            assert rec.state == JobState.DONE, rec.reason
             assert rec.attempts == 1 and rec.requeues >= 1
         assert '"series_requeued"' in (tmp_path / "node.log").read_text()
     finally:
@@ -321,7 +317,7 @@ def test_pacs_down_delivers_when_back_then_fails_after_n_attempts_and_retry_deli
         a_series = str(a[0].SeriesInstanceUID)
         assert len(send_datasets(a, port).acknowledged) == len(a)
         rec = wait_state(jobs, a_series, FINAL, 90)
-        assert rec.state == FAILED
+        assert rec.state == JobState.FAILED
         assert "failed after 4 attempts" in (rec.reason or "")
         assert "association aborted" in (rec.reason or "")  # connection refused
         assert rec.exports[0].attempts == 4 and rec.exports[0].state == "failed"
@@ -340,7 +336,7 @@ def test_pacs_down_delivers_when_back_then_fails_after_n_attempts_and_retry_deli
         )
         pacs = start_orthanc(tmp_path / "orthanc", dicom_port=pacs_port)
         rec = wait_state(jobs, b_series, FINAL, 60)
-        assert rec.state == DONE, rec.reason
+        assert rec.state == JobState.DONE, rec.reason
         assert 2 <= rec.exports[0].attempts <= 4
         assert_pacs_holds_exactly(
             pacs, str(b[0].StudyInstanceUID), spool.parent / "results" / b_series
@@ -352,7 +348,7 @@ def test_pacs_down_delivers_when_back_then_fails_after_n_attempts_and_retry_deli
         )
         assert out.returncode == 0 and "export re-queued" in out.stdout, out.stderr
         rec = wait_state(jobs, a_series, FINAL, 60)
-        assert rec.state == DONE and rec.attempts == 1, rec.reason
+        assert rec.state == JobState.DONE and rec.attempts == 1, rec.reason
         assert_pacs_holds_exactly(
             pacs, str(a[0].StudyInstanceUID), spool.parent / "results" / a_series
         )
@@ -410,13 +406,13 @@ def test_series_that_cannot_be_analysed_end_failed_and_the_worker_keeps_serving(
             assert out.returncode == 0, out.stderr
         for uid in (gone, broken, sag):
             rec = wait_state(jobs, uid, FINAL, 90)
-            assert rec.state == FAILED and rec.attempts == 1
+            assert rec.state == JobState.FAILED and rec.attempts == 1
             assert rec.reason and len(rec.reason) > 10
         # the same worker then analyses a good series sent over the network
         good = phantom_datasets(109, 30)
         assert len(send_datasets(good, port).acknowledged) == len(good)
         rec = wait_state(jobs, str(good[0].SeriesInstanceUID), FINAL, 90)
-        assert rec.state == DONE, rec.reason
+        assert rec.state == JobState.DONE, rec.reason
         assert '"worker_exited"' not in log_path.read_text()
         assert len(logged_pids(log_path, "worker_started")) == 2  # analysis + export, once
     finally:

@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from core.config import load_config
-from core.jobs import DONE, FAILED, INELIGIBLE, JobNotFoundError, JobStore
+from core.jobs import JobNotFoundError, JobState, JobStore
 from tests.support.node import OrthancPacs, free_port, start_orthanc, write_series
 
 pytestmark = pytest.mark.integration
@@ -164,7 +164,7 @@ def wait_final(node: RunningNode, series_uid: str, timeout_s: float) -> Any:
     while time.monotonic() < deadline:
         with contextlib.suppress(JobNotFoundError):
             rec = node.jobs.get(series_uid)
-            if rec.state in (DONE, FAILED, INELIGIBLE):
+            if rec.state in (JobState.DONE, JobState.FAILED, JobState.INELIGIBLE):
                 return rec
         time.sleep(0.25)
     raise AssertionError(f"series {series_uid} not finished after {timeout_s} s")
@@ -247,13 +247,15 @@ def test_serve_alone_queues_eligible_series_to_its_own_worker(tmp_path: Path) ->
         send(short, node.port)
         send(folder, node.port)
         rec = wait_final(node, short_series, 30)
-        assert rec.state == INELIGIBLE and "fewer than node.min_slices=5" in (rec.reason or "")
+        assert rec.state == JobState.INELIGIBLE and "fewer than node.min_slices=5" in (
+            rec.reason or ""
+        )
         assert rec.n_instances == 3
         # the eligible one reaches the worker: analysed, or failed with a reason (a 16 x 16
         # toy series, or no trained weights here); either way exactly one attempt
         rec = wait_final(node, series, 90)
         assert rec.attempts == 1 and rec.analysis_started_at is not None
-        assert rec.state == DONE or rec.reason
+        assert rec.state == JobState.DONE or rec.reason
         cli = [sys.executable, "-m", "l3spot"]
         out = subprocess.run(
             [*cli, "retry", series, "--config", str(node.config_path)],
@@ -289,13 +291,13 @@ def test_redis_node_analyses_phantom_abdomen_and_chest_and_returns_results(
         for case in (phantom, abdomen, chest):
             send(case.folder, node.port)
         rec = wait_final(node, abdomen.series_uid, 150)
-        assert rec.state == DONE, rec.reason
+        assert rec.state == JobState.DONE, rec.reason
         assert_results_in_pacs(orthanc, abdomen, with_seg=True)
         rec = wait_final(node, phantom.series_uid, 60)
-        assert rec.state == DONE, rec.reason
+        assert rec.state == JobState.DONE, rec.reason
         assert_results_in_pacs(orthanc, phantom, with_seg=True)
         rec = wait_final(node, chest.series_uid, 150)
-        assert rec.state == DONE, rec.reason
+        assert rec.state == JobState.DONE, rec.reason
         assert rec.note == L3_NOT_IN_FOV
         assert rec.n_instances == 275
         assert_results_in_pacs(orthanc, chest, with_seg=False)
@@ -314,7 +316,7 @@ def test_embedded_node_runs_alone_and_returns_results(
     with run_node(tmp_path, None, orthanc) as node:
         send(abdomen.folder, node.port)
         rec = wait_final(node, abdomen.series_uid, 150)
-        assert rec.state == DONE, rec.reason
+        assert rec.state == JobState.DONE, rec.reason
         assert rec.exports[0].state == "done"
         assert_results_in_pacs(orthanc, abdomen, with_seg=True)
         assert (tmp_path / "var" / "results" / abdomen.series_uid / "result.json").is_file()

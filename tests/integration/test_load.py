@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from core.config import load_config
-from core.jobs import DONE, FAILED
+from core.jobs import JobState
 from tests.support.node import ORTHANC, REDIS_SERVER, run_load
 
 pytestmark = pytest.mark.integration
@@ -37,6 +37,8 @@ def test_concurrent_associations_every_instance_stored_every_series_analysed_onc
     assert len(report.records) == 9
     for rec in report.records.values():
         assert rec.attempts == 1, rec.series_uid
-        assert rec.state == DONE or (rec.state == FAILED and rec.reason), rec.state
+        assert rec.state == JobState.DONE or (rec.state == JobState.FAILED and rec.reason), (
+            rec.state
+        )
     assert all(report.pacs_ok.values()), report.pacs_ok
-    assert sum(r.state == DONE for r in report.records.values()) >= 1
+    assert sum(r.state == JobState.DONE for r in report.records.values()) >= 1

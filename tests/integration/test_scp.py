@@ -223,7 +223,7 @@ def test_c_store_is_answered_at_once_while_the_job_database_is_locked(tmp_path: 
     import sqlite3
     import time
 
-    from core.jobs import RECEIVED, JobStore
+    from core.jobs import JobState, JobStore
     from service.watcher import SeriesWatcher
 
     config = Config.model_validate(
@@ -252,7 +252,7 @@ def test_c_store_is_answered_at_once_while_the_job_database_is_locked(tmp_path: 
         assert max(waits) < 1.0, waits
         lock.execute("COMMIT")
         assert watcher.record_received() == 3
-        assert {jobs.get(uid).state for uid in series} == {RECEIVED}
+        assert {jobs.get(uid).state for uid in series} == {JobState.RECEIVED}
     finally:
         lock.close()
         ae.shutdown()

@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 from core.config import load_config
-from core.jobs import DONE, FAILED, INELIGIBLE, JobNotFoundError, JobRecord, JobStore
+from core.jobs import JobNotFoundError, JobRecord, JobState, JobStore
 from tests.support.node import free_port
 
 pytestmark = pytest.mark.integration
@@ -123,7 +123,10 @@ def wait_record(store: JobStore, uid: str, timeout_s: float, attempts: int = 1) 
     while time.monotonic() < deadline:
         with contextlib.suppress(JobNotFoundError):
             rec = store.get(uid)
-            if rec.state in (DONE, FAILED, INELIGIBLE) and rec.attempts >= attempts:
+            if (
+                rec.state in (JobState.DONE, JobState.FAILED, JobState.INELIGIBLE)
+                and rec.attempts >= attempts
+            ):
                 return rec
         time.sleep(0.2)
     raise AssertionError(f"series {uid} not finished (attempts {attempts}) in {timeout_s} s")
@@ -184,7 +187,7 @@ def test_browser_lists_the_received_series_shows_its_pictures_and_retries_it(
         store = JobStore(tmp_path / "var" / "spool")
         uid = next(iter(store.list())).series_uid
         rec = wait_record(store, uid, 90)
-        assert rec.state == DONE, rec.reason
+        assert rec.state == JobState.DONE, rec.reason
 
         base = f"http://127.0.0.1:{web_port}"
         browser.get(base + "/")
@@ -212,7 +215,7 @@ def test_browser_lists_the_received_series_shows_its_pictures_and_retries_it(
         assert browser.find_element(By.ID, "job-state").text in ("queued", "analysing", "done")
         _shot(browser, shots, "web_job_requeued.png")
         rec = wait_record(store, uid, 60, attempts=2)
-        assert rec.state == DONE and rec.attempts == 2
+        assert rec.state == JobState.DONE and rec.attempts == 2
         browser.refresh()
         wait.until(ec.presence_of_element_located((By.ID, "job-state")))
         assert browser.find_element(By.ID, "job-state").text == "done"

@@ -491,7 +491,7 @@ def run_load(
     """
     import multiprocessing
 
-    from core.jobs import DONE, FAILED, INELIGIBLE, JobNotFoundError, JobStore
+    from core.jobs import JobNotFoundError, JobState, JobStore
 
     series = [phantom_datasets(1000 + i, n_instances, size) for i in range(n_series)]
     per_assoc: list[list[Dataset]] = [[] for _ in range(n_associations)]
@@ -536,7 +536,11 @@ def run_load(
             done = len(out) == len(uids)
             return (
                 out
-                if done and all(r.state in (DONE, FAILED, INELIGIBLE) for r in out.values())
+                if done
+                and all(
+                    r.state in (JobState.DONE, JobState.FAILED, JobState.INELIGIBLE)
+                    for r in out.values()
+                )
                 else None
             )
 
@@ -563,7 +567,9 @@ def run_load(
             uid = str(ds[0].SeriesInstanceUID)
             results = spool.parent / "results" / uid
             rec = records.get(uid)
-            expected = result_sop_uids(results) if rec is not None and rec.state == DONE else []
+            expected = (
+                result_sop_uids(results) if rec is not None and rec.state == JobState.DONE else []
+            )
             got = sorted(pacs.sop_uids_of_study(str(ds[0].StudyInstanceUID)))
             pacs_ok[uid] = got == expected
         return LoadReport(

@@ -10,14 +10,8 @@ import pytest
 
 from core.jobs import DB_NAME
 from service.jobs import (
-    ANALYSING,
-    DONE,
-    EXPORTING,
-    FAILED,
-    INELIGIBLE,
-    QUEUED,
-    RECEIVED,
     JobNotFoundError,
+    JobState,
     JobStore,
     format_jobs,
 )
@@ -28,18 +22,18 @@ SERIES = "1.2.826.0.1.3680043.8.498.1"
 def test_a_series_walks_through_every_state_with_timings(tmp_path: Path) -> None:
     store = JobStore(tmp_path)
     store.mark_received(SERIES, "1.2.3", tmp_path / "s")
-    assert store.get(SERIES).state == RECEIVED
+    assert store.get(SERIES).state == JobState.RECEIVED
     token = store.mark_queued(SERIES, n_instances=40)
     rec = store.get(SERIES)
-    assert (rec.state, rec.n_instances, rec.token) == (QUEUED, 40, token)
+    assert (rec.state, rec.n_instances, rec.token) == (JobState.QUEUED, 40, token)
     assert store.start_analysis(SERIES, token)
     store.finish_analysis(SERIES, note=None, exporting=True)
     store.start_export(SERIES, ["PACS@127.0.0.1:4242"])
-    assert store.get(SERIES).state == EXPORTING
+    assert store.get(SERIES).state == JobState.EXPORTING
     store.record_export_attempt(SERIES, "PACS@127.0.0.1:4242", True, "0x0000", None, final=False)
     store.finish_export(SERIES)
     rec = store.get(SERIES)
-    assert rec.state == DONE and rec.attempts == 1
+    assert rec.state == JobState.DONE and rec.attempts == 1
     assert rec.exports[0].state == "done"
     assert set(rec.timings()) == {
         "queue_wait_s",
@@ -54,7 +48,7 @@ def test_records_survive_a_new_store_on_the_same_folder(tmp_path: Path) -> None:
     JobStore(tmp_path).mark_ineligible(SERIES, "LOCALIZER series (scout image)", 2)
     rec = JobStore(tmp_path).get(SERIES)
     assert (rec.state, rec.reason, rec.n_instances) == (
-        INELIGIBLE,
+        JobState.INELIGIBLE,
         "LOCALIZER series (scout image)",
         2,
     )
@@ -66,7 +60,7 @@ def test_stale_token_cannot_start_the_analysis(tmp_path: Path) -> None:
     new = store.mark_queued(SERIES)
     assert old != new
     assert not store.start_analysis(SERIES, old)
-    assert store.get(SERIES).state == QUEUED
+    assert store.get(SERIES).state == JobState.QUEUED
     assert store.start_analysis(SERIES, new)
 
 
@@ -81,7 +75,7 @@ def test_export_attempts_count_per_destination_and_fail_with_status(tmp_path: Pa
     exports = {e.destination: e for e in rec.exports}
     assert exports["A@h:1"].state == "failed" and exports["A@h:1"].last_status == "0xA700"
     assert exports["B@h:2"].state == "pending"
-    assert rec.state == FAILED and "0xA700" in (rec.reason or "")
+    assert rec.state == JobState.FAILED and "0xA700" in (rec.reason or "")
     store.start_export(SERIES, ["A@h:1"])  # l3spot retry resets the attempts
     assert {e.destination: e.attempts for e in store.get(SERIES).exports}["A@h:1"] == 0
 
@@ -95,7 +89,7 @@ def test_list_filters_by_state_and_formats_reasons(tmp_path: Path) -> None:
     store = JobStore(tmp_path)
     store.mark_received("1.1", "1", tmp_path)
     store.mark_ineligible("1.2", "3 slices, fewer than node.min_slices=20", 3)
-    assert [r.series_uid for r in store.list((INELIGIBLE,))] == ["1.2"]
+    assert [r.series_uid for r in store.list((JobState.INELIGIBLE,))] == ["1.2"]
     assert len(store.list()) == 2
     text = format_jobs(store.list())
     assert "fewer than node.min_slices=20" in text and "received" in text
@@ -117,12 +111,15 @@ def test_claim_stale_takes_over_lost_tasks_with_new_tokens(tmp_path: Path) -> No
     claimed = jobs.claim_stale(cutoff, cutoff, cutoff)
     by_uid = {r.series_uid: r for r in claimed}
     assert sorted(by_uid) == sorted([lost_queued, lost_running, exporting])
-    assert by_uid[lost_running].state == QUEUED and by_uid[exporting].state == EXPORTING
+    assert (
+        by_uid[lost_running].state == JobState.QUEUED
+        and by_uid[exporting].state == JobState.EXPORTING
+    )
     for uid in (lost_queued, lost_running):
         assert by_uid[uid].requeues == 1 and by_uid[uid].token != old[uid]
         assert not jobs.start_analysis(uid, old[uid])  # a late copy of the lost task
         assert jobs.start_analysis(uid, by_uid[uid].token)
-    assert jobs.get(alive).state == ANALYSING and jobs.get(alive).requeues == 0
+    assert jobs.get(alive).state == JobState.ANALYSING and jobs.get(alive).requeues == 0
     assert jobs.claim_stale(0, 0, 0) == []  # just claimed: nothing is stale any more
 
 
@@ -144,7 +141,7 @@ def test_superseded_run_cannot_finish_or_heartbeat(tmp_path: Path) -> None:
     new = jobs.renew_token("1.2.3")
     assert not jobs.heartbeat("1.2.3", old) and jobs.heartbeat("1.2.3", new)
     assert not jobs.finish_analysis("1.2.3", None, exporting=True, token=old)
-    assert jobs.get("1.2.3").state == ANALYSING
+    assert jobs.get("1.2.3").state == JobState.ANALYSING
     with pytest.raises(JobNotFoundError):
         jobs.renew_token("9.9.9")
 
@@ -164,5 +161,38 @@ def test_a_database_of_the_first_schema_gains_the_new_columns(tmp_path: Path) ->
         )
     jobs = JobStore(tmp_path)
     rec = jobs.get("1.2.3")
-    assert (rec.state, rec.requeues, rec.worker) == (QUEUED, 0, None)
+    assert (rec.state, rec.requeues, rec.worker) == (JobState.QUEUED, 0, None)
     assert [r.series_uid for r in jobs.claim_stale(2, 2, 2)] == ["1.2.3"]
+
+
+def test_job_states_are_stored_and_served_as_the_same_strings(tmp_path: Path) -> None:
+    """JobState is a StrEnum: SQLite rows and JSON keep the strings of before (no migration)."""
+    import json
+
+    from core.jobs import PENDING_STATES, ExportState
+
+    assert [str(s) for s in JobState] == [
+        "received",
+        "ineligible",
+        "queued",
+        "analysing",
+        "exporting",
+        "done",
+        "failed",
+    ]
+    assert [s.value for s in ExportState] == ["pending", "retrying", "done", "failed"]
+    assert {s for s in JobState if s.pending} == set(PENDING_STATES)
+    store = JobStore(tmp_path)
+    store.mark_received(SERIES, "1.2.3", tmp_path / "s")
+    store.start_export(SERIES, ["PACS@h:104"])
+    with sqlite3.connect(tmp_path / DB_NAME) as con:
+        row = con.execute("SELECT state, typeof(state) FROM jobs").fetchone()
+        export = con.execute("SELECT state FROM exports").fetchone()
+    assert row == ("exporting", "text") and export == ("pending",)
+    rec = store.get(SERIES)
+    assert rec.state is JobState.EXPORTING and rec.exports[0].state is ExportState.PENDING
+    assert json.loads(json.dumps(rec.as_dict()))["state"] == "exporting"
+    # a database written before the enum reads back as members
+    with sqlite3.connect(tmp_path / DB_NAME) as con:
+        con.execute("UPDATE jobs SET state='done'")
+    assert store.get(SERIES).state is JobState.DONE

@@ -15,7 +15,7 @@ import pytest
 
 from core.config import Config
 from core.errors import SeriesValidationError
-from core.jobs import DONE, EXPORTING, FAILED, JobStore
+from core.jobs import JobState, JobStore
 from worker import tasks
 from worker.export import ExportOutcome
 
@@ -79,7 +79,7 @@ def test_analysis_writes_results_then_queues_export(tmp_path: Path, series_dir: 
         "seg.dcm",
         "sr.dcm",
     ]
-    assert jobs.get(SERIES).state == EXPORTING
+    assert jobs.get(SERIES).state == JobState.EXPORTING
     # a re-run replaces the earlier results (idempotent), no temporary folders left
     token = jobs.mark_queued(SERIES)
     tasks.run_analysis(series_dir, cfg, jobs, lambda s, t: None, token, stand_in(False, "2"))
@@ -93,7 +93,7 @@ def test_without_destinations_analysis_ends_done(tmp_path: Path, series_dir: Pat
     cfg = _config(tmp_path, destinations=False)
     jobs = JobStore(cfg.node.spool_dir)
     assert tasks.run_analysis(series_dir, cfg, jobs, lambda s, t: None, None, stand_in()) == "done"
-    assert jobs.get(SERIES).state == DONE
+    assert jobs.get(SERIES).state == JobState.DONE
 
 
 def test_stale_task_does_nothing(tmp_path: Path, series_dir: Path) -> None:
@@ -131,7 +131,7 @@ def test_pipeline_errors_end_in_a_failed_record(
 
     assert tasks.run_analysis(series_dir, cfg, jobs, lambda s, t: None, None, pipeline) == "failed"
     rec = jobs.get(SERIES)
-    assert rec.state == FAILED and rec.reason == reason
+    assert rec.state == JobState.FAILED and rec.reason == reason
     assert not (cfg.node.resolved_results_dir() / SERIES).exists()
 
 
@@ -151,12 +151,12 @@ def test_export_retries_with_backoff_then_fails_with_remote_status(
     assert tasks.run_export(SERIES, cfg, jobs, refuse) == ("retry", 2.0)
     assert tasks.run_export(SERIES, cfg, jobs, refuse) == ("failed", 0.0)
     rec = jobs.get(SERIES)
-    assert rec.state == FAILED and "after 3 attempts: status 0xA700" in (rec.reason or "")
+    assert rec.state == JobState.FAILED and "after 3 attempts: status 0xA700" in (rec.reason or "")
     assert sent[0] == ["seg.dcm", "sr.dcm", "sc.dcm"]
     # l3spot retry: attempts reset, delivery succeeds
     jobs.start_export(SERIES, ["PACS@127.0.0.1:4242"])
     ok = tasks.run_export(SERIES, cfg, jobs, lambda *a: ExportOutcome(True))
-    assert ok == ("done", 0.0) and jobs.get(SERIES).state == DONE
+    assert ok == ("done", 0.0) and jobs.get(SERIES).state == JobState.DONE
 
 
 def test_heartbeats_keep_a_long_analysis_from_being_taken_over(
@@ -197,7 +197,7 @@ def test_a_run_superseded_while_analysing_neither_finishes_nor_exports(
         series_dir, cfg, jobs, lambda s, t: exports.append(s), token, requeued_meanwhile
     )
     assert out == "stale" and exports == []
-    assert jobs.get(SERIES).state != EXPORTING
+    assert jobs.get(SERIES).state != JobState.EXPORTING
 
 
 def test_a_series_that_kills_its_worker_every_time_is_failed_after_max_attempts(
@@ -218,7 +218,7 @@ def test_a_series_that_kills_its_worker_every_time_is_failed_after_max_attempts(
     # the third delivery of the same task: not run again, a clear failure instead
     assert tasks.run_analysis(series_dir, cfg, jobs, lambda s, t: None, token, pipeline) == "failed"
     rec = jobs.get(SERIES)
-    assert called == [] and rec.state == FAILED
+    assert called == [] and rec.state == JobState.FAILED
     assert "started 2 times without finishing" in (rec.reason or "")
     # an operator's retry queues it again with a fresh count, and it runs; the record's
     # total of attempts keeps the history

@@ -13,12 +13,8 @@ import pytest
 
 from core.config import NodeConfig
 from core.jobs import (
-    DONE,
-    FAILED,
-    INELIGIBLE,
-    QUEUED,
-    RECEIVED,
     JobNotFoundError,
+    JobState,
     JobStore,
 )
 from service.eligibility import check_series
@@ -51,7 +47,7 @@ def test_series_is_queued_once_after_its_stable_time(setup, tmp_path: Path) -> N
     study, series, folder = write_series(tmp_path / "spool" / "s", 6)
     watcher.touch(study, series, folder)
     assert watcher.record_received() == 1  # the watcher thread's job, not the C-STORE's
-    assert watcher.jobs.get(series).state == RECEIVED
+    assert watcher.jobs.get(series).state == JobState.RECEIVED
     clock.t += 3
     watcher.touch(study, series, folder)  # a second association, 3 s later: timer restarts
     clock.t += 4
@@ -61,7 +57,7 @@ def test_series_is_queued_once_after_its_stable_time(setup, tmp_path: Path) -> N
     assert watcher.poll() == []
     assert queued == [(folder, series, watcher.jobs.get(series).token)]
     rec = watcher.jobs.get(series)
-    assert (rec.state, rec.n_instances) == (QUEUED, 6)
+    assert (rec.state, rec.n_instances) == (JobState.QUEUED, 6)
 
 
 def test_the_watcher_tells_the_scp_which_series_became_stable(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -85,7 +81,7 @@ def test_too_short_series_gets_an_ineligible_record(setup, tmp_path: Path) -> No
     clock.t += 10
     watcher.poll()
     rec = watcher.jobs.get(series)
-    assert rec.state == INELIGIBLE and "fewer than node.min_slices=4" in (rec.reason or "")
+    assert rec.state == JobState.INELIGIBLE and "fewer than node.min_slices=4" in (rec.reason or "")
     assert queued == []
 
 
@@ -126,7 +122,7 @@ def test_recover_requeues_pending_and_restarts_timers(setup, tmp_path: Path) -> 
     jobs.mark_queued("1.1.1", 5)
     jobs.mark_queued("1.1.3", 5)
     jobs.finish_export("1.1.3")
-    assert jobs.get("1.1.3").state == DONE
+    assert jobs.get("1.1.3").state == JobState.DONE
     jobs.mark_queued("1.1.4", 5)
     jobs.start_export("1.1.4", ["P@h:1"])
     exports: list[str] = []
@@ -149,7 +145,7 @@ def test_a_failed_publish_leaves_the_series_queued_for_the_reconciliation(
     watcher.touch(study, series, folder)
     assert watcher.poll() == [series]
     rec = watcher.jobs.get(series)
-    assert rec.state == QUEUED and rec.token and rec.reason is None
+    assert rec.state == JobState.QUEUED and rec.token and rec.reason is None
 
 
 def test_recover_leaves_running_series_of_separate_workers_alone(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -194,7 +190,7 @@ def test_node_reconciliation_requeues_lost_tasks_and_survives_a_broker_outage(
     claimed = node.reconcile(now + 11)
     assert [r.series_uid for r in claimed] == ["1.9.1"]
     assert sent == [("1.9.1", jobs.get("1.9.1").token)] and sent[0][1] != token
-    assert jobs.get("1.9.1").state == QUEUED
+    assert jobs.get("1.9.1").state == JobState.QUEUED
 
     # 70 s later the queued one's message is presumed lost too; the broker is down now
     def down(d: Path, s: str, t: str) -> None:
@@ -203,10 +199,12 @@ def test_node_reconciliation_requeues_lost_tasks_and_survives_a_broker_outage(
     node.enqueue_analysis = down  # type: ignore[method-assign]
     claimed = node.reconcile(time.time() + 70)
     assert sorted(r.series_uid for r in claimed) == ["1.9.1", "1.9.2"]
-    assert jobs.get("1.9.2").state == FAILED and "not in the spool" in (
+    assert jobs.get("1.9.2").state == JobState.FAILED and "not in the spool" in (
         jobs.get("1.9.2").reason or ""
     )
-    assert jobs.get("1.9.1").state == QUEUED  # still pending: claimed again after the delay
+    assert (
+        jobs.get("1.9.1").state == JobState.QUEUED
+    )  # still pending: claimed again after the delay
 
 
 @contextmanager
@@ -243,7 +241,7 @@ def test_touch_never_waits_for_a_locked_job_database(setup, tmp_path: Path) -> N
         watcher.jobs.get(series)
     assert watcher.poll() == [series]  # lock released: received, then queued, in order
     rec = watcher.jobs.get(series)
-    assert rec.state == QUEUED and rec.received_at is not None
+    assert rec.state == JobState.QUEUED and rec.received_at is not None
     assert queued == [(folder, series, rec.token)]
 
 
@@ -262,7 +260,7 @@ def test_watcher_thread_records_received_promptly_and_at_stop(tmp_path: Path) ->
         before = time.time()
         watcher.touch(study, series, folder)
         rec = wait_record(jobs, series, 5.0)
-        assert rec.state == RECEIVED and before <= (rec.received_at or 0) <= time.time()
+        assert rec.state == JobState.RECEIVED and before <= (rec.received_at or 0) <= time.time()
         late = write_series(tmp_path / "spool" / "t", 5)
         with db_write_locked(jobs.path):  # the thread waits on SQLite; touch does not
             t0 = time.perf_counter()
@@ -272,7 +270,7 @@ def test_watcher_thread_records_received_promptly_and_at_stop(tmp_path: Path) ->
         stopper = threading.Thread(target=watcher.stop)
         stopper.start()
         stopper.join(60)
-    assert jobs.get(late[1]).state == RECEIVED  # written once the lock was free
+    assert jobs.get(late[1]).state == JobState.RECEIVED  # written once the lock was free
 
 
 def wait_record(jobs: JobStore, series_uid: str, timeout_s: float):  # type: ignore[no-untyped-def]

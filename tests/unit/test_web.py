@@ -25,7 +25,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from core.config import Config
-from core.jobs import DONE, FAILED, INELIGIBLE, QUEUED, JobStore
+from core.jobs import JobState, JobStore
 from core.result import CSV_HEADER, AnalysisResult, result_csv_row
 from service.metrics import INSTANCES_RECEIVED, ScpObserver
 from service.web.app import WebConfigError, create_app
@@ -288,7 +288,7 @@ def test_retry_requeues_export_then_analysis_like_l3spot_retry(case: WebCase) ->
     assert [m["headers"]["task"] for m in msgs] == ["worker.tasks.export_results"]
     resp = c.post(f"/jobs/{uid}/retry", data={"csrf": token, "analysis": "1"})
     assert resp.status_code == 303 and "requeued=analysis" in resp.headers["Location"]
-    assert store.get(uid).state == QUEUED
+    assert store.get(uid).state == JobState.QUEUED
     tasks = sorted(m["headers"]["task"] for m in _queued_messages(case.config))
     assert tasks == ["worker.tasks.analyze_series", "worker.tasks.export_results"]
     page = c.get(resp.headers["Location"]).get_data(as_text=True)
@@ -296,7 +296,7 @@ def test_retry_requeues_export_then_analysis_like_l3spot_retry(case: WebCase) ->
     # a failed series (no results) is analysed again
     token = _csrf(c.get(f"/jobs/{case.failed_uid}").get_data(as_text=True))
     c.post(f"/jobs/{case.failed_uid}/retry", data={"csrf": token})
-    assert store.get(case.failed_uid).state == QUEUED
+    assert store.get(case.failed_uid).state == JobState.QUEUED
 
 
 def test_retry_refuses_missing_csrf_token_and_other_origins(case: WebCase) -> None:
@@ -310,7 +310,7 @@ def test_retry_refuses_missing_csrf_token_and_other_origins(case: WebCase) -> No
     other = _csrf(c.get(f"/jobs/{case.phantom_uid}").get_data(as_text=True))
     assert c.post(f"/jobs/{uid}/retry", data={"csrf": other}).status_code == 403
     assert c.get(f"/jobs/{uid}/retry").status_code == 405
-    assert JobStore(case.config.node.spool_dir).get(uid).state == FAILED
+    assert JobStore(case.config.node.spool_dir).get(uid).state == JobState.FAILED
     assert _queued_messages(case.config) == []
     ok = {"Origin": "http://localhost"}
     assert c.post(f"/jobs/{uid}/retry", data={"csrf": token}, headers=ok).status_code == 303
@@ -325,7 +325,7 @@ def test_retry_of_a_series_gone_from_the_spool_says_why(case: WebCase) -> None:
     assert "Not re-queued: its instances are not in the spool any more" in resp.get_data(
         as_text=True
     )
-    assert JobStore(case.config.node.spool_dir).get(uid).state == FAILED
+    assert JobStore(case.config.node.spool_dir).get(uid).state == JobState.FAILED
     # the message comes from a fixed list, never from the query string
     page = c.get(f"/jobs/{uid}?error=<b>pay+here</b>").get_data(as_text=True)
     assert "pay here" not in page and "Not re-queued" not in page
@@ -420,10 +420,10 @@ def test_metrics_are_prometheus_text_with_jobs_stages_and_export_failures(
         for fam in text_string_to_metric_families(resp.get_data(as_text=True))
         for s in fam.samples
     }
-    assert samples[("l3spot_jobs", (("state", DONE),))] == 1
-    assert samples[("l3spot_jobs", (("state", INELIGIBLE),))] == 1
-    assert samples[("l3spot_jobs", (("state", FAILED),))] == 1
-    assert samples[("l3spot_jobs", (("state", QUEUED),))] == 0
+    assert samples[("l3spot_jobs", (("state", JobState.DONE),))] == 1
+    assert samples[("l3spot_jobs", (("state", JobState.INELIGIBLE),))] == 1
+    assert samples[("l3spot_jobs", (("state", JobState.FAILED),))] == 1
+    assert samples[("l3spot_jobs", (("state", JobState.QUEUED),))] == 0
     # two series waited in the queue; one analysis finished (the other failed), one export
     assert samples[("l3spot_stage_duration_seconds_count", (("stage", "queue_wait"),))] == 2
     assert samples[("l3spot_stage_duration_seconds_count", (("stage", "analysis"),))] == 1
