@@ -27,9 +27,7 @@ received, makes them durable (:mod:`service.spool`) and answers:
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import socket
 import struct
 import threading
 import time
@@ -37,7 +35,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pynetdicom.association
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import (
@@ -46,15 +43,14 @@ from pynetdicom import (
     PYNETDICOM_IMPLEMENTATION_UID,
     PYNETDICOM_IMPLEMENTATION_VERSION,
     AllStoragePresentationContexts,
-    _handlers,
     evt,
 )
-from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
+from core import netpatch
 from core.config import Config
-from core.errors import L3SpotError
+from core.errors import L3SpotError, NetPatchError
 from core.logs import log_event
 from service.audit import AuditLog, audit_log_path
 from service.security import FreeBytes, PeerPolicy, disk_free_bytes, make_ssl_context
@@ -180,101 +176,6 @@ def file_meta_bytes(
     return struct.pack("<HH2sHL", 2, 0, b"UL", 4, len(body)) + body
 
 
-class _ReactorClock:
-    """Stand-in for the ``time`` module inside ``pynetdicom.association``.
-
-    pynetdicom 3.0's association reactor sleeps a fixed 1 ms before each look at its DIMSE
-    queue (``Association._run_reactor``; not configurable), so every C-STORE waits on
-    average half a millisecond, plus the kernel's timer slack, before its handler runs:
-    about a third of storescp's whole time per 512 x 512 instance. For the acceptor
-    threads of this SCP (those carrying an ``l3spot_wakeup`` event), the sleep becomes a
-    wait on an event that is set whenever a DIMSE message or an ACSE primitive is queued
-    for the association, with the same 1 ms as the upper bound; every other thread
-    (pynetdicom SCUs in the workers, tests) sleeps exactly as before.
-    """
-
-    def __init__(self, real: Any) -> None:
-        self._real = real
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._real, name)
-
-    def sleep(self, seconds: float) -> None:
-        wake = getattr(threading.current_thread(), "l3spot_wakeup", None)
-        if wake is None:
-            self._real.sleep(seconds)
-            return
-        wake.wait(seconds)
-        wake.clear()  # before the reactor looks at its queues, so no wake-up is lost
-
-
-def _install_reactor_clock() -> None:
-    if not isinstance(pynetdicom.association.time, _ReactorClock):
-        pynetdicom.association.time = _ReactorClock(time)  # type: ignore[attr-defined]
-
-
-def _wake_on_put(q: Any, wake: threading.Event) -> None:
-    put = q.put
-
-    def put_and_wake(item: Any, *args: Any, **kwargs: Any) -> None:
-        put(item, *args, **kwargs)
-        wake.set()
-
-    q.put = put_and_wake
-
-
-_PYNETDICOM_LOG_HANDLERS = (
-    (evt.EVT_DIMSE_RECV, _handlers.standard_dimse_recv_handler),
-    (evt.EVT_DIMSE_SENT, _handlers.standard_dimse_sent_handler),
-    (evt.EVT_PDU_RECV, _handlers.standard_pdu_recv_handler),
-    (evt.EVT_PDU_SENT, _handlers.standard_pdu_sent_handler),
-)
-
-
-class _SharedContexts(list):  # type: ignore[type-arg]
-    """The server's supported presentation contexts, shared by its associations.
-
-    pynetdicom deep-copies the server's contexts for every association
-    (``RequestHandler._create_association``): with every storage SOP class x every
-    transfer syntax (171 contexts, 7,654 UIDs) that is about 45 ms of CPU under the GIL per
-    association. Negotiation only reads them (``presentation.negotiate_as_acceptor``), so
-    each association gets a shallow copy of the list instead.
-    """
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> list[Any]:
-        return list(self)
-
-
-class _PduGuard:
-    """Wraps an association socket's ``recv``: refuses PDUs longer than the limit.
-
-    pynetdicom reads a PDU's announced length in full before decoding it, so a peer
-    announcing a 4 GB PDU would make it buffer 4 GB. The DUL treats the ``OSError`` raised
-    here as a closed connection and aborts the association.
-    """
-
-    def __init__(self, sock: Any, limit: int, context: dict[str, Any]) -> None:
-        self._sock = sock
-        self._recv = sock.recv
-        self.limit = limit
-        self.context = context
-
-    def __call__(self, nr_bytes: int) -> bytearray:
-        if nr_bytes > self.limit:
-            log_event(
-                log,
-                "pdu_too_large",
-                level=logging.WARNING,
-                length=nr_bytes,
-                limit=self.limit,
-                **self.context,
-            )
-            with contextlib.suppress(OSError, AttributeError):
-                self._sock.socket.shutdown(socket.SHUT_RDWR)  # the peer sees the close now
-            raise OSError(f"PDU of {nr_bytes} bytes exceeds the limit of {self.limit}")
-        return self._recv(nr_bytes)  # type: ignore[no-any-return]
-
-
 class StoreHandler:
     """``EVT_C_STORE`` / ``EVT_C_ECHO`` / association event handlers bound to one spool.
 
@@ -331,62 +232,27 @@ class StoreHandler:
     def handle_conn_open(self, event: evt.Event) -> None:
         """Tune the accepted connection for many back-to-back C-STOREs; guard the PDU size.
 
-        Disables Nagle (DESIGN.md "Known pitfalls"), installs the PDU-length guard, the
-        state-machine guard and the reactor wake-up (see :class:`_ReactorClock`).
+        Attaches :func:`core.netpatch.attach_acceptor_patches`: no Nagle (DESIGN.md "Known
+        pitfalls"), the PDU-length guard, the state-machine guard (a malformed message
+        aborts the association with an "aborted" audit record) and the reactor wake-up
+        (:class:`core.netpatch.ReactorClock`). A patch that cannot attach is logged as an
+        error (``netpatch_failed``) and raised (pynetdicom logs the handler's exception
+        too); :func:`core.netpatch.verify_pynetdicom` at start-up makes that unlikely.
         """
         assoc = event.assoc
         assoc.l3spot_t0 = time.monotonic()  # type: ignore[attr-defined]
+        context = {"address": assoc.requestor.address}
         try:
-            assoc_sock = assoc.dul.socket
-            sock = assoc_sock.socket
-            if sock is not None:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            context = {"address": assoc.requestor.address}
-            assoc_sock.recv = _PduGuard(assoc_sock, self.pdu_limit, context)
-            self._guard_state_machine(assoc)
-            if not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
-                # pynetdicom's standard handlers format a DEBUG message for every PDU and
-                # DIMSE message even when nothing is logged (the C-STORE one copies the
-                # whole data set to test it for emptiness): about a tenth of the DUL thread
-                for event_type, handler in _PYNETDICOM_LOG_HANDLERS:
-                    assoc.unbind(event_type, handler)
-            wake = threading.Event()
-            _wake_on_put(assoc.dimse.msg_queue, wake)
-            _wake_on_put(assoc.dul.to_user_queue, wake)
-            assoc.l3spot_wakeup = wake
-        except (AttributeError, OSError):
-            pass
-
-    def _guard_state_machine(self, assoc: Any) -> None:
-        """Abort (not crash) when pynetdicom cannot decode what the peer sent.
-
-        pynetdicom 3.0 decodes P-DATA inside its state machine, outside the DUL reactor's
-        exception handler: a malformed DIMSE command set (e.g. no Command Field) raises in
-        the DUL thread, which dies without an A-ABORT and without ``EVT_ABORTED``. Wrapped
-        here, the peer gets an A-ABORT (PS3.8 section 9.3.8, source: service provider) and
-        the audit log an "aborted" record.
-        """
-        dul = assoc.dul
-        machine = dul.state_machine
-        do_action = machine.do_action
-
-        def guarded(event: str) -> None:
-            try:
-                do_action(event)
-            except Exception as exc:  # pynetdicom raises many types on malformed input
-                pdu = A_ABORT_RQ()
-                pdu.source = 0x02
-                pdu.reason_diagnostic = 0x00
-                with contextlib.suppress(Exception):
-                    dul.socket.send(pdu.encode())
-                assoc.is_aborted = True
-                assoc.is_established = False
-                assoc._kill = True
-                dul._kill_thread = True
-                reason = f"malformed message from peer: {type(exc).__name__}: {exc}"
-                self._record_end(assoc, "aborted", reason=reason[:200])
-
-        machine.do_action = guarded
+            netpatch.attach_acceptor_patches(
+                assoc,
+                self.pdu_limit,
+                context,
+                on_abort=lambda reason: self._record_end(assoc, "aborted", reason=reason),
+                logger=log,
+            )
+        except NetPatchError as exc:
+            log_event(log, "netpatch_failed", level=logging.ERROR, error=str(exc), **context)
+            raise
 
     def _peer(self, assoc: Any) -> dict[str, Any]:
         rq = getattr(assoc.requestor, "primitive", None)
@@ -465,7 +331,7 @@ class StoreHandler:
         and so costs a tenth of the CPU while it lingers.
         """
         assoc = event.assoc
-        assoc.dul._run_loop_delay = DUL_IDLE_SLEEP_S
+        netpatch.set_dul_idle_sleep(assoc, DUL_IDLE_SLEEP_S)
         assoc.l3spot_counts = {"stored": 0, "failed": 0}  # type: ignore[attr-defined]
         log_event(log, "association_accepted", **self._peer(assoc))
 
@@ -688,7 +554,8 @@ def start_scp(
     ValueError
         TLS is enabled without the files it needs, or an allowed address is not an IP/CIDR.
     """
-    _install_reactor_clock()
+    netpatch.verify_pynetdicom()
+    netpatch.install_reactor_clock()
     ae = build_ae(config)
     audit = audit if audit is not None else AuditLog(audit_log_path(config))
     handler = StoreHandler(spool, on_stored, config, audit, free_bytes)
@@ -698,7 +565,7 @@ def start_scp(
         evt_handlers=handler.handlers(),
         ssl_context=make_ssl_context(config),
     )
-    server.contexts = _SharedContexts(server.contexts)
+    netpatch.share_server_contexts(server)
     server.store_handler = handler  # type: ignore[attr-defined]  # for Node (forget_series)
     log_event(
         log,

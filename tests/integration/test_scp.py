@@ -27,6 +27,7 @@ from pydicom.uid import (
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from core import netpatch
 from core.config import Config
 from service import scp
 from service.spool import Spool, SpoolWriteError
@@ -268,7 +269,7 @@ def test_reactor_wakeup_never_sleeps_longer_than_pynetdicom_would() -> None:
     import threading
     import time
 
-    clock = scp._ReactorClock(time)
+    clock = netpatch.ReactorClock(time)
     out: dict[str, float] = {}
 
     def acceptor() -> None:
@@ -331,13 +332,13 @@ def test_scu_reactor_guard_keeps_the_c_store_response_for_its_caller(
 
     Unguarded, the SCU's reactor takes the response (pynetdicom logs "Received unexpected
     C-STORE service message") and ``send_c_store`` gets nothing within its DIMSE timeout;
-    with :func:`worker.export.guard_scu_reactor` (used by the export and the test SCUs) the
+    with :func:`core.netpatch.guard_scu_reactor` (used by the export and the test SCUs) the
     response reaches ``send_c_store`` however late the threads run.
     """
     import queue
     import time
 
-    from worker.export import guard_scu_reactor
+    from core.netpatch import guard_scu_reactor
 
     class SlowCaller(queue.Queue):  # type: ignore[type-arg]
         def get(self, block: bool = True, timeout: float | None = None) -> object:
