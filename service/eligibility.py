@@ -12,21 +12,30 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from core.config import NodeConfig
+from core.errors import SeriesValidationError
+from core.series_rules import (
+    CT_IMAGE_STORAGE,
+    MAX_OBLIQUITY_DEG,
+    check_axial_geometry,
+    check_slice_count,
+    is_analysed_image,
+    is_localizer,
+)
 from service.spool import instance_files
 
-#: CT Image Storage (PS3.4 Annex B.5). Enhanced CT (multi-frame) is stored but not analysed.
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-#: |cos| of the angle between the slice normal and the patient z axis above which a series
-#: counts as axial (about 10 degrees: gantry tilts up to that are still axial acquisitions).
-AXIAL_MIN_COS = float(np.cos(np.deg2rad(10.0)))
+__all__ = ["CT_IMAGE_STORAGE", "MAX_OBLIQUITY_DEG", "Eligibility", "check_series"]
+
 _HEADER_TAGS = [
     "SOPClassUID",
     "Modality",
     "ImageType",
     "ImageOrientationPatient",
+    "ImagePositionPatient",
+    "GantryDetectorTilt",
     "SeriesDescription",
     "StudyInstanceUID",
     "SeriesInstanceUID",
@@ -51,16 +60,39 @@ class Eligibility:
     n_images: int
 
 
-def _is_axial(iop: object) -> bool:
+def _floats(value: object, n: int) -> tuple[float, ...] | None:
+    """``n`` finite numbers from a DS value, or None when absent or malformed."""
     try:
-        v = np.asarray([float(x) for x in iop], dtype=float)  # type: ignore[attr-defined]
+        v = tuple(float(x) for x in value)  # type: ignore[attr-defined]
     except (TypeError, ValueError):
-        return False
-    if v.shape != (6,):
-        return False
-    normal = np.cross(v[:3], v[3:])
-    norm = float(np.linalg.norm(normal))
-    return norm > 0 and abs(normal[2]) / norm >= AXIAL_MIN_COS
+        return None
+    if len(v) != n or not all(np.isfinite(v)):
+        return None
+    return v
+
+
+def _geometry_reason(series_uid: str, images: list[Dataset]) -> str | None:
+    """Why the images are not an axial stack (:func:`core.series_rules.check_axial_geometry`,
+    the loader's rule and reason), or None."""
+    orientations = [_floats(h.get("ImageOrientationPatient"), 6) for h in images]
+    if any(o is None for o in orientations):
+        return "not an axial series (ImageOrientationPatient missing or invalid)"
+    tilts = [_floats([h.get("GantryDetectorTilt", 0) or 0], 1) for h in images]
+    tilt = max((t[0] for t in tilts if t is not None), key=abs, default=0.0)
+    by_orientation: dict[tuple[float, ...], list[tuple[float, ...]]] = {}
+    for h, o in zip(images, orientations, strict=True):
+        position = _floats(h.get("ImagePositionPatient"), 3)
+        stack = by_orientation.setdefault(o, [])  # type: ignore[arg-type]
+        if position is not None:
+            stack.append(position)
+    try:
+        for orientation, positions in by_orientation.items():
+            check_axial_geometry(
+                series_uid, orientation, np.array(positions, dtype=np.float64).reshape(-1, 3), tilt
+            )
+    except SeriesValidationError as exc:
+        return exc.reason
+    return None
 
 
 def check_series(series_dir: Path, node: NodeConfig) -> Eligibility:
@@ -76,9 +108,12 @@ def check_series(series_dir: Path, node: NodeConfig) -> Eligibility:
     -------
     Eligibility
         Rules, in order: modality CT, CT Image Storage SOP class, not a LOCALIZER
-        (ImageType value 3, PS3.3 C.8.2.1.1.1), axial orientation (slice normal within
-        about 10 degrees of the patient z axis), at least ``min_slices`` images,
-        SeriesDescription matching ``series_description_regex`` when set.
+        (ImageType value 3, PS3.3 C.8.2.1.1.1), an axial stack (slice normal within
+        :data:`core.series_rules.MAX_OBLIQUITY_DEG` of the patient z axis, positions
+        stepping along the normal: no gantry tilt), at least ``min_slices`` images,
+        SeriesDescription matching ``series_description_regex`` when set. The geometry
+        and count rules are those of the loader (:mod:`core.series_rules`), with the
+        loader's reasons, so a queued series is not refused by the worker for them.
     """
     files = instance_files(series_dir)
     n = len(files)
@@ -93,29 +128,27 @@ def check_series(series_dir: Path, node: NodeConfig) -> Eligibility:
     images = [
         h
         for h in headers
-        if str(h.get("SOPClassUID", "")) == CT_IMAGE_STORAGE
-        and str(h.get("Modality", "")).upper() == "CT"
+        if is_analysed_image(str(h.get("SOPClassUID", "")), str(h.get("Modality", "")))
     ]
     if not images:
         modalities = sorted({str(h.get("Modality", "?")) for h in headers}) or ["unreadable"]
         return Eligibility(
             False, f"no CT Image Storage instances (modality {', '.join(modalities)})", n, 0
         )
-    localizers = [
-        h for h in images if "LOCALIZER" in [str(t).upper() for t in h.get("ImageType", [])]
-    ]
+    localizers = [h for h in images if is_localizer(h.get("ImageType", []))]
     if len(localizers) == len(images):
         return Eligibility(False, "LOCALIZER series (scout image)", n, len(images))
     images = [h for h in images if h not in localizers]
-    if not all(_is_axial(h.get("ImageOrientationPatient")) for h in images):
-        return Eligibility(False, "not an axial series (ImageOrientationPatient)", n, len(images))
-    if len(images) < node.min_slices:
-        return Eligibility(
-            False,
-            f"{len(images)} slices, fewer than node.min_slices={node.min_slices}",
-            n,
-            len(images),
+    series_uid = str(images[0].get("SeriesInstanceUID", "")) or series_dir.name
+    reason = _geometry_reason(series_uid, images)
+    if reason is not None:
+        return Eligibility(False, reason, n, len(images))
+    try:
+        check_slice_count(
+            series_uid, len(images), node.min_slices, "the series", setting="node.min_slices"
         )
+    except SeriesValidationError as exc:
+        return Eligibility(False, exc.reason, n, len(images))
     if node.series_description_regex:
         desc = str(images[0].get("SeriesDescription", ""))
         if re.search(node.series_description_regex, desc) is None:

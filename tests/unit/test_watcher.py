@@ -100,6 +100,41 @@ def test_eligibility_rules_give_reasons(tmp_path: Path, kwargs: dict, reason: st
     assert verdict.n_instances == 5
 
 
+@pytest.mark.parametrize(
+    ("degrees", "along_normal", "error"),
+    [
+        (7.0, True, "oblique slices 7.0 degrees from axial (limit 5"),
+        (7.0, False, "gantry tilt of 7.0 degrees"),
+        (3.0, False, "gantry tilt of 3.0 degrees"),
+    ],
+)
+def test_eligibility_refuses_what_the_loader_refuses_with_the_same_reason(
+    tmp_path: Path, degrees: float, along_normal: bool, error: str
+) -> None:
+    """One rule (core.series_rules): a series tilted 7 degrees from axial used to be queued
+    (eligibility allowed 10 degrees) and then failed in the worker (the loader allows 5)."""
+    import numpy as np
+    import pydicom
+
+    from worker.volume.load import SeriesValidationError, load_series
+
+    a = np.radians(degrees)
+    orientation = (1.0, 0.0, 0.0, 0.0, float(np.cos(a)), -float(np.sin(a)))
+    _, _, folder = write_series(tmp_path / "s", 6, orientation=orientation)
+    if along_normal:  # an oblique stack: positions step along the slice normal
+        normal = np.cross(orientation[:3], orientation[3:])
+        for f in sorted(folder.iterdir()):
+            ds = pydicom.dcmread(f)
+            ds.ImagePositionPatient = [float(v) for v in normal * 2.0 * (ds.InstanceNumber - 1)]
+            ds.save_as(f)
+    verdict = check_series(folder, NodeConfig(min_slices=4))
+    with pytest.raises(SeriesValidationError) as loaded:
+        load_series(folder, min_slices=4)
+    assert not verdict.eligible
+    assert verdict.reason == loaded.value.reason
+    assert error in verdict.reason
+
+
 def test_series_description_regex(tmp_path: Path) -> None:
     _, _, folder = write_series(tmp_path / "s", 5, description="THORAX 1mm")
     assert not check_series(

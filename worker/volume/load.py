@@ -28,6 +28,9 @@ Validation of a DICOM folder, in this order (the first problem found is raised):
 8. A step between consecutive slices larger than ``max_gap_ratio`` (default 2) times the
    median step: :class:`SliceGapError`.
 9. Fewer than ``min_slices`` slices: :class:`TooFewSlicesError`.
+
+Steps 4, 6, 8 and 9 are the series rules of :mod:`core.series_rules`, which the node's
+eligibility (:mod:`service.eligibility`) applies too, with the same reasons.
 """
 
 from __future__ import annotations
@@ -64,9 +67,24 @@ from core.errors import (
     TooFewSlicesError,
     UnreadableFileError,
 )
+from core.series_rules import (
+    ANALYSED_SOP_CLASSES,
+    CT_MODALITY,
+    DUPLICATE_TOLERANCE_MM,
+    MAX_OBLIQUITY_DEG,
+    MAX_SHEAR_DEG,
+    check_axial_geometry,
+    check_slice_count,
+    check_slice_gaps,
+    is_localizer,
+    slice_normal,
+)
 
 __all__ = [
     "CTVolume",
+    "DUPLICATE_TOLERANCE_MM",
+    "MAX_OBLIQUITY_DEG",
+    "MAX_SHEAR_DEG",
     "DuplicatePositionError",
     "GantryTiltError",
     "InconsistentGeometryError",
@@ -169,110 +187,9 @@ class CTVolume:
 # Geometry helpers
 # --------------------------------------------------------------------------------------------
 
-#: Largest angle (degrees) between the slice normal and the head-foot axis of an axial series.
-MAX_OBLIQUITY_DEG = 5.0
-#: Largest angle (degrees) between the slice normal and the stacking direction before the
-#: stack counts as sheared (gantry tilt).
-MAX_SHEAR_DEG = 0.5
-#: Positions closer than this (mm) along the normal are the same position.
-DUPLICATE_TOLERANCE_MM = 0.01
 _ORIENTATION_TOLERANCE = 1e-4
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-
-
-def slice_normal(orientation: Sequence[float]) -> np.ndarray:
-    """Unit slice normal ``row x column`` cosines, its sign chosen to point to the head.
-
-    The sign is flipped when the cross product points to the feet (negative patient z in
-    LPS), so that ascending z along the normal always runs inferior -> superior.
-
-    Raises
-    ------
-    ValueError
-        The orientation does not have six values or its vectors are parallel or null.
-    """
-    o = np.asarray(orientation, dtype=np.float64).ravel()
-    if o.size != 6:
-        raise ValueError(f"image orientation needs 6 values, got {o.size}")
-    n = np.cross(o[:3], o[3:6])
-    norm = float(np.linalg.norm(n))
-    if norm < 1e-6:
-        raise ValueError(f"degenerate image orientation {tuple(float(v) for v in o)}")
-    n = n / norm
-    if n[2] < 0 or (n[2] == 0 and (n[1] < 0 or (n[1] == 0 and n[0] < 0))):
-        n = -n
-    return n
-
-
-def _angle_deg(a: np.ndarray, b: np.ndarray) -> float:
-    cos = abs(float(a @ b)) / (float(np.linalg.norm(a)) * float(np.linalg.norm(b)))
-    return math.degrees(math.acos(min(1.0, cos)))
-
-
-def _check_axial_geometry(
-    series_uid: str,
-    orientation: Sequence[float],
-    positions: np.ndarray,
-    gantry_tilt_deg: float = 0.0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Normal and z (mm, unsorted) of each position; raises for non-axial or tilted stacks."""
-    try:
-        normal = slice_normal(orientation)
-    except ValueError as exc:
-        raise InconsistentGeometryError(series_uid, str(exc)) from exc
-    z = positions @ normal
-    obliquity = math.degrees(math.acos(min(1.0, abs(float(normal[2])))))
-    shear = 0.0
-    order = np.argsort(z)
-    if len(z) >= 2 and z[order[-1]] - z[order[0]] > DUPLICATE_TOLERANCE_MM:
-        stack = positions[order[-1]] - positions[order[0]]
-        shear = _angle_deg(stack, normal)
-    orient_txt = "\\".join(f"{v:g}" for v in orientation)
-    if shear > MAX_SHEAR_DEG or (abs(gantry_tilt_deg) > 0.1 and obliquity > MAX_SHEAR_DEG):
-        tilt = shear if shear > MAX_SHEAR_DEG else abs(gantry_tilt_deg)
-        raise GantryTiltError(
-            series_uid,
-            f"gantry tilt of {tilt:.1f} degrees: the slices step along the table, not along "
-            f"their normal (Image Orientation {orient_txt}, Gantry/Detector Tilt "
-            f"{gantry_tilt_deg:g}); tilted stacks are not resampled",
-        )
-    if obliquity > 45.0:
-        plane = "sagittal" if abs(normal[0]) >= abs(normal[1]) else "coronal"
-        raise NonAxialError(
-            series_uid,
-            f"{plane} slices, not axial (Image Orientation {orient_txt}, normal "
-            f"{obliquity:.1f} degrees from the head-foot axis)",
-        )
-    if obliquity > MAX_OBLIQUITY_DEG:
-        raise NonAxialError(
-            series_uid,
-            f"oblique slices {obliquity:.1f} degrees from axial (limit {MAX_OBLIQUITY_DEG:g}; "
-            f"Image Orientation {orient_txt})",
-        )
-    return normal, z
-
-
-def _check_gaps(series_uid: str, z: np.ndarray, max_gap_ratio: float | None) -> None:
-    if max_gap_ratio is None or len(z) < 3:
-        return
-    steps = np.diff(z)
-    median = float(np.median(steps))
-    limit = max_gap_ratio * median * (1.0 + 1e-4)
-    bad = np.nonzero(steps > limit)[0]
-    if bad.size:
-        i = int(bad[0])
-        raise SliceGapError(
-            series_uid,
-            f"{bad.size} gap(s) larger than {max_gap_ratio:g} x the median slice step "
-            f"{median:.3g} mm; the first is {steps[i]:.3g} mm between z = {z[i]:.2f} and "
-            f"{z[i + 1]:.2f} mm (slices missing?)",
-        )
-
-
-def _check_count(series_uid: str, n: int, min_slices: int, what: str) -> None:
-    if n < min_slices:
-        raise TooFewSlicesError(series_uid, f"{n} slice(s) in {what}, at least {min_slices} needed")
 
 
 # --------------------------------------------------------------------------------------------
@@ -664,9 +581,6 @@ def _fast_header(path: Path) -> _Read:
 
 
 _DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
-_CT_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
-}
 _NATIVE_LE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}  # Implicit / Explicit VR LE
 _PIXEL_DATA_TAGS = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")  # little, big endian
 
@@ -887,12 +801,12 @@ def load_dicom_series(
         raise MixedSeriesError(uid, f"{len(studies)} Study Instance UIDs in one series")
 
     modalities = {h.modality for h in heads}
-    if modalities != {"CT"}:
+    if modalities != {CT_MODALITY}:
         raise NotCTError(
             uid, f"Modality {'/'.join(sorted(m or '<empty>' for m in modalities))}, not CT"
         )
     for h in heads:
-        if h.sop_class_uid not in _CT_CLASSES:
+        if h.sop_class_uid not in ANALYSED_SOP_CLASSES:
             raise NotCTError(
                 uid,
                 f"SOP Class {h.sop_class_uid or '<empty>'} in {h.path.name}: only single-frame "
@@ -900,7 +814,7 @@ def load_dicom_series(
             )
         if h.number_of_frames != 1 or h.samples_per_pixel != 1 or not h.has_pixel_data:
             raise NotCTError(uid, f"{h.path.name} is not a single-frame grayscale image")
-        if "LOCALIZER" in h.image_type:
+        if is_localizer(h.image_type):
             raise NonAxialError(
                 uid,
                 f"{h.path.name} is a localizer (Image Type {'/'.join(h.image_type)}), "
@@ -959,7 +873,7 @@ def load_dicom_series(
 
     positions = np.array([h.image_position for h in heads], dtype=np.float64)
     tilt = max((h.gantry_tilt for h in heads), key=abs)
-    _normal, z = _check_axial_geometry(uid, ref.image_orientation, positions, tilt)  # type: ignore[arg-type]
+    _normal, z = check_axial_geometry(uid, ref.image_orientation, positions, tilt)  # type: ignore[arg-type]
 
     rows, cols = int(ref.rows), int(ref.columns)  # type: ignore[arg-type]
     # Sort by z (ties: by path, so the kept duplicate is deterministic), then deduplicate.
@@ -989,8 +903,8 @@ def load_dicom_series(
         )
 
     zs = np.array([z[i] for i in keep], dtype=np.float64)
-    _check_gaps(uid, zs, max_gap_ratio)
-    _check_count(uid, len(keep), min_slices, f"series {uid or folder}")
+    check_slice_gaps(uid, zs, max_gap_ratio)
+    check_slice_count(uid, len(keep), min_slices, f"series {uid or folder}")
 
     hu = np.empty((len(keep), rows, cols), dtype=np.float32)
 
@@ -1095,11 +1009,11 @@ def load_nifti(
     orientation = tuple(float(v) + 0.0 for v in (*(col_step / dx), *(row_step / dy)))
     origin = (aff @ np.array([nx - 1, ny - 1, 0, 1.0]))[:3] * ras_to_lps
     positions = origin[None, :] + np.arange(nz)[:, None] * slice_step[None, :]
-    _, z = _check_axial_geometry("", orientation, positions)
+    _, z = check_axial_geometry("", orientation, positions)
     if nz > 1 and not np.all(np.diff(z) > 0):
         raise InconsistentGeometryError("", f"{path.name}: slices do not ascend along z")
-    _check_gaps("", z, max_gap_ratio)
-    _check_count("", nz, min_slices, path.name)
+    check_slice_gaps("", z, max_gap_ratio)
+    check_slice_count("", nz, min_slices, path.name)
     warnings: list[str] = []
     if hu.size and float(hu.min()) > -200.0:
         warnings.append(f"{path.name}: minimum {float(hu.min()):g} > -200; values may not be HU")
