@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import pydicom
@@ -53,11 +53,13 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
+from core.dicom import ATTRIBUTE_VR, PIXEL_DATA, UNDEFINED_LENGTH, ElementWalker
 from core.errors import (
     DuplicatePositionError,
     GantryTiltError,
     InconsistentGeometryError,
     L3SpotError,
+    MalformedDatasetError,
     MissingIdentifierError,
     MixedSeriesError,
     NonAxialError,
@@ -197,8 +199,6 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # --------------------------------------------------------------------------------------------
 
 _U16 = struct.Struct("<H")
-_U32 = struct.Struct("<I")
-_U16x2 = struct.Struct("<HH")
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -380,171 +380,69 @@ def _parse_floats(text: str | None, n: int | None) -> tuple[float, ...] | None:
 
 # Fast header parser for the common case (native little-endian Part 10 files) ---------------
 
-#: Top-level attributes the header needs: tag -> VR (for implicit VR files).
-_WANTED_VR = {
-    0x00080005: "CS",  # Specific Character Set
-    0x00080008: "CS",  # Image Type
-    0x00080016: "UI",  # SOP Class UID
-    0x00080018: "UI",  # SOP Instance UID
-    0x00080060: "CS",  # Modality
-    0x0008103E: "LO",  # Series Description
-    0x00180050: "DS",  # Slice Thickness
-    0x00181120: "DS",  # Gantry/Detector Tilt
-    0x0020000D: "UI",  # Study Instance UID
-    0x0020000E: "UI",  # Series Instance UID
-    0x00200011: "IS",  # Series Number
-    0x00200013: "IS",  # Instance Number
-    0x00200032: "DS",  # Image Position (Patient)
-    0x00200037: "DS",  # Image Orientation (Patient)
-    0x00200052: "UI",  # Frame of Reference UID
-    0x00280002: "US",  # Samples per Pixel
-    0x00280008: "IS",  # Number of Frames
-    0x00280010: "US",  # Rows
-    0x00280011: "US",  # Columns
-    0x00280030: "DS",  # Pixel Spacing
-    0x00280100: "US",  # Bits Allocated
-    0x00280101: "US",  # Bits Stored
-    0x00280103: "US",  # Pixel Representation
-    0x00281052: "DS",  # Rescale Intercept
-    0x00281053: "DS",  # Rescale Slope
-}
-_LONG_VRS = {
-    b"OB",
-    b"OD",
-    b"OF",
-    b"OL",
-    b"OV",
-    b"OW",
-    b"SQ",
-    b"SV",
-    b"UC",
-    b"UN",
-    b"UR",
-    b"UT",
-    b"UV",
-}
 _SIMPLE_CHARSETS = {
     "": "latin-1",
     "ISO_IR 6": "latin-1",
     "ISO_IR 100": "latin-1",
     "ISO_IR 192": "utf-8",
 }
-_PIXEL_DATA = 0x7FE00010
-_UNDEFINED = 0xFFFFFFFF
 
 
 class _FallbackError(L3SpotError):
     """The fast parser met something it leaves to pydicom."""
 
 
-class _Stream:
-    """A file read forward in chunks, addressed by absolute offset."""
-
-    def __init__(self, fp: BinaryIO, chunk: int = 16384) -> None:
-        self.fp = fp
-        self.buf = fp.read(chunk)
-
-    def need(self, end: int) -> None:
-        if end > len(self.buf):
-            more = self.fp.read(max(end - len(self.buf), 65536))
-            self.buf += more
-            if end > len(self.buf):
-                raise _FallbackError("unexpected end of file")
-
-
-def _element_header(st: _Stream, pos: int, implicit: bool) -> tuple[int, bytes | None, int, int]:
-    """(tag, VR or None, value length, header size) of the element at ``pos``."""
-    st.need(pos + 8)
-    group, elem = _U16x2.unpack_from(st.buf, pos)
-    tag = (group << 16) | elem
-    if implicit or group == 0xFFFE:
-        return tag, None, _U32.unpack_from(st.buf, pos + 4)[0], 8
-    vr = st.buf[pos + 4 : pos + 6]
-    if vr in _LONG_VRS:
-        st.need(pos + 12)
-        return tag, vr, _U32.unpack_from(st.buf, pos + 8)[0], 12
-    return tag, vr, _U16.unpack_from(st.buf, pos + 6)[0], 8
-
-
-def _skip_undefined(st: _Stream, pos: int, implicit: bool, depth: int = 0) -> int:
-    """Position after an undefined-length sequence whose first item starts at ``pos``."""
-    if depth > 16:
-        raise _FallbackError("sequences nested too deep")
-    while True:
-        tag, _, length, hdr = _element_header(st, pos, True)
-        pos += hdr
-        if tag == 0xFFFEE0DD:  # Sequence Delimitation Item
-            return pos
-        if tag != 0xFFFEE000:  # Item
-            raise _FallbackError("malformed sequence")
-        if length != _UNDEFINED:
-            pos += length
-            continue
-        while True:  # undefined-length item: its elements up to the Item Delimitation Item
-            tag, vr, length, hdr = _element_header(st, pos, implicit)
-            if tag == 0xFFFEE00D:
-                pos += hdr
-                break
-            if length == _UNDEFINED:
-                if vr not in (None, b"SQ"):
-                    raise _FallbackError("undefined length outside a sequence")
-                pos = _skip_undefined(st, pos + hdr, implicit, depth + 1)
-            else:
-                pos += hdr + length
-
-
 def _fast_header(path: Path) -> _Read:
     """Header of a native little-endian Part 10 file without pydicom (about 10 x faster).
 
-    Raises _FallbackError for anything else (deflate, big endian, compressed pixels, unusual
-    character sets, UN of undefined length, malformed data): pydicom then reads the file.
+    Walks the element headers with :class:`core.dicom.ElementWalker` (the same walker the
+    node's C-STORE check uses), reading only the top-level attributes of
+    :data:`core.dicom.ATTRIBUTE_VR` and skipping sequences of defined length whole; the
+    file is read only up to Pixel Data. Raises _FallbackError for anything else (deflate,
+    big endian, compressed pixels, unusual character sets, malformed data): pydicom then
+    reads the file.
     """
+    try:
+        return _fast_header_or_malformed(path)
+    except MalformedDatasetError as exc:
+        raise _FallbackError(str(exc)) from exc
+
+
+def _fast_header_or_malformed(path: Path) -> _Read:
     with open(path, "rb") as fp:
-        st = _Stream(fp)
-        if len(st.buf) < 132 or st.buf[128:132] != b"DICM":
+        size = os.fstat(fp.fileno()).st_size
+        first = fp.read(16384)
+        if len(first) < 132 or first[128:132] != b"DICM":
             raise _FallbackError("no DICM prefix")
+        walker = ElementWalker(first, implicit=False, little=True, read_more=fp.read)
         pos, meta = 132, {}
         while True:  # File Meta Information: explicit VR little endian, group 0002
-            st.need(pos + 8)
-            if _U16.unpack_from(st.buf, pos)[0] != 0x0002:
+            walker.need(pos + 8)
+            if walker.u16(pos) != 0x0002:
                 break
-            tag, _, length, hdr = _element_header(st, pos, False)
-            if length == _UNDEFINED:
+            tag, _, length, value = walker.header(pos, size)
+            if length == UNDEFINED_LENGTH:
                 raise _FallbackError("undefined length in file meta")
-            st.need(pos + hdr + length)
-            meta[tag] = st.buf[pos + hdr : pos + hdr + length]
-            pos += hdr + length
+            meta[tag] = walker.value(value, length)
+            pos = value + length
         ts = meta.get(0x00020010, b"").decode("latin-1").strip(" \x00")
         if ts not in _NATIVE_LE:
             raise _FallbackError(f"transfer syntax {ts}")
         if meta.get(0x00020002, b"").strip(b" \x00") == _DICOMDIR_CLASS.encode():
             return _Read(path, skipped="DICOMDIR")
         implicit = ts == "1.2.840.10008.1.2"
+        walker.implicit = implicit
         values: dict[int, bytes] = {}
         pixel_at = pixel_len = None
-        while True:
-            if pos >= len(st.buf):
-                more = fp.read(65536)
-                if not more:
-                    break  # end of file, no pixel data
-                st.buf += more
-            tag, vr, length, hdr = _element_header(st, pos, implicit)
-            if tag >= _PIXEL_DATA:
-                if tag == _PIXEL_DATA:
-                    pixel_at, pixel_len = pos + hdr, length
+        for tag, vr, length, value, _ in walker.elements(pos, size, descend=False):
+            if tag >= PIXEL_DATA:
+                if tag == PIXEL_DATA:
+                    pixel_at, pixel_len = value, length
                 break
-            if length == _UNDEFINED:
-                if vr not in (None, b"SQ"):
-                    raise _FallbackError(f"undefined length for VR {vr!r}")
-                pos = _skip_undefined(st, pos + hdr, implicit)
-                continue
-            if tag in _WANTED_VR:
-                if not implicit and vr != _WANTED_VR[tag].encode():
+            if tag in ATTRIBUTE_VR and length != UNDEFINED_LENGTH:
+                if not implicit and vr != ATTRIBUTE_VR[tag]:
                     raise _FallbackError(f"unexpected VR {vr!r} for {tag:08X}")
-                st.need(pos + hdr + length)
-                values[tag] = st.buf[pos + hdr : pos + hdr + length]
-            pos += hdr + length
-        size = os.fstat(fp.fileno()).st_size
+                values[tag] = walker.value(value, length)
 
     charset = values.get(0x00080005, b"").decode("latin-1").strip(" \x00")
     if charset not in _SIMPLE_CHARSETS:
@@ -563,7 +461,7 @@ def _fast_header(path: Path) -> _Read:
     rows, cols, bits, spp = us(0x00280010), us(0x00280011), us(0x00280100), us(0x00280002)
     if pixel_at is not None:
         need = (rows or 0) * (cols or 0) * ((bits or 16) // 8)
-        if pixel_len == _UNDEFINED or pixel_len < need or pixel_at + need > size:
+        if pixel_len == UNDEFINED_LENGTH or pixel_len < need or pixel_at + need > size:
             return _Read(path, broken=f"pixel data truncated or invalid ({size} bytes)")
         if (bits or 16) == 16 and (spp or 1) == 1:
             offset = pixel_at
