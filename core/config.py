@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from core.composition_params import LEGACY_FLAT_KEYS, ClassicalParams
 
 from core.errors import ConfigError
 
@@ -167,36 +169,30 @@ class CompositionConfig(_Section):
     fat_hu: tuple[float, float] = (-190.0, -30.0)  # Mitsiopoulos et al. 1998
     neighbour_mm: float = Field(0.0, ge=0)  # average over L3 +/- this many mm
     sarcopenia_cutoffs: Literal["prado2008", "martin2013"] = "prado2008"
-    # classical segmentation geometry (mm) and QA thresholds
-    body_hu: float = -500.0  # air/table-foam vs body
-    table_opening_mm: float = Field(4.0, ge=0)  # tables are thinner than this
-    arm_separation_mm: float = Field(20.0, ge=0)  # opening radius detaching touching arms
-    arm_min_area_cm2: float = Field(15.0, ge=0)
-    truncation_min_mm: float = Field(10.0, ge=0)  # body contact with the FOV edge to flag
-    skin_mm: float = Field(4.0, ge=0)  # skin thickness skipped before the SAT
-    wall_min_mm: float = Field(4.0, gt=0)  # thinnest wall muscle run taken as the wall
-    wall_median_deg: int = Field(41, ge=3)  # circular median window bridging ring gaps
-    wall_outlier_mm: float = Field(6.0, ge=0)
-    muscle_band_max_mm: float = Field(90.0, gt=0)  # deepest posterior (paraspinal) band
-    wall_muscle_max_mm: float = Field(30.0, gt=0)  # deepest anterior/lateral wall band
-    paraspinal_half_width_mm: float = Field(90.0, gt=0)  # trusted deep band this near midline
-    posterior_wall_max_mm: float = Field(70.0, gt=0)  # deepest posterolateral band (lat., QL)
-    imat_gap_mm: float = Field(2.0, ge=0)  # fat gap inside a muscle band still IMAT
-    imat_close_mm: float = Field(4.0, ge=0)
-    psoas_anterior_mm: float = Field(20.0, ge=0)  # search box around the vertebral body
-    psoas_posterior_mm: float = Field(200.0, ge=0)  # paraspinals too
-    psoas_lateral_mm: float = Field(60.0, ge=0)
-    psoas_opening_mm: float = Field(3.0, gt=0)  # breaks bridges to a kidney or bowel loop
-    psoas_hole_mm2: float = Field(100.0, ge=0)  # fat spots (IMAT) filled before that opening
-    bowel_wall_mm: float = Field(3.0, ge=0)  # no fat nearer than this (+1 px) to luminal gas
-    bowel_lumen_cm2: float = Field(40.0, ge=0)  # largest enclosed fat-HU lumen (stool); 0 = off
+    # classical segmentation: every threshold, its unit and source (core/composition_params.py)
+    classical: ClassicalParams = Field(default_factory=ClassicalParams)
+    # QA flags
     metal_hu: float = 2000.0
     metal_min_area_mm2: float = Field(30.0, ge=0)
     muscle_mean_hu_qa: tuple[float, float] = (-20.0, 80.0)
-    denoise_above_hu: float = Field(20.0, ge=0)  # noise SD above which to TV-denoise; 0 = off
     # U-Net (seed "Abdominal musculature segmentation and surface prediction from CT")
     unet_pixel_mm: float = Field(1.0, gt=0)
     unet_hu_window: tuple[float, float] = (-150.0, 300.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_flat_keys(cls, data: Any) -> Any:
+        """Classical keys written flat (``composition.skin_mm``) move into ``classical``."""
+        if isinstance(data, dict) and LEGACY_FLAT_KEYS & data.keys():
+            data = dict(data)
+            classical = data.get("classical")
+            if isinstance(classical, BaseModel):
+                classical = classical.model_dump()
+            moved = dict(classical or {})
+            for key in LEGACY_FLAT_KEYS & data.keys():
+                moved.setdefault(key, data.pop(key))
+            data["classical"] = moved
+        return data
 
 
 class AnalysisConfig(_Section):

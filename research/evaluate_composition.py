@@ -23,7 +23,8 @@ import numpy as np
 
 from core import labels as lab
 from core.config import CompositionConfig
-from worker.composition.measure import in_hu_range, segment_slice
+from worker.composition.hu import in_hu_range
+from worker.composition.measure import segment_slice
 from worker.volume.load import CTVolume
 
 logger = logging.getLogger(__name__)

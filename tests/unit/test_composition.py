@@ -1,7 +1,8 @@
-"""Tests of worker.composition.measure: HU ranges, areas, SMI, cut-offs, QA flags, segmentation."""
+"""Tests of worker.composition: HU ranges, areas, SMI, cut-offs, QA flags, the classical steps."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from core import labels as lab
 from core.config import CompositionConfig
 from core.errors import AnalysisError
 from research.evaluate_composition import FAT_HU, MUSCLE_HU, synthetic_l3
+from worker.composition.classical import DEFAULT_RULES
 from worker.composition.measure import (
     body_mass_index,
     denoise_slice,
@@ -27,6 +29,11 @@ from worker.composition.measure import (
 from worker.volume.load import CTVolume, PatientInfo
 
 CFG = CompositionConfig()
+
+
+def _classical(**params: float) -> CompositionConfig:
+    """``CFG`` with some ``composition.classical`` parameters changed."""
+    return CFG.model_copy(update={"classical": CFG.classical.model_copy(update=params)})
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -188,7 +195,7 @@ def test_noise_estimate_and_tv_denoising_restore_low_dose_classification():
     after = in_hu_range(den[musc], CFG.muscle_hu).mean()
     assert after > before + 0.04 and after > 0.97
     seg = segment_classical(hu, sp, CFG)  # denoised internally (sigma > denoise_above_hu)
-    off = segment_classical(hu, sp, CFG.model_copy(update={"denoise_above_hu": 0.0}))
+    off = segment_classical(hu, sp, _classical(denoise_above_hu=0.0))
     d_on = _dice(seg.labels == lab.SMA, musc)
     # (margin 0.03: since the psoas opening fills fat-HU holes, the noisy image without
     # denoising no longer loses its psoas: 0.941 instead of 0.896; since round 8 drops
@@ -263,8 +270,8 @@ def test_unet_labels_are_gated_by_the_hu_ranges(monkeypatch: pytest.MonkeyPatch)
     Bowel gas, cortical bone or contrast labelled as fat or muscle by the U-Net must not
     enter the areas (the same rule the classical method applies).
     """
-    from worker.composition.measure import segment_slice
     from worker.composition import unet as seg_unet
+    from worker.composition.measure import segment_slice
 
     hu, _, sp = synthetic_l3(1.0)
 
@@ -326,7 +333,7 @@ def test_psoas_with_intramuscular_fat_spots_is_still_muscle():
     got = segment_classical(hu, sp, CFG).labels
     found = (got[psoas_muscle] == lab.SMA).mean()
     # without filling the fat spots before the opening the psoas is lost (reproduces it)
-    lost = segment_classical(hu, sp, CFG.model_copy(update={"psoas_hole_mm2": 0.0})).labels
+    lost = segment_classical(hu, sp, _classical(psoas_hole_mm2=0.0)).labels
     assert (lost[psoas_muscle] == lab.SMA).mean() < 0.5
     assert found > 0.95
     # the spots themselves are fat inside the muscle: IMAT, not VAT
@@ -393,7 +400,7 @@ def test_fat_spots_do_not_end_a_thick_wall_muscle():
     hu, labels, sp, muscle = _fatty_posterolateral_muscle()
     got = segment_classical(hu, sp, CFG).labels
     # without filling the spots the rays stop at them (reproduces the failure)
-    lost = segment_classical(hu, sp, CFG.model_copy(update={"psoas_hole_mm2": 0.0})).labels
+    lost = segment_classical(hu, sp, _classical(psoas_hole_mm2=0.0)).labels
     assert (lost[muscle] == lab.SMA).mean() < 0.95
     assert (got[muscle] == lab.SMA).mean() > 0.98
     # the spots stay fat inside the muscle (IMAT), never muscle
@@ -431,7 +438,7 @@ def test_bowel_contents_with_fat_hu_are_not_visceral_fat():
     assert contents.sum() > 400
     got = segment_classical(hu, sp, CFG).labels
     # both rules off (the gas rule at the former 1.5 mm): the contents are VAT (reproduces it)
-    off = CFG.model_copy(update={"bowel_lumen_cm2": 0.0, "bowel_wall_mm": 1.5})
+    off = _classical(bowel_lumen_cm2=0.0, bowel_wall_mm=1.5)
     before = segment_classical(hu, sp, off).labels
     assert (before[contents] == lab.VAT).mean() > 0.5
     assert (got[contents] == lab.VAT).mean() < 0.05
@@ -539,7 +546,6 @@ def _kidney_touching_the_psoas(
 
 
 def _assert_rule_removes(
-    monkeypatch: pytest.MonkeyPatch,
     case: tuple,
     *,
     rule: str,
@@ -548,17 +554,16 @@ def _assert_rule_removes(
     before_min: float,
 ) -> None:
     """The organ masks of ``case`` (hu, truth, spacing, *masks) are not SMA, > 95 % of the
-    true muscle is; with ``worker.composition.measure.<rule>`` replaced by ``identity`` each mask is
-    SMA over more than ``before_min`` (the failure the rule fixes, reproduced)."""
-    import worker.composition.measure as comp
-
+    true muscle is; with the rule ``rule`` of :class:`worker.composition.classical.Rules`
+    replaced by ``identity`` each mask is SMA over more than ``before_min`` (the failure the
+    rule fixes, reproduced)."""
     hu, truth, sp, *masks = case
     got = segment_classical(hu, sp, CFG).labels
     for m in masks:
         assert (got[m] == lab.SMA).mean() < after_max
     assert (got[truth == lab.SMA] == lab.SMA).mean() > 0.95
-    monkeypatch.setattr(comp, rule, identity)
-    before = segment_classical(hu, sp, CFG).labels
+    rules = replace(DEFAULT_RULES, **{rule: identity})
+    before = segment_classical(hu, sp, CFG, rules).labels
     for m in masks:
         assert (before[m] == lab.SMA).mean() > before_min
 
@@ -668,14 +673,13 @@ def _disc_level(
     return hu, labels, sp, disc, canal
 
 
-def test_disc_and_canal_at_a_disc_level_are_not_muscle(monkeypatch: pytest.MonkeyPatch):
+def test_disc_and_canal_at_a_disc_level_are_not_muscle():
     hu, truth, sp, disc, canal = _disc_level()
     assert ((hu[disc] >= -29) & (hu[disc] <= 150)).mean() > 0.9  # the disc has muscle HU
     # without the canal-to-arch rule the disc and the canal are psoas
     _assert_rule_removes(
-        monkeypatch,
         (hu, truth, sp, disc, canal),
-        rule="_canal_to_arch",
+        rule="canal_to_arch",
         identity=lambda hu, bone, *a: np.zeros_like(bone),
         after_max=0.05,
         before_min=0.5,
@@ -705,7 +709,7 @@ _ORGAN_RULES = {
     # after, at least SMA without the rule)
     "kidney against the psoas": (
         _kidney_touching_the_psoas,
-        "_without_lateral_organ",
+        "without_lateral_organ",
         lambda keep, *a: keep,
         0.05,
         0.5,
@@ -713,14 +717,14 @@ _ORGAN_RULES = {
     # the tip's tapering edge (< 10 mm deeper than the wall) may stay
     "organ tip behind a lateral wall": (
         _organ_tip_behind_the_lateral_wall,
-        "_without_spikes",
+        "without_spikes",
         lambda t, *a: t,
         0.15,
         0.4,
     ),
     "kidney pole in its fat near the wall": (
         _kidney_pole_near_the_posterior_wall,
-        "_attached",
+        "attached",
         lambda keep, *a: keep,
         0.05,
         0.5,
@@ -730,12 +734,9 @@ _ORGAN_RULES = {
 
 @pytest.mark.parametrize("px", [1.0, 3.0])
 @pytest.mark.parametrize("organ", list(_ORGAN_RULES))
-def test_organ_next_to_a_muscle_is_not_muscle(
-    organ: str, px: float, monkeypatch: pytest.MonkeyPatch
-):
+def test_organ_next_to_a_muscle_is_not_muscle(organ: str, px: float):
     build, rule, identity, after_max, before_min = _ORGAN_RULES[organ]
     _assert_rule_removes(
-        monkeypatch,
         build(px),
         rule=rule,
         identity=identity,

@@ -26,8 +26,9 @@ def _keys(model: type[BaseModel], prefix: str = "") -> list[str]:
         inner = next(
             (a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None
         )
-        if inner is not None and prefix == "":
-            out += _keys(inner, f"{name}.")
+        # sections, and sections nested in a section (composition.classical)
+        if inner is not None and (prefix == "" or inner is ann):
+            out += _keys(inner, f"{prefix}{name}.")
         else:
             out.append(prefix + name)
     return out
