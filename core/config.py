@@ -19,7 +19,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from core.composition_params import LEGACY_FLAT_KEYS, ClassicalParams
-
 from core.errors import ConfigError
 
 __all__ = ["Config", "ConfigError", "load_config"]
