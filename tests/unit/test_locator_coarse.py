@@ -144,6 +144,13 @@ def test_locate_maps_the_decided_row_to_the_nearest_real_slice(
     assert set(res.timings_s) == {"mip", "windows", "cnn", "decision"}
 
 
+def test_locate_refuses_the_mips_of_another_volume(tmp_path: Path) -> None:
+    p = tmp_path / "m.pt"
+    _save_random_model(p)
+    with pytest.raises(ValueError, match="another volume"):
+        locate_l3(_volume(), LocatorConfig(weights=p, refine_weights=None), FrontalMips(_volume()))
+
+
 def test_locate_says_not_in_field_of_view_without_guessing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
