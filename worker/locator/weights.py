@@ -49,6 +49,7 @@ class LoadedLocator:
 
     @property
     def has_presence(self) -> bool:
+        """Whether the network has l3spot's "L3 near the window centre" head."""
         return getattr(self.model, "presence", None) is not None
 
     @torch.no_grad()
@@ -80,7 +81,17 @@ class LoadedLocator:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; otherwise ``torch.device(device)``."""
+    """The inference device: ``"auto"`` -> CUDA when available, else CPU.
+
+    Parameters
+    ----------
+    device : "auto", "cpu", "cuda" or "cuda:N".
+
+    Raises
+    ------
+    LocatorWeightsError
+        CUDA was asked for and is not available.
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
@@ -92,7 +103,18 @@ def resolve_device(device: str = "auto") -> torch.device:
 def save_locator(
     path: Path, model: torch.nn.Module, arch: str, spec: WindowSpec, record: dict[str, Any]
 ) -> None:
-    """Write weights + geometry + training record in the format :func:`load_locator` reads."""
+    """Write weights + window geometry + training record in the format :func:`load_locator` reads.
+
+    Parameters
+    ----------
+    path : ``.pt`` file, written atomically (temporary name, then rename).
+    model : the trained network (its state is saved on the CPU).
+    arch : "cnn4" or "vgg16".
+    spec : the window geometry the network was trained with; the only place the MIP pixel
+        size of an analysis comes from.
+    record : training metadata (JSON-serialisable; ``"stage": "fine"`` for a refinement
+        stage).
+    """
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload = {
         "format": "l3spot-locator",
