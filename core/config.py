@@ -141,22 +141,41 @@ class ExportConfig(_Section):
     timeout_seconds: float = Field(30.0, gt=0)  # ACSE/DIMSE/network timeout of the SCU
 
 
+#: Keys that were removed from the ``locator`` section, and why (an old file that still has
+#: one fails with this message instead of pydantic's bare "extra inputs are not permitted").
+REMOVED_LOCATOR_KEYS = {
+    "mip_pixel_mm": (
+        "locator.mip_pixel_mm was removed: the MIP pixel size comes from the locator weights "
+        "(the window geometry saved with the model, 3 mm for the first stage and 1 mm for the "
+        "refinement stage of the shipped models); delete the key"
+    ),
+}
+
+
 class LocatorConfig(_Section):
-    """L3 localisation (Belharbi et al. 2017)."""
+    """L3 localisation (Belharbi et al. 2017).
+
+    The MIP pixel size and the window geometry are not settings: they belong to the trained
+    model and are read from its weights file (``WindowSpec`` in :mod:`worker.locator.windows`).
+    """
 
     weights: Path = MODELS_DIR / "locator_cnn4_round3.pt"  # first stage (locator_cnn4.md)
-    # MIP pixel (mm) the pipeline builds for the locator; must match the model's (the shipped
-    # CNN4 uses 3 mm: 2.2x fewer pixels than 2 mm for CPU training and inference, still finer
-    # than the common 3-5 mm slices; see models/locator_cnn4.md). locate_l3 rebuilds the MIP
-    # at the model's pixel size if they differ.
-    mip_pixel_mm: float = Field(3.0, gt=0)
-    stride_px: int = Field(4, ge=1)
+    stride_px: int = Field(4, ge=1)  # step between first-stage windows (MIP rows)
     batch_size: int = Field(64, ge=1)
     min_confidence: float = Field(0.5, ge=0, le=1)
-    # second, finer stage around the first answer (worker/refine.py, models/
+    # second, finer stage around the first answer (worker/locator/fine.py, models/
     # locator_fine_cnn4.md); null = first stage only
     refine_weights: Path | None = MODELS_DIR / "locator_fine_cnn4.pt"
     refine_stride_px: int = Field(2, ge=1)  # step between fine window centres (fine MIP rows)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key, why in REMOVED_LOCATOR_KEYS.items():
+                if key in data:
+                    raise ValueError(why)
+        return data
 
 
 class CompositionConfig(_Section):

@@ -16,7 +16,7 @@ from core import ALGORITHM_NAME, __version__
 
 if TYPE_CHECKING:  # the worker's types; the node reads result.json without importing them
     from worker.composition.measure import CompositionResult
-    from worker.locator.coarse import L3Location
+    from worker.locator.locate import L3Location
 
 COMPARTMENT_KEYS = ("sma", "imat", "vat", "sat")
 

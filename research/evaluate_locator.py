@@ -17,7 +17,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from core.config import LocatorConfig
-from worker.locator.coarse import L3Location, locate_l3, normalise_hu
+from worker.locator.locate import L3Location, locate_l3
+from worker.locator.windows import normalise_hu
 from worker.mip import Mip
 from worker.volume.load import CTVolume
 
@@ -163,7 +164,8 @@ def evaluate_phantoms(
     (the MIP of a volume is timed in ``bench/bench_locate.py``), so ``seconds`` is the
     time of windows + CNN + decision (+ the refinement stage when configured).
     """
-    from worker.locator.coarse import load_locator, locate_in_mip
+    from worker.locator.locate import locate_in_mip
+    from worker.locator.weights import load_locator
     from worker.training.locator import phantom_mips
 
     loc = load_locator(config.weights, device)

@@ -40,8 +40,8 @@ from core.result import (
     l3_result,
 )
 from worker.composition.measure import CompositionResult, measure_composition
-from worker.locator.coarse import L3Location, locate_l3
-from worker.mip import Mip, frontal_mip
+from worker.locator.locate import L3Location, load_stages, locate_l3
+from worker.mip import FrontalMips, FrontalProjection, Mip, frontal_projection
 from worker.outputs.render import render_overview, render_summary
 from worker.outputs.sc import build_sc
 from worker.outputs.seg import build_seg
@@ -180,7 +180,13 @@ def _read_source(volume: CTVolume, index: int) -> Dataset:
         ) from exc
 
 
-def analyze_series(input_path: Path, out_dir: Path, config: Config) -> AnalysisResult:
+def analyze_series(
+    input_path: Path,
+    out_dir: Path,
+    config: Config,
+    *,
+    project: Callable[[CTVolume], FrontalProjection] = frontal_projection,
+) -> AnalysisResult:
     """Analyse one CT series and write its results into ``out_dir``.
 
     Parameters
@@ -190,12 +196,17 @@ def analyze_series(input_path: Path, out_dir: Path, config: Config) -> AnalysisR
         same algorithm version replaces its earlier results (UIDs are deterministic).
     config : the l3spot configuration (``locator``, ``composition``, ``analysis`` and
         ``node.min_slices`` are used).
+    project : the frontal projection (:func:`worker.mip.frontal_projection`); the volume is
+        projected once per analysis and resampled to the pixel size of each locator model
+        (the first stage's MIP also feeds the overview). A test passes a counting wrapper.
 
     Returns
     -------
     AnalysisResult
         The record also written to ``out_dir/result.json``; ``timing_s`` holds seconds per
-        stage (load, mip, locate, composition, dicom_out, total).
+        stage (load, mip, locate, composition, dicom_out, total); "mip" is the projection
+        and the resampling to every pixel size the locator models ask for, "locate"
+        includes loading the models (cached after the first series).
 
     Raises
     ------
@@ -217,12 +228,21 @@ def analyze_series(input_path: Path, out_dir: Path, config: Config) -> AnalysisR
     uid = volume.series_instance_uid
     log_event(logger, "analysis_started", series_instance_uid=uid, n_slices=source.n_slices)
 
+    # the models decide the MIP pixel sizes (their window geometry); a weights problem fails
+    # here, as stage "locator", before any work
+    t_models = time.perf_counter()
+    stages = load_stages(config.locator, device, uid)
+    t_models = time.perf_counter() - t_models
+    mips = FrontalMips(volume, project)
     with _stage(timing, "mip"):
-        mip = _guard(uid, "mip", lambda: frontal_mip(volume, config.locator.mip_pixel_mm))
+        for pixel_mm in stages.pixel_sizes:
+            _guard(uid, "mip", lambda px=pixel_mm: mips.at(px))
+    mip = mips.at(stages.coarse.spec.pixel_mm)  # built above: the overview's MIP
     with _stage(timing, "locate"):
         location: L3Location = _guard(
-            uid, "locate", lambda: locate_l3(volume, config.locator, mip, device=device)
+            uid, "locate", lambda: locate_l3(volume, config.locator, mips, device=device)
         )
+    timing["locate"] = round(timing["locate"] + t_models, 4)
     composition: CompositionResult | None = None
     if location.in_field_of_view:
         if location.slice_index is None:

@@ -15,7 +15,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from core.labels import IMAT, SAT, SMA, VAT
 from worker.composition.measure import CompositionResult, SarcopeniaResult, TissueMeasure
-from worker.locator.coarse import L3Location
+from worker.locator.locate import L3Location
 from worker.mip import Mip
 from worker.volume.load import CTVolume, PatientInfo
 

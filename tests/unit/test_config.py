@@ -105,3 +105,14 @@ def test_compose_and_dockerfile_run_commands_the_cli_has() -> None:
     for cmd in commands:
         result = runner.invoke(app, [*cmd, "--help"])
         assert result.exit_code == 0, f"{shlex.join(cmd)}: {result.output}"
+
+
+def test_a_removed_locator_key_fails_with_the_reason(tmp_path: Path) -> None:
+    """locator.mip_pixel_mm is gone (the pixel size comes from the model): say so clearly."""
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump({"locator": {"mip_pixel_mm": 3.0, "stride_px": 4}}))
+    with pytest.raises(ConfigError, match="mip_pixel_mm was removed.*locator weights"):
+        load_config(path, environ={})
+    with pytest.raises(ConfigError, match="mip_pixel_mm was removed"):
+        load_config(None, environ={"L3SPOT__LOCATOR__MIP_PIXEL_MM": "2"})
+    assert "mip_pixel_mm" not in Config().locator.model_dump()

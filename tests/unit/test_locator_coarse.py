@@ -1,4 +1,7 @@
-"""Tests of the L3 decision and inference (worker/locate.py), and of the shipped weights."""
+"""Tests of the first stage of the L3 locator and of the shipped weights.
+
+worker/locator/: windows, decision (slope -1 correlation), weights, coarse, locate.
+"""
 
 from __future__ import annotations
 
@@ -10,19 +13,12 @@ import torch
 
 from core.config import LocatorConfig
 from core.errors import AnalysisError
-from worker.locator.coarse import (
-    LoadedLocator,
-    LocatorWeightsError,
-    WindowSpec,
-    decide_l3,
-    load_locator,
-    locate_l3,
-    mip_to_strip,
-    save_locator,
-    sliding_windows,
-)
+from worker.locator.decision import decide_l3
+from worker.locator.locate import locate_l3
 from worker.locator.model import build_model
-from worker.mip import frontal_mip
+from worker.locator.weights import LoadedLocator, LocatorWeightsError, load_locator, save_locator
+from worker.locator.windows import WindowSpec, mip_to_strip, sliding_windows
+from worker.mip import FrontalMips, frontal_mip
 from worker.volume.load import CTVolume
 
 SPEC = WindowSpec()  # the shipped geometry: 3 mm, H = 110 px, a = 17 px
@@ -128,7 +124,8 @@ def test_locate_maps_the_decided_row_to_the_nearest_real_slice(
     p = tmp_path / "m.pt"
     _save_random_model(p)
     vol = _volume(uneven=True)
-    mip = frontal_mip(vol, pixel_mm=SPEC.pixel_mm)
+    mips = FrontalMips(vol)
+    mip = mips.at(SPEC.pixel_mm)
     l3_z = float(vol.z_mm[61]) + 0.4
 
     def perfect(self: LoadedLocator, windows: torch.Tensor, batch_size: int = 64):  # noqa: ANN202
@@ -139,11 +136,19 @@ def test_locate_maps_the_decided_row_to_the_nearest_real_slice(
         ).astype(np.float32)
 
     monkeypatch.setattr(LoadedLocator, "predict", perfect)
-    res = locate_l3(vol, LocatorConfig(weights=p, refine_weights=None), mip, device="cpu")
+    res = locate_l3(vol, LocatorConfig(weights=p, refine_weights=None), mips, device="cpu")
+    assert mips.projections == 1 and mips.pixel_sizes == (SPEC.pixel_mm,)  # given MIP used
     assert res.in_field_of_view and res.slice_index == 61
     assert res.z_mm == pytest.approx(l3_z, abs=1.0)
     assert res.reason is None and res.confidence > 0.8  # corr 1 x agreement 1 x presence 0.9
     assert set(res.timings_s) == {"mip", "windows", "cnn", "decision"}
+
+
+def test_locate_refuses_the_mips_of_another_volume(tmp_path: Path) -> None:
+    p = tmp_path / "m.pt"
+    _save_random_model(p)
+    with pytest.raises(ValueError, match="another volume"):
+        locate_l3(_volume(), LocatorConfig(weights=p, refine_weights=None), FrontalMips(_volume()))
 
 
 def test_locate_says_not_in_field_of_view_without_guessing(

@@ -1,4 +1,4 @@
-"""Tests of the locator's second, finer stage (worker/refine.py) and its training."""
+"""Tests of the locator's second, finer stage (worker/locator/fine.py) and its training."""
 
 from __future__ import annotations
 
@@ -11,17 +11,12 @@ from torch import nn
 
 from core.config import LocatorConfig
 from core.errors import AnalysisError
-from worker.locator.coarse import (
-    Decision,
-    LoadedLocator,
-    LocatorWeightsError,
-    WindowSpec,
-    decide_l3,
-    locate_l3,
-    save_locator,
-)
+from worker.locator.decision import Decision, decide_l3
 from worker.locator.fine import FINE_STAGE, choose_run, refine_in_mip, refine_windows
+from worker.locator.locate import locate_l3
 from worker.locator.model import build_model
+from worker.locator.weights import LoadedLocator, LocatorWeightsError, save_locator
+from worker.locator.windows import WindowSpec
 from worker.mip import Mip
 from worker.training.locator import MipCase, TrainSettings, split_by_group, train_locator
 from worker.volume.load import CTVolume
@@ -169,7 +164,7 @@ def test_fine_stage_training_smoke_run_learns_and_saves_a_refiner(tmp_path: Path
     out = tmp_path / "fine.pt"
     _, logs = train_locator(tr, va, settings, out, {"command": "test"}, max_val_scans=3,
                             checkpoint=tmp_path / "c.ckpt")  # fmt: skip
-    from worker.locator.coarse import load_locator
+    from worker.locator.weights import load_locator
 
     loc = load_locator(out, "cpu")
     assert loc.record["stage"] == FINE_STAGE and not loc.has_presence
@@ -213,7 +208,7 @@ def test_train_command_stage_fine_writes_a_refiner_with_its_record(tmp_path: Pat
     rec = json.loads(out.with_suffix(".json").read_text())
     assert rec["stage"] == FINE_STAGE and rec["positive_fraction"] == 1.0
     assert rec["window"]["pixel_mm"] == 1.0 and rec["window"]["a_mm"] == 18.0
-    from worker.locator.coarse import load_locator
+    from worker.locator.weights import load_locator
 
     loc = load_locator(out, "cpu")
     assert loc.record["stage"] == FINE_STAGE and not loc.has_presence

@@ -10,7 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from l3spot import app
-from worker.mip import MIP_HU_RANGE, frontal_mip
+from worker.mip import MIP_HU_RANGE, FrontalMips, frontal_mip, frontal_projection
 from worker.volume.load import CTVolume, load_series
 from worker.volume.write import write_ct_series
 
@@ -90,6 +90,30 @@ def test_invalid_arguments() -> None:
         frontal_mip(_vol(), pixel_mm=0)
     with pytest.raises(ValueError, match="2 slices"):
         frontal_mip(_vol(nz=1), pixel_mm=1.0)
+
+
+def test_one_projection_serves_every_pixel_size_with_identical_mips() -> None:
+    v = _vol(nz=60, nx=80, dz=1.25, dx=0.7)
+    rng = np.random.default_rng(0)
+    v.hu[:] = rng.uniform(-1000, 1500, v.hu.shape).astype(np.float32)
+    calls: list[int] = []
+
+    def counting(volume: CTVolume):  # noqa: ANN202
+        calls.append(1)
+        return frontal_projection(volume)
+
+    mips = FrontalMips(v, counting)
+    for px in (3.0, 1.0, 3.0, 2.0, 1.0):
+        got, want = mips.at(px), frontal_mip(v, pixel_mm=px)
+        assert np.array_equal(got.image, want.image) and got.pixel_mm == want.pixel_mm
+        assert got.z_top_mm == want.z_top_mm and np.array_equal(got.slice_z_mm, want.slice_z_mm)
+    assert calls == [1] and mips.projections == 1
+    assert mips.pixel_sizes == (3.0, 1.0, 2.0)
+    assert mips.at(3.0) is mips.at(3.0)  # resampled once per pixel size
+    with pytest.raises(ValueError, match="positive"):
+        mips.at(0.0)
+    with pytest.raises(ValueError, match="2 slices"):
+        FrontalMips(_vol(nz=1)).at(1.0)
 
 
 def test_real_abdomen_l3_rows_map_back_to_l3_slices(shared_data: Path) -> None:

@@ -31,7 +31,9 @@ from tests.support.outputs import (
     fabricated_location,
     write_series,
 )
-from worker.locator.coarse import L3Location
+from worker.locator.locate import L3Location
+from worker.mip import FrontalProjection, frontal_projection
+from worker.volume.load import CTVolume
 
 TOTALSEG_L3_SLICES = range(65, 80)  # TotalSegmentator label 29 (vertebrae_L3), README
 
@@ -41,7 +43,7 @@ def fake_stages(monkeypatch: pytest.MonkeyPatch) -> dict[str, bool]:
     """Locator -> slice L3_INDEX (or not in FOV); composition -> fabricated."""
     state = {"in_fov": True}
 
-    def locate(volume, config, mip, device="auto"):  # noqa: ANN001, ANN202
+    def locate(volume, config, mips, device="auto"):  # noqa: ANN001, ANN202
         return fabricated_location(state["in_fov"])
 
     def measure(volume, idx, config, device="auto"):  # noqa: ANN001, ANN202
@@ -162,8 +164,9 @@ def test_cli_analyze_folder_of_series_appends_csv_rows(
 
 @pytest.fixture()
 def fake_locator_at_72(monkeypatch: pytest.MonkeyPatch) -> None:
-    def locate(volume, config, mip, device="auto"):  # noqa: ANN001, ANN202
+    def locate(volume, config, mips, device="auto"):  # noqa: ANN001, ANN202
         z = float(volume.z_mm[72])
+        mip = mips.at(mips.pixel_sizes[0])  # the first stage's MIP, built by the pipeline
         return L3Location(True, 72, z, float(mip.z_to_row(z)), 0.9)
 
     monkeypatch.setattr(pipeline, "locate_l3", locate)
@@ -210,12 +213,24 @@ def _require_locator() -> None:
 
 def test_end_to_end_real_abdomen_nifti_finds_l3(shared_data: Path, tmp_path: Path) -> None:
     _require_locator()
-    result = pipeline.analyze_series(
-        shared_data / "abdomen_ct_totalseg" / "ct.nii.gz", tmp_path / "o", Config()
-    )
+    projections: list[int] = []
+
+    def counting(volume: CTVolume) -> FrontalProjection:
+        projections.append(volume.hu.shape[0])
+        return frontal_projection(volume)
+
+    nifti = shared_data / "abdomen_ct_totalseg" / "ct.nii.gz"
+    result = pipeline.analyze_series(nifti, tmp_path / "o", Config(), project=counting)
     assert result.l3.in_field_of_view
     assert result.l3.slice_index in TOTALSEG_L3_SLICES
     assert (tmp_path / "o" / "seg.dcm").exists()
+    # one projection of the volume per analysis, for both locator stages and the overview
+    assert projections == [112]
+    # the shipped models' answer before the locator was split into modules (issue 13)
+    assert result.l3.slice_index == 74
+    assert result.l3.z_mm == pytest.approx(314.81412506103516, abs=1e-3)
+    assert result.l3.mip_row == pytest.approx(37.49587758382162, abs=1e-3)
+    assert result.l3.confidence == pytest.approx(0.48521645250270085, abs=1e-4)
 
 
 def test_end_to_end_chest_ct_reports_l3_not_in_field_of_view(
@@ -247,9 +262,10 @@ def test_phantom_series_with_real_composition_at_the_true_l3(
     folder, truth = _small_phantom(tmp_path)
     assert truth.l3_in_fov and truth.l3_mid_slice_index is not None
 
-    def locate(volume, config, mip, device="auto"):  # noqa: ANN001, ANN202
+    def locate(volume, config, mips, device="auto"):  # noqa: ANN001, ANN202
         i = truth.l3_mid_slice_index
         z = float(volume.z_mm[i])
+        mip = mips.at(mips.pixel_sizes[0])  # the first stage's MIP, built by the pipeline
         return L3Location(True, i, z, float(mip.z_to_row(z)), 0.95)
 
     monkeypatch.setattr(pipeline, "locate_l3", locate)

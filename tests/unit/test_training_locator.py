@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from worker.locator.coarse import WindowSpec, load_locator, mip_to_strip
+from worker.locator.weights import load_locator
+from worker.locator.windows import WindowSpec, mip_to_strip
 from worker.training.locator import (
     MipCase,
     TrainSettings,
@@ -149,8 +150,8 @@ def test_smoke_training_reduces_the_offset_error_and_saves_loadable_weights(tmp_
 
 
 def test_training_can_continue_from_saved_weights_of_the_same_geometry(tmp_path: Path) -> None:
-    from worker.locator.coarse import save_locator
     from worker.locator.model import build_model
+    from worker.locator.weights import save_locator
 
     torch.manual_seed(3)
     src = build_model("cnn4", SMALL.height_px, SMALL.width_px)

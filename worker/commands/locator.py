@@ -1,7 +1,8 @@
 """CLI commands of the L3 locator: ``train``, ``locate``, ``evaluate``.
 
-Belharbi et al. 2017; see ``worker/locate.py`` (inference), ``worker/train.py`` (training)
-and ``worker/evaluate.py`` (figures and the diagnostic picture).
+Belharbi et al. 2017; see ``worker/locator/`` (inference, entry ``locate.py``),
+``worker/training/locator.py`` (training) and ``research/evaluate_locator.py`` (figures and
+the diagnostic picture).
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def train(
         str,
         typer.Option(
             help="coarse: the whole-MIP locator; fine: the refinement stage around its answer "
-            "(worker/refine.py). Sets the default window geometry below."
+            "(worker/locator/fine.py). Sets the default window geometry below."
         ),
     ] = "coarse",
     pixel_mm: Annotated[
@@ -128,7 +129,8 @@ def train(
     import torch
     from tqdm import tqdm
 
-    from worker.locator.coarse import WindowSpec, resolve_device
+    from worker.locator.weights import resolve_device
+    from worker.locator.windows import WindowSpec
     from worker.training.locator import (
         TrainSettings,
         csv_cases,
@@ -229,7 +231,7 @@ def train(
         _, logs = train_locator(tr, va, settings, out, record, step, epoch)
     record["wall_seconds"] = round(time.perf_counter() - t0, 1)
     # the saved weights hold the best epoch's record; write the sidecar JSON from it
-    from worker.locator.coarse import load_locator
+    from worker.locator.weights import load_locator
 
     saved = load_locator(out, "cpu").record
     saved["wall_seconds"] = record["wall_seconds"]
@@ -250,15 +252,17 @@ def locate(
     """Find the L3 slice of one series and print the result as JSON."""
     from core.errors import L3SpotError
     from research.evaluate_locator import render_locator_png
-    from worker.locator.coarse import load_locator, locate_l3
-    from worker.mip import frontal_mip
+    from worker.locator.locate import locate_l3
+    from worker.locator.weights import load_locator
+    from worker.mip import FrontalMips
     from worker.training.locator import load_volume_any
 
     cfg = _locator_config(weights, stride, refine_weights, no_refine)
     try:
         vol = load_volume_any(series)
-        res = locate_l3(vol, cfg, device=device)  # timings include the MIP
-        mip = frontal_mip(vol, pixel_mm=load_locator(cfg.weights, device).spec.pixel_mm)
+        mips = FrontalMips(vol)
+        res = locate_l3(vol, cfg, mips, device=device)  # timings include the MIPs
+        mip = mips.at(load_locator(cfg.weights, device).spec.pixel_mm)  # the first stage's
     except (L3SpotError, ValueError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc

@@ -1,9 +1,8 @@
 """Second, finer stage of the L3 locator: the same method on a 1 mm MIP around the first answer.
 
 The first stage (:mod:`worker.locator.coarse`) slides a CNN over the whole frontal MIP at
-3 mm pixels
-and decides L3 with the paper's slope -1 correlation (Belharbi et al. 2017, section 3.3,
-Fig. 6). Its misses are windows that agree with each other but are all shifted by a few
+3 mm pixels and decides L3 with the paper's slope -1 correlation (Belharbi et al. 2017,
+section 3.3, Fig. 6). Its misses are windows that agree with each other but are all shifted by a few
 pixels: precision, not counting (``models/locator_cnn4.md``). This stage repeats the method
 at a finer pixel, only around the first answer:
 
@@ -11,7 +10,7 @@ at a finer pixel, only around the first answer:
 2. windows of height H whose centres cover the first answer +/- 2a at a small stride;
 3. the fine CNN predicts the L3 row inside each window (trained only on windows that hold
    L3 within +/- a of their centre, the paper's training protocol);
-4. the same correlation decision (:func:`worker.locator.coarse.decide_l3`) on that short sequence:
+4. the same correlation decision (:func:`worker.locator.decision.decide_l3`) on that short sequence:
    the run of windows whose predictions fall on a slope -1 line gives the refined row.
 
 With a = 18 mm, under half the distance between two lumbar vertebral centres (35-40 mm),
@@ -32,13 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from worker.locator.coarse import (
-    Decision,
-    LoadedLocator,
-    LocatorWeightsError,
-    decide_l3,
-    mip_to_strip,
-)
+from worker.locator.decision import Decision, decide_l3
+from worker.locator.weights import LoadedLocator, LocatorWeightsError
+from worker.locator.windows import mip_to_strip
 from worker.mip import Mip
 
 #: The refined row replaces the first answer only when the chosen run of fine windows
@@ -108,7 +103,7 @@ def refine_windows(
 
     Parameters
     ----------
-    strip : (rows, W) normalised fine strip (:func:`worker.locator.coarse.mip_to_strip`).
+    strip : (rows, W) normalised fine strip (:func:`worker.locator.windows.mip_to_strip`).
     centre_row : first answer, fractional row of ``strip``.
     height_px : window height H (rows).
     a_px : half-range of L3 offsets the fine model was trained on (rows).
@@ -209,7 +204,7 @@ def choose_run(
 
     Parameters
     ----------
-    candidates : first-stage runs in the field of view (:func:`worker.locator.coarse.decide_l3`'s
+    candidates : first-stage runs in the field of view (:func:`worker.locator.decision.decide_l3`'s
         best run first, then its ``alternatives``), rows in ``mip``.
     mip : the first stage's MIP (maps candidate rows to z).
     fine_mip, fine : the fine MIP and refinement-stage locator (:func:`refine_in_mip`).

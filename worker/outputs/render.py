@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 from core import ALGORITHM_NAME, __version__
 from core.labels import COMPARTMENT_COLOURS, COMPARTMENT_NAMES, COMPARTMENTS
 from worker.composition.measure import CompositionResult
-from worker.locator.coarse import L3Location
+from worker.locator.locate import L3Location
 from worker.mip import Mip
 
 #: Height of the picture in pixels (reading-room monitors: >= 1024).

@@ -54,7 +54,7 @@ from skimage import measure
 
 from core import ALGORITHM_NAME, __version__
 from worker.composition.measure import CompositionResult
-from worker.locator.coarse import L3Location
+from worker.locator.locate import L3Location
 from worker.outputs import codes as c
 from worker.outputs.seg import MANUFACTURER, MANUFACTURER_MODEL_NAME, compartment_tracking_uid
 from worker.outputs.uids import derived_uid, device_observer_uid

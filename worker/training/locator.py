@@ -29,15 +29,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from worker.locator.coarse import (
-    LoadedLocator,
-    WindowSpec,
-    decide_l3,
-    mip_to_strip,
-    save_locator,
-    sliding_windows,
-)
+from worker.locator.decision import decide_l3
 from worker.locator.model import build_model, load_pretrained_backbone, prepare_input
+from worker.locator.weights import LoadedLocator, save_locator
+from worker.locator.windows import WindowSpec, mip_to_strip, sliding_windows
 from worker.mip import Mip, frontal_mip
 from worker.volume.load import CTVolume
 
@@ -542,7 +537,7 @@ def init_from_locator(model: nn.Module, weights: Path, arch: str, spec: WindowSp
     Parameters
     ----------
     model : freshly built network of ``arch`` for ``spec``.
-    weights : a :func:`worker.locator.coarse.save_locator` file of the same architecture and window
+    weights : a :func:`worker.locator.weights.save_locator` file of the same architecture and window
         geometry.
 
     Raises
@@ -550,7 +545,7 @@ def init_from_locator(model: nn.Module, weights: Path, arch: str, spec: WindowSp
     ValueError
         The file's architecture or window geometry differs from the one being trained.
     """
-    from worker.locator.coarse import load_locator
+    from worker.locator.weights import load_locator
 
     src = load_locator(Path(weights), "cpu")
     if src.arch != arch or src.spec != spec:
@@ -579,7 +574,7 @@ def train_locator(
     train_cases, val_cases : patient-disjoint MIP cases at ``settings.spec.pixel_mm``.
     settings : hyper-parameters; ``seed`` makes sampling, initialisation and augmentation
         deterministic (on one device and thread count).
-    out : weights file (:func:`worker.locator.coarse.save_locator` format) of the best epoch.
+    out : weights file (:func:`worker.locator.weights.save_locator` format) of the best epoch.
     checkpoint : where the last epoch's model and optimiser state are written after every
         epoch (default ``var/checkpoints/<out name>.ckpt``).
     record : metadata stored in the weights (command line, data description...).

@@ -1,0 +1,301 @@
+"""The L3 locator's public entry: the first stage, then the refinement stage.
+
+Belharbi et al. 2017, "Spotting L3 slice in CT scans using deep convolutional network and
+transfer learning", sections 3.2-3.3 and Fig. 6.
+
+Flow (one series): frontal MIPs at the pixel sizes the models were trained at, built from
+one projection (:class:`worker.mip.FrontalMips`) -> first stage over the whole MIP
+(:func:`worker.locator.coarse.coarse_stage`: windows, CNN, slope -1 correlation) -> is L3
+in the field of view (:func:`worker.locator.coarse.in_field_of_view`) -> the best run and a
+few next-best runs refined on the fine MIP (:func:`worker.locator.fine.choose_run`) -> z (mm)
+-> nearest real slice.
+
+Modules, in dependency order (no circle): ``model`` (networks) and ``windows`` (geometry,
+input strip) -> ``decision`` (numpy) and ``weights`` (file format, loading) -> ``coarse``
+and ``fine`` (the two stages; neither imports the other) -> ``locate`` (this module).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from core.config import LocatorConfig
+from core.errors import AnalysisError
+from worker.locator.coarse import coarse_stage, in_field_of_view
+from worker.locator.fine import check_fine_locator, choose_run
+from worker.locator.weights import LoadedLocator, LocatorWeightsError, load_locator
+from worker.mip import FrontalMips, Mip
+from worker.volume.load import CTVolume
+
+#: With a refinement stage, this many next-best first-stage runs at other places are
+#: refined too, and the fine stage's agreement arbitrates (:func:`worker.locator.fine.choose_run`).
+REFINE_ALTERNATIVES = 2
+
+
+@dataclass
+class L3Location:
+    """Where L3 is, or why it was not found.
+
+    Attributes
+    ----------
+    in_field_of_view : False when L3 is not inside the scanned range (then no slice).
+    slice_index : 0-based index of the L3 slice in the series sorted by ascending z
+        (``CTVolume.z_mm``), or None.
+    z_mm : z position (mm) of the L3 decision, or None.
+    mip_row : fractional MIP row of the decision, or None.
+    confidence : 0..1, from the correlation peak and the agreement of the windows.
+    reason : why ``in_field_of_view`` is False or the confidence is low; None otherwise.
+    window_top_rows : (n_windows,) int, MIP row of each window's top edge.
+    predictions : (n_windows,) float32, predicted L3 offset (MIP rows) inside each window.
+    correlation : (n_candidates,) float32, correlation with the ideal slope -1 line for each
+        candidate L3 row in ``candidate_rows``.
+    candidate_rows : (n_candidates,) float, MIP rows the correlation was evaluated at.
+    presence : (n_windows,) float32, probability that L3 lies within +/- a of each window's
+        centre (l3spot's second head; empty for a paper-only model).
+    window_height_px : window height H in MIP rows (for plots).
+    timings_s : seconds spent per step ("mip", "windows", "cnn", "decision", "refine");
+        "mip" is the time :func:`locate_l3` spent building MIPs (0 when the caller built
+        them, as the pipeline does).
+    model : architecture and weights file the decision came from.
+    refinement : the second (fine) stage's report (:class:`worker.locator.fine.Refinement`
+        summary) when one ran; ``z_mm``/``slice_index``/``mip_row`` are then the refined
+        answer and ``refinement["start_z_mm"]`` the first stage's.
+    """
+
+    in_field_of_view: bool
+    slice_index: int | None
+    z_mm: float | None
+    mip_row: float | None
+    confidence: float
+    reason: str | None = None
+    window_top_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    predictions: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    correlation: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    candidate_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
+    presence: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    window_height_px: int = 0
+    timings_s: dict[str, float] = field(default_factory=dict)
+    model: str = ""
+    refinement: dict[str, Any] | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready dict of the decision (without the per-window arrays)."""
+        return {
+            "in_field_of_view": self.in_field_of_view,
+            "slice_index": self.slice_index,
+            "z_mm": None if self.z_mm is None else round(float(self.z_mm), 2),
+            "mip_row": None if self.mip_row is None else round(float(self.mip_row), 2),
+            "confidence": round(float(self.confidence), 4),
+            "reason": self.reason,
+            "n_windows": int(len(self.predictions)),
+            "timings_s": {k: round(v, 4) for k, v in self.timings_s.items()},
+            "model": self.model,
+            "refinement": self.refinement,
+        }
+
+
+@dataclass(frozen=True)
+class LocatorStages:
+    """The loaded locator models of one configuration.
+
+    Attributes
+    ----------
+    coarse : the first-stage locator (``locator.weights``).
+    fine : the refinement-stage locator (``locator.refine_weights``), or None.
+    """
+
+    coarse: LoadedLocator
+    fine: LoadedLocator | None = None
+
+    @property
+    def pixel_sizes(self) -> tuple[float, ...]:
+        """MIP pixel sizes (mm) the models were trained at: the first stage's first."""
+        sizes = [self.coarse.spec.pixel_mm]
+        if self.fine is not None:
+            sizes.append(self.fine.spec.pixel_mm)
+        return tuple(dict.fromkeys(sizes))
+
+
+def load_stages(
+    config: LocatorConfig, device: str = "auto", series_instance_uid: str = ""
+) -> LocatorStages:
+    """Load (cached per file version and device) the locator models a configuration names.
+
+    Parameters
+    ----------
+    config : ``weights`` (first stage) and ``refine_weights`` (refinement stage or None).
+    device : "auto", "cpu", "cuda" or "cuda:N".
+    series_instance_uid : the series being analysed, for the error message.
+
+    Returns
+    -------
+    LocatorStages
+        Their window geometries (``spec.pixel_mm``) decide which MIPs an analysis builds.
+
+    Raises
+    ------
+    AnalysisError
+        (stage "locator") A weights file is missing, unreadable or not a locator, the
+        refinement weights are not a refinement-stage model, or CUDA was asked for and is
+        not available: a misconfiguration fails every series, at once.
+    """
+    try:
+        coarse = load_locator(config.weights, device)
+        fine = None
+        if config.refine_weights is not None:
+            fine = load_locator(config.refine_weights, device)
+            check_fine_locator(fine)
+    except LocatorWeightsError as exc:
+        raise AnalysisError(series_instance_uid, "locator", str(exc)) from exc
+    return LocatorStages(coarse, fine)
+
+
+def locate_in_mip(
+    mip: Mip,
+    loc: LoadedLocator,
+    stride_px: int = 4,
+    batch_size: int = 64,
+    min_confidence: float = 0.5,
+    fine: tuple[Mip, LoadedLocator] | None = None,
+    refine_stride_px: int = 2,
+) -> L3Location:
+    """Run both locator stages on frontal MIPs already at the models' pixel sizes.
+
+    Parameters
+    ----------
+    mip : frontal MIP (rows, cols) in HU at ``loc.spec.pixel_mm`` (row 0 = most superior).
+    loc : the first-stage locator.
+    stride_px, batch_size : first-stage window stride (MIP rows) and windows per pass.
+    min_confidence : below this the result carries a "low confidence" reason.
+    fine : (frontal MIP at the fine model's pixel size, refinement-stage locator): when
+        given and L3 is in the field of view, the best run and up to
+        :data:`REFINE_ALTERNATIVES` next-best runs elsewhere are refined and
+        :func:`worker.locator.fine.choose_run` picks one (``refinement`` in the result).
+    refine_stride_px : step between fine window centres (fine MIP rows).
+
+    Returns
+    -------
+    L3Location
+        ``slice_index`` is the nearest source slice (``mip.slice_z_mm``); see
+        :func:`locate_l3`. ``timings_s`` has no "mip" entry here.
+
+    Raises
+    ------
+    ValueError
+        A MIP's pixel size differs from its model's.
+    """
+    spec = loc.spec
+    n_alt = REFINE_ALTERNATIVES if fine is not None else 0
+    first = coarse_stage(mip, loc, stride_px, batch_size, n_alternatives=n_alt)
+    d = first.decision
+    timings = dict(first.timings_s)
+    common: dict[str, Any] = {
+        "window_top_rows": first.window_top_rows,
+        "predictions": first.predictions,
+        "correlation": d.correlation,
+        "candidate_rows": d.candidate_rows,
+        "presence": np.zeros(0, np.float32) if first.presence is None else first.presence,
+        "window_height_px": spec.height_px,
+        "timings_s": timings,
+        "model": f"{loc.arch}:{loc.path.name}",
+    }
+    in_fov, why = in_field_of_view(d, mip)
+    if not in_fov:
+        return L3Location(False, None, None, None, d.confidence, reason=why, **common)
+    refinement = None
+    if fine is None:
+        z = float(mip.row_to_z(d.row))
+    else:
+        t4 = time.perf_counter()
+        candidates = [d] + [c for c in d.alternatives if in_field_of_view(c, mip)[0]]
+        d, ref = choose_run(candidates, mip, fine[0], fine[1], refine_stride_px, batch_size)
+        timings["refine"] = time.perf_counter() - t4
+        z, refinement = ref.z_mm, ref.summary()
+        refinement["model"] = f"{fine[1].arch}:{fine[1].path.name}"
+        refinement["candidates"] = len(candidates)
+        refinement["first_stage_choice_kept"] = d is candidates[0]
+    row = float(mip.z_to_row(z))
+    reason = None
+    if d.confidence < min_confidence:
+        reason = f"low confidence ({d.confidence:.2f} < {min_confidence:.2f}); check the L3 slice"
+    return L3Location(
+        True,
+        mip.row_to_slice_index(row),
+        z,
+        row,
+        d.confidence,
+        reason=reason,
+        refinement=refinement,
+        **common,
+    )
+
+
+def locate_l3(
+    volume: CTVolume,
+    config: LocatorConfig,
+    mips: FrontalMips | None = None,
+    *,
+    device: str = "auto",
+) -> L3Location:
+    """Find the L3 slice of a CT volume (Belharbi et al. 2017, sections 3.2-3.3, Fig. 6).
+
+    Parameters
+    ----------
+    volume : the CT volume ((z, y, x) HU, ``z_mm`` ascending).
+    config : locator settings (weights, stride, batch size, minimum confidence).
+    mips : the frontal MIPs of ``volume`` (:class:`worker.mip.FrontalMips`) when the caller
+        has them (the pipeline builds them once per analysis, also for the overview); else
+        built here. Either way each MIP is at the pixel size its model was trained at
+        (``WindowSpec.pixel_mm`` in the weights file) and comes from one projection.
+    device : "auto", "cpu" or "cuda".
+
+    Returns
+    -------
+    L3Location
+        ``slice_index`` indexes ``volume.z_mm`` (nearest real slice to the decided z);
+        ``in_field_of_view=False`` with ``slice_index=None`` and a ``reason`` when L3 is not
+        inside the scanned range. Never a guess.
+
+    Raises
+    ------
+    AnalysisError
+        The weights cannot be loaded (missing/corrupt) or the volume is unusable; carries
+        the Series Instance UID.
+    ValueError
+        ``mips`` belongs to another volume.
+    """
+    uid = volume.series_instance_uid
+    stages = load_stages(config, device, uid)
+    if mips is None:
+        mips = FrontalMips(volume)
+    elif mips.volume is not volume:
+        raise ValueError("the frontal MIPs passed to locate_l3 are of another volume")
+    t0 = time.perf_counter()
+    try:
+        mip = mips.at(stages.coarse.spec.pixel_mm)
+    except ValueError as exc:
+        raise AnalysisError(uid, "locator", f"cannot build the frontal MIP: {exc}") from exc
+    fine = None
+    if stages.fine is not None:
+        try:
+            fine = (mips.at(stages.fine.spec.pixel_mm), stages.fine)
+        except ValueError as exc:
+            raise AnalysisError(uid, "locator", f"cannot build the fine MIP: {exc}") from exc
+    t_mip = time.perf_counter() - t0
+    result = locate_in_mip(
+        mip,
+        stages.coarse,
+        config.stride_px,
+        config.batch_size,
+        config.min_confidence,
+        fine,
+        config.refine_stride_px,
+    )
+    if result.z_mm is not None:
+        result.slice_index = volume.nearest_slice(result.z_mm)
+    result.timings_s = {"mip": t_mip, **result.timings_s}
+    return result
