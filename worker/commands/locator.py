@@ -249,8 +249,8 @@ def locate(
 ) -> None:
     """Find the L3 slice of one series and print the result as JSON."""
     from core.errors import L3SpotError
-    from research.evaluate_locator import render_locator_png
     from worker.locator.coarse import load_locator, locate_l3
+    from worker.locator.figure import render_locator_png
     from worker.mip import frontal_mip
     from worker.training.locator import load_volume_any
 
