@@ -2,7 +2,7 @@
 
 Stages: frontal MIP (3 mm), windows (strip + sliding windows), CNN (all windows, batched),
 decision (correlation), then the second stage: fine MIP (1 mm) and refinement (fine windows
-around the first answer, CNN, decision; ``worker/refine.py``). CPU always, CUDA when
+around the first answer, CNN, decision; ``worker/locator/fine.py``). CPU always, CUDA when
 available. Uses the shipped weights when present (timing does not depend on the weights),
 else randomly initialised CNN4s of the same geometries. Prints figures; asserts nothing.
 Target (issue 3): < 1 s per scan on CPU for CNN4 at stride 4; the paper reports 2.36 s per
