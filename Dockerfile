@@ -4,7 +4,8 @@
 # CUDA:            docker build -t l3spot:cuda \
 #                    --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 \
 #                    --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
-# The same CLI the tests exercise: `l3spot serve`, `l3spot worker`, `l3spot echo`, `l3spot jobs`.
+# The same CLI the tests exercise: `l3spot serve`, `l3spot worker`, `l3spot echo`, `l3spot jobs`
+# (console script `l3spot` = `python -m l3spot`; tests/integration/test_integration_node.py).
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
 
@@ -30,7 +31,12 @@ RUN if ! command -v python3 >/dev/null 2>&1 || ! python3 -m venv --help >/dev/nu
     && pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 
 WORKDIR /app
-COPY pyproject.toml README.md ./
+# The runtime packages only: core/ (shared kernel), service/ (the node), worker/ (analysis,
+# export, site training and the phantom generator it mixes in) and the l3spot.py CLI root.
+# research/ (evaluation, import graph) is development-only and never copied (.dockerignore
+# keeps it out of the build context too); `l3spot evaluate` is absent from this image.
+COPY pyproject.toml README.md l3spot.py ./
+COPY core ./core
 COPY service ./service
 COPY worker ./worker
 RUN pip install . \

@@ -59,12 +59,10 @@ def real_geometry_series() -> CTVolume:
 def l3_index(volume: CTVolume) -> int:
     """The shipped locator's L3 slice, or the real case's z 72 (3 mm) mapped to 1 mm."""
     try:
-        from worker.locator.coarse import locate_l3
-        from worker.mip import frontal_mip
+        from worker.locator.locate import locate_l3
 
         cfg = load_config()
-        mip = frontal_mip(volume, cfg.locator.mip_pixel_mm)
-        loc = locate_l3(volume, cfg.locator, mip, device="cpu")
+        loc = locate_l3(volume, cfg.locator, device="cpu")
         if loc.in_field_of_view and loc.slice_index is not None:
             return int(loc.slice_index)
     except Exception as exc:  # noqa: BLE001 (a benchmark: fall back, say why)

@@ -30,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.test_integration_node import (  # noqa: E402 (after the path tweak)
+from tests.integration.test_integration_node import (  # noqa: E402 (after the path tweak)
     abdomen_case,
     run_node,
     start_orthanc,
@@ -39,7 +39,7 @@ from tests.test_integration_node import (  # noqa: E402 (after the path tweak)
 )
 
 from core.config import data_dir  # noqa: E402
-from core.jobs import DONE  # noqa: E402
+from core.jobs import JobState  # noqa: E402
 
 STORESCU = "/usr/bin/storescu"
 
@@ -75,7 +75,7 @@ def main() -> None:
                 )
                 t_last = time.time()
                 rec = wait_final(node, case.series_uid, 600)
-                if rec.state != DONE:
+                if rec.state != JobState.DONE:
                     sys.exit(f"series ended {rec.state}: {rec.reason}")
                 stages = {
                     "send (storescu)": t_last - t0,

@@ -8,15 +8,76 @@ stored here: the record may be shown and exported without them.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Mapping
+from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from core import ALGORITHM_NAME, __version__
 
-if TYPE_CHECKING:  # the worker's types; the node reads result.json without importing them
-    from worker.composition.measure import CompositionResult
-    from worker.locator.locate import L3Location
+
+# What the record needs of the worker's results, as protocols: core imports nothing of the
+# worker, not even for type hints (tests/unit/test_architecture.py), and the worker's
+# L3Location / CompositionResult satisfy these structurally.
+class LocatorOutcome(Protocol):
+    """The locator's answer (:class:`worker.locator.coarse.L3Location`)."""
+
+    @property
+    def in_field_of_view(self) -> bool: ...
+    @property
+    def slice_index(self) -> int | None: ...
+    @property
+    def z_mm(self) -> float | None: ...
+    @property
+    def mip_row(self) -> float | None: ...
+    @property
+    def confidence(self) -> float: ...
+    @property
+    def reason(self) -> str | None: ...
+
+
+class CompartmentMeasure(Protocol):
+    """One compartment's measure: area (cm^2), mean and SD (HU), pixel count."""
+
+    @property
+    def area_cm2(self) -> float: ...
+    @property
+    def mean_hu(self) -> float | None: ...
+    @property
+    def sd_hu(self) -> float | None: ...
+    @property
+    def pixel_count(self) -> int: ...
+
+
+class SarcopeniaOutcome(Protocol):
+    """The sarcopenia evaluation: cut-off set, flag, threshold (cm^2/m^2), reason."""
+
+    @property
+    def cutoffs(self) -> str: ...
+    @property
+    def flag(self) -> bool | None: ...
+    @property
+    def threshold_cm2_per_m2(self) -> float | None: ...
+    @property
+    def reason(self) -> str | None: ...
+
+
+class CompositionOutcome(Protocol):
+    """The composition at L3 (:class:`worker.composition.measure.CompositionResult`)."""
+
+    @property
+    def measures(self) -> Mapping[str, CompartmentMeasure]: ...
+    @property
+    def smi_cm2_per_m2(self) -> float | None: ...
+    @property
+    def smi_reason(self) -> str | None: ...
+    @property
+    def bmi_kg_per_m2(self) -> float | None: ...
+    @property
+    def sarcopenia(self) -> SarcopeniaOutcome | None: ...
+    @property
+    def method(self) -> str: ...
+
 
 COMPARTMENT_KEYS = ("sma", "imat", "vat", "sat")
 
@@ -144,7 +205,7 @@ def _finite(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(float(x)) else float(x)
 
 
-def l3_result(location: L3Location, sop_instance_uid: str | None) -> L3Result:
+def l3_result(location: LocatorOutcome, sop_instance_uid: str | None) -> L3Result:
     """The ``l3`` part of the record from the locator's result."""
     return L3Result(
         in_field_of_view=bool(location.in_field_of_view),
@@ -157,7 +218,7 @@ def l3_result(location: L3Location, sop_instance_uid: str | None) -> L3Result:
     )
 
 
-def composition_fields(composition: CompositionResult | None) -> dict[str, object]:
+def composition_fields(composition: CompositionOutcome | None) -> dict[str, object]:
     """The composition-related fields of :class:`AnalysisResult` (keyword arguments)."""
     if composition is None:
         return {"composition": None, "smi_cm2_per_m2": None, "sarcopenia": None}

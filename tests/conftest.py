@@ -27,6 +27,21 @@ def require_program(name: str) -> str:
     return path
 
 
+def require_shipped(path: Path | None, what: str = "weights") -> Path:
+    """A file committed under ``models/``, or fail the test (never skip) with what is missing.
+
+    A shipped weights file that cannot be found is a broken checkout or a broken path, not an
+    optional dependency: it must show up red, not as a skip.
+    """
+    if path is None or not Path(path).is_file():
+        pytest.fail(
+            f"shipped {what} missing: {path} (committed under models/; a broken checkout or a "
+            "wrong path in core/config.py)",
+            pytrace=False,
+        )
+    return Path(path)
+
+
 @pytest.fixture(scope="session")
 def phantom_series(tmp_path_factory: pytest.TempPathFactory):
     """A small phantom abdomen-pelvis DICOM series with known L3 (written once per session).

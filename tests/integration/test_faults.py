@@ -32,6 +32,7 @@ from core.jobs import (
     JobState,
     JobStore,
 )
+from tests.conftest import require_shipped
 from tests.support.node import (
     CLI,
     ORTHANC,
@@ -65,8 +66,7 @@ def _runtime() -> None:
         if not os.access(prog, os.X_OK):
             pytest.skip(f"{prog} not installed (see .ci/run)")
     cfg = load_config(environ={k: v for k, v in os.environ.items() if k != "L3SPOT_CONFIG"})
-    if not cfg.locator.weights.is_file():
-        pytest.skip(f"locator weights {cfg.locator.weights} missing")
+    require_shipped(cfg.locator.weights, "locator weights")
 
 
 def record(jobs: JobStore, series_uid: str) -> JobRecord | None:

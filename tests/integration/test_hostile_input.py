@@ -546,6 +546,12 @@ def test_same_sop_instance_twice_keeps_the_first_and_quarantines_a_different_sec
     assert len(list((harness.spool.root / study / series).iterdir())) == 1
 
 
+def _stored_files(harness: Harness) -> set[Path]:
+    """Every file in the spool and the quarantine (what the node has written so far)."""
+    roots = (harness.spool.root, harness.spool.quarantine_dir)
+    return {p for root in roots if root.is_dir() for p in root.rglob("*")}
+
+
 @pytest.mark.parametrize(
     "junk",
     [
@@ -559,15 +565,35 @@ def test_same_sop_instance_twice_keeps_the_first_and_quarantines_a_different_sec
     ids=["http", "bad-rq", "pdu-type-9", "huge-pdata", "one-byte", "byte-ramp"],
 )
 def test_garbage_on_the_socket_only_ends_that_connection(harness: Harness, junk: bytes) -> None:
+    before = _stored_files(harness)
+    open_assoc = harness.associate()  # an association that is open while the garbage arrives
+    ended = False
     with socket.create_connection(("127.0.0.1", harness.port), timeout=10) as s:
         s.sendall(junk)
         s.shutdown(socket.SHUT_WR)
         try:
             while s.recv(4096):
                 pass
-        except (ConnectionResetError, TimeoutError):
-            pass
+            ended = True  # the node closed the connection (EOF)
+        except ConnectionResetError:
+            ended = True  # the node reset it
+        except TimeoutError:
+            ended = False
     harness.sent += 1
+    assert ended, "the node kept the garbage connection open for 10 s"
+    # the association that was already open is untouched, and a new one is accepted
+    assert open_assoc.is_established
+    assert int(open_assoc.send_c_echo().Status) == 0
+    scu = AE(ae_title="AFTERJUNK")
+    scu.add_requested_context(Verification)
+    fresh = scu.associate("127.0.0.1", harness.port, ae_title="L3SPOT")
+    try:
+        assert fresh.is_established, "the node refused a new association after the garbage"
+        assert int(fresh.send_c_echo().Status) == 0
+    finally:
+        fresh.release()
+    # garbage is not a data set: nothing was stored or quarantined
+    assert _stored_files(harness) == before
 
 
 def test_garbage_p_data_inside_an_association_aborts_only_it(harness: Harness) -> None:

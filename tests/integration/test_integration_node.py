@@ -26,6 +26,7 @@ import yaml
 
 from core.config import load_config
 from core.jobs import JobNotFoundError, JobState, JobStore
+from tests.conftest import require_shipped
 from tests.support.node import OrthancPacs, free_port, start_orthanc, write_series
 
 pytestmark = pytest.mark.integration
@@ -44,9 +45,7 @@ def _require_runtime() -> None:
         if not os.access(prog, os.X_OK):
             pytest.skip(f"{prog} not installed (see .ci/run)")
     weights = load_config(environ={k: v for k, v in os.environ.items() if k != "L3SPOT_CONFIG"})
-    if not weights.locator.weights.is_file():
-        pytest.skip(f"locator weights {weights.locator.weights} not trained ('l3spot train')")
-    pytest.importorskip("worker.pipeline")
+    require_shipped(weights.locator.weights, "locator weights")
 
 
 # ---------------------------------------------------------------------------- OrthancPacs

@@ -15,6 +15,7 @@ import pytest
 
 from core.config import load_config
 from core.jobs import JobState
+from tests.conftest import require_shipped
 from tests.support.node import ORTHANC, REDIS_SERVER, run_load
 
 pytestmark = pytest.mark.integration
@@ -27,8 +28,7 @@ def test_concurrent_associations_every_instance_stored_every_series_analysed_onc
         if not os.access(prog, os.X_OK):
             pytest.skip(f"{prog} not installed (see .ci/run)")
     cfg = load_config(environ={k: v for k, v in os.environ.items() if k != "L3SPOT_CONFIG"})
-    if not cfg.locator.weights.is_file():
-        pytest.skip(f"locator weights {cfg.locator.weights} missing")
+    require_shipped(cfg.locator.weights, "locator weights")
     report = run_load(tmp_path, n_associations=3, n_series=9, n_instances=40, timeout_s=240)
     print(report.summary())
     assert report.errors == []

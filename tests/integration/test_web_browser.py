@@ -29,6 +29,7 @@ import yaml
 
 from core.config import load_config
 from core.jobs import JobNotFoundError, JobRecord, JobState, JobStore
+from tests.conftest import require_shipped
 from tests.support.node import free_port
 
 pytestmark = pytest.mark.integration
@@ -57,8 +58,7 @@ def _require() -> None:
     pytest.importorskip("selenium", reason="selenium not installed (pip install selenium)")
     env = {k: v for k, v in os.environ.items() if not k.startswith("L3SPOT")}
     weights = load_config(environ=env).locator.weights
-    if not weights.is_file():
-        pytest.skip(f"locator weights {weights} not trained ('l3spot train')")
+    require_shipped(weights, "locator weights")
 
 
 def _scp_up(web_port: int) -> bool:

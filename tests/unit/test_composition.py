@@ -328,6 +328,7 @@ def _fatty_psoas_slice() -> tuple[np.ndarray, np.ndarray, tuple[float, float], n
     return hu, labels, sp, psoas & ~spots
 
 
+@pytest.mark.slow
 def test_psoas_with_intramuscular_fat_spots_is_still_muscle():
     hu, labels, sp, psoas_muscle = _fatty_psoas_slice()
     got = segment_classical(hu, sp, CFG).labels
@@ -396,6 +397,7 @@ def _fatty_posterolateral_muscle() -> tuple[
     return hu, labels, sp, region & ~spots
 
 
+@pytest.mark.slow
 def test_fat_spots_do_not_end_a_thick_wall_muscle():
     hu, labels, sp, muscle = _fatty_posterolateral_muscle()
     got = segment_classical(hu, sp, CFG).labels

@@ -52,7 +52,7 @@ def test_every_exception_class_in_l3spot_derives_from_l3spot_error() -> None:
         "core.errors.MalformedDatasetError",
         "service.requeue.RetryError",
         "service.spool.SpoolWriteError",
-        "worker.locator.coarse.LocatorWeightsError",
+        "worker.locator.weights.LocatorWeightsError",
     ):
         assert expected in found, found
 

@@ -31,6 +31,7 @@ def test_dice_and_area_error_arithmetic():
     assert dice(np.zeros(3, bool), np.zeros(3, bool)) == 1.0
 
 
+@pytest.mark.slow
 def test_synthetic_evaluation_reaches_muscle_targets():
     src, scores = evaluate_phantoms(3, 0, CompositionConfig(), synthetic=True)
     sma = [s for s in scores if s.compartment == "sma"]
@@ -61,6 +62,7 @@ def test_cli_composition_writes_png(tmp_path: Path, shared_data: Path):
     assert (np.abs(px.astype(int) - (220, 50, 47)).sum(-1) < 120).sum() > 1000  # SMA colour
 
 
+@pytest.mark.slow
 def test_cli_evaluate_composition_prints_tables():
     res = CliRunner().invoke(
         app, ["evaluate-composition", "--phantoms", "2", "--synthetic", "--no-real"]
@@ -107,6 +109,7 @@ def test_hu_range_ceiling_on_the_real_reference_is_below_the_targets(shared_data
     assert np.mean([s.area_error_pct for s in sma]) > 5.0  # the rim adds area
 
 
+@pytest.mark.slow
 def test_real_evaluation_scores_every_reference_and_its_oracles(shared_data: Path):
     from research.evaluate_composition import evaluate_real
 

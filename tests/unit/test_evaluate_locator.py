@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from research.evaluate_locator import CaseResult, summarise
+from tests.conftest import require_shipped
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 
@@ -42,8 +43,7 @@ def test_summary_counts_errors_successes_and_field_of_view_decisions() -> None:
 
 
 def test_evaluate_command_prints_per_case_rows_and_the_overall_figures(tmp_path: Path) -> None:
-    if not (MODELS / "locator_cnn4.pt").is_file():
-        pytest.skip("shipped locator not present")
+    require_shipped(MODELS / "locator_cnn4.pt", "locator weights")
     from l3spot import app
 
     out = tmp_path / "eval.json"

@@ -13,6 +13,7 @@ import torch
 
 from core.config import LocatorConfig
 from core.errors import AnalysisError
+from tests.conftest import require_shipped
 from worker.locator.decision import decide_l3
 from worker.locator.locate import locate_l3
 from worker.locator.model import build_model
@@ -187,16 +188,12 @@ def test_locate_runs_a_real_network_end_to_end(tmp_path: Path) -> None:
 def _shipped() -> LocatorConfig:
     """The shipped configuration: both stages (``locator.weights`` + ``refine_weights``)."""
     cfg = LocatorConfig()
-    if not cfg.weights.is_file():
-        pytest.skip(f"{cfg.weights} not trained yet")
+    require_shipped(cfg.weights, "first-stage locator weights")
     return cfg
 
 
 def test_shipped_model_finds_l3_in_a_held_out_phantom() -> None:
     cfg = _shipped()
-    phantom = pytest.importorskip("worker.phantom")
-    if not hasattr(phantom, "generate_phantom"):
-        pytest.skip("phantom generator not available")
     from worker.training.locator import phantom_volume
 
     for seed in (2_000_001, 2_000_002, 2_000_003):

@@ -11,6 +11,7 @@ from torch import nn
 
 from core.config import LocatorConfig
 from core.errors import AnalysisError
+from tests.conftest import require_shipped
 from worker.locator.decision import Decision, decide_l3
 from worker.locator.fine import FINE_STAGE, choose_run, refine_in_mip, refine_windows
 from worker.locator.locate import locate_l3
@@ -178,8 +179,7 @@ def test_fine_stage_training_smoke_run_learns_and_saves_a_refiner(tmp_path: Path
 def test_shipped_refinement_stage_sharpens_held_out_phantoms() -> None:
     """With the shipped config (both stages), held-out phantoms land within 5 mm."""
     cfg = LocatorConfig()
-    if cfg.refine_weights is None or not Path(cfg.refine_weights).is_file():
-        pytest.skip("no refinement stage configured")
+    require_shipped(cfg.refine_weights, "refinement-stage locator weights")
     from worker.training.locator import phantom_volume
 
     for seed in (2_000_001, 2_000_002, 2_000_003):
@@ -192,6 +192,7 @@ def test_shipped_refinement_stage_sharpens_held_out_phantoms() -> None:
         assert abs(res.z_mm - z) <= 5.0
 
 
+@pytest.mark.slow
 def test_train_command_stage_fine_writes_a_refiner_with_its_record(tmp_path: Path) -> None:
     import json
 

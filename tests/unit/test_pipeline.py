@@ -2,7 +2,7 @@
 
 The wiring tests replace the locator (and, on synthetic data, the composition) by fabricated
 results, so they run before a trained model exists; the real end-to-end tests run the
-shipped locator and skip while its weights are missing.
+shipped locator and fail if its committed weights are missing.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import worker.pipeline as pipeline
 from core.config import Config
 from core.errors import SeriesValidationError
 from core.result import CSV_HEADER
-from tests.conftest import require_program
+from tests.conftest import require_program, require_shipped
 from tests.support.outputs import (
     L3_INDEX,
     PATIENT,
@@ -206,9 +206,7 @@ def test_nifti_gets_a_generated_context_and_real_source_instances(
 
 
 def _require_locator() -> None:
-    weights = Config().locator.weights
-    if not Path(weights).is_file():
-        pytest.skip(f"locator weights not trained yet ({weights})")
+    require_shipped(Config().locator.weights, "locator weights")
 
 
 def test_end_to_end_real_abdomen_nifti_finds_l3(shared_data: Path, tmp_path: Path) -> None:

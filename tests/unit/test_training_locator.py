@@ -118,6 +118,7 @@ def test_read_case_csv_relative_paths_and_not_in_fov(tmp_path: Path) -> None:
         read_case_csv(tmp_path / "bad.csv")
 
 
+@pytest.mark.slow
 def test_smoke_training_reduces_the_offset_error_and_saves_loadable_weights(tmp_path: Path) -> None:
     torch.set_num_threads(2)
     rng = np.random.default_rng(0)

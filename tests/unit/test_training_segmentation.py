@@ -142,3 +142,29 @@ def test_train_seg_cli_trains_from_a_seg_only_site_csv(phantom_series, tmp_path)
     rec = json.loads(out.with_suffix(".json").read_text())
     assert rec["data"]["n_slices"] == 1 and rec["steps_done"] == 2
     assert out.is_file()
+
+
+def test_site_csv_accepts_a_nifti_ct_and_label_map(phantom_series, tmp_path):
+    """NIfTI CT + label map rows are read by the worker itself (no :mod:`research` import)."""
+    import nibabel as nib
+
+    vol, labels, k = phantom_series
+    sy, sx = vol.pixel_spacing_mm
+    dz = float(np.median(np.diff(vol.z_mm)))
+    affine = np.diag([sx, sy, dz, 1.0])  # voxel (x, y, z); values as stored
+    ct = np.ascontiguousarray(np.transpose(vol.hu.astype(np.int16), (2, 1, 0)))
+    lab = np.zeros_like(ct, dtype=np.uint8)
+    lab[:, :, k] = labels[k].astype(np.uint8).T
+    nib.save(nib.Nifti1Image(ct, affine), tmp_path / "ct.nii.gz")
+    nib.save(nib.Nifti1Image(lab, affine), tmp_path / "lab.nii.gz")
+    csv_path = tmp_path / "site.csv"
+    csv_path.write_text("ct,labels\nct.nii.gz,lab.nii.gz\n")
+    got = site_slices(csv_path)
+    assert len(got) == 1
+    s = got[0]
+    assert s.name == f"ct.nii.gz_z{k}", s.name
+    assert s.hu.shape == s.labels.shape == labels[k].shape
+    assert {int(v) for v in np.unique(s.labels)} == {
+        int(v) for v in np.unique(labels[k].astype(np.uint8))
+    }
+    assert int((s.labels > 0).sum()) == int((labels[k] > 0).sum())

@@ -251,7 +251,7 @@ def locate(
 ) -> None:
     """Find the L3 slice of one series and print the result as JSON."""
     from core.errors import L3SpotError
-    from research.evaluate_locator import render_locator_png
+    from worker.locator.figure import render_locator_png
     from worker.locator.locate import locate_l3
     from worker.locator.weights import load_locator
     from worker.mip import FrontalMips

@@ -23,8 +23,10 @@ from typing import Any
 import numpy as np
 
 from worker.mip import Mip, frontal_mip
-from worker.phantom.anatomy import Anatomy, sample_anatomy
+from worker.phantom.anatomy import Anatomy, sample_body
 from worker.phantom.render import RenderGrid, render
+from worker.phantom.skeleton import build_skeleton
+from worker.phantom.soft import build_soft
 from worker.volume.load import CTVolume, PatientInfo
 
 __all__ = [
@@ -201,6 +203,37 @@ def _fov_range(anat: Anatomy, fov: str, rng: np.random.Generator) -> tuple[float
     else:
         raise ValueError(f"unknown fov {fov!r}; expected one of {sorted(FOVS)}")
     return float(bottom), float(top)
+
+
+def sample_anatomy(
+    seed: int, rng: np.random.Generator, *, table: bool | None = None, **fixed: Any
+) -> Anatomy:
+    """Draw a random patient: :func:`~worker.phantom.anatomy.sample_body`, then its skeleton
+    (:mod:`worker.phantom.skeleton`) and soft tissues (:mod:`worker.phantom.soft`).
+
+    Parameters
+    ----------
+    seed : recorded in the result (the randomness comes from ``rng``).
+    rng : numpy Generator; the only source of randomness (deterministic for a seed).
+    table : the CT table drawn or not (None: drawn at random).
+    **fixed : ``sex``, ``height_m``, ``weight_kg``, ``arms``, ``n_lumbar``, ``n_rib_pairs``,
+        ``contrast``, ``noise_hu``, ``metal``: fixed values, or None to draw them.
+
+    Returns
+    -------
+    Anatomy
+        Skeleton, soft-tissue profiles, organs and the HU of every tissue class.
+
+    Notes
+    -----
+    Composed here rather than in :mod:`~worker.phantom.anatomy` so that the skeleton and
+    soft-tissue modules, which import the anatomy's types, are not imported back by it (no
+    import cycle).
+    """
+    anat = sample_body(seed, rng, **fixed)
+    build_skeleton(anat, rng)
+    build_soft(anat, rng, table=table, metal="metal_kind" in anat.extra)
+    return anat
 
 
 def _build(seed: int, spec: PhantomSpec | None):

@@ -196,7 +196,7 @@ def _spine_levels(
     return out, discs
 
 
-def sample_anatomy(
+def sample_body(
     seed: int,
     rng: np.random.Generator,
     *,
@@ -208,22 +208,27 @@ def sample_anatomy(
     n_rib_pairs: int | None = None,
     contrast: bool | None = None,
     noise_hu: float | None = None,
-    table: bool | None = None,
     metal: bool | None = None,
 ) -> Anatomy:
-    """Draw a random patient.
+    """Draw a random patient's proportions, landmarks and tissue HU, without the primitives.
+
+    The skeleton's and the soft tissues' primitives are added by
+    :func:`worker.phantom.sample_anatomy`, which calls this first (the order of draws from
+    ``rng`` is the same as when one function did both).
 
     Parameters
     ----------
     seed : recorded in the result (the randomness comes from ``rng``).
     rng : numpy Generator; the only source of randomness (deterministic for a seed).
-    sex, height_m, weight_kg, arms, n_lumbar, n_rib_pairs, contrast, noise_hu, table, metal :
+    sex, height_m, weight_kg, arms, n_lumbar, n_rib_pairs, contrast, noise_hu, metal :
         fixed values, or None to draw them.
 
     Returns
     -------
     Anatomy
-        Skeleton, soft-tissue profiles, organs and the HU of every tissue class.
+        Vertebrae, landmarks, soft-tissue profiles and the HU of every tissue class; the
+        metal variant resolved (``extra["metal_kind"]`` present when there is metal);
+        ``bones``, ``soft_before`` and ``soft_after`` still empty.
     """
     sex = sex or ("M" if rng.random() < 0.5 else "F")
     male = sex == "M"
@@ -556,10 +561,6 @@ def sample_anatomy(
         if kind == "hip":
             anat.extra["metal_hip_side"] = -1.0 if rng.random() < 0.5 else 1.0
     anat.variants["metal"] = anat.extra.get("metal_kind")
-    from worker.phantom import skeleton, soft
-
-    skeleton.build_skeleton(anat, rng)
-    soft.build_soft(anat, rng, table=table, metal=metal)
     return anat
 
 

@@ -220,8 +220,7 @@ def site_slices(csv_path: Path) -> list[TrainingSlice]:
     SegInputError
         See :func:`seg_training_slices`.
     """
-    from research.evaluate_composition import nifti_array, nifti_volume
-    from worker.volume.load import load_series
+    from worker.volume.load import load_nifti, load_series
 
     out = []
     with open(csv_path, newline="") as fh:
@@ -234,8 +233,8 @@ def site_slices(csv_path: Path) -> list[TrainingSlice]:
                     got = [s for s in got if s.name.endswith(f"_z{int(row['slice'])}")]
                 out += got
                 continue
-            vol = nifti_volume(ct)
-            lab_ = np.rint(nifti_array(lab_path)).astype(np.uint8)
+            vol = load_nifti(ct, min_slices=1)  # values as stored; short crops allowed
+            lab_ = np.rint(load_nifti(lab_path, min_slices=1).hu).astype(np.uint8)
             if lab_.shape != vol.hu.shape:
                 raise ValueError(f"{row['labels']}: shape {lab_.shape} != CT {vol.hu.shape}")
             ks = [int(row["slice"])] if row.get("slice") else np.flatnonzero(lab_.any((1, 2)))
