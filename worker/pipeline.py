@@ -326,10 +326,17 @@ def write_outputs(
         index = len(volume.source_files) // 2
     ref = _read_source(volume, index)
 
+    # The SEG and the SR refer to the stored pixels of the L3 image: the label map goes back
+    # from the canonical grid to the stored one (HFP, FFS, decubitus storage; no-op for HFS).
+    stored = (
+        dataclasses.replace(composition, labels=volume.in_plane.to_source(composition.labels))
+        if composition is not None
+        else None
+    )
     seg = None
     seg_path = out_dir / SEG_FILE
-    if in_fov and composition is not None:
-        seg = build_seg(ref, composition.labels, method=composition.method)
+    if in_fov and stored is not None:
+        seg = build_seg(ref, stored.labels, method=stored.method)
         _save(seg, seg_path)
         derived.seg_series_instance_uid = str(seg.SeriesInstanceUID)
         derived.seg_sop_instance_uid = str(seg.SOPInstanceUID)
@@ -337,7 +344,7 @@ def write_outputs(
     elif seg_path.exists():
         seg_path.unlink()
 
-    sr = build_sr(ref, location, composition if in_fov else None, seg)
+    sr = build_sr(ref, location, stored if in_fov else None, seg)
     _save(sr, out_dir / SR_FILE)
     derived.sr_series_instance_uid = str(sr.SeriesInstanceUID)
     derived.sr_sop_instance_uid = str(sr.SOPInstanceUID)

@@ -70,7 +70,8 @@ def _edit(path: Path, **attrs) -> None:
 
 
 def _fingerprints(vol: CTVolume) -> list[int]:
-    return [int(v) for v in vol.hu[:, 0, 0]]
+    """The value each test series writes into the first stored pixel of each slice."""
+    return [int(v) for v in vol.in_plane.to_source(vol.hu)[:, 0, 0]]
 
 
 # ---------------------------------------------------------------- round trip with the writer

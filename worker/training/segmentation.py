@@ -178,9 +178,10 @@ def seg_training_slices(seg_path: Path, volume: CTVolume) -> list[TrainingSlice]
     if not mapping:
         names = [str(d.SegmentLabel) for d in seg.SegmentSequence]
         raise SegInputError(uid, f"no SMA/IMAT/VAT/SAT segment among {names}")
-    if (int(ds.Rows), int(ds.Columns)) != volume.hu.shape[1:]:
+    stored_shape = volume.in_plane.to_source(volume.hu[0]).shape  # the CT's stored grid
+    if (int(ds.Rows), int(ds.Columns)) != stored_shape:
         raise SegInputError(
-            uid, f"frames {ds.Rows} x {ds.Columns} are not on the CT grid {volume.hu.shape[1:]}"
+            uid, f"frames {ds.Rows} x {ds.Columns} are not on the CT grid {stored_shape}"
         )
     numbers = sorted(mapping, key=lambda n: (mapping[n], n))
     px = seg.get_pixels_by_source_instance(
@@ -188,9 +189,10 @@ def seg_training_slices(seg_path: Path, volume: CTVolume) -> list[TrainingSlice]
     )  # (instances, rows, cols, segments)
     out = []
     for i, sop in enumerate(sources):
-        lab_ = np.zeros(volume.hu.shape[1:], np.uint8)
+        stored = np.zeros(stored_shape, np.uint8)
         for j in reversed(range(len(numbers))):  # the first in SMA..SAT order wins
-            lab_[px[i, ..., j] >= 0.5] = mapping[numbers[j]]
+            stored[px[i, ..., j] >= 0.5] = mapping[numbers[j]]
+        lab_ = np.ascontiguousarray(volume.in_plane.to_canonical(stored))  # on volume.hu's grid
         k = index[sop]
         out.append(
             TrainingSlice(

@@ -81,6 +81,12 @@ from core.series_rules import (
     is_localizer,
     slice_normal,
 )
+from worker.volume.orientation import (
+    IDENTITY,
+    InPlane,
+    in_plane_from_orientation,
+    patient_position_name,
+)
 
 __all__ = [
     "CTVolume",
@@ -145,8 +151,14 @@ class CTVolume:
     source_files : per slice, the DICOM file the slice came from (empty for NIfTI).
     study_instance_uid, series_instance_uid, frame_of_reference_uid : source identifiers
         ("" when the input had none, e.g. NIfTI; the DICOM writer then generates them).
-    image_orientation : the six direction cosines (ImageOrientationPatient).
-    image_position_first : ImagePositionPatient (mm) of slice 0.
+    image_orientation : the six direction cosines (ImageOrientationPatient) of the canonical
+        grid ``hu`` is on (for a DICOM input stored in another in-plane orientation these
+        differ from the stored ones: see ``in_plane``).
+    image_position_first : ImagePositionPatient (mm) of the canonical grid's slice 0, pixel 0.
+    in_plane : how the stored pixel grid became the canonical grid
+        (:class:`worker.volume.orientation.InPlane`): ``hu`` is always on the canonical
+        grid (rows anterior -> posterior, columns patient right -> left) whatever the patient
+        position; ``in_plane.to_source`` maps a label map back to the stored pixels (SEG, SR).
     patient : see :class:`PatientInfo`.
     warnings : corrections applied while loading (e.g. identical duplicate slice dropped).
     """
@@ -162,6 +174,7 @@ class CTVolume:
     image_orientation: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
     image_position_first: tuple[float, float, float] = (0.0, 0.0, 0.0)
     patient: PatientInfo = field(default_factory=PatientInfo)
+    in_plane: InPlane = IDENTITY
     modality: str = "CT"
     series_description: str = ""
     study_date: str = ""
@@ -804,12 +817,16 @@ def load_dicom_series(
     check_slice_gaps(uid, zs, max_gap_ratio)
     check_slice_count(uid, len(keep), min_slices, f"series {uid or folder}")
 
-    hu = np.empty((len(keep), rows, cols), dtype=np.float32)
+    # Any in-plane storage (HFS, HFP, FFS, FFP, decubitus) is decoded straight onto the
+    # canonical grid: each slice is written through a view in the stored orientation.
+    in_plane = in_plane_from_orientation(ref.image_orientation, uid)  # type: ignore[arg-type]
+    canon_shape = (cols, rows) if in_plane.transpose else (rows, cols)
+    hu = np.empty((len(keep), *canon_shape), dtype=np.float32)
 
     def decode(k: int) -> None:
         h = heads[keep[k]]
         try:
-            _decode_into(h, hu[k])
+            _decode_into(h, in_plane.to_source(hu[k]))
         except Exception as exc:
             raise UnreadableFileError(
                 uid,
@@ -819,20 +836,33 @@ def load_dicom_series(
 
     _parallel_map(decode, list(range(len(keep))), workers)
 
+    stored_spacing = (float(ref.pixel_spacing[0]), float(ref.pixel_spacing[1]))  # type: ignore[index]
+    canon_orientation, canon_position = in_plane.canonical_geometry(
+        ref.image_orientation,  # type: ignore[arg-type]
+        positions[keep[0]],
+        stored_spacing,
+        (rows, cols),
+    )
+    if not in_plane.is_identity:
+        warnings.append(
+            f"in-plane storage {patient_position_name(in_plane)}: analysed on the canonical "
+            "grid, SEG and SR mapped back to the stored pixels"
+        )
     first = good[keep[0]].dataset
     if first is None:  # fast-parsed: read the Patient/Study attributes of one file
         first = pydicom.dcmread(heads[keep[0]].path, stop_before_pixels=True)
     return CTVolume(
         hu=hu,
         z_mm=zs,
-        pixel_spacing_mm=(float(ref.pixel_spacing[0]), float(ref.pixel_spacing[1])),  # type: ignore[index]
+        pixel_spacing_mm=in_plane.spacing_to_canonical(stored_spacing),
         sop_instance_uids=[heads[i].sop_instance_uid for i in keep],
         source_files=[heads[i].path for i in keep],
         study_instance_uid=ref.study_instance_uid,
         series_instance_uid=uid,
         frame_of_reference_uid=heads[keep[0]].frame_of_reference_uid,
-        image_orientation=tuple(float(v) for v in ref.image_orientation),  # type: ignore[union-attr]
-        image_position_first=tuple(float(v) for v in positions[keep[0]]),  # type: ignore[arg-type]
+        image_orientation=canon_orientation,
+        image_position_first=canon_position,
+        in_plane=in_plane,
         patient=_patient_info(first, warnings),
         modality="CT",
         series_description=ref.series_description,

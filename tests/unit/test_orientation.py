@@ -1,0 +1,152 @@
+"""Tests of worker.volume.orientation and of the loader on every in-plane storage (issue 14, defect 1).
+
+The same patient-space anatomy stored head-first prone (rotated 180 degrees), feet-first
+supine (mirrored left-right) or decubitus (axes swapped) must give the same L3 and the same
+areas as the head-first supine storage, and the SEG must lie on the stored pixel grid.
+The stored series are built here by hand (explicit array operations and DICOM geometry), not
+with the code under test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from core.config import Config
+from core.errors import NonAxialError
+from worker import pipeline
+from worker.volume.load import CTVolume, load_dicom_series, load_nifti
+from worker.volume.orientation import InPlane, in_plane_from_orientation
+from worker.volume.write import write_ct_series
+
+STORAGES = ("HFS", "HFP", "FFS", "LEFT_DECUBITUS")
+
+
+def stored_as(volume: CTVolume, storage: str) -> tuple[CTVolume, str]:
+    """``volume`` (canonical grid) stored the way a scanner stores ``storage``.
+
+    Returns the stored volume (stored pixels, stored ImageOrientation/Position, stored
+    PixelSpacing) and the Patient Position (0018,5100) to write.
+    """
+    c = volume.hu
+    o_row = np.asarray(volume.image_orientation[:3])
+    o_col = np.asarray(volume.image_orientation[3:])
+    dy, dx = volume.pixel_spacing_mm
+    ny, nx = c.shape[1:]
+    p0 = np.asarray(volume.image_position_first, dtype=np.float64)
+    if storage == "HFS":
+        hu, row, col, first, spacing, pp = c, o_row, o_col, p0, (dy, dx), "HFS"
+    elif storage == "HFP":  # S[r, c] = C[ny-1-r, nx-1-c]
+        hu = c[:, ::-1, ::-1]
+        row, col = -o_row, -o_col
+        first = p0 + (nx - 1) * dx * o_row + (ny - 1) * dy * o_col
+        spacing, pp = (dy, dx), "HFP"
+    elif storage == "FFS":  # S[r, c] = C[r, nx-1-c]
+        hu = c[:, :, ::-1]
+        row, col = -o_row, o_col
+        first = p0 + (nx - 1) * dx * o_row
+        spacing, pp = (dy, dx), "FFS"
+    elif storage == "LEFT_DECUBITUS":  # S[r, c] = C[c, nx-1-r]
+        hu = np.swapaxes(c[:, :, ::-1], 1, 2)
+        row, col = o_col, -o_row
+        first = p0 + (nx - 1) * dx * o_row
+        spacing, pp = (dx, dy), "HFDL"
+    else:
+        raise ValueError(storage)
+    stored = dataclasses.replace(
+        volume,
+        hu=np.ascontiguousarray(hu),
+        image_orientation=tuple(float(v) for v in (*row, *col)),
+        image_position_first=tuple(float(v) for v in first),
+        pixel_spacing_mm=(float(spacing[0]), float(spacing[1])),
+    )
+    return stored, pp
+
+
+@pytest.mark.parametrize(
+    ("orientation", "expected"),
+    [
+        ((1, 0, 0, 0, 1, 0), InPlane()),
+        ((-1, 0, 0, 0, -1, 0), InPlane(flip_rows=True, flip_cols=True)),
+        ((-1, 0, 0, 0, 1, 0), InPlane(flip_cols=True)),
+        ((1, 0, 0, 0, -1, 0), InPlane(flip_rows=True)),
+        ((0, 1, 0, -1, 0, 0), InPlane(transpose=True, flip_cols=True)),
+        ((0.999, 0.0436, 0, -0.0436, 0.999, 0), InPlane()),  # 2.5 degrees in plane
+    ],
+)
+def test_in_plane_transform_of_each_storage(orientation, expected) -> None:
+    assert in_plane_from_orientation(orientation) == expected
+
+
+def test_transforms_are_inverse_views_and_a_sagittal_slice_is_refused() -> None:
+    a = np.arange(12.0).reshape(3, 4)
+    for t in (InPlane(), InPlane(True, True, False), InPlane(False, True, True), InPlane(True)):
+        assert np.array_equal(t.to_source(t.to_canonical(a)), a)
+        assert np.shares_memory(t.to_canonical(a), a)
+    with pytest.raises(NonAxialError):
+        in_plane_from_orientation((0, 1, 0, 0, 0, -1))  # sagittal
+
+
+@pytest.mark.parametrize("storage", STORAGES[1:])
+def test_loader_brings_every_storage_to_the_canonical_grid(tmp_path: Path, storage: str) -> None:
+    rng = np.random.default_rng(3)
+    hu = rng.integers(-1000, 1000, size=(20, 12, 16)).astype(np.float32)
+    canon = CTVolume(
+        hu=hu,
+        z_mm=np.arange(20) * 2.5,
+        pixel_spacing_mm=(0.8, 0.7),
+        image_position_first=(-100.0, -80.0, 0.0),
+    )
+    ref = write_ct_series(canon, tmp_path / "hfs", uid_seed="orient-hfs")
+    stored, pp = stored_as(ref, storage)
+    write_ct_series(
+        dataclasses.replace(stored, sop_instance_uids=[], series_instance_uid=""),
+        tmp_path / "s",
+        uid_seed="orient-" + storage,
+        patient_position=pp,
+    )
+    loaded = load_dicom_series(tmp_path / "s", min_slices=1)
+    assert np.array_equal(loaded.hu, hu)
+    assert loaded.pixel_spacing_mm == pytest.approx((0.8, 0.7))
+    assert loaded.image_orientation == pytest.approx(ref.image_orientation, abs=1e-6)
+    assert loaded.image_position_first == pytest.approx(ref.image_position_first, abs=1e-4)
+    assert not loaded.in_plane.is_identity
+    assert np.array_equal(loaded.in_plane.to_source(loaded.hu), stored.hu)
+
+
+@pytest.mark.slow
+def test_real_case_gives_the_same_l3_and_areas_in_every_storage(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    """Issue 14, defect 1: stored prone, the real case gave SMA 63 cm^2 instead of 139.5."""
+    volume = load_nifti(shared_data / "abdomen_ct_totalseg" / "ct.nii.gz")
+    results, seg_masks = {}, {}
+    for storage in STORAGES:
+        stored, pp = stored_as(volume, storage)
+        folder = tmp_path / storage
+        write_ct_series(stored, folder, uid_seed="orient-real-" + storage, patient_position=pp)
+        out = tmp_path / f"out-{storage}"
+        results[storage] = pipeline.analyze_series(folder, out, Config())
+        seg = pydicom.dcmread(out / "seg.dcm")
+        loaded = load_dicom_series(folder)
+        # the SEG's frames lie on the stored grid: back on the canonical grid they agree
+        frames = seg.pixel_array.reshape(-1, *seg.pixel_array.shape[-2:])
+        assert frames.shape[-2:] == (int(seg.Rows), int(seg.Columns))
+        assert (int(seg.Rows), int(seg.Columns)) == stored.hu.shape[1:]
+        seg_masks[storage] = np.ascontiguousarray(loaded.in_plane.to_canonical(frames))
+    ref = results["HFS"]
+    assert ref.l3.in_field_of_view and ref.composition is not None and ref.l3.slice_index == 74
+    for storage in STORAGES[1:]:
+        res = results[storage]
+        assert res.l3.in_field_of_view, storage
+        assert abs(res.l3.slice_index - ref.l3.slice_index) <= 1, storage
+        if res.l3.slice_index == ref.l3.slice_index:
+            assert np.array_equal(seg_masks[storage], seg_masks["HFS"]), storage
+        for key, comp in ref.composition.items():
+            got = res.composition[key].area_cm2
+            assert got == pytest.approx(comp.area_cm2, rel=0.01, abs=0.05), (storage, key)
+        assert res.sarcopenia == ref.sarcopenia, storage
