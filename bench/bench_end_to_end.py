@@ -30,6 +30,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from core.config import data_dir  # noqa: E402
+from core.jobs import JobState  # noqa: E402
 from tests.integration.test_integration_node import (  # noqa: E402 (after the path tweak)
     abdomen_case,
     run_node,
@@ -37,9 +39,6 @@ from tests.integration.test_integration_node import (  # noqa: E402 (after the p
     stop_process,
     wait_final,
 )
-
-from core.config import data_dir  # noqa: E402
-from core.jobs import JobState  # noqa: E402
 
 STORESCU = "/usr/bin/storescu"
 

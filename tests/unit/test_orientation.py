@@ -1,4 +1,4 @@
-"""Tests of worker.volume.orientation and of the loader on every in-plane storage (issue 14, defect 1).
+"""Tests of worker.volume.orientation and the loader on every in-plane storage (#14, defect 1).
 
 The same patient-space anatomy stored head-first prone (rotated 180 degrees), feet-first
 supine (mirrored left-right) or decubitus (axes swapped) must give the same L3 and the same
