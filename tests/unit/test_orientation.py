@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from PIL import Image
 
 from core.config import Config
 from core.errors import NonAxialError
@@ -146,6 +147,11 @@ def test_real_case_gives_the_same_l3_and_areas_in_every_storage(
         assert abs(res.l3.slice_index - ref.l3.slice_index) <= 1, storage
         if res.l3.slice_index == ref.l3.slice_index:
             assert np.array_equal(seg_masks[storage], seg_masks["HFS"]), storage
+            # the picture is drawn on the canonical grid: anterior up, patient's right on
+            # the left, whatever the storage (the R/L/A markers are right)
+            hfs = np.asarray(Image.open(tmp_path / "out-HFS" / "overview.png"))
+            picture = np.asarray(Image.open(tmp_path / f"out-{storage}" / "overview.png"))
+            assert np.array_equal(picture, hfs), storage
         for key, comp in ref.composition.items():
             got = res.composition[key].area_cm2
             assert got == pytest.approx(comp.area_cm2, rel=0.01, abs=0.05), (storage, key)
