@@ -319,3 +319,59 @@ def test_embedded_node_runs_alone_and_returns_results(
         assert rec.exports[0].state == "done"
         assert_results_in_pacs(orthanc, abdomen, with_seg=True)
         assert (tmp_path / "var" / "results" / abdomen.series_uid / "result.json").is_file()
+
+
+def _sr_areas(pacs: OrthancPacs, study_uid: str) -> list[float]:
+    """The Area (SCT 42798000, cm2) values of the SR Orthanc holds in the study, in order."""
+    import io
+
+    import pydicom
+
+    sr = next(
+        s
+        for s in pacs.series_of_study(study_uid)
+        if str(pacs.tags(s).get("SOPClassUID", "")).startswith("1.2.840.10008.5.1.4.1.1.88.")
+    )
+    ds = pydicom.dcmread(io.BytesIO(pacs.file(sr["Instances"][0])))
+    areas: list[float] = []
+
+    def walk(items: Any) -> None:
+        for item in items:
+            name = item.get("ConceptNameCodeSequence")
+            if item.get("ValueType") == "NUM" and name and name[0].CodeValue == "42798000":
+                areas.append(float(item.MeasuredValueSequence[0].NumericValue))
+            if "ContentSequence" in item:
+                walk(item.ContentSequence)
+
+    walk(ds.ContentSequence)
+    return areas
+
+
+def test_prone_and_feet_first_series_give_the_supine_numbers_in_the_pacs_sr(
+    orthanc: OrthancPacs, shared_data: Path, tmp_path: Path
+) -> None:
+    """Issue 14, defect 1: the real case stored HFP gave SMA 63 cm2 instead of 139.5."""
+    from tests.support.orientation import stored_as
+    from worker.volume.load import load_series
+    from worker.volume.write import write_ct_series
+
+    volume = load_series(shared_data / "abdomen_ct_totalseg" / "ct.nii.gz")
+    cases = {}
+    for storage in ("HFS", "HFP", "FFS"):
+        stored, position = stored_as(volume, storage)
+        folder = tmp_path / "in" / storage
+        write_ct_series(
+            stored, folder, uid_seed=f"l3spot-it-orientation-{storage}", patient_position=position
+        )
+        cases[storage] = _case_from_folder(folder)
+    with run_node(tmp_path, None, orthanc) as node:
+        for case in cases.values():
+            send(case.folder, node.port)
+        for storage, case in cases.items():
+            rec = wait_final(node, case.series_uid, 150)
+            assert rec.state == JobState.DONE, (storage, rec.reason)
+            assert_results_in_pacs(orthanc, case, with_seg=True)
+        areas = {s: _sr_areas(orthanc, c.study_uid) for s, c in cases.items()}
+    assert len(areas["HFS"]) >= 4 and areas["HFS"][0] == pytest.approx(139.5, abs=1.0)
+    for storage in ("HFP", "FFS"):
+        assert areas[storage] == pytest.approx(areas["HFS"], rel=0.01, abs=0.05), storage

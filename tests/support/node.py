@@ -305,6 +305,12 @@ class OrthancPacs:
             {"Level": "Series", "Query": {"StudyInstanceUID": study_uid}, "Expand": True},
         )
 
+    def file(self, instance: str) -> bytes:
+        """The DICOM file of an instance (Orthanc id)."""
+        url = f"http://127.0.0.1:{self.http}/instances/{instance}/file"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return bytes(r.read())
+
     def tags(self, series: dict[str, Any]) -> dict[str, Any]:
         """Simplified tags of the first instance of a series record."""
         return self.get(f"/instances/{series['Instances'][0]}/simplified-tags")
