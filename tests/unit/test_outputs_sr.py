@@ -22,7 +22,7 @@ from tests.support.outputs import (
     synthetic_labels,
 )
 from worker.outputs.seg import build_seg, compartment_tracking_uid
-from worker.outputs.sr import NOT_IN_FOV_TEXT, build_sr, region_polygon
+from worker.outputs.sr import NOT_IN_FOV_TEXT, approximate_polygon, build_sr, region_polygon
 
 #: dciodvfy warnings accepted, with the reason (docs/outputs.md):
 #: l3spot's private coding scheme "99L3SPOT" (PS3.16 section 8) is declared in the Coding
@@ -208,6 +208,65 @@ def test_region_polygon_is_closed_and_outlines_the_largest_part() -> None:
     assert poly[:, 0].min() == pytest.approx(3.0) and poly[:, 0].max() == pytest.approx(9.0)
     assert poly[:, 1].min() == pytest.approx(2.0) and poly[:, 1].max() == pytest.approx(8.0)
     assert region_polygon(np.zeros((4, 4), bool)) is None
+
+
+def _region_polygon_on_the_whole_image(mask: np.ndarray) -> np.ndarray | None:
+    """The outline computed on the whole image with scikit-image (before the bounding box)."""
+    from scipy import ndimage
+    from skimage import measure
+
+    if not mask.any():
+        return None
+    comp, n = ndimage.label(mask)
+    if n > 1:
+        sizes = ndimage.sum_labels(mask, comp, index=np.arange(1, n + 1))
+        mask = comp == (int(np.argmax(sizes)) + 1)
+    filled = ndimage.binary_fill_holes(mask)
+    contours = measure.find_contours(np.pad(filled, 1).astype(np.float32), 0.5)
+    contour = measure.approximate_polygon(max(contours, key=len), tolerance=0.75)
+    if len(contour) < 4:
+        r, col = np.argwhere(filled)[0]
+        square = [(col, r), (col + 1, r), (col + 1, r + 1), (col, r + 1), (col, r)]
+        return np.asarray(square, dtype=np.float32)
+    pts = np.stack([contour[:, 1] - 0.5, contour[:, 0] - 0.5], axis=1).astype(np.float32)
+    pts[-1] = pts[0]
+    return pts
+
+
+def test_region_polygon_on_the_bounding_box_equals_the_whole_image_computation() -> None:
+    from scipy import ndimage
+
+    rng = np.random.default_rng(7)
+    masks = [synthetic_labels() == lab for lab in (1, 2, 3, 4)]
+    for i in range(240):
+        shape = (int(rng.integers(1, 60)), int(rng.integers(1, 60)))
+        if i % 3 == 0:  # speckle, touching the edges
+            masks.append(rng.random(shape) < rng.random())
+        elif i % 3 == 1:  # blobs with holes
+            masks.append(ndimage.binary_opening(rng.random(shape) < 0.6))
+        else:  # one pixel
+            m = np.zeros(shape, bool)
+            m[rng.integers(0, shape[0]), rng.integers(0, shape[1])] = True
+            masks.append(m)
+    for mask in masks:
+        expected = _region_polygon_on_the_whole_image(mask)
+        got = region_polygon(mask)
+        if expected is None:
+            assert got is None
+            continue
+        assert got is not None and got.dtype == expected.dtype
+        assert np.array_equal(got, expected)  # bit for bit: the SR content must not change
+
+
+def test_approximate_polygon_matches_scikit_image_bit_for_bit() -> None:
+    from skimage.measure import approximate_polygon as skimage_approximate_polygon
+
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        chain = rng.normal(size=(int(rng.integers(2, 200)), 2)).cumsum(axis=0)
+        for tolerance in (0.0, 0.5, 0.75, 3.0):
+            expected = skimage_approximate_polygon(chain, tolerance)
+            assert np.array_equal(approximate_polygon(chain, tolerance), expected)
 
 
 def test_sr_requires_seg_and_composition_together() -> None:

@@ -13,8 +13,10 @@ import shutil
 from pathlib import Path
 
 import highdicom as hd
+import numpy as np
 import pydicom
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 import worker.pipeline as pipeline
@@ -89,6 +91,55 @@ def test_dicom_series_gives_all_outputs_referencing_the_l3_image(
         assert ds.StudyInstanceUID == STUDY_UID and ds.PatientID == PATIENT.patient_id
     numbers = {int(pydicom.dcmread(out / n).SeriesNumber) for n in ("seg.dcm", "sr.dcm", "sc.dcm")}
     assert len(numbers) == 3
+
+
+def test_write_outputs_reads_the_reference_image_once_and_shares_it(
+    series_dir: Path, tmp_path: Path
+) -> None:
+    from tests.support.outputs import synthetic_volume
+
+    volume = synthetic_volume(sorted(series_dir.glob("*.dcm")))
+    mip = pipeline.frontal_mip(volume, 2.0)
+    read: list[Path] = []
+
+    def counting_reader(path: Path) -> pydicom.Dataset:
+        read.append(path)
+        return pipeline.read_source_header(path)
+
+    out = tmp_path / "out"
+    out.mkdir()
+    derived = pipeline.write_outputs(
+        volume,
+        mip,
+        fabricated_location(),
+        fabricated_composition(),
+        [],
+        out,
+        read_source=counting_reader,
+    )
+    assert read == [volume.source_files[L3_INDEX]]
+    assert "PixelData" not in pipeline.read_source_header(read[0])
+    l3_uid = volume.sop_instance_uids[L3_INDEX]
+    seg = pydicom.dcmread(out / "seg.dcm")
+    src = seg.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0].SourceImageSequence
+    assert src[0].ReferencedSOPInstanceUID == l3_uid
+    sr = pydicom.dcmread(out / "sr.dcm")
+    refs = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+    assert l3_uid in {r.ReferencedSOPInstanceUID for s in refs for r in s.ReferencedSOPSequence}
+    assert derived.sc_sop_instance_uid == pydicom.dcmread(out / "sc.dcm").SOPInstanceUID
+
+
+def test_overview_png_holds_the_secondary_capture_picture_pixel_for_pixel(
+    fake_stages: dict[str, bool], series_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    pipeline.analyze_series(series_dir, out, Config())
+    sc = pydicom.dcmread(out / "sc.dcm").pixel_array
+    with Image.open(out / "overview.png") as png:
+        overview = np.asarray(png.convert("RGB"))
+    # overview.png = the SC picture with the locator curves below it, losslessly encoded
+    assert overview.shape[1] == sc.shape[1] and overview.shape[0] > sc.shape[0]
+    assert np.array_equal(overview[: sc.shape[0]], sc)
 
 
 def test_rerun_replaces_with_identical_uids(
