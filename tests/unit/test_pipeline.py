@@ -34,7 +34,7 @@ from tests.support.outputs import (
     write_series,
 )
 from worker.locator.locate import L3Location
-from worker.mip import FrontalProjection, frontal_projection
+from worker.mip import FrontalProjection, frontal_mip, frontal_projection
 from worker.volume.load import CTVolume
 
 TOTALSEG_L3_SLICES = range(65, 80)  # TotalSegmentator label 29 (vertebrae_L3), README
@@ -99,7 +99,7 @@ def test_write_outputs_reads_the_reference_image_once_and_shares_it(
     from tests.support.outputs import synthetic_volume
 
     volume = synthetic_volume(sorted(series_dir.glob("*.dcm")))
-    mip = pipeline.frontal_mip(volume, 2.0)
+    mip = frontal_mip(volume, 2.0)
     read: list[Path] = []
 
     def counting_reader(path: Path) -> pydicom.Dataset:
