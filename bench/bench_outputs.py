@@ -42,8 +42,8 @@ from scipy import ndimage
 from core.config import data_dir, load_config
 from worker import pipeline
 from worker.composition.measure import measure_composition
-from worker.locator.coarse import locate_l3
-from worker.mip import frontal_mip
+from worker.locator.locate import locate_l3
+from worker.mip import FrontalMips
 from worker.outputs.render import render_overview, render_summary
 from worker.outputs.sc import build_sc
 from worker.outputs.seg import build_seg
@@ -107,8 +107,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="l3spot-bench-outputs-"))
     try:
         volume, _ = load_input(series, work / "unused", config)
-        mip = frontal_mip(volume, config.locator.mip_pixel_mm)
-        location = locate_l3(volume, config.locator, mip, device="cpu")
+        mips = FrontalMips(volume)
+        location = locate_l3(volume, config.locator, mips, device="cpu")
+        mip = mips.at(mips.pixel_sizes[0])
         composition = None
         if location.in_field_of_view and location.slice_index is not None:
             index = int(location.slice_index)
