@@ -87,10 +87,18 @@ class _Model(BaseModel):
 
 
 class L3Result(_Model):
-    """Where L3 is. ``slice_index`` is 0-based in the series sorted by ascending z."""
+    """Where L3 is.
+
+    ``slice_index`` is 0-based in the series sorted by ascending z and ``z_mm`` is the
+    locator's decision (between slices); ``instance_number`` and ``slice_location_mm`` name
+    the L3 image as the viewer shows it (Instance Number, the image's own Slice Location or
+    Image Position z): the SR and the Secondary Capture use those.
+    """
 
     in_field_of_view: bool
     slice_index: int | None = None
+    instance_number: int | None = None
+    slice_location_mm: float | None = None
     z_mm: float | None = None
     sop_instance_uid: str | None = None
     confidence: float = 0.0
@@ -153,6 +161,10 @@ class DerivedObjects(_Model):
     sc_series_instance_uid: str | None = None
     sc_sop_instance_uid: str | None = None
     files: dict[str, str] = Field(default_factory=dict)  # kind -> file name in out_dir
+    # the source image the objects refer to, as the viewer names it (the L3 image when L3
+    # was found, else the middle image): Instance Number and its slice position in mm
+    reference_instance_number: int | None = None
+    reference_z_mm: float | None = None
 
 
 class AnalysisResult(_Model):

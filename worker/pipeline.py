@@ -43,6 +43,7 @@ from core.result import (
 from worker.composition.measure import CompositionResult, measure_composition
 from worker.locator.locate import L3Location, load_stages, locate_l3
 from worker.mip import FrontalMips, FrontalProjection, Mip, frontal_projection
+from worker.outputs.reference import image_label
 from worker.outputs.render import render_overview, render_summary
 from worker.outputs.sc import build_sc
 from worker.outputs.seg import build_seg
@@ -295,7 +296,14 @@ def analyze_series(
         status="done",
         study_instance_uid=volume.study_instance_uid,
         series_instance_uid=uid,
-        l3=l3_result(location, sop_uid),
+        l3=l3_result(location, sop_uid).model_copy(
+            update={
+                "instance_number": derived.reference_instance_number,
+                "slice_location_mm": derived.reference_z_mm,
+            }
+            if location.in_field_of_view
+            else {}
+        ),
         **composition_fields(composition),  # type: ignore[arg-type]
         qa_flags=qa_flags,
         timing_s=timing,
@@ -357,6 +365,9 @@ def write_outputs(
     else:
         index = len(volume.source_files) // 2
     ref = _read_source(volume, index, read_source)
+    reference = image_label(ref)
+    derived.reference_instance_number = reference.instance_number
+    derived.reference_z_mm = reference.z_mm
 
     # The SEG and the SR refer to the stored pixels of the L3 image: the label map goes back
     # from the canonical grid to the stored one (HFP, FFS, decubitus storage; no-op for HFS).
@@ -376,7 +387,7 @@ def write_outputs(
     elif seg_path.exists():
         seg_path.unlink()
 
-    sr = build_sr(ref, location, stored if in_fov else None, seg)
+    sr = build_sr(ref, location, stored if in_fov else None, seg, qa_flags)
     _save(sr, out_dir / SR_FILE)
     derived.sr_series_instance_uid = str(sr.SeriesInstanceUID)
     derived.sr_sop_instance_uid = str(sr.SOPInstanceUID)
@@ -391,6 +402,7 @@ def write_outputs(
         composition if in_fov else None,
         qa_flags,
         volume.series_description,
+        l3_image=reference if in_fov else None,
     )
     sc = build_sc(ref, summary)
     _save(sc, out_dir / SC_FILE)

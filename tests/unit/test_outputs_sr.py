@@ -28,6 +28,8 @@ from worker.outputs.sr import NOT_IN_FOV_TEXT, approximate_polygon, build_sr, re
 #: l3spot's private coding scheme "99L3SPOT" (PS3.16 section 8) is declared in the Coding
 #: Scheme Identification Sequence but is not a DICOM defined term.
 ACCEPTED_WARNINGS = ("Unrecognized defined term <99L3SPOT>",)
+#: QA flags the in-field-of-view report carries (so that every SR test sees them too)
+QA = ("body_truncated", "low_l3_confidence")
 
 
 def _write(tmp: Path, in_fov: bool) -> tuple[Path, Path | None]:
@@ -39,7 +41,7 @@ def _write(tmp: Path, in_fov: bool) -> tuple[Path, Path | None]:
         return tmp / "sr.dcm", None
     seg = build_seg(ct, labels)
     seg.save_as(tmp / "seg.dcm", enforce_file_format=True)
-    sr = build_sr(ct, fabricated_location(), fabricated_composition(labels), seg)
+    sr = build_sr(ct, fabricated_location(), fabricated_composition(labels), seg, QA)
     sr.save_as(tmp / "sr.dcm", enforce_file_format=True)
     return tmp / "sr.dcm", tmp / "seg.dcm"
 
@@ -93,7 +95,7 @@ def test_measurements_round_trip_through_highdicom(sr_files: tuple[Path, Path]) 
     groups = report.content.get_planar_roi_measurement_groups()
     by_id = {g.tracking_identifier: g for g in groups}
     assert set(by_id) == {
-        "L3 localisation",
+        f"L3 localisation: image {L3_INDEX + 1}",
         "L3 Skeletal muscle",
         "L3 Intermuscular adipose tissue",
         "L3 Visceral adipose tissue",
@@ -109,8 +111,9 @@ def test_measurements_round_trip_through_highdicom(sr_files: tuple[Path, Path]) 
         src_series = ct_dataset(L3_INDEX, np.zeros((2, 2))).SeriesInstanceUID
         assert g.tracking_uid == compartment_tracking_uid(src_series, key)
         values = {m.name.value: (m.value, m.unit.value) for m in g.get_measurements()}
-        assert values["42798000"] == (pytest.approx(comp.measures[key].area_cm2), "cm2")
-        assert values["112181"] == (pytest.approx(comp.measures[key].mean_hu), "[hnsf'U]")
+        # rounded to what is measured (issue 14, defect 6): 0.1 cm2, 0.1 HU
+        assert values["42798000"] == (round(comp.measures[key].area_cm2, 1), "cm2")
+        assert values["112181"] == (round(comp.measures[key].mean_hu, 1), "[hnsf'U]")
         assert g.finding_sites[0].value.CodeValue == "36470004"
         ref = g.referenced_segmentation_frame
         seg_item = ref[0].ReferencedSOPSequence[0]
@@ -126,7 +129,7 @@ def test_measurements_round_trip_through_highdicom(sr_files: tuple[Path, Path]) 
         assert g.roi is not None and g.roi.GraphicType == "POLYLINE"
     sma = by_id["L3 Skeletal muscle"]
     smi = [m for m in sma.get_measurements() if m.name.value == "SMI"]
-    assert smi and smi[0].value == pytest.approx(comp.smi_cm2_per_m2)
+    assert smi and smi[0].value == round(comp.smi_cm2_per_m2, 2)
     evals = sma.get_qualitative_evaluations()
     assert [(e.name.value, e.value.value) for e in evals] == [("SARCO", "373067005")]
 
@@ -146,10 +149,13 @@ def test_localisation_group_carries_slice_position_confidence_and_region(
     report = hd.sr.srread(sr_files[0])
     loc = fabricated_location()
     g = report.content.get_planar_roi_measurement_groups()[0]
-    assert g.tracking_identifier == "L3 localisation"
+    # the L3 image as the viewer names it (issue 14, defect 5): its Instance Number and its
+    # own position (Image Position z here: no Slice Location), confidence to 0.01
+    l3_image = ct_dataset(L3_INDEX, np.zeros((2, 2)))
+    assert g.tracking_identifier == f"L3 localisation: image {l3_image.InstanceNumber}"
     values = {m.name.value: m.value for m in g.get_measurements()}
-    assert values["L3Z"] == pytest.approx(loc.z_mm)
-    assert values["L3CONF"] == pytest.approx(loc.confidence)
+    assert values["L3Z"] == pytest.approx(float(l3_image.ImagePositionPatient[2]))
+    assert values["L3CONF"] == round(loc.confidence, 2)
     assert g.roi.GraphicType == "POINT"
     assert (
         g.roi.ContentSequence[0]
@@ -274,3 +280,19 @@ def test_sr_requires_seg_and_composition_together() -> None:
     ct = ct_dataset(L3_INDEX, synthetic_hu(labels))
     with pytest.raises(ValueError, match="together"):
         build_sr(ct, fabricated_location(), fabricated_composition(labels), None)
+
+
+def test_qa_flags_are_qualitative_evaluations_with_their_meaning(
+    sr_files: tuple[Path, Path],
+) -> None:
+    """Issue 14, defect 6: the QA flags reach the PACS in the SR, coded, with their meaning."""
+    from core.qa import QA_FLAGS
+
+    report = hd.sr.srread(sr_files[0])
+    g = report.content.get_planar_roi_measurement_groups()[0]
+    flags = [
+        (e.value.value, e.value.meaning, e.value.scheme_designator)
+        for e in g.get_qualitative_evaluations()
+        if e.name.value == "QAFLAG"
+    ]
+    assert flags == [(QA_FLAGS[f].code, QA_FLAGS[f].meaning, "99L3SPOT") for f in QA]

@@ -15,6 +15,7 @@ from highdicom.sr import CodedConcept
 from pydicom.sr.codedict import codes
 
 from core.labels import COMPARTMENT_NAMES, IMAT, SAT, SMA, VAT
+from core.qa import qa_flag
 
 #: Private coding scheme of l3spot (PS3.16 section 8, "99" prefix = local scheme).
 L3SPOT_SCHEME = "99L3SPOT"
@@ -84,8 +85,14 @@ L3_LOCALISATION = CodedConcept("L3LOC", L3SPOT_SCHEME, "L3 slice localisation")
 SKELETAL_MUSCLE_INDEX = CodedConcept("SMI", L3SPOT_SCHEME, "Skeletal muscle index")
 #: Sarcopenia by SMI cut-offs (value YES / NO / INDETERMINATE).
 SARCOPENIA = CodedConcept("SARCO", L3SPOT_SCHEME, "Sarcopenia by L3 skeletal muscle index")
-#: Quality-control flag raised by the analysis (value: TEXT).
+#: Quality-control flag raised by the analysis (value: :func:`qa_flag_value`).
 QA_FLAG = CodedConcept("QAFLAG", L3SPOT_SCHEME, "Quality control flag")
+
+
+def qa_flag_value(flag: str) -> CodedConcept:
+    """The coded value of one QA flag (code and meaning from :data:`core.qa.QA_FLAGS`)."""
+    code, meaning = qa_flag(flag)
+    return CodedConcept(code, L3SPOT_SCHEME, meaning)
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,11 @@ from PIL import Image, ImageDraw, ImageFont
 
 from core import ALGORITHM_NAME, __version__
 from core.labels import COMPARTMENT_COLOURS, COMPARTMENT_NAMES, COMPARTMENTS
+from core.qa import qa_flag
 from worker.composition.measure import CompositionResult
 from worker.locator.locate import L3Location
 from worker.mip import Mip
+from worker.outputs.reference import ImageLabel
 
 #: Height of the picture in pixels (reading-room monitors: >= 1024).
 HEIGHT = 1024
@@ -136,7 +138,7 @@ def _text_lines(
     location: L3Location,
     composition: CompositionResult | None,
     qa_flags: Sequence[str],
-    slice_z_mm: float | None,
+    l3_image: ImageLabel | None,
 ) -> list[tuple[str, tuple[int, int, int], int, tuple[int, int, int] | None]]:
     """(text, colour, font size, swatch colour) rows of the text panel."""
     rows: list[tuple[str, tuple[int, int, int], int, tuple[int, int, int] | None]] = []
@@ -146,15 +148,12 @@ def _text_lines(
         if location.reason:
             rows.append((location.reason, TEXT, 22, None))
     else:
-        z = location.z_mm if location.z_mm is not None else slice_z_mm
-        rows.append(
-            (
-                f"L3 slice {location.slice_index}   z = {z:.1f} mm" if z is not None else "",
-                TEXT,
-                26,
-                None,
-            )
-        )
+        # the L3 image as the viewer names it (Instance Number, its own slice position)
+        if l3_image is not None:
+            where = f"L3: {l3_image.text()}"
+        else:
+            where = f"L3: slice {location.slice_index}"
+        rows.append((where, TEXT, 26, None))
     rows.append((f"Localisation confidence {location.confidence:.2f}", TEXT, 26, None))
     rows.append(("", TEXT, 12, None))
     if composition is not None:
@@ -190,7 +189,9 @@ def _text_lines(
             rows.append((name, TEXT, 22, COMPARTMENT_COLOURS[lab]))
     if qa_flags:
         rows.append(("", TEXT, 12, None))
-        rows.append(("QA: " + ", ".join(qa_flags), WARN, 24, None))
+        rows.append(("QA:", WARN, 24, None))
+        for flag in qa_flags:
+            rows.append((qa_flag(flag).meaning, WARN, 22, None))
     return rows
 
 
@@ -235,6 +236,7 @@ def render_summary(
     composition: CompositionResult | None,
     qa_flags: Sequence[str] = (),
     series_description: str = "",
+    l3_image: ImageLabel | None = None,
 ) -> np.ndarray:
     """The Secondary Capture picture: L3 slice with masks, MIP with L3 line, the numbers.
 
@@ -247,6 +249,8 @@ def render_summary(
     composition : measurements on the L3 slice, or None.
     qa_flags : quality-control flags to print.
     series_description : source series description (printed; never patient data).
+    l3_image : how the viewer names the L3 image (Instance Number, slice position); printed
+        instead of the 0-based slice index when given.
 
     Returns
     -------
@@ -273,7 +277,7 @@ def render_summary(
         f"{ALGORITHM_NAME} {__version__}  automated measurement, verify before use\n"
         f"{series_description[:60]}"
     )
-    right = _text_panel(_text_lines(location, composition, qa_flags, None), footer.rstrip())
+    right = _text_panel(_text_lines(location, composition, qa_flags, l3_image), footer.rstrip())
     out = Image.new("RGB", (left.width + mid.width + right.width, HEIGHT), BACKGROUND)
     out.paste(left, (0, 0))
     out.paste(mid, (left.width, 0))

@@ -56,6 +56,7 @@ from core import ALGORITHM_NAME, __version__
 from worker.composition.measure import CompositionResult
 from worker.locator.locate import L3Location
 from worker.outputs import codes as c
+from worker.outputs.reference import image_label
 from worker.outputs.seg import MANUFACTURER, MANUFACTURER_MODEL_NAME, compartment_tracking_uid
 from worker.outputs.uids import derived_uid, device_observer_uid
 
@@ -224,13 +225,21 @@ def _centre_point(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.array([[col + 0.5, r + 0.5]], dtype=np.float32)
 
 
+def _qa_evaluations(qa_flags: Sequence[str]) -> list[QualitativeEvaluation]:
+    """One qualitative evaluation per QA flag (:data:`core.qa.QA_FLAGS`: code and meaning)."""
+    return [QualitativeEvaluation(c.QA_FLAG, c.qa_flag_value(f)) for f in qa_flags]
+
+
 def _localisation_group(
     ct: Dataset,
     location: L3Location,
     composition: CompositionResult | None,
+    qa_flags: Sequence[str] = (),
 ) -> PlanarROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations:
     series_uid = str(ct.SeriesInstanceUID)
-    conf = Measurement(name=c.L3_CONFIDENCE, value=float(location.confidence), unit=c.UNIT_NONE)
+    conf = Measurement(
+        name=c.L3_CONFIDENCE, value=round(float(location.confidence), 2), unit=c.UNIT_NONE
+    )
     if not location.in_field_of_view:
         return MeasurementsAndQualitativeEvaluations(
             tracking_identifier=TrackingIdentifier(
@@ -240,18 +249,27 @@ def _localisation_group(
             algorithm_id=_algorithm_id(),
             finding_sites=[FindingSite(c.L3_VERTEBRA)],
             measurements=[conf],
-            qualitative_evaluations=[QualitativeEvaluation(c.L3_IN_FIELD_OF_VIEW, c.NO)],
+            qualitative_evaluations=[
+                QualitativeEvaluation(c.L3_IN_FIELD_OF_VIEW, c.NO),
+                *_qa_evaluations(qa_flags),
+            ],
         )
     shape = (int(ct.Rows), int(ct.Columns))
     body = composition.labels > 0 if composition is not None else np.zeros(shape, dtype=bool)
     measurements = [conf]
-    if location.z_mm is not None:
+    # the L3 image as the viewer names it: its own position (Slice Location, else the z of
+    # Image Position (Patient)), not the locator's z between slices; its Instance Number
+    label = image_label(ct)
+    if label.z_mm is not None:
         measurements.insert(
-            0, Measurement(name=c.L3_SLICE_POSITION, value=float(location.z_mm), unit=c.UNIT_MM)
+            0, Measurement(name=c.L3_SLICE_POSITION, value=label.z_mm, unit=c.UNIT_MM)
         )
+    identifier = "L3 localisation"
+    if label.instance_number is not None:
+        identifier = f"L3 localisation: image {label.instance_number}"
     return PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(
-            uid=derived_uid(series_uid, "tracking", "l3"), identifier="L3 localisation"
+            uid=derived_uid(series_uid, "tracking", "l3"), identifier=identifier
         ),
         referenced_region=ImageRegion(
             graphic_type=GraphicTypeValues.POINT,
@@ -262,7 +280,10 @@ def _localisation_group(
         algorithm_id=_algorithm_id(),
         finding_sites=[FindingSite(c.L3_VERTEBRA)],
         measurements=measurements,
-        qualitative_evaluations=[QualitativeEvaluation(c.L3_IN_FIELD_OF_VIEW, c.YES)],
+        qualitative_evaluations=[
+            QualitativeEvaluation(c.L3_IN_FIELD_OF_VIEW, c.YES),
+            *_qa_evaluations(qa_flags),
+        ],
     )
 
 
@@ -285,16 +306,21 @@ def _compartment_groups(
         if tm is None:
             continue
         mask = composition.labels == label
-        measurements = [Measurement(name=c.AREA, value=float(tm.area_cm2), unit=c.UNIT_CM2)]
+        # values rounded to what is measured: 0.1 cm2, 0.1 HU, SMI to 0.01 cm2/m2
+        measurements = [
+            Measurement(name=c.AREA, value=round(float(tm.area_cm2), 1), unit=c.UNIT_CM2)
+        ]
         if tm.mean_hu is not None:
             measurements.append(
-                Measurement(name=c.MEAN_ATTENUATION, value=float(tm.mean_hu), unit=c.UNIT_HU)
+                Measurement(
+                    name=c.MEAN_ATTENUATION, value=round(float(tm.mean_hu), 1), unit=c.UNIT_HU
+                )
             )
         if tm.sd_hu is not None:
             measurements.append(
                 Measurement(
                     name=codes.DCM.AttenuationCoefficient,
-                    value=float(tm.sd_hu),
+                    value=round(float(tm.sd_hu), 1),
                     unit=c.UNIT_HU,
                     derivation=c.STANDARD_DEVIATION,
                 )
@@ -305,7 +331,7 @@ def _compartment_groups(
                 measurements.append(
                     Measurement(
                         name=c.SKELETAL_MUSCLE_INDEX,
-                        value=float(composition.smi_cm2_per_m2),
+                        value=round(float(composition.smi_cm2_per_m2), 2),
                         unit=c.UNIT_CM2_PER_M2,
                     )
                 )
@@ -370,6 +396,7 @@ def build_sr(
     location: L3Location,
     composition: CompositionResult | None,
     seg: Segmentation | None,
+    qa_flags: Sequence[str] = (),
 ) -> Comprehensive3DSR:
     """The TID 1500 measurement report of one analysis.
 
@@ -380,6 +407,14 @@ def build_sr(
     location : result of the locator.
     composition : measurements on the L3 slice, or None when L3 is not in the field of view.
     seg : the SEG built from ``composition`` (its segments are referenced), or None.
+    qa_flags : the analysis's QA flags (:data:`core.qa.QA_FLAGS`), each written as a
+        qualitative evaluation (l3spot code and meaning) of the L3 localisation group.
+
+    Notes
+    -----
+    Values are rounded to what is measured: areas and HU to 0.1, confidence and SMI to 0.01.
+    The localisation group names the L3 image as the viewer does (Instance Number in the
+    tracking identifier, the image's own Slice Location as the position).
 
     Returns
     -------
@@ -396,7 +431,7 @@ def build_sr(
     if (composition is None) != (seg is None):
         raise ValueError("composition and seg must be given together")
     series_uid = str(ct.SeriesInstanceUID)
-    groups: list = [_localisation_group(ct, location, composition)]
+    groups: list = [_localisation_group(ct, location, composition, qa_flags)]
     evidence: list[Dataset] = [ct]
     if composition is not None and seg is not None:
         groups.extend(_compartment_groups(ct, composition, seg))
