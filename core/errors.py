@@ -154,6 +154,12 @@ class UnreadableFileError(SeriesValidationError):
     """A DICOM file of the series cannot be parsed or its pixels cannot be decoded."""
 
 
+class NotHounsfieldError(SeriesValidationError):
+    """The values cannot be read as CT Hounsfield units: Rescale Slope/Intercept absent, not
+    finite or a zero slope (PS3.3 C.11.1.1.2), or the volume's histogram is not that of a CT
+    in HU (air near -1000, fat near -100, soft tissue near +40)."""
+
+
 class AnalysisError(L3SpotError):
     """A loaded series could not be analysed (locator or composition failed).
 

@@ -254,7 +254,7 @@ def nifti_volume(path: Path) -> CTVolume:
     """
     from worker.volume.load import load_nifti
 
-    return load_nifti(path, min_slices=1)
+    return load_nifti(path, min_slices=1, check_hu=False)
 
 
 def nifti_array(path: Path) -> np.ndarray:

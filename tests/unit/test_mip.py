@@ -133,6 +133,7 @@ def test_real_abdomen_l3_rows_map_back_to_l3_slices(shared_data: Path) -> None:
 
 def test_cli_mip_writes_a_png(tmp_path: Path) -> None:
     v = _vol(nz=30, ny=20, nx=40, dz=2.0, dx=0.8)
+    v.hu[:, 6:16, 12:30] = 40.0  # a body of soft tissue (the loader refuses an all-air volume)
     v.hu[24:27, 10, 3:8] = 1500.0  # bright, superior, patient right
     write_ct_series(v, tmp_path / "s", uid_seed="mip")
     out = tmp_path / "mip.png"

@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
-from core.errors import SeriesValidationError
+from core.errors import NotHounsfieldError, SeriesValidationError
 from worker.volume.load import (
     CTVolume,
     DuplicatePositionError,
@@ -40,7 +40,13 @@ N = 24  # slices of the synthetic series (>= the default minimum of 20)
 
 def _volume(nz: int = N, ny: int = 20, nx: int = 18, **kw) -> CTVolume:
     rng = np.random.default_rng(nz * 1000 + ny)
-    hu = rng.integers(-1024, 2000, size=(nz, ny, nx)).astype(np.float32)
+    # CT-like values over the whole range: soft tissue and fat, with air and bone voxels
+    # (the loader refuses a volume whose histogram is not that of a CT in HU)
+    shape = (nz, ny, nx)
+    hu = rng.integers(-150, 150, size=shape).astype(np.float32)
+    draw = rng.random(shape)
+    hu[draw < 0.15] = rng.integers(-1024, -900, size=shape)[draw < 0.15]
+    hu[draw > 0.85] = rng.integers(200, 2000, size=shape)[draw > 0.85]
     hu[:, 0, 0] = np.arange(nz)  # a per-slice fingerprint
     defaults = dict(
         hu=hu,
@@ -439,8 +445,11 @@ def test_real_sliceincrement_ge_part(shared_data: Path) -> None:
     folder = shared_data / EDGE / "sliceincrement" / "001"
     with pytest.raises(TooFewSlicesError, match="4 slice"):
         load_series(folder)
+    # This slab holds gas only (all values -1024..-770 HU): no body to measure
+    with pytest.raises(NotHounsfieldError, match="no body"):
+        load_series(folder, min_slices=2)
     # Steps of 5, 5 and 10 mm: one missing slice (exactly 2 x the median) is tolerated.
-    vol = load_series(folder, min_slices=2)
+    vol = load_series(folder, min_slices=2, check_hu=False)
     np.testing.assert_allclose(vol.z_mm, [18.1075, 23.1075, 28.107498, 38.107498])
     assert vol.pixel_spacing_mm == pytest.approx((0.429688006639, 0.429688006639))
 
@@ -539,7 +548,7 @@ def test_real_nifti_abdomen(shared_data: Path) -> None:
 
 def test_nifti_orientation_does_not_change_the_volume(tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
-    data = rng.integers(-1000, 1500, size=(10, 12, 25)).astype(np.int16)  # (i, j, k) RAS
+    data = rng.integers(-150, 150, size=(10, 12, 25)).astype(np.int16)  # (i, j, k) RAS
     aff = np.diag([0.8, 0.9, 2.0, 1.0])
     aff[:3, 3] = (-50.0, -60.0, 100.0)
     ras = tmp_path / "ras.nii.gz"
@@ -561,7 +570,7 @@ def test_nifti_orientation_does_not_change_the_volume(tmp_path: Path) -> None:
 
 
 def test_nifti_written_as_dicom_round_trips(tmp_path: Path) -> None:
-    data = np.random.default_rng(4).integers(-1000, 1500, size=(8, 9, 22)).astype(np.int16)
+    data = np.random.default_rng(4).integers(-150, 150, size=(8, 9, 22)).astype(np.int16)
     aff = np.diag([0.8, 0.9, 2.5, 1.0])
     aff[:3, 3] = (10.0, -20.0, 30.0)
     nib.save(nib.Nifti1Image(data, aff), tmp_path / "v.nii.gz")
@@ -667,8 +676,13 @@ def test_twelve_bit_pixels_match_pydicom(tmp_path: Path, signed: int) -> None:
         ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 12, 11, signed
         ds.RescaleIntercept = "-1000"
         ds.save_as(f)
-    vol = load_series(folder)
+    vol = load_series(folder, check_hu=False)  # bit patterns, not a CT histogram
     for k in (0, 11, N - 1):
         ds = pydicom.dcmread(vol.source_files[k])
-        np.testing.assert_array_equal(vol.hu[k], ds.pixel_array.astype(np.float32) - 1000.0)
-    assert vol.hu.min() < -2000 if signed else vol.hu.min() >= -1000
+        expected = ds.pixel_array.astype(np.float32) - 1000.0
+        # values <= -1500 HU are padding outside the scan: the loader makes them air
+        expected[expected <= -1500.0] = -1024.0
+        np.testing.assert_array_equal(vol.hu[k], expected)
+        if signed:  # sign-extended from bit 11: the most negative values became padding
+            assert (ds.pixel_array < -500).any() and (vol.hu[k] == -1024.0).any()
+    assert vol.hu.min() == -1024.0 if signed else vol.hu.min() >= -1000

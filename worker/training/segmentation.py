@@ -236,7 +236,7 @@ def site_slices(csv_path: Path) -> list[TrainingSlice]:
                 out += got
                 continue
             vol = load_nifti(ct, min_slices=1)  # values as stored; short crops allowed
-            lab_ = np.rint(load_nifti(lab_path, min_slices=1).hu).astype(np.uint8)
+            lab_ = np.rint(load_nifti(lab_path, min_slices=1, check_hu=False).hu).astype(np.uint8)
             if lab_.shape != vol.hu.shape:
                 raise ValueError(f"{row['labels']}: shape {lab_.shape} != CT {vol.hu.shape}")
             ks = [int(row["slice"])] if row.get("slice") else np.flatnonzero(lab_.any((1, 2)))

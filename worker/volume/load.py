@@ -81,6 +81,12 @@ from core.series_rules import (
     is_localizer,
     slice_normal,
 )
+from worker.volume.hu import (
+    PADDING_BELOW_HU,
+    check_hu_histogram,
+    check_rescale,
+    replace_padding,
+)
 from worker.volume.orientation import (
     IDENTITY,
     InPlane,
@@ -287,8 +293,8 @@ class SliceHeader:
     bits_allocated: int
     bits_stored: int
     pixel_representation: int
-    rescale_slope: float
-    rescale_intercept: float
+    rescale_slope: float | None  # None: absent or not a finite number (refused: check_rescale)
+    rescale_intercept: float | None
     transfer_syntax_uid: str
     has_pixel_data: bool
     #: Byte offset of native little-endian 16-bit pixel data in the file, or None when the
@@ -370,8 +376,8 @@ class SliceHeader:
             bits_allocated=bits_allocated,
             bits_stored=us(0x00280101) or bits_allocated,
             pixel_representation=us(0x00280103) or 0,
-            rescale_slope=num(0x00281053, 1.0) or 1.0,
-            rescale_intercept=num(0x00281052, 0.0) or 0.0,
+            rescale_slope=num(0x00281053, None),
+            rescale_intercept=num(0x00281052, None),
             transfer_syntax_uid=transfer_syntax,
             has_pixel_data=has_pixel_data,
             pixel_offset=pixel_offset,
@@ -602,11 +608,14 @@ def _decode_into(h: SliceHeader, out: np.ndarray) -> None:
         arr = ds.pixel_array
         if arr.shape != (rows, cols):
             raise ValueError(f"decoded shape {arr.shape}, expected {(rows, cols)}")
-    if h.rescale_slope == 1.0:
-        np.add(arr, np.float32(h.rescale_intercept), out=out, casting="unsafe")
+    slope, intercept = h.rescale_slope, h.rescale_intercept
+    if slope is None or intercept is None:  # refused before decoding (check_rescale)
+        raise ValueError("Rescale Slope/Intercept absent or not finite")
+    if slope == 1.0:
+        np.add(arr, np.float32(intercept), out=out, casting="unsafe")
     else:
-        np.multiply(arr, np.float32(h.rescale_slope), out=out, casting="unsafe")
-        out += np.float32(h.rescale_intercept)
+        np.multiply(arr, np.float32(slope), out=out, casting="unsafe")
+        out += np.float32(intercept)
 
 
 def _patient_info(ds: Dataset, warnings: list[str]) -> PatientInfo:
@@ -642,6 +651,7 @@ def load_dicom_series(
     max_gap_ratio: float | None = 2.0,
     require_uids: bool = True,
     workers: int | None = None,
+    check_hu: bool = True,
 ) -> CTVolume:
     """Load and validate a folder of single-frame CT images (any file names, recursive).
 
@@ -654,6 +664,9 @@ def load_dicom_series(
     require_uids : raise :class:`MissingIdentifierError` for empty SOP Instance / Study /
         Series UIDs (set False only to look at a series, never to produce results).
     workers : reader threads (default ``2 x cpu_count``, at most 16).
+    check_hu : refuse a volume whose histogram is not that of a CT in HU
+        (:func:`worker.volume.hu.check_hu_histogram`); False only for geometry tests on
+        synthetic values. The rescale values are always checked.
 
     Returns
     -------
@@ -817,16 +830,23 @@ def load_dicom_series(
     check_slice_gaps(uid, zs, max_gap_ratio)
     check_slice_count(uid, len(keep), min_slices, f"series {uid or folder}")
 
+    check_rescale(
+        uid, [heads[i].rescale_slope for i in keep], [heads[i].rescale_intercept for i in keep]
+    )
     # Any in-plane storage (HFS, HFP, FFS, FFP, decubitus) is decoded straight onto the
     # canonical grid: each slice is written through a view in the stored orientation.
     in_plane = in_plane_from_orientation(ref.image_orientation, uid)  # type: ignore[arg-type]
     canon_shape = (cols, rows) if in_plane.transpose else (rows, cols)
     hu = np.empty((len(keep), *canon_shape), dtype=np.float32)
 
+    padded: list[int] = []
+
     def decode(k: int) -> None:
         h = heads[keep[k]]
         try:
             _decode_into(h, in_plane.to_source(hu[k]))
+            if replace_padding(hu[k]):
+                padded.append(k)
         except Exception as exc:
             raise UnreadableFileError(
                 uid,
@@ -835,6 +855,13 @@ def load_dicom_series(
             ) from exc
 
     _parallel_map(decode, list(range(len(keep))), workers)
+    if padded:
+        warnings.append(
+            f"padding outside the scanned circle (<= {PADDING_BELOW_HU:g} HU) set to air in "
+            f"{len(padded)} of {len(keep)} slices"
+        )
+    if check_hu:
+        check_hu_histogram(uid, hu)
 
     stored_spacing = (float(ref.pixel_spacing[0]), float(ref.pixel_spacing[1]))  # type: ignore[index]
     canon_orientation, canon_position = in_plane.canonical_geometry(
@@ -890,7 +917,11 @@ def _same_pixels(a: SliceHeader, b: SliceHeader, shape: tuple[int, int]) -> bool
 
 
 def load_nifti(
-    path: Path | str, *, min_slices: int = 20, max_gap_ratio: float | None = 2.0
+    path: Path | str,
+    *,
+    min_slices: int = 20,
+    max_gap_ratio: float | None = 2.0,
+    check_hu: bool = True,
 ) -> CTVolume:
     """Load a 3-D NIfTI CT volume (HU after scl_slope/scl_inter) in the DICOM axial layout.
 
@@ -909,6 +940,8 @@ def load_nifti(
         Fewer than ``min_slices`` slices.
     UnreadableFileError
         Not a readable 3-D NIfTI image.
+    NotHounsfieldError
+        ``check_hu`` and the values are not CT Hounsfield units (histogram check).
     """
     import nibabel as nib
 
@@ -943,8 +976,10 @@ def load_nifti(
     check_slice_gaps("", z, max_gap_ratio)
     check_slice_count("", nz, min_slices, path.name)
     warnings: list[str] = []
-    if hu.size and float(hu.min()) > -200.0:
-        warnings.append(f"{path.name}: minimum {float(hu.min()):g} > -200; values may not be HU")
+    if check_hu:  # label maps and other non-CT NIfTI files are read with check_hu=False
+        if replace_padding(hu):
+            warnings.append(f"{path.name}: padding (<= {PADDING_BELOW_HU:g} HU) set to air")
+        check_hu_histogram("", hu)
     return CTVolume(
         hu=hu,
         z_mm=np.asarray(z, dtype=np.float64),
@@ -969,7 +1004,7 @@ def load_series(path: Path | str, *, min_slices: int = 20, **kwargs: object) -> 
     if p.is_dir():
         return load_dicom_series(p, min_slices=min_slices, **kwargs)  # type: ignore[arg-type]
     if p.is_file() and is_nifti(p):
-        nifti_kw = {k: v for k, v in kwargs.items() if k == "max_gap_ratio"}
+        nifti_kw = {k: v for k, v in kwargs.items() if k in ("max_gap_ratio", "check_hu")}
         return load_nifti(p, min_slices=min_slices, **nifti_kw)  # type: ignore[arg-type]
     if p.is_file():
         raise FileNotFoundError(f"{p}: give the folder of the DICOM series or a NIfTI file")
