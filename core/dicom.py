@@ -18,8 +18,16 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Generator
+from typing import Any
+
+import pydicom.config
 
 from core.errors import MalformedDatasetError
+
+# pydicom's own warnings on reading a malformed value quote the value ("Invalid value for VR
+# DA: '1950-01-02'"), which may be patient data, into the logs of the node and the workers.
+# l3spot checks the values it uses itself (malformed_elements) and names the attribute only.
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 __all__ = [
     "ATTRIBUTE_VR",
@@ -311,3 +319,48 @@ class ElementWalker:
                 raise self.fail(pos, "bad encapsulated pixel data fragment")
             pos = value + length
         raise self.fail(pos, "encapsulated pixel data without delimiter (truncated)")
+
+
+#: Value representations whose malformed values break encoders (highdicom refuses them) and
+#: that may carry patient data (dates, times, names, ages, sizes): PS3.5 6.2.
+CHECKED_VRS = frozenset({"DA", "TM", "DT", "PN", "DS", "IS", "AS"})
+
+
+def malformed_elements(ds: Any) -> list[str]:
+    """Keywords (or tags) of the top-level elements of ``ds`` whose values break their VR.
+
+    Only the keyword is returned, never the value: these are often patient attributes
+    (PatientBirthDate, PatientAge ...) and must not reach logs, job records or web pages.
+
+    Parameters
+    ----------
+    ds : a pydicom Dataset (pixel data not needed).
+    """
+    from pydicom.config import RAISE
+    from pydicom.valuerep import validate_value
+
+    bad: list[str] = []
+    for elem in ds:
+        if elem.VR not in CHECKED_VRS or not elem.keyword or elem.value in (None, ""):
+            continue  # private elements are not copied into derived objects
+        values = elem.value if elem.VM > 1 else [elem.value]
+        try:
+            for v in values:
+                validate_value(elem.VR, v if isinstance(v, str) else str(v), RAISE)
+        except (ValueError, TypeError, OverflowError):
+            bad.append(elem.keyword)
+    return bad
+
+
+def blank_malformed(ds: Any) -> list[str]:
+    """Empty every top-level element of ``ds`` whose value breaks its VR, in place.
+
+    An empty value is valid for every attribute l3spot copies into its derived objects
+    (Type 2 attributes of the Patient and Study modules). Returns the keywords emptied
+    (:func:`malformed_elements`), for a warning that names the attribute, not its value.
+    """
+    bad = malformed_elements(ds)
+    for keyword in bad:
+        if keyword in ds:
+            ds[keyword].value = ""
+    return bad

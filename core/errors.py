@@ -28,6 +28,8 @@ The tree::
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "AnalysisError",
     "ConfigError",
@@ -179,3 +181,16 @@ class AnalysisError(L3SpotError):
             series_uid=series_uid,
             study_uid=study_uid,
         )
+
+
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+
+def phi_safe_message(exc: BaseException) -> str:
+    """``Type: message`` of a library exception with every quoted value replaced by ``'…'``.
+
+    Library messages quote the offending value (pydicom: ``Unable to convert '1950-01-02' to
+    'DA'``), which may be patient data; job records, logs and web pages get this form.
+    """
+    text = _QUOTED.sub("'…'", str(exc))
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

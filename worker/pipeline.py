@@ -30,7 +30,8 @@ from pydicom.dataset import Dataset
 
 from core import ALGORITHM_NAME
 from core.config import Config
-from core.errors import AnalysisError, L3SpotError, SeriesValidationError
+from core.dicom import blank_malformed
+from core.errors import AnalysisError, L3SpotError, SeriesValidationError, phi_safe_message
 from core.layout import OVERVIEW_FILE, RESULT_JSON, SC_FILE, SEG_FILE, SOURCE_DIR, SR_FILE
 from core.logs import log_event
 from core.result import (
@@ -110,7 +111,7 @@ def _guard(series_uid: str, stage: str, fn: Callable[[], _T]) -> _T:
     except L3SpotError:
         raise
     except Exception as exc:  # any library failure becomes a failed job, with the UID
-        raise AnalysisError(series_uid, stage, f"{type(exc).__name__}: {exc}") from exc
+        raise AnalysisError(series_uid, stage, phi_safe_message(exc)) from exc
 
 
 def _save(ds: Dataset, path: Path) -> None:
@@ -365,6 +366,9 @@ def write_outputs(
     else:
         index = len(volume.source_files) // 2
     ref = _read_source(volume, index, read_source)
+    # a malformed date, time, name or number (e.g. PatientBirthDate "1950-01-02") would make
+    # highdicom refuse the derived objects: it is left empty there (the loader warned by name)
+    blank_malformed(ref)
     reference = image_label(ref)
     derived.reference_instance_number = reference.instance_number
     derived.reference_z_mm = reference.z_mm

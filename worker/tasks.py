@@ -16,6 +16,7 @@ import os
 import shutil
 import socket
 import threading
+import traceback
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any
 from celery import Task
 
 from core.config import Config
-from core.errors import AnalysisError, SeriesValidationError
+from core.errors import AnalysisError, SeriesValidationError, phi_safe_message
 from core.jobs import ExportState, JobState, JobStore
 from core.layout import result_files, series_results_dir
 from core.logs import log_event
@@ -174,9 +175,17 @@ def run_analysis(
         return JobState.FAILED
     except Exception as exc:  # a bug or a corrupt input: record it, keep the worker alive
         shutil.rmtree(tmp, ignore_errors=True)
-        reason = f"internal error: {type(exc).__name__}: {exc}"
+        reason = f"internal error: {phi_safe_message(exc)}"
         jobs.mark_failed(series_uid, reason)
-        log.exception("analysis_crashed", extra={"fields": {"series_instance_uid": series_uid}})
+        # the traceback's frames, not its message: a library message may quote patient data
+        log_event(
+            log,
+            "analysis_crashed",
+            logging.ERROR,
+            series_instance_uid=series_uid,
+            reason=reason,
+            traceback="".join(traceback.format_tb(exc.__traceback__)),
+        )
         return JobState.FAILED
     _replace_dir(tmp, series_results_dir(results_root, series_uid))
     note = _note_from_result(result)

@@ -118,6 +118,12 @@ def test_stale_task_does_nothing(tmp_path: Path, series_dir: Path) -> None:
             "gantry tilt of 15.0 degrees",
         ),
         (RuntimeError("boom"), "internal error: RuntimeError: boom"),
+        # a library message quoting a value (pydicom on a malformed PatientBirthDate): the
+        # value never reaches the job record (issue 14, defect 4)
+        (
+            ValueError("Unable to convert '1950-01-02' to 'DA'"),
+            "internal error: ValueError: Unable to convert '…' to '…'",
+        ),
     ],
 )
 def test_pipeline_errors_end_in_a_failed_record(

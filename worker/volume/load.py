@@ -53,7 +53,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
-from core.dicom import ATTRIBUTE_VR, PIXEL_DATA, UNDEFINED_LENGTH, ElementWalker
+from core.dicom import ATTRIBUTE_VR, PIXEL_DATA, UNDEFINED_LENGTH, ElementWalker, blank_malformed
 from core.errors import (
     DuplicatePositionError,
     GantryTiltError,
@@ -878,6 +878,8 @@ def load_dicom_series(
     first = good[keep[0]].dataset
     if first is None:  # fast-parsed: read the Patient/Study attributes of one file
         first = pydicom.dcmread(heads[keep[0]].path, stop_before_pixels=True)
+    for keyword in blank_malformed(first):  # by name only: the value may be patient data
+        warnings.append(f"{keyword}: malformed value ignored (left empty in the results)")
     return CTVolume(
         hu=hu,
         z_mm=zs,
