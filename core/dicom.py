@@ -72,6 +72,7 @@ ATTRIBUTE_VR: dict[int, bytes] = {
     0x00080016: b"UI",  # SOP Class UID
     0x00080018: b"UI",  # SOP Instance UID
     0x00080060: b"CS",  # Modality
+    0x00080070: b"LO",  # Manufacturer
     0x0008103E: b"LO",  # Series Description
     0x00180050: b"DS",  # Slice Thickness
     0x00181120: b"DS",  # Gantry/Detector Tilt

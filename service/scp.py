@@ -50,6 +50,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from core import netpatch
 from core.config import Config
+from core.derived import is_own_output
 from core.errors import L3SpotError, NetPatchError
 from core.logs import log_event
 from service.audit import AuditLog, audit_log_path
@@ -376,7 +377,7 @@ class StoreHandler:
     def _count(self, event: evt.Event, key: str) -> None:
         counts = getattr(event.assoc, "l3spot_counts", None)
         if counts is not None:
-            counts[key] += 1
+            counts[key] = counts.get(key, 0) + 1
 
     def _series_count(self, series_dir: Path, series_uid: str) -> int:
         count = self._series_counts.get(series_uid)
@@ -432,6 +433,12 @@ class StoreHandler:
         if info.sop_class != context["affected_sop_class_uid"]:
             reason = "SOPClassUID differs from Affected SOP Class UID"
             return self._reject(event, raw, STATUS_SOP_CLASS_MISMATCH, reason, context)
+        if is_own_output(info.sop_class, info.manufacturer):
+            # l3spot's own SEG/SR/SC sent back by a PACS rule that forwards whole studies
+            # (a routing loop): acknowledged, not kept, no job row (core/derived.py)
+            self._count(event, "own_output_ignored")
+            log_event(log, "store_own_output_ignored", **context)
+            return STATUS_SUCCESS
 
         series_dir = self.spool.series_dir(study, series)
         with self._lock:

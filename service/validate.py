@@ -36,6 +36,7 @@ _READ = {
     0x00080018: "sop_instance",
     0x0020000D: "study",
     0x0020000E: "series",
+    0x00080070: "manufacturer",
     0x00280002: "samples",
     0x00280008: "frames",
     0x00280010: "rows",
@@ -53,6 +54,7 @@ class DatasetInfo:
     sop_instance: str = ""
     study: str = ""
     series: str = ""
+    manufacturer: str = ""
     samples: int | None = None
     frames: int | None = None
     rows: int | None = None

@@ -364,3 +364,38 @@ def test_scu_reactor_guard_keeps_the_c_store_response_for_its_caller(
     else:  # the response was stored by the node but eaten by the SCU's own reactor
         assert "Status" not in status and len(node.stored) == 1
         assert assoc.is_aborted
+
+
+def test_own_results_sent_back_are_acknowledged_and_dropped(
+    node: Node, phantom_series, tmp_path: Path
+) -> None:
+    """Issue 14, defect 9: a PACS rule forwarding whole studies sends l3spot's SEG, SR and SC
+    back to it; each became an "ineligible" job row. They are acknowledged (0x0000) and
+    dropped: nothing in the spool, no on_stored call (so no job row)."""
+    from worker import pipeline
+
+    series_dir, _ = phantom_series
+    out = tmp_path / "results"
+    pipeline.analyze_series(series_dir, out, Config())
+    results = [pydicom.dcmread(out / n) for n in ("seg.dcm", "sr.dcm", "sc.dcm")]
+    ae = AE(ae_title="PACS")
+    for ds in results:
+        ae.add_requested_context(ds.SOPClassUID, [ds.file_meta.TransferSyntaxUID])
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="L3SPOT")
+    assert assoc.is_established
+    statuses = [int(assoc.send_c_store(ds).Status) for ds in results]
+    assoc.release()
+    assert statuses == [0, 0, 0]
+    assert node.stored == []
+    assert not list(node.spool.root.rglob("*.dcm"))
+    # another maker's Secondary Capture in the same study is still kept (it is only refused
+    # later, as not a CT, with a job row an administrator can see)
+    other = results[2].copy()
+    other.Manufacturer = "OTHER"
+    other.SOPInstanceUID = generate_uid()
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(other.SOPClassUID, [other.file_meta.TransferSyntaxUID])
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="L3SPOT")
+    assert int(assoc.send_c_store(other).Status) == 0
+    assoc.release()
+    assert len(node.stored) == 1

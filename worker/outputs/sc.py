@@ -13,7 +13,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from core import ALGORITHM_NAME, __version__
-from worker.outputs.seg import MANUFACTURER, MANUFACTURER_MODEL_NAME
+from core.derived import MANUFACTURER, MANUFACTURER_MODEL_NAME
 from worker.outputs.uids import derived_uid
 
 #: Series Number of the Secondary Capture.

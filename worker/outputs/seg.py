@@ -20,14 +20,13 @@ from highdicom.seg import (
 from pydicom.dataset import Dataset
 
 from core import ALGORITHM_NAME, __version__
+from core.derived import MANUFACTURER, MANUFACTURER_MODEL_NAME
 from core.labels import COMPARTMENT_COLOURS
 from worker.outputs.codes import ALGORITHM_FAMILY, COMPARTMENT_CODES
 from worker.outputs.uids import derived_uid
 
 #: Series Number of the SEG (distinct from the SR and SC, above usual scanner numbers).
 SEG_SERIES_NUMBER = 9701
-MANUFACTURER = "l3spot"
-MANUFACTURER_MODEL_NAME = "l3spot body composition"
 
 
 def seg_series_description(version: str = __version__) -> str:

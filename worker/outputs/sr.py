@@ -53,11 +53,12 @@ from scipy import ndimage
 from skimage.measure import find_contours
 
 from core import ALGORITHM_NAME, __version__
+from core.derived import MANUFACTURER, MANUFACTURER_MODEL_NAME
 from worker.composition.measure import CompositionResult
 from worker.locator.locate import L3Location
 from worker.outputs import codes as c
 from worker.outputs.reference import image_label
-from worker.outputs.seg import MANUFACTURER, MANUFACTURER_MODEL_NAME, compartment_tracking_uid
+from worker.outputs.seg import compartment_tracking_uid
 from worker.outputs.uids import derived_uid, device_observer_uid
 
 #: Series Number of the SR.
