@@ -15,7 +15,7 @@ composition) run once; then, per repeat, in the same run:
 
 The first call of ``write_outputs`` in the process (imports, fonts, highdicom's code tables:
 what ``l3spot analyze`` pays) is printed apart. Prints medians of wall time and of the
-process's CPU time (steadier when other work shares the cores) in seconds and as multiples of
+main thread's CPU time (steadier when other work shares the cores) in seconds and as multiples of
 the reference; asserts nothing. Needs the shipped locator weights (``models/``) and the real
 data (``$L3SPOT_DATA`` or ``../shared/data``).
 
@@ -127,17 +127,17 @@ def main() -> None:
         qa: list[str] = list(composition.qa_flags) if composition is not None else []
         # warm-up: imports, fonts, first-touch memory
         (work / "warmup").mkdir()
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0 = time.perf_counter(), time.thread_time()
         write_outputs(volume, mip, location, composition, qa, work / "warmup")
-        first = (time.perf_counter() - t0, time.process_time() - c0)
+        first = (time.perf_counter() - t0, time.thread_time() - c0)
 
         rows: dict[str, list[tuple[float, float]]] = {}
 
         @contextmanager
         def timed(name: str) -> Iterator[None]:
-            t0, c0 = time.perf_counter(), time.process_time()
+            t0, c0 = time.perf_counter(), time.thread_time()
             yield
-            t1, c1 = time.perf_counter(), time.process_time()
+            t1, c1 = time.perf_counter(), time.thread_time()
             rows.setdefault(name, []).append((t1 - t0, c1 - c0))
 
         # what this version of write_outputs does for the reading and the PNG (main: a full
