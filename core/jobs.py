@@ -61,6 +61,12 @@ class JobState(StrEnum):
 #: States in which a series still has work to do (re-queued at node start-up).
 PENDING_STATES = (JobState.RECEIVED, JobState.QUEUED, JobState.ANALYSING, JobState.EXPORTING)
 
+#: States in which a series' (Study, Series) pair is settled: it was queued or analysed. A
+#: later instance with the same Series Instance UID under another study is a stray.
+OWNING_STATES = frozenset(
+    {JobState.QUEUED, JobState.ANALYSING, JobState.EXPORTING, JobState.DONE, JobState.FAILED}
+)
+
 
 class ExportState(StrEnum):
     """The state of one destination's delivery (the ``exports`` table)."""
@@ -243,7 +249,7 @@ class JobStore:
         study_uid: str,
         series_dir: Path,
         received_at: float | None = None,
-    ) -> None:
+    ) -> bool:
         """First instance of a series (or of a new burst after it was finished) arrived.
 
         Parameters
@@ -253,6 +259,13 @@ class JobStore:
         received_at : Unix time (s) of that first instance (default: now). The node writes
             this record from its watcher thread, shortly after the instance was stored.
 
+        Returns
+        -------
+        bool
+            False when the Series Instance UID already belongs to another study whose
+            series was queued or analysed (:data:`OWNING_STATES`): the record is left as it
+            is, and the instances under ``study_uid`` are strays (issue 14, defect 3).
+
         Raises
         ------
         sqlite3.OperationalError
@@ -260,7 +273,18 @@ class JobStore:
         """
         now = time.time() if received_at is None else received_at
         with self._write() as con:
-            row = con.execute("SELECT state FROM jobs WHERE series_uid=?", (series_uid,)).fetchone()
+            row = con.execute(
+                "SELECT state, study_uid FROM jobs WHERE series_uid=?", (series_uid,)
+            ).fetchone()
+            if (
+                row is not None
+                and row["study_uid"]
+                and row["study_uid"] != study_uid
+                and row["state"] in OWNING_STATES
+            ):
+                # the Series UID belongs to another study's analysed series: an instance under
+                # this study is a stray; the record is not touched (the watcher quarantines it)
+                return False
             if row is None:
                 con.execute(
                     "INSERT INTO jobs (series_uid, study_uid, series_dir, state, received_at,"
@@ -273,6 +297,11 @@ class JobStore:
                     " updated_at=? WHERE series_uid=?",
                     (JobState.RECEIVED, now, time.time(), series_uid),
                 )
+        return True
+
+    def set_study(self, series_uid: str, study_uid: str, series_dir: Path) -> None:
+        """The series' Study Instance UID and spool folder, once its identity is settled."""
+        self._update(series_uid, study_uid=study_uid, series_dir=str(series_dir))
 
     def mark_ineligible(self, series_uid: str, reason: str, n_instances: int) -> None:
         """The series is stored but will not be analysed, with the reason."""

@@ -32,6 +32,7 @@ from core.config import Config
 from core.jobs import JobRecord, JobState, JobStore
 from core.logs import log_event
 from core.queue import ANALYSIS_QUEUE, EXPORT_QUEUE, configure_app, send_analysis, send_export
+from service.audit import AuditLog, audit_log_path
 from service.scp import start_scp
 from service.spool import Spool
 from service.watcher import SeriesWatcher
@@ -174,7 +175,9 @@ class Node:
         self.spool = Spool(node.spool_dir, node.resolved_quarantine_dir(), fsync=node.fsync)
         self.jobs = JobStore(node.spool_dir)
         self.app = configure_app(config)
-        self.watcher = SeriesWatcher(node, self.jobs, self.enqueue_analysis)
+        self.watcher = SeriesWatcher(
+            node, self.jobs, self.enqueue_analysis, audit=AuditLog(audit_log_path(config))
+        )
         self.supervisor: WorkerSupervisor | None = None
         self.ae = None
         self.server = None

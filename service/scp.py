@@ -198,6 +198,7 @@ class StoreHandler:
         free_bytes: FreeBytes = disk_free_bytes,
     ) -> None:
         self.spool = spool
+        spool.build_sop_index()  # SOP Instance UIDs across series (issue 14, defect 3)
         self.on_stored = on_stored
         self.config = config or Config()
         self.audit = audit
@@ -446,6 +447,13 @@ class StoreHandler:
                 return self._refuse(
                     event, "same SOP Instance being stored by another association", context
                 )
+            owner = self.spool.sop_owner(sop)
+            if owner is not None and owner != (study, series):
+                reason = (
+                    f"SOP Instance UID already stored in series {owner[1]} of study "
+                    f"{owner[0]}; this copy came in series {series}"
+                )
+                return self._reject(event, raw, STATUS_DUPLICATE_SOP_INSTANCE, reason, context)
             existing = self.spool.existing_dataset(study, series, sop)
             if existing is not None:
                 if existing == raw:  # a re-send (e.g. after a lost response): idempotent

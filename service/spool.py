@@ -22,6 +22,8 @@ import contextlib
 import json
 import os
 import re
+import shutil
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -107,6 +109,39 @@ class Spool:
         self.root.mkdir(parents=True, exist_ok=True)
         self.quarantine_dir.mkdir(parents=True, exist_ok=True)
         self._known_dirs: set[Path] = set()
+        #: SOP Instance UID -> (Study, Series) of every instance in the spool, built on first
+        #: use (:meth:`sop_owner`) and kept up to date by :meth:`write_instance`
+        self._sop_index: dict[str, tuple[str, str]] | None = None
+        self._index_lock = threading.Lock()
+
+    def build_sop_index(self) -> int:
+        """Index every spooled instance by SOP Instance UID (once, at the SCP's start).
+
+        A walk of the spool folders (file names are SOP Instance UIDs); returns the count.
+        """
+        index: dict[str, tuple[str, str]] = {}
+        for ref in self.iter_series():
+            for f in instance_files(ref.path):
+                index[f.stem] = (ref.study_uid, ref.series_uid)
+        with self._index_lock:
+            self._sop_index = index
+        return len(index)
+
+    def sop_owner(self, sop_uid: str) -> tuple[str, str] | None:
+        """(Study, Series) Instance UIDs under which ``sop_uid`` is stored, or None.
+
+        An entry whose file is gone (a series moved to quarantine) is forgotten.
+        """
+        if self._sop_index is None:
+            self.build_sop_index()
+        with self._index_lock:
+            owner = self._sop_index.get(sop_uid) if self._sop_index is not None else None
+        if owner is not None and not self.instance_path(*owner, sop_uid).exists():
+            with self._index_lock:
+                if self._sop_index is not None:
+                    self._sop_index.pop(sop_uid, None)
+            return None
+        return owner
 
     def series_dir(self, study_uid: str, series_uid: str) -> Path:
         """Folder of a series.
@@ -184,6 +219,9 @@ class Spool:
             os.replace(tmp, final)
             if self.fsync:
                 _fsync_dir(folder)
+            with self._index_lock:
+                if self._sop_index is not None:
+                    self._sop_index[sop_uid] = (study_uid, series_uid)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -236,6 +274,42 @@ class Spool:
             for series in study.iterdir():
                 if series.is_dir() and is_valid_uid(series.name):
                     yield SeriesRef(study.name, series.name, series)
+
+    def series_folders(self, series_uid: str) -> list[SeriesRef]:
+        """Every spool folder holding ``series_uid``, one per Study Instance UID it came
+        under (more than one only when a sender reused a Series UID in another study)."""
+        if not self.root.is_dir() or not is_valid_uid(series_uid):
+            return []
+        refs = []
+        for study in self.root.iterdir():
+            folder = study / series_uid
+            if is_valid_uid(study.name) and folder.is_dir():
+                refs.append(SeriesRef(study.name, series_uid, folder))
+        return refs
+
+    def quarantine_folder(self, folder: Path, reason: str, context: dict[str, Any]) -> Path:
+        """Move a whole series folder into quarantine, with a JSON reason file beside it.
+
+        Nothing is lost: the instances keep their bytes and names under
+        ``<quarantine>/<time>-<id>.series/``; the reason file carries UIDs and counts only.
+        """
+        stem = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:12]
+        self.quarantine_dir.mkdir(parents=True, exist_ok=True)
+        target = self.quarantine_dir / f"{stem}.series"
+        n = len(instance_files(folder))
+        shutil.move(str(folder), str(target))  # a rename on the same file system
+        info = self.quarantine_dir / f"{stem}.reason.json"
+        payload = {"reason": reason, "quarantined_at": time.time(), "instances": n, **context}
+        tmp = info.with_name(TMP_PREFIX + info.name)
+        with open(tmp, "wb") as fh:
+            fh.write(json.dumps(payload, indent=1).encode())
+            fh.flush()
+            if self.fsync:
+                os.fsync(fh.fileno())
+        os.replace(tmp, info)
+        if self.fsync:
+            _fsync_dir(self.quarantine_dir)
+        return target
 
     def find_series(self, series_uid: str) -> SeriesRef | None:
         """The spool folder of a Series Instance UID, or ``None``."""

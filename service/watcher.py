@@ -23,14 +23,15 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.config import NodeConfig
-from core.jobs import JobState, JobStore
+from core.jobs import OWNING_STATES, JobState, JobStore
 from core.logs import log_event
+from service.audit import AuditLog
 from service.eligibility import check_series
-from service.spool import Spool
+from service.spool import SeriesRef, Spool, instance_files
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ class _Pending:
     series_dir: Path
     last_seen: float
     count: int = 0
+    #: every Study Instance UID the burst's instances came under (one, unless a sender
+    #: reused the Series UID in another study)
+    studies: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -64,6 +68,7 @@ class SeriesWatcher:
     jobs : the job records.
     enqueue : called once per complete eligible series (from the watcher thread).
     clock : monotonic clock in seconds (replaceable in tests).
+    audit : where a quarantined series is audited (None: logged only).
     """
 
     def __init__(
@@ -72,11 +77,14 @@ class SeriesWatcher:
         jobs: JobStore,
         enqueue: Enqueue,
         clock: Callable[[], float] = time.monotonic,
+        audit: AuditLog | None = None,
     ) -> None:
         self.node = node
         self.jobs = jobs
         self.enqueue = enqueue
         self.clock = clock
+        self.audit = audit
+        self.spool = Spool(node.spool_dir, node.resolved_quarantine_dir(), fsync=node.fsync)
         self._pending: dict[str, _Pending] = {}
         self._unrecorded: dict[str, _Received] = {}  # insertion order = arrival order
         self._lock = threading.Lock()
@@ -110,6 +118,7 @@ class SeriesWatcher:
                 )
             p.last_seen = now
             p.count += 1
+            p.studies.add(study_uid)
         if first:
             self._wake.set()
             log_event(
@@ -136,9 +145,17 @@ class SeriesWatcher:
                     return written
                 series_uid, rec = next(iter(self._unrecorded.items()))
             try:
-                self.jobs.mark_received(
+                settled = self.jobs.mark_received(
                     series_uid, rec.study_uid, rec.series_dir, received_at=rec.at
                 )
+                if not settled:
+                    log_event(
+                        log,
+                        "series_uid_reused",
+                        logging.WARNING,
+                        study_instance_uid=rec.study_uid,
+                        series_instance_uid=series_uid,
+                    )
             except sqlite3.Error as exc:
                 log_event(
                     log,
@@ -181,11 +198,78 @@ class SeriesWatcher:
             if self.on_stable is not None:
                 self.on_stable(uid)
             try:
-                self.complete(uid, p.study_uid, p.series_dir)
+                owner = self.settle_identity(uid, p)
+                if owner is not None:
+                    self.complete(uid, owner.study_uid, owner.path)
             except Exception as exc:  # keep the watcher alive; the record says what failed
                 log.exception("series_completion_failed")
                 self.jobs.mark_failed(uid, f"completion failed: {exc}")
         return [uid for uid, _ in done]
+
+    def settle_identity(self, series_uid: str, pending: _Pending) -> SeriesRef | None:
+        """One Series Instance UID, one study: quarantine the instances filed under another.
+
+        Jobs are keyed by Series Instance UID, the spool by Study and Series; a sender that
+        reuses a Series UID under another study (a stray slice, a mis-merged study) would
+        otherwise mix two series in one job or overwrite a finished job (issue 14, defect 3).
+        The owner is the study of a series already queued or analysed (its record's study:
+        a finished job is never changed by a stray), else the study with the most instances.
+        Every other folder of the Series UID goes to quarantine with its reason, is logged
+        and audited; nothing is deleted.
+
+        Returns
+        -------
+        The owner's folder to complete, or None when this burst brought nothing to the owner
+        (only strays arrived: the finished job stays as it was).
+        """
+        spool = self.spool
+        folders = spool.series_folders(series_uid)
+        record = self._record(series_uid)
+        if record is not None and record.study_uid and record.state in OWNING_STATES:
+            owner_study = record.study_uid
+        elif folders:
+            owner_study = max(
+                folders,
+                key=lambda f: (len(instance_files(f.path)), f.study_uid == pending.study_uid),
+            ).study_uid
+        else:  # the spool lies elsewhere (tests): the burst's own folder
+            owner_study = pending.study_uid
+        for ref in folders:
+            if ref.study_uid == owner_study:
+                continue
+            reason = (
+                f"Series Instance UID {series_uid} already belongs to study {owner_study}; "
+                f"these instances came under study {ref.study_uid}"
+            )
+            context = {"study_instance_uid": ref.study_uid, "series_instance_uid": series_uid}
+            target = spool.quarantine_folder(ref.path, reason, context)
+            log_event(
+                log,
+                "series_uid_reused_quarantined",
+                logging.WARNING,
+                owner_study_instance_uid=owner_study,
+                quarantine=str(target),
+                reason=reason,
+                **context,
+            )
+            if self.audit is not None:
+                self.audit.record(event="series_quarantined", outcome="quarantined", reason=reason)
+        owner = next((f for f in folders if f.study_uid == owner_study), None)
+        if owner is None and not folders and owner_study == pending.study_uid:
+            owner = SeriesRef(pending.study_uid, series_uid, pending.series_dir)
+        if owner is None or owner_study not in pending.studies:
+            return None  # only strays in this burst: the owner's job is left as it was
+        if record is not None and record.study_uid != owner_study:
+            self.jobs.set_study(series_uid, owner_study, owner.path)
+        return owner
+
+    def _record(self, series_uid: str):  # noqa: ANN202 (JobRecord | None)
+        from core.jobs import JobNotFoundError
+
+        try:
+            return self.jobs.get(series_uid)
+        except JobNotFoundError:
+            return None
 
     def complete(self, series_uid: str, study_uid: str, series_dir: Path) -> bool:
         """Apply the eligibility rules to a complete series and enqueue it if eligible.

@@ -399,3 +399,19 @@ def test_own_results_sent_back_are_acknowledged_and_dropped(
     assert int(assoc.send_c_store(other).Status) == 0
     assoc.release()
     assert len(node.stored) == 1
+
+
+def test_a_sop_instance_uid_stored_in_one_series_is_refused_in_another(node: Node) -> None:
+    """Issue 14, defect 3: the same SOP Instance UID re-sent in another series with other
+    pixels was acknowledged and kept twice. The second copy goes to quarantine (0x0111)."""
+    study, series, other = generate_uid(), generate_uid(), generate_uid()
+    first = make_ct(study, series, 0)
+    assert _send(node.port, [first]) == [0]
+    clash = make_ct(study, other, 1)
+    clash.SOPInstanceUID = first.SOPInstanceUID
+    assert _send(node.port, [clash]) == [0x0111]
+    assert not (node.spool.root / study / other).exists()
+    reasons = [p.read_text() for p in node.spool.quarantine_dir.glob("*.json")]
+    assert len(reasons) == 1 and f"already stored in series {series}" in reasons[0]
+    # an identical re-send into its own series stays idempotent
+    assert _send(node.port, [first]) == [0]

@@ -343,3 +343,99 @@ def test_background_calls_never_make_the_caller_wait_and_run_in_order() -> None:
     release.set()
     calls.join()
     assert done == [1, 2]
+
+
+# ------------------------------------------------- one Series UID, one study (issue 14, defect 3)
+
+
+def _spool_series(node: NodeConfig, study: str, series: str, n: int, start: int = 0) -> Path:
+    """``n`` slices of ``series`` filed under ``study`` in the spool, as the SCP lays them."""
+    from tests.support.node import make_ct
+
+    folder = node.spool_dir / study / series
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(start, start + n):
+        ds = make_ct(study, series, i)
+        ds.save_as(folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+    return folder
+
+
+def _quarantined(node: NodeConfig) -> list[dict]:
+    import json
+
+    return [json.loads(p.read_text()) for p in node.resolved_quarantine_dir().glob("*.json")]
+
+
+def test_a_stray_slice_filed_first_under_another_study_does_not_block_the_series(setup) -> None:  # type: ignore[no-untyped-def]
+    """Reproduction: one stray slice of series S under study X made the job "ineligible:
+    1 slice" and the real slices under study Y were never analysed."""
+    from pydicom.uid import generate_uid
+
+    watcher, clock, queued, node = setup
+    series, stray_study, study = generate_uid(), generate_uid(), generate_uid()
+    stray = _spool_series(node, stray_study, series, 1)
+    watcher.touch(stray_study, series, stray)
+    clock.t += 6
+    watcher.poll()
+    assert watcher.jobs.get(series).state == JobState.INELIGIBLE
+    real = _spool_series(node, study, series, 6, start=10)
+    for _ in range(6):
+        watcher.touch(study, series, real)
+    clock.t += 6
+    assert watcher.poll() == [series]
+    rec = watcher.jobs.get(series)
+    assert (rec.state, rec.study_uid, rec.n_instances) == (JobState.QUEUED, study, 6)
+    assert queued[-1][0] == real
+    assert not stray.exists()  # moved, with its reason, not deleted
+    (reason,) = _quarantined(node)
+    assert reason["instances"] == 1 and reason["study_instance_uid"] == stray_study
+    assert f"already belongs to study {study}" in reason["reason"]
+
+
+def test_a_stray_slice_in_the_same_burst_goes_to_quarantine(setup) -> None:  # type: ignore[no-untyped-def]
+    from pydicom.uid import generate_uid
+
+    watcher, clock, queued, node = setup
+    series, stray_study, study = generate_uid(), generate_uid(), generate_uid()
+    stray = _spool_series(node, stray_study, series, 1)
+    watcher.touch(stray_study, series, stray)  # the stray comes first
+    real = _spool_series(node, study, series, 5, start=10)
+    watcher.touch(study, series, real)
+    watcher.record_received()
+    clock.t += 6
+    watcher.poll()
+    rec = watcher.jobs.get(series)
+    assert (rec.state, rec.study_uid, rec.n_instances) == (JobState.QUEUED, study, 5)
+    assert not stray.exists() and len(_quarantined(node)) == 1
+
+
+def test_a_stray_instance_under_another_study_never_changes_a_finished_job(setup) -> None:  # type: ignore[no-untyped-def]
+    """Reproduction: one slice of a done series sent under another Study UID overwrote the
+    job's state."""
+    from pydicom.uid import generate_uid
+
+    watcher, clock, queued, node = setup
+    series, study, other = generate_uid(), generate_uid(), generate_uid()
+    real = _spool_series(node, study, series, 6)
+    watcher.touch(study, series, real)
+    clock.t += 6
+    watcher.poll()
+    token = watcher.jobs.get(series).token
+    watcher.jobs.start_analysis(series, token)
+    watcher.jobs.finish_analysis(series, None, exporting=False, token=token)
+    before = watcher.jobs.get(series)
+    assert before.state == JobState.DONE
+    stray = _spool_series(node, other, series, 1, start=50)
+    watcher.touch(other, series, stray)
+    watcher.record_received()
+    assert watcher.jobs.get(series).state == JobState.DONE  # not reset to received
+    clock.t += 6
+    watcher.poll()
+    after = watcher.jobs.get(series)
+    assert (after.state, after.study_uid, after.series_dir) == (
+        JobState.DONE,
+        study,
+        before.series_dir,
+    )
+    assert len(queued) == 1 and not stray.exists() and real.is_dir()
+    assert _quarantined(node)[0]["study_instance_uid"] == other
