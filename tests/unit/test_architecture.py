@@ -15,8 +15,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-
 from research.import_graph import FORBIDDEN, build
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -208,11 +206,7 @@ def test_no_cycle_even_through_function_level_imports() -> None:
     """A function-level import that points back up (``coarse`` importing ``fine`` inside a
     function while ``fine`` imports ``coarse``) is a cycle in the design even if Python
     tolerates it."""
-    cycles = _function_level_cycles()
-    locator = [c for c in cycles if all(m.startswith("worker.locator.") for m in c)]
-    if locator and locator == cycles:
-        pytest.xfail(f"worker/locator coarse<->fine is being rewritten (issue 13): {locator}")
-    assert cycles == []
+    assert _function_level_cycles() == []
 
 
 def test_the_cycle_finder_reports_a_cycle(tmp_path: Path) -> None:
