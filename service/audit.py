@@ -36,6 +36,7 @@ AUDIT_KEYS = (
     "rejection",
     "stored",
     "failed",
+    "own_output_ignored",
     "duration_s",
 )
 

@@ -223,13 +223,10 @@ class Node:
                 if rec.state == JobState.EXPORTING:
                     self.enqueue_export(rec.series_uid, rec.token)
                 else:
-                    series_dir = Path(rec.series_dir) if rec.series_dir else None
-                    if series_dir is None or not series_dir.is_dir():
-                        ref = self.spool.find_series(rec.series_uid)
-                        if ref is None:
-                            self.jobs.mark_failed(rec.series_uid, "series not in the spool")
-                            continue
-                        series_dir = ref.path
+                    series_dir = self.spool.series_path(rec.series_uid, rec.series_dir)
+                    if series_dir is None:
+                        self.jobs.mark_failed(rec.series_uid, "series not in the spool")
+                        continue
                     self.enqueue_analysis(series_dir, rec.series_uid, rec.token)
             except Exception as exc:  # broker down: try again after the stale delay
                 log_event(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from core.config import Config
@@ -71,13 +70,10 @@ def requeue_series(
         token = store.renew_token(series_uid)  # an older export chain still retrying stops
         send_export(celery, series_uid, token)
         return "export"
-    series_dir = Path(rec.series_dir) if rec.series_dir else None
-    if series_dir is None or not series_dir.is_dir():
-        spool = Spool(config.node.spool_dir, config.node.resolved_quarantine_dir())
-        ref = spool.find_series(series_uid)
-        if ref is None:
-            raise RetryError(series_uid, "not_in_spool")
-        series_dir = ref.path
+    spool = Spool(config.node.spool_dir, config.node.resolved_quarantine_dir())
+    series_dir = spool.series_path(series_uid, rec.series_dir)
+    if series_dir is None:
+        raise RetryError(series_uid, "not_in_spool")
     token = store.mark_queued(series_uid)
     send_analysis(celery, series_dir, token)
     return "analysis"

@@ -298,6 +298,8 @@ class Spool:
         target = self.quarantine_dir / f"{stem}.series"
         n = len(instance_files(folder))
         shutil.move(str(folder), str(target))  # a rename on the same file system
+        with contextlib.suppress(OSError):  # the study folder, when that was its only series
+            folder.parent.rmdir()
         info = self.quarantine_dir / f"{stem}.reason.json"
         payload = {"reason": reason, "quarantined_at": time.time(), "instances": n, **context}
         tmp = info.with_name(TMP_PREFIX + info.name)
@@ -310,6 +312,19 @@ class Spool:
         if self.fsync:
             _fsync_dir(self.quarantine_dir)
         return target
+
+    def series_path(self, series_uid: str, recorded: str | Path | None) -> Path | None:
+        """Where a job's series is: the folder its record names while that still exists,
+        else the spool's folder of the Series UID (the record predates a move), else None.
+
+        The one fallback the node's reconciliation and ``l3spot retry`` share.
+        """
+        if recorded:
+            folder = Path(recorded)
+            if folder.is_dir():
+                return folder
+        ref = self.find_series(series_uid)
+        return ref.path if ref is not None else None
 
     def find_series(self, series_uid: str) -> SeriesRef | None:
         """The spool folder of a Series Instance UID, or ``None``."""

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from core.config import Config
 from core.jobs import JobRecord, JobState, JobStore
-from core.layout import OVERVIEW_FILE, RESULT_JSON, SC_FILE
+from core.layout import OVERVIEW_FILE, RESULT_JSON, SC_FILE, series_results_dir
 from core.result import CSV_HEADER, AnalysisResult, result_csv_row
 from service.web.sources import SeriesInfo, SeriesSources, read_patient_identifiers
 
@@ -162,7 +162,7 @@ class JobViews:
         self.cache = ResultCache()
 
     def result_dir(self, series_uid: str) -> Path:
-        return self.results_dir / series_uid
+        return series_results_dir(self.results_dir, series_uid)
 
     def _row(self, rec: JobRecord, info: SeriesInfo | None, with_patient: bool) -> JobRow:
         series_dir = Path(rec.series_dir) if rec.series_dir else None

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -387,6 +388,16 @@ def test_own_results_sent_back_are_acknowledged_and_dropped(
     assoc.release()
     assert statuses == [0, 0, 0]
     assert node.stored == []
+    audit_path = node.spool.root.parent / "audit.log"
+
+    def counted() -> bool:  # the association's record is written when it is released
+        lines = audit_path.read_text().splitlines() if audit_path.exists() else []
+        return any(json.loads(line).get("own_output_ignored") == 3 for line in lines)
+
+    deadline = time.monotonic() + 10
+    while not counted() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert counted(), audit_path.read_text() if audit_path.exists() else "no audit log"
     assert not list(node.spool.root.rglob("*.dcm"))
     # another maker's Secondary Capture in the same study is still kept (it is only refused
     # later, as not a CT, with a job row an administrator can see)

@@ -386,7 +386,7 @@ def test_a_stray_slice_filed_first_under_another_study_does_not_block_the_series
     rec = watcher.jobs.get(series)
     assert (rec.state, rec.study_uid, rec.n_instances) == (JobState.QUEUED, study, 6)
     assert queued[-1][0] == real
-    assert not stray.exists()  # moved, with its reason, not deleted
+    assert not stray.exists() and not stray.parent.exists()  # moved with its reason, not deleted
     (reason,) = _quarantined(node)
     assert reason["instances"] == 1 and reason["study_instance_uid"] == stray_study
     assert f"already belongs to study {study}" in reason["reason"]
