@@ -139,6 +139,9 @@ class ExportConfig(_Section):
     backoff_initial_seconds: float = Field(5.0, ge=0)
     backoff_max_seconds: float = Field(300.0, ge=0)
     timeout_seconds: float = Field(30.0, gt=0)  # ACSE/DIMSE/network timeout of the SCU
+    # an eligible CT series whose analysis fails still gets an SR and an SC in its study that
+    # say "not measured" and why, so the reader can tell "failed" from "not run"
+    report_not_measured: bool = True
 
 
 #: Keys that were removed from the ``locator`` section, and why (an old file that still has

@@ -191,6 +191,18 @@ class JobRecord:
         return d
 
 
+def _reset_exports(con: Any, series_uid: str, destinations: list[str], now: float) -> None:
+    """Every destination's export row of a series back to ``pending`` (0 attempts)."""
+    for dest in destinations:
+        con.execute(
+            "INSERT INTO exports (series_uid, destination, state, updated_at)"
+            " VALUES (?,?,?,?) ON CONFLICT(series_uid, destination) DO UPDATE SET"
+            " state=excluded.state, attempts=0, last_status=NULL, last_error=NULL,"
+            " updated_at=excluded.updated_at",
+            (series_uid, dest, ExportState.PENDING, now),
+        )
+
+
 class JobStore:
     """SQLite job records at ``<spool_dir>/jobs.sqlite``.
 
@@ -488,14 +500,7 @@ class JobStore:
                 " WHERE series_uid=?",
                 (JobState.EXPORTING, now, series_uid),
             )
-            for dest in destinations:
-                con.execute(
-                    "INSERT INTO exports (series_uid, destination, state, updated_at)"
-                    " VALUES (?,?,?,?) ON CONFLICT(series_uid, destination) DO UPDATE SET"
-                    " state=excluded.state, attempts=0, last_status=NULL, last_error=NULL,"
-                    " updated_at=excluded.updated_at",
-                    (series_uid, dest, ExportState.PENDING, now),
-                )
+            _reset_exports(con, series_uid, destinations, now)
 
     def record_export_attempt(
         self,
@@ -526,6 +531,21 @@ class JobStore:
                 (series_uid, destination),
             ).fetchone()
         return int(row["attempts"])
+
+    def start_report_export(self, series_uid: str, destinations: list[str]) -> None:
+        """Deliver a failed series' "not measured" report: export rows reset to ``pending``,
+        the job stays ``failed`` with its reason (issue 14, defect 7)."""
+        now = time.time()
+        with self._write() as con:
+            con.execute(
+                "UPDATE jobs SET export_finished_at=NULL, updated_at=? WHERE series_uid=?",
+                (now, series_uid),
+            )
+            _reset_exports(con, series_uid, destinations, now)
+
+    def finish_report_export(self, series_uid: str) -> None:
+        """The "not measured" report reached every destination; the job stays ``failed``."""
+        self._update(series_uid, export_finished_at=time.time())
 
     def finish_export(self, series_uid: str) -> None:
         """Every destination has the results."""

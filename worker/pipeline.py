@@ -45,10 +45,10 @@ from worker.composition.measure import CompositionResult, measure_composition
 from worker.locator.locate import L3Location, load_stages, locate_l3
 from worker.mip import FrontalMips, FrontalProjection, Mip, frontal_projection
 from worker.outputs.reference import image_label
-from worker.outputs.render import render_overview, render_summary
+from worker.outputs.render import render_not_measured, render_overview, render_summary
 from worker.outputs.sc import build_sc
 from worker.outputs.seg import build_seg
-from worker.outputs.sr import build_sr
+from worker.outputs.sr import build_not_measured_sr, build_sr
 from worker.volume.load import CTVolume, PatientInfo, is_nifti, load_series
 
 logger = logging.getLogger(__name__)
@@ -420,3 +420,39 @@ def write_outputs(
     os.replace(tmp, out_dir / OVERVIEW_FILE)
     derived.files["overview"] = OVERVIEW_FILE
     return derived
+
+
+def write_not_measured(series_dir: Path, out_dir: Path, reason: str) -> bool:
+    """Write the "not measured" SR and SC of a series whose analysis failed (issue 14, 7).
+
+    Parameters
+    ----------
+    series_dir : the series folder (DICOM files); its first readable image gives Patient,
+        Study and the seed of the derived UIDs.
+    out_dir : where ``sr.dcm`` and ``sc.dcm`` go (created).
+    reason : why the series was not measured (PHI-free).
+
+    Returns
+    -------
+    bool
+        False when no image of the folder has readable Study, Series and SOP Instance UIDs
+        (nothing to attach a report to; nothing is written).
+    """
+    ref = None
+    for path in sorted(Path(series_dir).glob("*.dcm")):
+        try:
+            ds = read_source_header(path)
+        except Exception:  # noqa: BLE001 (an unreadable file: try the next one)
+            continue
+        if all(str(ds.get(k) or "") for k in ("StudyInstanceUID", "SeriesInstanceUID",
+                                              "SOPInstanceUID", "SOPClassUID")):
+            ref = ds
+            break
+    if ref is None:
+        return False
+    blank_malformed(ref)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _save(build_not_measured_sr(ref, reason), out_dir / SR_FILE)
+    picture = render_not_measured(reason, str(ref.get("SeriesDescription") or ""))
+    _save(build_sc(ref, picture), out_dir / SC_FILE)
+    return True

@@ -172,6 +172,7 @@ def run_analysis(
             series_instance_uid=series_uid,
             reason=exc.reason,
         )
+        report_not_measured(series_dir, series_uid, exc.reason, config, jobs, enqueue_export, token)
         return JobState.FAILED
     except Exception as exc:  # a bug or a corrupt input: record it, keep the worker alive
         shutil.rmtree(tmp, ignore_errors=True)
@@ -186,6 +187,7 @@ def run_analysis(
             reason=reason,
             traceback="".join(traceback.format_tb(exc.__traceback__)),
         )
+        report_not_measured(series_dir, series_uid, reason, config, jobs, enqueue_export, token)
         return JobState.FAILED
     _replace_dir(tmp, series_results_dir(results_root, series_uid))
     note = _note_from_result(result)
@@ -201,6 +203,51 @@ def run_analysis(
     jobs.start_export(series_uid, [d.label for d in destinations])
     enqueue_export(series_uid, token)
     return JobState.EXPORTING
+
+
+def report_not_measured(
+    series_dir: Path,
+    series_uid: str,
+    reason: str,
+    config: Config,
+    jobs: JobStore,
+    enqueue_export: Callable[[str, str | None], None],
+    token: str | None,
+) -> bool:
+    """Write (and queue for delivery) the "not measured" SR and SC of a failed series.
+
+    ``export.report_not_measured`` (on by default): the reader sees in the study that the
+    series was analysed and why it has no numbers (issue 14, defect 7). The job stays
+    ``failed`` with its reason; the export rows show the report's delivery. Returns True
+    when a report was written. A failure here is logged and never hides the analysis's.
+    """
+    if not config.export.report_not_measured:
+        return False
+    results_root = config.node.resolved_results_dir()
+    tmp = results_root / f".{series_uid}.report-{uuid.uuid4().hex[:8]}"
+    try:
+        from worker.pipeline import write_not_measured
+
+        if not write_not_measured(series_dir, tmp, reason):
+            shutil.rmtree(tmp, ignore_errors=True)
+            return False
+        _replace_dir(tmp, series_results_dir(results_root, series_uid))
+    except Exception as exc:  # noqa: BLE001 (the report is a courtesy; the failure stands)
+        shutil.rmtree(tmp, ignore_errors=True)
+        log_event(
+            log,
+            "not_measured_report_failed",
+            logging.WARNING,
+            series_instance_uid=series_uid,
+            error=phi_safe_message(exc),
+        )
+        return False
+    log_event(log, "not_measured_report_written", series_instance_uid=series_uid)
+    destinations = config.export.destinations
+    if destinations:
+        jobs.start_report_export(series_uid, [d.label for d in destinations])
+        enqueue_export(series_uid, token)
+    return True
 
 
 def run_export(
@@ -219,10 +266,13 @@ def run_export(
         says which destination answered which status.
     """
     rec = jobs.get(series_uid)
+    # a failed analysis's "not measured" report: its delivery never changes the job's state
+    report_only = rec.state == JobState.FAILED and rec.analysis_finished_at is None
     results = series_results_dir(config.node.resolved_results_dir(), series_uid)
     files = result_files(results)
     if not files:
-        jobs.mark_failed(series_uid, f"no result objects in {results}")
+        if not report_only:
+            jobs.mark_failed(series_uid, f"no result objects in {results}")
         return "failed", 0.0
     calling = config.export.calling_ae_title or config.node.ae_title
     previous = {e.destination: e for e in rec.exports}
@@ -251,8 +301,15 @@ def run_export(
     if retry_after:
         return "retry", min(retry_after)
     if failures:
-        jobs.mark_failed(series_uid, "; ".join(failures))
+        reason = "; ".join(failures)
+        jobs.mark_failed(
+            series_uid, f"{rec.reason}; report not delivered: {reason}" if report_only else reason
+        )
         return "failed", 0.0
+    if report_only:
+        jobs.finish_report_export(series_uid)
+        log_event(log, "not_measured_report_delivered", series_instance_uid=series_uid)
+        return "done", 0.0
     jobs.finish_export(series_uid)
     log_event(log, "export_done", series_instance_uid=series_uid, files=len(files))
     return "done", 0.0

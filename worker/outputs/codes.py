@@ -79,6 +79,8 @@ L3_SLICE_POSITION = CodedConcept("L3Z", L3SPOT_SCHEME, "L3 slice position along 
 L3_CONFIDENCE = CodedConcept("L3CONF", L3SPOT_SCHEME, "L3 localisation confidence")
 #: Is the L3 vertebra inside the scanned range? (value YES / NO)
 L3_IN_FIELD_OF_VIEW = CodedConcept("L3FOV", L3SPOT_SCHEME, "L3 vertebra in field of view")
+#: Was body composition at L3 measured? (value YES / NO; NO in a "not measured" report)
+L3_MEASURED = CodedConcept("L3MEAS", L3SPOT_SCHEME, "Body composition at L3 measured")
 #: Finding of the localisation group.
 L3_LOCALISATION = CodedConcept("L3LOC", L3SPOT_SCHEME, "L3 slice localisation")
 #: SMA / height^2 (cm2/m2), Prado et al. 2008.

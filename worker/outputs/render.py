@@ -346,3 +346,31 @@ def render_overview(summary: np.ndarray, mip: Mip, location: L3Location) -> np.n
     out.paste(top, (0, 0))
     out.paste(curves, (0, top.height))
     return np.asarray(out)
+
+
+def render_not_measured(reason: str, series_description: str = "") -> np.ndarray:
+    """The Secondary Capture picture of a series l3spot could not measure, and why.
+
+    Parameters
+    ----------
+    reason : why (PHI-free).
+    series_description : source series description (printed; never patient data).
+
+    Returns
+    -------
+    numpy.ndarray
+        (1024, 700, 3) uint8 RGB image: the verdict "Not measured" and the reason.
+    """
+    rows = [
+        ("L3 body composition", TEXT, 36, None),
+        ("Not measured", ACCENT, 32, None),
+        ("", TEXT, 12, None),
+        (reason, TEXT, 24, None),
+        ("", TEXT, 12, None),
+        ("No numbers were produced for this series.", TEXT, 22, None),
+    ]
+    footer = (
+        f"{ALGORITHM_NAME} {__version__}  automated measurement, verify before use\n"
+        f"{series_description[:60]}"
+    )
+    return np.asarray(_text_panel(rows, footer.rstrip()))

@@ -431,12 +431,45 @@ def build_sr(
     """
     if (composition is None) != (seg is None):
         raise ValueError("composition and seg must be given together")
-    series_uid = str(ct.SeriesInstanceUID)
     groups: list = [_localisation_group(ct, location, composition, qa_flags)]
     evidence: list[Dataset] = [ct]
     if composition is not None and seg is not None:
         groups.extend(_compartment_groups(ct, composition, seg))
         evidence.append(seg)
+    return _report(ct, groups, evidence)
+
+
+def build_not_measured_sr(ct: Dataset, reason: str) -> Comprehensive3DSR:
+    """The TID 1500 report of a CT series l3spot could not measure, and why (issue 14, 7).
+
+    The radiologist can tell "not run" from "failed": one TID 1501 group, Finding L3
+    localisation, ``99L3SPOT L3MEAS`` (body composition measured) = SCT No, and the reason as
+    the group's Tracking Identifier (a TEXT item, so the whole reason fits). Same
+    deterministic Series and SOP Instance UIDs as a measurement report of the series: it
+    replaces an earlier report in the PACS, and a later successful run replaces it.
+
+    Parameters
+    ----------
+    ct : a CT image of the series (pydicom dataset, pixel data not needed): Patient, Study
+        and the seed of the derived UIDs come from it.
+    reason : why the series was not measured (PHI-free: UIDs and rules, never values).
+    """
+    series_uid = str(ct.SeriesInstanceUID)
+    group = MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=derived_uid(series_uid, "tracking", "l3"), identifier=f"Not measured: {reason}"
+        ),
+        finding_type=c.L3_LOCALISATION,
+        algorithm_id=_algorithm_id(),
+        finding_sites=[FindingSite(c.L3_VERTEBRA)],
+        qualitative_evaluations=[QualitativeEvaluation(c.L3_MEASURED, c.NO)],
+    )
+    return _report(ct, [group], [ct])
+
+
+def _report(ct: Dataset, groups: list, evidence: list[Dataset]) -> Comprehensive3DSR:
+    """The Comprehensive 3D SR holding ``groups``, in l3spot's SR series of ``ct``'s study."""
+    series_uid = str(ct.SeriesInstanceUID)
     report = MeasurementReport(
         observation_context=_observation_context(),
         procedure_reported=[c.PROCEDURE_REPORTED, c.PROCEDURE_CT],
