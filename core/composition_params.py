@@ -125,6 +125,14 @@ class ClassicalParams(BaseModel):
         description="Circular median window (degrees) bridging "
         "gaps in the wall ring (linea alba; development, docs/composition.md).",
     )
+    wall_gap_max_mm: float = _f(
+        80.0,
+        "Widest gap (mm, between the wall points on either side) of the anterior muscle "
+        "ring bridged for the SAT/VAT split: rectus diastasis (inter-rectus distance normally "
+        "<= 15-22 mm, Beer et al. 2009; diastasis 20-60 mm and more) with a linea alba "
+        "thinner than wall_min_mm; 0 = off (dev round 10, issue #14 defect 8).",
+        ge=0,
+    )
     wall_final_median_rays: int = Field(
         5,
         description="Circular median (rays) smoothing the wall "

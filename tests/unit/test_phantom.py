@@ -180,6 +180,37 @@ def test_invalid_specs_raise_value_error():
         generate_phantom(0, _spec(pixel_spacing_mm=-1.0))
 
 
+def test_rectus_diastasis_opens_only_the_anterior_midline_of_the_muscle_wall():
+    """``rectus_gap_mm``: the recti apart in the midline, the gap visceral fat under a thin
+    linea alba (label 0, soft-tissue HU); nothing else of the phantom changes (no random
+    draw), and the default spec leaves every phantom as it was."""
+    spec = {"fov": "abdomen", "rows": 160, "cols": 160, "pixel_spacing_mm": 1.5}
+    base = generate_phantom(7, _spec(**spec))
+    gap = generate_phantom(7, _spec(**spec, rectus_gap_mm=50.0, linea_alba_mm=2.0))
+    assert gap.truth.variants["rectus_diastasis_mm"] == 50.0
+    assert "rectus_diastasis_mm" not in base.truth.variants
+    np.testing.assert_array_equal(gap.volume.z_mm, base.volume.z_mm)
+    k = int(base.truth.l3_mid_slice_index)
+    changed = gap.labels[k] != base.labels[k]
+    ys, xs = np.nonzero(changed)
+    assert changed.any()
+    # anterior half, within 25 mm (+ one pixel) of the trunk's midline, where the wall was
+    body = base.labels[k] > 0
+    cy, cx = (float(v) for v in ndimage.center_of_mass(body))
+    assert (ys < cy).all() and (np.abs(xs - cx) * 1.5 <= 25.0 + 1.5 + 15.0).all()
+    assert np.isin(base.labels[k][changed], (tl.SMA, tl.IMAT)).all()
+    new = gap.labels[k][changed]
+    assert set(np.unique(new)) <= {tl.VAT, 0} and (new == tl.VAT).mean() > 0.6
+    linea = changed & (gap.labels[k] == 0)
+    assert linea.any() and (np.abs(gap.volume.hu[k][linea]) < 150).mean() > 0.9
+    # outside the gap nothing changed; above L1 no gap
+    assert np.array_equal(gap.volume.hu[k][~changed], base.volume.hu[k][~changed])
+    top = int(np.argmin(np.abs(gap.volume.z_mm - gap.truth.vertebrae_z_mm["T11"][1])))
+    np.testing.assert_array_equal(gap.labels[top], base.labels[top])
+    with pytest.raises(ValueError, match="rectus_gap_mm"):
+        generate_phantom(0, _spec(rectus_gap_mm=-1.0))
+
+
 def test_written_dicom_series_loads_back_with_its_geometry(tmp_path: Path):
     ph = generate_phantom(12, _spec(fov="abdomen", rows=64, cols=80))
     series = write_phantom(ph, tmp_path, fmt="dicom")

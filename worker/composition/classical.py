@@ -120,14 +120,19 @@ def split_fat(state: SliceState) -> SliceState:
     """Step: bowel contents with fat HU leave ``state.fat``; ``vat`` inside the wall, ``sat``
     outside (:func:`worker.composition.bowel.bowel_contents`).
 
-    Reads ``hu``, ``fat``, ``inner``, ``imat``.
+    The SAT/VAT boundary is ``inner_closed`` (gaps of the anterior muscle ring closed,
+    :func:`~worker.composition.wall.wall_regions`; rectus diastasis, round 10) when set,
+    else ``inner``.
+
+    Reads ``hu``, ``fat``, ``inner``, ``inner_closed``, ``imat``.
     """
     inner, imat = state.inner, state.imat
+    boundary = state.inner_closed if state.inner_closed is not None else inner
     fat = state.fat
     fat = fat & ~bowel_contents(state.hu, fat & inner & ~imat, inner, state.px, state.params)
     state.fat = fat
-    state.vat = fat & inner & ~imat
-    state.sat = fat & ~inner
+    state.vat = fat & boundary & ~imat
+    state.sat = fat & ~boundary
     return state
 
 

@@ -158,7 +158,8 @@ def segment_classical(
     wall, vertebra, wall muscles, psoas, IMAT, bowel contents and the VAT/SAT split.
     """
     state = run_steps(hu, spacing_mm, config, rules)
-    return SliceSegmentation(label_map(state), state.body, list(state.flags), wall=state.inner)
+    wall = state.inner_closed if state.inner_closed is not None else state.inner
+    return SliceSegmentation(label_map(state), state.body, list(state.flags), wall=wall)
 
 
 # --------------------------------------------------------------------------------------

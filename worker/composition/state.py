@@ -46,7 +46,10 @@ class SliceState:
     config : HU ranges (``muscle_hu``, ``fat_hu``) and ``classical`` parameters.
     body : trunk mask (arms, table excluded); flags : "arms_in_slice", "body_truncated".
     fat, muscle : pixels in the Mitsiopoulos fat / muscle HU ranges inside the body.
-    inner : region inside the abdominal wall fascia (SAT/VAT boundary).
+    inner : region inside the abdominal wall fascia where the rays found it (the wall
+        muscles are searched from its line).
+    inner_closed : ``inner`` with gaps between the anterior wall muscles closed (rectus
+        diastasis): the SAT/VAT boundary.
     vertebra : vertebra mask (body, canal, arch front), or None when none is found.
     rays : the rays of the wall steps.
     sma : skeletal muscle found so far; imat, vat, sat : fat compartments.
@@ -60,6 +63,7 @@ class SliceState:
     fat: np.ndarray | None = None
     muscle: np.ndarray | None = None
     inner: np.ndarray | None = None
+    inner_closed: np.ndarray | None = None
     vertebra: np.ndarray | None = None
     rays: Rays | None = None
     sma: np.ndarray | None = None

@@ -40,7 +40,19 @@ def wall_region(
     params: ClassicalParams,
     ray_set: Rays | None = None,
 ) -> np.ndarray:
-    """Region inside the abdominal wall fascia: the SAT/VAT boundary.
+    """Region inside the abdominal wall muscles, the first mask of :func:`wall_regions`."""
+    return wall_regions(hu, body, spacing_mm, fat_hu, params, ray_set)[0]
+
+
+def wall_regions(
+    hu: np.ndarray,
+    body: np.ndarray,
+    spacing_mm: tuple[float, float],
+    fat_hu: tuple[float, float],
+    params: ClassicalParams,
+    ray_set: Rays | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Region inside the abdominal wall fascia, as the rays found it and closed across gaps.
 
     Rays are cast from the body centroid; along each ray, from the skin inward, the skin
     (``skin_mm``) is skipped and the wall is the first run of non-fat tissue at least
@@ -48,6 +60,11 @@ def wall_region(
     runs on into the viscera; such rays are outliers of the subcutaneous thickness along the
     circumference and are replaced by the circular median of their neighbours
     (``wall_median_deg``), so gaps, bowel gas and oral contrast cannot break the split.
+    A gap wider than about half that window (rectus diastasis) survives the median; the
+    second mask closes the anterior ring across it (:func:`bridged_depth`,
+    ``wall_gap_max_mm``). The wall-muscle steps search from the first mask's line, where
+    the rays found tissue; the SAT/VAT split uses the second, so the fat in and under the
+    gap is visceral (issue #14 defect 8, round 10 of docs/composition.md).
 
     Parameters
     ----------
@@ -60,8 +77,9 @@ def wall_region(
 
     Returns
     -------
-    (y, x) bool mask of everything inside the outer surface of the abdominal wall muscles
-    (muscles, viscera, spine included; SAT and skin excluded).
+    (inner, closed) : (y, x) bool masks of everything inside the outer surface of the
+        abdominal wall muscles (muscles, viscera, spine included; SAT and skin excluded);
+        ``closed`` (a superset of ``inner``) adds what lies under the anterior gaps' bridges.
     """
     from worker.composition.hu import in_hu_range
 
@@ -117,7 +135,7 @@ def wall_region(
     if valid.sum() < int(n_a * params.wall_min_valid_ray_fraction):
         # (almost) the whole skin is outside the field of view: rely on the cut-edge rays
         if not np.isfinite(found_trunc).any():
-            return body.copy()
+            return body.copy(), body.copy()
         sat_depth = np.where(truncated & np.isfinite(found_trunc), found_trunc, sat_depth)
         valid = np.isfinite(sat_depth)
         truncated[:] = False
@@ -134,6 +152,12 @@ def wall_region(
     med = circular_median(sat_depth, win)
     # a gap in the ring only ever makes the subcutaneous layer look thicker: lower envelope
     depth = np.where(sat_depth - med > tol, med, sat_depth)
+    # a gap wider than about half the median window (rectus diastasis) survives the
+    # envelope: closed across for the SAT/VAT split only
+    anterior = (np.sin(angles) < 0) & ~truncated
+    r_wall0 = r_skin - depth
+    depth_closed = bridged_depth(depth, r_wall0, anterior, angles, spacing_mm, params)
+    depth_closed = circular_median(depth_closed, params.wall_final_median_rays)
     depth = circular_median(depth, params.wall_final_median_rays)
     # At a cut edge the wall is the first dense run within twice the usual subcutaneous depth
     # (it varies around the trunk) from the edge; without one the wall lies outside the image
@@ -157,17 +181,116 @@ def wall_region(
             ok[i_far[gap & nxt]] = True
             sure[i_far[gap & nxt]] = True
             far[i_far[gap & nxt]] = False
-        depth = np.where(truncated, np.where(ok, np.nan_to_num(found_trunc), 0.0), depth)
-    r_wall = np.maximum(r_skin - depth, 0.0)
-    wy = cy + np.sin(angles) * r_wall
-    wx = cx + np.cos(angles) * r_wall
-    return polygon_mask(hu.shape, wy, wx) & body
+        cut = np.where(ok, np.nan_to_num(found_trunc), 0.0)
+        depth = np.where(truncated, cut, depth)
+        depth_closed = np.where(truncated, cut, depth_closed)
+
+    def region(d: np.ndarray) -> np.ndarray:
+        r_wall = np.maximum(r_skin - d, 0.0)
+        wy = cy + np.sin(angles) * r_wall
+        wx = cx + np.cos(angles) * r_wall
+        return polygon_mask(hu.shape, wy, wx) & body
+
+    inner = region(depth)
+    if not (depth_closed < depth).any():
+        return inner, inner.copy()
+    return inner, inner | region(np.minimum(depth_closed, depth))
+
+
+def bridged_depth(
+    depth: np.ndarray,
+    r_wall: np.ndarray,
+    allowed: np.ndarray,
+    angles: np.ndarray,
+    spacing_mm: tuple[float, float],
+    params: ClassicalParams,
+) -> np.ndarray:
+    """Subcutaneous depth per ray with gaps of the anterior muscle ring bridged.
+
+    Where the rectus abdominis muscles lie apart (rectus diastasis; a linea alba thinner
+    than ``wall_min_mm``, or not visible at 3 mm pixels) the rays between them run through
+    the fat of the gap into the viscera and find the wall at the bowel. A gap narrower than
+    about half of ``wall_median_deg`` is removed by the circular median's lower envelope; a
+    wider one (a centroid near a flat anterior wall makes a 30 mm gap 25 degrees wide) is
+    not, and the visceral fat in and under it became a wedge of SAT (issue #14 defect 8).
+
+    Here a gap is a run of rays entered by a step: the depth rises by more than
+    ``wall_min_mm`` (the thinnest wall: the rays passed where the muscle's full thickness
+    should have stopped them) within two rays of its left flank, stays that much deeper
+    than the flank, and returns by a step of the same size to a right flank whose wall
+    point lies at most ``wall_gap_max_mm`` from the left one. The run takes the depth
+    interpolated linearly (by angle) between the flanks: the subcutaneous layer continues
+    across the gap and the wall follows the skin's curve, as the linea alba does. A slow
+    change of the subcutaneous thickness has no such steps and is left as it is, as are
+    wider runs.
+
+    Parameters
+    ----------
+    depth : (n_rays,) subcutaneous depth per ray (pixels, skin to wall), rays ordered by
+        angle around the full circle.
+    r_wall : (n_rays,) wall radius (pixels from the ray origin, the trunk centroid).
+    allowed : (n_rays,) bool, rays that may be bridged or flank a bridge (in front of the
+        centroid, not cut by the image edge; the posterior midline groove between the
+        paraspinal muscles is a true concavity).
+    angles : (n_rays,) ray angles (rad); ray direction (dy, dx) = (sin, cos), pixels.
+    spacing_mm : (dy, dx) pixel spacing in mm.
+    params : ``wall_gap_max_mm`` (0 = off), ``wall_min_mm``.
+
+    Returns
+    -------
+    (n_rays,) float array, the depth (pixels), ``<= depth`` everywhere.
+    """
+    out = np.asarray(depth, dtype=np.float64).copy()
+    d = out.copy()
+    n = out.size
+    if params.wall_gap_max_mm <= 0 or not allowed.any() or allowed.all():
+        return out
+    thr = params.wall_min_mm / float(min(spacing_mm))
+    uy, ux = np.sin(angles), np.cos(angles)
+
+    def width_mm(i: int, j: int) -> float:
+        return float(
+            np.hypot(
+                (uy[j] * r_wall[j] - uy[i] * r_wall[i]) * spacing_mm[0],
+                (ux[j] * r_wall[j] - ux[i] * r_wall[i]) * spacing_mm[1],
+            )
+        )
+
+    # scan the allowed rays in circular order from a ray that is not allowed
+    start = int(np.flatnonzero(~allowed)[0])
+    order = (start + np.arange(n)) % n
+    k = 0
+    while k < n - 2:
+        lo = int(order[k])
+        steep = [m for m in (1, 2) if k + m < n and allowed[order[k + m]]]
+        if not allowed[lo] or not any(d[order[k + m]] - d[lo] > thr for m in steep):
+            k += 1
+            continue
+        # the run: rays deeper than the left flank by more than thr, up to the return
+        e = k + 1
+        while e < n and allowed[order[e]] and d[order[e]] > d[lo] + thr:
+            if width_mm(lo, int(order[e])) > params.wall_gap_max_mm:
+                break
+            e += 1
+        if e >= n or not allowed[order[e]] or width_mm(lo, int(order[e])) > params.wall_gap_max_mm:
+            k += 1
+            continue
+        hi = int(order[e])
+        # a steep exit too: the return is a step, not a slow thinning of the layer
+        if not any(d[order[e - m]] - d[hi] > thr for m in (1, 2) if e - m > k):
+            k += 1
+            continue
+        run = order[k + 1 : e]
+        f = np.arange(1, run.size + 1) / (run.size + 1.0)
+        out[run] = np.minimum(out[run], (1.0 - f) * d[lo] + f * d[hi])
+        k = e
+    return out
 
 
 def find_wall(state: SliceState) -> SliceState:
-    """Step: ``state.rays`` and ``state.inner`` (:func:`wall_region`)."""
+    """Step: ``state.rays``, ``state.inner`` and ``state.inner_closed`` (:func:`wall_regions`)."""
     state.rays = trunk_rays(state.body, state.params)
-    state.inner = wall_region(
+    state.inner, state.inner_closed = wall_regions(
         state.hu, state.body, state.spacing_mm, state.config.fat_hu, state.params, state.rays
     )
     return state

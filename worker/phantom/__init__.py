@@ -76,6 +76,16 @@ class PhantomSpec:
     table : patient table present. metal : hip prosthesis or spinal hardware.
     with_labels : render the (z, y, x) tissue labels (skip for speed when only the image
         is needed).
+    rectus_gap_mm : rectus diastasis: the two rectus abdominis muscles apart by this distance
+        (mm, between their medial borders) in the anterior midline from the top of L1 down;
+        0 = none (the muscle ring is closed). The gap holds fat continuous with the
+        visceral fat and is labelled VAT (it lies inside the abdominal wall line). Normal
+        linea alba width is up to 15-22 mm, diastasis above that (Beer et al. 2009;
+        20-60 mm in docs/composition.md round 10). Never drawn at random: the default keeps
+        every seed's phantom unchanged.
+    linea_alba_mm : thickness (mm) of the fibrous linea alba closing that gap at the level
+        of the muscles' outer surface (soft-tissue HU, drawn with the skin's class, label 0);
+        0 = none visible (a 1-2 mm band at 3 mm pixels).
     """
 
     fov: str | None = None
@@ -95,6 +105,8 @@ class PhantomSpec:
     table: bool | None = None
     metal: bool | None = None
     with_labels: bool = True
+    rectus_gap_mm: float = 0.0
+    linea_alba_mm: float = 0.0
 
 
 @dataclass
@@ -256,6 +268,12 @@ def _build(seed: int, spec: PhantomSpec | None):
         table=spec.table,
         metal=spec.metal,
     )
+    if spec.rectus_gap_mm < 0 or spec.linea_alba_mm < 0:
+        raise ValueError("rectus_gap_mm and linea_alba_mm must be >= 0")
+    if spec.rectus_gap_mm > 0:  # fixed by the spec, no random draw: other phantoms unchanged
+        anat.extra["rectus_gap_mm"] = float(spec.rectus_gap_mm)
+        anat.extra["linea_alba_mm"] = float(spec.linea_alba_mm)
+        anat.variants["rectus_diastasis_mm"] = float(spec.rectus_gap_mm)
     bottom, top = _fov_range(anat, fov, rng)
     px = float(spec.pixel_spacing_mm or rng.uniform(0.6, 1.0))
     if px <= 0 or spec.rows < 8 or spec.cols < 8:

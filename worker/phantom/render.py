@@ -157,6 +157,9 @@ def render(
     liver_left = float(anat.extra["liver_left_x"])
     bufs = BoneBuffers(np.zeros((rows, cols), np.float32), np.zeros((rows, cols), np.float32))
     kk = anat.scale
+    rectus_gap = float(anat.extra.get("rectus_gap_mm", 0.0))
+    linea_alba = float(anat.extra.get("linea_alba_mm", 0.0))
+    z_diastasis_top = anat.vertebra("L1").z1  # the gap from the top of L1 down
 
     for i, z in enumerate(zs):
         z = float(z)
@@ -179,6 +182,8 @@ def render(
             cmap[inner] = tc.MUSCLE
             cavity = _superellipse(xs, ys, 0.0, yc, sec["a_c"], sec["b_ca"], sec["b_cp"], 2.0)
             cmap[cavity] = tc.VAT
+            if rectus_gap > 0 and z <= z_diastasis_top:
+                _rectus_diastasis(cmap, inner & ~cavity, xs, ys, sec, rectus_gap, linea_alba)
             sx = anat.spine_x(z)
             sy = sec["spine_y"]
             hw = 48.0 * kk * float(anat.extra["mus"]) ** 0.5
@@ -252,6 +257,47 @@ def render(
             li[bufs.alpha > 0.5] = 0
             lab[i] = li
     return out, lab
+
+
+def _rectus_diastasis(
+    cmap: np.ndarray,
+    ring: np.ndarray,
+    xs: np.ndarray,
+    ys: np.ndarray,
+    sec: dict[str, float],
+    gap_mm: float,
+    linea_alba_mm: float,
+) -> None:
+    """Open the muscle ring in the anterior midline: rectus diastasis (in place on ``cmap``).
+
+    The ring's pixels within ``gap_mm / 2`` of the midline (x = 0) in front of the torso
+    centre become visceral fat (the fat between the recti is inside the abdominal wall line,
+    continuous with the preperitoneal and omental fat); the outer ``linea_alba_mm`` of them
+    (the stretched linea alba at the level of the recti's outer surface) become fibrous
+    tissue with the skin's class (soft-tissue HU, label 0).
+
+    Parameters
+    ----------
+    cmap : (rows, cols) uint8 class map, modified in place.
+    ring : (rows, cols) bool, the muscle wall (its outer surface minus the cavity).
+    xs, ys : (cols,), (rows,) body-frame coordinates of the pixel centres (mm).
+    sec : :func:`~worker.phantom.anatomy.torso_section` at this slice.
+    gap_mm, linea_alba_mm : distance between the recti and thickness of the linea alba (mm).
+    """
+    split = ring & (np.abs(xs) < 0.5 * gap_mm)[None, :] & (ys < sec["yc"])[:, None]
+    cmap[split] = tc.VAT
+    if linea_alba_mm > 0:
+        below = _superellipse(
+            xs,
+            ys,
+            0.0,
+            sec["yc"],
+            sec["a_i"] - linea_alba_mm,
+            sec["b_ia"] - linea_alba_mm,
+            sec["b_ip"] - linea_alba_mm,
+            2.2,
+        )
+        cmap[split & ~below] = tc.SKIN
 
 
 def _mediastinum_hw(anat: Anatomy, z: float) -> float:
