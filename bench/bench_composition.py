@@ -27,33 +27,21 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 from scipy import ndimage
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from core.config import CompositionConfig, data_dir, load_config  # noqa: E402
-from worker.composition.measure import measure_composition  # noqa: E402
-from worker.volume.load import CTVolume, load_series  # noqa: E402
+from real_geometry import PIXEL_MM, real_geometry_volume  # noqa: E402
 
-#: Geometry of the benchmark series: slices (1 mm), rows = columns, pixel size (mm).
-N_SLICES, SIZE, PIXEL_MM = 336, 512, 0.75
+from core.config import CompositionConfig, load_config  # noqa: E402
+from worker.composition.measure import measure_composition  # noqa: E402
+from worker.volume.load import CTVolume  # noqa: E402
 
 
 def real_geometry_series() -> CTVolume:
-    """The real case resampled to 336 x 512 x 512 (1 mm slices, 0.75 mm pixels), in memory."""
-    vol = load_series(data_dir() / "abdomen_ct_totalseg" / "ct.nii.gz")
-    dy, dx = vol.pixel_spacing_mm
-    zoom = (N_SLICES / vol.hu.shape[0], dy / PIXEL_MM, dx / PIXEL_MM)
-    hu = ndimage.zoom(vol.hu, zoom, order=1, mode="nearest", grid_mode=True).astype(np.float32)
-    rows, cols = min(hu.shape[1], SIZE), min(hu.shape[2], SIZE)
-    out = np.full((hu.shape[0], SIZE, SIZE), -1024.0, np.float32)
-    r0, c0 = (SIZE - rows) // 2, (SIZE - cols) // 2
-    out[:, r0 : r0 + rows, c0 : c0 + cols] = np.rint(hu[:, :rows, :cols])
-    step = vol.slice_spacing_mm * vol.hu.shape[0] / hu.shape[0]
-    z = vol.z_mm[0] + step * np.arange(hu.shape[0], dtype=np.float64)
-    return CTVolume(hu=out, z_mm=z, pixel_spacing_mm=(PIXEL_MM, PIXEL_MM), patient=vol.patient)
+    """The clinical-size real case in memory (``bench/real_geometry.py``)."""
+    return real_geometry_volume()
 
 
 def l3_index(volume: CTVolume) -> int:

@@ -34,12 +34,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import pydicom
 from PIL import Image
-from scipy import ndimage
+from real_geometry import N_SLICES, PIXEL_MM, SIZE, real_geometry_volume
 
-from core.config import data_dir, load_config
+from core.config import load_config
 from worker import pipeline
 from worker.composition.measure import measure_composition
 from worker.locator.locate import locate_l3
@@ -49,11 +48,8 @@ from worker.outputs.sc import build_sc
 from worker.outputs.seg import build_seg
 from worker.outputs.sr import build_sr
 from worker.pipeline import load_input, write_outputs
-from worker.volume.load import load_series
 from worker.volume.write import write_ct_series
 
-#: Geometry of the benchmark series: slices (1 mm), rows = columns, pixel size (mm).
-N_SLICES, SIZE, PIXEL_MM = 336, 512, 0.75
 UID_SEED = "l3spot-bench-outputs-real-geometry"
 #: The reference reads and writes this many source images around L3 (about the stage's size).
 N_REF = 25
@@ -68,27 +64,7 @@ def make_series(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for f in folder.glob("*.dcm"):
         f.unlink()
-    vol = load_series(data_dir() / "abdomen_ct_totalseg" / "ct.nii.gz")
-    dz = vol.slice_spacing_mm
-    dy, dx = vol.pixel_spacing_mm
-    zoom = (N_SLICES / vol.hu.shape[0], dy / PIXEL_MM, dx / PIXEL_MM)
-    hu = ndimage.zoom(vol.hu, zoom, order=1, mode="nearest", grid_mode=True).astype(np.float32)
-    rows, cols = min(hu.shape[1], SIZE), min(hu.shape[2], SIZE)
-    out = np.full((hu.shape[0], SIZE, SIZE), -1024.0, np.float32)
-    r0, c0 = (SIZE - rows) // 2, (SIZE - cols) // 2
-    out[:, r0 : r0 + rows, c0 : c0 + cols] = hu[:, :rows, :cols]
-    step = dz * vol.hu.shape[0] / hu.shape[0]
-    z = vol.z_mm[0] + step * np.arange(hu.shape[0], dtype=np.float64)
-    first = vol.image_position_first
-    res = type(vol)(
-        hu=out,
-        z_mm=z,
-        pixel_spacing_mm=(PIXEL_MM, PIXEL_MM),
-        image_orientation=vol.image_orientation,
-        image_position_first=(first[0] - c0 * PIXEL_MM, first[1] - r0 * PIXEL_MM, float(z[0])),
-        patient=vol.patient,
-        slice_thickness_mm=step,
-    )
+    res = real_geometry_volume()
     write_ct_series(res, folder, uid_seed=UID_SEED, series_description="BENCH REAL GEOMETRY")
     marker.touch()
     return folder
