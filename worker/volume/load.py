@@ -82,10 +82,11 @@ from core.series_rules import (
     slice_normal,
 )
 from worker.volume.hu import (
-    PADDING_BELOW_HU,
+    check_finite,
     check_hu_histogram,
     check_rescale,
-    replace_padding,
+    mark_padding,
+    padding_hu_range,
 )
 from worker.volume.orientation import (
     IDENTITY,
@@ -300,6 +301,24 @@ class SliceHeader:
     #: Byte offset of native little-endian 16-bit pixel data in the file, or None when the
     #: pixels must go through pydicom's decoders (compressed, big endian, other bit depths).
     pixel_offset: int | None = None
+    #: Pixel Padding Value (0028,0120) and Pixel Padding Range Limit (0028,0121) as read (US
+    #: or SS: a 16-bit pattern or a signed value); None when absent (worker.volume.hu).
+    pixel_padding_value: int | None = None
+    pixel_padding_range_limit: int | None = None
+
+    def padding_hu_range(self) -> tuple[float, float] | None:
+        """HU interval of this slice's stored padding values to mark as padding, or None
+        (:func:`worker.volume.hu.padding_hu_range`)."""
+        if self.rescale_slope is None or self.rescale_intercept is None:
+            return None
+        return padding_hu_range(
+            self.pixel_padding_value,
+            self.pixel_padding_range_limit,
+            signed=self.pixel_representation == 1,
+            bits_stored=self.bits_stored,
+            slope=self.rescale_slope,
+            intercept=self.rescale_intercept,
+        )
 
     @classmethod
     def from_dataset(
@@ -311,8 +330,12 @@ class SliceHeader:
         def us(tag: int) -> int | None:
             el = ds.get(tag)
             try:
-                return int(el.value) if el is not None and el.value is not None else None
-            except (TypeError, ValueError):
+                if el is None or el.value is None or el.value == b"":
+                    return None
+                if isinstance(el.value, bytes):  # "US or SS" left undecided: the bit pattern
+                    return int(_U16.unpack_from(el.value)[0])
+                return int(el.value)
+            except (TypeError, ValueError, struct.error):
                 return None
 
         return cls._build(
@@ -381,6 +404,8 @@ class SliceHeader:
             transfer_syntax_uid=transfer_syntax,
             has_pixel_data=has_pixel_data,
             pixel_offset=pixel_offset,
+            pixel_padding_value=us(0x00280120),
+            pixel_padding_range_limit=us(0x00280121),
         )
 
 
@@ -462,6 +487,10 @@ def _fast_header_or_malformed(path: Path) -> _Read:
                 if not implicit and vr != ATTRIBUTE_VR[tag]:
                     raise _FallbackError(f"unexpected VR {vr!r} for {tag:08X}")
                 values[tag] = walker.value(value, length)
+            elif tag in _PADDING_TAGS and length == 2:  # "US or SS" (PS3.6): the bit pattern
+                if not implicit and vr not in (b"US", b"SS"):
+                    raise _FallbackError(f"unexpected VR {vr!r} for {tag:08X}")
+                values[tag] = walker.value(value, length)
 
     charset = values.get(0x00080005, b"").decode("latin-1").strip(" \x00")
     if charset not in _SIMPLE_CHARSETS:
@@ -497,6 +526,9 @@ def _fast_header_or_malformed(path: Path) -> _Read:
     return _Read(path, header=header)
 
 
+#: Pixel Padding Value and Pixel Padding Range Limit: VR "US or SS", read beside
+#: core.dicom.ATTRIBUTE_VR by the loader only (worker.volume.hu).
+_PADDING_TAGS = frozenset({0x00280120, 0x00280121})
 _DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 _NATIVE_LE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}  # Implicit / Explicit VR LE
 _PIXEL_DATA_TAGS = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")  # little, big endian
@@ -839,14 +871,14 @@ def load_dicom_series(
     canon_shape = (cols, rows) if in_plane.transpose else (rows, cols)
     hu = np.empty((len(keep), *canon_shape), dtype=np.float32)
 
-    padded: list[int] = []
-
     def decode(k: int) -> None:
         h = heads[keep[k]]
         try:
-            _decode_into(h, in_plane.to_source(hu[k]))
-            if replace_padding(hu[k]):
-                padded.append(k)
+            view = in_plane.to_source(hu[k])
+            _decode_into(h, view)
+            padding = h.padding_hu_range()
+            if padding is not None:  # Pixel Padding Value that would read as tissue
+                mark_padding(view, padding)
         except Exception as exc:
             raise UnreadableFileError(
                 uid,
@@ -855,11 +887,6 @@ def load_dicom_series(
             ) from exc
 
     _parallel_map(decode, list(range(len(keep))), workers)
-    if padded:
-        warnings.append(
-            f"padding outside the scanned circle (<= {PADDING_BELOW_HU:g} HU) set to air in "
-            f"{len(padded)} of {len(keep)} slices"
-        )
     if check_hu:
         check_hu_histogram(uid, hu)
 
@@ -979,8 +1006,8 @@ def load_nifti(
     check_slice_count("", nz, min_slices, path.name)
     warnings: list[str] = []
     if check_hu:  # label maps and other non-CT NIfTI files are read with check_hu=False
-        if replace_padding(hu):
-            warnings.append(f"{path.name}: padding (<= {PADDING_BELOW_HU:g} HU) set to air")
+        if np.issubdtype(img.get_data_dtype(), np.floating):  # NaN/inf only in float files
+            check_finite("", hu, path.name)
         check_hu_histogram("", hu)
     return CTVolume(
         hu=hu,
