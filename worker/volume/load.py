@@ -68,6 +68,7 @@ from core.errors import (
     SliceGapError,
     TooFewSlicesError,
     UnreadableFileError,
+    phi_safe_message,
 )
 from core.series_rules import (
     ANALYSED_SOP_CLASSES,
@@ -550,7 +551,7 @@ def _read_header(path: Path) -> _Read:
     except _FallbackError:
         pass
     except OSError as exc:
-        return _Read(path, broken=f"{type(exc).__name__}: {exc}")
+        return _Read(path, broken=phi_safe_message(exc))
     try:
         with open(path, "rb") as fp:
             ds = pydicom.dcmread(fp, stop_before_pixels=True)
@@ -578,7 +579,7 @@ def _read_header(path: Path) -> _Read:
     except InvalidDicomError:
         return _Read(path, skipped="not a DICOM file (no DICM prefix)")
     except Exception as exc:  # a Part 10 file that cannot be parsed
-        return _Read(path, broken=f"{type(exc).__name__}: {exc}")
+        return _Read(path, broken=phi_safe_message(exc))
     header = SliceHeader.from_dataset(path, ds, has_pixel_data=has_pixels, pixel_offset=offset)
     return _Read(path, header=header, dataset=ds)
 
@@ -658,7 +659,8 @@ def _patient_info(ds: Dataset, warnings: list[str]) -> PatientInfo:
     if size is not None and size <= 0:
         size = None
     if size is not None and size > 3.0:  # centimetres written where metres are due
-        warnings.append(f"PatientSize {size:g} read as centimetres ({size / 100:g} m)")
+        # by name only: the height is patient data (the web page shows these warnings)
+        warnings.append("PatientSize above 3 read as centimetres (divided by 100)")
         size = size / 100.0
     weight = _float_or(ds.get("PatientWeight"), None)
     return PatientInfo(
@@ -883,7 +885,7 @@ def load_dicom_series(
             raise UnreadableFileError(
                 uid,
                 f"cannot decode the pixels of {h.path.name} (Transfer Syntax "
-                f"{h.transfer_syntax_uid}): {type(exc).__name__}: {exc}",
+                f"{h.transfer_syntax_uid}): {phi_safe_message(exc)}",
             ) from exc
 
     _parallel_map(decode, list(range(len(keep))), workers)
