@@ -26,7 +26,8 @@ measure it: a missing intercept on values stored as HU + 1024 made the real case
    nothing between the padding and air. HU + 1024 (an intercept lost) puts air at 0, fat at
    +924 and soft tissue at +1064: no fat, most tissue "bone", refused however much air the
    scan holds. A wrong slope puts lung and air below -1150 HU. The check is coarse by design:
-   a slope within about +-25 % of the truth passes; the rescale check is the first guard.
+   a slope off by up to about 20 % passes (0.8 does, 1.3 does not); the rescale check is the
+   first guard.
 """
 
 from __future__ import annotations
