@@ -16,6 +16,7 @@ The node answers such data sets with 0xC000; the loader leaves such files to pyd
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Callable, Generator
 from typing import Any
@@ -337,20 +338,38 @@ def malformed_elements(ds: Any) -> list[str]:
     ----------
     ds : a pydicom Dataset (pixel data not needed).
     """
-    from pydicom.config import RAISE
-    from pydicom.valuerep import validate_value
-
     bad: list[str] = []
     for elem in ds:
-        if elem.VR not in CHECKED_VRS or not elem.keyword or elem.value in (None, ""):
-            continue  # private elements are not copied into derived objects
-        values = elem.value if elem.VM > 1 else [elem.value]
         try:
+            if elem.VR not in CHECKED_VRS or not elem.keyword or elem.value in (None, ""):
+                continue  # private elements are not copied into derived objects
+            values = elem.value if elem.VM > 1 else [elem.value]
             for v in values:
-                validate_value(elem.VR, v if isinstance(v, str) else str(v), RAISE)
+                _check_value(elem.VR, v if isinstance(v, str) else str(v))
         except (ValueError, TypeError, OverflowError):
-            bad.append(elem.keyword)
+            bad.append(elem.keyword or _tag_text(int(elem.tag)))
     return bad
+
+
+def _check_value(vr: str, value: str) -> None:
+    """Raise ValueError when ``value`` breaks its VR: the pattern and length of PS3.5 6.2,
+    and for DA/TM/DT a real calendar date and time (19500230 matches the DA pattern but
+    highdicom's conversion refuses it), for DS a finite number."""
+    from pydicom.config import RAISE
+    from pydicom.valuerep import DA, DT, TM, validate_value
+
+    validate_value(vr, value, RAISE)
+    text = value.strip()
+    if not text:
+        return
+    if vr == "DA":
+        DA(text)  # ValueError for 30 February
+    elif vr == "TM":
+        TM(text)  # ValueError for 25 o'clock
+    elif vr == "DT":
+        DT(text)
+    elif vr == "DS" and not math.isfinite(float(text)):
+        raise ValueError("DS not a finite number")
 
 
 def blank_malformed(ds: Any) -> list[str]:

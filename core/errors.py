@@ -184,6 +184,8 @@ class AnalysisError(L3SpotError):
 
 
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+#: Unquoted dates (1950-01-02, 1950/1/2, 19500102) in a library message: redacted as well.
+_DATE_LIKE = re.compile(r"\b\d{4}[-./]\d{1,2}[-./]\d{1,2}\b|\b(?:18|19|20)\d{6}\b")
 
 
 def phi_safe_message(exc: BaseException) -> str:
@@ -191,6 +193,7 @@ def phi_safe_message(exc: BaseException) -> str:
 
     Library messages quote the offending value (pydicom: ``Unable to convert '1950-01-02' to
     'DA'``), which may be patient data; job records, logs and web pages get this form.
+    Unquoted date-like numbers are replaced too.
     """
-    text = _QUOTED.sub("'…'", str(exc))
+    text = _DATE_LIKE.sub("…", _QUOTED.sub("'…'", str(exc)))
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -119,7 +119,7 @@ def test_one_projection_serves_every_pixel_size_with_identical_mips() -> None:
 def test_real_abdomen_l3_rows_map_back_to_l3_slices(shared_data: Path) -> None:
     folder = shared_data / "abdomen_ct_totalseg"
     vol = load_series(folder / "ct.nii.gz")
-    seg = load_series(folder / "segmentation_total.nii.gz")
+    seg = load_series(folder / "segmentation_total.nii.gz", check_hu=False)  # a label map
     mip = frontal_mip(vol, pixel_mm=1.0)
     assert mip.image.shape == (334, 364)  # 333 mm x 363 mm
     l3 = np.nonzero((seg.hu == 29).any(axis=(1, 2)))[0]
@@ -134,6 +134,7 @@ def test_real_abdomen_l3_rows_map_back_to_l3_slices(shared_data: Path) -> None:
 def test_cli_mip_writes_a_png(tmp_path: Path) -> None:
     v = _vol(nz=30, ny=20, nx=40, dz=2.0, dx=0.8)
     v.hu[:, 6:16, 12:30] = 40.0  # a body of soft tissue (the loader refuses an all-air volume)
+    v.hu[:, 6:8, 12:30] = -100.0  # under a layer of fat (and one without fat)
     v.hu[24:27, 10, 3:8] = 1500.0  # bright, superior, patient right
     write_ct_series(v, tmp_path / "s", uid_seed="mip")
     out = tmp_path / "mip.png"

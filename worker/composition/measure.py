@@ -231,7 +231,8 @@ def skeletal_muscle_index(sma_cm2: float, patient: PatientInfo) -> tuple[float |
     if h is None or not np.isfinite(h) or h <= 0:
         return None, "PatientSize (0010,1020) missing: SMI needs the height"
     if not 0.5 <= h <= 2.6:
-        return None, f"PatientSize {h} m implausible (not metres?): SMI not computed"
+        # the value is patient data: the reason (shown on the web page) names the attribute
+        return None, "PatientSize (0010,1020) outside 0.5..2.6 m (not metres?): SMI not computed"
     return sma_cm2 / (h * h), None
 
 

@@ -68,6 +68,7 @@ from core.errors import (
     SliceGapError,
     TooFewSlicesError,
     UnreadableFileError,
+    phi_safe_message,
 )
 from core.series_rules import (
     ANALYSED_SOP_CLASSES,
@@ -82,10 +83,11 @@ from core.series_rules import (
     slice_normal,
 )
 from worker.volume.hu import (
-    PADDING_BELOW_HU,
+    check_finite,
     check_hu_histogram,
     check_rescale,
-    replace_padding,
+    mark_padding,
+    padding_hu_range,
 )
 from worker.volume.orientation import (
     IDENTITY,
@@ -300,6 +302,24 @@ class SliceHeader:
     #: Byte offset of native little-endian 16-bit pixel data in the file, or None when the
     #: pixels must go through pydicom's decoders (compressed, big endian, other bit depths).
     pixel_offset: int | None = None
+    #: Pixel Padding Value (0028,0120) and Pixel Padding Range Limit (0028,0121) as read (US
+    #: or SS: a 16-bit pattern or a signed value); None when absent (worker.volume.hu).
+    pixel_padding_value: int | None = None
+    pixel_padding_range_limit: int | None = None
+
+    def padding_hu_range(self) -> tuple[float, float] | None:
+        """HU interval of this slice's stored padding values to mark as padding, or None
+        (:func:`worker.volume.hu.padding_hu_range`)."""
+        if self.rescale_slope is None or self.rescale_intercept is None:
+            return None
+        return padding_hu_range(
+            self.pixel_padding_value,
+            self.pixel_padding_range_limit,
+            signed=self.pixel_representation == 1,
+            bits_stored=self.bits_stored,
+            slope=self.rescale_slope,
+            intercept=self.rescale_intercept,
+        )
 
     @classmethod
     def from_dataset(
@@ -311,8 +331,12 @@ class SliceHeader:
         def us(tag: int) -> int | None:
             el = ds.get(tag)
             try:
-                return int(el.value) if el is not None and el.value is not None else None
-            except (TypeError, ValueError):
+                if el is None or el.value is None or el.value == b"":
+                    return None
+                if isinstance(el.value, bytes):  # "US or SS" left undecided: the bit pattern
+                    return int(_U16.unpack_from(el.value)[0])
+                return int(el.value)
+            except (TypeError, ValueError, struct.error):
                 return None
 
         return cls._build(
@@ -381,6 +405,8 @@ class SliceHeader:
             transfer_syntax_uid=transfer_syntax,
             has_pixel_data=has_pixel_data,
             pixel_offset=pixel_offset,
+            pixel_padding_value=us(0x00280120),
+            pixel_padding_range_limit=us(0x00280121),
         )
 
 
@@ -462,6 +488,10 @@ def _fast_header_or_malformed(path: Path) -> _Read:
                 if not implicit and vr != ATTRIBUTE_VR[tag]:
                     raise _FallbackError(f"unexpected VR {vr!r} for {tag:08X}")
                 values[tag] = walker.value(value, length)
+            elif tag in _PADDING_TAGS and length == 2:  # "US or SS" (PS3.6): the bit pattern
+                if not implicit and vr not in (b"US", b"SS"):
+                    raise _FallbackError(f"unexpected VR {vr!r} for {tag:08X}")
+                values[tag] = walker.value(value, length)
 
     charset = values.get(0x00080005, b"").decode("latin-1").strip(" \x00")
     if charset not in _SIMPLE_CHARSETS:
@@ -497,6 +527,9 @@ def _fast_header_or_malformed(path: Path) -> _Read:
     return _Read(path, header=header)
 
 
+#: Pixel Padding Value and Pixel Padding Range Limit: VR "US or SS", read beside
+#: core.dicom.ATTRIBUTE_VR by the loader only (worker.volume.hu).
+_PADDING_TAGS = frozenset({0x00280120, 0x00280121})
 _DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 _NATIVE_LE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}  # Implicit / Explicit VR LE
 _PIXEL_DATA_TAGS = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")  # little, big endian
@@ -518,7 +551,7 @@ def _read_header(path: Path) -> _Read:
     except _FallbackError:
         pass
     except OSError as exc:
-        return _Read(path, broken=f"{type(exc).__name__}: {exc}")
+        return _Read(path, broken=phi_safe_message(exc))
     try:
         with open(path, "rb") as fp:
             ds = pydicom.dcmread(fp, stop_before_pixels=True)
@@ -546,7 +579,7 @@ def _read_header(path: Path) -> _Read:
     except InvalidDicomError:
         return _Read(path, skipped="not a DICOM file (no DICM prefix)")
     except Exception as exc:  # a Part 10 file that cannot be parsed
-        return _Read(path, broken=f"{type(exc).__name__}: {exc}")
+        return _Read(path, broken=phi_safe_message(exc))
     header = SliceHeader.from_dataset(path, ds, has_pixel_data=has_pixels, pixel_offset=offset)
     return _Read(path, header=header, dataset=ds)
 
@@ -626,7 +659,8 @@ def _patient_info(ds: Dataset, warnings: list[str]) -> PatientInfo:
     if size is not None and size <= 0:
         size = None
     if size is not None and size > 3.0:  # centimetres written where metres are due
-        warnings.append(f"PatientSize {size:g} read as centimetres ({size / 100:g} m)")
+        # by name only: the height is patient data (the web page shows these warnings)
+        warnings.append("PatientSize above 3 read as centimetres (divided by 100)")
         size = size / 100.0
     weight = _float_or(ds.get("PatientWeight"), None)
     return PatientInfo(
@@ -839,27 +873,22 @@ def load_dicom_series(
     canon_shape = (cols, rows) if in_plane.transpose else (rows, cols)
     hu = np.empty((len(keep), *canon_shape), dtype=np.float32)
 
-    padded: list[int] = []
-
     def decode(k: int) -> None:
         h = heads[keep[k]]
         try:
-            _decode_into(h, in_plane.to_source(hu[k]))
-            if replace_padding(hu[k]):
-                padded.append(k)
+            view = in_plane.to_source(hu[k])
+            _decode_into(h, view)
+            padding = h.padding_hu_range()
+            if padding is not None:  # Pixel Padding Value that would read as tissue
+                mark_padding(view, padding)
         except Exception as exc:
             raise UnreadableFileError(
                 uid,
                 f"cannot decode the pixels of {h.path.name} (Transfer Syntax "
-                f"{h.transfer_syntax_uid}): {type(exc).__name__}: {exc}",
+                f"{h.transfer_syntax_uid}): {phi_safe_message(exc)}",
             ) from exc
 
     _parallel_map(decode, list(range(len(keep))), workers)
-    if padded:
-        warnings.append(
-            f"padding outside the scanned circle (<= {PADDING_BELOW_HU:g} HU) set to air in "
-            f"{len(padded)} of {len(keep)} slices"
-        )
     if check_hu:
         check_hu_histogram(uid, hu)
 
@@ -979,8 +1008,8 @@ def load_nifti(
     check_slice_count("", nz, min_slices, path.name)
     warnings: list[str] = []
     if check_hu:  # label maps and other non-CT NIfTI files are read with check_hu=False
-        if replace_padding(hu):
-            warnings.append(f"{path.name}: padding (<= {PADDING_BELOW_HU:g} HU) set to air")
+        if np.issubdtype(img.get_data_dtype(), np.floating):  # NaN/inf only in float files
+            check_finite("", hu, path.name)
         check_hu_histogram("", hu)
     return CTVolume(
         hu=hu,
