@@ -302,21 +302,3 @@ def test_phantoms_used_in_tests_are_ct_in_hu(fov: str) -> None:
             fov=fov, rows=64, cols=64, pixel_spacing_mm=6.0, slice_thickness_mm=10.0
         )
         check_hu_histogram(f"phantom {seed}", generate_phantom(seed, spec).volume.hu)
-
-
-def test_the_histogram_check_is_fast() -> None:
-    """< 50 ms on a 336 x 512 x 512 volume (issue 14): best of 5, measured here ~ms."""
-    import time
-
-    from worker.volume.hu import check_hu_histogram
-
-    rng = np.random.default_rng(0)
-    hu = np.full((336, 512, 512), -1000.0, np.float32)
-    hu[:, 100:400, 80:430] = rng.normal(-40, 80, size=(300, 350)).astype(np.float32)
-    hu[:, _circle_outside((512, 512), 256.0)] = -3024.0
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        check_hu_histogram("bench", hu)
-        best = min(best, time.perf_counter() - t0)
-    assert best < 0.05, f"{1000 * best:.1f} ms"
