@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.config import NodeConfig
-from core.jobs import OWNING_STATES, JobState, JobStore
+from core.jobs import OWNING_STATES, JobNotFoundError, JobRecord, JobState, JobStore
 from core.logs import log_event
 from service.audit import AuditLog
 from service.eligibility import check_series
@@ -263,9 +263,7 @@ class SeriesWatcher:
             self.jobs.set_study(series_uid, owner_study, owner.path)
         return owner
 
-    def _record(self, series_uid: str):  # noqa: ANN202 (JobRecord | None)
-        from core.jobs import JobNotFoundError
-
+    def _record(self, series_uid: str) -> JobRecord | None:
         try:
             return self.jobs.get(series_uid)
         except JobNotFoundError:
