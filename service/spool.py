@@ -35,7 +35,9 @@ from core.errors import L3SpotError
 
 #: A DICOM UID (PS3.5 section 9.1): digits and dots, at most 64 characters. Checking this
 #: before a UID becomes a path also keeps ``..`` and ``/`` out of the spool.
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+#: PS3.5 section 9.1 UID syntax; used with ``fullmatch`` (``$`` would also match before a
+#: final newline, and a folder name ending in a newline would be created).
+_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
 PREAMBLE = b"\x00" * 128 + b"DICM"
 TMP_PREFIX = ".tmp-"
 
@@ -46,7 +48,7 @@ class SpoolWriteError(L3SpotError, OSError):
 
 def is_valid_uid(uid: str | None) -> bool:
     """True when ``uid`` is a syntactically valid DICOM UID (PS3.5 section 9.1)."""
-    return bool(uid) and len(uid) <= 64 and _UID_RE.match(uid) is not None  # type: ignore[arg-type]
+    return bool(uid) and len(uid) <= 64 and _UID_RE.fullmatch(uid) is not None  # type: ignore[arg-type]
 
 
 def _fsync_dir(path: Path) -> None:

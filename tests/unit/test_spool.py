@@ -80,7 +80,9 @@ def test_existing_dataset_returns_the_bytes_after_the_file_meta(spool: Spool) ->
     assert spool.existing_dataset(STUDY, SERIES, SOP) == b"DATASET!"
 
 
-@pytest.mark.parametrize("bad", ["", "../../etc", "1.2.a", "1..2", "1" * 65, "1.2/3"])
+@pytest.mark.parametrize(
+    "bad", ["", "../../etc", "1.2.a", "1..2", "1" * 65, "1.2/3", "1.2.3\n", "1.2.3\r\n", "\n1.2"]
+)
 def test_invalid_uids_never_become_paths(spool: Spool, bad: str) -> None:
     assert not is_valid_uid(bad)
     with pytest.raises(ValueError, match="invalid"):
