@@ -17,6 +17,9 @@ received, makes them durable (:mod:`service.spool`) and answers:
 ``0xA700``    Refused: Out of Resources: the disk refused the write, the free-disk floor
               ``node.min_free_disk_mb`` would be crossed, or the series already holds
               ``node.max_series_instances`` instances (not quarantined: the sender keeps it)
+``0x0122``    Refused: SOP Class not supported (PS3.7 C.4.2): the C-STORE came on a
+              presentation context whose abstract syntax is another SOP class (e.g. a CT
+              image on the Verification context, PS3.8 section 9.3.5); quarantined
 ``0xA900``    Error: Data Set does not match SOP Class (PS3.4 Table B.2-1): the data set's
               SOP Class UID is not the Affected SOP Class UID; quarantined
 ``0xC000``    Error: Cannot understand: malformed data set (truncated, bad lengths or
@@ -63,6 +66,7 @@ __all__ = [
     "STATUS_DUPLICATE_SOP_INSTANCE",
     "STATUS_OUT_OF_RESOURCES",
     "STATUS_SOP_CLASS_MISMATCH",
+    "STATUS_SOP_CLASS_NOT_SUPPORTED",
     "STATUS_CANNOT_UNDERSTAND",
     "StoreHandler",
     "UnreadableDatasetError",
@@ -78,6 +82,7 @@ STATUS_SUCCESS = 0x0000
 STATUS_DUPLICATE_SOP_INSTANCE = 0x0111
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_SOP_CLASS_MISMATCH = 0xA900
+STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 STATUS_CANNOT_UNDERSTAND = 0xC000
 
 #: ``on_stored(study_uid, series_uid, series_dir)`` after each durable write. It runs on the
@@ -413,6 +418,12 @@ class StoreHandler:
             "affected_sop_class_uid": str(req.AffectedSOPClassUID or ""),
             "affected_sop_instance_uid": str(req.AffectedSOPInstanceUID or ""),
         }
+        if str(event.context.abstract_syntax) != context["affected_sop_class_uid"]:
+            reason = (
+                f"C-STORE of {context['affected_sop_class_uid']} on the presentation context "
+                f"of {event.context.abstract_syntax}"
+            )
+            return self._reject(event, raw, STATUS_SOP_CLASS_NOT_SUPPORTED, reason, context)
         try:
             info = inspect_dataset(raw, ts)
         except MalformedDatasetError as exc:

@@ -58,7 +58,7 @@ SYNTAXES = [
     JPEGBaseline8Bit,
 ]
 LONG_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
-FAILURES = {0xC000, 0xA900, 0x0111}
+FAILURES = {0xC000, 0xA900, 0x0111, 0x0122}
 
 Element = tuple[int, str, bytes]
 
@@ -528,6 +528,47 @@ def test_interleaved_series_in_one_association_land_in_their_own_folders(
     for series, sops in sent.items():
         names = {p.stem for p in (harness.spool.root / study / series).glob("*.dcm")}
         assert names == set(sops)
+
+
+def test_a_ct_image_sent_on_the_verification_context_is_refused_and_quarantined(
+    harness: Harness,
+) -> None:
+    """Issue 16: a C-STORE on the Verification presentation context was stored.
+
+    PS3.8 section 9.3.5: the presentation context names the abstract syntax of what it
+    carries; a CT data set on the Verification context is refused with 0x0122 (SOP Class
+    not supported) and kept in quarantine.
+    """
+    from io import BytesIO
+
+    from pynetdicom.dimse_primitives import C_STORE
+
+    from core.netpatch import guard_scu_reactor
+
+    scu = AE(ae_title="WRONGCTX")
+    scu.add_requested_context(Verification)
+    assoc = scu.associate("127.0.0.1", harness.port, ae_title="L3SPOT")
+    assert assoc.is_established
+    guard_scu_reactor(assoc)
+    study, series, sop = generate_uid(), generate_uid(), generate_uid()
+    raw = encode(ct_elements(study, series, sop), ImplicitVRLittleEndian)
+    req = C_STORE()
+    req.MessageID = 1
+    req.AffectedSOPClassUID = CTImageStorage
+    req.AffectedSOPInstanceUID = sop
+    req.Priority = 2
+    req.DataSet = BytesIO(raw)
+    (context,) = assoc.accepted_contexts
+    try:
+        assoc.dimse.send_msg(req, context.context_id)
+        _, rsp = assoc.dimse.get_msg(block=True)
+        assert rsp is not None, "no C-STORE response"
+        status = int(rsp.Status)
+    finally:
+        assoc.release()
+    assert status == 0x0122
+    assert not (harness.spool.root / study).exists()
+    harness.check_outcome(raw, status, ImplicitVRLittleEndian)
 
 
 def test_same_sop_instance_twice_keeps_the_first_and_quarantines_a_different_second(
