@@ -30,5 +30,3 @@ def load_for_cli(config: Path | None) -> Config:
         raise typer.Exit(2) from exc
     setup_logging(cfg.logging.level, cfg.logging.json_logs)
     return cfg
-
-

@@ -51,6 +51,12 @@ class NodeConfig(_Section):
     min_slices: int = Field(20, ge=1)
     series_description_regex: str | None = None
     max_associations: int = Field(10, ge=1)
+    # connections whose A-ASSOCIATE-RQ has not arrived yet are not associations
+    # (service/gate.py): their own caps, and the ARTIM time (PS3.8 9.1.5) within which the
+    # TLS handshake and the whole request must arrive
+    max_pending_connections: int = Field(64, ge=1)
+    max_pending_per_address: int = Field(8, ge=1)
+    artim_timeout_seconds: float = Field(10.0, gt=0)
     max_pdu_bytes: int = Field(65536, ge=0)  # 0 = unlimited (pynetdicom)
     min_free_disk_mb: int = Field(1024, ge=0)
     max_series_instances: int = Field(5000, ge=1)

@@ -22,6 +22,10 @@ The patches (PS3.8 is the protocol; the internals are pynetdicom 3.0.4's):
 :func:`quiet_pdu_logging`      unbinds ``pynetdicom._handlers.standard_*`` (DEBUG formatting)
 :func:`set_dul_idle_sleep`     ``DULServiceProvider._run_loop_delay``
 :func:`guard_scu_reactor`      ``DIMSEServiceProvider.get_msg`` on requestor associations
+:func:`replay_received`        ``AssociationSocket.ready`` (class) and ``.recv``: the
+                               A-ASSOCIATE-RQ read by :mod:`service.gate` is read again
+:func:`register_server`        ``ApplicationEntity._servers``: a server made with
+                               ``make_server`` is stopped by ``ae.shutdown()``
 =============================  ============================================================
 """
 
@@ -55,6 +59,8 @@ __all__ = [
     "guard_state_machine",
     "install_reactor_clock",
     "quiet_pdu_logging",
+    "register_server",
+    "replay_received",
     "set_dul_idle_sleep",
     "share_server_contexts",
     "verify_pynetdicom",
@@ -115,6 +121,9 @@ def verify_pynetdicom() -> str:
     _require(AssociationSocket, "recv", "send", where="AssociationSocket")
     _require(StateMachine, "do_action", where="StateMachine")
     _require(DIMSEServiceProvider, "get_msg", where="DIMSEServiceProvider")
+    _require(AssociationSocket, "ready", where="AssociationSocket")
+    if not isinstance(AssociationSocket.__dict__.get("ready"), property):
+        raise NetPatchError("pynetdicom AssociationSocket.ready is no longer a property")
     version = str(pynetdicom.__version__)
     if version != PYNETDICOM_VERSION:
         log_event(
@@ -412,3 +421,68 @@ def guard_scu_reactor(assoc: Any) -> None:
         return get_msg(block=True)
 
     assoc.dimse.get_msg = get_msg_for_callers_only
+
+
+class _ReplayAwareReady(property):
+    """``AssociationSocket.ready`` that is also True while replayed bytes remain."""
+
+
+def _replay_aware_ready(original: property) -> property:
+    def ready(self: Any) -> bool:
+        if getattr(self, "l3spot_replay", None):
+            return True
+        return bool(original.fget(self))  # type: ignore[misc]
+
+    return _ReplayAwareReady(ready)
+
+
+def replay_received(sock: Any, data: bytes) -> None:
+    """Make an acceptor's ``AssociationSocket`` read ``data`` first, then the network.
+
+    :mod:`service.gate` reads the A-ASSOCIATE-RQ itself (under the ARTIM deadline) before
+    pynetdicom sees the connection; pynetdicom's DUL then reads the same bytes from here.
+    ``AssociationSocket.ready`` (a property, patched once on the class) answers True while
+    replayed bytes remain; the instance's ``recv`` serves them before the socket's.
+
+    Raises
+    ------
+    NetPatchError
+        ``AssociationSocket`` has no ``ready`` property or the socket no ``recv``.
+    """
+    from pynetdicom.transport import AssociationSocket
+
+    _require(sock, "recv", where="AssociationSocket")
+    current = AssociationSocket.__dict__.get("ready")
+    if not isinstance(current, property):
+        raise NetPatchError("pynetdicom AssociationSocket.ready is no longer a property")
+    if not isinstance(current, _ReplayAwareReady):
+        AssociationSocket.ready = _replay_aware_ready(current)  # type: ignore[method-assign]
+    buffer = bytearray(data)
+    sock.l3spot_replay = buffer
+    recv = sock.recv
+
+    def recv_replayed_first(nr_bytes: int) -> bytearray:
+        if not buffer:
+            return recv(nr_bytes)  # type: ignore[no-any-return]
+        out = bytearray(buffer[:nr_bytes])
+        del buffer[:nr_bytes]
+        if len(out) < nr_bytes:
+            out += recv(nr_bytes - len(out))
+        return out
+
+    sock.recv = recv_replayed_first
+
+
+def register_server(ae: Any, server: Any) -> None:
+    """Add a server made with ``ae.make_server`` to those ``ae.shutdown()`` stops.
+
+    ``AE.start_server`` always builds pynetdicom's own server class; the SCP builds a
+    :class:`service.gate.GatedAssociationServer` with ``make_server`` and serves it itself.
+
+    Raises
+    ------
+    NetPatchError
+        The AE keeps no ``_servers`` list.
+    """
+    _require(ae, "_servers", where="ApplicationEntity")
+    ae._servers.append(server)

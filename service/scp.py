@@ -49,7 +49,6 @@ from pynetdicom import (
     evt,
 )
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
 
 from core import netpatch
 from core.config import Config
@@ -57,6 +56,7 @@ from core.derived import is_own_output
 from core.errors import L3SpotError, NetPatchError
 from core.logs import log_event
 from service.audit import AuditLog, audit_log_path
+from service.gate import ConnectionGate, GatedAssociationServer, gate_recorder
 from service.security import FreeBytes, PeerPolicy, disk_free_bytes, make_ssl_context
 from service.spool import Spool, SpoolWriteError, is_valid_uid
 from service.validate import MalformedDatasetError, inspect_dataset
@@ -281,12 +281,18 @@ class StoreHandler:
         """Access control and limits on an A-ASSOCIATE-RQ (:class:`PeerPolicy`)."""
         assoc = event.assoc
         peer = self._peer(assoc)
-        active = sum(1 for a in assoc.ae.active_associations if a.is_acceptor)
-        rejection = self.policy.check(
-            peer["calling_ae_title"], peer["called_ae_title"], peer["address"], active
-        )
-        if rejection is None:
-            return
+        with self._lock:  # count and admit together: two requests cannot both take the last
+            active = 1 + sum(  # this request included, as PeerPolicy.check expects
+                1
+                for a in assoc.ae.active_associations
+                if a.is_acceptor and getattr(a, "l3spot_admitted", False) and a is not assoc
+            )
+            rejection = self.policy.check(
+                peer["calling_ae_title"], peer["called_ae_title"], peer["address"], active
+            )
+            if rejection is None:
+                assoc.l3spot_admitted = True  # type: ignore[attr-defined]
+                return
         assoc.l3spot_rejected = True  # type: ignore[attr-defined]
         log_event(
             log,
@@ -537,7 +543,9 @@ def build_ae(config: Config) -> AE:
     """
     node = config.node
     ae = AE(ae_title=node.ae_title)
-    ae.maximum_associations = node.max_associations
+    # pynetdicom counts every connection from its accept; the SCP's own limit counts only
+    # associations (PeerPolicy), connections before their request have the gate's caps
+    ae.maximum_associations = node.max_associations + node.max_pending_connections
     ae.maximum_pdu_size = node.max_pdu_bytes
     ae.acse_timeout = node.acse_timeout_seconds
     ae.dimse_timeout = node.dimse_timeout_seconds
@@ -557,7 +565,7 @@ def start_scp(
     *,
     free_bytes: FreeBytes = disk_free_bytes,
     audit: AuditLog | None = None,
-) -> tuple[AE, ThreadedAssociationServer]:
+) -> tuple[AE, GatedAssociationServer]:
     """Start listening on ``node.host:node.port`` in background threads.
 
     Parameters
@@ -585,12 +593,22 @@ def start_scp(
     ae = build_ae(config)
     audit = audit if audit is not None else AuditLog(audit_log_path(config))
     handler = StoreHandler(spool, on_stored, config, audit, free_bytes)
-    server = ae.start_server(
-        (config.node.host, config.node.port),
-        block=False,
+    node = config.node
+    server = ae.make_server(
+        (node.host, node.port),
         evt_handlers=handler.handlers(),
         ssl_context=make_ssl_context(config),
+        server_class=GatedAssociationServer,
     )
+    server.gate = ConnectionGate(
+        node.max_pending_connections,
+        node.max_pending_per_address,
+        node.artim_timeout_seconds,
+        MAX_ASSOCIATE_RQ_BYTES,
+        gate_recorder(audit, log),
+    )
+    threading.Thread(target=server.serve_forever, name="l3spot-scp-accept", daemon=True).start()
+    netpatch.register_server(ae, server)
     netpatch.share_server_contexts(server)
     server.store_handler = handler  # type: ignore[attr-defined]  # for Node (forget_series)
     log_event(

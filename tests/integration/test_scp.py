@@ -145,7 +145,9 @@ def test_sop_class_mismatch_answers_a900(tmp_path: Path) -> None:
             AffectedSOPClassUID=CTImageStorage,
             AffectedSOPInstanceUID=ds.SOPInstanceUID,
         ),
-        context=SimpleNamespace(transfer_syntax=ExplicitVRLittleEndian),
+        context=SimpleNamespace(
+            transfer_syntax=ExplicitVRLittleEndian, abstract_syntax=CTImageStorage
+        ),
         assoc=SimpleNamespace(requestor=SimpleNamespace(ae_title="SCANNER", address="127.0.0.1")),
     )
     spool = Spool(tmp_path / "spool", tmp_path / "quarantine")

@@ -79,4 +79,3 @@ def test_fat_between_separated_recti_is_visceral_not_subcutaneous(
     wrong = ((truth == lab.VAT) & (seg.labels == lab.SAT) & ~line).sum() * pix_cm2
     wrong0 = ((truth0 == lab.VAT) & (seg0.labels == lab.SAT) & ~line0).sum() * pix_cm2
     assert wrong <= wrong0 + 1.0, (wrong, wrong0)
-

@@ -298,7 +298,5 @@ def test_phantoms_used_in_tests_are_ct_in_hu(fov: str) -> None:
     from worker.volume.hu import check_hu_histogram
 
     for seed in PHANTOM_SEEDS_IN_TESTS:
-        spec = PhantomSpec(
-            fov=fov, rows=64, cols=64, pixel_spacing_mm=6.0, slice_thickness_mm=10.0
-        )
+        spec = PhantomSpec(fov=fov, rows=64, cols=64, pixel_spacing_mm=6.0, slice_thickness_mm=10.0)
         check_hu_histogram(f"phantom {seed}", generate_phantom(seed, spec).volume.hu)
