@@ -24,6 +24,8 @@ The patches (PS3.8 is the protocol; the internals are pynetdicom 3.0.4's):
 :func:`guard_scu_reactor`      ``DIMSEServiceProvider.get_msg`` on requestor associations
 :func:`replay_received`        ``AssociationSocket.ready`` (class) and ``.recv``: the
                                A-ASSOCIATE-RQ read by :mod:`service.gate` is read again
+:func:`bound_received_datasets` ``DIMSEServiceProvider.receive_primitive``: a new
+                               message collects its data set in a buffer l3spot supplies
 :func:`register_server`        ``ApplicationEntity._servers``: a server made with
                                ``make_server`` is stopped by ``ae.shutdown()``
 =============================  ============================================================
@@ -59,6 +61,7 @@ __all__ = [
     "guard_state_machine",
     "install_reactor_clock",
     "quiet_pdu_logging",
+    "bound_received_datasets",
     "register_server",
     "replay_received",
     "set_dul_idle_sleep",
@@ -486,3 +489,34 @@ def register_server(ae: Any, server: Any) -> None:
     """
     _require(ae, "_servers", where="ApplicationEntity")
     ae._servers.append(server)
+
+
+def bound_received_datasets(assoc: Any, make_buffer: Callable[[], Any]) -> None:
+    """Collect each received DIMSE message's data set in ``make_buffer()``.
+
+    pynetdicom creates a ``DIMSEMessage`` with an ``io.BytesIO`` for the data set when the
+    first P-DATA of a message arrives (``DIMSEServiceProvider.receive_primitive``); here the
+    message is created first, with the buffer l3spot supplies (an ``io.BytesIO`` subclass,
+    :class:`service.receive.SpillingBuffer`, that bounds memory and size).
+
+    Raises
+    ------
+    NetPatchError
+        The association's DIMSE provider has no ``receive_primitive`` or ``message``.
+    """
+    from pynetdicom.dimse_messages import DIMSEMessage
+
+    _require(assoc, "dimse", where="Association")
+    dimse = assoc.dimse
+    _require(dimse, "receive_primitive", "message", where="DIMSEServiceProvider")
+    receive = dimse.receive_primitive
+
+    def receive_into_bounded_buffer(primitive: Any) -> None:
+        if dimse.message is None:
+            message = DIMSEMessage()
+            _require(message, "data_set", where="DIMSEMessage")
+            message.data_set = make_buffer()
+            dimse.message = message
+        receive(primitive)
+
+    dimse.receive_primitive = receive_into_bounded_buffer

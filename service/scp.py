@@ -57,9 +57,10 @@ from core.errors import L3SpotError, NetPatchError
 from core.logs import log_event
 from service.audit import AuditLog, audit_log_path
 from service.gate import ConnectionGate, GatedAssociationServer, gate_recorder
+from service.receive import ReceivedDataset, spilling_factory
 from service.security import FreeBytes, PeerPolicy, disk_free_bytes, make_ssl_context
 from service.spool import Spool, SpoolWriteError, is_valid_uid
-from service.validate import MalformedDatasetError, inspect_dataset
+from service.validate import InflateLimitError, MalformedDatasetError, inspect_dataset
 
 __all__ = [
     "STATUS_SUCCESS",
@@ -214,6 +215,9 @@ class StoreHandler:
         self.pdu_limit = (
             max(max_pdu, MAX_ASSOCIATE_RQ_BYTES) if max_pdu else UNLIMITED_PDU_GUARD_BYTES
         )
+        node = self.config.node
+        self.max_inflated_bytes = node.max_inflated_mb * 1024 * 1024
+        self.make_buffer = spilling_factory(spool.root, node.spill_to_disk_mb, node.max_instance_mb)
         self._series_counts: dict[str, int] = {}
         self._inflight: set[str] = set()
         self._lock = threading.Lock()
@@ -242,9 +246,12 @@ class StoreHandler:
         Attaches :func:`core.netpatch.attach_acceptor_patches`: no Nagle (DESIGN.md "Known
         pitfalls"), the PDU-length guard, the state-machine guard (a malformed message
         aborts the association with an "aborted" audit record) and the reactor wake-up
-        (:class:`core.netpatch.ReactorClock`). A patch that cannot attach is logged as an
-        error (``netpatch_failed``) and raised (pynetdicom logs the handler's exception
-        too); :func:`core.netpatch.verify_pynetdicom` at start-up makes that unlikely.
+        (:class:`core.netpatch.ReactorClock`); and
+        :func:`core.netpatch.bound_received_datasets` (:mod:`service.receive`: large data
+        sets go to disk as they arrive, beyond ``node.max_instance_mb`` they are dropped).
+        A patch that cannot attach is logged as an error (``netpatch_failed``) and raised
+        (pynetdicom logs the handler's exception too);
+        :func:`core.netpatch.verify_pynetdicom` at start-up makes that unlikely.
         """
         assoc = event.assoc
         assoc.l3spot_t0 = time.monotonic()  # type: ignore[attr-defined]
@@ -257,6 +264,7 @@ class StoreHandler:
                 on_abort=lambda reason: self._record_end(assoc, "aborted", reason=reason),
                 logger=log,
             )
+            netpatch.bound_received_datasets(assoc, self.make_buffer)
         except NetPatchError as exc:
             log_event(log, "netpatch_failed", level=logging.ERROR, error=str(exc), **context)
             raise
@@ -412,9 +420,17 @@ class StoreHandler:
             self._series_counts.pop(series_uid, None)
 
     def handle_store(self, event: evt.Event) -> int | Dataset:
-        """C-STORE: check, write the instance durably, then answer (module docstring)."""
+        """C-STORE: check, write the instance durably, then answer (module docstring).
+
+        The data set is in memory, or in its spill file when it was large
+        (:class:`service.receive.ReceivedDataset`); either way it is released on return.
+        """
+        with ReceivedDataset(event.request.DataSet) as received:  # type: ignore[arg-type]
+            return self._store(event, received)
+
+    def _store(self, event: evt.Event, received: ReceivedDataset) -> int | Dataset:
         req = event.request
-        raw: bytes = req.DataSet.getvalue()  # type: ignore[union-attr]
+        raw = received.data
         ts = UID(event.context.transfer_syntax)
         assoc = event.assoc
         context: dict[str, Any] = {
@@ -424,16 +440,25 @@ class StoreHandler:
             "affected_sop_class_uid": str(req.AffectedSOPClassUID or ""),
             "affected_sop_instance_uid": str(req.AffectedSOPInstanceUID or ""),
         }
+        if received.overflow:
+            return self._refuse(
+                event,
+                f"instance of {received.size} bytes exceeds node.max_instance_mb="
+                f"{self.config.node.max_instance_mb}",
+                context,
+            )
         if str(event.context.abstract_syntax) != context["affected_sop_class_uid"]:
             reason = (
                 f"C-STORE of {context['affected_sop_class_uid']} on the presentation context "
                 f"of {event.context.abstract_syntax}"
             )
-            return self._reject(event, raw, STATUS_SOP_CLASS_NOT_SUPPORTED, reason, context)
+            return self._reject(event, received, STATUS_SOP_CLASS_NOT_SUPPORTED, reason, context)
         try:
-            info = inspect_dataset(raw, ts)
+            info = inspect_dataset(raw, ts, max_inflated_bytes=self.max_inflated_bytes)
+        except InflateLimitError as exc:
+            return self._reject(event, received, STATUS_OUT_OF_RESOURCES, str(exc), context)
         except MalformedDatasetError as exc:
-            return self._reject(event, raw, STATUS_CANNOT_UNDERSTAND, str(exc), context)
+            return self._reject(event, received, STATUS_CANNOT_UNDERSTAND, str(exc), context)
         study, series, sop = info.study, info.series, info.sop_instance
         context.update(study_instance_uid=study, series_instance_uid=series, sop_instance_uid=sop)
         for uid, name in (
@@ -444,13 +469,13 @@ class StoreHandler:
         ):
             if not is_valid_uid(uid):
                 reason = f"missing or invalid {name} {uid!r}"
-                return self._reject(event, raw, STATUS_CANNOT_UNDERSTAND, reason, context)
+                return self._reject(event, received, STATUS_CANNOT_UNDERSTAND, reason, context)
         if sop != context["affected_sop_instance_uid"]:
             reason = "SOPInstanceUID differs from Affected SOP Instance UID"
-            return self._reject(event, raw, STATUS_CANNOT_UNDERSTAND, reason, context)
+            return self._reject(event, received, STATUS_CANNOT_UNDERSTAND, reason, context)
         if info.sop_class != context["affected_sop_class_uid"]:
             reason = "SOPClassUID differs from Affected SOP Class UID"
-            return self._reject(event, raw, STATUS_SOP_CLASS_MISMATCH, reason, context)
+            return self._reject(event, received, STATUS_SOP_CLASS_MISMATCH, reason, context)
         if is_own_output(info.sop_class, info.manufacturer):
             # l3spot's own SEG/SR/SC sent back by a PACS rule that forwards whole studies
             # (a routing loop): acknowledged, not kept, no job row (core/derived.py)
@@ -470,28 +495,29 @@ class StoreHandler:
                     f"SOP Instance UID already stored in series {owner[1]} of study "
                     f"{owner[0]}; this copy came in series {series}"
                 )
-                return self._reject(event, raw, STATUS_DUPLICATE_SOP_INSTANCE, reason, context)
-            existing = self.spool.existing_dataset(study, series, sop)
-            if existing is not None:
-                if existing == raw:  # a re-send (e.g. after a lost response): idempotent
+                return self._reject(event, received, STATUS_DUPLICATE_SOP_INSTANCE, reason, context)
+            same = self.spool.same_dataset(study, series, sop, raw)
+            if same is not None:
+                if same:  # a re-send (e.g. after a lost response): idempotent
                     self._count(event, "stored")
                     log_event(log, "store_duplicate_identical", **context)
                     return STATUS_SUCCESS
                 reason = "duplicate SOP Instance UID with different content; first copy kept"
-                return self._reject(event, raw, STATUS_DUPLICATE_SOP_INSTANCE, reason, context)
+                return self._reject(event, received, STATUS_DUPLICATE_SOP_INSTANCE, reason, context)
             if self._series_count(series_dir, series) >= self.max_series_instances:
                 return self._refuse(
                     event,
                     f"series exceeds node.max_series_instances={self.max_series_instances}",
                     context,
                 )
-            if not self.policy.disk_ok(len(raw)):
+            if not self.policy.disk_ok(received.size):
                 return self._refuse(event, "free disk below node.min_free_disk_mb", context)
             self._series_counts[series] = self._series_counts.get(series, 0) + 1
             self._inflight.add(sop)
         meta = file_meta_bytes(info.sop_class, sop, str(ts), context["calling_ae_title"])
         try:
-            self.spool.write_instance(study, series, sop, [_PREAMBLE, meta, raw])
+            data: bytes | Path = received.path or bytes(raw)
+            self.spool.write_instance(study, series, sop, [_PREAMBLE, meta, data])
         except SpoolWriteError as exc:
             with self._lock:
                 self._series_counts[series] -= 1
@@ -512,12 +538,18 @@ class StoreHandler:
         return _failure(STATUS_OUT_OF_RESOURCES, reason)
 
     def _reject(
-        self, event: evt.Event, raw: bytes, status: int, reason: str, context: dict[str, Any]
+        self,
+        event: evt.Event,
+        received: ReceivedDataset,
+        status: int,
+        reason: str,
+        context: dict[str, Any],
     ) -> Dataset:
         self._count(event, "failed")
+        kept: bytes | Path = received.path or bytes(received.data)
         try:
             where = str(
-                self.spool.quarantine(raw, reason, {"status": f"0x{status:04X}", **context})
+                self.spool.quarantine(kept, reason, {"status": f"0x{status:04X}", **context})
             )
         except OSError as exc:
             where = f"not quarantined: {exc}"

@@ -59,8 +59,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_all(fd: int, chunks: list[bytes]) -> None:
-    """``writev`` the chunks, continuing after short writes."""
+#: What :meth:`Spool.write_instance` and :meth:`Spool.quarantine` write: bytes, or a file
+#: whose whole content is copied by the kernel (a data set spilled to disk while received,
+#: :mod:`service.receive`), never read into memory.
+Chunk = bytes | Path
+
+
+def _writev_all(fd: int, chunks: list[bytes]) -> None:
     views = [memoryview(c) for c in chunks if len(c)]
     while views:
         n = os.writev(fd, views)
@@ -69,6 +74,34 @@ def _write_all(fd: int, chunks: list[bytes]) -> None:
             views.pop(0)
         if views and n:
             views[0] = views[0][n:]
+
+
+def _copy_file(fd: int, source: Path) -> None:
+    with open(source, "rb") as src:
+        size = os.fstat(src.fileno()).st_size
+        offset = 0
+        while offset < size:
+            sent = os.sendfile(fd, src.fileno(), offset, min(size - offset, 1 << 30))
+            if sent == 0:
+                raise OSError(f"{source}: shorter than its size")
+            offset += sent
+
+
+def _write_all(fd: int, chunks: list[Chunk]) -> None:
+    """``writev`` the byte chunks, continuing after short writes; copy file chunks."""
+    pending: list[bytes] = []
+    for chunk in chunks:
+        if isinstance(chunk, Path):
+            _writev_all(fd, pending)
+            pending = []
+            _copy_file(fd, chunk)
+        else:
+            pending.append(chunk)
+    _writev_all(fd, pending)
+
+
+def _chunk_size(chunk: Chunk) -> int:
+    return chunk.stat().st_size if isinstance(chunk, Path) else len(chunk)
 
 
 def dataset_offset(head: bytes) -> int:
@@ -164,6 +197,38 @@ class Spool:
             raise ValueError(f"invalid SOPInstanceUID {sop_uid!r}")
         return self.series_dir(study_uid, series_uid) / f"{sop_uid}.dcm"
 
+    def same_dataset(self, study_uid: str, series_uid: str, sop_uid: str, data: Any) -> bool | None:
+        """Compare a stored instance's data set with ``data`` in 1 MiB pieces.
+
+        Parameters
+        ----------
+        data : the received data set (``bytes`` or an ``mmap``).
+
+        Returns
+        -------
+        None when no such instance is stored, else whether its data set equals ``data``
+        (an identical re-send versus a conflicting one with the same UID).
+        """
+        path = self.instance_path(study_uid, series_uid, sop_uid)
+        try:
+            fh = open(path, "rb")  # noqa: SIM115
+        except FileNotFoundError:
+            return None
+        with fh:
+            head = fh.read(144)
+            try:
+                offset = dataset_offset(head)
+            except ValueError:
+                offset = 0
+            if os.fstat(fh.fileno()).st_size - offset != len(data):
+                return False
+            fh.seek(offset)
+            step = 1 << 20
+            for start in range(0, len(data), step):
+                if fh.read(step) != data[start : start + step]:
+                    return False
+        return True
+
     def existing_dataset(self, study_uid: str, series_uid: str, sop_uid: str) -> bytes | None:
         """The data set bytes (after the File Meta) of a stored instance, or None if absent.
 
@@ -189,14 +254,15 @@ class Spool:
         self._known_dirs.add(folder)
 
     def write_instance(
-        self, study_uid: str, series_uid: str, sop_uid: str, chunks: list[bytes]
+        self, study_uid: str, series_uid: str, sop_uid: str, chunks: list[Chunk]
     ) -> Path:
         """Write one instance durably and return its final path.
 
         Parameters
         ----------
         study_uid, series_uid, sop_uid : the instance's UIDs (validated as DICOM UIDs).
-        chunks : the bytes of the Part 10 file, in order (preamble, file meta, data set).
+        chunks : the Part 10 file, in order (preamble, file meta, data set): bytes, or a
+            file whose content is copied by the kernel (a data set spilled while received).
 
         Raises
         ------
@@ -236,12 +302,13 @@ class Spool:
             ) from exc
         return final
 
-    def quarantine(self, raw: bytes, reason: str, context: dict[str, Any]) -> Path:
+    def quarantine(self, raw: Chunk, reason: str, context: dict[str, Any]) -> Path:
         """Keep input the node could not store, with a JSON reason file beside it.
 
         Parameters
         ----------
-        raw : the bytes received (file meta + data set, as far as available).
+        raw : the bytes received (file meta + data set, as far as available), or the file
+            they were spilled to (copied, not read into memory).
         reason : why it could not be stored.
         context : UIDs, calling AE title, peer address, transfer syntax... Never patient
             name, ID or birth date.
@@ -253,12 +320,16 @@ class Spool:
         stem = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:12]
         data = self.quarantine_dir / f"{stem}.bin"
         info = self.quarantine_dir / f"{stem}.reason.json"
-        payload = {"reason": reason, "received_at": time.time(), "bytes": len(raw), **context}
+        payload = {
+            "reason": reason,
+            "received_at": time.time(),
+            "bytes": _chunk_size(raw),
+            **context,
+        }
         for path, content in ((data, raw), (info, json.dumps(payload, indent=1).encode())):
             tmp = path.with_name(TMP_PREFIX + path.name)
             with open(tmp, "wb") as fh:
-                fh.write(content)
-                fh.flush()
+                _write_all(fh.fileno(), [content])
                 if self.fsync:
                     os.fsync(fh.fileno())
             os.replace(tmp, path)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass, field
+from typing import Any
 
 from pydicom.uid import UID
 
@@ -28,7 +29,14 @@ from core.dicom import ATTRIBUTE_VR, PIXEL_DATA, UNDEFINED_LENGTH, ElementWalker
 from core.errors import MalformedDatasetError
 from core.series_rules import CT_IMAGE_CLASSES
 
-__all__ = ["CT_IMAGE_CLASSES", "DatasetInfo", "MalformedDatasetError", "inspect_dataset"]
+__all__ = [
+    "CT_IMAGE_CLASSES",
+    "DatasetInfo",
+    "InflateLimitError",
+    "MalformedDatasetError",
+    "inflate_bounded",
+    "inspect_dataset",
+]
 
 #: Tags read from the top level -> name in :class:`DatasetInfo` (their VR: ATTRIBUTE_VR).
 _READ = {
@@ -108,14 +116,64 @@ def _read_value(
             setattr(info, name, "\ufffd")  # invalid: is_valid_uid rejects it
 
 
-def inspect_dataset(raw: bytes, transfer_syntax: UID) -> DatasetInfo:
+class InflateLimitError(MalformedDatasetError):
+    """A Deflated data set inflates beyond the limit (a decompression bomb, or just too big)."""
+
+
+def inflate_bounded(raw: Any, limit: int) -> bytes:
+    """Inflate a Deflated Explicit VR Little Endian data set (PS3.5 A.5), at most ``limit`` bytes.
+
+    Parameters
+    ----------
+    raw : the deflated bytes (raw deflate, no zlib header), ``bytes`` or an ``mmap``.
+    limit : most bytes the inflated data set may have.
+
+    Raises
+    ------
+    InflateLimitError
+        The data set inflates to more than ``limit`` bytes; inflation stops at ``limit`` + 1,
+        so memory stays bounded whatever the ratio.
+    MalformedDatasetError
+        The deflate stream is corrupt.
+    """
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = bytearray()
+    step = 1 << 20
+    try:
+        for start in range(0, len(raw), step):
+            out += inflater.decompress(raw[start : start + step], limit + 1 - len(out))
+            if len(out) > limit or inflater.unconsumed_tail:
+                raise InflateLimitError(
+                    f"Deflated data set inflates to more than node.max_inflated_mb "
+                    f"({limit // (1024 * 1024)} MiB) from {len(raw)} bytes"
+                )
+        out += inflater.flush(limit + 1 - len(out))
+    except zlib.error as exc:
+        raise MalformedDatasetError(f"deflate stream is corrupt: {exc}") from exc
+    if len(out) > limit:
+        raise InflateLimitError(
+            f"Deflated data set inflates to more than node.max_inflated_mb "
+            f"({limit // (1024 * 1024)} MiB) from {len(raw)} bytes"
+        )
+    return bytes(out)
+
+
+#: Default of :func:`inspect_dataset`'s inflate limit (``node.max_inflated_mb``'s default).
+DEFAULT_MAX_INFLATED_BYTES = 256 * 1024 * 1024
+
+
+def inspect_dataset(
+    raw: Any, transfer_syntax: UID, max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES
+) -> DatasetInfo:
     """Check that ``raw`` is a well-formed data set and read its UIDs and geometry.
 
     Parameters
     ----------
-    raw : the data set as received in the P-DATA (no File Meta Information).
+    raw : the data set as received in the P-DATA (no File Meta Information): ``bytes`` or
+        a read-only ``mmap`` of its spill file (:mod:`service.receive`).
     transfer_syntax : the presentation context's transfer syntax (implicit/explicit VR,
         little/big endian, deflated).
+    max_inflated_bytes : a Deflated data set may inflate to at most this many bytes.
 
     Returns
     -------
@@ -123,15 +181,14 @@ def inspect_dataset(raw: bytes, transfer_syntax: UID) -> DatasetInfo:
 
     Raises
     ------
+    InflateLimitError
+        A Deflated data set inflates beyond ``max_inflated_bytes``.
     MalformedDatasetError
         Truncated, bad lengths or VRs, unordered tags, a CT image without its pixel
         attributes, or native Pixel Data shorter than its geometry (PS3.3 C.7.6.3).
     """
     if transfer_syntax.is_deflated:
-        try:
-            raw = zlib.decompress(raw, -zlib.MAX_WBITS)
-        except zlib.error as exc:
-            raise MalformedDatasetError(f"deflate stream is corrupt: {exc}") from exc
+        raw = inflate_bounded(raw, max_inflated_bytes)
     walker = ElementWalker(
         raw, implicit=transfer_syntax.is_implicit_VR, little=transfer_syntax.is_little_endian
     )
