@@ -62,7 +62,7 @@ class NodeConfig(_Section):
     # a data set larger than this (MiB) goes to a file under the spool as it arrives
     spill_to_disk_mb: int = Field(16, ge=1)
     # a Deflated data set (PS3.5 A.5) may inflate to at most this (MiB): zip bombs
-    max_inflated_mb: int = Field(256, ge=1)
+    max_inflated_mb: int = Field(64, ge=1)
     max_pdu_bytes: int = Field(65536, ge=0)  # 0 = unlimited (pynetdicom)
     min_free_disk_mb: int = Field(1024, ge=0)
     max_series_instances: int = Field(5000, ge=1)

@@ -155,11 +155,11 @@ def inflate_bounded(raw: Any, limit: int) -> bytes:
             f"Deflated data set inflates to more than node.max_inflated_mb "
             f"({limit // (1024 * 1024)} MiB) from {len(raw)} bytes"
         )
-    return bytes(out)
+    return bytes(out)  # the walker hashes slices (bytes); at most 2 x limit for a moment
 
 
 #: Default of :func:`inspect_dataset`'s inflate limit (``node.max_inflated_mb``'s default).
-DEFAULT_MAX_INFLATED_BYTES = 256 * 1024 * 1024
+DEFAULT_MAX_INFLATED_BYTES = 64 * 1024 * 1024
 
 
 def inspect_dataset(

@@ -174,7 +174,8 @@ def test_junk_connections_are_closed_at_once_and_free_their_place(
     node = make_node(node={"max_associations": 2, "max_pending_per_address": 2})
     for _ in range(30):
         with _connect(node.port, SCANNER) as s:
-            s.sendall(junk)
+            with contextlib.suppress(OSError):  # the node may have reset it already
+                s.sendall(junk)
             assert _closed_by_peer(s, within_s=1.0), "junk connection kept open"
     took = echo_seconds(node.port, timeout_s=5)
     assert took is not None and took < 1.0, "refused or slow right after the junk"
