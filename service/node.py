@@ -245,6 +245,8 @@ class Node:
                 state=rec.state,
                 requeues=rec.requeues,
             )
+        # ``received`` series that no watcher entry holds any more (issue 16, disk full)
+        self.watcher.adopt_orphans(now)
         return claimed
 
     def _reconcile_loop(self) -> None:
