@@ -247,7 +247,8 @@ class SeriesWatcher:
     # ---- the timer ---------------------------------------------------------------------
 
     def poll(self) -> list[str]:
-        """One turn of the watcher thread; returns the UIDs of the series it completed.
+        """One turn of the watcher thread; returns the UIDs of the stable series it took up
+        (completed, or put back for a later turn after a storage error).
 
         Writes the queued ``received`` records, then completes every series stable for
         ``series_stable_seconds`` (whose ``received`` record is written and whose back-off
