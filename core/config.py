@@ -248,6 +248,32 @@ class WebConfig(_Section):
     show_patient_identifiers: bool = False
 
 
+class RetentionConfig(_Section):
+    """Deleting what the node no longer needs (issue 16; like Orthanc's MaximumStorageSize
+    and mercure's retention). Only series with nothing left to do are deleted: a job in
+    ``done``, ``failed`` or ``ineligible`` whose every export is ``done``, oldest first; never
+    one being received, queued, analysed or exported, or with an export pending or failed."""
+
+    enabled: bool = True  # the node runs retention every interval_minutes
+    interval_minutes: float = Field(60.0, gt=0)  # between two runs in the node (min)
+    # a series' CT in the spool is deleted this long after its job's last activity (days);
+    # null = never by age
+    spool_max_age_days: float | None = Field(30.0, gt=0)
+    # its results folder (SEG, SR, SC, overview, result.json) likewise (days); null = never
+    results_max_age_days: float | None = Field(365.0, gt=0)
+    # quarantined inputs (refused instances, stray series) likewise (days); null = never
+    quarantine_max_age_days: float | None = Field(90.0, gt=0)
+    # high watermark (GiB) of spool + results + quarantine; above it the oldest deletable
+    # series go until low_watermark_fraction x this is left; null = no size limit
+    max_storage_gb: float | None = Field(None, gt=0)
+    # free-disk watermark (GiB) of the spool's file system; below it the oldest deletable
+    # series go until this / low_watermark_fraction is free; null = off. Keep it well above
+    # node.min_free_disk_mb, the floor at which the node refuses scanners
+    min_free_disk_gb: float | None = Field(5.0, gt=0)
+    # hysteresis of both watermarks: delete down to this fraction (0-1), not just below
+    low_watermark_fraction: float = Field(0.8, gt=0, lt=1)
+
+
 class LoggingConfig(_Section):
     level: str = "INFO"
     json_logs: bool = True
@@ -265,6 +291,7 @@ class Config(_Section):
     composition: CompositionConfig = Field(default_factory=CompositionConfig)
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
     web: WebConfig = Field(default_factory=WebConfig)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
 

@@ -97,7 +97,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated_at   REAL NOT NULL,
     requeues     INTEGER NOT NULL DEFAULT 0,
     worker       TEXT,
-    run_attempts INTEGER NOT NULL DEFAULT 0
+    run_attempts INTEGER NOT NULL DEFAULT 0,
+    spool_purged_at   REAL,
+    results_purged_at REAL
 );
 CREATE TABLE IF NOT EXISTS exports (
     series_uid   TEXT NOT NULL,
@@ -126,6 +128,8 @@ _MIGRATIONS = (
     ("requeues", "ALTER TABLE jobs ADD COLUMN requeues INTEGER NOT NULL DEFAULT 0"),
     ("worker", "ALTER TABLE jobs ADD COLUMN worker TEXT"),
     ("run_attempts", "ALTER TABLE jobs ADD COLUMN run_attempts INTEGER NOT NULL DEFAULT 0"),
+    ("spool_purged_at", "ALTER TABLE jobs ADD COLUMN spool_purged_at REAL"),
+    ("results_purged_at", "ALTER TABLE jobs ADD COLUMN results_purged_at REAL"),
 )
 
 
@@ -171,7 +175,34 @@ class JobRecord:
     #: analysis attempts since the series was last queued by the watcher or an operator
     #: (``attempts`` counts all of them); bounded by ``analysis.max_attempts``
     run_attempts: int = 0
+    #: Unix time (s) at which retention deleted the series' instances from the spool, and
+    #: its results folder (``service.retention``); None while they are there
+    spool_purged_at: float | None = None
+    results_purged_at: float | None = None
     exports: list[ExportRecord] = field(default_factory=list)
+
+    @property
+    def purged(self) -> str | None:
+        """What retention deleted: ``"spool"``, ``"results"``, ``"spool+results"`` or None."""
+        parts = [
+            n
+            for n, t in (("spool", self.spool_purged_at), ("results", self.results_purged_at))
+            if t
+        ]
+        return "+".join(parts) or None
+
+    @property
+    def last_activity(self) -> float:
+        """Unix time (s) of the record's latest change or timestamp (retention's age)."""
+        times = (
+            self.updated_at,
+            self.received_at,
+            self.completed_at,
+            self.queued_at,
+            self.analysis_finished_at,
+            self.export_finished_at,
+        )
+        return max(t for t in times if t is not None)
 
     def timings(self) -> dict[str, float]:
         """Seconds spent per stage (only the stages that have both ends recorded)."""
@@ -306,7 +337,7 @@ class JobStore:
             elif row["state"] != JobState.RECEIVED:
                 con.execute(
                     "UPDATE jobs SET state=?, reason=NULL, note=NULL, received_at=?,"
-                    " updated_at=? WHERE series_uid=?",
+                    " spool_purged_at=NULL, updated_at=? WHERE series_uid=?",
                     (JobState.RECEIVED, now, time.time(), series_uid),
                 )
         return True
@@ -409,7 +440,7 @@ class JobStore:
                 return False
             con.execute(
                 "UPDATE jobs SET state=?, note=?, analysis_finished_at=?,"
-                " export_finished_at=?, updated_at=? WHERE series_uid=?",
+                " export_finished_at=?, results_purged_at=NULL, updated_at=? WHERE series_uid=?",
                 (state, note, now, None if exporting else now, now, series_uid),
             )
         return True
@@ -551,6 +582,30 @@ class JobStore:
         """Every destination has the results."""
         now = time.time()
         self._update(series_uid, state=JobState.DONE, export_finished_at=now)
+
+    def mark_purged(
+        self, series_uid: str, spool: bool = False, results: bool = False, at: float | None = None
+    ) -> None:
+        """Retention deleted the series' spool folder and/or its results folder.
+
+        ``updated_at`` is left as it is: the state did not change, and retention measures
+        ages from it (:attr:`JobRecord.last_activity`).
+
+        Parameters
+        ----------
+        series_uid : Series Instance UID.
+        spool, results : which of the two were deleted.
+        at : Unix time (s) of the deletion (default: now).
+        """
+        now = time.time() if at is None else at
+        cols = [c for c, on in (("spool_purged_at", spool), ("results_purged_at", results)) if on]
+        if not cols:
+            return
+        with self._write() as con:
+            con.execute(
+                f"UPDATE jobs SET {', '.join(f'{c}=?' for c in cols)} WHERE series_uid=?",
+                (*([now] * len(cols)), series_uid),
+            )
 
     def mark_failed(self, series_uid: str, reason: str) -> None:
         """The series ends failed, with a reason an operator can act on."""

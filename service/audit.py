@@ -1,5 +1,8 @@
 """Audit log: one JSON line per association (accepted or rejected), never patient data.
 
+Also one line per series quarantined by the watcher and per deletion by retention
+(:mod:`service.retention`: kind, Study/Series UIDs, bytes, age, reason).
+
 Each record holds the time, the calling and called AE titles, the peer address and port,
 ``outcome`` (``released``, ``aborted`` or ``rejected``), the rejection reason if any, the
 numbers of instances stored and failed, and the duration in seconds. The file is appended
@@ -38,6 +41,12 @@ AUDIT_KEYS = (
     "failed",
     "own_output_ignored",
     "duration_s",
+    # retention (issue 16): what was deleted, of which series, how large and old
+    "purged",
+    "study_instance_uid",
+    "series_instance_uid",
+    "bytes_freed",
+    "age_days",
 )
 
 

@@ -33,6 +33,7 @@ from core.jobs import JobRecord, JobState, JobStore
 from core.logs import log_event
 from core.queue import ANALYSIS_QUEUE, EXPORT_QUEUE, configure_app, send_analysis, send_export
 from service.audit import AuditLog, audit_log_path
+from service.retention import RetentionThread, start_retention
 from service.scp import start_scp
 from service.spool import Spool
 from service.watcher import SeriesWatcher
@@ -184,6 +185,7 @@ class Node:
         self._stop = threading.Event()
         self._reconciler: threading.Thread | None = None
         self._web_records: BackgroundCalls | None = None
+        self.retention: RetentionThread | None = None
 
     def enqueue_analysis(self, series_dir: Path, series_uid: str, token: str | None) -> None:
         """Send ``worker.tasks.analyze_series(series_dir, token=...)`` to queue ``analysis``."""
@@ -245,6 +247,8 @@ class Node:
                 state=rec.state,
                 requeues=rec.requeues,
             )
+        # ``received`` series that no watcher entry holds any more (issue 16, disk full)
+        self.watcher.adopt_orphans(now)
         return claimed
 
     def _reconcile_loop(self) -> None:
@@ -272,6 +276,10 @@ class Node:
         # separate workers may still run theirs: the reconciliation handles the lost ones
         self.watcher.recover(self.spool, self.enqueue_export, requeue_running=own_workers)
         self.watcher.start()
+        # retention.interval_minutes: old, finished, exported series leave spool and results
+        self.retention = start_retention(
+            self.config, self.jobs, self.spool, self.watcher.audit, self.watcher.busy_series
+        )
         if self.config.broker.reconcile_interval_seconds > 0:
             self._stop.clear()
             self._reconciler = threading.Thread(
@@ -301,6 +309,8 @@ class Node:
         if self._web_records is not None:
             self._web_records.join()
         self._stop.set()
+        if self.retention is not None:
+            self.retention.stop()
         if self._reconciler is not None:
             self._reconciler.join(timeout=10)
         self.watcher.stop()

@@ -46,6 +46,10 @@ class SpoolWriteError(L3SpotError, OSError):
     """Writing an instance to the spool failed (disk full, permissions, I/O error)."""
 
 
+class SeriesBusyError(L3SpotError):
+    """A series folder cannot be removed now: an instance is being written into it."""
+
+
 def is_valid_uid(uid: str | None) -> bool:
     """True when ``uid`` is a syntactically valid DICOM UID (PS3.5 section 9.1)."""
     return bool(uid) and len(uid) <= 64 and _UID_RE.fullmatch(uid) is not None  # type: ignore[arg-type]
@@ -148,6 +152,9 @@ class Spool:
         #: use (:meth:`sop_owner`) and kept up to date by :meth:`write_instance`
         self._sop_index: dict[str, tuple[str, str]] | None = None
         self._index_lock = threading.Lock()
+        #: series folder -> instances being written into it now (:meth:`remove_series` waits
+        #: for none); guarded by ``_index_lock``
+        self._writing: dict[Path, int] = {}
 
     def build_sop_index(self) -> int:
         """Index every spooled instance by SOP Instance UID (once, at the SCP's start).
@@ -274,10 +281,17 @@ class Spool:
         final = self.instance_path(study_uid, series_uid, sop_uid)
         folder = final.parent
         tmp = folder / f"{TMP_PREFIX}{sop_uid}.{uuid.uuid4().hex[:8]}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        with self._index_lock:  # remove_series leaves a folder alone while this runs
+            self._writing[folder] = self._writing.get(folder, 0) + 1
         try:
             if folder not in self._known_dirs:
                 self._make_series_dir(folder)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                fd = os.open(tmp, flags, 0o644)
+            except FileNotFoundError:  # deleted by retention in another process (the CLI)
+                self._make_series_dir(folder)
+                fd = os.open(tmp, flags, 0o644)
             try:
                 _write_all(fd, chunks)
                 if self.fsync:
@@ -300,7 +314,61 @@ class Spool:
                 series_uid=series_uid,
                 study_uid=study_uid,
             ) from exc
+        finally:
+            with self._index_lock:
+                left = self._writing.pop(folder) - 1
+                if left:
+                    self._writing[folder] = left
         return final
+
+    def remove_series(self, study_uid: str, series_uid: str) -> int:
+        """Delete a series folder and forget its instances (retention, issue 16).
+
+        The folder is first renamed out of the spool (atomic), under the lock that
+        :meth:`write_instance` registers its writes with: a write that started earlier makes
+        this refuse, a write that starts later creates a fresh folder. The SOP Instance
+        UIDs leave the index, so the same instances can be stored again later (a study sent
+        again months after). The study folder goes too when it was its last series.
+
+        Parameters
+        ----------
+        study_uid, series_uid : the series' UIDs (validated, see :meth:`series_dir`).
+
+        Returns
+        -------
+        int
+            Bytes freed (apparent size of the deleted files); 0 when the folder was absent.
+
+        Raises
+        ------
+        SeriesBusyError
+            An instance of the series is being written now.
+        OSError
+            The folder could not be renamed or deleted.
+        """
+        folder = self.series_dir(study_uid, series_uid)
+        if not folder.is_dir():
+            return 0
+        sops = [p.stem for p in instance_files(folder)]
+        size = folder_bytes(folder)
+        trash = self.root / f"{TMP_PREFIX}purge-{uuid.uuid4().hex[:12]}"
+        with self._index_lock:
+            if self._writing.get(folder):
+                raise SeriesBusyError(
+                    "an instance is being written", series_uid=series_uid, study_uid=study_uid
+                )
+            os.replace(folder, trash)
+            self._known_dirs.discard(folder)
+            if self._sop_index is not None:
+                for sop in sops:
+                    if self._sop_index.get(sop) == (study_uid, series_uid):
+                        del self._sop_index[sop]
+        shutil.rmtree(trash, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the study folder, when that was its last series
+            folder.parent.rmdir()
+        if self.fsync:
+            _fsync_dir(self.root)
+        return size
 
     def quarantine(self, raw: Chunk, reason: str, context: dict[str, Any]) -> Path:
         """Keep input the node could not store, with a JSON reason file beside it.
@@ -405,6 +473,16 @@ class Spool:
             if ref.series_uid == series_uid:
                 return ref
         return None
+
+
+def folder_bytes(folder: Path) -> int:
+    """Apparent size (bytes) of every file under ``folder``; 0 if it is absent."""
+    total = 0
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            with contextlib.suppress(OSError):  # removed meanwhile
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
 
 
 def instance_files(series_dir: Path) -> list[Path]:

@@ -284,7 +284,10 @@ def test_redis_restarted_empty_loses_no_job(tmp_path: Path) -> None:
         for ds in (b, d):
             rec = wait_state(jobs, str(ds[0].SeriesInstanceUID), FINAL, 90)
             assert rec.state == JobState.DONE, rec.reason
-            assert rec.attempts == 1 and rec.requeues >= 1
+            assert rec.attempts == 1
+            # B's message was lost with Redis: only the reconciliation brings it back; D's
+            # refused publish is re-sent by the watcher or the reconciliation, whichever first
+            assert rec.requeues >= 1 or ds is d
         assert '"series_requeued"' in (tmp_path / "node.log").read_text()
     finally:
         if worker is not None:

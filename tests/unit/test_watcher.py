@@ -439,3 +439,179 @@ def test_a_stray_instance_under_another_study_never_changes_a_finished_job(setup
     )
     assert len(queued) == 1 and not stray.exists() and real.is_dir()
     assert _quarantined(node)[0]["study_instance_uid"] == other
+
+
+# ---------------------------------------------------------------- disk full (issue 16)
+
+
+class DiskFull:
+    """Every write of a :class:`JobStore` fails while ``full`` (the spool's disk is full)."""
+
+    def __init__(self, jobs: JobStore, error: Exception) -> None:
+        self.full = False
+        self.failures = 0
+        real = jobs._write
+
+        @contextmanager
+        def write() -> Iterator[sqlite3.Connection]:
+            if self.full:
+                self.failures += 1
+                raise error
+            with real() as con:
+                yield con
+
+        jobs._write = write  # type: ignore[method-assign]
+
+
+def _tick(watcher: SeriesWatcher) -> None:
+    """One turn of the watcher thread (:meth:`SeriesWatcher._run`): an error is survived."""
+    import contextlib
+
+    with contextlib.suppress(Exception):
+        watcher.poll()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        sqlite3.OperationalError("database or disk is full"),
+        OSError(28, "No space left on device"),
+    ],
+    ids=["sqlite_full", "enospc"],
+)
+def test_a_series_completed_while_the_disk_is_full_is_queued_once_space_returns(
+    setup, tmp_path: Path, error: Exception
+) -> None:  # type: ignore[no-untyped-def]
+    """Reproduction (issue 16): the watcher dropped the series from its table before the
+    ``queued`` write failed; after space returned it stayed ``received`` forever, no new
+    C-STORE came to wake it, and nothing said so."""
+    watcher, clock, queued, node = setup
+    disk = DiskFull(watcher.jobs, error)
+    study, series, folder = write_series(tmp_path / "spool" / "s", 6)
+    watcher.touch(study, series, folder)
+    assert watcher.record_received() == 1
+    disk.full = True
+    clock.t += 10  # stable while the disk is full: every attempt fails
+    for _ in range(20):
+        _tick(watcher)
+        clock.t += 1
+    assert disk.failures >= 1 and queued == []
+    assert watcher.jobs.get(series).state == JobState.RECEIVED
+    disk.full = False  # space returned; no instance arrives
+    clock.t += 120  # at most the longest back-off
+    _tick(watcher)
+    rec = watcher.jobs.get(series)
+    assert rec.state == JobState.QUEUED and rec.n_instances == 6
+    assert queued == [(folder, series, rec.token)]
+    _tick(watcher)
+    assert len(queued) == 1
+
+
+def test_a_storage_failure_is_logged_once_a_minute_and_shown_to_health(
+    setup, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    """While the disk stays full the watcher retries every tick (after a back-off) but
+    logs one warning per minute, not one per tick; :meth:`SeriesWatcher.health` tells the
+    web page's health check what failed and which series wait."""
+    watcher, clock, queued, node = setup
+    disk = DiskFull(watcher.jobs, sqlite3.OperationalError("database or disk is full"))
+    study, series, folder = write_series(tmp_path / "spool" / "s", 6)
+    watcher.touch(study, series, folder)
+    watcher.record_received()
+    assert watcher.health().ok and watcher.health().last_error is None
+    disk.full = True
+    clock.t += 10
+    with caplog.at_level("WARNING", logger="service.watcher"):
+        for _ in range(300):  # five minutes of one-second ticks
+            _tick(watcher)
+            clock.t += 1
+    warnings = [r for r in caplog.records if r.levelname in ("WARNING", "ERROR")]
+    assert 2 <= len(warnings) <= 6, [r.getMessage() for r in warnings]
+    assert disk.failures >= 5  # it kept trying (with back-off)
+    health = watcher.health()
+    assert not health.ok and "database or disk is full" in (health.last_error or "")
+    assert health.waiting == [series] and health.last_error_at is not None
+    disk.full = False
+    clock.t += 120
+    with caplog.at_level("INFO", logger="service.watcher"):
+        _tick(watcher)
+    assert any("watcher_storage_recovered" in r.getMessage() for r in caplog.records)
+    health = watcher.health()
+    assert health.ok and health.waiting == [] and watcher.jobs.get(series).state == "queued"
+    assert "database or disk is full" in (health.last_error or "")  # kept for the operator
+
+
+def test_an_ineligible_verdict_that_cannot_be_written_is_written_later(
+    setup, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    watcher, clock, queued, node = setup
+    disk = DiskFull(watcher.jobs, sqlite3.OperationalError("database or disk is full"))
+    study, series, folder = write_series(tmp_path / "spool" / "s", 2)
+    watcher.touch(study, series, folder)
+    watcher.record_received()
+    disk.full = True
+    clock.t += 10
+    _tick(watcher)
+    disk.full = False
+    clock.t += 120
+    _tick(watcher)
+    assert watcher.jobs.get(series).state == JobState.INELIGIBLE
+
+
+def test_a_failed_publish_is_sent_again_on_a_later_tick_with_the_same_token(
+    setup, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """The enqueue step: the record says ``queued`` but the broker refused the message; the
+    watcher re-sends it itself (not 15 minutes later by the reconciliation)."""
+    watcher, clock, queued, node = setup
+    down = {"on": True}
+
+    def enqueue(d: Path, s: str, t: str) -> None:
+        if down["on"]:
+            raise ConnectionRefusedError("broker down")
+        queued.append((d, s, t))
+
+    watcher.enqueue = enqueue
+    study, series, folder = write_series(tmp_path / "spool" / "s", 6)
+    watcher.touch(study, series, folder)
+    clock.t += 10
+    assert watcher.poll() == [series]
+    token = watcher.jobs.get(series).token
+    assert watcher.jobs.get(series).state == JobState.QUEUED and queued == []
+    assert series in watcher.health().waiting
+    down["on"] = False
+    clock.t += 120
+    watcher.poll()
+    assert queued == [(folder, series, token)] and watcher.jobs.get(series).token == token
+    watcher.poll()
+    assert len(queued) == 1 and watcher.health().ok
+
+
+def test_a_received_series_the_watcher_lost_is_picked_up_by_the_reconciliation(
+    tmp_path: Path,
+) -> None:
+    """A ``received`` record with no watcher entry (a node that lost it, e.g. before this
+    fix) is adopted by the node's periodic reconciliation: its timer restarts and it is
+    queued, without any new C-STORE and without a restart."""
+    from core.config import Config
+    from service.node import Node
+
+    cfg = Config.model_validate(
+        {"node": {"spool_dir": tmp_path / "spool", "series_stable_seconds": 0, "min_slices": 4}}
+    )
+    node = Node(cfg)
+    sent: list[str] = []
+    node.enqueue_analysis = lambda d, s, t: sent.append(s)  # type: ignore[method-assign]
+    node.watcher.enqueue = node.enqueue_analysis
+    study, series, folder = write_series(tmp_path / "spool" / "1.7" / "1.7.1", 5)
+    node.jobs.mark_received(series, study, folder, received_at=time.time() - 3600)
+    lost_elsewhere = "1.7.9"
+    node.jobs.mark_received(
+        lost_elsewhere, "1.7", tmp_path / "gone", received_at=time.time() - 3600
+    )
+    assert node.watcher.pending == {}
+    node.reconcile(time.time() + 3600)
+    node.watcher.poll()
+    assert sent == [series] and node.jobs.get(series).state == JobState.QUEUED
+    assert node.jobs.get(lost_elsewhere).state == JobState.FAILED
+    assert "not in the spool" in (node.jobs.get(lost_elsewhere).reason or "")
