@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "jobs": "service.commands.node",
     "retry": "service.commands.node",
     "echo": "service.commands.node",
+    "destinations": "worker.commands.export",
     "worker": "worker.commands.process",
     "analyze": "worker.commands.analysis",
     "mip": "worker.commands.imaging",
