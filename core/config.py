@@ -129,6 +129,11 @@ class BrokerConfig(_Section):
         return self.url is None if self.serve_starts_workers is None else self.serve_starts_workers
 
 
+#: Broker URL schemes whose unacknowledged messages come back after a visibility timeout
+#: (kombu's Redis and SQS transports): a Celery ETA (retry countdown) must be shorter.
+VISIBILITY_TIMEOUT_SCHEMES = frozenset({"redis", "rediss", "sqs"})
+
+
 class Destination(_Section):
     """A C-STORE SCP (the PACS) that receives the SEG, SR and SC."""
 
@@ -143,14 +148,26 @@ class Destination(_Section):
 
 
 class ExportConfig(_Section):
-    """Sending the results back (C-STORE SCU) with retries and exponential backoff."""
+    """Sending the results back (C-STORE SCU), retried until the PACS answers again.
+
+    A failed delivery to a destination is retried after ``backoff_initial_seconds``,
+    doubling up to ``backoff_max_seconds`` (5, 10, 20 ... 640, then every 900 s), for
+    ``retry_for_hours`` after its first failure (a PACS maintenance window; mercure waits
+    5 x 900 s), and only then ``failed``. docs/reliability.md "Export that waits for the PACS".
+    """
 
     destinations: list[Destination] = Field(default_factory=list)
     calling_ae_title: str | None = None  # default: node.ae_title
-    max_attempts: int = Field(5, ge=1)
+    # hours a destination's delivery keeps being retried after its first failed attempt
+    retry_for_hours: float = Field(24.0, gt=0)
+    # optional cap on the attempts per destination (old configurations: 5); null = the
+    # window above alone decides. Whichever ends first ends the delivery.
+    max_attempts: int | None = Field(None, ge=1)
     backoff_initial_seconds: float = Field(5.0, ge=0)
-    backoff_max_seconds: float = Field(300.0, ge=0)
-    timeout_seconds: float = Field(30.0, gt=0)  # ACSE/DIMSE/network timeout of the SCU
+    # cap of the wait between attempts (s); below broker.visibility_timeout_seconds (Redis
+    # would deliver a waiting retry again otherwise)
+    backoff_max_seconds: float = Field(900.0, ge=0)
+    timeout_seconds: float = Field(30.0, gt=0)  # connect/ACSE/DIMSE/network timeout (s)
     # an eligible CT series whose analysis fails still gets an SR and an SC in its study that
     # say "not measured" and why, so the reader can tell "failed" from "not run"
     report_not_measured: bool = True
@@ -293,6 +310,21 @@ class Config(_Section):
     web: WebConfig = Field(default_factory=WebConfig)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _retry_below_visibility_timeout(self) -> Config:
+        """An export retry must fire before Redis takes its held message as lost."""
+        url = self.broker.url or ""
+        vt = self.broker.visibility_timeout_seconds
+        if url.split(":", 1)[0] in VISIBILITY_TIMEOUT_SCHEMES and (
+            self.export.backoff_max_seconds >= vt
+        ):
+            raise ValueError(
+                f"export.backoff_max_seconds ({self.export.backoff_max_seconds:g} s) must be "
+                f"below broker.visibility_timeout_seconds ({vt} s): the broker would deliver "
+                "a waiting export retry a second time"
+            )
+        return self
 
 
 def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:

@@ -8,6 +8,8 @@ processes on one host may use it at once (SQLite WAL mode, ``BEGIN IMMEDIATE`` w
 It lives in :mod:`core` because both sides write it; :mod:`service.jobs` re-exports it for
 the node. The states are :class:`JobState` members (a ``StrEnum``: stored as their strings).
 Records hold UIDs, states, reasons and timings only, never patient name, ID or birth date.
+Beside the series' records, the ``destinations`` table keeps how each PACS answered lately
+(:meth:`JobStore.destination_states`, docs/reliability.md "Export that waits for the PACS").
 
 States (in the order a series passes through them)::
 
@@ -74,7 +76,27 @@ class ExportState(StrEnum):
     PENDING = "pending"  # not tried yet (or reset by a retry)
     RETRYING = "retrying"  # an attempt failed; another is scheduled with back-off
     DONE = "done"  # the PACS accepted every object
-    FAILED = "failed"  # ``export.max_attempts`` attempts failed
+    FAILED = "failed"  # still failing ``export.retry_for_hours`` after the first failure
+
+
+class DestinationState(StrEnum):
+    """How a destination (PACS) answered lately, over all series' attempts.
+
+    An attempt reached it when the association was established and the PACS could store
+    (even if it refused one series' objects for their own reasons); a refused connection, a
+    failed name lookup, a timeout, a rejected or aborted association, "out of resources" did
+    not. See :meth:`JobStore.destination_states`.
+    """
+
+    UNKNOWN = "unknown"  # no attempt recorded yet
+    OK = "ok"  # the last attempt reached it
+    RETRYING = "retrying"  # the last 1 or 2 attempts failed (a restart, a blip)
+    DOWN = "down"  # DOWN_AFTER_FAILURES or more attempts in a row failed
+
+
+#: Failed attempts in a row (by any series) after which a destination is shown ``down``;
+#: at the default back-off the third attempt of one series comes 15 s (5 + 10) after its first.
+DOWN_AFTER_FAILURES = 3
 
 
 _SCHEMA = """
@@ -109,7 +131,17 @@ CREATE TABLE IF NOT EXISTS exports (
     last_status  TEXT,
     last_error   TEXT,
     updated_at   REAL NOT NULL,
+    first_failure_at REAL,
     PRIMARY KEY (series_uid, destination)
+);
+CREATE TABLE IF NOT EXISTS destinations (
+    label                TEXT PRIMARY KEY,
+    consecutive_failures INTEGER NOT NULL DEFAULT 0,
+    last_attempt_at      REAL,
+    last_ok_at           REAL,
+    last_failure_at      REAL,
+    last_status          TEXT,
+    last_error           TEXT
 );
 """
 
@@ -125,11 +157,16 @@ _TIME_FIELDS = (
 
 #: Columns added after the first release: ``ALTER TABLE`` on databases that lack them.
 _MIGRATIONS = (
-    ("requeues", "ALTER TABLE jobs ADD COLUMN requeues INTEGER NOT NULL DEFAULT 0"),
-    ("worker", "ALTER TABLE jobs ADD COLUMN worker TEXT"),
-    ("run_attempts", "ALTER TABLE jobs ADD COLUMN run_attempts INTEGER NOT NULL DEFAULT 0"),
-    ("spool_purged_at", "ALTER TABLE jobs ADD COLUMN spool_purged_at REAL"),
-    ("results_purged_at", "ALTER TABLE jobs ADD COLUMN results_purged_at REAL"),
+    ("jobs", "requeues", "ALTER TABLE jobs ADD COLUMN requeues INTEGER NOT NULL DEFAULT 0"),
+    ("jobs", "worker", "ALTER TABLE jobs ADD COLUMN worker TEXT"),
+    (
+        "jobs",
+        "run_attempts",
+        "ALTER TABLE jobs ADD COLUMN run_attempts INTEGER NOT NULL DEFAULT 0",
+    ),
+    ("jobs", "spool_purged_at", "ALTER TABLE jobs ADD COLUMN spool_purged_at REAL"),
+    ("jobs", "results_purged_at", "ALTER TABLE jobs ADD COLUMN results_purged_at REAL"),
+    ("exports", "first_failure_at", "ALTER TABLE exports ADD COLUMN first_failure_at REAL"),
 )
 
 
@@ -148,6 +185,33 @@ class ExportRecord:
     last_status: str | None = None
     last_error: str | None = None
     updated_at: float = 0.0
+    #: Unix time (s) of the first failed attempt of this delivery (the retry window's start)
+    first_failure_at: float | None = None
+
+
+@dataclass
+class DestinationRecord:
+    """What the job records know about one destination (``l3spot destinations``).
+
+    Times are Unix seconds or ``None``. ``waiting`` counts the series whose delivery to it
+    failed and waits for another attempt (export row ``retrying``); ``failed`` those whose
+    delivery to it was given up (until an operator's retry).
+    """
+
+    label: str
+    state: DestinationState
+    consecutive_failures: int = 0
+    last_attempt_at: float | None = None
+    last_ok_at: float | None = None
+    last_failure_at: float | None = None
+    last_status: str | None = None
+    last_error: str | None = None
+    waiting: int = 0
+    failed: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (for ``l3spot destinations --json`` and the web page)."""
+        return dict(self.__dict__)
 
 
 @dataclass
@@ -229,7 +293,7 @@ def _reset_exports(con: Any, series_uid: str, destinations: list[str], now: floa
             "INSERT INTO exports (series_uid, destination, state, updated_at)"
             " VALUES (?,?,?,?) ON CONFLICT(series_uid, destination) DO UPDATE SET"
             " state=excluded.state, attempts=0, last_status=NULL, last_error=NULL,"
-            " updated_at=excluded.updated_at",
+            " first_failure_at=NULL, updated_at=excluded.updated_at",
             (series_uid, dest, ExportState.PENDING, now),
         )
 
@@ -258,8 +322,8 @@ class JobStore:
         with self._connect() as con:
             con.execute("PRAGMA journal_mode=WAL")
             con.executescript(_SCHEMA)
-            have = {r["name"] for r in con.execute("PRAGMA table_info(jobs)")}
-            for column, ddl in _MIGRATIONS:
+            for table, column, ddl in _MIGRATIONS:
+                have = {r["name"] for r in con.execute(f"PRAGMA table_info({table})")}
                 if column not in have:
                     with contextlib.suppress(sqlite3.OperationalError):  # another process won
                         con.execute(ddl)
@@ -541,27 +605,127 @@ class JobStore:
         status: str | None,
         error: str | None,
         final: bool,
+        now: float | None = None,
     ) -> int:
         """Record one delivery attempt; returns the attempt count for that destination.
 
         ``final`` marks the destination ``failed`` (no more retries) when ``ok`` is false.
+        The first failure of a delivery sets ``first_failure_at`` (the start of the retry
+        window). The job record's ``updated_at`` moves too: the node's reconciliation takes
+        an ``exporting`` series as lost only when no attempt was recorded for a while.
+        ``now`` (Unix s, default the clock) lets tests simulate hours of retries.
         """
-        now = time.time()
+        now = time.time() if now is None else now
         state = ExportState.DONE if ok else (ExportState.FAILED if final else ExportState.RETRYING)
+        failed_at = None if ok else now
         with self._write() as con:
             con.execute(
                 "INSERT INTO exports (series_uid, destination, state, attempts, last_status,"
-                " last_error, updated_at) VALUES (?,?,?,1,?,?,?)"
+                " last_error, updated_at, first_failure_at) VALUES (?,?,?,1,?,?,?,?)"
                 " ON CONFLICT(series_uid, destination) DO UPDATE SET state=excluded.state,"
                 " attempts=exports.attempts+1, last_status=excluded.last_status,"
-                " last_error=excluded.last_error, updated_at=excluded.updated_at",
-                (series_uid, destination, state, status, error, now),
+                " last_error=excluded.last_error, updated_at=excluded.updated_at,"
+                " first_failure_at=COALESCE(exports.first_failure_at, excluded.first_failure_at)",
+                (series_uid, destination, state, status, error, now, failed_at),
+            )
+            con.execute(
+                "UPDATE jobs SET updated_at=MAX(updated_at, ?) WHERE series_uid=?",
+                (now, series_uid),
             )
             row = con.execute(
                 "SELECT attempts FROM exports WHERE series_uid=? AND destination=?",
                 (series_uid, destination),
             ).fetchone()
         return int(row["attempts"])
+
+    def record_destination_attempt(
+        self,
+        label: str,
+        reached: bool,
+        status: str | None = None,
+        error: str | None = None,
+        now: float | None = None,
+    ) -> bool:
+        """Record whether an attempt (of any series) reached a destination.
+
+        Parameters
+        ----------
+        label : the destination's ``AE@host:port``.
+        reached : the association was established and the PACS could store (see
+            :class:`DestinationState`).
+        status, error : the failure's DIMSE status and reason (ignored when reached).
+        now : Unix time (s) of the attempt (default: the clock).
+
+        Returns
+        -------
+        bool
+            True when the destination answers again: ``reached`` after one or more failed
+            attempts in a row. The caller then resends the series waiting for it
+            (:meth:`claim_waiting_exports`).
+        """
+        now = time.time() if now is None else now
+        with self._write() as con:
+            row = con.execute(
+                "SELECT consecutive_failures FROM destinations WHERE label=?", (label,)
+            ).fetchone()
+            before = int(row["consecutive_failures"]) if row is not None else 0
+            if row is None:
+                con.execute("INSERT INTO destinations (label) VALUES (?)", (label,))
+            if reached:
+                con.execute(
+                    "UPDATE destinations SET consecutive_failures=0, last_attempt_at=?,"
+                    " last_ok_at=? WHERE label=?",
+                    (now, now, label),
+                )
+            else:
+                con.execute(
+                    "UPDATE destinations SET consecutive_failures=consecutive_failures+1,"
+                    " last_attempt_at=?, last_failure_at=?, last_status=?, last_error=?"
+                    " WHERE label=?",
+                    (now, now, status, error, label),
+                )
+        return reached and before > 0
+
+    def claim_waiting_exports(
+        self, label: str, exclude: str | None = None
+    ) -> list[tuple[str, str]]:
+        """Atomically take the series waiting for a retry to ``label``, to send them now.
+
+        Waiting: the series' export row for ``label`` is ``retrying`` and the series is
+        ``exporting`` (or ``failed`` with its "not measured" report still being delivered).
+        Each gets a new token, so the retry its task holds (a Celery countdown of up to
+        ``export.backoff_max_seconds``) finds itself stale and does nothing; the caller
+        sends the export again with the returned tokens.
+
+        Parameters
+        ----------
+        label : the destination that answers again.
+        exclude : a series not to claim (the one whose attempt just reached it).
+
+        Returns
+        -------
+        list[tuple[str, str]]
+            ``(series_uid, new token)`` of each claimed series.
+        """
+        now = time.time()
+        claimed: list[tuple[str, str]] = []
+        with self._write() as con:
+            rows = con.execute(
+                "SELECT j.series_uid FROM jobs j JOIN exports e ON e.series_uid=j.series_uid"
+                " WHERE e.destination=? AND e.state=? AND (j.state=?"
+                " OR (j.state=? AND j.analysis_finished_at IS NULL))",
+                (label, ExportState.RETRYING, JobState.EXPORTING, JobState.FAILED),
+            ).fetchall()
+            for row in rows:
+                if row["series_uid"] == exclude:
+                    continue
+                token = new_token()
+                con.execute(
+                    "UPDATE jobs SET token=?, updated_at=? WHERE series_uid=?",
+                    (token, now, row["series_uid"]),
+                )
+                claimed.append((row["series_uid"], token))
+        return claimed
 
     def start_report_export(self, series_uid: str, destinations: list[str]) -> None:
         """Deliver a failed series' "not measured" report: export rows reset to ``pending``,
@@ -647,6 +811,53 @@ class JobStore:
             by_series.setdefault(e["series_uid"], []).append(e)
         return [self._record(r, by_series.get(r["series_uid"], [])) for r in rows]
 
+    def destination_states(self, labels: list[str] | None = None) -> list[DestinationRecord]:
+        """One record per destination: its state, last contact, last error, series waiting.
+
+        The single source of the destinations' state (``l3spot destinations``, the web
+        page). Parameters: ``labels``, the configured destinations' ``AE@host:port``: each is
+        listed (``unknown`` when never tried), in that order, followed by any other
+        destination the records know of (e.g. removed from the configuration since).
+        """
+        with self._connect() as con:
+            rows = {r["label"]: r for r in con.execute("SELECT * FROM destinations")}
+            counts: dict[str, dict[str, int]] = {}
+            for r in con.execute(
+                "SELECT destination, state, COUNT(*) AS n FROM exports"
+                " WHERE state IN (?,?) GROUP BY destination, state",
+                (ExportState.RETRYING, ExportState.FAILED),
+            ):
+                counts.setdefault(r["destination"], {})[r["state"]] = int(r["n"])
+        order = list(dict.fromkeys([*(labels or []), *sorted(rows), *sorted(counts)]))
+        out = []
+        for label in order:
+            row = rows.get(label)
+            n = counts.get(label, {})
+            fails = int(row["consecutive_failures"]) if row is not None else 0
+            if row is None or row["last_attempt_at"] is None:
+                state = DestinationState.UNKNOWN
+            elif fails == 0:
+                state = DestinationState.OK
+            elif fails < DOWN_AFTER_FAILURES:
+                state = DestinationState.RETRYING
+            else:
+                state = DestinationState.DOWN
+            rec = DestinationRecord(
+                label=label,
+                state=state,
+                waiting=n.get(ExportState.RETRYING, 0),
+                failed=n.get(ExportState.FAILED, 0),
+            )
+            if row is not None:
+                rec.consecutive_failures = fails
+                rec.last_attempt_at = row["last_attempt_at"]
+                rec.last_ok_at = row["last_ok_at"]
+                rec.last_failure_at = row["last_failure_at"]
+                rec.last_status = row["last_status"]
+                rec.last_error = row["last_error"]
+            out.append(rec)
+        return out
+
     # ---- helpers ---------------------------------------------------------------------
 
     def _update(self, series_uid: str, **fields: Any) -> None:
@@ -683,6 +894,7 @@ class JobStore:
                 last_status=e["last_status"],
                 last_error=e["last_error"],
                 updated_at=e["updated_at"],
+                first_failure_at=e["first_failure_at"],
             )
             for e in exports
         ]

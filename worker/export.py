@@ -2,29 +2,59 @@
 
 One call = one attempt against one destination. Retries with exponential backoff are the
 task's business (:mod:`worker.tasks`), so a PACS that is down never blocks a worker.
+A failed attempt says what really happened (:class:`FailureKind`): the connection was
+refused, the host name did not resolve, the connection timed out, the association was
+rejected (with the PS3.8 Table 9-21 result, source and reason), aborted (A-ABORT with its
+source and reason, or A-P-ABORT), or a C-STORE answered a failure status (with its
+meaning, PS3.4 Table B.2-1, and the Error Comment).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
+import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC
+from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
 from core.config import Destination, ExportConfig
-from core.logs import log_event
 from core.netpatch import guard_scu_reactor
 
 log = logging.getLogger(__name__)
 
-#: Result objects of one series, in sending order (SEG only exists when L3 was found).
 #: C-STORE statuses that mean "stored" (PS3.4 Table B.2-1: success and the warnings
 #: B000 coercion of data elements, B007 data set does not match SOP class, B006 elements
 #: discarded).
 STORED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
+
+
+class FailureKind(StrEnum):
+    """Why an attempt failed, from the network up (a StrEnum: logged as its string)."""
+
+    DNS = "dns_failure"  # the host name does not resolve
+    CONNECTION_REFUSED = "connection_refused"  # nothing listens on host:port (ECONNREFUSED)
+    CONNECT_TIMEOUT = "connect_timeout"  # no answer to the TCP connection (host down, firewall)
+    NETWORK = "network_error"  # no route to the host, network unreachable, ...
+    ASSOCIATION_TIMEOUT = "association_timeout"  # connected, no A-ASSOCIATE-AC/RJ in time
+    REJECTED = "association_rejected"  # A-ASSOCIATE-RJ (PS3.8 Table 9-21)
+    ABORTED = "association_aborted"  # A-ABORT from the peer, or A-P-ABORT (connection lost)
+    NO_CONTEXT = "no_presentation_context"  # the PACS accepts none of our SOP classes/syntaxes
+    STORE_STATUS = "store_status"  # a C-STORE answered a failure status
+    NO_STORE_RESPONSE = "no_store_response"  # no C-STORE response (DIMSE timeout or abort)
+
+
+#: Failures after which the destination still counts as reached: it associated and could
+#: store, but refused these objects (the series' own problem, not the PACS's availability).
+_REACHED_KINDS = frozenset({FailureKind.STORE_STATUS, FailureKind.NO_CONTEXT})
 
 
 @dataclass
@@ -35,14 +65,29 @@ class ExportOutcome:
     ----------
     ok : every object was stored.
     status : the remote DIMSE status of the first failure (``"0xA700"``) or None.
-    error : human-readable failure (association rejected, timeout, status), or None.
+    error : human-readable failure (what the network or the PACS did), or None.
     stored : SOP Instance UIDs the destination accepted.
+    kind : why the attempt failed, or None (success, or unknown).
     """
 
     ok: bool
     status: str | None = None
     error: str | None = None
     stored: list[str] = field(default_factory=list)
+    kind: FailureKind | None = None
+
+    @property
+    def reached(self) -> bool:
+        """The destination associated and could store (it is up, whatever these objects did).
+
+        False for every network or association failure and for "out of resources"
+        (C-STORE status A7xx: the PACS cannot store anything now).
+        """
+        if self.ok:
+            return True
+        if self.kind not in _REACHED_KINDS:
+            return False
+        return not (self.status or "").upper().startswith("0XA7")
 
 
 def backoff_seconds(attempt: int, export: ExportConfig) -> float:
@@ -50,6 +95,33 @@ def backoff_seconds(attempt: int, export: ExportConfig) -> float:
     return float(
         min(export.backoff_initial_seconds * 2 ** max(attempt - 1, 0), export.backoff_max_seconds)
     )
+
+
+def retry_delay(attempt: int, failing_for_s: float, export: ExportConfig) -> float | None:
+    """Seconds to wait before the next attempt to a destination, or None to give up.
+
+    The policy (docs/reliability.md "Export that waits for the PACS"): wait
+    :func:`backoff_seconds` (5 s doubling to the 900 s cap by default) while the delivery
+    has been failing for less than ``export.retry_for_hours``; the last attempt falls on the
+    window's end. ``export.max_attempts``, when set, ends the delivery earlier.
+
+    Parameters
+    ----------
+    attempt : the number of the attempt that just failed (1-based).
+    failing_for_s : seconds since this delivery's first failed attempt (0 for the first).
+    export : the export configuration.
+
+    Returns
+    -------
+    float or None
+        The countdown (s) of the next attempt; None when the delivery is given up.
+    """
+    if export.max_attempts is not None and attempt >= export.max_attempts:
+        return None
+    left_s = export.retry_for_hours * 3600.0 - failing_for_s
+    if left_s <= 0:
+        return None
+    return min(backoff_seconds(attempt, export), left_s)
 
 
 def send_results(
@@ -62,15 +134,18 @@ def send_results(
     files : DICOM Part 10 files (SEG, SR, SC).
     dest : the destination SCP.
     calling_ae_title : our AE title.
-    timeout_s : ACSE, DIMSE and network timeout (s).
+    timeout_s : TCP connect, ACSE, DIMSE and network timeout (s).
 
     Returns
     -------
     ExportOutcome
-        Never raises for network or remote failures; they are reported in the outcome.
+        Never raises for network or remote failures; they are reported in the outcome with
+        their :class:`FailureKind`. Logging the attempt is the caller's business (it knows
+        the source series, :func:`worker.tasks.run_export`).
     """
     datasets = [pydicom.dcmread(f) for f in files]
     ae = AE(ae_title=calling_ae_title)
+    ae.connection_timeout = timeout_s
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     seen: set[str] = set()
     for ds in datasets:
@@ -84,46 +159,161 @@ def send_results(
         ]
         ae.add_requested_context(sop_class, syntaxes)
     label = dest.label
-    series_uid = str(datasets[0].get("SeriesInstanceUID", "")) if datasets else ""
+    seen_net = _NetworkEvents()
+    started = time.monotonic()
     try:
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+        assoc = ae.associate(
+            dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=seen_net.handlers()
+        )
     except (OSError, RuntimeError) as exc:
-        return _logged(ExportOutcome(False, None, f"{label}: cannot associate: {exc}"), series_uid)
+        kind, why = _connect_failure(dest, timeout_s, exc)
+        return ExportOutcome(False, None, f"{label}: {why}", kind=kind)
     if not assoc.is_established:
-        what = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
-        return _logged(ExportOutcome(False, None, f"{label}: association {what}"), series_uid)
+        kind, why = _association_failure(assoc, seen_net, dest, timeout_s, started)
+        return ExportOutcome(False, None, f"{label}: {why}", kind=kind)
     guard_scu_reactor(assoc)
     outcome = ExportOutcome(True)
     try:
         for ds in datasets:
-            status = assoc.send_c_store(ds)
+            try:
+                status = assoc.send_c_store(ds)
+            except ValueError:  # pynetdicom: no accepted presentation context for it
+                outcome.ok = False
+                outcome.kind = FailureKind.NO_CONTEXT
+                outcome.error = (
+                    f"{label}: the PACS accepted no presentation context for SOP class "
+                    f"{ds.SOPClassUID.name} ({ds.SOPClassUID}) with our transfer syntaxes"
+                )
+                break
             code = int(status.Status) if "Status" in status else None
             if code is None or code not in STORED_STATUSES:
                 outcome.ok = False
                 outcome.status = None if code is None else f"0x{code:04X}"
-                comment = str(status.get("ErrorComment", "")) if code is not None else ""
-                outcome.error = (
-                    f"{label}: no C-STORE response (timeout or abort)"
-                    if code is None
-                    else f"{label}: C-STORE status {outcome.status} {comment}".strip()
-                )
+                if code is None:
+                    outcome.kind = FailureKind.NO_STORE_RESPONSE
+                    outcome.error = f"{label}: {_no_store_response(assoc, seen_net, timeout_s)}"
+                else:
+                    outcome.kind = FailureKind.STORE_STATUS
+                    meaning = STORAGE_SERVICE_CLASS_STATUS.get(code, ("", "unknown status"))[1]
+                    comment = str(status.get("ErrorComment", "") or "").strip()
+                    outcome.error = f"{label}: C-STORE status {outcome.status} ({meaning})" + (
+                        f": {comment}" if comment else ""
+                    )
                 break
             outcome.stored.append(str(ds.SOPInstanceUID))
     finally:
         if assoc.is_established:
             assoc.release()
-    return _logged(outcome, series_uid)
-
-
-def _logged(outcome: ExportOutcome, series_uid: str) -> ExportOutcome:
-    log_event(
-        log,
-        "export_attempt",
-        level=logging.INFO if outcome.ok else logging.WARNING,
-        ok=outcome.ok,
-        status=outcome.status,
-        error=outcome.error,
-        stored=len(outcome.stored),
-        series_instance_uid=series_uid,
-    )
     return outcome
+
+
+class _NetworkEvents:
+    """What pynetdicom saw of one association: did TCP connect, which PDUs came back."""
+
+    def __init__(self) -> None:
+        self.connected = False
+        self.abort: A_ABORT_RQ | None = None
+        self.accepted = False
+
+    def handlers(self) -> list[tuple[evt.EventType, object]]:
+        return [(evt.EVT_CONN_OPEN, self._open), (evt.EVT_PDU_RECV, self._pdu)]
+
+    def _open(self, event: evt.Event) -> None:
+        self.connected = True
+
+    def _pdu(self, event: evt.Event) -> None:
+        pdu = event.pdu  # type: ignore[attr-defined]
+        if isinstance(pdu, A_ABORT_RQ):
+            self.abort = pdu
+        elif isinstance(pdu, A_ASSOCIATE_AC):
+            self.accepted = True
+
+
+def _abort_text(pdu: A_ABORT_RQ) -> str:
+    """An A-ABORT PDU's source and reason (PS3.8 Table 9-26)."""
+    if pdu.source == 2:
+        return f"A-ABORT from the peer's service provider: {pdu.reason_str.lower()}"
+    return "A-ABORT from the peer (service user)"
+
+
+def _association_failure(
+    assoc: Association, seen: _NetworkEvents, dest: Destination, timeout_s: float, started: float
+) -> tuple[FailureKind, str]:
+    """Why ``ae.associate`` returned an association that is not established."""
+    if assoc.is_rejected:
+        rj = assoc.acceptor.primitive
+        if rj is not None:
+            # PS3.8 Table 9-21: result (permanent/transient), source, reason/diagnostic
+            return FailureKind.REJECTED, (
+                f"association rejected ({rj.result_str.lower()}) by the "
+                f"{rj.source_str.lower()}: {rj.reason_str.lower()} "
+                f"(called AE title {dest.ae_title!r})"
+            )
+        return FailureKind.REJECTED, "association rejected"
+    if not seen.connected:
+        return _connect_failure(dest, timeout_s, None, time.monotonic() - started)
+    if seen.abort is not None:
+        return FailureKind.ABORTED, f"association aborted: {_abort_text(seen.abort)}"
+    if seen.accepted:
+        return FailureKind.NO_CONTEXT, (
+            "association accepted but none of the proposed presentation contexts "
+            "(SOP class and transfer syntax) was"
+        )
+    if time.monotonic() - started >= 0.9 * timeout_s:
+        return FailureKind.ASSOCIATION_TIMEOUT, (
+            f"no answer to the association request within {timeout_s:g} s (ACSE timeout)"
+        )
+    return FailureKind.ABORTED, (
+        "association aborted (A-P-ABORT): the peer closed the connection without answering "
+        "the association request"
+    )
+
+
+def _no_store_response(assoc: Association, seen: _NetworkEvents, timeout_s: float) -> str:
+    if seen.abort is not None:
+        return f"association aborted during C-STORE: {_abort_text(seen.abort)}"
+    if assoc.is_aborted:
+        return "association aborted during C-STORE (A-P-ABORT: the connection was lost)"
+    return f"no C-STORE response within {timeout_s:g} s (DIMSE timeout)"
+
+
+def _connect_failure(
+    dest: Destination,
+    timeout_s: float,
+    exc: BaseException | None,
+    elapsed_s: float = 0.0,
+) -> tuple[FailureKind, str]:
+    """Why no TCP connection to ``dest`` opened.
+
+    pynetdicom only logs the socket error (``AssociationSocket.connect``), so it is found
+    again here: the name is resolved, and unless pynetdicom already waited the whole
+    connection timeout, one plain TCP connection is tried (and closed at once).
+    """
+    where = f"{dest.host}:{dest.port}"
+    try:
+        socket.getaddrinfo(dest.host, dest.port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        return FailureKind.DNS, f"host name {dest.host!r} does not resolve (DNS: {err.strerror})"
+    if exc is None and elapsed_s >= 0.9 * timeout_s:
+        exc = TimeoutError()
+    if exc is None:
+        try:
+            socket.create_connection((dest.host, dest.port), timeout=timeout_s).close()
+        except OSError as err:
+            exc = err
+        else:
+            return FailureKind.NETWORK, f"could not connect to {where} (it answers again now)"
+    if isinstance(exc, ConnectionRefusedError):
+        return FailureKind.CONNECTION_REFUSED, (
+            f"connection refused by {where} (no DICOM service listens there: the PACS is down "
+            "or the port is wrong)"
+        )
+    if isinstance(exc, TimeoutError):
+        return FailureKind.CONNECT_TIMEOUT, (
+            f"no answer to the TCP connection to {where} within {timeout_s:g} s (host down, or "
+            "a firewall drops the packets)"
+        )
+    if isinstance(exc, OSError) and exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+        return FailureKind.NETWORK, f"{where} is unreachable ({exc.strerror})"
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return FailureKind.NETWORK, f"cannot connect to {where}: {type(exc).__name__}: {reason}"

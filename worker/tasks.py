@@ -16,6 +16,7 @@ import os
 import shutil
 import socket
 import threading
+import time
 import traceback
 import uuid
 from collections.abc import Callable
@@ -31,7 +32,7 @@ from core.jobs import ExportState, JobState, JobStore
 from core.layout import result_files, series_results_dir
 from core.logs import log_event
 from core.queue import app, current_config, send_export
-from worker.export import backoff_seconds, send_results
+from worker.export import retry_delay, send_results
 
 log = logging.getLogger(__name__)
 
@@ -255,15 +256,31 @@ def run_export(
     config: Config,
     jobs: JobStore,
     send: Callable[..., Any] = send_results,
+    resend: Callable[[str, str | None], None] | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> tuple[str, float]:
     """One delivery attempt of a series' results to every destination not yet served.
+
+    Parameters
+    ----------
+    series_uid : the source (CT) Series Instance UID; its results folder is sent.
+    config : the configuration (``export``).
+    jobs : the job records.
+    send : one attempt to one destination (:func:`worker.export.send_results`; tests
+        inject outcomes).
+    resend : ``(series_uid, token)`` -> queue that series' export now. When an attempt
+        reaches a destination that was failing, the other series waiting for it are
+        claimed (:meth:`core.jobs.JobStore.claim_waiting_exports`) and sent through this
+        instead of each waiting out its own back-off. None: no resend (scripts, tests).
+    clock : Unix time (s) of each attempt (tests simulate hours of retries with it).
 
     Returns
     -------
     (outcome, countdown)
-        ``("done", 0)``, ``("retry", seconds to wait)`` or ``("failed", 0)``; after
-        ``export.max_attempts`` failed attempts a destination is failed and the job record
-        says which destination answered which status.
+        ``("done", 0)``, ``("retry", seconds to wait)`` or ``("failed", 0)``. A destination
+        is retried (:func:`worker.export.retry_delay`) until its delivery has been failing
+        for ``export.retry_for_hours`` (or ``export.max_attempts``, when set, ran out); then
+        the job record says which destination answered what.
     """
     rec = jobs.get(series_uid)
     # a failed analysis's "not measured" report: its delivery never changes the job's state
@@ -284,20 +301,54 @@ def run_export(
         if prior is not None and prior.state == ExportState.DONE:
             continue
         attempt = (prior.attempts if prior is not None else 0) + 1
-        final = attempt >= config.export.max_attempts
         outcome = send(files, dest, calling, config.export.timeout_seconds)
+        now = clock()
+        first_failure = prior.first_failure_at if prior is not None else None
+        failing_for = 0.0 if first_failure is None else now - first_failure
+        delay = None if outcome.ok else retry_delay(attempt, failing_for, config.export)
+        final = not outcome.ok and delay is None
         jobs.record_export_attempt(
-            series_uid, label, outcome.ok, outcome.status, outcome.error, final=final
+            series_uid, label, outcome.ok, outcome.status, outcome.error, final=final, now=now
         )
+        back = jobs.record_destination_attempt(
+            label, outcome.reached, outcome.status, outcome.error, now=now
+        )
+        log_event(
+            log,
+            "export_attempt",
+            logging.INFO if outcome.ok else logging.ERROR if final else logging.WARNING,
+            series_instance_uid=series_uid,
+            destination=label,
+            attempt=attempt,
+            ok=outcome.ok,
+            kind=outcome.kind,
+            status=outcome.status,
+            error=outcome.error,
+            stored=len(outcome.stored),
+            retry_in_s=delay,
+            failing_for_s=round(failing_for, 1),
+            given_up=final,
+        )
+        if back and resend is not None:
+            _resend_waiting(jobs, label, series_uid, resend)
         if outcome.ok:
             continue
-        if final:
-            failures.append(
-                f"export to {label} failed after {attempt} attempts: "
-                f"status {outcome.status or 'none'}: {outcome.error}"
-            )
-        else:
-            retry_after.append(backoff_seconds(attempt, config.export))
+        if delay is not None:
+            retry_after.append(delay)
+            continue
+        limit = (
+            f"export.max_attempts={config.export.max_attempts}; without it the delivery is "
+            f"retried for export.retry_for_hours={config.export.retry_for_hours:g}"
+            if config.export.max_attempts is not None
+            and attempt >= config.export.max_attempts
+            and failing_for < config.export.retry_for_hours * 3600.0
+            else f"failing for {failing_for / 3600.0:.1f} h, "
+            f"export.retry_for_hours={config.export.retry_for_hours:g}"
+        )
+        failures.append(
+            f"export to {label} failed after {attempt} attempts ({limit}): "
+            f"status {outcome.status or 'none'}: {outcome.error}"
+        )
     if retry_after:
         return "retry", min(retry_after)
     if failures:
@@ -313,6 +364,36 @@ def run_export(
     jobs.finish_export(series_uid)
     log_event(log, "export_done", series_instance_uid=series_uid, files=len(files))
     return "done", 0.0
+
+
+def _resend_waiting(
+    jobs: JobStore, label: str, series_uid: str, resend: Callable[[str, str | None], None]
+) -> None:
+    """``label`` answers again: send now every other series waiting for a retry to it."""
+    claimed = jobs.claim_waiting_exports(label, exclude=series_uid)
+    sent = 0
+    for uid, token in claimed:
+        try:
+            resend(uid, token)
+        except Exception as exc:  # broker down: the reconciliation sends it later
+            log_event(
+                log,
+                "export_resend_failed",
+                logging.WARNING,
+                series_instance_uid=uid,
+                destination=label,
+                error=phi_safe_message(exc),
+            )
+            continue
+        sent += 1
+    log_event(
+        log,
+        "export_destination_back",
+        series_instance_uid=series_uid,
+        destination=label,
+        resent=sent,
+        waiting=len(claimed),
+    )
 
 
 def send_export_task(series_uid: str, token: str | None) -> None:
@@ -350,7 +431,7 @@ def export_results(self: Task, series_uid: str, token: str | None = None) -> str
     if token is not None and rec.token is not None and rec.token != token:
         log_event(log, "export_stale_task_skipped", series_instance_uid=series_uid)
         return "stale"
-    outcome, countdown = run_export(series_uid, config, jobs)
+    outcome, countdown = run_export(series_uid, config, jobs, resend=send_export_task)
     if outcome == "retry":
         raise self.retry(countdown=countdown, max_retries=None)
     return outcome

@@ -322,7 +322,7 @@ def test_pacs_down_delivers_when_back_then_fails_after_n_attempts_and_retry_deli
         rec = wait_state(jobs, a_series, FINAL, 90)
         assert rec.state == JobState.FAILED
         assert "failed after 4 attempts" in (rec.reason or "")
-        assert "association aborted" in (rec.reason or "")  # connection refused
+        assert "connection refused by 127.0.0.1" in (rec.reason or "")  # the true reason
         assert rec.exports[0].attempts == 4 and rec.exports[0].state == "failed"
         # B: the PACS comes back between two attempts -> delivered, once
         b = phantom_datasets(106, 30)

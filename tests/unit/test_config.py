@@ -116,3 +116,22 @@ def test_a_removed_locator_key_fails_with_the_reason(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="mip_pixel_mm was removed"):
         load_config(None, environ={"L3SPOT__LOCATOR__MIP_PIXEL_MM": "2"})
     assert "mip_pixel_mm" not in Config().locator.model_dump()
+
+
+def test_an_export_backoff_redis_would_redeliver_is_refused(tmp_path: Path) -> None:
+    """A retry's countdown is held unacknowledged by its worker: it must end before Redis's
+    visibility timeout, or Redis delivers it a second time (issue 16)."""
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "broker": {"url": "redis://redis:6379/0", "visibility_timeout_seconds": 600},
+                "export": {"backoff_max_seconds": 900},
+            }
+        )
+    )
+    with pytest.raises(ConfigError, match="must be below broker.visibility_timeout_seconds"):
+        load_config(path, environ={})
+    # the defaults hold (900 s < 3600 s); the embedded broker has no visibility timeout
+    assert load_config(path, environ={"L3SPOT__BROKER__VISIBILITY_TIMEOUT_SECONDS": "3600"})
+    assert load_config(path, environ={"L3SPOT__BROKER__URL": ""}).broker.url is None

@@ -196,3 +196,39 @@ def test_job_states_are_stored_and_served_as_the_same_strings(tmp_path: Path) ->
     with sqlite3.connect(tmp_path / DB_NAME) as con:
         con.execute("UPDATE jobs SET state='done'")
     assert store.get(SERIES).state is JobState.DONE
+
+
+def test_claim_waiting_exports_takes_only_series_still_waiting_to_be_sent(tmp_path: Path) -> None:
+    jobs = JobStore(tmp_path)
+    dest = "PACS@h:104"
+    waiting, received_again, done, other_dest = (f"1.2.{i}" for i in range(4))
+    for uid in (waiting, received_again, done, other_dest):
+        jobs.mark_queued(uid, 30)
+        jobs.start_export(uid, [dest if uid != other_dest else "OTHER@h:104"])
+    for uid in (waiting, received_again, done):
+        jobs.record_export_attempt(uid, dest, False, None, "refused", final=False)
+    jobs.record_export_attempt(other_dest, "OTHER@h:104", False, None, "refused", final=False)
+    jobs.record_export_attempt(done, dest, True, None, None, final=False)
+    jobs.finish_export(done)
+    # new instances arrived: a running analysis owns its token; no resend may take it
+    jobs.mark_received(received_again, "", tmp_path)
+    old = jobs.get(waiting).token
+    claimed = jobs.claim_waiting_exports(dest)
+    assert [uid for uid, _ in claimed] == [waiting]
+    assert claimed[0][1] == jobs.get(waiting).token != old
+    assert jobs.claim_waiting_exports(dest, exclude=waiting) == []
+
+
+def test_an_exports_table_of_before_issue_16_gets_its_new_column(tmp_path: Path) -> None:
+    with sqlite3.connect(tmp_path / DB_NAME) as con:
+        con.execute(
+            "CREATE TABLE exports (series_uid TEXT NOT NULL, destination TEXT NOT NULL,"
+            " state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, last_status TEXT,"
+            " last_error TEXT, updated_at REAL NOT NULL, PRIMARY KEY (series_uid, destination))"
+        )
+        con.execute("INSERT INTO exports VALUES ('1.2.3', 'A@h:1', 'retrying', 2, NULL, 'x', 1)")
+    jobs = JobStore(tmp_path)
+    jobs.mark_queued("1.2.3", 30)
+    assert jobs.get("1.2.3").exports[0].first_failure_at is None
+    jobs.record_export_attempt("1.2.3", "A@h:1", False, None, "x", final=False, now=50.0)
+    assert jobs.get("1.2.3").exports[0].first_failure_at == 50.0

@@ -7,6 +7,7 @@ test (tests/test_integration_node.py) runs the real one.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,9 @@ import pytest
 
 from core.config import Config
 from core.errors import SeriesValidationError
-from core.jobs import JobState, JobStore
+from core.jobs import DestinationState, ExportState, JobState, JobStore
 from worker import tasks
-from worker.export import ExportOutcome
+from worker.export import ExportOutcome, FailureKind
 
 SERIES = "1.2.826.0.1.3680043.8.498.7"
 
@@ -41,19 +42,43 @@ def stand_in(in_fov: bool = True, marker: str = "1"):  # type: ignore[no-untyped
     return pipeline
 
 
-def _config(tmp_path: Path, destinations: bool = True, attempts: int = 3) -> Config:
-    return Config.model_validate(
-        {
-            "node": {"spool_dir": tmp_path / "spool"},
-            "export": {
-                "destinations": [{"ae_title": "PACS", "host": "127.0.0.1", "port": 4242}]
-                if destinations
-                else [],
-                "max_attempts": attempts,
-                "backoff_initial_seconds": 1,
-            },
-        }
-    )
+PACS = "PACS@127.0.0.1:4242"
+
+
+def _config(tmp_path: Path, destinations: bool = True, attempts: int | None = 3) -> Config:
+    export: dict[str, Any] = {
+        "destinations": [{"ae_title": "PACS", "host": "127.0.0.1", "port": 4242}]
+        if destinations
+        else [],
+    }
+    if attempts is not None:
+        export |= {"max_attempts": attempts, "backoff_initial_seconds": 1}
+    return Config.model_validate({"node": {"spool_dir": tmp_path / "spool"}, "export": export})
+
+
+REFUSED = ExportOutcome(
+    False,
+    None,
+    f"{PACS}: connection refused by 127.0.0.1:4242 (no DICOM service listens there)",
+    kind=FailureKind.CONNECTION_REFUSED,
+)
+
+
+def refused(*a: Any) -> ExportOutcome:
+    return REFUSED
+
+
+def accepted(*a: Any) -> ExportOutcome:
+    return ExportOutcome(True)
+
+
+def _analysed(tmp_path: Path, cfg: Config, jobs: JobStore, series: str = SERIES) -> str:
+    """A series analysed (stand-in pipeline) and waiting for its export; returns its token."""
+    d = tmp_path / "spool" / "1.2.3" / series
+    d.mkdir(parents=True, exist_ok=True)
+    token = jobs.mark_queued(series, 30)
+    assert tasks.run_analysis(d, cfg, jobs, lambda s, t: None, token, stand_in()) == "exporting"
+    return token
 
 
 @pytest.fixture()
@@ -157,7 +182,8 @@ def test_export_retries_with_backoff_then_fails_with_remote_status(
     assert tasks.run_export(SERIES, cfg, jobs, refuse) == ("retry", 2.0)
     assert tasks.run_export(SERIES, cfg, jobs, refuse) == ("failed", 0.0)
     rec = jobs.get(SERIES)
-    assert rec.state == JobState.FAILED and "after 3 attempts: status 0xA700" in (rec.reason or "")
+    assert rec.state == JobState.FAILED and "failed after 3 attempts" in (rec.reason or "")
+    assert "export.max_attempts=3" in (rec.reason or "") and "status 0xA700" in (rec.reason or "")
     assert sent[0] == ["seg.dcm", "sr.dcm", "sc.dcm"]
     # l3spot retry: attempts reset, delivery succeeds
     jobs.start_export(SERIES, ["PACS@127.0.0.1:4242"])
@@ -232,3 +258,134 @@ def test_a_series_that_kills_its_worker_every_time_is_failed_after_max_attempts(
     assert (jobs.get(SERIES).run_attempts, jobs.get(SERIES).attempts) == (0, 3)
     tasks.run_analysis(series_dir, cfg, jobs, lambda s, t: None, token, pipeline)
     assert called == [1] and (jobs.get(SERIES).run_attempts, jobs.get(SERIES).attempts) == (1, 4)
+
+
+class Clock:
+    """Simulated Unix time (s): run_export's attempts happen when the test says."""
+
+    def __init__(self, t: float = 1_000_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_the_default_policy_keeps_retrying_a_refused_pacs_for_hours(
+    tmp_path: Path, series_dir: Path
+) -> None:
+    """Reproduction (issue 16): five attempts within 75 s, then ``failed``."""
+    cfg = _config(tmp_path, attempts=None)  # the defaults (an old file's max_attempts: none)
+    jobs = JobStore(cfg.node.spool_dir)
+    _analysed(tmp_path, cfg, jobs)
+    clock, start = Clock(), Clock().t
+    attempts = 0
+    while clock.t - start < 6 * 3600:  # a long maintenance window
+        outcome, countdown = tasks.run_export(SERIES, cfg, jobs, refused, clock=clock)
+        attempts += 1
+        assert outcome == "retry" and 0 < countdown <= 900
+        assert jobs.get(SERIES).state == JobState.EXPORTING  # never failed within the window
+        clock.t += countdown
+    assert attempts > 20
+    rec = jobs.get(SERIES)
+    assert rec.exports[0].state == ExportState.RETRYING and rec.exports[0].attempts == attempts
+    assert rec.exports[0].first_failure_at == start
+    # past export.retry_for_hours (24 h): failed, with the true reason
+    clock.t = start + 24 * 3600
+    assert tasks.run_export(SERIES, cfg, jobs, refused, clock=clock) == ("failed", 0.0)
+    rec = jobs.get(SERIES)
+    assert rec.state == JobState.FAILED
+    assert f"export to {PACS} failed after {attempts + 1} attempts" in (rec.reason or "")
+    assert "export.retry_for_hours=24" in (rec.reason or "")
+    assert "connection refused by 127.0.0.1:4242" in (rec.reason or "")
+
+
+def test_a_destination_answering_again_resends_the_series_waiting_for_it(
+    tmp_path: Path,
+) -> None:
+    cfg = _config(tmp_path, attempts=None)
+    jobs = JobStore(cfg.node.spool_dir)
+    waiting = [f"{SERIES}.{i}" for i in range(3)]
+    tokens = {uid: _analysed(tmp_path, cfg, jobs, uid) for uid in waiting}
+    clock = Clock()
+    # the PACS is down: each series fails a few times and waits its back-off (up to 900 s)
+    for _ in range(6):
+        for uid in waiting:
+            assert tasks.run_export(uid, cfg, jobs, refused, clock=clock)[0] == "retry"
+        clock.t += 60
+    resent: list[tuple[str, str | None]] = []
+    # the PACS is back; the first series whose retry comes up reaches it
+    first, others = waiting[0], waiting[1:]
+    out = tasks.run_export(
+        first, cfg, jobs, accepted, resend=lambda s, t: resent.append((s, t)), clock=clock
+    )
+    assert out == ("done", 0.0)
+    # the others are sent now, with new tokens: their pending countdowns become stale
+    assert sorted(s for s, _ in resent) == others
+    for uid, token in resent:
+        assert token == jobs.get(uid).token and token != tokens[uid]
+    for uid, _ in resent:
+        assert tasks.run_export(uid, cfg, jobs, accepted, resend=resent.append) == ("done", 0.0)
+    assert len(resent) == 2  # the destination was up: no second round
+    assert all(jobs.get(uid).state == JobState.DONE for uid in waiting)
+
+
+def test_a_series_refused_by_a_reachable_pacs_is_not_resent_by_others_successes(
+    tmp_path: Path,
+) -> None:
+    """A C-STORE failure status of one series' objects is its own problem: no resend storm."""
+    cfg = _config(tmp_path, attempts=None)
+    jobs = JobStore(cfg.node.spool_dir)
+    bad, good = f"{SERIES}.1", f"{SERIES}.2"
+    _analysed(tmp_path, cfg, jobs, bad)
+    _analysed(tmp_path, cfg, jobs, good)
+    mismatch = ExportOutcome(
+        False, "0xA900", f"{PACS}: C-STORE status 0xA900", kind=FailureKind.STORE_STATUS
+    )
+    assert tasks.run_export(bad, cfg, jobs, lambda *a: mismatch)[0] == "retry"
+    resent: list[tuple[str, str | None]] = []
+    assert tasks.run_export(good, cfg, jobs, accepted, resend=lambda s, t: resent.append((s, t)))
+    assert resent == []
+    assert jobs.destination_states([PACS])[0].state == DestinationState.OK
+
+
+def test_destination_states_show_ok_retrying_down_and_the_waiting_series(
+    tmp_path: Path,
+) -> None:
+    cfg = _config(tmp_path, attempts=None)
+    jobs = JobStore(cfg.node.spool_dir)
+    assert [(d.label, d.state) for d in jobs.destination_states([PACS])] == [
+        (PACS, DestinationState.UNKNOWN)
+    ]
+    a, b = f"{SERIES}.1", f"{SERIES}.2"
+    _analysed(tmp_path, cfg, jobs, a)
+    _analysed(tmp_path, cfg, jobs, b)
+    clock = Clock()
+    tasks.run_export(a, cfg, jobs, accepted, clock=clock)
+    (ok,) = jobs.destination_states([PACS])
+    assert (ok.state, ok.last_ok_at, ok.waiting) == (DestinationState.OK, clock.t, 0)
+    states = []
+    for _ in range(3):
+        clock.t += 10
+        tasks.run_export(b, cfg, jobs, refused, clock=clock)
+        states.append(jobs.destination_states([PACS])[0].state)
+    assert states == [DestinationState.RETRYING, DestinationState.RETRYING, DestinationState.DOWN]
+    (down,) = jobs.destination_states([PACS])
+    assert down.waiting == 1 and down.consecutive_failures == 3
+    assert down.last_attempt_at == clock.t and down.last_ok_at == clock.t - 30
+    assert down.last_error == REFUSED.error
+    assert json.loads(json.dumps(down.as_dict()))["state"] == "down"
+
+
+def test_export_log_lines_carry_the_source_series_and_the_destination(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Reproduction (issue 16): the line carried the SEG/SR's own Series Instance UID."""
+    cfg = _config(tmp_path, attempts=None)
+    jobs = JobStore(cfg.node.spool_dir)
+    _analysed(tmp_path, cfg, jobs)
+    with caplog.at_level(logging.INFO, logger="worker.tasks"):
+        tasks.run_export(SERIES, cfg, jobs, refused)
+    (line,) = [r for r in caplog.records if r.getMessage() == "export_attempt"]
+    fields = line.fields  # type: ignore[attr-defined]
+    assert fields["series_instance_uid"] == SERIES and fields["destination"] == PACS
+    assert fields["kind"] == "connection_refused" and fields["retry_in_s"] == 5.0
