@@ -147,6 +147,29 @@ class ExportRecord:
 
 
 @dataclass
+class DestinationSummary:
+    """One destination's deliveries as the job records tell them (``exports`` rows).
+
+    Attributes
+    ----------
+    destination : ``AE@host:port``.
+    last_success_at : Unix time (s) of the newest delivery that reached it, or None.
+    last_failure_at : Unix time (s) of the newest failed attempt still on record (a later
+        success of the same series clears it), or None.
+    last_error : that attempt's reason.
+    waiting : series whose delivery to it is not finished (neither ``done`` nor ``failed``).
+    failed : series whose delivery to it gave up (``failed``).
+    """
+
+    destination: str
+    last_success_at: float | None = None
+    last_failure_at: float | None = None
+    last_error: str | None = None
+    waiting: int = 0
+    failed: int = 0
+
+
+@dataclass
 class JobRecord:
     """The state of one series. Times are Unix seconds (float) or ``None``."""
 
@@ -591,6 +614,39 @@ class JobStore:
         for e in exports:
             by_series.setdefault(e["series_uid"], []).append(e)
         return [self._record(r, by_series.get(r["series_uid"], [])) for r in rows]
+
+    def destination_summary(self) -> dict[str, DestinationSummary]:
+        """Per destination (``AE@host:port``): last success, last failure, waiting series.
+
+        Read-only; destinations no ``exports`` row names are absent.
+        """
+        settled = (ExportState.DONE, ExportState.FAILED)
+        with self._connect() as con:
+            rows = con.execute(
+                "SELECT destination,"
+                " MAX(CASE WHEN state=? THEN updated_at END) AS last_success_at,"
+                " SUM(state NOT IN (?,?)) AS waiting, SUM(state=?) AS failed"
+                " FROM exports GROUP BY destination",
+                (ExportState.DONE, *settled, ExportState.FAILED),
+            ).fetchall()
+            errors = con.execute(
+                "SELECT destination, last_error, MAX(updated_at) AS at FROM exports"
+                " WHERE last_error IS NOT NULL AND state != ? GROUP BY destination",
+                (ExportState.DONE,),
+            ).fetchall()
+        out = {
+            r["destination"]: DestinationSummary(
+                destination=r["destination"],
+                last_success_at=r["last_success_at"],
+                waiting=int(r["waiting"] or 0),
+                failed=int(r["failed"] or 0),
+            )
+            for r in rows
+        }
+        for e in errors:  # SQLite: the bare column comes from the MAX(updated_at) row
+            summary = out[e["destination"]]
+            summary.last_failure_at, summary.last_error = e["at"], e["last_error"]
+        return out
 
     # ---- helpers ---------------------------------------------------------------------
 

@@ -80,6 +80,30 @@ def test_export_attempts_count_per_destination_and_fail_with_status(tmp_path: Pa
     assert {e.destination: e.attempts for e in store.get(SERIES).exports}["A@h:1"] == 0
 
 
+def test_destination_summary_has_last_success_last_failure_and_waiting(tmp_path: Path) -> None:
+    store = JobStore(tmp_path)
+    assert store.destination_summary() == {}
+    a, b, c = (f"{SERIES}.{i}" for i in range(3))
+    for uid in (a, b, c):
+        store.mark_queued(uid, 30)
+        store.start_export(uid, ["A@h:1", "B@h:2"])
+    store.record_export_attempt(a, "A@h:1", False, None, "connection refused", final=False)
+    store.record_export_attempt(a, "A@h:1", True, "0x0000", None, final=True)
+    store.record_export_attempt(a, "B@h:2", True, "0x0000", None, final=True)
+    time.sleep(0.01)  # distinct updated_at
+    store.record_export_attempt(b, "A@h:1", False, "0xA700", "out of resources", final=False)
+    time.sleep(0.01)
+    store.record_export_attempt(c, "A@h:1", False, None, "association rejected", final=True)
+    summary = store.destination_summary()
+    sa, sb = summary["A@h:1"], summary["B@h:2"]
+    assert sa.waiting == 1 and sa.failed == 1  # b retrying; c gave up; a delivered
+    assert sa.last_error == "association rejected"  # the newest failure on record
+    assert sa.last_success_at is not None and sa.last_failure_at is not None
+    assert sa.last_failure_at >= sa.last_success_at
+    assert sb.waiting == 2 and sb.failed == 0 and sb.last_failure_at is None
+    assert sb.last_success_at == store.get(a).exports[1].updated_at
+
+
 def test_unknown_series_raises_with_its_uid(tmp_path: Path) -> None:
     with pytest.raises(JobNotFoundError, match="9.9.9"):
         JobStore(tmp_path).get("9.9.9")
