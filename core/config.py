@@ -263,6 +263,20 @@ class WebConfig(_Section):
     port: int = Field(8080, ge=0, le=65535)
     token: str | None = None
     show_patient_identifiers: bool = False
+    # Host header names the page answers to, besides the loopback names (localhost,
+    # 127.0.0.1, ::1) and web.host when it is one address (not 0.0.0.0/::); any port. A
+    # leading dot matches subdomains (".example.org"); "*" turns the check off (DNS
+    # rebinding defence, docs/web.md)
+    allowed_hosts: list[str] = Field(default_factory=list)
+    # /readyz and the destinations page: a destination's C-ECHO result is reused this long
+    destination_echo_interval_seconds: float = Field(30.0, gt=0)
+    # ACSE/DIMSE/network timeout of those C-ECHOs and of the page's C-ECHO test button
+    destination_echo_timeout_seconds: float = Field(5.0, gt=0)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts_lower(cls, v: list[str]) -> list[str]:
+        return [h.strip().lower() for h in v if h.strip()]
 
 
 class RetentionConfig(_Section):
@@ -325,6 +339,11 @@ class Config(_Section):
                 "a waiting export retry a second time"
             )
         return self
+
+    def export_calling_ae_title(self) -> str:
+        """Our AE title towards the destinations: ``export.calling_ae_title``, else
+        ``node.ae_title`` (C-STORE of the results and C-ECHO of the destinations alike)."""
+        return self.export.calling_ae_title or self.node.ae_title
 
 
 def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ stored here: the record may be shown and exported without them.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from typing import Literal, Protocol
 
@@ -292,6 +293,34 @@ CSV_HEADER: tuple[str, ...] = (
 )
 
 
+#: First characters that make a spreadsheet read a cell as a formula (OWASP "CSV
+#: Injection": ``=``, ``+``, ``-``, ``@``, tab, carriage return).
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+#: A plain decimal number (what ``_cell`` writes for floats and ints), signed.
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+def csv_safe(text: str) -> str:
+    """A text cell that a spreadsheet shows as text, never runs as a formula.
+
+    A cell starting with one of :data:`FORMULA_PREFIXES` gets a leading single quote
+    (OWASP, CSV Injection), unless the whole cell is a number (``-12.3`` stays a negative
+    number). Everything else is returned unchanged.
+
+    Parameters
+    ----------
+    text : the cell as written to the CSV.
+
+    Returns
+    -------
+    str
+        ``text``, or ``"'" + text``.
+    """
+    if not text.startswith(FORMULA_PREFIXES) or _NUMBER.fullmatch(text):
+        return text
+    return "'" + text
+
+
 def _cell(v: object) -> str:
     if v is None:
         return ""
@@ -299,14 +328,15 @@ def _cell(v: object) -> str:
         return "true" if v else "false"
     if isinstance(v, float):
         return f"{v:.4g}" if abs(v) < 1e-3 and v != 0 else f"{round(v, 3)}"
-    return str(v)
+    return csv_safe(str(v))
 
 
 def result_csv_row(result: AnalysisResult) -> dict[str, str]:
     """One CSV row (keys = :data:`CSV_HEADER`) of an analysis record.
 
     Empty strings stand for missing values; booleans are ``true``/``false``; areas in
-    cm^2, HU, mm and cm^2/m^2 as in ``result.json``; QA flags joined with ``;``.
+    cm^2, HU, mm and cm^2/m^2 as in ``result.json``; QA flags joined with ``;``. Text cells
+    pass :func:`csv_safe` (no formula runs when the CSV is opened in a spreadsheet).
     """
     src = result.source
     row: dict[str, object] = {

@@ -291,7 +291,7 @@ def run_export(
         if not report_only:
             jobs.mark_failed(series_uid, f"no result objects in {results}")
         return "failed", 0.0
-    calling = config.export.calling_ae_title or config.node.ae_title
+    calling = config.export_calling_ae_title()
     previous = {e.destination: e for e in rec.exports}
     retry_after: list[float] = []
     failures: list[str] = []

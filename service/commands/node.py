@@ -75,36 +75,28 @@ def echo(
     ] = None,
     port: Annotated[int | None, typer.Option(help="default: node.port")] = None,
     called_ae: Annotated[str | None, typer.Option(help="default: node.ae_title")] = None,
-    calling_ae: Annotated[str, typer.Option(help="our AE title")] = "L3SPOT_ECHO",
+    calling_ae: Annotated[
+        str | None, typer.Option(help="our AE title (default: L3SPOT_ECHO)")
+    ] = None,
     timeout: Annotated[float, typer.Option(help="seconds")] = 10.0,
 ) -> None:
     """C-ECHO a DICOM node (default: this node); exit 0 when it answers success.
 
-    Used as the container health check.
+    Used as the container health check. The C-ECHO is :func:`core.echo.echo_scp`, the one
+    the web page's test button and ``/readyz`` use.
     """
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-
-    from core.netpatch import guard_scu_reactor
+    from core.echo import DEFAULT_CALLING_AE, connect_address, echo_scp
 
     cfg = _load(config)
-    h = host or ("127.0.0.1" if cfg.node.host in ("0.0.0.0", "::", "") else cfg.node.host)
+    h = host or connect_address(cfg.node.host)
     p = port or cfg.node.port
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    ae.add_requested_context(Verification)
-    assoc = ae.associate(h, p, ae_title=called_ae or cfg.node.ae_title)
-    if not assoc.is_established:
-        typer.echo(f"echo {h}:{p}: association failed", err=True)
+    result = echo_scp(
+        h, p, called_ae or cfg.node.ae_title, calling_ae or DEFAULT_CALLING_AE, timeout
+    )
+    if not result.ok:
+        typer.echo(f"echo {h}:{p}: {result.outcome}: {result.detail}", err=True)
         raise typer.Exit(1)
-    guard_scu_reactor(assoc)  # pynetdicom 3.0.4 race, see docs/reliability.md
-    status = assoc.send_c_echo()
-    assoc.release()
-    code = int(status.Status) if "Status" in status else None
-    if code != 0:
-        typer.echo(f"echo {h}:{p}: status {code}", err=True)
-        raise typer.Exit(1)
-    typer.echo(f"echo {h}:{p}: success")
+    typer.echo(f"echo {h}:{p}: success ({result.rtt_ms:.0f} ms)")
 
 
 def register(app: typer.Typer) -> None:

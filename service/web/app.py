@@ -8,14 +8,33 @@ Routes
 ``GET /jobs/<uid>/overview.png`` the results folder's ``overview.png`` (MIP, L3 line, curves)
 ``GET /jobs/<uid>/l3.png``       the Secondary Capture (``sc.dcm``) decoded to PNG
 ``POST /jobs/<uid>/retry``       re-queue as ``l3spot retry`` (CSRF token + same origin)
+``GET /destinations``            each export destination: last success, last failure and
+                                 why, series waiting, newest C-ECHO result
+``POST /destinations/<i>/echo``  C-ECHO destination ``i`` now (CSRF token + same origin);
+                                 303 to ``/destinations?echoed=<i>`` showing the outcome
+                                 (success, association rejected, connection refused,
+                                 timeout, ...) and the round-trip time
 ``GET /measurements.csv``        every result, the columns of ``l3spot analyze --csv``
-``GET /healthz``                 JSON, 200 or 503 (no authentication: holds no patient data)
+                                 (text cells that a spreadsheet would run as a formula
+                                 are escaped: :func:`core.result.csv_safe`)
+``GET /livez``                   liveness, JSON: 200 while the SCP serves, else 503
+``GET /readyz``                  readiness, JSON: 503 when the SCP, broker, workers or disk
+                                 fail; 200 ``degraded`` when a destination fails C-ECHO
+``GET /healthz``                 JSON, 200 or 503: the readiness checks without the
+                                 destinations (as before ``/readyz``, for existing monitors)
 ``GET /metrics``                 Prometheus text format
 
-Access: with ``web.token`` set every route but ``/healthz`` needs it, as a bearer token
+The three health routes need no token (they hold no patient data).
+
+Access: with ``web.token`` set every other route needs it, as a bearer token
 (``Authorization: Bearer <token>``) or as the password of HTTP Basic authentication (any
 user name; browsers ask for it). :func:`check_web_config` refuses a listen address other than
 loopback without a token.
+
+Host check (DNS rebinding): every route answers 400 unless the request's ``Host`` names
+an allowed host (:func:`allowed_hosts`: the loopback names, ``web.host`` when it is one
+address, ``web.allowed_hosts``; any port). The health routes also accept any IP address
+as ``Host`` (probes address the node by IP; a rebinding page always sends its own name).
 """
 
 from __future__ import annotations
@@ -24,8 +43,10 @@ import hashlib
 import hmac
 import io
 import ipaddress
+import logging
 import secrets
 import threading
+import time
 from collections import OrderedDict
 from datetime import date, datetime
 from pathlib import Path
@@ -44,10 +65,11 @@ from core.jobs import JobNotFoundError, JobState
 from core.labels import COMPARTMENT_COLOURS
 from core.labels import COMPARTMENTS as COMPARTMENT_KEYS
 from core.layout import OVERVIEW_FILE, SC_FILE
+from core.logs import log_event
 from service.metrics import registry_for
 from service.requeue import RETRY_ERRORS, RetryError, requeue_series
 from service.spool import is_valid_uid
-from service.web.health import NodeProbe, health
+from service.web.health import DestinationMonitor, NodeProbe, health, liveness, readiness
 from service.web.views import (
     COMPARTMENTS,
     PIPELINE_STAGES,
@@ -55,8 +77,16 @@ from service.web.views import (
     JobViews,
 )
 
+log = logging.getLogger(__name__)
+
 #: Most job rows one page shows.
 MAX_ROWS = 1000
+#: Names of loopback that every page answers to as ``Host`` (with any port).
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+#: Routes that also answer to any IP address as ``Host`` (health probes).
+HEALTH_ENDPOINTS = frozenset({"healthz", "livez", "readyz"})
+#: A refused ``Host`` is logged at most once per name in this many seconds.
+HOST_LOG_INTERVAL_S = 60.0
 
 
 class WebConfigError(L3SpotError, ValueError):
@@ -85,6 +115,86 @@ def check_web_config(web: WebConfig) -> None:
         raise WebConfigError(
             f"web.host {web.host!r} is not loopback: set web.token (bearer token / Basic"
             " password) or bind web.host to 127.0.0.1"
+        )
+
+
+def allowed_hosts(web: WebConfig) -> frozenset[str] | None:
+    """The host names the page answers to as ``Host``; None = any (``"*"`` configured).
+
+    The loopback names (:data:`LOOPBACK_HOSTS`), ``web.host`` when it is one address (not a
+    wildcard such as ``0.0.0.0``), and ``web.allowed_hosts``; lower case, IPv6 without
+    brackets. An entry with a leading dot stands for its subdomains.
+    """
+    extra = [h.strip("[]") for h in web.allowed_hosts]
+    if "*" in extra:
+        return None
+    names = set(LOOPBACK_HOSTS) | set(extra)
+    bind = web.host.strip().strip("[]").lower()
+    if bind not in ("", "0.0.0.0", "::"):
+        names.add(bind)
+    return frozenset(names)
+
+
+def host_name(host: str) -> str:
+    """The name part of a ``Host`` value (``host[:port]``, ``[v6][:port]``), lower case."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else ""
+    return host.partition(":")[0].rstrip(".")
+
+
+def host_allowed(host: str, allowed: frozenset[str] | None, any_ip: bool = False) -> bool:
+    """True when ``Host`` value ``host`` names an allowed host (see :func:`allowed_hosts`).
+
+    Parameters
+    ----------
+    host : the request's ``Host`` (``request.host``; "" when missing or malformed).
+    allowed : :func:`allowed_hosts`; None allows every host.
+    any_ip : also allow any IP address (the health routes).
+    """
+    if allowed is None:
+        return True
+    name = host_name(host)
+    if not name:
+        return False
+    try:
+        ip = ipaddress.ip_address(name)
+    except ValueError:
+        ip = None
+    if ip is not None and (any_ip or ip.is_loopback):
+        return True
+    return name in allowed or any(
+        a.startswith(".") and name.endswith(a) and len(name) > len(a) for a in allowed
+    )
+
+
+class _HostLog:
+    """Refused ``Host`` names, logged at most once per :data:`HOST_LOG_INTERVAL_S` each."""
+
+    def __init__(self, size: int = 256) -> None:
+        self.size = size
+        self._last: OrderedDict[str, float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def refused(self, host: str, path: str, remote: str | None) -> None:
+        now = time.monotonic()
+        key = host[:100]
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last < HOST_LOG_INTERVAL_S:
+                return
+            self._last[key] = now
+            self._last.move_to_end(key)
+            while len(self._last) > self.size:
+                self._last.popitem(last=False)
+        log_event(
+            log,
+            "web_host_refused",
+            logging.WARNING,
+            host=key,
+            path=path[:200],
+            remote_address=remote,
+            hint="not a name of this page: add it to web.allowed_hosts if it is",
         )
 
 
@@ -165,15 +275,22 @@ def _fmt_da(d: date | None) -> str:
     return d.isoformat() if d else ""
 
 
-def create_app(config: Config, probe: NodeProbe | None = None, celery: Any | None = None) -> Flask:
+def create_app(
+    config: Config,
+    probe: NodeProbe | None = None,
+    celery: Any | None = None,
+    monitor: DestinationMonitor | None = None,
+) -> Flask:
     """The web application of one node.
 
     Parameters
     ----------
     config : the node's configuration (``node`` folders, ``export``, ``web``).
-    probe : the running node's self-report for ``/healthz`` (None: TCP connect to the SCP).
+    probe : the running node's self-report for the health routes (None: TCP connect to the
+        SCP).
     celery : the configured Celery app for retries (None: configured from ``config`` on the
         first retry).
+    monitor : the destinations' C-ECHO results (None: one for ``config``).
 
     Raises
     ------
@@ -193,6 +310,9 @@ def create_app(config: Config, probe: NodeProbe | None = None, celery: Any | Non
     csrf_key = secrets.token_bytes(32)
     token = (config.web.token or "").strip()
     state: dict[str, Any] = {"celery": celery}
+    hosts = allowed_hosts(config.web)
+    host_log = _HostLog()
+    monitor = monitor or DestinationMonitor(config)
 
     app.jinja_env.filters.update(time=_fmt_time, num=_fmt_num, da=_fmt_da)
     app.jinja_env.globals.update(
@@ -204,14 +324,39 @@ def create_app(config: Config, probe: NodeProbe | None = None, celery: Any | Non
         colours={COMPARTMENT_KEYS[k]: f"rgb{c}" for k, c in COMPARTMENT_COLOURS.items()},
     )
 
+    def _csrf(purpose: str) -> str:
+        return hmac.new(csrf_key, purpose.encode(), hashlib.sha256).hexdigest()
+
     def csrf_token(series_uid: str) -> str:
-        return hmac.new(csrf_key, f"retry:{series_uid}".encode(), hashlib.sha256).hexdigest()
+        """The retry form's token, bound to one series."""
+        return _csrf(f"retry:{series_uid}")
+
+    def echo_csrf_token(label: str) -> str:
+        """The C-ECHO button's token, bound to one destination."""
+        return _csrf(f"echo:{label}")
 
     app.jinja_env.globals["csrf_token"] = csrf_token
+    app.jinja_env.globals["echo_csrf_token"] = echo_csrf_token
+
+    def _csrf_ok(expected: str) -> bool:
+        return _same_origin() and hmac.compare_digest(request.form.get("csrf", ""), expected)
+
+    @app.before_request
+    def _check_host() -> Response | None:
+        # first: a page reached under a foreign name (DNS rebinding) gets nothing, not even
+        # the token challenge
+        if host_allowed(request.host, hosts, any_ip=request.endpoint in HEALTH_ENDPOINTS):
+            return None
+        host_log.refused(request.headers.get("Host", ""), request.path, request.remote_addr)
+        return Response(
+            "Host not allowed: this page does not answer to that name (web.allowed_hosts)\n",
+            400,
+            mimetype="text/plain",
+        )
 
     @app.before_request
     def _require_token() -> Response | None:
-        if not token or request.endpoint in ("healthz", "static"):
+        if not token or request.endpoint in (*HEALTH_ENDPOINTS, "static"):
             return None
         if _authorized(token):
             return None
@@ -294,8 +439,7 @@ def create_app(config: Config, probe: NodeProbe | None = None, celery: Any | Non
     @app.post("/jobs/<series_uid>/retry")
     def retry(series_uid: str) -> Response:
         uid = _uid_or_404(series_uid)
-        given = request.form.get("csrf", "")
-        if not _same_origin() or not hmac.compare_digest(given, csrf_token(uid)):
+        if not _csrf_ok(csrf_token(uid)):
             abort(403)
         if state["celery"] is None:
             from core.queue import configure_app
@@ -313,6 +457,50 @@ def create_app(config: Config, probe: NodeProbe | None = None, celery: Any | Non
             return redirect(url_for("job", series_uid=uid, error=exc.code), code=303)
         return redirect(url_for("job", series_uid=uid, requeued=what), code=303)
 
+    @app.get("/destinations")
+    def destinations() -> str:
+        echoes = monitor.snapshot()
+        configured = [d.label for d in config.export.destinations]
+        summaries = {r.label: r for r in views.store.destination_states(configured)}
+        rows = [
+            {
+                "index": i,
+                "label": label,
+                "summary": summaries.get(label),
+                "echo": echoes.get(label),
+            }
+            for i, label in enumerate(configured)
+        ]
+        former = [s for label, s in summaries.items() if label not in configured]
+        echoed = request.args.get("echoed", type=int)
+        shown = rows[echoed] if echoed is not None and 0 <= echoed < len(rows) else None
+        return render_template(
+            "destinations.html",
+            rows=rows,
+            former=former,
+            echoed=shown,
+            echo_interval=config.web.destination_echo_interval_seconds,
+        )
+
+    @app.post("/destinations/<int:index>/echo")
+    def echo_destination(index: int) -> Response:
+        if not 0 <= index < len(config.export.destinations):
+            abort(404)
+        dest = config.export.destinations[index]
+        if not _csrf_ok(echo_csrf_token(dest.label)):
+            abort(403)
+        result = monitor.check(index)
+        log_event(
+            log,
+            "destination_echo",
+            destination=dest.label,
+            outcome=str(result.outcome),
+            detail=result.detail,
+            rtt_ms=None if result.rtt_ms is None else round(result.rtt_ms, 1),
+            source="web",
+        )
+        return redirect(url_for("destinations", echoed=index, _anchor=f"dest-{index}"), code=303)
+
     @app.get("/measurements.csv")
     def measurements_csv() -> Response:
         return Response(
@@ -324,6 +512,20 @@ def create_app(config: Config, probe: NodeProbe | None = None, celery: Any | Non
     @app.get("/healthz")
     def healthz() -> Response:
         body, status = health(config, probe, state["celery"])
+        resp = app.json.response(body)
+        resp.status_code = status
+        return resp
+
+    @app.get("/livez")
+    def livez() -> Response:
+        body, status = liveness(config, probe)
+        resp = app.json.response(body)
+        resp.status_code = status
+        return resp
+
+    @app.get("/readyz")
+    def readyz() -> Response:
+        body, status = readiness(config, probe, state["celery"], monitor)
         resp = app.json.response(body)
         resp.status_code = status
         return resp

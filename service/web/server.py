@@ -33,9 +33,15 @@ class _NodeProbe:
         self.node = node
 
     def scp_listening(self) -> bool:
+        """The SCP's socket is open and its acceptor thread runs ``serve_forever``."""
         server = getattr(self.node, "server", None)
         sock = getattr(server, "socket", None)
-        return sock is not None and sock.fileno() >= 0
+        if sock is None or sock.fileno() < 0:
+            return False
+        # socketserver.BaseServer clears this event while serve_forever runs (stdlib since
+        # Python 2.6); absent on another server class: the open socket decides
+        stopped = getattr(server, "_BaseServer__is_shut_down", None)
+        return not (isinstance(stopped, threading.Event) and stopped.is_set())
 
     def worker_processes(self) -> dict[str, bool] | None:
         supervisor = getattr(self.node, "supervisor", None)

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from subprocess import Popen
@@ -199,19 +199,26 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str, step: fl
 
 def echo_ok(port: int, timeout_s: float = 2.0) -> bool:
     """True when a C-ECHO to ``L3SPOT`` on 127.0.0.1:``port`` succeeds."""
+    from core.echo import echo_scp
+
+    return echo_scp("127.0.0.1", port, "L3SPOT", "TESTECHO", timeout_s).ok
+
+
+@contextlib.contextmanager
+def verification_scp(ae_title: str = "PACS") -> Iterator[int]:
+    """A pynetdicom C-ECHO SCP on an ephemeral 127.0.0.1 port that checks the called AE
+    title; yields the port."""
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-    ae = AE(ae_title="TESTECHO")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
-    ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", port, ae_title="L3SPOT")
-    if not assoc.is_established:
-        return False
-    guard_scu_reactor(assoc)
-    status = assoc.send_c_echo()
-    assoc.release()
-    return "Status" in status and int(status.Status) == 0
+    ae = AE(ae_title=ae_title)
+    ae.require_called_aet = True
+    ae.add_supported_context(Verification)
+    server = ae.start_server(("127.0.0.1", 0), block=False)
+    try:
+        yield int(server.server_address[1])
+    finally:
+        ae.shutdown()
 
 
 def start_node(config: Path, log_path: Path, port: int, timeout_s: float = 60) -> Popen[bytes]:

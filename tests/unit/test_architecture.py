@@ -108,7 +108,8 @@ NODE_PROCESS = textwrap.dedent(
             time.sleep(0.1)
         assert state == JobState.QUEUED, state
         base = f"http://127.0.0.1:{web_port}"
-        pages = ("/", f"/jobs/{series}", "/healthz", "/metrics", "/measurements.csv")
+        pages = ("/", f"/jobs/{series}", "/healthz", "/metrics", "/measurements.csv", "/livez")
+        pages += ("/readyz", "/destinations")
         for path in pages:
             with urllib.request.urlopen(base + path, timeout=10) as resp:
                 assert resp.status == 200 and resp.read(), path

@@ -9,6 +9,7 @@ from core.result import (
     AnalysisResult,
     SourceInfo,
     composition_fields,
+    csv_safe,
     l3_result,
     result_csv_row,
 )
@@ -74,6 +75,23 @@ def test_csv_row_has_every_header_column_as_text() -> None:
     assert row["qa_flags"] == "body_truncated;low_l3_confidence"
     assert row["sarcopenia_flag"] == "false" and row["time_total_s"] == "1.75"
     assert "patient_name" not in row and "patient_id" not in row
+
+
+def test_csv_text_cells_that_start_a_formula_are_quoted_numbers_are_not() -> None:
+    """OWASP CSV injection: ``= + - @``, tab and CR lead a formula; ``-12.3`` is a number."""
+    for text in ('=HYPERLINK("http://x/","y")', "+1+1", "-1+1", "@SUM(A1)", "\t=1", "\r=1", "-"):
+        assert csv_safe(text) == "'" + text, text
+    for text in ("-12.3", "+4", "-.5", "-1e-05", "abdomen =1", "", "045Y", "1.2.840.10008"):
+        assert csv_safe(text) == text, text
+    r = _done()
+    assert r.source is not None and r.composition is not None
+    r.source.series_description = "=cmd|' /C calc'!A0"
+    r.source.input_path = "-x.dcm"
+    r.composition["vat"].mean_hu = -87.25
+    row = result_csv_row(r)
+    assert row["series_description"] == "'=cmd|' /C calc'!A0"
+    assert row["input_path"] == "'-x.dcm"
+    assert row["vat_mean_hu"] == "-87.25"
 
 
 def test_failed_record_and_row() -> None:

