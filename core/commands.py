@@ -1,12 +1,17 @@
 """What every process's CLI commands share: the ``--config`` option and loading it.
 
-A configuration error is one clear line and exit status 2, never a traceback.
+A configuration error is one clear line and a non-zero exit status, never a traceback:
+``error: ...`` on stderr for one-shot commands, a JSON ``startup_failed`` log line on stdout
+for the long-running ones (``serve``, ``worker``), whose logs are on stdout
+(:mod:`core.logs`).
 """
 
 from __future__ import annotations
 
+import logging
+import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -17,16 +22,64 @@ ConfigOpt = Annotated[
     typer.Option("--config", "-c", help="config.yaml (default: $L3SPOT_CONFIG or ./config.yaml)"),
 ]
 
+#: Exit status of a configuration error (as click's usage errors).
+EXIT_CONFIG = 2
+#: Exit status of any other startup error (port in use, folder not writable, ...).
+EXIT_STARTUP = 1
 
-def load_for_cli(config: Path | None) -> Config:
-    """The configuration from ``config`` (or the default path), logging set up; exit 2 on error."""
+log = logging.getLogger("l3spot")
+
+
+def load_for_cli(config: Path | None, service: bool = False) -> Config:
+    """The configuration from ``config`` (or the default path), logging set up.
+
+    Parameters
+    ----------
+    config : the ``--config`` value (None: ``$L3SPOT_CONFIG`` or ``./config.yaml``).
+    service : True for a long-running process (``serve``, ``worker``): logs go to stdout
+        and an error is a ``startup_failed`` log line; False: logs go to stderr and an error
+        is ``error: ...`` on stderr.
+
+    Raises
+    ------
+    typer.Exit
+        With status :data:`EXIT_CONFIG` when the configuration is invalid.
+    """
     from core.config import ConfigError, load_config
     from core.logs import setup_logging
 
     try:
         cfg = load_config(config)
     except ConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
-    setup_logging(cfg.logging.level, cfg.logging.json_logs)
+        if service:
+            setup_logging()  # the configured format is unknown: the default, JSON on stdout
+        fail(exc, EXIT_CONFIG, service)
+    setup_logging(
+        cfg.logging.level, cfg.logging.json_logs, stream=sys.stdout if service else sys.stderr
+    )
     return cfg
+
+
+def fail(error: BaseException | str, code: int = EXIT_STARTUP, service: bool = True) -> NoReturn:
+    """Report a startup error as one line and exit with ``code``.
+
+    Parameters
+    ----------
+    error : the error; its text must name what is wrong (the key, port or folder).
+    code : exit status, non-zero.
+    service : as in :func:`load_for_cli`: a ``startup_failed`` log line (logging must be
+        set up) or ``error: ...`` on stderr.
+
+    Raises
+    ------
+    typer.Exit
+        Always.
+    """
+    from core.logs import log_event
+
+    text = str(error)
+    if service:
+        log_event(log, "startup_failed", logging.ERROR, error=text, exit_code=code)
+    else:
+        typer.echo(f"error: {text}", err=True)
+    raise typer.Exit(code)

@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from core.composition_params import LEGACY_FLAT_KEYS, ClassicalParams
 from core.errors import ConfigError
@@ -306,9 +313,15 @@ class RetentionConfig(_Section):
 
 
 class LoggingConfig(_Section):
+    """Logs: one JSON object per line on stdout for ``serve`` and ``worker`` (core/logs.py)."""
+
     level: str = "INFO"
     json_logs: bool = True
     audit_log: Path | None = None  # default: <spool_dir>/../audit.log
+    # the node C-ECHOes each export destination once at start, from a background thread, and
+    # logs one destination_echo line each; ACSE/DIMSE/network timeout (s) of that C-ECHO,
+    # 0 = no C-ECHO at start
+    startup_echo_timeout_seconds: float = Field(5.0, ge=0)
 
 
 class Config(_Section):
@@ -372,6 +385,30 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _config_path(path: str | Path | None, environ: dict[str, str]) -> Path:
+    return Path(path or environ.get(ENV_CONFIG_PATH) or "config.yaml")
+
+
+def config_file(
+    path: str | Path | None = None, environ: dict[str, str] | None = None
+) -> Path | None:
+    """The file :func:`load_config` reads for these arguments, absolute; None when none exists
+    (the built-in defaults and the environment only)."""
+    cfg_path = _config_path(path, dict(os.environ if environ is None else environ))
+    return cfg_path.resolve() if cfg_path.is_file() else None
+
+
+def _one_line(exc: ValidationError) -> str:
+    """``key.path: message; ...`` for each error, on one line, without the values (which may
+    be secrets such as a token or a broker password)."""
+    parts = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<top level>"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        parts.append(f"{key}: {' '.join(msg.split())}")
+    return "; ".join(parts)
+
+
 def load_config(path: str | Path | None = None, environ: dict[str, str] | None = None) -> Config:
     """Load the configuration.
 
@@ -388,13 +425,13 @@ def load_config(path: str | Path | None = None, environ: dict[str, str] | None =
     """
     environ = dict(os.environ if environ is None else environ)
     explicit = path is not None or ENV_CONFIG_PATH in environ
-    cfg_path = Path(path or environ.get(ENV_CONFIG_PATH) or "config.yaml")
+    cfg_path = _config_path(path, environ)
     data: dict[str, Any] = {}
     if cfg_path.is_file():
         try:
             data = yaml.safe_load(cfg_path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{cfg_path}: not valid YAML: {exc}") from exc
+            raise ConfigError(f"{cfg_path}: not valid YAML: {' '.join(str(exc).split())}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{cfg_path}: top level must be a mapping")
     elif explicit:
@@ -402,8 +439,11 @@ def load_config(path: str | Path | None = None, environ: dict[str, str] | None =
     data = _merge(data, _env_overrides(environ))
     try:
         return Config.model_validate(data)
-    except Exception as exc:  # pydantic.ValidationError, with the key path in its text
-        raise ConfigError(f"invalid configuration ({cfg_path}): {exc}") from exc
+    except ValidationError as exc:
+        raise ConfigError(f"invalid configuration ({cfg_path}): {_one_line(exc)}") from exc
+    except Exception as exc:  # a validator's own error type, should pydantic not wrap it
+        text = " ".join(str(exc).split())
+        raise ConfigError(f"invalid configuration ({cfg_path}): {text}") from exc
 
 
 def data_dir() -> Path:

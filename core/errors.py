@@ -19,6 +19,7 @@ The tree::
     ├── JobNotFoundError (KeyError)           no job record for a Series Instance UID
     ├── MalformedDatasetError (ValueError)    an encoded data set is not well-formed (PS3.5 7)
     ├── NetPatchError (RuntimeError)          a pynetdicom patch cannot attach (core.netpatch)
+    ├── StartupError                          a process cannot start (port in use, folder)
     ├── SeriesValidationError                 a series cannot become a valid CT volume
     │   ├── NotCTError, MixedSeriesError, NonAxialError, GantryTiltError,
     │   ├── InconsistentGeometryError, DuplicatePositionError, SliceGapError,
@@ -46,6 +47,7 @@ __all__ = [
     "NotCTError",
     "SeriesValidationError",
     "SliceGapError",
+    "StartupError",
     "TooFewSlicesError",
     "UnreadableFileError",
 ]
@@ -95,6 +97,15 @@ class MalformedDatasetError(L3SpotError, ValueError):
 
 class NetPatchError(L3SpotError, RuntimeError):
     """A patch of :mod:`core.netpatch` cannot attach to the installed pynetdicom."""
+
+
+class StartupError(L3SpotError):
+    """The node or a worker cannot start: a port it cannot listen on, a folder it cannot write.
+
+    The message names what is wrong and where (``cannot listen on 0.0.0.0:11112: address
+    already in use``, ``node.spool_dir /var/spool: cannot write: permission denied``): the
+    command line reports it as one line, not a traceback.
+    """
 
 
 class SeriesValidationError(L3SpotError):

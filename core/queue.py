@@ -25,9 +25,11 @@ What happens to the task of a worker killed with SIGKILL depends on the transpor
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from celery import Celery
+from kombu.utils.url import maybe_sanitize_url
 
 from core.config import Config, load_config
 
@@ -71,7 +73,8 @@ def celery_settings(config: Config) -> dict[str, object]:
         queue, processed, control = root / "queue", root / "processed", root / "control"
         for folder in (queue, processed, control):
             folder.mkdir(parents=True, exist_ok=True)
-        settings["broker_url"] = "filesystem://"
+        # the host named: kombu warns "No hostname was supplied" at each connection otherwise
+        settings["broker_url"] = "filesystem://localhost//"
         settings["broker_transport_options"] = {
             "data_folder_in": str(queue),
             "data_folder_out": str(queue),
@@ -112,6 +115,24 @@ def current_config() -> Config:
         configure_app(load_config())
     assert _config is not None
     return _config
+
+
+def broker_label(config: Config) -> str:
+    """The broker for logs and pages: ``"embedded"``, or its URL with any password masked.
+
+    A failover list (``url1;url2``) is masked part by part; a URL kombu cannot parse loses
+    everything between ``//`` and ``@``.
+    """
+    url = config.broker.url
+    if url is None:
+        return "embedded"
+    parts = []
+    for part in url.split(";"):
+        try:
+            parts.append(maybe_sanitize_url(part))
+        except ValueError:
+            parts.append(re.sub(r"//[^/@]*@", "//**@", part))
+    return ";".join(parts)
 
 
 def send_analysis(celery: Celery, series_dir: Path, token: str | None) -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from core.config import Config
+from core.errors import StartupError
 from core.jobs import JobRecord, JobState, JobStore
 from core.logs import log_event
 from core.queue import ANALYSIS_QUEUE, EXPORT_QUEUE, configure_app, send_analysis, send_export
@@ -36,6 +37,7 @@ from service.audit import AuditLog, audit_log_path
 from service.retention import RetentionThread, start_retention
 from service.scp import start_scp
 from service.spool import Spool
+from service.startup import listen_error, log_node_started
 from service.watcher import SeriesWatcher
 
 log = logging.getLogger(__name__)
@@ -263,7 +265,11 @@ class Node:
         """Start workers (embedded broker), re-queue pending series, then listen."""
         from service.web.server import start_web  # operators' page (issue 8); None if disabled
 
-        self.web = start_web(self)  # first: an unprotected non-loopback page stops the start
+        try:  # first: an unprotected non-loopback page stops the start
+            self.web = start_web(self)
+        except OSError as exc:
+            web = self.config.web
+            raise listen_error("web.host, web.port", web.host, web.port, exc) from exc
         own_workers = self.config.broker.starts_workers()
         if own_workers:
             self.supervisor = WorkerSupervisor(
@@ -295,10 +301,18 @@ class Node:
                 self._web_records = BackgroundCalls("web-records")
                 self.web.observer.record_sender = self._web_records.wrap(record_sender)
             on_stored = self.web.observe(self.watcher.touch)
-        self.ae, self.server = start_scp(self.config, self.spool, on_stored)
+        try:
+            self.ae, self.server = start_scp(self.config, self.spool, on_stored)
+        except OSError as exc:
+            node = self.config.node
+            raise listen_error("node.host, node.port", node.host, node.port, exc) from exc
+        except ValueError as exc:  # TLS files missing, an allowed address that is no IP/CIDR
+            raise StartupError(str(exc)) from exc
         self.watcher.on_stable = self.server.store_handler.forget_series
         if self.web:
             self.web.observer.bind(self.server)
+        web_url = f"http://{self.config.web.host}:{self.web.port}" if self.web else None
+        log_node_started(self.config, self.config_path, self.server.server_address[1], web_url)
 
     def stop(self) -> None:
         """Stop listening, stop the watcher and the reconciliation, stop the child workers."""
@@ -327,7 +341,11 @@ class Node:
 
         signal.signal(signal.SIGTERM, _signal)
         signal.signal(signal.SIGINT, _signal)
-        self.start()
+        try:
+            self.start()
+        except BaseException:  # a port in use: stop the workers and threads already started
+            self.stop()
+            raise
         try:
             done.wait()
         finally:

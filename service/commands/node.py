@@ -20,13 +20,27 @@ def serve(
     """Run the DICOM node (C-STORE/C-ECHO SCP) until SIGTERM/Ctrl-C.
 
     With ``broker.url: null`` it also runs its own workers: the whole node on one machine.
+    Logs are JSON lines on stdout; a startup error (invalid configuration, port in use,
+    folder not writable) is one ``startup_failed`` line and a non-zero exit status.
     """
+    from core.commands import fail
+    from core.errors import L3SpotError
     from service.node import Node
+    from service.startup import check_folders
 
-    cfg = _load(config)
+    cfg = _load(config, service=True)
     if web is not None:
         cfg.web.enabled = web
-    Node(cfg, config.resolve() if config else None).serve_forever()
+    try:
+        check_folders(cfg)
+        node = Node(cfg, config.resolve() if config else None)
+        node.serve_forever()
+    except L3SpotError as exc:  # StartupError, WebConfigError, NetPatchError, ...
+        fail(exc)
+    except OSError as exc:
+        if exc.filename is None:
+            raise  # not a file or folder: a genuine crash, keep the traceback
+        fail(f"{exc.filename}: {exc.strerror or exc}")
 
 
 def jobs(

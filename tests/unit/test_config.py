@@ -69,7 +69,7 @@ def test_embedded_broker_uses_the_filesystem_transport_beside_the_spool(tmp_path
     cfg = Config.model_validate({"node": {"spool_dir": tmp_path / "var" / "spool"}})
     assert cfg.broker.starts_workers()
     s: dict[str, Any] = celery_settings(cfg)
-    assert s["broker_url"] == "filesystem://"
+    assert s["broker_url"] == "filesystem://localhost//"
     opts = s["broker_transport_options"]
     assert opts["polling_interval"] == 0.05
     assert Path(opts["data_folder_in"]) == (tmp_path / "var" / "broker" / "queue").resolve()

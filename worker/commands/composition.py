@@ -161,7 +161,8 @@ def train_seg(
     if not logging.getLogger().handlers:
         from core.logs import setup_logging
 
-        setup_logging("INFO", json_logs=True)  # progress: one JSON line per 20 steps
+        # progress: one JSON line per 20 steps, on stderr (stdout is the command's output)
+        setup_logging("INFO", json_logs=True, stream=sys.stderr)
     try:
         git = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
