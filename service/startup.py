@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import socket
 import tempfile
 import threading
 import time
@@ -207,57 +206,35 @@ def startup_summary(
 
 
 def _echo_destination(dest: Destination, calling_ae_title: str, timeout_s: float) -> dict[str, Any]:
-    """C-ECHO one destination; never raises.
+    """C-ECHO one destination with :func:`core.echo.echo_scp`; never raises.
 
     Returns
     -------
     dict
-        ``ok``, ``status`` (``0x0000`` style, or None without a response), ``error`` (why
-        not, or None) and ``seconds``.
+        ``ok``, ``status`` (``0x0000`` style, or None without a response), ``error`` (the
+        outcome and why, or None) and ``seconds``.
     """
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-
-    from core.netpatch import guard_scu_reactor
+    from core.echo import EchoOutcome, echo_scp
 
     started = time.monotonic()
-    result: dict[str, Any] = {"ok": False, "status": None, "error": None}
-    try:  # pynetdicom says only "association aborted" for a refused or unreachable port
-        socket.create_connection((dest.host, dest.port), timeout=timeout_s).close()
-    except OSError as exc:
-        result["error"] = f"cannot connect: {_reason(exc)}"
-        result["seconds"] = round(time.monotonic() - started, 3)
-        return result
-    ae = AE(ae_title=calling_ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
-    ae.connection_timeout = timeout_s
-    ae.add_requested_context(Verification)
-    try:
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
-        if not assoc.is_established:
-            what = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
-            result["error"] = f"association {what}"
-        else:
-            try:
-                guard_scu_reactor(assoc)  # pynetdicom 3.0.4 race, see docs/reliability.md
-                status = assoc.send_c_echo()
-            finally:
-                assoc.release()
-            code = int(status.Status) if "Status" in status else None
-            result["status"] = None if code is None else f"0x{code:04X}"
-            result["ok"] = code == 0
-            if code is None:
-                result["error"] = "no C-ECHO response (timeout or abort)"
-            elif code != 0:
-                result["error"] = f"C-ECHO status {result['status']}"
-    except Exception as exc:  # a name that does not resolve, a socket error: report it
-        result["error"] = f"{type(exc).__name__}: {exc}"
-    result["seconds"] = round(time.monotonic() - started, 3)
-    return result
+    res = echo_scp(dest.host, dest.port, dest.ae_title, calling_ae_title, timeout_s)
+    error = None
+    if not res.ok:
+        error = (
+            "cannot connect: connection refused"
+            if res.outcome is EchoOutcome.REFUSED
+            else f"{res.outcome}: {res.detail}"
+        )
+    return {
+        "ok": res.ok,
+        "status": None if res.status is None else f"0x{res.status:04X}",
+        "error": error,
+        "seconds": round(time.monotonic() - started, 3),
+    }
 
 
 def _echo_all(config: Config) -> None:
-    calling = config.export.calling_ae_title or config.node.ae_title
+    calling = config.export_calling_ae_title()
     timeout_s = config.logging.startup_echo_timeout_seconds
     for dest in config.export.destinations:
         result = _echo_destination(dest, calling, timeout_s)
