@@ -45,6 +45,11 @@ class NodeProbe(Protocol):
         """Child worker queue -> alive, or None when the node starts no workers."""
         ...
 
+    def records_health(self) -> tuple[bool, str | None] | None:
+        """The series watcher: (no series waits after a failed job-record write or publish,
+        the last such failure), or None when unknown (:meth:`SeriesWatcher.health`)."""
+        ...
+
 
 @dataclass
 class Check:
@@ -115,13 +120,30 @@ def check_disk(config: Config) -> Check:
     return Check(ok, f"{free_mb:.0f} MB free (minimum {config.node.min_free_disk_mb} MB)")
 
 
+def check_records(probe: NodeProbe | None) -> Check:
+    """Every completed series got its job record and queue message (the disk-full case:
+    a series that waits for a failed write is retried by the watcher, and reported here)."""
+    report = getattr(probe, "records_health", None)
+    state = report() if report is not None else None
+    if state is None:
+        return Check(None, "series watcher not visible from here")
+    ok, last_error = state
+    if ok:
+        return Check(
+            True, "job records written" + (f" (last error: {last_error})" if last_error else "")
+        )
+    return Check(False, f"series wait for a failed write or publish: {last_error}")
+
+
 def core_checks(config: Config, probe: NodeProbe | None, celery: Any) -> dict[str, Check]:
-    """The checks whose failure stops the node taking in work: node, broker, workers, disk."""
+    """The checks whose failure stops the node taking in work: node, broker, workers, disk,
+    and the job records (:func:`check_records`)."""
     return {
         "node": check_node(config, probe),
         "broker": check_broker(config),
         "workers": check_workers(config, probe, celery),
         "disk": check_disk(config),
+        "records": check_records(probe),
     }
 
 

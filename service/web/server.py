@@ -43,6 +43,13 @@ class _NodeProbe:
         stopped = getattr(server, "_BaseServer__is_shut_down", None)
         return not (isinstance(stopped, threading.Event) and stopped.is_set())
 
+    def records_health(self) -> tuple[bool, str | None] | None:
+        watcher = getattr(self.node, "watcher", None)
+        if watcher is None:
+            return None
+        state = watcher.health()
+        return state.ok, state.last_error
+
     def worker_processes(self) -> dict[str, bool] | None:
         supervisor = getattr(self.node, "supervisor", None)
         if supervisor is None:

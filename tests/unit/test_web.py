@@ -632,12 +632,32 @@ class FakeProbe:
     def __init__(self, listening: bool = True, workers: dict[str, bool] | None = None) -> None:
         self.listening = listening
         self.workers = workers
+        self.records: tuple[bool, str | None] | None = None
 
     def scp_listening(self) -> bool:
         return self.listening
 
     def worker_processes(self) -> dict[str, bool] | None:
         return self.workers
+
+    def records_health(self) -> tuple[bool, str | None] | None:
+        return self.records
+
+
+def test_a_series_waiting_for_a_failed_database_write_makes_health_fail(case: WebCase) -> None:
+    """Issue 16: with the spool's disk full a series stayed ``received`` while /healthz
+    said 200; now the watcher retries it and health reports it until it is written."""
+    probe = FakeProbe()
+    probe.records = (False, "mark_queued: OperationalError: database or disk is full")
+    c = create_app(case.config, probe=probe).test_client()
+    for path in ("/healthz", "/readyz"):
+        resp = c.get(path)
+        assert resp.status_code == 503, path
+        assert "records" in resp.get_json()["failed"]
+        assert "disk is full" in resp.get_json()["checks"]["records"]["detail"]
+    probe.records = (True, "mark_queued: OperationalError: database or disk is full")
+    assert c.get("/healthz").status_code == 200
+    assert c.get("/livez").status_code == 200
 
 
 def _with_destinations(case: WebCase, *ports: int) -> Config:
