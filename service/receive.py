@@ -24,7 +24,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["INCOMING_DIR", "ReceivedDataset", "SpillingBuffer", "spilling_factory"]
+__all__ = [
+    "INCOMING_DIR",
+    "ReceivedDataset",
+    "SpillingBuffer",
+    "clear_incoming",
+    "spilling_factory",
+]
 
 #: Folder under the spool root for data sets being received (not a UID: the spool ignores it).
 INCOMING_DIR = ".incoming"
@@ -95,6 +101,23 @@ class SpillingBuffer(io.BytesIO):
                 self.path.unlink()
         super().seek(0)
         super().truncate(0)
+
+
+def clear_incoming(spool_root: Path) -> int:
+    """Delete spill files a previous run left (it died while receiving); bytes freed.
+
+    Called when the SCP starts, before any association: nothing is being received then.
+    The sender of such an instance never got a success status and sends it again.
+    """
+    folder = spool_root / INCOMING_DIR
+    freed = 0
+    if folder.is_dir():
+        for leftover in folder.iterdir():
+            with contextlib.suppress(OSError):
+                size = leftover.stat().st_size
+                leftover.unlink()
+                freed += size
+    return freed
 
 
 def spilling_factory(spool_root: Path, spill_mb: int, limit_mb: int) -> Any:

@@ -57,7 +57,7 @@ from core.errors import L3SpotError, NetPatchError
 from core.logs import log_event
 from service.audit import AuditLog, audit_log_path
 from service.gate import ConnectionGate, GatedAssociationServer, gate_recorder
-from service.receive import ReceivedDataset, spilling_factory
+from service.receive import ReceivedDataset, clear_incoming, spilling_factory
 from service.security import FreeBytes, PeerPolicy, disk_free_bytes, make_ssl_context
 from service.spool import Spool, SpoolWriteError, is_valid_uid
 from service.validate import InflateLimitError, MalformedDatasetError, inspect_dataset
@@ -216,6 +216,9 @@ class StoreHandler:
             max(max_pdu, MAX_ASSOCIATE_RQ_BYTES) if max_pdu else UNLIMITED_PDU_GUARD_BYTES
         )
         node = self.config.node
+        freed = clear_incoming(spool.root)
+        if freed:
+            log_event(log, "incoming_leftovers_deleted", bytes=freed)
         self.max_inflated_bytes = node.max_inflated_mb * 1024 * 1024
         self.make_buffer = spilling_factory(spool.root, node.spill_to_disk_mb, node.max_instance_mb)
         self._series_counts: dict[str, int] = {}

@@ -142,3 +142,13 @@ def test_a_decompression_bomb_is_refused_with_a700_kept_in_quarantine_and_memory
     kept = reason_file.with_name(reason_file.name.replace(".reason.json", ".bin"))
     assert kept.read_bytes() == bomb
     assert not (node.spool.root / study).exists()
+
+
+def test_spill_files_a_crashed_node_left_are_deleted_when_the_scp_starts(
+    make_node: Callable[..., ScpNode], tmp_path: Path
+) -> None:
+    leftover = tmp_path / "n0" / "spool" / INCOMING_DIR / "recv-dead.part"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"x" * 1000)
+    make_node()
+    assert not leftover.exists()

@@ -118,13 +118,15 @@ def sockets() -> Iterator[list[socket.socket]]:
 def test_echo_succeeds_within_5_s_while_12_idle_and_12_trickling_connections_are_open(
     make_node: Callable[..., ScpNode], associate_rq: bytes, sockets: list[socket.socket]
 ) -> None:
-    node = make_node()  # defaults: max_associations 10
-    sockets += [_connect(node.port, IDLER) for _ in range(12)]
-    trickling = [_connect(node.port, TRICKLER) for _ in range(12)]
+    node = make_node()  # defaults: max_associations 10, 8 pending per address
+    # 4 per source address, so that all 24 stay open (the per-address cap has its own test)
+    sockets += [_connect(node.port, f"127.0.0.{10 + i // 4}") for i in range(12)]
+    trickling = [_connect(node.port, f"127.0.0.{20 + i // 4}") for i in range(12)]
     sockets += trickling
     trickler = Trickler(trickling, associate_rq, every_s=1.0)
     try:
         time.sleep(1.5)  # the node has accepted them all and is waiting on them
+        assert not any(_closed_by_peer(s, within_s=0.01) for s in sockets), "not all open"
         took = echo_seconds(node.port, timeout_s=5)
         assert took is not None, "C-ECHO refused while idle and trickling peers were connected"
         assert took < 5.0
