@@ -840,3 +840,12 @@ def test_c_echo_button_tells_success_and_round_trip_or_why_not(case: WebCase) ->
         assert c.post("/destinations/0/echo", data={"csrf": token}, headers=evil).status_code == 403
         assert c.post("/destinations/7/echo", data={"csrf": token}).status_code == 404
         assert c.get("/destinations/0/echo").status_code == 405
+
+
+def test_a_series_deleted_by_retention_says_so_and_links_no_missing_picture(case: WebCase) -> None:
+    store = JobStore(case.config.node.spool_dir)
+    store.mark_purged(case.phantom_uid, spool=True, results=True)
+    shutil.rmtree(case.config.node.resolved_results_dir())
+    html = _client(case).get(f"/jobs/{case.phantom_uid}").get_data(as_text=True)
+    assert 'id="purged"' in html and "the results folder" in html
+    assert "overview.png" not in html
