@@ -258,6 +258,8 @@ def test_redis_restarted_empty_loses_no_job(tmp_path: Path) -> None:
         spool,
         port,
         broker=fast_broker(f"redis://127.0.0.1:{redis_port}/0", socket_timeout_seconds=2),
+        # below the 4 s visibility timeout (the configuration refuses a longer wait)
+        export={"backoff_max_seconds": 2},
     )
     node = start_node(cfg, tmp_path / "node.log", port)
     worker = None
