@@ -13,7 +13,6 @@ composition, no SEG, an SR and an SC saying so), never an error.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import time
@@ -28,7 +27,6 @@ import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset
 
-from core import ALGORITHM_NAME
 from core.config import Config
 from core.dicom import blank_malformed
 from core.errors import AnalysisError, L3SpotError, SeriesValidationError, phi_safe_message
@@ -49,6 +47,14 @@ from worker.outputs.render import render_not_measured, render_overview, render_s
 from worker.outputs.sc import build_sc
 from worker.outputs.seg import build_seg
 from worker.outputs.sr import build_not_measured_sr, build_sr
+from worker.volume.convert import (  # noqa: F401 (NIFTI_*: names of the generated context)
+    NIFTI_PATIENT_ID_PREFIX,
+    NIFTI_PATIENT_NAME,
+    NIFTI_SERIES_DESCRIPTION,
+    file_sha256,
+    nifti_context,
+    nifti_uid_seed,
+)
 from worker.volume.load import CTVolume, PatientInfo, is_nifti, load_series
 
 logger = logging.getLogger(__name__)
@@ -59,40 +65,11 @@ _T = TypeVar("_T")
 #: QA flag when L3 was found but the locator's confidence is below ``locator.min_confidence``.
 LOW_CONFIDENCE_FLAG = "low_l3_confidence"
 
-#: Generated patient context of NIfTI input (documented in docs/outputs.md).
-NIFTI_PATIENT_NAME = "L3SPOT^NIFTI"
-NIFTI_PATIENT_ID_PREFIX = "L3SPOT-"
-NIFTI_SERIES_DESCRIPTION = "NIfTI import (l3spot)"
-
-
 #: PNG encoder settings of ``overview.png``: zlib's Z_RLE strategy (PNG row filters, then
 #: run lengths) encodes the flat panels of the picture in less than half the time of the
 #: default deflate, for a file 10 to 40 % larger (0.32 -> 0.44 MB on the chest CT); the
 #: pixels are the same.
 OVERVIEW_PNG_OPTIONS: dict[str, int | bool] = {"optimize": False, "compress_type": zlib.Z_RLE}
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes (seeds the generated UIDs of NIfTI input)."""
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def nifti_context(volume: CTVolume, sha256: str) -> CTVolume:
-    """``volume`` with the generated patient context of a NIfTI file (content hash based).
-
-    Patient ID ``L3SPOT-<first 16 hex digits of the SHA-256>``, name ``L3SPOT^NIFTI``, no
-    birth date or sex: the same file always lands in the same generated patient and study.
-    """
-    patient = dataclasses.replace(
-        volume.patient,
-        patient_id=NIFTI_PATIENT_ID_PREFIX + sha256[:16],
-        name=NIFTI_PATIENT_NAME,
-    )
-    return dataclasses.replace(volume, patient=patient, series_description=NIFTI_SERIES_DESCRIPTION)
 
 
 @contextmanager
@@ -168,7 +145,7 @@ def load_input(input_path: Path, out_dir: Path, config: Config) -> tuple[CTVolum
         volume = write_ct_series(
             volume,
             out_dir / SOURCE_DIR,
-            uid_seed=f"{ALGORITHM_NAME}-nifti-{sha}",
+            uid_seed=nifti_uid_seed(sha),
             series_description=NIFTI_SERIES_DESCRIPTION,
         )
         return volume, _source_info(input_path, volume, "nifti", sha)
