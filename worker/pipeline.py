@@ -17,7 +17,7 @@ import logging
 import os
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
@@ -121,8 +121,18 @@ def _source_info(path: Path, volume: CTVolume, kind: str, sha: str | None) -> So
     )
 
 
-def load_input(input_path: Path, out_dir: Path, config: Config) -> tuple[CTVolume, SourceInfo]:
-    """Load a DICOM series folder or a NIfTI file; NIfTI gets a generated DICOM context.
+def _input_label(input_path: Path | Sequence[Path]) -> Path:
+    """The path that names an input: itself, or the folder of a list of series files."""
+    if isinstance(input_path, Path):
+        return input_path
+    files = [Path(p) for p in input_path]
+    return Path(os.path.commonpath([str(p.parent) for p in files])) if files else Path()
+
+
+def load_input(
+    input_path: Path | Sequence[Path], out_dir: Path, config: Config
+) -> tuple[CTVolume, SourceInfo]:
+    """Load a DICOM series (folder or files) or a NIfTI file; NIfTI gets a generated context.
 
     Returns
     -------
@@ -136,7 +146,7 @@ def load_input(input_path: Path, out_dir: Path, config: Config) -> tuple[CTVolum
         The input is not a usable CT series (from :func:`worker.volume.load.load_series`).
     """
     min_slices = config.node.min_slices
-    if is_nifti(input_path):
+    if isinstance(input_path, Path) and is_nifti(input_path):
         from worker.volume.write import write_ct_series
 
         volume = load_series(input_path, min_slices=min_slices)
@@ -154,7 +164,7 @@ def load_input(input_path: Path, out_dir: Path, config: Config) -> tuple[CTVolum
         raise SeriesValidationError(
             volume.series_instance_uid, "loaded series has no source files or Series UID"
         )
-    return volume, _source_info(input_path, volume, "dicom", None)
+    return volume, _source_info(_input_label(input_path), volume, "dicom", None)
 
 
 def read_source_header(path: Path) -> Dataset:
@@ -179,7 +189,7 @@ def _read_source(
 
 
 def analyze_series(
-    input_path: Path,
+    input_path: Path | Sequence[Path],
     out_dir: Path,
     config: Config,
     *,
@@ -189,7 +199,9 @@ def analyze_series(
 
     Parameters
     ----------
-    input_path : folder holding one DICOM CT series, or a ``.nii``/``.nii.gz`` file.
+    input_path : folder holding one DICOM CT series, the files of one series (a series that
+        shares its folder, :func:`worker.volume.discover.find_series`), or a
+        ``.nii``/``.nii.gz`` file.
     out_dir : output folder (created); files are replaced atomically, so a re-run with the
         same algorithm version replaces its earlier results (UIDs are deterministic).
     config : the l3spot configuration (``locator``, ``composition``, ``analysis`` and
@@ -214,7 +226,7 @@ def analyze_series(
         The locator, the composition or the output writing failed (with the stage and the
         Series Instance UID).
     """
-    input_path = Path(input_path)
+    input_path = Path(input_path) if isinstance(input_path, str | Path) else tuple(input_path)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     timing: dict[str, float] = {}
