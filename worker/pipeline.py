@@ -42,6 +42,7 @@ from core.result import (
 from worker.composition.measure import CompositionResult, measure_composition
 from worker.locator.locate import L3Location, load_stages, locate_l3
 from worker.mip import FrontalMips, FrontalProjection, Mip, frontal_projection
+from worker.outputs.fhir import export_observation
 from worker.outputs.reference import image_label
 from worker.outputs.render import render_not_measured, render_overview, render_summary
 from worker.outputs.sc import build_sc
@@ -300,6 +301,16 @@ def analyze_series(
         source=source,
         derived=derived,
     )
+    fhir_file = export_observation(
+        result,
+        out_dir,
+        model_versions(config),
+        enabled=config.fhir.enabled,
+        url=config.fhir.url,
+        timeout_s=config.fhir.timeout_seconds,
+    )
+    if fhir_file is not None:
+        result.derived.files["fhir"] = fhir_file.name
     tmp = out_dir / f".{RESULT_JSON}.tmp"
     tmp.write_text(result.to_json())
     os.replace(tmp, out_dir / RESULT_JSON)
@@ -314,6 +325,19 @@ def analyze_series(
         timing_s=timing,
     )
     return result
+
+
+def model_versions(config: Config) -> dict[str, str]:
+    """The models behind a result, by role (the FHIR Observation's Device versions):
+    the locator weights' file names and the composition method (with its weights)."""
+    out = {"locator": config.locator.weights.stem}
+    if config.locator.refine_weights is not None:
+        out["locator refinement"] = config.locator.refine_weights.stem
+    method = config.composition.method
+    out["composition"] = (
+        f"{method} ({config.composition.unet_weights.stem})" if method == "unet" else method
+    )
+    return out
 
 
 def write_outputs(
