@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "destinations": "worker.commands.export",
     "worker": "worker.commands.process",
     "analyze": "worker.commands.analysis",
+    "convert": "worker.commands.convert",
     "mip": "worker.commands.imaging",
     "phantom": "worker.commands.imaging",
     "locate": "worker.commands.locator",

@@ -180,6 +180,27 @@ class ExportConfig(_Section):
     report_not_measured: bool = True
 
 
+class FhirConfig(_Section):
+    """The measurements as a FHIR R4 Observation (worker/outputs/fhir.py, docs/outputs.md).
+
+    The Observation is always written beside ``result.json`` when body composition was
+    measured; sending it is off by default. A failed POST is logged, never fails the analysis.
+    """
+
+    # POST each Observation to ``url`` after the analysis (RESTful create, no retries)
+    enabled: bool = False
+    # base URL of the FHIR R4 server (the resource goes to <url>/Observation), http or https
+    url: str | None = Field(None, pattern=r"^https?://")
+    # connect and read timeout of the POST (s)
+    timeout_seconds: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _url_when_enabled(self) -> FhirConfig:
+        if self.enabled and not self.url:
+            raise ValueError("fhir.enabled needs fhir.url (the FHIR server's base URL)")
+        return self
+
+
 #: Keys that were removed from the ``locator`` section, and why (an old file that still has
 #: one fails with this message instead of pydantic's bare "extra inputs are not permitted").
 REMOVED_LOCATOR_KEYS = {
@@ -337,6 +358,7 @@ class Config(_Section):
     web: WebConfig = Field(default_factory=WebConfig)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    fhir: FhirConfig = Field(default_factory=FhirConfig)
 
     @model_validator(mode="after")
     def _retry_below_visibility_timeout(self) -> Config:

@@ -7,14 +7,15 @@ names them.
 
 ``<results_dir>/<SeriesInstanceUID>/``:
 
-=================  =================================================================
-``result.json``    the record of the analysis (:class:`core.result.AnalysisResult`)
-``seg.dcm``        DICOM SEG (SMA, IMAT, VAT, SAT on the L3 image)
-``sr.dcm``         TID 1500 Comprehensive 3D SR
-``sc.dcm``         RGB Secondary Capture (L3 slice with masks, MIP with the L3 line)
-``overview.png``   the same picture as the SC, for the web page
-``source/``        NIfTI inputs only: the CT series written from the NIfTI
-=================  =================================================================
+=========================  =================================================================
+``result.json``            the record of the analysis (:class:`core.result.AnalysisResult`)
+``seg.dcm``                DICOM SEG (SMA, IMAT, VAT, SAT on the L3 image)
+``sr.dcm``                 TID 1500 Comprehensive 3D SR
+``sc.dcm``                 RGB Secondary Capture (L3 slice with masks, MIP with the L3 line)
+``overview.png``           the same picture as the SC, for the web page
+``observation.fhir.json``  the measurements as a FHIR R4 Observation (when measured)
+``source/``                NIfTI inputs only: the CT series written from the NIfTI
+=========================  =================================================================
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ SR_FILE = "sr.dcm"
 SC_FILE = "sc.dcm"
 OVERVIEW_FILE = "overview.png"
 SOURCE_DIR = "source"
+#: The FHIR R4 Observation of the measurements (not a DICOM object: not sent to the PACS).
+FHIR_OBSERVATION_FILE = "observation.fhir.json"
 
 #: The DICOM objects sent to the PACS, in the order they are sent.
 RESULT_FILES = (SEG_FILE, SR_FILE, SC_FILE)

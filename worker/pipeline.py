@@ -13,12 +13,11 @@ composition, no SEG, an SR and an SC saying so), never an error.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
@@ -28,7 +27,6 @@ import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset
 
-from core import ALGORITHM_NAME
 from core.config import Config
 from core.dicom import blank_malformed
 from core.errors import AnalysisError, L3SpotError, SeriesValidationError, phi_safe_message
@@ -44,11 +42,20 @@ from core.result import (
 from worker.composition.measure import CompositionResult, measure_composition
 from worker.locator.locate import L3Location, load_stages, locate_l3
 from worker.mip import FrontalMips, FrontalProjection, Mip, frontal_projection
+from worker.outputs.fhir import export_observation
 from worker.outputs.reference import image_label
 from worker.outputs.render import render_not_measured, render_overview, render_summary
 from worker.outputs.sc import build_sc
 from worker.outputs.seg import build_seg
 from worker.outputs.sr import build_not_measured_sr, build_sr
+from worker.volume.convert import (  # noqa: F401 (NIFTI_*: names of the generated context)
+    NIFTI_PATIENT_ID_PREFIX,
+    NIFTI_PATIENT_NAME,
+    NIFTI_SERIES_DESCRIPTION,
+    file_sha256,
+    nifti_context,
+    nifti_uid_seed,
+)
 from worker.volume.load import CTVolume, PatientInfo, is_nifti, load_series
 
 logger = logging.getLogger(__name__)
@@ -59,40 +66,11 @@ _T = TypeVar("_T")
 #: QA flag when L3 was found but the locator's confidence is below ``locator.min_confidence``.
 LOW_CONFIDENCE_FLAG = "low_l3_confidence"
 
-#: Generated patient context of NIfTI input (documented in docs/outputs.md).
-NIFTI_PATIENT_NAME = "L3SPOT^NIFTI"
-NIFTI_PATIENT_ID_PREFIX = "L3SPOT-"
-NIFTI_SERIES_DESCRIPTION = "NIfTI import (l3spot)"
-
-
 #: PNG encoder settings of ``overview.png``: zlib's Z_RLE strategy (PNG row filters, then
 #: run lengths) encodes the flat panels of the picture in less than half the time of the
 #: default deflate, for a file 10 to 40 % larger (0.32 -> 0.44 MB on the chest CT); the
 #: pixels are the same.
 OVERVIEW_PNG_OPTIONS: dict[str, int | bool] = {"optimize": False, "compress_type": zlib.Z_RLE}
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes (seeds the generated UIDs of NIfTI input)."""
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def nifti_context(volume: CTVolume, sha256: str) -> CTVolume:
-    """``volume`` with the generated patient context of a NIfTI file (content hash based).
-
-    Patient ID ``L3SPOT-<first 16 hex digits of the SHA-256>``, name ``L3SPOT^NIFTI``, no
-    birth date or sex: the same file always lands in the same generated patient and study.
-    """
-    patient = dataclasses.replace(
-        volume.patient,
-        patient_id=NIFTI_PATIENT_ID_PREFIX + sha256[:16],
-        name=NIFTI_PATIENT_NAME,
-    )
-    return dataclasses.replace(volume, patient=patient, series_description=NIFTI_SERIES_DESCRIPTION)
 
 
 @contextmanager
@@ -144,8 +122,18 @@ def _source_info(path: Path, volume: CTVolume, kind: str, sha: str | None) -> So
     )
 
 
-def load_input(input_path: Path, out_dir: Path, config: Config) -> tuple[CTVolume, SourceInfo]:
-    """Load a DICOM series folder or a NIfTI file; NIfTI gets a generated DICOM context.
+def _input_label(input_path: Path | Sequence[Path]) -> Path:
+    """The path that names an input: itself, or the folder of a list of series files."""
+    if isinstance(input_path, Path):
+        return input_path
+    files = [Path(p) for p in input_path]
+    return Path(os.path.commonpath([str(p.parent) for p in files])) if files else Path()
+
+
+def load_input(
+    input_path: Path | Sequence[Path], out_dir: Path, config: Config
+) -> tuple[CTVolume, SourceInfo]:
+    """Load a DICOM series (folder or files) or a NIfTI file; NIfTI gets a generated context.
 
     Returns
     -------
@@ -159,7 +147,7 @@ def load_input(input_path: Path, out_dir: Path, config: Config) -> tuple[CTVolum
         The input is not a usable CT series (from :func:`worker.volume.load.load_series`).
     """
     min_slices = config.node.min_slices
-    if is_nifti(input_path):
+    if isinstance(input_path, Path) and is_nifti(input_path):
         from worker.volume.write import write_ct_series
 
         volume = load_series(input_path, min_slices=min_slices)
@@ -168,7 +156,7 @@ def load_input(input_path: Path, out_dir: Path, config: Config) -> tuple[CTVolum
         volume = write_ct_series(
             volume,
             out_dir / SOURCE_DIR,
-            uid_seed=f"{ALGORITHM_NAME}-nifti-{sha}",
+            uid_seed=nifti_uid_seed(sha),
             series_description=NIFTI_SERIES_DESCRIPTION,
         )
         return volume, _source_info(input_path, volume, "nifti", sha)
@@ -177,7 +165,7 @@ def load_input(input_path: Path, out_dir: Path, config: Config) -> tuple[CTVolum
         raise SeriesValidationError(
             volume.series_instance_uid, "loaded series has no source files or Series UID"
         )
-    return volume, _source_info(input_path, volume, "dicom", None)
+    return volume, _source_info(_input_label(input_path), volume, "dicom", None)
 
 
 def read_source_header(path: Path) -> Dataset:
@@ -202,7 +190,7 @@ def _read_source(
 
 
 def analyze_series(
-    input_path: Path,
+    input_path: Path | Sequence[Path],
     out_dir: Path,
     config: Config,
     *,
@@ -212,7 +200,9 @@ def analyze_series(
 
     Parameters
     ----------
-    input_path : folder holding one DICOM CT series, or a ``.nii``/``.nii.gz`` file.
+    input_path : folder holding one DICOM CT series, the files of one series (a series that
+        shares its folder, :func:`worker.volume.discover.find_series`), or a
+        ``.nii``/``.nii.gz`` file.
     out_dir : output folder (created); files are replaced atomically, so a re-run with the
         same algorithm version replaces its earlier results (UIDs are deterministic).
     config : the l3spot configuration (``locator``, ``composition``, ``analysis`` and
@@ -237,7 +227,7 @@ def analyze_series(
         The locator, the composition or the output writing failed (with the stage and the
         Series Instance UID).
     """
-    input_path = Path(input_path)
+    input_path = Path(input_path) if isinstance(input_path, str | Path) else tuple(input_path)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     timing: dict[str, float] = {}
@@ -311,6 +301,16 @@ def analyze_series(
         source=source,
         derived=derived,
     )
+    fhir_file = export_observation(
+        result,
+        out_dir,
+        model_versions(config),
+        enabled=config.fhir.enabled,
+        url=config.fhir.url,
+        timeout_s=config.fhir.timeout_seconds,
+    )
+    if fhir_file is not None:
+        result.derived.files["fhir"] = fhir_file.name
     tmp = out_dir / f".{RESULT_JSON}.tmp"
     tmp.write_text(result.to_json())
     os.replace(tmp, out_dir / RESULT_JSON)
@@ -325,6 +325,19 @@ def analyze_series(
         timing_s=timing,
     )
     return result
+
+
+def model_versions(config: Config) -> dict[str, str]:
+    """The models behind a result, by role (the FHIR Observation's Device versions):
+    the locator weights' file names and the composition method (with its weights)."""
+    out = {"locator": config.locator.weights.stem}
+    if config.locator.refine_weights is not None:
+        out["locator refinement"] = config.locator.refine_weights.stem
+    method = config.composition.method
+    out["composition"] = (
+        f"{method} ({config.composition.unet_weights.stem})" if method == "unet" else method
+    )
+    return out
 
 
 def write_outputs(

@@ -194,7 +194,9 @@ def test_cli_analyze_folder_of_series_appends_csv_rows(
     root = tmp_path / "many"
     shutil.copytree(series_dir, root / "a")
     (root / "bad").mkdir()
-    shutil.copy(next(series_dir.iterdir()), root / "bad")  # one slice: fails validation
+    one = pydicom.dcmread(next(series_dir.iterdir()))  # a series of one slice: fails validation
+    one.SeriesInstanceUID = SERIES_UID + ".9"  # (files are grouped by Series Instance UID)
+    one.save_as(root / "bad" / "one.dcm")
     csv_path = tmp_path / "export.csv"
     res = CliRunner().invoke(
         app, ["analyze", str(root), "--out", str(tmp_path / "o"), "--csv", str(csv_path)]

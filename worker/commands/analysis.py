@@ -19,27 +19,73 @@ def _is_nifti(p: Path) -> bool:
     return p.is_file() and (p.name.endswith(".nii") or p.name.endswith(".nii.gz"))
 
 
-def find_inputs(path: Path) -> list[tuple[str, Path]]:
-    """The series to analyse under ``path``, as (output sub-folder name, input) pairs.
+#: One analysis input: a NIfTI file, a series folder, or the files of one series.
+Input = Path | tuple[Path, ...]
 
-    A NIfTI file, or a folder that directly holds files (one DICOM series), is one input
-    (name ""); otherwise every NIfTI file and every sub-folder holding files is one input,
-    named after it (a folder of many series for the research export).
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        rel = path.relative_to(root)
+    except ValueError:
+        return path.name
+    return "" if str(rel) == "." else rel.as_posix()
+
+
+def find_inputs(path: Path) -> tuple[list[tuple[str, Input]], list[str]]:
+    """The series to analyse under ``path`` and one line per thing skipped.
+
+    Parameters
+    ----------
+    path : a NIfTI file, a DICOMDIR file, or a folder searched recursively (one series,
+        a folder of series folders, a PATIENT/STUDY/SERIES export, a DICOM File-set, or
+        a flat folder mixing several series): :func:`worker.volume.discover.find_series`.
+
+    Returns
+    -------
+    (inputs, skipped)
+        ``inputs`` are (output sub-folder name, input) pairs: the name is the series'
+        folder relative to ``path`` ("" for ``path`` itself), followed by the Series
+        Instance UID when several series share that folder, or the NIfTI file's path
+        without its suffix. ``skipped`` holds "SKIPPED <where> (...): <reason>" lines
+        (non-CT objects, localizers) and the other findings of the search.
+
+    Raises
+    ------
+    typer.BadParameter
+        ``path`` does not exist.
     """
-    if _is_nifti(path):
-        return [("", path)]
-    if not path.is_dir():
+    from worker.volume.discover import find_series
+
+    if not path.exists():
         raise typer.BadParameter(f"{path} is neither a NIfTI file nor a folder")
-    children = sorted(p for p in path.iterdir() if not p.name.startswith("."))
-    if any(p.is_file() and not _is_nifti(p) for p in children):
-        return [("", path)]
-    out: list[tuple[str, Path]] = []
-    for p in children:
-        if _is_nifti(p):
-            out.append((p.name.removesuffix(".gz").removesuffix(".nii"), p))
-        elif p.is_dir():
-            out.append((p.name, p))
-    return out
+    root = path.parent if path.is_file() else path
+    found = find_series(path)
+    per_folder: dict[Path, int] = {}
+    for series in found.series:
+        per_folder[series.folder] = per_folder.get(series.folder, 0) + 1
+    out: list[tuple[str, Input]] = []
+    for series in found.series:
+        name = _relative(series.folder, root)
+        if per_folder[series.folder] > 1:
+            uid = series.series_instance_uid or "no-series-uid"
+            name = f"{name}/{uid}" if name else uid
+        whole_folder = set(series.files) == {
+            p for p in series.folder.rglob("*") if p.is_file() and not p.name.startswith(".")
+        }
+        out.append((name, series.folder if whole_folder else series.files))
+    for nii in found.nifti:
+        rel = _relative(nii, root) if nii != path else ""
+        out.append((rel.removesuffix(".gz").removesuffix(".nii"), nii))
+    lines = [
+        f"SKIPPED {_relative(s.folder, root) or '.'} (series {s.series_instance_uid or '<none>'}"
+        f", {s.n_files} file(s)): {s.reason}"
+        for s in found.skipped
+    ]
+    for series in found.series:
+        for note in series.notes:
+            lines.append(f"note: {_relative(series.folder, root) or '.'}: {note}")
+    lines += [f"note: {n}" for n in found.notes]
+    return out, lines
 
 
 def append_csv(csv_path: Path, rows: list[dict[str, str]]) -> None:
@@ -57,7 +103,11 @@ def append_csv(csv_path: Path, rows: list[dict[str, str]]) -> None:
 
 def analyze(
     input_path: Annotated[
-        Path, typer.Argument(help="DICOM series folder, NIfTI file, or a folder of many series")
+        Path,
+        typer.Argument(
+            help="DICOM series folder, NIfTI file, DICOMDIR, or an export folder of many "
+            "series (searched recursively; every CT series is analysed)"
+        ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder")],
     csv_path: Annotated[
@@ -65,7 +115,12 @@ def analyze(
     ] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Analyse CT series without a server: L3, body composition, SEG/SR/SC, result.json."""
+    """Analyse CT series without a server: L3, body composition, SEG/SR/SC, result.json.
+
+    Finds every CT series under the input by reading headers only (files grouped by Series
+    Instance UID, DICOMDIR read through pydicom's FileSet); each series is analysed into its
+    own folder under --out; non-CT objects and localizers are skipped with a reason line.
+    """
     from core.config import ConfigError, load_config
     from core.errors import L3SpotError
     from core.layout import RESULT_JSON
@@ -77,42 +132,47 @@ def analyze(
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
-    inputs = find_inputs(input_path)
+    inputs, skipped = find_inputs(input_path)
+    for line in skipped:
+        typer.echo(line)
     if not inputs:
-        typer.echo(f"error: no series found under {input_path}", err=True)
+        typer.echo(f"error: no CT series found under {input_path}", err=True)
         raise typer.Exit(2)
+    typer.echo(f"{len(inputs)} series to analyse under {input_path}")
     rows: list[dict[str, str]] = []
     failures = 0
     for name, src in inputs:
         out_dir = out / name if name else out
+        where = src if isinstance(src, Path) else f"{src[0].parent} ({len(src)} files)"
         try:
             result = analyze_series(src, out_dir, cfg)
         except L3SpotError as exc:
             failures += 1
-            kind = "nifti" if _is_nifti(src) else "dicom"
+            kind = "nifti" if isinstance(src, Path) and _is_nifti(src) else "dicom"
             result = AnalysisResult.failed(
                 str(exc),
                 series_instance_uid=getattr(exc, "series_uid", "") or "",
-                source=SourceInfo(input_path=str(src), kind=kind),
+                source=SourceInfo(input_path=str(where), kind=kind),
             )
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / RESULT_JSON).write_text(result.to_json())
-            typer.echo(f"FAILED {src}: {exc}", err=True)
+            typer.echo(f"FAILED {where}: {exc}", err=True)
         else:
             l3 = result.l3
-            where = (
+            found = (
                 f"L3 slice {l3.slice_index} (confidence {l3.confidence:.2f})"
                 if l3.in_field_of_view
                 else "L3 not in field of view"
             )
             sma = (result.composition or {}).get("sma")
             extra = f", SMA {sma.area_cm2:.1f} cm2" if sma else ""
-            typer.echo(f"{src}: {where}{extra} -> {out_dir}")
+            typer.echo(f"{where}: {found}{extra} -> {out_dir}")
         rows.append(result_csv_row(result))
     if csv_path is not None:
         append_csv(csv_path, rows)
     if len(inputs) == 1 and failures == 0:
-        typer.echo(json.dumps({"result": str((out / RESULT_JSON).resolve())}))
+        name = inputs[0][0]
+        typer.echo(json.dumps({"result": str(((out / name) / RESULT_JSON).resolve())}))
     if failures == len(inputs):
         raise typer.Exit(1)
 

@@ -584,9 +584,13 @@ def _read_header(path: Path) -> _Read:
     return _Read(path, header=header, dataset=ds)
 
 
-def _scan(folder: Path, workers: int | None) -> tuple[list[_Read], list[str], list[_Read]]:
-    """Headers of every file under ``folder``: (DICOM files, skip warnings, broken files)."""
-    reads = _parallel_map(_read_header, _list_files(folder), workers)
+def _scan(
+    source: Path | Sequence[Path], workers: int | None
+) -> tuple[list[_Read], list[str], list[_Read]]:
+    """Headers of every file under ``source`` (a folder, or a list of files): (DICOM files,
+    skip warnings, broken files)."""
+    files = _list_files(source) if isinstance(source, Path) else sorted(Path(p) for p in source)
+    reads = _parallel_map(_read_header, files, workers)
     good = [r for r in reads if r.header is not None]
     skipped = [f"skipped {r.path.name}: {r.skipped}" for r in reads if r.skipped]
     broken = [r for r in reads if r.broken]
@@ -679,7 +683,7 @@ def _counts(values: Iterable[str]) -> list[tuple[str, int]]:
 
 
 def load_dicom_series(
-    folder: Path | str,
+    folder: Path | str | Sequence[Path],
     *,
     min_slices: int = 20,
     max_gap_ratio: float | None = 2.0,
@@ -691,7 +695,8 @@ def load_dicom_series(
 
     Parameters
     ----------
-    folder : the series folder.
+    folder : the series folder, or the list of the series' files (a series that shares its
+        folder with others, found by :func:`worker.volume.discover.find_series`).
     min_slices : fewer slices raise :class:`TooFewSlicesError`.
     max_gap_ratio : a slice step larger than this times the median step raises
         :class:`SliceGapError`; None accepts any gap.
@@ -722,8 +727,10 @@ def load_dicom_series(
     read (native 16-bit little endian: straight into a reused buffer and converted to HU in
     place; other encodings through pydicom's decoders).
     """
-    folder = Path(folder)
-    good, warnings, broken = _scan(folder, workers)
+    source = Path(folder) if isinstance(folder, str | Path) else [Path(p) for p in folder]
+    if not isinstance(source, Path):
+        folder = source[0].parent if source else Path()
+    good, warnings, broken = _scan(source, workers)
     heads = [r.header for r in good if r.header is not None]
     series_set = {h.series_instance_uid for h in heads}
     uid = next(iter(series_set)) if len(series_set) == 1 else ""
@@ -1026,11 +1033,16 @@ def is_nifti(path: Path | str) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
-def load_series(path: Path | str, *, min_slices: int = 20, **kwargs: object) -> CTVolume:
-    """Load a CT series: a folder of DICOM files, or a ``.nii`` / ``.nii.gz`` file.
+def load_series(
+    path: Path | str | Sequence[Path], *, min_slices: int = 20, **kwargs: object
+) -> CTVolume:
+    """Load a CT series: a folder of DICOM files, a list of DICOM files, or a ``.nii`` /
+    ``.nii.gz`` file.
 
     Extra keyword arguments go to :func:`load_dicom_series` or :func:`load_nifti`.
     """
+    if not isinstance(path, str | Path):
+        return load_dicom_series(list(path), min_slices=min_slices, **kwargs)  # type: ignore[arg-type]
     p = Path(path)
     if p.is_dir():
         return load_dicom_series(p, min_slices=min_slices, **kwargs)  # type: ignore[arg-type]
