@@ -221,6 +221,9 @@ class DicomwebDestination(_Section):
             )
         if parts.query or parts.fragment:
             raise ValueError("url must not have a query or a fragment (the service's base URL)")
+        if ":" in parts.hostname:
+            # dicomweb-client 0.61 parses the host with [^/:]+ and sends "Host: [" for it
+            raise ValueError("url: an IPv6 address is not supported here; use a host name")
         return v
 
     @model_validator(mode="after")

@@ -8,7 +8,8 @@ PS3.18 Table 10.5.3-1:
 
 * 200 OK: every instance stored (``ReferencedSOPSequence``);
 * 202 Accepted: some stored, the others listed in ``FailedSOPSequence`` (0008,1198), each
-  with its Failure Reason (0008,1197) (a 202 without failures, warnings only, is stored);
+  with its Failure Reason (0008,1197) (a 202 without failures, warnings only, is stored; a
+  202 without a readable response data set is not: nobody can tell what was stored);
 * 400 Bad Request, 409 Conflict, 413, 415: nothing stored, the server refused these objects
   (the reasons per instance when the body lists them): the destination is up;
 * 401/403: our credentials are refused; 404/405: no STOW-RS service at that URL; 429 and
@@ -38,6 +39,7 @@ from core.dicomweb import (
     request_failure,
     request_timeout,
 )
+from core.logs import log_event
 from worker.outcome import ExportOutcome, FailureKind
 
 log = logging.getLogger(__name__)
@@ -147,7 +149,7 @@ def _response_dataset(response: requests.Response) -> Dataset | None:
 
             return _load_xml_dataset(fromstring(response.content))  # type: ignore[no-any-return]
     except Exception as exc:  # noqa: BLE001 (a malformed body: the HTTP status still says it)
-        log.warning("stow_response_unreadable: %s", type(exc).__name__)
+        log_event(log, "stow_response_unreadable", logging.WARNING, error=type(exc).__name__)
     return None
 
 
@@ -167,9 +169,18 @@ def stow_outcome(response: requests.Response, datasets: list[Dataset], label: st
     stored = [
         str(i.ReferencedSOPInstanceUID) for i in referenced if "ReferencedSOPInstanceUID" in i
     ]
+    http = http_status_text(code)
+    if code == 202 and ds is None:
+        # "some instances stored" without the list of which: cannot call it delivered
+        return ExportOutcome(
+            False,
+            "HTTP 202",
+            f"{label}: STOW-RS answered {http} without a readable response data set "
+            "(PS3.18 10.5.3.1): cannot tell which instances were stored",
+            kind=FailureKind.STORE_STATUS,
+        )
     if 200 <= code < 300 and not failed:
         return ExportOutcome(True, stored=stored or [str(d.SOPInstanceUID) for d in datasets])
-    http = http_status_text(code)
     if failed:
         reasons = [int(i.FailureReason) if "FailureReason" in i else None for i in failed]
         items = []

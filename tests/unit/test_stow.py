@@ -88,10 +88,16 @@ def test_a_202_names_each_instance_not_stored_and_its_failure_reason(
     assert outcome.reached  # the server stores: a problem of these objects, not of the PACS
 
 
-def test_a_202_with_warnings_only_is_stored(stub: DicomwebStub, files: list[Path]) -> None:
+def test_a_202_with_warnings_only_is_stored_but_not_one_that_does_not_say_what(
+    stub: DicomwebStub, files: list[Path]
+) -> None:
     stub.status = 202
     stub.body = failed_sop_body([], [(CTImageStorage, u) for u in _uids(files)])
     assert send_results(files, _dest(stub.url), "L3SPOT", timeout_s=10).ok
+    stub.body = None
+    outcome = send_results(files, _dest(stub.url), "L3SPOT", timeout_s=10)
+    assert not outcome.ok and outcome.kind == FailureKind.STORE_STATUS
+    assert "cannot tell which instances were stored" in (outcome.error or "")
 
 
 @pytest.mark.parametrize(
