@@ -11,15 +11,19 @@ and data flows from ``service`` to ``worker``, never back.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -28,7 +32,14 @@ from pydantic import (
 from core.composition_params import LEGACY_FLAT_KEYS, ClassicalParams
 from core.errors import ConfigError
 
-__all__ = ["Config", "ConfigError", "load_config"]
+__all__ = [
+    "AnyDestination",
+    "Config",
+    "ConfigError",
+    "DicomwebDestination",
+    "Destination",
+    "load_config",
+]
 
 ENV_CONFIG_PATH = "L3SPOT_CONFIG"
 ENV_PREFIX = "L3SPOT__"
@@ -142,8 +153,9 @@ VISIBILITY_TIMEOUT_SCHEMES = frozenset({"redis", "rediss", "sqs"})
 
 
 class Destination(_Section):
-    """A C-STORE SCP (the PACS) that receives the SEG, SR and SC."""
+    """A C-STORE SCP (the PACS) that receives the SEG, SR and SC (``kind: dimse``, the default)."""
 
+    kind: Literal["dimse"] = "dimse"  # DIMSE C-STORE (PS3.4 Annex B); old entries have no kind
     ae_title: str = Field(..., max_length=16)
     host: str
     port: int = Field(..., ge=1, le=65535)
@@ -154,8 +166,114 @@ class Destination(_Section):
         return f"{self.ae_title}@{self.host}:{self.port}"
 
 
+#: Host names that only reach this machine: a DICOMweb destination there may use plain HTTP.
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost``, ``::1`` and 127.0.0.0/8 (a connection that never leaves the host)."""
+    host = host.strip("[]").lower()
+    if host in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class DicomwebDestination(_Section):
+    """A DICOMweb origin server that receives the results by STOW-RS (PS3.18 10.5).
+
+    The secret (a bearer token, or the password of HTTP basic authentication) is never in
+    the configuration file: it is read from the environment variable ``secret_env`` or the
+    file ``secret_file`` each time a request is made (a rotated token file is picked up
+    without a restart). Plain ``http://`` is refused unless the host is this machine
+    (loopback) or ``allow_insecure_http`` says that the network between is trusted.
+    """
+
+    kind: Literal["dicomweb"]
+    # base URL of the DICOMweb service (STOW-RS posts to <url>/studies, QIDO-RS probes
+    # <url>/studies?limit=1), e.g. https://pacs.example.org/dicom-web; no user:password@,
+    # no query
+    url: str
+    auth: Literal["none", "bearer", "basic"] = "none"  # HTTP Authorization scheme (RFC 6750/7617)
+    username: str | None = None  # basic: the user name (not secret)
+    secret_env: str | None = None  # name of the environment variable holding the secret
+    secret_file: Path | None = None  # or: a file holding it (trailing newline stripped)
+    tls_verify: bool = True  # verify the server's certificate and host name (https)
+    tls_ca_certificate: Path | None = None  # CA bundle to verify it with; null = system CAs
+    # plain http to a host other than this machine (results and the secret unencrypted)
+    allow_insecure_http: bool = False
+    # connect and read timeout of one request (s); null = export.timeout_seconds
+    timeout_seconds: float | None = Field(None, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url_valid(cls, v: str) -> str:
+        v = v.strip().rstrip("/")
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"url must be http(s)://host[:port]/path, not {v!r}")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError(
+                "url must not carry user:password@ (it would be logged and shown as the "
+                "destination's label); use auth with secret_env or secret_file"
+            )
+        if parts.query or parts.fragment:
+            raise ValueError("url must not have a query or a fragment (the service's base URL)")
+        if ":" in parts.hostname:
+            # dicomweb-client 0.61 parses the host with [^/:]+ and sends "Host: [" for it
+            raise ValueError("url: an IPv6 address is not supported here; use a host name")
+        return v
+
+    @model_validator(mode="after")
+    def _auth_and_transport(self) -> DicomwebDestination:
+        host = urlsplit(self.url).hostname or ""
+        if self.url.startswith("http://") and not (
+            is_loopback_host(host) or self.allow_insecure_http
+        ):
+            raise ValueError(
+                f"{self.url}: plain http sends the results (patient data) and any secret "
+                "unencrypted; use https, or set allow_insecure_http: true for a trusted "
+                "network segment"
+            )
+        if self.auth == "none":
+            if self.secret_env or self.secret_file or self.username:
+                raise ValueError("username, secret_env and secret_file need auth: bearer|basic")
+            return self
+        if (self.secret_env is None) == (self.secret_file is None):
+            raise ValueError(f"auth: {self.auth} needs exactly one of secret_env, secret_file")
+        if self.auth == "basic" and not self.username:
+            raise ValueError("auth: basic needs username")
+        if self.auth == "bearer" and self.username:
+            raise ValueError("username is for auth: basic only")
+        return self
+
+    @property
+    def label(self) -> str:
+        """The base URL (never with credentials), the key of a destination in the job records."""
+        return self.url
+
+
+def _destination_kind(value: Any) -> str:
+    """The discriminator of a destination: ``kind``, ``dimse`` when absent (old files)."""
+    if isinstance(value, dict):
+        return str(value.get("kind", "dimse"))
+    return str(getattr(value, "kind", "dimse"))
+
+
+#: One export destination: a C-STORE SCP or a DICOMweb STOW-RS service.
+AnyDestination = Destination | DicomwebDestination
+
+_DestinationField = Annotated[
+    Annotated[Destination, Tag("dimse")] | Annotated[DicomwebDestination, Tag("dicomweb")],
+    Discriminator(_destination_kind),
+]
+
+
 class ExportConfig(_Section):
-    """Sending the results back (C-STORE SCU), retried until the PACS answers again.
+    """Sending the results back (C-STORE SCU or DICOMweb STOW-RS), retried until the PACS
+    answers again.
 
     A failed delivery to a destination is retried after ``backoff_initial_seconds``,
     doubling up to ``backoff_max_seconds`` (5, 10, 20 ... 640, then every 900 s), for
@@ -163,7 +281,7 @@ class ExportConfig(_Section):
     5 x 900 s), and only then ``failed``. docs/reliability.md "Export that waits for the PACS".
     """
 
-    destinations: list[Destination] = Field(default_factory=list)
+    destinations: list[_DestinationField] = Field(default_factory=list)
     calling_ae_title: str | None = None  # default: node.ae_title
     # hours a destination's delivery keeps being retried after its first failed attempt
     retry_for_hours: float = Field(24.0, gt=0)

@@ -4,6 +4,10 @@ One function, :func:`echo_scp`, for every place that asks: ``l3spot echo`` (the 
 health check), the readiness check of the destinations (``/readyz``) and the web page's
 C-ECHO test button. It never raises for a peer that is not there: it says what happened,
 in the words an operator checks first (refused, timed out, rejected and why, aborted).
+
+An export destination is checked with :func:`probe_destination`: C-ECHO for a C-STORE SCP,
+a QIDO-RS request (:func:`probe_dicomweb`) for a DICOMweb service, both answered as an
+:class:`EchoResult`.
 """
 
 from __future__ import annotations
@@ -18,6 +22,15 @@ from typing import Any
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from core.config import AnyDestination, DicomwebDestination
+from core.dicomweb import (
+    CredentialsError,
+    HttpFailure,
+    http_session,
+    http_status_text,
+    qido_probe_url,
+    request_failure,
+)
 from core.netpatch import guard_scu_reactor
 
 #: Our AE title of ``l3spot echo`` when none is given.
@@ -33,7 +46,8 @@ class EchoOutcome(StrEnum):
     TIMEOUT = "timeout"  # no TCP connection, A-ASSOCIATE-AC or C-ECHO response in time
     REJECTED = "association rejected"  # A-ASSOCIATE-RJ (PS3.8 9.3.4): AE title, limits
     ABORTED = "association aborted"  # A-ABORT, connection closed, or Verification refused
-    FAILED = "failed"  # a C-ECHO response with a status other than Success
+    FAILED = "failed"  # a C-ECHO response with a status other than Success (HTTP: not 2xx)
+    TLS = "TLS failure"  # DICOMweb: the TLS handshake failed (certificate, protocol)
 
 
 def connect_address(bind_host: str) -> str:
@@ -51,8 +65,10 @@ class EchoResult:
     detail : one line for an operator (rejection result/source/reason, status code).
     rtt_ms : milliseconds from the connection attempt to the C-ECHO response (association
         included, release not); None when no response came.
-    status : the C-ECHO response's Status (0x0000 = Success), None when none came.
+    status : the C-ECHO response's Status (0x0000 = Success), or the HTTP status code of a
+        DICOMweb probe; None when none came.
     at : Unix time (s) the attempt started.
+    check : what was tried, as the page and ``/readyz`` name it (``C-ECHO``, ``QIDO-RS``).
     """
 
     outcome: EchoOutcome
@@ -60,6 +76,7 @@ class EchoResult:
     rtt_ms: float | None = None
     status: int | None = None
     at: float = 0.0
+    check: str = "C-ECHO"
 
     @property
     def ok(self) -> bool:
@@ -74,7 +91,39 @@ class EchoResult:
             "detail": self.detail,
             "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 1),
             "at": self.at,
+            "check": self.check,
         }
+
+
+#: What :func:`probe_destination` runs for each kind of destination, as the page names it.
+CHECK_NAMES = {"dimse": "C-ECHO", "dicomweb": "QIDO-RS"}
+
+
+def check_name(dest: AnyDestination) -> str:
+    """``C-ECHO`` or ``QIDO-RS``: the test :func:`probe_destination` runs for ``dest``."""
+    return CHECK_NAMES[dest.kind]
+
+
+def probe_destination(
+    dest: AnyDestination, calling_ae: str = DEFAULT_CALLING_AE, timeout_s: float = 10.0
+) -> EchoResult:
+    """Is an export destination there? C-ECHO for a C-STORE SCP, QIDO-RS for DICOMweb.
+
+    Parameters
+    ----------
+    dest : the destination (``export.destinations[]``).
+    calling_ae : our AE title (C-ECHO only).
+    timeout_s : the check's timeout (s), as in :func:`echo_scp` and
+        :func:`core.dicomweb.probe_dicomweb`.
+
+    Returns
+    -------
+    EchoResult
+        ``check`` says which test ran; never raises for an unreachable or unwilling peer.
+    """
+    if isinstance(dest, DicomwebDestination):
+        return probe_dicomweb(dest, timeout_s)
+    return echo_scp(dest.host, dest.port, dest.ae_title, calling_ae, timeout_s)
 
 
 def echo_scp(
@@ -173,3 +222,64 @@ def echo_scp(
             EchoOutcome.FAILED, f"C-ECHO status 0x{code:04X}", rtt_ms, code, at=started
         )
     return EchoResult(EchoOutcome.SUCCESS, f"answered in {rtt_ms:.0f} ms", rtt_ms, code, started)
+
+
+#: How a request failure shows as a probe outcome (the page's and /readyz's words).
+_PROBE_OUTCOMES = {
+    HttpFailure.DNS: EchoOutcome.UNKNOWN_HOST,
+    HttpFailure.REFUSED: EchoOutcome.REFUSED,
+    HttpFailure.CONNECT_TIMEOUT: EchoOutcome.TIMEOUT,
+    HttpFailure.READ_TIMEOUT: EchoOutcome.TIMEOUT,
+    HttpFailure.TLS: EchoOutcome.TLS,
+    HttpFailure.NETWORK: EchoOutcome.ABORTED,
+}
+
+
+def probe_dicomweb(dest: DicomwebDestination, timeout_s: float = 10.0) -> EchoResult:
+    """Is the DICOMweb service there, and do our credentials work? One QIDO-RS request.
+
+    ``GET {url}/studies?limit=1`` (PS3.18 10.6.1, Search for Studies) with the destination's
+    authentication; the answer's body (which may describe a patient's study) is not read.
+    Any 2xx (200 with a match, 204 without) is success: the service answers searches with
+    our credentials, so it is up.
+
+    Parameters
+    ----------
+    dest : the destination.
+    timeout_s : connect and read timeout (s); ``dest.timeout_seconds`` does not apply
+        (the page's and ``/readyz``'s own timeout does).
+
+    Returns
+    -------
+    EchoResult
+        Its ``check`` is ``"QIDO-RS"``; ``status`` is the HTTP status code (None when no
+        answer came); never raises for a server that is not there or refuses us.
+    """
+    import requests
+
+    started = time.time()
+    t0 = time.perf_counter()
+
+    def result(outcome: EchoOutcome, detail: str, **kw: Any) -> EchoResult:
+        return EchoResult(outcome, detail, at=started, check=CHECK_NAMES["dicomweb"], **kw)
+
+    try:
+        session = http_session(dest)
+    except CredentialsError as exc:
+        return result(EchoOutcome.FAILED, str(exc))
+    try:
+        url, params = qido_probe_url(dest)
+        with session, session.get(url, params=params, timeout=timeout_s, stream=True) as rsp:
+            code = rsp.status_code
+    except requests.RequestException as exc:
+        kind, why = request_failure(exc, dest.url, timeout_s)
+        return result(_PROBE_OUTCOMES[kind], why)
+    rtt_ms = (time.perf_counter() - t0) * 1000.0
+    if 200 <= code < 300:
+        return result(
+            EchoOutcome.SUCCESS,
+            f"HTTP {code}, answered in {rtt_ms:.0f} ms",
+            rtt_ms=rtt_ms,
+            status=code,
+        )
+    return result(EchoOutcome.FAILED, http_status_text(code), rtt_ms=rtt_ms, status=code)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from core import __version__
-from core.config import Config, Destination, config_file
+from core.config import AnyDestination, Config, config_file
 from core.errors import StartupError
 from core.logs import log_event
 from core.queue import broker_label
@@ -205,19 +205,23 @@ def startup_summary(
     }
 
 
-def _echo_destination(dest: Destination, calling_ae_title: str, timeout_s: float) -> dict[str, Any]:
-    """C-ECHO one destination with :func:`core.echo.echo_scp`; never raises.
+def _echo_destination(
+    dest: AnyDestination, calling_ae_title: str, timeout_s: float
+) -> dict[str, Any]:
+    """Check one destination with :func:`core.echo.probe_destination` (C-ECHO, or QIDO-RS
+    for a DICOMweb service); never raises.
 
     Returns
     -------
     dict
-        ``ok``, ``status`` (``0x0000`` style, or None without a response), ``error`` (the
-        outcome and why, or None) and ``seconds``.
+        ``ok``, ``check`` (``C-ECHO`` or ``QIDO-RS``), ``status`` (``0x0000`` style, the HTTP
+        status code for QIDO-RS, or None without a response), ``error`` (the outcome and why,
+        or None) and ``seconds``.
     """
-    from core.echo import EchoOutcome, echo_scp
+    from core.echo import EchoOutcome, probe_destination
 
     started = time.monotonic()
-    res = echo_scp(dest.host, dest.port, dest.ae_title, calling_ae_title, timeout_s)
+    res = probe_destination(dest, calling_ae_title, timeout_s)
     error = None
     if not res.ok:
         error = (
@@ -225,9 +229,13 @@ def _echo_destination(dest: Destination, calling_ae_title: str, timeout_s: float
             if res.outcome is EchoOutcome.REFUSED
             else f"{res.outcome}: {res.detail}"
         )
+    status: str | int | None = res.status
+    if res.status is not None and res.check == "C-ECHO":
+        status = f"0x{res.status:04X}"
     return {
         "ok": res.ok,
-        "status": None if res.status is None else f"0x{res.status:04X}",
+        "check": res.check,
+        "status": status,
         "error": error,
         "seconds": round(time.monotonic() - started, 3),
     }

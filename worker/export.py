@@ -1,12 +1,15 @@
-"""Sending results to a PACS: C-STORE SCU (pynetdicom), all objects on one association.
+"""Sending results to a PACS: C-STORE SCU (pynetdicom), all objects on one association,
+or DICOMweb STOW-RS, all objects in one request (:mod:`worker.stow`).
 
-One call = one attempt against one destination. Retries with exponential backoff are the
-task's business (:mod:`worker.tasks`), so a PACS that is down never blocks a worker.
+One call = one attempt against one destination (:func:`send_results`, either kind). Retries
+with exponential backoff are the task's business (:mod:`worker.tasks`), so a PACS that is
+down never blocks a worker.
 A failed attempt says what really happened (:class:`FailureKind`): the connection was
 refused, the host name did not resolve, the connection timed out, the association was
 rejected (with the PS3.8 Table 9-21 result, source and reason), aborted (A-ABORT with its
 source and reason, or A-P-ABORT), or a C-STORE answered a failure status (with its
-meaning, PS3.4 Table B.2-1, and the Error Comment).
+meaning, PS3.4 Table B.2-1, and the Error Comment); for STOW-RS, the HTTP status and the
+Failure Reason of each instance not stored (PS3.18 10.5.3).
 """
 
 from __future__ import annotations
@@ -15,8 +18,6 @@ import errno
 import logging
 import socket
 import time
-from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 
 import pydicom
@@ -26,8 +27,12 @@ from pynetdicom.association import Association
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
-from core.config import Destination, ExportConfig
+from core.config import AnyDestination, Destination, DicomwebDestination, ExportConfig
 from core.netpatch import guard_scu_reactor
+from worker.outcome import ExportOutcome, FailureKind
+from worker.stow import send_stow
+
+__all__ = ["ExportOutcome", "FailureKind", "backoff_seconds", "retry_delay", "send_results"]
 
 log = logging.getLogger(__name__)
 
@@ -35,59 +40,6 @@ log = logging.getLogger(__name__)
 #: B000 coercion of data elements, B007 data set does not match SOP class, B006 elements
 #: discarded).
 STORED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
-
-
-class FailureKind(StrEnum):
-    """Why an attempt failed, from the network up (a StrEnum: logged as its string)."""
-
-    DNS = "dns_failure"  # the host name does not resolve
-    CONNECTION_REFUSED = "connection_refused"  # nothing listens on host:port (ECONNREFUSED)
-    CONNECT_TIMEOUT = "connect_timeout"  # no answer to the TCP connection (host down, firewall)
-    NETWORK = "network_error"  # no route to the host, network unreachable, ...
-    ASSOCIATION_TIMEOUT = "association_timeout"  # connected, no A-ASSOCIATE-AC/RJ in time
-    REJECTED = "association_rejected"  # A-ASSOCIATE-RJ (PS3.8 Table 9-21)
-    ABORTED = "association_aborted"  # A-ABORT from the peer, or A-P-ABORT (connection lost)
-    NO_CONTEXT = "no_presentation_context"  # the PACS accepts none of our SOP classes/syntaxes
-    STORE_STATUS = "store_status"  # a C-STORE answered a failure status
-    NO_STORE_RESPONSE = "no_store_response"  # no C-STORE response (DIMSE timeout or abort)
-
-
-#: Failures after which the destination still counts as reached: it associated and could
-#: store, but refused these objects (the series' own problem, not the PACS's availability).
-_REACHED_KINDS = frozenset({FailureKind.STORE_STATUS, FailureKind.NO_CONTEXT})
-
-
-@dataclass
-class ExportOutcome:
-    """Result of one attempt to deliver a series' objects to one destination.
-
-    Attributes
-    ----------
-    ok : every object was stored.
-    status : the remote DIMSE status of the first failure (``"0xA700"``) or None.
-    error : human-readable failure (what the network or the PACS did), or None.
-    stored : SOP Instance UIDs the destination accepted.
-    kind : why the attempt failed, or None (success, or unknown).
-    """
-
-    ok: bool
-    status: str | None = None
-    error: str | None = None
-    stored: list[str] = field(default_factory=list)
-    kind: FailureKind | None = None
-
-    @property
-    def reached(self) -> bool:
-        """The destination associated and could store (it is up, whatever these objects did).
-
-        False for every network or association failure and for "out of resources"
-        (C-STORE status A7xx: the PACS cannot store anything now).
-        """
-        if self.ok:
-            return True
-        if self.kind not in _REACHED_KINDS:
-            return False
-        return not (self.status or "").upper().startswith("0XA7")
 
 
 def backoff_seconds(attempt: int, export: ExportConfig) -> float:
@@ -125,16 +77,18 @@ def retry_delay(attempt: int, failing_for_s: float, export: ExportConfig) -> flo
 
 
 def send_results(
-    files: list[Path], dest: Destination, calling_ae_title: str, timeout_s: float = 30.0
+    files: list[Path], dest: AnyDestination, calling_ae_title: str, timeout_s: float = 30.0
 ) -> ExportOutcome:
-    """C-STORE ``files`` to ``dest`` over a single association.
+    """C-STORE ``files`` to ``dest`` over a single association, or STOW-RS them in one request.
 
     Parameters
     ----------
     files : DICOM Part 10 files (SEG, SR, SC).
-    dest : the destination SCP.
-    calling_ae_title : our AE title.
-    timeout_s : TCP connect, ACSE, DIMSE and network timeout (s).
+    dest : the destination: a C-STORE SCP, or a DICOMweb service
+        (:func:`worker.stow.send_stow`).
+    calling_ae_title : our AE title (C-STORE only).
+    timeout_s : TCP connect, ACSE, DIMSE and network timeout (s); for DICOMweb the connect
+        and read timeout, unless the destination sets its own.
 
     Returns
     -------
@@ -143,6 +97,8 @@ def send_results(
         their :class:`FailureKind`. Logging the attempt is the caller's business (it knows
         the source series, :func:`worker.tasks.run_export`).
     """
+    if isinstance(dest, DicomwebDestination):
+        return send_stow(files, dest, timeout_s)
     datasets = [pydicom.dcmread(f) for f in files]
     ae = AE(ae_title=calling_ae_title)
     ae.connection_timeout = timeout_s

@@ -10,7 +10,8 @@ Routes
 ``POST /jobs/<uid>/retry``       re-queue as ``l3spot retry`` (CSRF token + same origin)
 ``GET /destinations``            each export destination: last success, last failure and
                                  why, series waiting, newest C-ECHO result
-``POST /destinations/<i>/echo``  C-ECHO destination ``i`` now (CSRF token + same origin);
+``POST /destinations/<i>/echo``  C-ECHO destination ``i`` now, QIDO-RS if it is DICOMweb (CSRF
+                                 token + same origin);
                                  303 to ``/destinations?echoed=<i>`` showing the outcome
                                  (success, association rejected, connection refused,
                                  timeout, ...) and the round-trip time
@@ -60,6 +61,7 @@ from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from core.config import Config, WebConfig
+from core.echo import check_name
 from core.errors import L3SpotError
 from core.jobs import JobNotFoundError, JobState
 from core.labels import COMPARTMENT_COLOURS
@@ -460,7 +462,8 @@ def create_app(
     @app.get("/destinations")
     def destinations() -> str:
         echoes = monitor.snapshot()
-        configured = [d.label for d in config.export.destinations]
+        dests = config.export.destinations
+        configured = [d.label for d in dests]
         summaries = {r.label: r for r in views.store.destination_states(configured)}
         rows = [
             {
@@ -468,8 +471,9 @@ def create_app(
                 "label": label,
                 "summary": summaries.get(label),
                 "echo": echoes.get(label),
+                "check": check_name(dest),
             }
-            for i, label in enumerate(configured)
+            for i, (label, dest) in enumerate(zip(configured, dests, strict=True))
         ]
         former = [s for label, s in summaries.items() if label not in configured]
         echoed = request.args.get("echoed", type=int)

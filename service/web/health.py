@@ -4,7 +4,8 @@
   serves the request) and the DICOM SCP's acceptor is serving its socket. Nothing a restart
   cannot fix (a full disk, a broker or a PACS down) makes it fail.
 * **Readiness** answers "can the node do its job now?": the SCP, the broker, the workers,
-  the spool's free space, and each export destination's C-ECHO. Each check answers ``ok``
+  the spool's free space, and each export destination's C-ECHO (a DICOMweb destination:
+  a QIDO-RS request, :func:`core.echo.probe_destination`). Each check answers ``ok``
   true, false, or null (cannot tell from here, e.g. remote workers with the embedded
   broker). A failed SCP/broker/workers/disk check makes it ``fail`` (503). A destination
   that does not answer C-ECHO makes it ``degraded`` but still 200: the node still receives
@@ -27,8 +28,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from core.config import Config, Destination
-from core.echo import EchoOutcome, EchoResult, connect_address, echo_scp
+from core.config import AnyDestination, Config
+from core.echo import (
+    EchoOutcome,
+    EchoResult,
+    check_name,
+    connect_address,
+    probe_destination,
+)
 
 #: Longest wait (s) of ``/readyz`` for destination C-ECHOs under way; later ones show next time.
 READY_WAIT_S = 0.5
@@ -170,8 +177,8 @@ def liveness(config: Config, probe: NodeProbe | None) -> tuple[dict[str, Any], i
     return body, 503 if scp.ok is False else 200
 
 
-#: The function that C-ECHOs one destination (replaceable in tests).
-Echo = Callable[[Destination], EchoResult]
+#: The function that C-ECHOs (or, DICOMweb, probes) one destination (replaceable in tests).
+Echo = Callable[[AnyDestination], EchoResult]
 
 
 class DestinationMonitor:
@@ -181,8 +188,8 @@ class DestinationMonitor:
     ----------
     config : ``export.destinations``, the calling AE title (:meth:`Config.export_calling_ae_title`)
         and ``web.destination_echo_interval_seconds`` / ``..._timeout_seconds``.
-    echo : C-ECHO of one destination (default: :func:`core.echo.echo_scp` with the
-        configured timeout).
+    echo : C-ECHO of one destination (default: :func:`core.echo.probe_destination` with the
+        configured timeout: C-ECHO, or QIDO-RS for a DICOMweb destination).
     """
 
     def __init__(self, config: Config, echo: Echo | None = None) -> None:
@@ -190,9 +197,7 @@ class DestinationMonitor:
         self.interval_s = config.web.destination_echo_interval_seconds
         timeout_s = config.web.destination_echo_timeout_seconds
         calling = config.export_calling_ae_title()
-        self.echo: Echo = echo or (
-            lambda d: echo_scp(d.host, d.port, d.ae_title, calling, timeout_s)
-        )
+        self.echo: Echo = echo or (lambda d: probe_destination(d, calling, timeout_s))
         self._results: dict[str, EchoResult] = {}
         self._lock = threading.Lock()
         self._refreshing: threading.Thread | None = None
@@ -261,13 +266,13 @@ def check_destinations(
     for dest in monitor.destinations:
         r = latest.get(dest.label)
         if r is None:
-            out[dest.label] = Check(None, "C-ECHO under way")
+            out[dest.label] = Check(None, f"{check_name(dest)} under way")
         else:
             what = (
                 str(r.outcome) if r.outcome is EchoOutcome.SUCCESS else f"{r.outcome}: {r.detail}"
             )
             rtt = f" ({r.rtt_ms:.0f} ms)" if r.rtt_ms is not None else ""
-            out[dest.label] = Check(r.ok, f"C-ECHO {what}{rtt}")
+            out[dest.label] = Check(r.ok, f"{r.check} {what}{rtt}")
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -95,6 +96,8 @@ def write_series(folder: Path, n: int, **kwargs: object) -> tuple[str, str, Path
 
 STORESCU = "/usr/bin/storescu"
 ORTHANC = "/usr/sbin/Orthanc"
+#: Orthanc's DICOMweb plugin as Debian's orthanc-dicomweb installs it (STOW-RS, QIDO-RS).
+ORTHANC_DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 REDIS_SERVER = "/usr/bin/redis-server"
 NODELAY_ENV = {**os.environ, "TCP_NODELAY": "1"}
 CLI = [sys.executable, "-m", "l3spot"]
@@ -275,22 +278,38 @@ def _redis_ping(client: Any) -> bool:
 
 @dataclass
 class OrthancPacs:
-    """A running Orthanc (the PACS) with its REST and DICOM ports."""
+    """A running Orthanc (the PACS) with its REST and DICOM ports.
+
+    ``dicomweb``: the DICOMweb plugin is loaded, its base URL is :attr:`dicomweb_url`.
+    ``user``: HTTP basic authentication is on; these are its (user, password).
+    """
 
     http: int
     dicom: int
     proc: Popen[bytes]
+    dicomweb: bool = False
+    user: tuple[str, str] | None = None
 
-    def get(self, path: str) -> Any:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}{path}", timeout=10) as r:
-            return json.loads(r.read())
+    @property
+    def dicomweb_url(self) -> str:
+        """The DICOMweb service's base URL (STOW-RS posts to ``<it>/studies``)."""
+        return f"http://127.0.0.1:{self.http}/dicom-web"
 
-    def post(self, path: str, body: dict[str, Any]) -> Any:
+    def _request(self, path: str, data: bytes | None = None) -> Any:
         req = urllib.request.Request(
-            f"http://127.0.0.1:{self.http}{path}", data=json.dumps(body).encode(), method="POST"
+            f"http://127.0.0.1:{self.http}{path}", data=data, method="POST" if data else "GET"
         )
+        if self.user is not None:
+            token = base64.b64encode(":".join(self.user).encode()).decode()
+            req.add_header("Authorization", f"Basic {token}")
         with urllib.request.urlopen(req, timeout=10) as r:
             return json.loads(r.read())
+
+    def get(self, path: str) -> Any:
+        return self._request(path)
+
+    def post(self, path: str, body: dict[str, Any]) -> Any:
+        return self._request(path, json.dumps(body).encode())
 
     def sop_uids_of_study(self, study_uid: str) -> list[str]:
         """SOP Instance UIDs of every instance Orthanc holds in the study (with repeats)."""
@@ -323,10 +342,26 @@ class OrthancPacs:
         return self.get(f"/instances/{series['Instances'][0]}/simplified-tags")
 
 
-def start_orthanc(root: Path, dicom_port: int | None = None) -> OrthancPacs:
-    """Start Orthanc with its storage under ``root`` (optionally on a given DICOM port)."""
+def start_orthanc(
+    root: Path,
+    dicom_port: int | None = None,
+    dicomweb: bool = False,
+    user: tuple[str, str] | None = None,
+    http_port: int | None = None,
+) -> OrthancPacs:
+    """Start Orthanc with its storage under ``root`` (optionally on a given DICOM port).
+
+    Parameters
+    ----------
+    root : its storage and configuration folder (an existing one is reused: a restart).
+    dicom_port, http_port : its ports (default: free ones).
+    dicomweb : load the DICOMweb plugin (:data:`ORTHANC_DICOMWEB_PLUGIN`, at
+        ``/dicom-web``).
+    user : (user, password) of HTTP basic authentication, which is then required of every
+        REST and DICOMweb request; None = no authentication.
+    """
     root.mkdir(parents=True, exist_ok=True)
-    http, dicom = free_port(), dicom_port or free_port()
+    http, dicom = http_port or free_port(), dicom_port or free_port()
     cfg = {
         "Name": "l3spot-test-pacs",
         "StorageDirectory": str(root / "db"),
@@ -335,16 +370,19 @@ def start_orthanc(root: Path, dicom_port: int | None = None) -> OrthancPacs:
         "DicomPort": dicom,
         "DicomAet": "ORTHANC",
         "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
+        "AuthenticationEnabled": user is not None,
+        "RegisteredUsers": dict([user]) if user is not None else {},
         "DicomCheckCalledAet": False,
         "DicomAlwaysAllowStore": True,
         "OverwriteInstances": True,
-        "Plugins": [],
+        "Plugins": [ORTHANC_DICOMWEB_PLUGIN] if dicomweb else [],
         "StorageCompression": False,
     }
+    if dicomweb:
+        cfg["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
     (root / "orthanc.json").write_text(json.dumps(cfg))
     proc = spawn([ORTHANC, str(root / "orthanc.json")], root / "orthanc.log")
-    pacs = OrthancPacs(http, dicom, proc)
+    pacs = OrthancPacs(http, dicom, proc, dicomweb, user)
 
     def up() -> bool:
         if proc.poll() is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import yaml
 from pydantic import BaseModel
 from typer.testing import CliRunner
 
-from core.config import Config, ConfigError, load_config
+from core.config import Config, ConfigError, Destination, DicomwebDestination, load_config
 from core.queue import celery_settings
 from l3spot import app
 
@@ -135,3 +136,81 @@ def test_an_export_backoff_redis_would_redeliver_is_refused(tmp_path: Path) -> N
     # the defaults hold (900 s < 3600 s); the embedded broker has no visibility timeout
     assert load_config(path, environ={"L3SPOT__BROKER__VISIBILITY_TIMEOUT_SECONDS": "3600"})
     assert load_config(path, environ={"L3SPOT__BROKER__URL": ""}).broker.url is None
+
+
+def test_every_destination_key_of_both_kinds_is_documented() -> None:
+    """``export.destinations`` is a list of two kinds; the key walk above stops at the list."""
+    doc = (REPO / "docs" / "configuration.md").read_text()
+    keys = {f"export.destinations[].{k}" for k in Destination.model_fields}
+    keys |= {f"export.destinations[].{k}" for k in DicomwebDestination.model_fields}
+    assert sorted(k for k in keys if f"`{k}`" not in doc) == []
+
+
+def _destination(tmp_path: Path, **dest: object) -> Any:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"export": {"destinations": [dest]}}))
+    return load_config(path, environ={}).export.destinations[0]
+
+
+def test_a_dicomweb_destination_is_keyed_by_its_url_and_old_entries_stay_c_store(
+    tmp_path: Path,
+) -> None:
+    old = _destination(tmp_path, ae_title="PACS", host="pacs", port=104)
+    assert isinstance(old, Destination) and old.kind == "dimse" and old.label == "PACS@pacs:104"
+    web = _destination(
+        tmp_path,
+        kind="dicomweb",
+        url="https://vna.example.org/dicom-web/",
+        auth="bearer",
+        secret_file="/run/secrets/vna_token",
+    )
+    assert isinstance(web, DicomwebDestination)
+    assert web.label == "https://vna.example.org/dicom-web" and web.tls_verify
+    loop = _destination(tmp_path, kind="dicomweb", url="http://127.0.0.1:8042/dicom-web")
+    assert loop.label == "http://127.0.0.1:8042/dicom-web"
+    # a list from the environment is parsed and told apart the same way
+    env = load_config(
+        None,
+        environ={
+            "L3SPOT__EXPORT__DESTINATIONS": "[{kind: dicomweb, url: 'https://a/dw'}, "
+            "{ae_title: P, host: h, port: 11112}]"
+        },
+    )
+    assert [d.kind for d in env.export.destinations] == ["dicomweb", "dimse"]
+
+
+@pytest.mark.parametrize(
+    ("dest", "message"),
+    [
+        ({"url": "http://pacs.example.org/dicom-web"}, "plain http sends the results"),
+        ({"url": "https://user:pw@pacs/dicom-web"}, "must not carry user:password@"),
+        ({"url": "https://pacs/dicom-web?token=x"}, "must not have a query"),
+        ({"url": "ftp://pacs/dicom-web"}, "must be http"),
+        ({"url": "https://[fd00::1]:443/dicom-web"}, "an IPv6 address is not supported"),
+        ({"url": "https://pacs/dw", "auth": "bearer"}, "exactly one of secret_env, secret_file"),
+        (
+            {"url": "https://pacs/dw", "auth": "basic", "secret_env": "PW"},
+            "auth: basic needs username",
+        ),
+        ({"url": "https://pacs/dw", "secret_env": "PW"}, "need auth: bearer|basic"),
+        ({"ae_title": "PACS", "host": "h", "port": 1}, "url: Field required"),
+        ({"url": "https://pacs/dw", "token": "x"}, "token: unknown key"),
+    ],
+)
+def test_an_unsafe_or_incomplete_dicomweb_destination_is_refused_with_the_reason(
+    tmp_path: Path, dest: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)) as err:
+        _destination(tmp_path, kind="dicomweb", **dest)
+    assert "pw@" not in str(err.value) and "token=x" not in str(err.value)  # no secret echoed
+
+
+def test_plain_http_is_allowed_to_this_machine_or_when_the_network_is_declared_trusted(
+    tmp_path: Path,
+) -> None:
+    for url in ("http://localhost:8042/dw", "http://127.0.0.2/dw"):
+        assert _destination(tmp_path, kind="dicomweb", url=url).url == url
+    dest = _destination(
+        tmp_path, kind="dicomweb", url="http://orthanc:8042/dicom-web", allow_insecure_http=True
+    )
+    assert dest.label == "http://orthanc:8042/dicom-web"

@@ -27,7 +27,7 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from core.config import Config, Destination
+from core.config import Config, Destination, DicomwebDestination
 from core.echo import EchoOutcome, EchoResult
 from core.jobs import JobState, JobStore
 from core.result import CSV_HEADER, AnalysisResult, result_csv_row
@@ -36,6 +36,7 @@ from service.web.app import WebConfigError, create_app
 from service.web.health import DestinationMonitor
 from service.web.server import WebServer
 from service.web.sources import SeriesSources
+from tests.support.dicomweb import DicomwebStub
 from tests.support.node import PATIENT_NAME, free_port, verification_scp, write_series
 
 PACS = {"ae_title": "PACS", "host": "127.0.0.1", "port": 1}
@@ -849,3 +850,32 @@ def test_a_series_deleted_by_retention_says_so_and_links_no_missing_picture(case
     html = _client(case).get(f"/jobs/{case.phantom_uid}").get_data(as_text=True)
     assert 'id="purged"' in html and "the results folder" in html
     assert "overview.png" not in html
+
+
+def test_a_dicomweb_destination_is_checked_by_qido_rs_on_the_page_and_in_readyz(
+    case: WebCase,
+) -> None:
+    stub = DicomwebStub(status=401)
+    try:
+        config = case.config.model_copy(deep=True)
+        config.export.destinations = [
+            DicomwebDestination(kind="dicomweb", url=stub.url),
+            Destination(ae_title="PACS", host="127.0.0.1", port=free_port()),
+        ]
+        c = create_app(config, probe=FakeProbe()).test_client()
+        body = _wait_json(c, "/readyz", lambda b: None not in _dest_oks(b)).get_json()
+        assert body["status"] == "degraded" and stub.url in body["degraded"]
+        detail = body["destinations"][stub.url]["detail"]
+        assert detail.startswith("QIDO-RS failed: HTTP 401 Unauthorized: the server refused")
+        assert stub.requests[0].path == "/dicom-web/studies?limit=1"
+        html = c.get("/destinations").get_data(as_text=True)
+        rows = html.split('data-destination="')
+        assert "Test QIDO-RS" in rows[1] and "Test C-ECHO" in rows[2]
+        stub.status = 200
+        resp = c.post("/destinations/0/echo", data={"csrf": _echo_csrf(html, 0)})
+        page = c.get(resp.headers["Location"]).get_data(as_text=True)
+        notice = page[page.index('id="echo-result"') :]
+        notice = notice[: notice.index("</p>")]
+        assert f"QIDO-RS {stub.url}" in notice and "<strong>success</strong>" in notice
+    finally:
+        stub.close()
