@@ -323,11 +323,21 @@ class OrthancPacs:
         return self.get(f"/instances/{series['Instances'][0]}/simplified-tags")
 
 
-def start_orthanc(root: Path, dicom_port: int | None = None) -> OrthancPacs:
-    """Start Orthanc with its storage under ``root`` (optionally on a given DICOM port)."""
+#: Debian's ``orthanc-dicomweb`` plugin (DICOMweb QIDO-RS, WADO-RS, STOW-RS under /dicom-web/).
+ORTHANC_DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+def start_orthanc(
+    root: Path, dicom_port: int | None = None, *, dicomweb: bool = False
+) -> OrthancPacs:
+    """Start Orthanc with its storage under ``root`` (optionally on a given DICOM port).
+
+    ``dicomweb=True`` loads Debian's DICOMweb plugin (:data:`ORTHANC_DICOMWEB_PLUGIN`), which
+    serves the DICOMweb root at ``http://127.0.0.1:<http>/dicom-web/``.
+    """
     root.mkdir(parents=True, exist_ok=True)
     http, dicom = free_port(), dicom_port or free_port()
-    cfg = {
+    cfg: dict[str, Any] = {
         "Name": "l3spot-test-pacs",
         "StorageDirectory": str(root / "db"),
         "IndexDirectory": str(root / "db"),
@@ -339,9 +349,11 @@ def start_orthanc(root: Path, dicom_port: int | None = None) -> OrthancPacs:
         "DicomCheckCalledAet": False,
         "DicomAlwaysAllowStore": True,
         "OverwriteInstances": True,
-        "Plugins": [],
+        "Plugins": [str(ORTHANC_DICOMWEB_PLUGIN)] if dicomweb else [],
         "StorageCompression": False,
     }
+    if dicomweb:
+        cfg["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": True}
     (root / "orthanc.json").write_text(json.dumps(cfg))
     proc = spawn([ORTHANC, str(root / "orthanc.json")], root / "orthanc.log")
     pacs = OrthancPacs(http, dicom, proc)
