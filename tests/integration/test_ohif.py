@@ -215,9 +215,11 @@ def test_ohif_shows_the_sr_measurements_with_their_outlines_on_the_l3_image(
     text = driver.find_element(By.TAG_NAME, "body").text
     l3 = analysed.result["l3"]
     assert f"I:{l3['instance_number']} " in text, "SR not opened on the L3 image"
+    # an empty compartment (IMAT in this phantom) is not drawn: no marker, no empty value
+    assert "Area: cm2" not in text
     for key, tissue in analysed.result["composition"].items():
         if not tissue["area_cm2"]:
-            continue  # an empty compartment has no region to draw
+            continue
         area = round(tissue["area_cm2"], 1)
         assert f"Area: {area:.2f} cm2" in text, (key, text)
         hu = round(tissue["mean_hu"], 1)
