@@ -301,6 +301,7 @@ def _compartment_groups(
     ct: Dataset, composition: CompositionResult, seg: Segmentation
 ) -> list[PlanarROIMeasurementsAndQualitativeEvaluations]:
     series_uid = str(ct.SeriesInstanceUID)
+    shape = (int(ct.Rows), int(ct.Columns))
     groups = []
     for label, cc in c.COMPARTMENT_CODES.items():
         tm = composition.measures.get(cc.key)
@@ -366,15 +367,14 @@ def _compartment_groups(
                     if "ReferencedFrameNumber" in ref:
                         del ref.ReferencedFrameNumber
         polygon = region_polygon(mask)
-        if polygon is None:
-            # an empty compartment has no region: its group keeps the SEG reference (its
-            # empty segment) and Area 0.0. A marker put anywhere would be drawn by OHIF as an
-            # arrow labelled "Area: cm2" (OHIF prints no value for 0; issue 18).
-            groups.append(group)
-            continue
+        graphic = (
+            (GraphicTypeValues.POLYLINE, polygon)
+            if polygon is not None
+            else (GraphicTypeValues.POINT, _centre_point(mask, shape))
+        )
         region = ImageRegion(
-            graphic_type=GraphicTypeValues.POLYLINE,
-            graphic_data=polygon,
+            graphic_type=graphic[0],
+            graphic_data=graphic[1],
             source_image=SourceImageForRegion(ct.SOPClassUID, ct.SOPInstanceUID),
         )
         # TID 1410 row 7 (Image Region) beside row 8 (Referenced Segmentation Frame): the
