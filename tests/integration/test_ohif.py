@@ -48,6 +48,8 @@ from tests.conftest import require_shipped
 from tests.support.node import ORTHANC_DICOMWEB_PLUGIN, start_orthanc, stop
 from tests.support.ohif import OHIF_VERSION, OhifServer, ohif_dist
 
+pytestmark = pytest.mark.slow  # about 40 s on 2 cores (integration: by folder)
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 #: Chromium without a screen or GPU: WebGL through SwiftShader, which cornerstone needs.
