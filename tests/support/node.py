@@ -97,7 +97,8 @@ def write_series(folder: Path, n: int, **kwargs: object) -> tuple[str, str, Path
 STORESCU = "/usr/bin/storescu"
 ORTHANC = "/usr/sbin/Orthanc"
 #: Orthanc's DICOMweb plugin as Debian's orthanc-dicomweb installs it (STOW-RS, QIDO-RS).
-ORTHANC_DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+#: Debian's ``orthanc-dicomweb`` plugin (QIDO-RS, WADO-RS, STOW-RS under /dicom-web/).
+ORTHANC_DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 REDIS_SERVER = "/usr/bin/redis-server"
 NODELAY_ENV = {**os.environ, "TCP_NODELAY": "1"}
 CLI = [sys.executable, "-m", "l3spot"]
@@ -375,11 +376,11 @@ def start_orthanc(
         "DicomCheckCalledAet": False,
         "DicomAlwaysAllowStore": True,
         "OverwriteInstances": True,
-        "Plugins": [ORTHANC_DICOMWEB_PLUGIN] if dicomweb else [],
+        "Plugins": [str(ORTHANC_DICOMWEB_PLUGIN)] if dicomweb else [],
         "StorageCompression": False,
     }
     if dicomweb:
-        cfg["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
+        cfg["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": True}
     (root / "orthanc.json").write_text(json.dumps(cfg))
     proc = spawn([ORTHANC, str(root / "orthanc.json")], root / "orthanc.log")
     pacs = OrthancPacs(http, dicom, proc, dicomweb, user)

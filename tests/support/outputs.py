@@ -13,6 +13,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
+from core import __version__
 from core.labels import IMAT, SAT, SMA, VAT
 from worker.composition.measure import CompositionResult, SarcopeniaResult, TissueMeasure
 from worker.locator.locate import L3Location
@@ -212,3 +213,23 @@ def fabricated_composition(labels: np.ndarray | None = None) -> CompositionResul
         bmi_kg_per_m2=None,
         qa_flags=["body_truncated"],
     )
+
+
+def assert_l3spot_contributing_equipment(ds: Dataset) -> None:
+    """IHE AIR 6.5.3.1: the algorithm in the Contributing Equipment Sequence (shared check)."""
+    items = [i for i in ds.ContributingEquipmentSequence if i.Manufacturer == "l3spot"]
+    assert len(items) == 1, ds.ContributingEquipmentSequence
+    (item,) = items
+    purpose = item.PurposeOfReferenceCodeSequence[0]
+    assert (purpose.CodeValue, purpose.CodingSchemeDesignator) == ("109102", "DCM")
+    assert item.ManufacturerModelName == "l3spot body composition"
+    assert item.SoftwareVersions == __version__
+    assert item.DeviceSerialNumber == "0"
+    assert "DeviceUID" not in item  # unknown there to dciodvfy; see worker/outputs/equipment.py
+    assert item.ContributionDateTime  # when the analysis ran
+    assert f"l3spot {__version__}" in item.ContributionDescription
+    # the source's acquisition equipment stays listed (highdicom adds it)
+    purposes = {
+        i.PurposeOfReferenceCodeSequence[0].CodeValue for i in ds.ContributingEquipmentSequence
+    }
+    assert "109101" in purposes

@@ -10,17 +10,19 @@ import numpy as np
 import pydicom
 import pytest
 
+from core import __version__
 from core.labels import COMPARTMENT_COLOURS, IMAT, SAT, SMA, VAT
 from tests.conftest import require_program
 from tests.support.outputs import (
     L3_INDEX,
     PATIENT,
     STUDY_UID,
+    assert_l3spot_contributing_equipment,
     ct_dataset,
     synthetic_hu,
     synthetic_labels,
 )
-from worker.outputs.seg import SEG_SERIES_NUMBER, build_seg
+from worker.outputs.seg import SEG_SERIES_NUMBER, build_seg, compartment_tracking_uid
 from worker.outputs.uids import derived_uid
 
 
@@ -117,3 +119,38 @@ def test_seg_refuses_a_label_map_off_the_source_grid_or_with_unknown_labels() ->
     bad[0, 0] = 7
     with pytest.raises(ValueError, match="outside 0..4"):
         build_seg(ct, bad)
+
+
+def test_seg_meets_the_ihe_air_encoding_requirements(seg_file: Path) -> None:
+    """IHE AI Results (AIR) for a SEG, one assertion per requirement (docs/outputs.md)."""
+    ds = pydicom.dcmread(seg_file)
+    src = ct_dataset(L3_INDEX, synthetic_hu(synthetic_labels()))
+    # algorithm identity: General/Enhanced General Equipment and Contributing Equipment
+    assert ds.Manufacturer == "l3spot"
+    assert ds.ManufacturerModelName == "l3spot body composition"
+    assert ds.SoftwareVersions == __version__ and ds.DeviceSerialNumber == "0"
+    assert_l3spot_contributing_equipment(ds)
+    # the result in the source study, derived series, dated content
+    assert ds.StudyInstanceUID == src.StudyInstanceUID and ds.Modality == "SEG"
+    assert ds.ContentDate and ds.ContentTime
+    assert ds.SeriesDescription == f"L3 body composition SEG (l3spot {__version__})"
+    assert ds.ContentLabel == "L3_BODY_COMP" and ds.ContentDescription
+    seg = hd.seg.segread(seg_file)
+    for number in (SMA, IMAT, VAT, SAT):
+        desc = seg.get_segment_description(number)
+        # segment-level algorithm: type, name, TID 4019 identification with version
+        assert desc.SegmentAlgorithmType == "AUTOMATIC"
+        assert desc.SegmentAlgorithmName == "l3spot"
+        algo = desc.algorithm_identification[0]
+        assert (algo.AlgorithmName, algo.AlgorithmVersion) == ("l3spot", __version__)
+        # tracking identifier and UID, the same UID as the SR's measurement group
+        assert desc.tracking_id and desc.tracking_uid
+        key = {SMA: "sma", IMAT: "imat", VAT: "vat", SAT: "sat"}[number]
+        assert desc.tracking_uid == compartment_tracking_uid(src.SeriesInstanceUID, key)
+        # coded meaning and a display colour
+        assert desc.segmented_property_category and desc.segmented_property_type
+        assert "RecommendedDisplayCIELabValue" in desc
+    # the source image referenced per frame (Derivation Image / Source Image)
+    for item in ds.PerFrameFunctionalGroupsSequence:
+        ref = item.DerivationImageSequence[0].SourceImageSequence[0]
+        assert ref.ReferencedSOPInstanceUID == src.SOPInstanceUID

@@ -10,11 +10,13 @@ import numpy as np
 import pydicom
 import pytest
 
+from core import __version__
 from tests.conftest import require_program
 from tests.support.outputs import (
     L3_INDEX,
     PATIENT,
     STUDY_UID,
+    assert_l3spot_contributing_equipment,
     ct_dataset,
     fabricated_composition,
     fabricated_location,
@@ -23,6 +25,7 @@ from tests.support.outputs import (
 )
 from worker.outputs.seg import build_seg, compartment_tracking_uid
 from worker.outputs.sr import NOT_IN_FOV_TEXT, approximate_polygon, build_sr, region_polygon
+from worker.outputs.uids import device_observer_uid
 
 #: dciodvfy warnings accepted, with the reason (docs/outputs.md):
 #: l3spot's private coding scheme "99L3SPOT" (PS3.16 section 8) is declared in the Coding
@@ -296,3 +299,77 @@ def test_qa_flags_are_qualitative_evaluations_with_their_meaning(
         if e.name.value == "QAFLAG"
     ]
     assert flags == [(QA_FLAGS[f].code, QA_FLAGS[f].meaning, "99L3SPOT") for f in QA]
+
+
+def test_every_group_has_an_image_region_even_an_empty_compartment(tmp_path: Path) -> None:
+    # issue 18: OHIF 3.13.2 stops the whole viewer ("Something went wrong", TypeError reading
+    # ReferencedSOPSequence of coords[0]) on a measurement group without an image region, so
+    # an empty compartment keeps its POINT (OHIF shows it as "Area: cm2", printing no 0)
+    labels = synthetic_labels()
+    labels[labels == 2] = 3  # IMAT (label 2) empty: its pixels become VAT
+    ct = ct_dataset(L3_INDEX, synthetic_hu(labels))
+    seg = build_seg(ct, labels)
+    sr = build_sr(ct, fabricated_location(), fabricated_composition(labels), seg, QA)
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    report = hd.sr.srread(path)
+    groups = {g.tracking_identifier: g for g in report.content.get_planar_roi_measurement_groups()}
+    assert len(groups) == 5 and report.content.get_image_measurement_groups() == []
+    assert all(g.roi is not None for g in groups.values())
+    imat = groups["L3 Intermuscular adipose tissue"]
+    assert imat.roi.GraphicType == "POINT"
+    assert imat.referenced_segmentation_frame is not None
+    assert {m.name.meaning: m.value for m in imat.get_measurements()}["Area"] == 0.0
+    for name in ("L3 Skeletal muscle", "L3 Visceral adipose tissue"):
+        assert groups[name].roi.GraphicType == "POLYLINE"
+
+
+def test_sr_meets_the_ihe_air_encoding_requirements(sr_files: tuple[Path, Path]) -> None:
+    """IHE AI Results (AIR) for a TID 1500 SR, one assertion per requirement (docs/outputs.md)."""
+    ds = pydicom.dcmread(sr_files[0])
+    src = ct_dataset(L3_INDEX, np.zeros((2, 2)))
+    # algorithm identity: General Equipment and Contributing Equipment (same as the SEG's)
+    assert ds.Manufacturer == "l3spot"
+    assert ds.ManufacturerModelName == "l3spot body composition"
+    assert ds.SoftwareVersions == __version__ and ds.DeviceSerialNumber == "0"
+    assert_l3spot_contributing_equipment(ds)
+    # the result in the source study, dated content, the series description convention
+    assert ds.StudyInstanceUID == src.StudyInstanceUID and ds.Modality == "SR"
+    assert ds.ContentDate and ds.ContentTime
+    assert ds.SeriesDescription == f"L3 body composition report (l3spot {__version__})"
+    assert ds.ConceptNameCodeSequence[0].CodeValue == "126000"  # TID 1500 root
+    assert ds.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    report = hd.sr.srread(sr_files[0])
+    # observer context: the device (TID 1002 / TID 1004), UID of this version
+    obs = {
+        it.ConceptNameCodeSequence[0].CodeValue: it
+        for it in ds.ContentSequence
+        if it.RelationshipType == "HAS OBS CONTEXT"
+    }
+    assert obs["121005"].ConceptCodeSequence[0].CodeValue == "121007"  # Observer Type = Device
+    assert device_observer_uid() == obs["121012"].UID
+    assert obs["121013"].TextValue == "l3spot"
+    assert obs["121014"].TextValue == "l3spot"
+    assert obs["121015"].TextValue == "l3spot body composition"
+    # every measurement group: tracking identifier + UID, finding, finding site, TID 4019
+    groups = report.content.get_planar_roi_measurement_groups()
+    assert len(groups) == 5
+    for g in groups:
+        assert g.tracking_identifier and g.tracking_uid
+        assert g.finding_type is not None and g.finding_sites
+        algo = {
+            it.ConceptNameCodeSequence[0].CodeValue: it.TextValue
+            for it in g[0].ContentSequence
+            if it.ValueType == "TEXT"
+        }
+        assert algo["111001"] == "l3spot" and algo["111003"] == __version__
+        # each measurement with UCUM units
+        for m in g.get_measurements():
+            assert m.unit.scheme_designator == "UCUM"
+    # the images the results are about: Image Library and the evidence
+    assert pydicom.dcmread(sr_files[1]).SOPInstanceUID in {
+        r.ReferencedSOPInstanceUID
+        for s in ds.CurrentRequestedProcedureEvidenceSequence
+        for se in s.ReferencedSeriesSequence
+        for r in se.ReferencedSOPSequence
+    }

@@ -20,9 +20,10 @@ from highdicom.seg import (
 from pydicom.dataset import Dataset
 
 from core import ALGORITHM_NAME, __version__
-from core.derived import MANUFACTURER, MANUFACTURER_MODEL_NAME
+from core.derived import MANUFACTURER
 from core.labels import COMPARTMENT_COLOURS
 from worker.outputs.codes import ALGORITHM_FAMILY, COMPARTMENT_CODES
+from worker.outputs.equipment import algorithm_equipment, equipment_attributes
 from worker.outputs.uids import derived_uid
 
 #: Series Number of the SEG (distinct from the SR and SC, above usual scanner numbers).
@@ -130,9 +131,8 @@ def build_seg(
         sop_instance_uid=derived_uid(series_uid, "seg-instance"),
         instance_number=1,
         manufacturer=MANUFACTURER,
-        manufacturer_model_name=MANUFACTURER_MODEL_NAME,
-        software_versions=__version__,
-        device_serial_number="0",
+        **equipment_attributes(),
+        contributing_equipment=[algorithm_equipment()],
         content_description="SMA, IMAT, VAT and SAT on the L3 slice",
         content_label="L3_BODY_COMP",
         content_creator_name=None,

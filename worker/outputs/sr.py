@@ -57,6 +57,7 @@ from core.derived import MANUFACTURER, MANUFACTURER_MODEL_NAME
 from worker.composition.measure import CompositionResult
 from worker.locator.locate import L3Location
 from worker.outputs import codes as c
+from worker.outputs.equipment import algorithm_equipment, equipment_attributes
 from worker.outputs.reference import image_label
 from worker.outputs.seg import compartment_tracking_uid
 from worker.outputs.uids import derived_uid, device_observer_uid
@@ -484,6 +485,8 @@ def _report(ct: Dataset, groups: list, evidence: list[Dataset]) -> Comprehensive
         sop_instance_uid=derived_uid(series_uid, "sr-instance"),
         instance_number=1,
         manufacturer=MANUFACTURER,
+        **equipment_attributes(),
+        contributing_equipment=[algorithm_equipment()],
         is_complete=True,
         is_final=False,
         is_verified=False,
