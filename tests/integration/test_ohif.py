@@ -13,9 +13,13 @@ plugin, and OHIF's prebuilt viewer (npm ``@ohif/app``, pinned in
   inside each non-empty compartment, at the pixel farthest from its border mapped through
   cornerstone's own world-to-canvas transform, the viewport shows that segment's colour
   (and no other compartment's), so the segments are drawn on the right image, in the right
-  place, with the SEG's recommended colours.
+  place, with the SEG's recommended colours;
+- **reports that measured nothing** ("L3 not in field of view", "not measured"): OHIF opens
+  them without its error boundary and shows, as text, that nothing was measured and why
+  (issue 18: both threw before, on their measurement group without an image region).
 
-Screenshots ``ohif_sr.png`` and ``ohif_seg.png`` go to ``$L3SPOT_SCREENSHOTS`` when set
+Screenshots ``ohif_sr.png``, ``ohif_seg.png``, ``ohif_sr_not_in_fov.png`` and
+``ohif_sr_not_measured.png`` go to ``$L3SPOT_SCREENSHOTS`` when set
 (else the test's temporary folder); ``docs/images/`` keeps a copy.
 
 Skips, with the reason, only when the OHIF package, Orthanc's DICOMweb plugin, Chromium or
@@ -27,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -331,19 +334,45 @@ def _sop(path: Path) -> str:
     return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (issue 18): OHIF 3.13.2 throws on a TID 1500 group without an image region "
-    "(the not-in-FOV and not-measured reports' TID 1501 group); docs/outputs.md",
-)
-def test_ohif_opens_the_not_in_fov_report(analysed: Analysed, tmp_path: Path) -> None:
+def _open_report(
+    analysed: Analysed, tmp_path: Path, sr: Any, must_read: list[str], shot: str
+) -> str:
+    """Open the study with ``sr`` as its SR in OHIF and wait until the page shows every text
+    of ``must_read`` (the SR viewport's text; the study browser shows none of it); returns
+    the page text and saves the screenshot ``shot``. Fails on OHIF's error boundary (the
+    viewport of a report OHIF throws on stays empty, "Something went wrong")."""
     from selenium.webdriver.common.by import By
 
-    from worker.locator.locate import L3Location
-    from worker.outputs.sr import build_sr
+    case = Analysed(analysed.ct_dir, tmp_path / "case", analysed.result)
+    case.out_dir.mkdir()
+    sr.save_as(case.out_dir / "sr.dcm", enforce_file_format=True)
+    for name in ("seg.dcm", "sc.dcm"):
+        (case.out_dir / name).write_bytes((analysed.out_dir / name).read_bytes())
+    with _viewer(case, tmp_path) as (driver, server, study):
+        _open_study(driver, server, study)
+        _double_click_series(driver, "SR")
 
+        def shown() -> str | None:
+            logs = " ".join(e["message"] for e in driver.get_log("browser"))
+            assert "Error Boundary" not in logs, logs[-2000:]
+            text = driver.find_element(By.TAG_NAME, "body").text
+            return text if all(t in text for t in must_read) else None
+
+        text = _until(shown, 60, f"the report's text {must_read}", driver)
+        driver.save_screenshot(str(_shots(tmp_path) / shot))
+        return text
+
+
+def _l3_image(analysed: Analysed) -> pydicom.Dataset:
     l3_uid = analysed.result["l3"]["sop_instance_uid"]
-    ct = pydicom.dcmread(next(p for p in analysed.ct_dir.glob("*.dcm") if _sop(p) == l3_uid))
+    return pydicom.dcmread(next(p for p in analysed.ct_dir.glob("*.dcm") if _sop(p) == l3_uid))
+
+
+def test_ohif_opens_the_not_in_fov_report(analysed: Analysed, tmp_path: Path) -> None:
+    """Issue 18: OHIF 3.13.2 threw on this report (a TID 1501 group without an image region)."""
+    from worker.locator.locate import L3Location
+    from worker.outputs.sr import NOT_IN_FOV_TEXT, build_sr
+
     empty = np.zeros(3, np.float32)
     location = L3Location(
         in_field_of_view=False,
@@ -357,23 +386,34 @@ def test_ohif_opens_the_not_in_fov_report(analysed: Analysed, tmp_path: Path) ->
         correlation=empty,
         candidate_rows=np.arange(3.0),
     )
-    build_sr(ct, location, None, None).save_as(
-        analysed.out_dir / "sr_nofov.dcm", enforce_file_format=True
+    sr = build_sr(_l3_image(analysed), location, None, None, ["low_l3_confidence"])
+    _open_report(
+        analysed,
+        tmp_path,
+        sr,
+        [
+            f"{NOT_IN_FOV_TEXT}: no window agrees on an L3 position",
+            "L3 vertebra in field of view: No",
+            "Body composition at L3 measured: No",
+            "L3 localisation confidence below threshold",
+        ],
+        "ohif_sr_not_in_fov.png",
     )
-    case = Analysed(analysed.ct_dir, tmp_path / "case", analysed.result)
-    case.out_dir.mkdir()
-    for name, source in (("sr.dcm", "sr_nofov.dcm"), ("seg.dcm", "seg.dcm"), ("sc.dcm", "sc.dcm")):
-        (case.out_dir / name).write_bytes((analysed.out_dir / source).read_bytes())
-    with _viewer(case, tmp_path) as (driver, server, study):
-        _open_study(driver, server, study)
-        _double_click_series(driver, "SR")
-        # the SR viewport shows the report's image (its overlay names it "I:<number>"); when
-        # OHIF throws, the viewport stays empty
-        _until(
-            lambda: re.search(r"\bI:\d+ ", driver.find_element(By.TAG_NAME, "body").text),
-            30,
-            "the not-in-FOV report's image",
-            driver,
-        )
-        logs = " ".join(e["message"] for e in driver.get_log("browser"))
-        assert "Error Boundary" not in logs, logs[-2000:]
+
+
+def test_ohif_opens_the_not_measured_report(analysed: Analysed, tmp_path: Path) -> None:
+    """Issue 18: the "not measured" report had the same group without an image region."""
+    from worker.outputs.sr import build_not_measured_sr
+
+    reason = (
+        "series refused by the loader: Rescale Intercept is not a number in 89 of 89 images "
+        "(values are not Hounsfield units); series 1.2.3.4.5.6.7.8.9, rule hu.rescale_finite"
+    )
+    sr = build_not_measured_sr(_l3_image(analysed), reason)
+    _open_report(
+        analysed,
+        tmp_path,
+        sr,
+        [reason, "Body composition at L3 measured: No"],
+        "ohif_sr_not_measured.png",
+    )

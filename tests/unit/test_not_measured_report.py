@@ -20,6 +20,7 @@ from core.jobs import ExportState, JobState, JobStore
 from tests.conftest import require_program
 from worker import tasks
 from worker.export import ExportOutcome
+from worker.outputs.sr import report_evaluations
 
 
 def _failing_series(phantom_series, spool: Path) -> Path:  # noqa: ANN001
@@ -62,10 +63,11 @@ def test_a_failed_analysis_sends_a_not_measured_report_and_stays_failed(
     assert queued == [series_uid]  # the report goes to the PACS
     out = cfg.node.resolved_results_dir() / series_uid
     assert sorted(p.name for p in out.iterdir()) == ["sc.dcm", "sr.dcm"]
-    (group,) = hd.sr.srread(out / "sr.dcm").content.get_image_measurement_groups()
-    assert group.tracking_identifier == f"Not measured: {rec.reason}"
-    evals = group.get_qualitative_evaluations()
-    assert [(e.name.value, e.value.value) for e in evals] == [("L3MEAS", "373067005")]
+    sr = hd.sr.srread(out / "sr.dcm")
+    assert sr.content.get_image_measurement_groups() == []  # issue 18: nothing OHIF throws on
+    assert sr.ConceptNameCodeSequence[0].CodeValue == "L3NMREPORT"
+    # "not measured" and the reason, in full
+    assert report_evaluations(sr) == [("L3MEAS", "373067005"), ("L3NMREASON", rec.reason)]
     src = pydicom.dcmread(next(folder.glob("*.dcm")), stop_before_pixels=True)
     for path in (out / "sr.dcm", out / "sc.dcm"):
         ds = pydicom.dcmread(path, stop_before_pixels=True)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
 
 from core import __version__
 from tests.conftest import require_program
@@ -24,7 +26,14 @@ from tests.support.outputs import (
     synthetic_labels,
 )
 from worker.outputs.seg import build_seg, compartment_tracking_uid
-from worker.outputs.sr import NOT_IN_FOV_TEXT, approximate_polygon, build_sr, region_polygon
+from worker.outputs.sr import (
+    NOT_IN_FOV_TEXT,
+    approximate_polygon,
+    build_not_measured_sr,
+    build_sr,
+    region_polygon,
+    report_evaluations,
+)
 from worker.outputs.uids import device_observer_uid
 
 #: dciodvfy warnings accepted, with the reason (docs/outputs.md):
@@ -39,7 +48,7 @@ def _write(tmp: Path, in_fov: bool) -> tuple[Path, Path | None]:
     labels = synthetic_labels()
     ct = ct_dataset(L3_INDEX, synthetic_hu(labels))
     if not in_fov:
-        sr = build_sr(ct, fabricated_location(False), None, None)
+        sr = build_sr(ct, fabricated_location(False), None, None, QA)
         sr.save_as(tmp / "sr.dcm", enforce_file_format=True)
         return tmp / "sr.dcm", None
     seg = build_seg(ct, labels)
@@ -187,17 +196,76 @@ def test_sr_is_in_the_source_study_with_the_source_patient(sr_files: tuple[Path,
     assert pydicom.dcmread(sr_files[1]).SOPInstanceUID in evidence
 
 
-def test_not_in_fov_report_says_so_and_has_no_compartment_groups(sr_no_fov: Path) -> None:
+def test_not_in_fov_report_says_so_why_and_has_no_measurement_group(sr_no_fov: Path) -> None:
+    """Issue 18: the report says "not measured, L3 not in field of view", why, and the QA
+    flags, in TID 1500's report-level Qualitative Evaluations; no measurement group."""
+    from core.qa import QA_FLAGS
+
+    ds = pydicom.dcmread(sr_no_fov)
     report = hd.sr.srread(sr_no_fov)
+    assert report.content.get_image_measurement_groups() == []
     assert report.content.get_planar_roi_measurement_groups() == []
-    groups = report.content.get_image_measurement_groups()
-    assert len(groups) == 1
-    (g,) = groups
-    assert g.tracking_identifier == NOT_IN_FOV_TEXT
-    evals = {e.name.value: e.value.value for e in g.get_qualitative_evaluations()}
-    assert evals == {"L3FOV": "373067005"}  # SCT "No"
+    assert ds.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    assert (ds.ConceptNameCodeSequence[0].CodeValue, ds.ContinuityOfContent) == (
+        "L3NMREPORT",
+        "SEPARATE",
+    )
+    no = "373067005"  # SCT "No"
+    reason = (
+        f"{NOT_IN_FOV_TEXT}: {fabricated_location(False).reason} (localisation confidence 0.12)"
+    )
+    assert report_evaluations(ds) == [
+        ("L3MEAS", no),
+        ("L3FOV", no),
+        ("L3NMREASON", reason),
+        *(("QAFLAG", QA_FLAGS[f].code) for f in QA),
+    ]
     res = subprocess.run(["/usr/bin/dsrdump", str(sr_no_fov)], capture_output=True, text=True)
+    assert res.returncode == 0
+    assert not [ln for ln in res.stderr.splitlines() if ln[:2] in ("E:", "W:")], res.stderr
+    assert '"L3 body composition not measured"' in res.stdout
+    assert '"Qualitative Evaluations")=SEPARATE' in res.stdout
     assert "L3 not in field of view" in res.stdout
+
+
+def _groups(sequence: Sequence[Dataset]) -> list[Dataset]:
+    """Every Measurement Group container (DCM 125007) in an SR content tree."""
+    out = []
+    for item in sequence:
+        if item.ValueType == "CONTAINER":
+            if item.ConceptNameCodeSequence[0].CodeValue == "125007":
+                out.append(item)
+            out.extend(_groups(item.get("ContentSequence", [])))
+    return out
+
+
+@pytest.mark.parametrize("which", ["in_fov", "not_in_fov", "not_measured"])
+def test_every_report_opens_in_ohif_by_construction(
+    which: str, sr_files: tuple[Path, Path], sr_no_fov: Path
+) -> None:
+    """Issue 18, what OHIF 3.13.2 needs of a report (its SR viewport throws otherwise;
+    tests/integration/test_ohif.py opens each one): every measurement group has an image
+    region (SCOORD), and a DCM 126000 "Imaging Measurement Report" has at least one group
+    (OHIF shows a report of any other title as text)."""
+    if which == "not_measured":
+        ds = build_not_measured_sr(ct_dataset(L3_INDEX, np.zeros((2, 2))), "refused")
+    else:
+        ds = pydicom.dcmread(sr_files[0] if which == "in_fov" else sr_no_fov)
+    groups = _groups(ds.ContentSequence)
+    for g in groups:
+        assert any(it.ValueType == "SCOORD" for it in g.ContentSequence), g
+    if ds.ConceptNameCodeSequence[0].CodeValue == "126000":
+        assert groups
+    else:
+        assert not groups and report_evaluations(ds)[0] == ("L3MEAS", "373067005")
+
+
+def test_not_in_fov_report_refuses_a_composition() -> None:
+    labels = synthetic_labels()
+    ct = ct_dataset(L3_INDEX, synthetic_hu(labels))
+    seg = build_seg(ct, labels)
+    with pytest.raises(ValueError, match="not in the field of view"):
+        build_sr(ct, fabricated_location(False), fabricated_composition(labels), seg)
 
 
 def test_sr_uids_are_deterministic(tmp_path: Path) -> None:

@@ -83,6 +83,16 @@ L3_IN_FIELD_OF_VIEW = CodedConcept("L3FOV", L3SPOT_SCHEME, "L3 vertebra in field
 L3_MEASURED = CodedConcept("L3MEAS", L3SPOT_SCHEME, "Body composition at L3 measured")
 #: Finding of the localisation group.
 L3_LOCALISATION = CodedConcept("L3LOC", L3SPOT_SCHEME, "L3 slice localisation")
+#: Title (TID 1500 row 1; CID 7021 is extensible) of a report that measured nothing: L3 not
+#: in the field of view, or a series l3spot could not analyse. Not DCM 126000 "Imaging
+#: Measurement Report", which tells viewers (OHIF) to expect measurement groups on images.
+NOT_MEASURED_REPORT = CodedConcept("L3NMREPORT", L3SPOT_SCHEME, "L3 body composition not measured")
+#: Why body composition at L3 was not measured (TEXT of a not-measured report, in full).
+NOT_MEASURED_REASON = CodedConcept(
+    "L3NMREASON", L3SPOT_SCHEME, "Why body composition at L3 was not measured"
+)
+#: UMLS C0034375 "Qualitative Evaluations": the report-level container of TID 1500 (row 12).
+QUALITATIVE_EVALUATIONS = CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
 #: SMA / height^2 (cm2/m2), Prado et al. 2008.
 SKELETAL_MUSCLE_INDEX = CodedConcept("SMI", L3SPOT_SCHEME, "Skeletal muscle index")
 #: Sarcopenia by SMI cut-offs (value YES / NO / INDETERMINATE).

@@ -1,12 +1,11 @@
 """TID 1500 Measurement Report (Comprehensive 3D SR) of the L3 body composition.
 
-Content tree (PS3.16 TID 1500, with TID 1410 / TID 1501 measurement groups):
+Content tree of a measurement (PS3.16 TID 1500, with TID 1410 measurement groups):
 
 - observer context: device observer "l3spot" (TID 1004), procedure reported;
-- image library: the L3 CT image (or, when L3 is not in the field of view, the middle image
-  of the series, as the image the report is about);
-- one group "L3 localisation" (TID 1410 with an SCOORD POINT on the L3 image; TID 1501 when
-  L3 is not in the field of view): slice position (mm), confidence, "L3 in field of view";
+- image library: the L3 CT image;
+- one TID 1410 group "L3 localisation" with an SCOORD POINT on the L3 image: slice position
+  (mm), confidence, "L3 in field of view" = Yes, the QA flags;
 - one TID 1410 group per compartment (SMA, IMAT, VAT, SAT): tracking identifier and UID
   (the SEG segment's), finding = the segment's property type, finding site L3 vertebra
   (SCT 36470004), the SEG segment reference, a closed SCOORD POLYLINE (the outline) on the
@@ -14,6 +13,16 @@ Content tree (PS3.16 TID 1500, with TID 1410 / TID 1501 measurement groups):
   cm2), Mean Attenuation Coefficient (DCM 112181, [hnsf'U]) and its standard deviation;
   the SMA group also carries the skeletal muscle index and the sarcopenia evaluation when
   available.
+
+A report that measured nothing (L3 not in the field of view, :func:`build_sr`; a series that
+could not be analysed, :func:`build_not_measured_sr`) has no measurement group: nothing in it
+is a region of an image. It is TID 1500 with the title 99L3SPOT L3NMREPORT "L3 body
+composition not measured" (CID 7021 is extensible), the image library (the image the report
+is about), and TID 1500's own report-level "Qualitative Evaluations" container (row 12): CODE
+items (rows 13: measured = No, in field of view = No, the QA flags) and the reason as a TEXT
+item (row 14), in full. OHIF 3.13.2 throws on a measurement group without an image region and
+on a DCM 126000 report without a measurement group; it shows a report of any other title as
+text (docs/outputs.md, "In OHIF").
 
 The SEG reference is built as ``ReferencedSegmentationFrame`` with
 ``SourceImageForSegmentation(ct.SOPClassUID, ct.SOPInstanceUID)`` and no source frame number:
@@ -30,21 +39,28 @@ from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.seg import Segmentation
 from highdicom.sr import (
     AlgorithmIdentification,
+    CodeContentItem,
+    CodedConcept,
     Comprehensive3DSR,
+    ContainerContentItem,
+    ContentSequence,
     DeviceObserverIdentifyingAttributes,
     FindingSite,
     GraphicTypeValues,
+    ImageLibrary,
     ImageRegion,
+    LanguageOfContentItemAndDescendants,
     Measurement,
     MeasurementReport,
-    MeasurementsAndQualitativeEvaluations,
     ObservationContext,
     ObserverContext,
     PlanarROIMeasurementsAndQualitativeEvaluations,
     QualitativeEvaluation,
     ReferencedSegmentationFrame,
+    RelationshipTypeValues,
     SourceImageForRegion,
     SourceImageForSegmentation,
+    TextContentItem,
     TrackingIdentifier,
 )
 from pydicom.dataset import Dataset
@@ -65,8 +81,10 @@ from worker.outputs.uids import derived_uid, device_observer_uid
 #: Series Number of the SR.
 SR_SERIES_NUMBER = 9702
 
-#: Text of the localisation group's tracking identifier when L3 is outside the scan.
+#: Start of the reason a report gives when L3 is outside the scan.
 NOT_IN_FOV_TEXT = "L3 not in field of view"
+#: Language of the reports (TID 1204), as highdicom writes it for the measurement report.
+REPORT_LANGUAGE = CodedConcept("en-US", "RFC5646", "English (United States)")
 
 
 def sr_series_description(version: str = __version__) -> str:
@@ -237,25 +255,12 @@ def _localisation_group(
     location: L3Location,
     composition: CompositionResult | None,
     qa_flags: Sequence[str] = (),
-) -> PlanarROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations:
+) -> PlanarROIMeasurementsAndQualitativeEvaluations:
+    """The TID 1410 "L3 localisation" group of a report whose L3 is in the field of view."""
     series_uid = str(ct.SeriesInstanceUID)
     conf = Measurement(
         name=c.L3_CONFIDENCE, value=round(float(location.confidence), 2), unit=c.UNIT_NONE
     )
-    if not location.in_field_of_view:
-        return MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=TrackingIdentifier(
-                uid=derived_uid(series_uid, "tracking", "l3"), identifier=NOT_IN_FOV_TEXT
-            ),
-            finding_type=c.L3_LOCALISATION,
-            algorithm_id=_algorithm_id(),
-            finding_sites=[FindingSite(c.L3_VERTEBRA)],
-            measurements=[conf],
-            qualitative_evaluations=[
-                QualitativeEvaluation(c.L3_IN_FIELD_OF_VIEW, c.NO),
-                *_qa_evaluations(qa_flags),
-            ],
-        )
     shape = (int(ct.Rows), int(ct.Columns))
     body = composition.labels > 0 if composition is not None else np.zeros(shape, dtype=bool)
     measurements = [conf]
@@ -410,13 +415,20 @@ def build_sr(
     composition : measurements on the L3 slice, or None when L3 is not in the field of view.
     seg : the SEG built from ``composition`` (its segments are referenced), or None.
     qa_flags : the analysis's QA flags (:data:`core.qa.QA_FLAGS`), each written as a
-        qualitative evaluation (l3spot code and meaning) of the L3 localisation group.
+        qualitative evaluation (l3spot code and meaning): of the L3 localisation group, or of
+        the report when L3 is not in the field of view.
 
     Notes
     -----
     Values are rounded to what is measured: areas and HU to 0.1, confidence and SMI to 0.01.
     The localisation group names the L3 image as the viewer does (Instance Number in the
     tracking identifier, the image's own Slice Location as the position).
+
+    When L3 is not in the field of view the report measures nothing and has no measurement
+    group (none would have an image region: OHIF 3.13.2 throws on such a group): title
+    99L3SPOT L3NMREPORT, and in TID 1500's report-level Qualitative Evaluations (rows 12-14)
+    "Body composition at L3 measured" = No, "L3 vertebra in field of view" = No, the reason
+    (:func:`not_in_fov_text`: the locator's reason and its confidence) and the QA flags.
 
     Returns
     -------
@@ -427,11 +439,23 @@ def build_sr(
     Raises
     ------
     ValueError
-        ``composition`` is given without ``seg`` (or the reverse), or the SEG does not hold
-        a frame for a compartment.
+        ``composition`` is given without ``seg`` (or the reverse), or with L3 not in the
+        field of view, or the SEG does not hold a frame for a compartment.
     """
     if (composition is None) != (seg is None):
         raise ValueError("composition and seg must be given together")
+    if not location.in_field_of_view:
+        if composition is not None:
+            raise ValueError("no composition can be reported when L3 is not in the field of view")
+        return _not_measured_report(
+            ct,
+            [
+                _evaluation(c.L3_MEASURED, c.NO),
+                _evaluation(c.L3_IN_FIELD_OF_VIEW, c.NO),
+                _reason(not_in_fov_text(location)),
+                *(_evaluation(c.QA_FLAG, c.qa_flag_value(f)) for f in qa_flags),
+            ],
+        )
     groups: list = [_localisation_group(ct, location, composition, qa_flags)]
     evidence: list[Dataset] = [ct]
     if composition is not None and seg is not None:
@@ -440,46 +464,118 @@ def build_sr(
     return _report(ct, groups, evidence)
 
 
+def not_in_fov_text(location: L3Location) -> str:
+    """Why a report of a series whose L3 is outside the scan measured nothing.
+
+    Parameters
+    ----------
+    location : the locator's result, ``in_field_of_view`` False.
+
+    Returns
+    -------
+    str
+        e.g. ``"L3 not in field of view: no window agrees on an L3 position (localisation
+        confidence 0.12)"``: :data:`NOT_IN_FOV_TEXT`, the locator's reason when it gives one,
+        and the confidence to 0.01 (the job page prints the same).
+    """
+    why = f": {location.reason}" if location.reason else ""
+    return f"{NOT_IN_FOV_TEXT}{why} (localisation confidence {float(location.confidence):.2f})"
+
+
 def build_not_measured_sr(ct: Dataset, reason: str) -> Comprehensive3DSR:
     """The TID 1500 report of a CT series l3spot could not measure, and why (issue 14, 7).
 
-    The radiologist can tell "not run" from "failed": one TID 1501 group, Finding L3
-    localisation, ``99L3SPOT L3MEAS`` (body composition measured) = SCT No, and the reason as
-    the group's Tracking Identifier (a TEXT item, so the whole reason fits). Same
-    deterministic Series and SOP Instance UIDs as a measurement report of the series: it
-    replaces an earlier report in the PACS, and a later successful run replaces it.
+    The radiologist can tell "not run" from "failed": title 99L3SPOT L3NMREPORT "L3 body
+    composition not measured", and in TID 1500's report-level Qualitative Evaluations
+    (rows 12-14) ``99L3SPOT L3MEAS`` (body composition at L3 measured) = SCT No and the reason
+    in full as a TEXT item (``99L3SPOT L3NMREASON``). No measurement group: there is nothing
+    on an image to point at, and OHIF 3.13.2 throws on a group without an image region
+    (issue 18). Same deterministic Series and SOP Instance UIDs as a measurement report of
+    the series: it replaces an earlier report in the PACS, and a later successful run
+    replaces it.
 
     Parameters
     ----------
     ct : a CT image of the series (pydicom dataset, pixel data not needed): Patient, Study
         and the seed of the derived UIDs come from it.
     reason : why the series was not measured (PHI-free: UIDs and rules, never values).
+
+    Returns
+    -------
+    highdicom.sr.Comprehensive3DSR
+        Complete, unverified report in l3spot's SR series of the source study.
     """
-    series_uid = str(ct.SeriesInstanceUID)
-    group = MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(
-            uid=derived_uid(series_uid, "tracking", "l3"), identifier=f"Not measured: {reason}"
-        ),
-        finding_type=c.L3_LOCALISATION,
-        algorithm_id=_algorithm_id(),
-        finding_sites=[FindingSite(c.L3_VERTEBRA)],
-        qualitative_evaluations=[QualitativeEvaluation(c.L3_MEASURED, c.NO)],
+    return _not_measured_report(ct, [_evaluation(c.L3_MEASURED, c.NO), _reason(reason)])
+
+
+def _evaluation(name: CodedConcept, value: CodedConcept) -> CodeContentItem:
+    """TID 1500 row 13: a CODE item of the report-level Qualitative Evaluations."""
+    return CodeContentItem(name, value, relationship_type=RelationshipTypeValues.CONTAINS)
+
+
+def _reason(text: str) -> TextContentItem:
+    """TID 1500 row 14: the reason nothing was measured, a TEXT item (UT: any length)."""
+    return TextContentItem(
+        c.NOT_MEASURED_REASON, text, relationship_type=RelationshipTypeValues.CONTAINS
     )
-    return _report(ct, [group], [ct])
+
+
+def _not_measured_report(
+    ct: Dataset, evaluations: Sequence[CodeContentItem | TextContentItem]
+) -> Comprehensive3DSR:
+    """A TID 1500 report without measurements: the report-level Qualitative Evaluations only.
+
+    Rows 1-5 as highdicom's ``MeasurementReport`` writes them (its constructor requires an
+    Imaging Measurements container with at least one group, TID 1500 requires one of rows 6,
+    10 and 12), then row 12 with ``evaluations``. Title :data:`codes.NOT_MEASURED_REPORT`;
+    both containers are SEPARATE (each item a statement of its own, as a viewer lists them).
+    """
+    root = ContainerContentItem(
+        name=c.NOT_MEASURED_REPORT, template_id="1500", is_content_continuous=False
+    )
+    items = ContentSequence()
+    items.extend(LanguageOfContentItemAndDescendants(REPORT_LANGUAGE))  # row 2
+    items.extend(_observation_context())  # row 3
+    for procedure in (c.PROCEDURE_REPORTED, c.PROCEDURE_CT):  # row 4
+        items.append(
+            CodeContentItem(
+                name=codes.DCM.ProcedureReported,
+                value=procedure,
+                relationship_type=RelationshipTypeValues.HAS_CONCEPT_MOD,
+            )
+        )
+    items.extend(ImageLibrary([ct]))  # row 5
+    qualitative = ContainerContentItem(
+        name=c.QUALITATIVE_EVALUATIONS,
+        relationship_type=RelationshipTypeValues.CONTAINS,
+        is_content_continuous=False,
+    )
+    qualitative.ContentSequence = ContentSequence(list(evaluations))
+    items.append(qualitative)  # row 12
+    root.ContentSequence = items
+    return _document(ct, root, [ct])
 
 
 def _report(ct: Dataset, groups: list, evidence: list[Dataset]) -> Comprehensive3DSR:
     """The Comprehensive 3D SR holding ``groups``, in l3spot's SR series of ``ct``'s study."""
-    series_uid = str(ct.SeriesInstanceUID)
     report = MeasurementReport(
         observation_context=_observation_context(),
         procedure_reported=[c.PROCEDURE_REPORTED, c.PROCEDURE_CT],
         imaging_measurements=groups,
         referenced_images=[ct],
+        language_of_content_item_and_descendants=LanguageOfContentItemAndDescendants(
+            REPORT_LANGUAGE
+        ),
     )
+    return _document(ct, report[0], evidence)
+
+
+def _document(ct: Dataset, content: Dataset, evidence: list[Dataset]) -> Comprehensive3DSR:
+    """The Comprehensive 3D SR of ``content`` (the TID 1500 root), in l3spot's SR series."""
+    series_uid = str(ct.SeriesInstanceUID)
     return Comprehensive3DSR(
         evidence=evidence,
-        content=report[0],
+        content=content,
         series_instance_uid=derived_uid(series_uid, "sr-series"),
         series_number=SR_SERIES_NUMBER,
         sop_instance_uid=derived_uid(series_uid, "sr-instance"),
@@ -495,6 +591,37 @@ def _report(ct: Dataset, groups: list, evidence: list[Dataset]) -> Comprehensive
             CodingSchemeIdentificationItem(designator=c.L3SPOT_SCHEME, name=c.L3SPOT_SCHEME_NAME)
         ],
     )
+
+
+def report_evaluations(sr: Dataset) -> list[tuple[str, str]]:
+    """The report-level Qualitative Evaluations of an SR (TID 1500 rows 12-14), in order.
+
+    Parameters
+    ----------
+    sr : an SR data set (pydicom or highdicom).
+
+    Returns
+    -------
+    list of (str, str)
+        (concept name's Code Value, value) per item: the value's Code Value of a CODE item,
+        the text of a TEXT item. Empty when the report has no such container (a measurement
+        report keeps its evaluations in its measurement groups).
+    """
+    out: list[tuple[str, str]] = []
+    for container in sr.ContentSequence:
+        name = container.ConceptNameCodeSequence[0]
+        if container.ValueType != "CONTAINER" or (name.CodeValue, name.CodingSchemeDesignator) != (
+            c.QUALITATIVE_EVALUATIONS.value,
+            c.QUALITATIVE_EVALUATIONS.scheme_designator,
+        ):
+            continue
+        for item in container.get("ContentSequence", []):
+            concept = str(item.ConceptNameCodeSequence[0].CodeValue)
+            if item.ValueType == "CODE":
+                out.append((concept, str(item.ConceptCodeSequence[0].CodeValue)))
+            elif item.ValueType == "TEXT":
+                out.append((concept, str(item.TextValue)))
+    return out
 
 
 def referenced_segment_numbers(groups: Sequence[Dataset]) -> list[int]:
