@@ -96,7 +96,6 @@ def write_series(folder: Path, n: int, **kwargs: object) -> tuple[str, str, Path
 
 STORESCU = "/usr/bin/storescu"
 ORTHANC = "/usr/sbin/Orthanc"
-#: Orthanc's DICOMweb plugin as Debian's orthanc-dicomweb installs it (STOW-RS, QIDO-RS).
 #: Debian's ``orthanc-dicomweb`` plugin (QIDO-RS, WADO-RS, STOW-RS under /dicom-web/).
 ORTHANC_DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 REDIS_SERVER = "/usr/bin/redis-server"
