@@ -176,7 +176,7 @@ class Node:
         self.config = config
         self.config_path = config_path
         self.spool = Spool(node.spool_dir, node.resolved_quarantine_dir(), fsync=node.fsync)
-        self.jobs = JobStore(node.spool_dir)
+        self.jobs = JobStore.from_config(config)
         self.app = configure_app(config)
         self.watcher = SeriesWatcher(
             node, self.jobs, self.enqueue_analysis, audit=AuditLog(audit_log_path(config))
