@@ -398,3 +398,20 @@ def test_a_database_url_that_is_not_postgresql_is_refused_without_repeating_it(
     assert jobs_database_label(Config()).startswith("sqlite:") and jobs_database_label(
         Config()
     ).endswith(DB_NAME)
+
+
+def test_an_unreachable_database_stops_the_node_with_the_password_masked(tmp_path: Path) -> None:
+    """``l3spot serve`` turns it into one ``startup_failed`` line (a StartupError), not a
+    traceback, and the URL in it shows ``***`` for the password."""
+    from core.errors import StartupError
+    from service.node import Node
+
+    cfg = Config.model_validate(
+        {
+            "node": {"spool_dir": str(tmp_path / "spool")},
+            "jobs": {"database_url": "postgresql+psycopg://u:pw@127.0.0.1:1/x"},
+        }
+    )
+    with pytest.raises(StartupError) as info:
+        Node(cfg)
+    assert "u:***@127.0.0.1:1/x" in str(info.value) and ":pw@" not in str(info.value)
