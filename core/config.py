@@ -463,6 +463,61 @@ class LoggingConfig(_Section):
     startup_echo_timeout_seconds: float = Field(5.0, ge=0)
 
 
+class JobsConfig(_Section):
+    """Where the job records live (core/jobs.py, docs/deployment.md "Several hosts").
+
+    ``database_url: null`` keeps them in SQLite inside the spool (one host). Nodes and
+    workers on several hosts sharing the spool (NFS) need PostgreSQL: SQLite's locks are not
+    safe over a network file system. The password is never in the URL of the configuration
+    file: ``password_env`` or ``password_file`` (read at start-up), or libpq's own
+    ``PGPASSWORD``/``~/.pgpass``.
+    """
+
+    # null = SQLite at <spool_dir>/jobs.sqlite; or postgresql+psycopg://user@host[:port]/db
+    # (postgresql:// means the same; ?sslmode=require etc. pass to libpq)
+    database_url: str | None = None
+    password_env: str | None = None  # name of the environment variable holding the password
+    password_file: Path | None = None  # or: a file holding it (trailing newline stripped)
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgresql_only(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("postgresql://", "postgresql+psycopg://")):
+            # the value is not repeated: it may hold a password
+            raise ValueError("must be null (SQLite in the spool) or postgresql+psycopg://...")
+        return v
+
+    @model_validator(mode="after")
+    def _one_password_source(self) -> JobsConfig:
+        if self.password_env is not None and self.password_file is not None:
+            raise ValueError("give password_env or password_file, not both")
+        if self.database_url is None and (self.password_env or self.password_file):
+            raise ValueError("password_env/password_file need database_url")
+        return self
+
+    def password(self) -> str | None:
+        """The database password from ``password_env`` or ``password_file``; None if neither.
+
+        Raises
+        ------
+        ConfigError
+            The variable is not set, or the file cannot be read (neither is shown).
+        """
+        if self.password_env is not None:
+            value = os.environ.get(self.password_env)
+            if value is None:
+                raise ConfigError(f"jobs.password_env: {self.password_env} is not set")
+            return value
+        if self.password_file is not None:
+            try:
+                return self.password_file.read_text().rstrip("\r\n")
+            except OSError as exc:
+                raise ConfigError(
+                    f"jobs.password_file: cannot read {self.password_file}: {exc.strerror}"
+                ) from exc
+        return None
+
+
 class Config(_Section):
     """The whole configuration of a node and its workers."""
 
@@ -477,6 +532,7 @@ class Config(_Section):
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     fhir: FhirConfig = Field(default_factory=FhirConfig)
+    jobs: JobsConfig = Field(default_factory=JobsConfig)
 
     @model_validator(mode="after")
     def _retry_below_visibility_timeout(self) -> Config:

@@ -1,9 +1,16 @@
-"""Job records: one row per series, in a small SQLite database inside the spool folder.
+"""Job records: one row per series, in SQLite inside the spool folder or in PostgreSQL.
 
 The job record, not Celery's result backend, is the truth about a series: the node writes
 ``received``/``ineligible``/``queued``, the workers write ``analysing``/``exporting``/``done``/
-``failed``. The database survives restarts of the node and of the workers, and several
-processes on one host may use it at once (SQLite WAL mode, ``BEGIN IMMEDIATE`` writers).
+``failed``. The database survives restarts of the node and of the workers. Two back-ends run
+the same SQLAlchemy Core statements (``jobs.database_url``, docs/deployment.md):
+
+- SQLite (the default, ``<spool_dir>/jobs.sqlite``): several processes on *one* host (WAL
+  mode, ``BEGIN IMMEDIATE`` writers, a busy timeout);
+- PostgreSQL: nodes and workers on several hosts sharing the spool. Each write is one
+  transaction (READ COMMITTED) that locks the rows it reads before it changes them
+  (``SELECT ... FOR UPDATE``), where SQLite relies on its single writer; a transaction that
+  loses a race (unique violation, deadlock, serialization failure) is run again.
 
 It lives in :mod:`core` because both sides write it; :mod:`service.jobs` re-exports it for
 the node. The states are :class:`JobState` members (a ``StrEnum``: stored as their strings).
@@ -20,22 +27,69 @@ States (in the order a series passes through them)::
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from core.errors import JobNotFoundError
+from sqlalchemy import (
+    Column,
+    Double,
+    Integer,
+    MetaData,
+    Select,
+    Table,
+    Text,
+    case,
+    create_engine,
+    event,
+    insert,
+    inspect,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, Connection, Engine, RowMapping, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError
+from sqlalchemy.exc import OperationalError as SAOperationalError
+from sqlalchemy.pool import NullPool
+from sqlalchemy.schema import CreateColumn
+
+from core.errors import ConfigError, JobNotFoundError
+
+if TYPE_CHECKING:
+    from core.config import Config
+
+_T = TypeVar("_T")
 
 DB_NAME = "jobs.sqlite"
 #: Seconds a statement waits for another connection's lock before ``database is locked``.
 #: Never wait like this on a thread that owes a DICOM peer a response (the SCP's C-STORE
 #: handler): scanners' DIMSE timeouts are typically 30 s too (docs/reliability.md).
 BUSY_TIMEOUT_S = 30.0
+#: PostgreSQL: times a write transaction runs when it loses a race with another host's
+#: (SQLSTATE in :data:`_RETRY_SQLSTATES`); SQLite's writers queue on the busy timeout instead.
+PG_TRANSACTION_ATTEMPTS = 5
+#: unique_violation (two hosts inserted the same new row), serialization_failure, deadlock
+_RETRY_SQLSTATES = frozenset({"23505", "40001", "40P01"})
+
+#: Errors of the job database, whichever the back-end (SQLite's are raised unwrapped, as
+#: before PostgreSQL support; PostgreSQL's as SQLAlchemy's ``DBAPIError`` subclasses).
+DATABASE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, DBAPIError)
+#: Those that may pass by themselves: a full disk, a lock held too long, a server that
+#: restarts or cannot be reached (the node's watcher retries them, service/watcher.py).
+TRANSIENT_DATABASE_ERRORS: tuple[type[Exception], ...] = (
+    sqlite3.OperationalError,
+    SAOperationalError,
+)
 
 
 class JobState(StrEnum):
@@ -99,51 +153,66 @@ class DestinationState(StrEnum):
 DOWN_AFTER_FAILURES = 3
 
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    series_uid   TEXT PRIMARY KEY,
-    study_uid    TEXT NOT NULL DEFAULT '',
-    series_dir   TEXT NOT NULL DEFAULT '',
-    state        TEXT NOT NULL,
-    reason       TEXT,
-    note         TEXT,
-    n_instances  INTEGER NOT NULL DEFAULT 0,
-    attempts     INTEGER NOT NULL DEFAULT 0,
-    token        TEXT,
-    received_at  REAL,
-    completed_at REAL,
-    queued_at    REAL,
-    analysis_started_at REAL,
-    analysis_finished_at REAL,
-    export_finished_at REAL,
-    updated_at   REAL NOT NULL,
-    requeues     INTEGER NOT NULL DEFAULT 0,
-    worker       TEXT,
-    run_attempts INTEGER NOT NULL DEFAULT 0,
-    spool_purged_at   REAL,
-    results_purged_at REAL
-);
-CREATE TABLE IF NOT EXISTS exports (
-    series_uid   TEXT NOT NULL,
-    destination  TEXT NOT NULL,
-    state        TEXT NOT NULL,
-    attempts     INTEGER NOT NULL DEFAULT 0,
-    last_status  TEXT,
-    last_error   TEXT,
-    updated_at   REAL NOT NULL,
-    first_failure_at REAL,
-    PRIMARY KEY (series_uid, destination)
-);
-CREATE TABLE IF NOT EXISTS destinations (
-    label                TEXT PRIMARY KEY,
-    consecutive_failures INTEGER NOT NULL DEFAULT 0,
-    last_attempt_at      REAL,
-    last_ok_at           REAL,
-    last_failure_at      REAL,
-    last_status          TEXT,
-    last_error           TEXT
-);
-"""
+metadata = MetaData()
+
+#: One row per series. Times are Unix seconds (DOUBLE PRECISION on PostgreSQL: a REAL there
+#: is 4 bytes and would round a timestamp to minutes; SQLite stores either as 8-byte REAL).
+jobs_table = Table(
+    "jobs",
+    metadata,
+    Column("series_uid", Text, primary_key=True),
+    Column("study_uid", Text, nullable=False, server_default=text("''")),
+    Column("series_dir", Text, nullable=False, server_default=text("''")),
+    Column("state", Text, nullable=False),
+    Column("reason", Text),
+    Column("note", Text),
+    Column("n_instances", Integer, nullable=False, server_default=text("0")),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("token", Text),
+    Column("received_at", Double),
+    Column("completed_at", Double),
+    Column("queued_at", Double),
+    Column("analysis_started_at", Double),
+    Column("analysis_finished_at", Double),
+    Column("export_finished_at", Double),
+    Column("updated_at", Double, nullable=False),
+    Column("requeues", Integer, nullable=False, server_default=text("0")),
+    Column("worker", Text),
+    Column("run_attempts", Integer, nullable=False, server_default=text("0")),
+    Column("spool_purged_at", Double),
+    Column("results_purged_at", Double),
+)
+#: One row per (series, destination) delivery.
+exports_table = Table(
+    "exports",
+    metadata,
+    Column("series_uid", Text, primary_key=True),
+    Column("destination", Text, primary_key=True),
+    Column("state", Text, nullable=False),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("last_status", Text),
+    Column("last_error", Text),
+    Column("updated_at", Double, nullable=False),
+    Column("first_failure_at", Double),
+)
+#: How each destination answered lately, over all series.
+destinations_table = Table(
+    "destinations",
+    metadata,
+    Column("label", Text, primary_key=True),
+    Column("consecutive_failures", Integer, nullable=False, server_default=text("0")),
+    Column("last_attempt_at", Double),
+    Column("last_ok_at", Double),
+    Column("last_failure_at", Double),
+    Column("last_status", Text),
+    Column("last_error", Text),
+)
+#: One row: how many of :data:`_MIGRATIONS` the database has run (absent before this table).
+schema_version_table = Table(
+    "schema_version",
+    metadata,
+    Column("version", Integer, nullable=False),
+)
 
 _TIME_FIELDS = (
     "received_at",
@@ -155,19 +224,21 @@ _TIME_FIELDS = (
 )
 
 
-#: Columns added after the first release: ``ALTER TABLE`` on databases that lack them.
+#: Columns added after the first release, in order: ``ALTER TABLE ... ADD COLUMN`` (the
+#: column as :data:`metadata` declares it) on databases that lack them. The schema's version
+#: is the number of these steps it has run; a new step is appended, never inserted.
 _MIGRATIONS = (
-    ("jobs", "requeues", "ALTER TABLE jobs ADD COLUMN requeues INTEGER NOT NULL DEFAULT 0"),
-    ("jobs", "worker", "ALTER TABLE jobs ADD COLUMN worker TEXT"),
-    (
-        "jobs",
-        "run_attempts",
-        "ALTER TABLE jobs ADD COLUMN run_attempts INTEGER NOT NULL DEFAULT 0",
-    ),
-    ("jobs", "spool_purged_at", "ALTER TABLE jobs ADD COLUMN spool_purged_at REAL"),
-    ("jobs", "results_purged_at", "ALTER TABLE jobs ADD COLUMN results_purged_at REAL"),
-    ("exports", "first_failure_at", "ALTER TABLE exports ADD COLUMN first_failure_at REAL"),
+    ("jobs", "requeues"),
+    ("jobs", "worker"),
+    ("jobs", "run_attempts"),
+    ("jobs", "spool_purged_at"),
+    ("jobs", "results_purged_at"),
+    ("exports", "first_failure_at"),
 )
+#: The version of the schema this code writes.
+SCHEMA_VERSION = len(_MIGRATIONS)
+#: PostgreSQL advisory lock key held while a process creates or migrates the schema.
+_SCHEMA_LOCK_KEY = 0x13570318
 
 
 def new_token() -> str:
@@ -286,67 +357,308 @@ class JobRecord:
         return d
 
 
-def _reset_exports(con: Any, series_uid: str, destinations: list[str], now: float) -> None:
-    """Every destination's export row of a series back to ``pending`` (0 attempts)."""
-    for dest in destinations:
-        con.execute(
-            "INSERT INTO exports (series_uid, destination, state, updated_at)"
-            " VALUES (?,?,?,?) ON CONFLICT(series_uid, destination) DO UPDATE SET"
-            " state=excluded.state, attempts=0, last_status=NULL, last_error=NULL,"
-            " first_failure_at=NULL, updated_at=excluded.updated_at",
-            (series_uid, dest, ExportState.PENDING, now),
-        )
+# ---- the database ---------------------------------------------------------------------
 
 
-class JobStore:
-    """SQLite job records at ``<spool_dir>/jobs.sqlite``.
+def postgresql_url(url: str | URL | None, password: str | None = None) -> URL | None:
+    """The SQLAlchemy URL of a PostgreSQL job store, or None for SQLite in the spool.
 
     Parameters
     ----------
-    spool_dir : the node's spool folder (created if missing).
-    busy_timeout_s : seconds a call waits for another connection's write lock before
-        raising ``sqlite3.OperationalError`` ("database is locked").
+    url : ``jobs.database_url``: ``postgresql+psycopg://user@host[:port]/db`` (``postgresql://``
+        means the same driver, psycopg 3), or None.
+    password : the database password (``jobs.password_env``/``password_file``); replaces any
+        password in ``url``.
+
+    Raises
+    ------
+    ConfigError
+        ``url`` is not a PostgreSQL URL SQLAlchemy can parse (the message never repeats it:
+        it may hold a password).
+    """
+    if url is None:
+        return None
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise ConfigError("jobs.database_url: not a database URL") from exc
+    if parsed.get_backend_name() != "postgresql" or parsed.get_driver_name() not in (
+        "psycopg",
+        "psycopg2",  # SQLAlchemy's name when postgresql:// has no driver
+    ):
+        raise ConfigError("jobs.database_url: must be postgresql+psycopg://user@host/database")
+    parsed = parsed.set(drivername="postgresql+psycopg")
+    if password is not None:
+        parsed = parsed.set(password=password)
+    return parsed
+
+
+def mask_database_url(url: str | URL) -> str:
+    """``url`` with its password shown as ``***`` (for logs, the start-up summary, pages)."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparsable database URL>"
+
+
+def jobs_database_label(config: Config) -> str:
+    """The job store for logs and pages: ``sqlite:<spool>/jobs.sqlite`` or the PostgreSQL
+    URL with its password masked (``jobs.database_url`` never carries the one from
+    ``password_env``/``password_file``, which is not read here)."""
+    if config.jobs.database_url is None:
+        return f"sqlite:{(config.node.spool_dir / DB_NAME).resolve()}"
+    return mask_database_url(config.jobs.database_url)
+
+
+_ENGINES: dict[tuple[str, float], Engine] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    """A forked process (Celery's prefork pool) must not use its parent's pooled sockets:
+    forget them without closing them (the parent still uses them), per SQLAlchemy's advice."""
+    global _ENGINES_LOCK
+    _ENGINES_LOCK = threading.Lock()
+    for engine in _ENGINES.values():
+        engine.dispose(close=False)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _sqlite_engine(path: Path, busy_timeout_s: float) -> Engine:
+    """SQLite at ``path``: a new connection per call (NullPool, as before SQLAlchemy), no
+    implicit transactions (the store issues ``BEGIN IMMEDIATE`` itself)."""
+    engine = create_engine(
+        URL.create("sqlite+pysqlite", database=str(path)),
+        poolclass=NullPool,
+        connect_args={"timeout": busy_timeout_s, "check_same_thread": False},
+    )
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # SQLAlchemy's documented pysqlite recipe
+
+    return engine
+
+
+def _postgresql_engine(url: URL, busy_timeout_s: float) -> Engine:
+    """PostgreSQL: a small pool per process (checked before use: the server may have
+    restarted), a row lock waited for at most ``busy_timeout_s`` (like SQLite's busy
+    timeout), statement parameters kept out of error messages."""
+    return create_engine(
+        url,
+        pool_size=4,
+        max_overflow=8,
+        pool_pre_ping=True,
+        pool_recycle=3600,
+        hide_parameters=True,
+        connect_args={
+            "connect_timeout": 10,
+            "application_name": "l3spot",
+            "options": f"-c lock_timeout={int(busy_timeout_s * 1000)}",
+        },
+    )
+
+
+def _engine(key: str, busy_timeout_s: float, build: Callable[[], Engine]) -> Engine:
+    with _ENGINES_LOCK:
+        engine = _ENGINES.get((key, busy_timeout_s))
+        if engine is None:
+            engine = _ENGINES[(key, busy_timeout_s)] = build()
+        return engine
+
+
+def _reset_exports(
+    con: Connection, upsert: Any, series_uid: str, destinations: list[str], now: float
+) -> None:
+    """Every destination's export row of a series back to ``pending`` (0 attempts)."""
+    for dest in destinations:
+        stmt = upsert(exports_table).values(
+            series_uid=series_uid, destination=dest, state=ExportState.PENDING, updated_at=now
+        )
+        con.execute(
+            stmt.on_conflict_do_update(
+                index_elements=["series_uid", "destination"],
+                set_={
+                    "state": stmt.excluded.state,
+                    "attempts": 0,
+                    "last_status": None,
+                    "last_error": None,
+                    "first_failure_at": None,
+                    "updated_at": stmt.excluded.updated_at,
+                },
+            )
+        )
+
+
+_J = jobs_table.c
+_E = exports_table.c
+_D = destinations_table.c
+
+
+class JobStore:
+    """Job records: SQLite at ``<spool_dir>/jobs.sqlite``, or a PostgreSQL database.
+
+    Parameters
+    ----------
+    spool_dir : the node's spool folder (created if missing; the SQLite file lives there).
+    busy_timeout_s : seconds a call waits for another connection's lock: SQLite's write lock
+        (then ``sqlite3.OperationalError`` "database is locked"), PostgreSQL's row locks
+        (``lock_timeout``; then ``sqlalchemy.exc.OperationalError``).
+    database_url : None for SQLite in the spool (the default), or a PostgreSQL URL
+        (``postgresql+psycopg://user@host/db``; see :func:`postgresql_url` and
+        :meth:`from_config`, which adds the password from the configuration).
+
+    Raises
+    ------
+    ConfigError
+        ``database_url`` is not a PostgreSQL URL.
 
     Notes
     -----
-    Each call opens its own short-lived connection, so one store may be shared by threads
-    and processes. SQLite locking needs a local file system: several worker *hosts* sharing
-    the spool over NFS should use one host for the job database (see docs/deployment.md).
+    Each call runs on its own short-lived connection (SQLite) or one from a small pool
+    (PostgreSQL), so one store may be shared by threads and processes. SQLite locking needs
+    a local file system: nodes and workers on several *hosts* sharing the spool over NFS use
+    PostgreSQL (docs/deployment.md). The schema is created, and migrated
+    (:data:`_MIGRATIONS`), by the first store opened on a database.
     """
 
-    def __init__(self, spool_dir: Path, busy_timeout_s: float = BUSY_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        spool_dir: Path,
+        busy_timeout_s: float = BUSY_TIMEOUT_S,
+        database_url: str | URL | None = None,
+    ) -> None:
         self.spool_dir = Path(spool_dir)
         self.busy_timeout_s = busy_timeout_s
         self.spool_dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.spool_dir / DB_NAME
-        with self._connect() as con:
-            con.execute("PRAGMA journal_mode=WAL")
-            con.executescript(_SCHEMA)
-            for table, column, ddl in _MIGRATIONS:
-                have = {r["name"] for r in con.execute(f"PRAGMA table_info({table})")}
-                if column not in have:
-                    with contextlib.suppress(sqlite3.OperationalError):  # another process won
-                        con.execute(ddl)
+        url = postgresql_url(database_url)
+        self.path: Path | None
+        if url is None:
+            self.path = self.spool_dir / DB_NAME
+            path = self.path
+            self.engine = _engine(
+                f"sqlite:{path.resolve()}",
+                busy_timeout_s,
+                lambda: _sqlite_engine(path, busy_timeout_s),
+            )
+            self.label = f"sqlite:{path}"
+        else:
+            self.path = None
+            pg_url = url
+            self.engine = _engine(
+                pg_url.render_as_string(hide_password=False),
+                busy_timeout_s,
+                lambda: _postgresql_engine(pg_url, busy_timeout_s),
+            )
+            self.label = pg_url.render_as_string(hide_password=True)
+        self.sqlite = url is None
+        self._upsert = sqlite.insert if self.sqlite else postgresql.insert
+        self._ensure_schema()
+
+    @classmethod
+    def from_config(cls, config: Config) -> JobStore:
+        """The store ``config`` names: ``jobs.database_url`` (with the password read from
+        ``jobs.password_env``/``password_file``), else SQLite in ``node.spool_dir``.
+
+        Raises
+        ------
+        ConfigError
+            The URL is not a PostgreSQL URL, or the password's variable or file is missing.
+        """
+        url = postgresql_url(config.jobs.database_url, config.jobs.password())
+        return cls(config.node.spool_dir, database_url=url)
+
+    # ---- connections and the schema --------------------------------------------------
 
     @contextlib.contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        con = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
-        con.row_factory = sqlite3.Row
+    def _connect(self) -> Iterator[Connection]:
+        """A connection; SQLite's errors come out as the ``sqlite3`` exceptions they are
+        (callers and operators have always seen those), PostgreSQL's as SQLAlchemy's."""
         try:
-            yield con
-        finally:
-            con.close()
+            with self.engine.connect() as con:
+                yield con
+        except DBAPIError as exc:
+            if self.sqlite and isinstance(exc.orig, sqlite3.Error):
+                raise exc.orig from None
+            raise
 
     @contextlib.contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _write(self) -> Iterator[Connection]:
+        """One write transaction: SQLite takes the database's write lock at once
+        (``BEGIN IMMEDIATE``); PostgreSQL begins at the first statement."""
         with self._connect() as con:
-            con.execute("BEGIN IMMEDIATE")
+            if self.sqlite:
+                con.exec_driver_sql("BEGIN IMMEDIATE")
             try:
                 yield con
             except BaseException:
-                con.execute("ROLLBACK")
+                con.rollback()
                 raise
-            con.execute("COMMIT")
+            con.commit()
+
+    def _transact(self, work: Callable[[Connection], _T]) -> _T:
+        """``work`` in one write transaction; on PostgreSQL, run again (a few times, after a
+        short pause) when it lost a race with another connection (:data:`_RETRY_SQLSTATES`)."""
+        attempt = 1
+        while True:
+            try:
+                with self._write() as con:
+                    return work(con)
+            except DBAPIError as exc:
+                sqlstate = getattr(exc.orig, "sqlstate", None)
+                if sqlstate not in _RETRY_SQLSTATES or attempt >= PG_TRANSACTION_ATTEMPTS:
+                    raise
+            time.sleep(0.01 * attempt)
+            attempt += 1
+
+    def _locking(self, stmt: Select[Any], of: Table | None = None) -> Select[Any]:
+        """``stmt`` with ``FOR UPDATE [OF of]`` on PostgreSQL: the rows a write transaction
+        reads before it changes them are locked (SQLite's ``BEGIN IMMEDIATE`` already holds
+        the whole database; SQLite has no ``FOR UPDATE``)."""
+        return stmt if self.sqlite else stmt.with_for_update(of=of)
+
+    def _schema_version(self) -> int | None:
+        """The database's schema version; None when it has no version table (new, or
+        written before the table existed)."""
+        try:
+            with self.engine.connect() as con:
+                return con.execute(select(schema_version_table.c.version)).scalar()
+        except DBAPIError:
+            return None
+
+    def _ensure_schema(self) -> None:
+        """Create the tables and run the missing migrations, once per database: one query
+        when the schema is current (every store a task opens), else under the write lock
+        (SQLite) or an advisory lock (PostgreSQL) so that processes starting together do
+        not race."""
+        if self._schema_version() == SCHEMA_VERSION:
+            return
+        if self.sqlite:
+            with self._connect() as con:
+                con.exec_driver_sql("PRAGMA journal_mode=WAL")  # not inside a transaction
+
+        def work(con: Connection) -> None:
+            if not self.sqlite:
+                con.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SCHEMA_LOCK_KEY})
+            metadata.create_all(con, checkfirst=True)
+            version = con.execute(select(schema_version_table.c.version)).scalar()
+            if version is not None and version >= SCHEMA_VERSION:
+                return  # another process migrated it meanwhile (or a newer l3spot did)
+            insp = inspect(con)
+            for table, column in _MIGRATIONS[version or 0 :]:
+                if column not in {c["name"] for c in insp.get_columns(table)}:
+                    ddl = CreateColumn(metadata.tables[table].c[column]).compile(
+                        dialect=con.dialect
+                    )
+                    con.execute(text(f"ALTER TABLE {table} ADD COLUMN {ddl}"))
+                    insp.clear_cache()
+            con.execute(schema_version_table.delete())
+            con.execute(insert(schema_version_table).values(version=SCHEMA_VERSION))
+
+        self._transact(work)
 
     # ---- node side -------------------------------------------------------------------
 
@@ -379,32 +691,47 @@ class JobStore:
             The database stayed locked for the whole ``timeout`` (30 s).
         """
         now = time.time() if received_at is None else received_at
-        with self._write() as con:
+
+        def work(con: Connection) -> bool:
             row = con.execute(
-                "SELECT state, study_uid FROM jobs WHERE series_uid=?", (series_uid,)
-            ).fetchone()
+                self._locking(select(_J.state, _J.study_uid).where(_J.series_uid == series_uid))
+            ).first()
             if (
                 row is not None
-                and row["study_uid"]
-                and row["study_uid"] != study_uid
-                and row["state"] in OWNING_STATES
+                and row.study_uid
+                and row.study_uid != study_uid
+                and row.state in OWNING_STATES
             ):
                 # the Series UID belongs to another study's analysed series: an instance under
                 # this study is a stray; the record is not touched (the watcher quarantines it)
                 return False
             if row is None:
                 con.execute(
-                    "INSERT INTO jobs (series_uid, study_uid, series_dir, state, received_at,"
-                    " updated_at) VALUES (?,?,?,?,?,?)",
-                    (series_uid, study_uid, str(series_dir), JobState.RECEIVED, now, time.time()),
+                    insert(jobs_table).values(
+                        series_uid=series_uid,
+                        study_uid=study_uid,
+                        series_dir=str(series_dir),
+                        state=JobState.RECEIVED,
+                        received_at=now,
+                        updated_at=time.time(),
+                    )
                 )
-            elif row["state"] != JobState.RECEIVED:
+            elif row.state != JobState.RECEIVED:
                 con.execute(
-                    "UPDATE jobs SET state=?, reason=NULL, note=NULL, received_at=?,"
-                    " spool_purged_at=NULL, updated_at=? WHERE series_uid=?",
-                    (JobState.RECEIVED, now, time.time(), series_uid),
+                    update(jobs_table)
+                    .where(_J.series_uid == series_uid)
+                    .values(
+                        state=JobState.RECEIVED,
+                        reason=None,
+                        note=None,
+                        received_at=now,
+                        spool_purged_at=None,
+                        updated_at=time.time(),
+                    )
                 )
-        return True
+            return True
+
+        return self._transact(work)
 
     def set_study(self, series_uid: str, study_uid: str, series_dir: Path) -> None:
         """The series' Study Instance UID and spool folder, once its identity is settled."""
@@ -462,31 +789,42 @@ class JobStore:
         the process running the analysis) is recorded for operators.
         """
         now = time.time()
-        with self._write() as con:
+
+        def work(con: Connection) -> bool:
             row = con.execute(
-                "SELECT token, state FROM jobs WHERE series_uid=?", (series_uid,)
-            ).fetchone()
+                self._locking(select(_J.token, _J.state).where(_J.series_uid == series_uid))
+            ).first()
             if (
                 row is not None
                 and token is not None
                 and (
-                    row["token"] != token
-                    or row["state"] in (JobState.EXPORTING, JobState.DONE, JobState.FAILED)
+                    row.token != token
+                    or row.state in (JobState.EXPORTING, JobState.DONE, JobState.FAILED)
                 )
             ):
                 return False
             if row is None:
                 con.execute(
-                    "INSERT INTO jobs (series_uid, state, updated_at) VALUES (?,?,?)",
-                    (series_uid, JobState.ANALYSING, now),
+                    insert(jobs_table).values(
+                        series_uid=series_uid, state=JobState.ANALYSING, updated_at=now
+                    )
                 )
             con.execute(
-                "UPDATE jobs SET state=?, attempts=attempts+1, run_attempts=run_attempts+1,"
-                " analysis_started_at=?,"
-                " reason=NULL, worker=?, updated_at=? WHERE series_uid=?",
-                (JobState.ANALYSING, now, worker, now, series_uid),
+                update(jobs_table)
+                .where(_J.series_uid == series_uid)
+                .values(
+                    state=JobState.ANALYSING,
+                    attempts=_J.attempts + 1,
+                    run_attempts=_J.run_attempts + 1,
+                    analysis_started_at=now,
+                    reason=None,
+                    worker=worker,
+                    updated_at=now,
+                )
             )
-        return True
+            return True
+
+        return self._transact(work)
 
     def finish_analysis(
         self, series_uid: str, note: str | None, exporting: bool, token: str | None = None
@@ -498,28 +836,40 @@ class JobStore:
         """
         now = time.time()
         state = JobState.EXPORTING if exporting else JobState.DONE
-        with self._write() as con:
-            row = con.execute("SELECT token FROM jobs WHERE series_uid=?", (series_uid,)).fetchone()
-            if row is not None and token is not None and row["token"] != token:
+
+        def work(con: Connection) -> bool:
+            row = con.execute(
+                self._locking(select(_J.token).where(_J.series_uid == series_uid))
+            ).first()
+            if row is not None and token is not None and row.token != token:
                 return False
             con.execute(
-                "UPDATE jobs SET state=?, note=?, analysis_finished_at=?,"
-                " export_finished_at=?, results_purged_at=NULL, updated_at=? WHERE series_uid=?",
-                (state, note, now, None if exporting else now, now, series_uid),
+                update(jobs_table)
+                .where(_J.series_uid == series_uid)
+                .values(
+                    state=state,
+                    note=note,
+                    analysis_finished_at=now,
+                    export_finished_at=None if exporting else now,
+                    results_purged_at=None,
+                    updated_at=now,
+                )
             )
-        return True
+            return True
+
+        return self._transact(work)
 
     def heartbeat(self, series_uid: str, token: str | None) -> bool:
         """A running task is alive: bump ``updated_at`` (see :meth:`claim_stale`).
 
         Returns False when ``token`` is no longer the record's (the task was superseded).
         """
-        with self._write() as con:
-            cur = con.execute(
-                "UPDATE jobs SET updated_at=? WHERE series_uid=? AND (? IS NULL OR token=?)",
-                (time.time(), series_uid, token, token),
-            )
-        return cur.rowcount > 0
+        stmt = update(jobs_table).where(_J.series_uid == series_uid)
+        if token is not None:
+            stmt = stmt.where(_J.token == token)
+        return self._transact(
+            lambda con: con.execute(stmt.values(updated_at=time.time())).rowcount > 0
+        )
 
     def renew_token(self, series_uid: str) -> str:
         """Give the record a new token (e.g. before re-queueing its export); returns it.
@@ -532,12 +882,11 @@ class JobStore:
             No record for ``series_uid``.
         """
         token = new_token()
-        with self._write() as con:
-            cur = con.execute(
-                "UPDATE jobs SET token=?, updated_at=? WHERE series_uid=?",
-                (token, time.time(), series_uid),
-            )
-        if cur.rowcount == 0:
+        stmt = update(jobs_table).where(_J.series_uid == series_uid)
+        changed = self._transact(
+            lambda con: con.execute(stmt.values(token=token, updated_at=time.time())).rowcount
+        )
+        if changed == 0:
             raise JobNotFoundError(series_uid)
         return token
 
@@ -554,48 +903,62 @@ class JobStore:
         ``requeues`` + 1 and ``updated_at`` = now; ``analysing`` ones go back to ``queued``.
         The caller then sends the task again with the returned records' tokens.
 
+        On PostgreSQL the stale rows are locked (``FOR UPDATE``) before they change: a
+        second host's reconciliation running at the same moment waits, then finds them
+        updated (no longer stale) and claims none of them.
+
         Returns
         -------
         list[JobRecord]
             The claimed records, as they are after the update.
         """
         now = time.time()
-        claimed: list[str] = []
-        with self._write() as con:
+
+        def work(con: Connection) -> list[str]:
             rows = con.execute(
-                "SELECT series_uid, state FROM jobs WHERE (state=? AND updated_at<?)"
-                " OR (state=? AND updated_at<?) OR (state=? AND updated_at<?)",
-                (
-                    JobState.QUEUED,
-                    queued_before,
-                    JobState.ANALYSING,
-                    running_before,
-                    JobState.EXPORTING,
-                    exporting_before,
-                ),
-            ).fetchall()
+                self._locking(
+                    select(_J.series_uid, _J.state).where(
+                        or_(
+                            (_J.state == JobState.QUEUED) & (_J.updated_at < queued_before),
+                            (_J.state == JobState.ANALYSING) & (_J.updated_at < running_before),
+                            (_J.state == JobState.EXPORTING) & (_J.updated_at < exporting_before),
+                        )
+                    )
+                )
+            ).all()
+            claimed: list[str] = []
             for row in rows:
-                state = (
-                    JobState.EXPORTING if row["state"] == JobState.EXPORTING else JobState.QUEUED
-                )
+                state = JobState.EXPORTING if row.state == JobState.EXPORTING else JobState.QUEUED
                 con.execute(
-                    "UPDATE jobs SET state=?, token=?, requeues=requeues+1, updated_at=?"
-                    " WHERE series_uid=?",
-                    (state, new_token(), now, row["series_uid"]),
+                    update(jobs_table)
+                    .where(_J.series_uid == row.series_uid)
+                    .values(
+                        state=state,
+                        token=new_token(),
+                        requeues=_J.requeues + 1,
+                        updated_at=now,
+                    )
                 )
-                claimed.append(row["series_uid"])
-        return [self.get(uid) for uid in claimed]
+                claimed.append(row.series_uid)
+            return claimed
+
+        return [self.get(uid) for uid in self._transact(work)]
 
     def start_export(self, series_uid: str, destinations: list[str]) -> None:
         """(Re)start delivery: state ``exporting``, export rows reset to ``pending``."""
         now = time.time()
-        with self._write() as con:
+
+        def work(con: Connection) -> None:
             con.execute(
-                "UPDATE jobs SET state=?, reason=NULL, export_finished_at=NULL, updated_at=?"
-                " WHERE series_uid=?",
-                (JobState.EXPORTING, now, series_uid),
+                update(jobs_table)
+                .where(_J.series_uid == series_uid)
+                .values(
+                    state=JobState.EXPORTING, reason=None, export_finished_at=None, updated_at=now
+                )
             )
-            _reset_exports(con, series_uid, destinations, now)
+            _reset_exports(con, self._upsert, series_uid, destinations, now)
+
+        self._transact(work)
 
     def record_export_attempt(
         self,
@@ -618,25 +981,48 @@ class JobStore:
         now = time.time() if now is None else now
         state = ExportState.DONE if ok else (ExportState.FAILED if final else ExportState.RETRYING)
         failed_at = None if ok else now
-        with self._write() as con:
-            con.execute(
-                "INSERT INTO exports (series_uid, destination, state, attempts, last_status,"
-                " last_error, updated_at, first_failure_at) VALUES (?,?,?,1,?,?,?,?)"
-                " ON CONFLICT(series_uid, destination) DO UPDATE SET state=excluded.state,"
-                " attempts=exports.attempts+1, last_status=excluded.last_status,"
-                " last_error=excluded.last_error, updated_at=excluded.updated_at,"
-                " first_failure_at=COALESCE(exports.first_failure_at, excluded.first_failure_at)",
-                (series_uid, destination, state, status, error, now, failed_at),
+
+        def work(con: Connection) -> int:
+            stmt = self._upsert(exports_table).values(
+                series_uid=series_uid,
+                destination=destination,
+                state=state,
+                attempts=1,
+                last_status=status,
+                last_error=error,
+                updated_at=now,
+                first_failure_at=failed_at,
             )
             con.execute(
-                "UPDATE jobs SET updated_at=MAX(updated_at, ?) WHERE series_uid=?",
-                (now, series_uid),
+                stmt.on_conflict_do_update(
+                    index_elements=["series_uid", "destination"],
+                    set_={
+                        "state": stmt.excluded.state,
+                        "attempts": _E.attempts + 1,
+                        "last_status": stmt.excluded.last_status,
+                        "last_error": stmt.excluded.last_error,
+                        "updated_at": stmt.excluded.updated_at,
+                        "first_failure_at": case(
+                            (_E.first_failure_at.is_(None), stmt.excluded.first_failure_at),
+                            else_=_E.first_failure_at,
+                        ),
+                    },
+                )
             )
-            row = con.execute(
-                "SELECT attempts FROM exports WHERE series_uid=? AND destination=?",
-                (series_uid, destination),
-            ).fetchone()
-        return int(row["attempts"])
+            con.execute(
+                update(jobs_table)
+                .where(_J.series_uid == series_uid)
+                .values(updated_at=case((_J.updated_at < now, now), else_=_J.updated_at))
+            )
+            return int(
+                con.execute(
+                    select(_E.attempts).where(
+                        (_E.series_uid == series_uid) & (_E.destination == destination)
+                    )
+                ).scalar_one()
+            )
+
+        return self._transact(work)
 
     def record_destination_attempt(
         self,
@@ -664,27 +1050,38 @@ class JobStore:
             (:meth:`claim_waiting_exports`).
         """
         now = time.time() if now is None else now
-        with self._write() as con:
-            row = con.execute(
-                "SELECT consecutive_failures FROM destinations WHERE label=?", (label,)
-            ).fetchone()
-            before = int(row["consecutive_failures"]) if row is not None else 0
-            if row is None:
-                con.execute("INSERT INTO destinations (label) VALUES (?)", (label,))
+
+        def work(con: Connection) -> bool:
+            # the row exists (export workers on two hosts may record a new one at once),
+            # then it is locked: the count read is the one this transaction changes
+            con.execute(
+                self._upsert(destinations_table)
+                .values(label=label)
+                .on_conflict_do_nothing(index_elements=["label"])
+            )
+            before = int(
+                con.execute(
+                    self._locking(select(_D.consecutive_failures).where(_D.label == label))
+                ).scalar_one()
+            )
+            stmt = update(destinations_table).where(_D.label == label)
             if reached:
                 con.execute(
-                    "UPDATE destinations SET consecutive_failures=0, last_attempt_at=?,"
-                    " last_ok_at=? WHERE label=?",
-                    (now, now, label),
+                    stmt.values(consecutive_failures=0, last_attempt_at=now, last_ok_at=now)
                 )
             else:
                 con.execute(
-                    "UPDATE destinations SET consecutive_failures=consecutive_failures+1,"
-                    " last_attempt_at=?, last_failure_at=?, last_status=?, last_error=?"
-                    " WHERE label=?",
-                    (now, now, status, error, label),
+                    stmt.values(
+                        consecutive_failures=_D.consecutive_failures + 1,
+                        last_attempt_at=now,
+                        last_failure_at=now,
+                        last_status=status,
+                        last_error=error,
+                    )
                 )
-        return reached and before > 0
+            return reached and before > 0
+
+        return self._transact(work)
 
     def claim_waiting_exports(
         self, label: str, exclude: str | None = None
@@ -695,7 +1092,9 @@ class JobStore:
         ``exporting`` (or ``failed`` with its "not measured" report still being delivered).
         Each gets a new token, so the retry its task holds (a Celery countdown of up to
         ``export.backoff_max_seconds``) finds itself stale and does nothing; the caller
-        sends the export again with the returned tokens.
+        sends the export again with the returned tokens. On PostgreSQL the job rows are
+        locked first (``FOR UPDATE``): two workers that see the destination answer again at
+        once do not both claim a series.
 
         Parameters
         ----------
@@ -708,35 +1107,52 @@ class JobStore:
             ``(series_uid, new token)`` of each claimed series.
         """
         now = time.time()
-        claimed: list[tuple[str, str]] = []
-        with self._write() as con:
+
+        def work(con: Connection) -> list[tuple[str, str]]:
             rows = con.execute(
-                "SELECT j.series_uid FROM jobs j JOIN exports e ON e.series_uid=j.series_uid"
-                " WHERE e.destination=? AND e.state=? AND (j.state=?"
-                " OR (j.state=? AND j.analysis_finished_at IS NULL))",
-                (label, ExportState.RETRYING, JobState.EXPORTING, JobState.FAILED),
-            ).fetchall()
+                self._locking(
+                    select(_J.series_uid)
+                    .select_from(jobs_table.join(exports_table, _E.series_uid == _J.series_uid))
+                    .where(
+                        (_E.destination == label)
+                        & (_E.state == ExportState.RETRYING)
+                        & or_(
+                            _J.state == JobState.EXPORTING,
+                            (_J.state == JobState.FAILED) & _J.analysis_finished_at.is_(None),
+                        )
+                    ),
+                    of=jobs_table,
+                )
+            ).all()
+            claimed: list[tuple[str, str]] = []
             for row in rows:
-                if row["series_uid"] == exclude:
+                if row.series_uid == exclude:
                     continue
                 token = new_token()
                 con.execute(
-                    "UPDATE jobs SET token=?, updated_at=? WHERE series_uid=?",
-                    (token, now, row["series_uid"]),
+                    update(jobs_table)
+                    .where(_J.series_uid == row.series_uid)
+                    .values(token=token, updated_at=now)
                 )
-                claimed.append((row["series_uid"], token))
-        return claimed
+                claimed.append((row.series_uid, token))
+            return claimed
+
+        return self._transact(work)
 
     def start_report_export(self, series_uid: str, destinations: list[str]) -> None:
         """Deliver a failed series' "not measured" report: export rows reset to ``pending``,
         the job stays ``failed`` with its reason (issue 14, defect 7)."""
         now = time.time()
-        with self._write() as con:
+
+        def work(con: Connection) -> None:
             con.execute(
-                "UPDATE jobs SET export_finished_at=NULL, updated_at=? WHERE series_uid=?",
-                (now, series_uid),
+                update(jobs_table)
+                .where(_J.series_uid == series_uid)
+                .values(export_finished_at=None, updated_at=now)
             )
-            _reset_exports(con, series_uid, destinations, now)
+            _reset_exports(con, self._upsert, series_uid, destinations, now)
+
+        self._transact(work)
 
     def finish_report_export(self, series_uid: str) -> None:
         """The "not measured" report reached every destination; the job stays ``failed``."""
@@ -765,11 +1181,8 @@ class JobStore:
         cols = [c for c, on in (("spool_purged_at", spool), ("results_purged_at", results)) if on]
         if not cols:
             return
-        with self._write() as con:
-            con.execute(
-                f"UPDATE jobs SET {', '.join(f'{c}=?' for c in cols)} WHERE series_uid=?",
-                (*([now] * len(cols)), series_uid),
-            )
+        stmt = update(jobs_table).where(_J.series_uid == series_uid).values({c: now for c in cols})
+        self._transact(lambda con: con.execute(stmt))
 
     def mark_failed(self, series_uid: str, reason: str) -> None:
         """The series ends failed, with a reason an operator can act on."""
@@ -786,30 +1199,26 @@ class JobStore:
             No record for ``series_uid``.
         """
         with self._connect() as con:
-            row = con.execute("SELECT * FROM jobs WHERE series_uid=?", (series_uid,)).fetchone()
+            row = con.execute(select(jobs_table).where(_J.series_uid == series_uid)).first()
             if row is None:
                 raise JobNotFoundError(series_uid)
             exports = con.execute(
-                "SELECT * FROM exports WHERE series_uid=? ORDER BY destination", (series_uid,)
-            ).fetchall()
-        return self._record(row, exports)
+                select(exports_table).where(_E.series_uid == series_uid).order_by(_E.destination)
+            ).all()
+        return self._record(row._mapping, [e._mapping for e in exports])
 
     def list(self, states: tuple[JobState, ...] | None = None) -> list[JobRecord]:
         """All records (optionally only those in ``states``), most recently updated first."""
+        stmt = select(jobs_table).order_by(_J.updated_at.desc())
+        if states:
+            stmt = stmt.where(_J.state.in_([str(s) for s in states]))
         with self._connect() as con:
-            if states:
-                marks = ",".join("?" * len(states))
-                rows = con.execute(
-                    f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY updated_at DESC",
-                    states,
-                ).fetchall()
-            else:
-                rows = con.execute("SELECT * FROM jobs ORDER BY updated_at DESC").fetchall()
-            exports = con.execute("SELECT * FROM exports ORDER BY destination").fetchall()
-        by_series: dict[str, list[sqlite3.Row]] = {}
+            rows = con.execute(stmt).all()
+            exports = con.execute(select(exports_table).order_by(_E.destination)).all()
+        by_series: dict[str, list[RowMapping]] = {}
         for e in exports:
-            by_series.setdefault(e["series_uid"], []).append(e)
-        return [self._record(r, by_series.get(r["series_uid"], [])) for r in rows]
+            by_series.setdefault(e.series_uid, []).append(e._mapping)
+        return [self._record(r._mapping, by_series.get(r.series_uid, [])) for r in rows]
 
     def destination_states(self, labels: list[str] | None = None) -> list[DestinationRecord]:
         """One record per destination: its state, last contact, last error, series waiting.
@@ -819,15 +1228,17 @@ class JobStore:
         listed (``unknown`` when never tried), in that order, followed by any other
         destination the records know of (e.g. removed from the configuration since).
         """
+        from sqlalchemy import func
+
         with self._connect() as con:
-            rows = {r["label"]: r for r in con.execute("SELECT * FROM destinations")}
+            rows = {r.label: r._mapping for r in con.execute(select(destinations_table))}
             counts: dict[str, dict[str, int]] = {}
             for r in con.execute(
-                "SELECT destination, state, COUNT(*) AS n FROM exports"
-                " WHERE state IN (?,?) GROUP BY destination, state",
-                (ExportState.RETRYING, ExportState.FAILED),
+                select(_E.destination, _E.state, func.count().label("n"))
+                .where(_E.state.in_([str(ExportState.RETRYING), str(ExportState.FAILED)]))
+                .group_by(_E.destination, _E.state)
             ):
-                counts.setdefault(r["destination"], {})[r["state"]] = int(r["n"])
+                counts.setdefault(r.destination, {})[r.state] = int(r.n)
         order = list(dict.fromkeys([*(labels or []), *sorted(rows), *sorted(counts)]))
         out = []
         for label in order:
@@ -861,29 +1272,27 @@ class JobStore:
     # ---- helpers ---------------------------------------------------------------------
 
     def _update(self, series_uid: str, **fields: Any) -> None:
-        fields["updated_at"] = time.time()
-        cols = ", ".join(f"{k}=?" for k in fields)
-        with self._write() as con:
-            cur = con.execute(
-                f"UPDATE jobs SET {cols} WHERE series_uid=?", (*fields.values(), series_uid)
-            )
+        """Set ``fields`` (and ``updated_at``) of a record, creating it when missing."""
+
+        def work(con: Connection) -> None:
+            values = {**fields, "updated_at": time.time()}
+            cur = con.execute(update(jobs_table).where(_J.series_uid == series_uid).values(values))
             if cur.rowcount == 0:
-                state = fields.pop("state", JobState.RECEIVED)
-                fields.pop("updated_at")
+                rest = dict(fields)
+                state = rest.pop("state", JobState.RECEIVED)
                 con.execute(
-                    "INSERT INTO jobs (series_uid, state, updated_at) VALUES (?,?,?)",
-                    (series_uid, state, time.time()),
-                )
-                if fields:
-                    cols = ", ".join(f"{k}=?" for k in fields)
-                    con.execute(
-                        f"UPDATE jobs SET {cols} WHERE series_uid=?",
-                        (*fields.values(), series_uid),
+                    insert(jobs_table).values(
+                        series_uid=series_uid, state=state, updated_at=time.time()
                     )
+                )
+                if rest:
+                    con.execute(update(jobs_table).where(_J.series_uid == series_uid).values(rest))
+
+        self._transact(work)
 
     @staticmethod
-    def _record(row: sqlite3.Row, exports: list[sqlite3.Row]) -> JobRecord:
-        data = {k: row[k] for k in row.keys()}  # noqa: SIM118 (sqlite3.Row)
+    def _record(row: RowMapping, exports: list[RowMapping]) -> JobRecord:
+        data = {c.name: row[c.name] for c in jobs_table.columns}
         data["state"] = JobState(data["state"])
         rec = JobRecord(**data)
         rec.exports = [

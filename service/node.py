@@ -30,7 +30,7 @@ from typing import Any
 
 from core.config import Config
 from core.errors import StartupError
-from core.jobs import JobRecord, JobState, JobStore
+from core.jobs import DATABASE_ERRORS, JobRecord, JobState, JobStore, jobs_database_label
 from core.logs import log_event
 from core.queue import ANALYSIS_QUEUE, EXPORT_QUEUE, configure_app, send_analysis, send_export
 from service.audit import AuditLog, audit_log_path
@@ -176,7 +176,13 @@ class Node:
         self.config = config
         self.config_path = config_path
         self.spool = Spool(node.spool_dir, node.resolved_quarantine_dir(), fsync=node.fsync)
-        self.jobs = JobStore(node.spool_dir)
+        try:
+            self.jobs = JobStore.from_config(config)
+        except DATABASE_ERRORS as exc:  # PostgreSQL unreachable, SQLite file unusable
+            reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+            raise StartupError(
+                f"jobs.database_url {jobs_database_label(config)}: cannot open: {reason}"
+            ) from exc
         self.app = configure_app(config)
         self.watcher = SeriesWatcher(
             node, self.jobs, self.enqueue_analysis, audit=AuditLog(audit_log_path(config))

@@ -30,6 +30,7 @@ from typing import Any
 from core import __version__
 from core.config import AnyDestination, Config, config_file
 from core.errors import StartupError
+from core.jobs import jobs_database_label
 from core.logs import log_event
 from core.queue import broker_label
 
@@ -183,7 +184,8 @@ def startup_summary(
     dict
         ``version``, ``config_file`` (absolute, or "built-in defaults"), ``ae_title``,
         ``host``, ``port``, ``tls``, ``spool_dir``, ``results_dir``, ``broker`` ("embedded"
-        or the URL with its password masked), ``embedded_workers``, ``web``,
+        or the URL with its password masked), ``jobs`` (the job store: ``sqlite:<path>``, or
+        the PostgreSQL URL with its password masked), ``embedded_workers``, ``web``,
         ``destinations`` (``AE@host:port``), ``models`` (:func:`model_versions`).
     """
     node = config.node
@@ -198,6 +200,7 @@ def startup_summary(
         "spool_dir": str(node.spool_dir.resolve()),
         "results_dir": str(node.resolved_results_dir().resolve()),
         "broker": broker_label(config),
+        "jobs": jobs_database_label(config),
         "embedded_workers": config.broker.starts_workers(),
         "web": web_url,
         "destinations": [d.label for d in config.export.destinations],

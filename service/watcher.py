@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -38,7 +37,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.config import NodeConfig
-from core.jobs import OWNING_STATES, JobNotFoundError, JobRecord, JobState, JobStore
+from core.jobs import (
+    DATABASE_ERRORS,
+    OWNING_STATES,
+    TRANSIENT_DATABASE_ERRORS,
+    JobNotFoundError,
+    JobRecord,
+    JobState,
+    JobStore,
+)
 from core.logs import log_event
 from service.audit import AuditLog
 from service.eligibility import check_series
@@ -64,9 +71,11 @@ def is_storage_error(exc: BaseException) -> bool:
     """True for a failure of the disk or of the job database that may pass by itself.
 
     ``sqlite3.OperationalError`` ("database or disk is full", "database is locked", "disk
-    I/O error") and ``OSError`` with ``ENOSPC``, ``EDQUOT``, ``EIO`` or ``EROFS``.
+    I/O error"), PostgreSQL's operational errors (server unreachable or restarting, a row
+    lock held past ``lock_timeout``: :data:`core.jobs.TRANSIENT_DATABASE_ERRORS`) and
+    ``OSError`` with ``ENOSPC``, ``EDQUOT``, ``EIO`` or ``EROFS``.
     """
-    if isinstance(exc, sqlite3.OperationalError):
+    if isinstance(exc, TRANSIENT_DATABASE_ERRORS):
         return True
     return isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS
 
@@ -228,7 +237,7 @@ class SeriesWatcher:
                         study_instance_uid=rec.study_uid,
                         series_instance_uid=series_uid,
                     )
-            except sqlite3.Error as exc:
+            except DATABASE_ERRORS as exc:
                 self._failed("received_record_deferred", series_uid, exc)
                 return written
             with self._lock:

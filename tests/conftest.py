@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from core.config import data_dir
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
 
 
 @pytest.fixture(scope="session")
@@ -65,3 +70,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "integration" in Path(str(item.fspath)).parts:
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[URL]:
+    """A fresh PostgreSQL database for this test session (``l3spot_test_<random>``, dropped
+    afterwards) on the server of ``$L3SPOT_TEST_PG_URL`` (default 127.0.0.1:5432, which
+    ``.ci/run`` starts); skips when no server answers there."""
+    from tests.support.postgres import ADMIN_URL, scratch_database, server_answers
+
+    if not server_answers():
+        pytest.skip(f"no PostgreSQL server answers at {ADMIN_URL} (.ci/run starts one)")
+    with scratch_database() as url:
+        yield url

@@ -411,7 +411,7 @@ def send_export_task(series_uid: str, token: str | None) -> None:
 def analyze_series(self: Task, series_dir: str, token: str | None = None) -> str:
     """Celery task (queue ``analysis``): :func:`run_analysis` on ``series_dir``."""
     config = current_config()
-    jobs = JobStore(config.node.spool_dir)
+    jobs = JobStore.from_config(config)
     return run_analysis(Path(series_dir), config, jobs, send_export_task, token=token)
 
 
@@ -426,7 +426,7 @@ def analyze_series(self: Task, series_dir: str, token: str | None = None) -> str
 def export_results(self: Task, series_uid: str, token: str | None = None) -> str:
     """Celery task (queue ``export``): :func:`run_export`, re-queued with backoff on failure."""
     config = current_config()
-    jobs = JobStore(config.node.spool_dir)
+    jobs = JobStore.from_config(config)
     rec = jobs.get(series_uid)
     if token is not None and rec.token is not None and rec.token != token:
         log_event(log, "export_stale_task_skipped", series_instance_uid=series_uid)

@@ -52,7 +52,7 @@ def jobs(
     from service.jobs import JobStore, format_jobs
 
     cfg = _load(config)
-    records = JobStore(cfg.node.spool_dir).list(tuple(state) if state else None)
+    records = JobStore.from_config(cfg).list(tuple(state) if state else None)
     if as_json:
         for r in records:
             typer.echo(json.dumps(r.as_dict()))
@@ -73,7 +73,7 @@ def retry(
     from service.requeue import RetryError, requeue_series
 
     cfg = _load(config)
-    store = JobStore(cfg.node.spool_dir)
+    store = JobStore.from_config(cfg)
     try:
         what = requeue_series(cfg, store, configure_app(cfg), series_uid, analysis=analysis)
     except RetryError as exc:

@@ -31,7 +31,7 @@ def retention(
     node = cfg.node
     spool = Spool(node.spool_dir, node.resolved_quarantine_dir(), fsync=node.fsync)
     audit = None if dry_run else AuditLog(audit_log_path(cfg))
-    report = run_retention(cfg, JobStore(node.spool_dir), spool, audit, dry_run=dry_run)
+    report = run_retention(cfg, JobStore.from_config(cfg), spool, audit, dry_run=dry_run)
     typer.echo(format_report(report))
 
 

@@ -156,7 +156,7 @@ class JobViews:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.store = JobStore(config.node.spool_dir)
+        self.store = JobStore.from_config(config)
         self.sources = SeriesSources(config.node.spool_dir)
         self.results_dir = config.node.resolved_results_dir()
         self.cache = ResultCache()

@@ -82,9 +82,14 @@ class RunningNode:
 
 @contextlib.contextmanager
 def run_node(
-    tmp: Path, broker_url: str | None, pacs: OrthancPacs | None, min_slices: int = 20
+    tmp: Path,
+    broker_url: str | None,
+    pacs: OrthancPacs | None,
+    min_slices: int = 20,
+    database_url: str | None = None,
 ) -> Iterator[RunningNode]:
-    """``l3spot serve`` (plus ``l3spot worker`` for Redis) with a 2 s stable time."""
+    """``l3spot serve`` (plus ``l3spot worker`` for Redis) with a 2 s stable time; the job
+    records in the spool's SQLite, or in the PostgreSQL ``database_url``."""
     port = free_port()
     cfg = {
         "node": {
@@ -104,6 +109,7 @@ def run_node(
             "max_attempts": 3,
             "backoff_initial_seconds": 1,
         },
+        "jobs": {"database_url": database_url},
     }
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -128,7 +134,8 @@ def run_node(
             if procs[0].poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"node did not start: {(tmp / 'node.log').read_text()[-3000:]}")
             time.sleep(0.5)
-        yield RunningNode(path, port, JobStore(tmp / "var" / "spool"))
+        jobs = JobStore(tmp / "var" / "spool", database_url=database_url)
+        yield RunningNode(path, port, jobs)
     finally:
         for p in procs:
             stop_process(p)
@@ -306,6 +313,38 @@ def test_redis_node_analyses_phantom_abdomen_and_chest_and_returns_results(
             text=True,
         )
         assert L3_NOT_IN_FOV in listing.stdout and abdomen.series_uid in listing.stdout
+
+
+def test_node_and_worker_share_the_spool_and_a_postgresql_job_store(
+    orthanc: OrthancPacs, redis_url: str, postgres_url: Any, tmp_path: Path
+) -> None:
+    """Issue 18, several hosts: the node and a separate worker process (as on two hosts
+    sharing the spool over NFS) keep the job records in PostgreSQL, not in the spool; a
+    phantom series goes from the scanner to the PACS, and ``l3spot jobs`` reads it back."""
+    from tests.support.postgres import empty_tables
+
+    empty_tables(postgres_url)
+    url = postgres_url.render_as_string(hide_password=False)
+    phantom = phantom_case(tmp_path / "in" / "phantom", seed=11)
+    with run_node(tmp_path, redis_url, orthanc, database_url=url) as node:
+        send(phantom.folder, node.port)
+        rec = wait_final(node, phantom.series_uid, 120)
+        assert rec.state == JobState.DONE, rec.reason
+        assert rec.worker and rec.exports[0].state == "done"
+        assert_results_in_pacs(orthanc, phantom, with_seg=True)
+        listing = subprocess.run(
+            [sys.executable, "-m", "l3spot", "jobs", "--config", str(node.config_path)],
+            capture_output=True,
+            text=True,
+        )
+        assert phantom.series_uid in listing.stdout and "done" in listing.stdout
+    assert not (tmp_path / "var" / "spool" / "jobs.sqlite").exists()
+    started = next(
+        json.loads(line)
+        for line in (tmp_path / "node.log").read_text().splitlines()
+        if '"node_started"' in line
+    )
+    assert started["jobs"] == url
 
 
 def test_embedded_node_runs_alone_and_returns_results(

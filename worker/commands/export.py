@@ -50,7 +50,7 @@ def destinations(
 
     cfg = _load(config)
     labels = [d.label for d in cfg.export.destinations]
-    records = JobStore(cfg.node.spool_dir).destination_states(labels)
+    records = JobStore.from_config(cfg).destination_states(labels)
     if as_json:
         for r in records:
             typer.echo(json.dumps(r.as_dict()))
