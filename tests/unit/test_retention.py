@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from pathlib import Path
 
@@ -297,7 +298,7 @@ def test_retention_command_dry_run_and_run(tmp_path: Path) -> None:
 
     for p in [spool.series_dir(study, done), *spool.series_dir(study, done).iterdir()]:
         os.utime(p, (old, old))
-    with store._write() as con:  # the record's last activity two hours ago too
+    with sqlite3.connect(cfg.node.spool_dir / "jobs.sqlite") as con:  # last activity 2 h ago
         con.execute(
             "UPDATE jobs SET updated_at=?, received_at=?, completed_at=?, queued_at=?,"
             " analysis_finished_at=?, export_finished_at=?",
