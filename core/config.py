@@ -425,6 +425,17 @@ class WebConfig(_Section):
         return [h.strip().lower() for h in v if h.strip()]
 
 
+class PrivacyConfig(_Section):
+    """Following a patient over time without storing the Patient ID (issue 17)."""
+
+    # compare a new study with the patient's previous measurement (same Patient ID and
+    # Issuer of Patient ID); the job store keeps HMAC-SHA256 keyed hashes, never the ID
+    follow_patients: bool = True
+    # the site secret of those hashes (32 random bytes, hex); created 0600 on first use when
+    # absent. None: <node.spool_dir>/patient.key. Shared by every worker of the site
+    patient_key_file: Path | None = None
+
+
 class RetentionConfig(_Section):
     """Deleting what the node no longer needs (issue 16; like Orthanc's MaximumStorageSize
     and mercure's retention). Only series with nothing left to do are deleted: a job in
@@ -529,6 +540,7 @@ class Config(_Section):
     composition: CompositionConfig = Field(default_factory=CompositionConfig)
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
     web: WebConfig = Field(default_factory=WebConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     fhir: FhirConfig = Field(default_factory=FhirConfig)

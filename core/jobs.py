@@ -14,7 +14,8 @@ the same SQLAlchemy Core statements (``jobs.database_url``, docs/deployment.md):
 
 It lives in :mod:`core` because both sides write it; :mod:`service.jobs` re-exports it for
 the node. The states are :class:`JobState` members (a ``StrEnum``: stored as their strings).
-Records hold UIDs, states, reasons and timings only, never patient name, ID or birth date.
+Records hold UIDs, states, reasons and timings only, never patient name, ID or birth date;
+the ``measurements`` table names a patient by a keyed hash only (core/followup.py).
 Beside the series' records, the ``destinations`` table keeps how each PACS answered lately
 (:meth:`JobStore.destination_states`, docs/reliability.md "Export that waits for the PACS").
 
@@ -27,6 +28,7 @@ States (in the order a series passes through them)::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sqlite3
 import threading
@@ -64,6 +66,7 @@ from sqlalchemy.pool import NullPool
 from sqlalchemy.schema import CreateColumn
 
 from core.errors import ConfigError, JobNotFoundError
+from core.followup import MeasurementRow
 
 if TYPE_CHECKING:
     from core.config import Config
@@ -207,6 +210,20 @@ destinations_table = Table(
     Column("last_status", Text),
     Column("last_error", Text),
 )
+#: One row per measured series, for following a patient over time (issue 17; core/followup.py):
+#: the patient as a keyed hash only, the ISO study date, SMA (cm2), SMI (cm2/m2 or NULL).
+measurements_table = Table(
+    "measurements",
+    metadata,
+    Column("series_uid", Text, primary_key=True),
+    Column("patient_key", Text, nullable=False, index=True),
+    Column("study_uid", Text, nullable=False, server_default=text("''")),
+    Column("study_date", Text, nullable=False),
+    Column("sma_cm2", Double, nullable=False),
+    Column("smi_cm2_m2", Double),
+    Column("model_version", Text, nullable=False, server_default=text("''")),
+    Column("measured_at", Double, nullable=False),
+)
 #: One row: how many of :data:`_MIGRATIONS` the database has run (absent before this table).
 schema_version_table = Table(
     "schema_version",
@@ -225,15 +242,17 @@ _TIME_FIELDS = (
 
 
 #: Columns added after the first release, in order: ``ALTER TABLE ... ADD COLUMN`` (the
-#: column as :data:`metadata` declares it) on databases that lack them. The schema's version
-#: is the number of these steps it has run; a new step is appended, never inserted.
-_MIGRATIONS = (
+#: column as :data:`metadata` declares it) on databases that lack them; a step whose column is
+#: None is a new table (``create_all`` made it). The schema's version is the number of these
+#: steps it has run; a new step is appended, never inserted.
+_MIGRATIONS: tuple[tuple[str, str | None], ...] = (
     ("jobs", "requeues"),
     ("jobs", "worker"),
     ("jobs", "run_attempts"),
     ("jobs", "spool_purged_at"),
     ("jobs", "results_purged_at"),
     ("exports", "first_failure_at"),
+    ("measurements", None),
 )
 #: The version of the schema this code writes.
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -496,6 +515,7 @@ def _reset_exports(
 _J = jobs_table.c
 _E = exports_table.c
 _D = destinations_table.c
+_M = measurements_table.c
 
 
 class JobStore:
@@ -649,7 +669,7 @@ class JobStore:
                 return  # another process migrated it meanwhile (or a newer l3spot did)
             insp = inspect(con)
             for table, column in _MIGRATIONS[version or 0 :]:
-                if column not in {c["name"] for c in insp.get_columns(table)}:
+                if column is not None and column not in {c["name"] for c in insp.get_columns(table)}:
                     ddl = CreateColumn(metadata.tables[table].c[column]).compile(
                         dialect=con.dialect
                     )
@@ -1187,6 +1207,57 @@ class JobStore:
     def mark_failed(self, series_uid: str, reason: str) -> None:
         """The series ends failed, with a reason an operator can act on."""
         self._update(series_uid, state=JobState.FAILED, reason=reason)
+
+    # ---- patients followed over time (issue 17) ----------------------------------------
+
+    def record_measurement(self, row: MeasurementRow) -> None:
+        """Keep one series' measurement (replacing an earlier one of the same series)."""
+
+        def work(con: Connection) -> None:
+            values = dataclasses.asdict(row)
+            values["measured_at"] = row.measured_at or time.time()
+            stmt = self._upsert(measurements_table).values(values)
+            con.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=["series_uid"],
+                    set_={k: stmt.excluded[k] for k in values if k != "series_uid"},
+                )
+            )
+
+        self._transact(work)
+
+    def previous_measurement(
+        self, patient_key: str, before_study_date: str
+    ) -> MeasurementRow | None:
+        """The patient's latest measurement of a study date strictly before
+        ``before_study_date`` (ISO); of several that day, the last measured. None if none."""
+        stmt = (
+            select(measurements_table)
+            .where(_M.patient_key == patient_key, _M.study_date < before_study_date)
+            .order_by(_M.study_date.desc(), _M.measured_at.desc())
+            .limit(1)
+        )
+        with self._connect() as con:
+            row = con.execute(stmt).first()
+        return MeasurementRow(**row._mapping) if row is not None else None
+
+    def measurement(self, series_uid: str) -> MeasurementRow | None:
+        """The measurement kept for one series, or None."""
+        with self._connect() as con:
+            row = con.execute(
+                select(measurements_table).where(_M.series_uid == series_uid)
+            ).first()
+        return MeasurementRow(**row._mapping) if row is not None else None
+
+    def patient_measurements(self, patient_key: str) -> list[MeasurementRow]:
+        """Every measurement of one patient, oldest study first (the trajectory)."""
+        stmt = (
+            select(measurements_table)
+            .where(_M.patient_key == patient_key)
+            .order_by(_M.study_date, _M.measured_at)
+        )
+        with self._connect() as con:
+            return [MeasurementRow(**r._mapping) for r in con.execute(stmt)]
 
     # ---- reading ---------------------------------------------------------------------
 

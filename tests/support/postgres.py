@@ -20,7 +20,7 @@ from sqlalchemy.engine import URL
 ADMIN_URL = os.environ.get(
     "L3SPOT_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
-TABLES = ("exports", "jobs", "destinations", "schema_version")
+TABLES = ("exports", "jobs", "destinations", "measurements", "schema_version")
 
 
 def server_answers(url: str = ADMIN_URL, timeout_s: float = 2.0) -> bool:
