@@ -12,6 +12,7 @@ the stored trajectory (:meth:`core.jobs.JobStore.patient_measurements`).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import hmac
@@ -26,6 +27,7 @@ from core.errors import ConfigError
 
 if TYPE_CHECKING:
     from core.config import Config
+    from core.jobs import JobStore
 
 #: Name of the site secret in the spool when ``privacy.patient_key_file`` is not set.
 PATIENT_KEY_FILE = "patient.key"
@@ -70,10 +72,8 @@ def load_patient_secret(path: Path) -> bytes:
                 f.write(secrets.token_hex(PATIENT_KEY_BYTES) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
-            try:
+            with contextlib.suppress(FileExistsError):  # another process made it first
                 os.link(tmp, path)
-            except FileExistsError:
-                pass  # another process made it first: use theirs
         finally:
             tmp.unlink(missing_ok=True)
     try:
@@ -199,9 +199,7 @@ def measurement_change(previous: MeasurementRow, current: MeasurementRow) -> Mea
         smi_pct = round(_pct(current.smi_cm2_m2 - previous.smi_cm2_m2, previous.smi_cm2_m2), 1)
     else:
         which = [
-            n
-            for n, r in (("previous", previous), ("current", current))
-            if r.smi_cm2_m2 is None
+            n for n, r in (("previous", previous), ("current", current)) if r.smi_cm2_m2 is None
         ]
         reason = SMI_CHANGE_ABSENT_NO_HEIGHT + " and ".join(which) + " study"
     return MeasurementChange(
@@ -214,3 +212,30 @@ def measurement_change(previous: MeasurementRow, current: MeasurementRow) -> Mea
         smi_pct=smi_pct,
         smi_absent_reason=reason,
     )
+
+
+@dataclass(frozen=True)
+class PatientHistory:
+    """Where a worker looks up and records a patient's measurements.
+
+    Attributes
+    ----------
+    store : the job store (:class:`core.jobs.JobStore`; its ``measurements`` table).
+    secret : the site secret of the patient hashes (:func:`load_patient_secret`).
+    """
+
+    store: JobStore
+    secret: bytes
+
+    @classmethod
+    def from_config(cls, config: Config, store: JobStore) -> PatientHistory | None:
+        """The history ``config`` asks for, or None when ``privacy.follow_patients`` is off.
+
+        Raises
+        ------
+        ConfigError
+            The key file exists but holds no usable secret.
+        """
+        if not config.privacy.follow_patients:
+            return None
+        return cls(store, load_patient_secret(patient_key_path(config)))

@@ -669,7 +669,9 @@ class JobStore:
                 return  # another process migrated it meanwhile (or a newer l3spot did)
             insp = inspect(con)
             for table, column in _MIGRATIONS[version or 0 :]:
-                if column is not None and column not in {c["name"] for c in insp.get_columns(table)}:
+                if column is None:
+                    continue  # a new table: create_all made it
+                if column not in {c["name"] for c in insp.get_columns(table)}:
                     ddl = CreateColumn(metadata.tables[table].c[column]).compile(
                         dialect=con.dialect
                     )
@@ -1244,9 +1246,7 @@ class JobStore:
     def measurement(self, series_uid: str) -> MeasurementRow | None:
         """The measurement kept for one series, or None."""
         with self._connect() as con:
-            row = con.execute(
-                select(measurements_table).where(_M.series_uid == series_uid)
-            ).first()
+            row = con.execute(select(measurements_table).where(_M.series_uid == series_uid)).first()
         return MeasurementRow(**row._mapping) if row is not None else None
 
     def patient_measurements(self, patient_key: str) -> list[MeasurementRow]:

@@ -30,6 +30,14 @@ from pydicom.dataset import Dataset
 from core.config import Config
 from core.dicom import blank_malformed
 from core.errors import AnalysisError, L3SpotError, SeriesValidationError, phi_safe_message
+from core.followup import (
+    MeasurementChange,
+    MeasurementRow,
+    PatientHistory,
+    measurement_change,
+    patient_key,
+    study_date_iso,
+)
 from core.layout import OVERVIEW_FILE, RESULT_JSON, SC_FILE, SEG_FILE, SOURCE_DIR, SR_FILE
 from core.logs import log_event
 from core.result import (
@@ -195,6 +203,7 @@ def analyze_series(
     config: Config,
     *,
     project: Callable[[CTVolume], FrontalProjection] = frontal_projection,
+    history: PatientHistory | None = None,
 ) -> AnalysisResult:
     """Analyse one CT series and write its results into ``out_dir``.
 
@@ -210,6 +219,9 @@ def analyze_series(
     project : the frontal projection (:func:`worker.mip.frontal_projection`); the volume is
         projected once per analysis and resampled to the pixel size of each locator model
         (the first stage's MIP also feeds the overview). A test passes a counting wrapper.
+    history : the patients' measurements (issue 17), or None (``l3spot analyze``, NIfTI):
+        the change since the patient's previous study goes into the SR and the SC, and this
+        measurement is recorded (:func:`follow_patient`).
 
     Returns
     -------
@@ -271,12 +283,30 @@ def analyze_series(
         qa_flags.append(LOW_CONFIDENCE_FLAG)
     qa_flags = list(dict.fromkeys(qa_flags))
 
+    current, change = (
+        follow_patient(volume, composition, history, model_versions(config)["locator"])
+        if history is not None and source.kind == "dicom" and composition is not None
+        else (None, None)
+    )
     with _stage(timing, "dicom_out"):
         derived = _guard(
             uid,
             "dicom_out",
-            lambda: write_outputs(volume, mip, location, composition, qa_flags, out_dir),
+            lambda: write_outputs(
+                volume, mip, location, composition, qa_flags, out_dir, change=change
+            ),
         )
+    if history is not None and current is not None:
+        try:
+            history.store.record_measurement(current)
+        except Exception as exc:  # noqa: BLE001 (the history is an extra; the result stands)
+            log_event(
+                logger,
+                "patient_history_unavailable",
+                logging.WARNING,
+                series_instance_uid=uid,
+                reason=phi_safe_message(exc),
+            )
     timing["total"] = round(time.perf_counter() - t_all, 4)
 
     sop_uid = None
@@ -327,6 +357,76 @@ def analyze_series(
     return result
 
 
+def follow_patient(
+    volume: CTVolume,
+    composition: CompositionResult,
+    history: PatientHistory,
+    model_version: str,
+) -> tuple[MeasurementRow | None, MeasurementChange | None]:
+    """This series' measurement row and the change since the patient's previous study.
+
+    The patient is the keyed hash of Patient ID and Issuer of Patient ID of the first
+    source image (:func:`core.followup.patient_key`); the previous study is the latest one
+    measured with an earlier Study Date. Neither the ID nor the key is logged.
+
+    Returns
+    -------
+    (MeasurementRow or None, MeasurementChange or None)
+        (None, None) without a Patient ID or a Study Date, or when the history cannot be
+        read (logged, the analysis goes on); the change is None for a first study.
+    """
+    uid = volume.series_instance_uid
+    try:
+        header = read_source_header(volume.source_files[0])
+        key = patient_key(
+            history.secret,
+            str(header.get("PatientID") or ""),
+            str(header.get("IssuerOfPatientID") or ""),
+        )
+        date = study_date_iso(volume.study_date)
+        if key is None or date is None:
+            log_event(
+                logger,
+                "patient_not_followed",
+                series_instance_uid=uid,
+                reason="no Patient ID" if key is None else "no Study Date",
+            )
+            return None, None
+        sma = composition.measures.get("sma")
+        if sma is None:
+            return None, None
+        current = MeasurementRow(
+            series_uid=uid,
+            patient_key=key,
+            study_uid=volume.study_instance_uid,
+            study_date=date,
+            sma_cm2=round(float(sma.area_cm2), 1),
+            smi_cm2_m2=None
+            if composition.smi_cm2_per_m2 is None
+            else round(float(composition.smi_cm2_per_m2), 2),
+            model_version=model_version,
+            measured_at=time.time(),
+        )
+        previous = history.store.previous_measurement(key, date)
+    except Exception as exc:  # noqa: BLE001 (the history is an extra; the result stands)
+        log_event(
+            logger,
+            "patient_history_unavailable",
+            logging.WARNING,
+            series_instance_uid=uid,
+            reason=phi_safe_message(exc),
+        )
+        return None, None
+    change = measurement_change(previous, current) if previous is not None else None
+    log_event(
+        logger,
+        "patient_followed",
+        series_instance_uid=uid,
+        previous_series_instance_uid=previous.series_uid if previous else None,
+    )
+    return current, change
+
+
 def model_versions(config: Config) -> dict[str, str]:
     """The models behind a result, by role (the FHIR Observation's Device versions):
     the locator weights' file names and the composition method (with its weights)."""
@@ -349,6 +449,7 @@ def write_outputs(
     out_dir: Path,
     *,
     read_source: Callable[[Path], Dataset] = read_source_header,
+    change: MeasurementChange | None = None,
 ) -> DerivedObjects:
     """Write ``seg.dcm`` (L3 found only), ``sr.dcm``, ``sc.dcm`` and ``overview.png``.
 
@@ -360,6 +461,8 @@ def write_outputs(
     ----------
     read_source : reads the reference image's file (default: its header only,
         :func:`read_source_header`); called once, and SEG, SR and SC share the dataset.
+    change : the change since the patient's previous study (:func:`follow_patient`), shown
+        in the SR and the SC when L3 was measured.
 
     Returns
     -------
@@ -404,7 +507,8 @@ def write_outputs(
     elif seg_path.exists():
         seg_path.unlink()
 
-    sr = build_sr(ref, location, stored if in_fov else None, seg, qa_flags)
+    change = change if in_fov else None
+    sr = build_sr(ref, location, stored if in_fov else None, seg, qa_flags, change=change)
     _save(sr, out_dir / SR_FILE)
     derived.sr_series_instance_uid = str(sr.SeriesInstanceUID)
     derived.sr_sop_instance_uid = str(sr.SOPInstanceUID)
@@ -420,6 +524,7 @@ def write_outputs(
         qa_flags,
         volume.series_description,
         l3_image=reference if in_fov else None,
+        change=change,
     )
     sc = build_sc(ref, summary)
     _save(sc, out_dir / SC_FILE)
@@ -457,8 +562,10 @@ def write_not_measured(series_dir: Path, out_dir: Path, reason: str) -> bool:
             ds = read_source_header(path)
         except Exception:  # noqa: BLE001 (an unreadable file: try the next one)
             continue
-        if all(str(ds.get(k) or "") for k in ("StudyInstanceUID", "SeriesInstanceUID",
-                                              "SOPInstanceUID", "SOPClassUID")):
+        if all(
+            str(ds.get(k) or "")
+            for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+        ):
             ref = ds
             break
     if ref is None:

@@ -11,6 +11,7 @@ no exception from the pipeline escapes to crash the worker.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -28,6 +29,7 @@ from celery import Task
 
 from core.config import Config
 from core.errors import AnalysisError, SeriesValidationError, phi_safe_message
+from core.followup import PatientHistory
 from core.jobs import ExportState, JobState, JobStore
 from core.layout import result_files, series_results_dir
 from core.logs import log_event
@@ -39,11 +41,16 @@ log = logging.getLogger(__name__)
 L3_NOT_IN_FOV = "L3 not in field of view"
 
 
-def run_pipeline(input_path: Path, out_dir: Path, config: Config) -> Any:
-    """Run :func:`worker.pipeline.analyze_series` (imported lazily: torch is heavy)."""
+def run_pipeline(
+    input_path: Path, out_dir: Path, config: Config, jobs: JobStore | None = None
+) -> Any:
+    """Run :func:`worker.pipeline.analyze_series` (imported lazily: torch is heavy); with
+    ``jobs``, the patient's previous measurement is compared and this one recorded
+    (``privacy.follow_patients``, issue 17)."""
     from worker.pipeline import analyze_series as pipeline_analyze
 
-    return pipeline_analyze(input_path, out_dir, config)
+    history = PatientHistory.from_config(config, jobs) if jobs is not None else None
+    return pipeline_analyze(input_path, out_dir, config, history=history)
 
 
 def _note_from_result(result: Any) -> str | None:
@@ -162,7 +169,9 @@ def run_analysis(
     tmp.mkdir()
     try:
         with Heartbeat(jobs, series_uid, token, config.broker.heartbeat_seconds):
-            result = (pipeline or run_pipeline)(series_dir, tmp, config)
+            result = (pipeline or functools.partial(run_pipeline, jobs=jobs))(
+                series_dir, tmp, config
+            )
     except (SeriesValidationError, AnalysisError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         jobs.mark_failed(series_uid, exc.reason)

@@ -95,6 +95,25 @@ NOT_MEASURED_REASON = CodedConcept(
 QUALITATIVE_EVALUATIONS = CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
 #: SMA / height^2 (cm2/m2), Prado et al. 2008.
 SKELETAL_MUSCLE_INDEX = CodedConcept("SMI", L3SPOT_SCHEME, "Skeletal muscle index")
+#: Change since the patient's previous L3 measurement (issue 17; numeric, SMA group): SMA in
+#: cm2 and %, SMI in cm2/m2 and %, days between the two study dates.
+SMA_CHANGE = CodedConcept(
+    "SMACHG", L3SPOT_SCHEME, "Change in skeletal muscle area since previous study"
+)
+SMA_CHANGE_PCT = CodedConcept(
+    "SMACHGPCT", L3SPOT_SCHEME, "Relative change in skeletal muscle area since previous study"
+)
+SMI_CHANGE = CodedConcept(
+    "SMICHG", L3SPOT_SCHEME, "Change in skeletal muscle index since previous study"
+)
+SMI_CHANGE_PCT = CodedConcept(
+    "SMICHGPCT", L3SPOT_SCHEME, "Relative change in skeletal muscle index since previous study"
+)
+DAYS_SINCE_PREVIOUS = CodedConcept("PREVDAYS", L3SPOT_SCHEME, "Days since previous L3 measurement")
+#: The change as one sentence (TEXT, TID 1500 row 14 of the report-level evaluations).
+CHANGE_SUMMARY = CodedConcept("L3CHANGE", L3SPOT_SCHEME, "Change since previous L3 measurement")
+UNIT_PERCENT = CodedConcept("%", "UCUM", "percent")
+UNIT_DAY = CodedConcept("d", "UCUM", "day")
 #: Sarcopenia by SMI cut-offs (value YES / NO / INDETERMINATE).
 SARCOPENIA = CodedConcept("SARCO", L3SPOT_SCHEME, "Sarcopenia by L3 skeletal muscle index")
 #: Quality-control flag raised by the analysis (value: :func:`qa_flag_value`).

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from core import ALGORITHM_NAME, __version__
+from core.followup import MeasurementChange
 from core.labels import COMPARTMENT_COLOURS, COMPARTMENT_NAMES, COMPARTMENTS
 from core.qa import qa_flag
 from worker.composition.measure import CompositionResult
@@ -139,6 +140,7 @@ def _text_lines(
     composition: CompositionResult | None,
     qa_flags: Sequence[str],
     l3_image: ImageLabel | None,
+    change: MeasurementChange | None = None,
 ) -> list[tuple[str, tuple[int, int, int], int, tuple[int, int, int] | None]]:
     """(text, colour, font size, swatch colour) rows of the text panel."""
     rows: list[tuple[str, tuple[int, int, int], int, tuple[int, int, int] | None]] = []
@@ -170,6 +172,8 @@ def _text_lines(
             rows.append((f"SMI {composition.smi_cm2_per_m2:.1f} cm{_SQ}/m{_SQ}", TEXT, 28, None))
         else:
             rows.append((f"SMI n/a: {composition.smi_reason or 'no height'}", TEXT, 22, None))
+        if change is not None:  # issue 17: since the patient's previous measurement
+            rows.append((change.text(f"cm{_SQ}", f"cm{_SQ}/m{_SQ}"), TEXT, 20, None))
         sarc = composition.sarcopenia
         if sarc is not None:
             if sarc.flag is None:
@@ -237,6 +241,7 @@ def render_summary(
     qa_flags: Sequence[str] = (),
     series_description: str = "",
     l3_image: ImageLabel | None = None,
+    change: MeasurementChange | None = None,
 ) -> np.ndarray:
     """The Secondary Capture picture: L3 slice with masks, MIP with L3 line, the numbers.
 
@@ -251,6 +256,8 @@ def render_summary(
     series_description : source series description (printed; never patient data).
     l3_image : how the viewer names the L3 image (Instance Number, slice position); printed
         instead of the 0-based slice index when given.
+    change : the change since the patient's previous measurement (issue 17): one more line
+        under the SMI (:meth:`core.followup.MeasurementChange.text`).
 
     Returns
     -------
@@ -277,7 +284,9 @@ def render_summary(
         f"{ALGORITHM_NAME} {__version__}  automated measurement, verify before use\n"
         f"{series_description[:60]}"
     )
-    right = _text_panel(_text_lines(location, composition, qa_flags, l3_image), footer.rstrip())
+    right = _text_panel(
+        _text_lines(location, composition, qa_flags, l3_image, change), footer.rstrip()
+    )
     out = Image.new("RGB", (left.width + mid.width + right.width, HEIGHT), BACKGROUND)
     out.paste(left, (0, 0))
     out.paste(mid, (left.width, 0))

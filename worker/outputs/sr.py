@@ -70,6 +70,7 @@ from skimage.measure import find_contours
 
 from core import ALGORITHM_NAME, __version__
 from core.derived import MANUFACTURER, MANUFACTURER_MODEL_NAME
+from core.followup import MeasurementChange
 from worker.composition.measure import CompositionResult
 from worker.locator.locate import L3Location
 from worker.outputs import codes as c
@@ -302,8 +303,24 @@ def _segment_frame_number(seg: Segmentation, segment_number: int) -> int:
     raise ValueError(f"SEG {seg.SOPInstanceUID} has no frame for segment {segment_number}")
 
 
+def _change_measurements(change: MeasurementChange) -> list[Measurement]:
+    """The change since the previous study as TID 300 measurements of the SMA group."""
+    out = [
+        Measurement(name=c.SMA_CHANGE, value=change.sma_cm2, unit=c.UNIT_CM2),
+        Measurement(name=c.SMA_CHANGE_PCT, value=change.sma_pct, unit=c.UNIT_PERCENT),
+    ]
+    if change.smi_cm2_m2 is not None and change.smi_pct is not None:
+        out.append(Measurement(name=c.SMI_CHANGE, value=change.smi_cm2_m2, unit=c.UNIT_CM2_PER_M2))
+        out.append(Measurement(name=c.SMI_CHANGE_PCT, value=change.smi_pct, unit=c.UNIT_PERCENT))
+    out.append(Measurement(name=c.DAYS_SINCE_PREVIOUS, value=change.days, unit=c.UNIT_DAY))
+    return out
+
+
 def _compartment_groups(
-    ct: Dataset, composition: CompositionResult, seg: Segmentation
+    ct: Dataset,
+    composition: CompositionResult,
+    seg: Segmentation,
+    change: MeasurementChange | None = None,
 ) -> list[PlanarROIMeasurementsAndQualitativeEvaluations]:
     series_uid = str(ct.SeriesInstanceUID)
     shape = (int(ct.Rows), int(ct.Columns))
@@ -342,6 +359,8 @@ def _compartment_groups(
                         unit=c.UNIT_CM2_PER_M2,
                     )
                 )
+            if change is not None:
+                measurements.extend(_change_measurements(change))
             sarc = composition.sarcopenia
             if sarc is not None:
                 value = c.INDETERMINATE if sarc.flag is None else (c.YES if sarc.flag else c.NO)
@@ -404,6 +423,7 @@ def build_sr(
     composition: CompositionResult | None,
     seg: Segmentation | None,
     qa_flags: Sequence[str] = (),
+    change: MeasurementChange | None = None,
 ) -> Comprehensive3DSR:
     """The TID 1500 measurement report of one analysis.
 
@@ -417,6 +437,11 @@ def build_sr(
     qa_flags : the analysis's QA flags (:data:`core.qa.QA_FLAGS`), each written as a
         qualitative evaluation (l3spot code and meaning): of the L3 localisation group, or of
         the report when L3 is not in the field of view.
+    change : the change since the patient's previous measurement (issue 17), or None: its
+        numbers as measurements of the SMA group (99L3SPOT SMACHG, SMACHGPCT, SMICHG,
+        SMICHGPCT in cm2, %, cm2/m2, %; PREVDAYS in days) and the sentence
+        (:meth:`MeasurementChange.text`) as a TEXT item 99L3SPOT L3CHANGE of TID 1500's
+        report-level Qualitative Evaluations (rows 12 and 14).
 
     Notes
     -----
@@ -459,9 +484,26 @@ def build_sr(
     groups: list = [_localisation_group(ct, location, composition, qa_flags)]
     evidence: list[Dataset] = [ct]
     if composition is not None and seg is not None:
-        groups.extend(_compartment_groups(ct, composition, seg))
+        groups.extend(_compartment_groups(ct, composition, seg, change))
         evidence.append(seg)
-    return _report(ct, groups, evidence)
+    sr = _report(ct, groups, evidence)
+    if change is not None and composition is not None:
+        qualitative = ContainerContentItem(
+            name=c.QUALITATIVE_EVALUATIONS,
+            relationship_type=RelationshipTypeValues.CONTAINS,
+            is_content_continuous=False,
+        )
+        qualitative.ContentSequence = ContentSequence(
+            [
+                TextContentItem(
+                    c.CHANGE_SUMMARY,
+                    change.text(),
+                    relationship_type=RelationshipTypeValues.CONTAINS,
+                )
+            ]
+        )
+        sr.ContentSequence.append(qualitative)  # TID 1500 row 12, after the measurements
+    return sr
 
 
 def not_in_fov_text(location: L3Location) -> str:
