@@ -21,13 +21,12 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from core.errors import ConfigError
 
 if TYPE_CHECKING:
     from core.config import Config
-    from core.jobs import JobStore
 
 #: Name of the site secret in the spool when ``privacy.patient_key_file`` is not set.
 PATIENT_KEY_FILE = "patient.key"
@@ -214,6 +213,17 @@ def measurement_change(previous: MeasurementRow, current: MeasurementRow) -> Mea
     )
 
 
+class MeasurementStore(Protocol):
+    """What :class:`PatientHistory` needs of :class:`core.jobs.JobStore` (which imports this
+    module: a protocol, not an import, keeps the modules free of a cycle)."""
+
+    def previous_measurement(
+        self, patient_key: str, before_study_date: str
+    ) -> MeasurementRow | None: ...
+
+    def record_measurement(self, row: MeasurementRow) -> None: ...
+
+
 @dataclass(frozen=True)
 class PatientHistory:
     """Where a worker looks up and records a patient's measurements.
@@ -224,11 +234,11 @@ class PatientHistory:
     secret : the site secret of the patient hashes (:func:`load_patient_secret`).
     """
 
-    store: JobStore
+    store: MeasurementStore
     secret: bytes
 
     @classmethod
-    def from_config(cls, config: Config, store: JobStore) -> PatientHistory | None:
+    def from_config(cls, config: Config, store: MeasurementStore) -> PatientHistory | None:
         """The history ``config`` asks for, or None when ``privacy.follow_patients`` is off.
 
         Raises
