@@ -72,6 +72,7 @@ from service.metrics import registry_for
 from service.requeue import RETRY_ERRORS, RetryError, requeue_series
 from service.spool import is_valid_uid
 from service.web.health import DestinationMonitor, NodeProbe, health, liveness, readiness
+from service.web.trajectory import Trajectory, trajectory
 from service.web.views import (
     COMPARTMENTS,
     PIPELINE_STAGES,
@@ -414,11 +415,20 @@ def create_app(
             row=row,
             rec=row.record,
             result=row.result,
+            trajectory=_trajectory(row.record.series_uid),
             will_export=will_export,
             n_destinations=len(config.export.destinations),
             requeued=request.args.get("requeued", ""),
             error=RETRY_ERRORS.get(request.args.get("error", ""), ""),
         )
+
+    def _trajectory(series_uid: str) -> Trajectory | None:
+        """SMA and SMI of this job's patient over time (two or more measured studies)."""
+        this = views.store.measurement(series_uid)
+        if this is None:
+            return None
+        rows = views.store.patient_measurements(this.patient_key)
+        return trajectory(rows, series_uid, config.web.show_patient_identifiers)
 
     @app.get("/jobs/<series_uid>/overview.png")
     def overview_png(series_uid: str) -> Response:

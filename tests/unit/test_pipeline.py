@@ -348,3 +348,40 @@ def test_end_to_end_phantom_dicom_series(tmp_path: Path) -> None:
     if truth.l3_in_fov:
         assert abs(result.l3.slice_index - truth.l3_mid_slice_index) <= 3
         assert (tmp_path / "o" / "seg.dcm").exists()
+
+
+def test_a_second_study_of_the_same_patient_carries_the_change_in_its_sr(
+    fake_stages: dict[str, bool], series_dir: Path, tmp_path: Path
+) -> None:
+    """Issue 17, follow the patient: the same Patient ID in a later study gives an SR with
+    the change since the first study (the history in the job store, keyed hashes only)."""
+    from core.followup import PatientHistory
+    from core.jobs import JobStore
+    from worker.outputs.sr import report_evaluations
+
+    config = Config.model_validate({"node": {"spool_dir": str(tmp_path / "spool")}})
+    store = JobStore(config.node.spool_dir)
+    history = PatientHistory.from_config(config, store)
+    assert history is not None
+    outs = []
+    for n, date in enumerate(("20260110", "20260510")):
+        study, series = f"1.2.826.0.1.3680043.99.{n}.1", f"1.2.826.0.1.3680043.99.{n}.2"
+        folder = tmp_path / f"study{n}"
+        folder.mkdir()
+        for i, src in enumerate(sorted(series_dir.glob("*.dcm"))):
+            ds = pydicom.dcmread(src)
+            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.StudyDate = study, series, date
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{series}.{i + 1}"
+            ds.save_as(folder / src.name, enforce_file_format=True)
+        outs.append(tmp_path / f"out{n}")
+        pipeline.analyze_series(folder, outs[-1], config, history=history)
+    first = report_evaluations(pydicom.dcmread(outs[0] / "sr.dcm"))
+    second = report_evaluations(pydicom.dcmread(outs[1] / "sr.dcm"))
+    assert not any("Change since" in v for _, v in first)
+    (change,) = [v for _, v in second if "Change since" in v]
+    assert "2026-01-10" in change and "120 days" in change
+    second_row = store.measurement("1.2.826.0.1.3680043.99.1.2")
+    assert second_row is not None
+    assert len(store.patient_measurements(second_row.patient_key)) == 2
+    raw = (tmp_path / "spool" / "jobs.sqlite").read_bytes()
+    assert PATIENT.patient_id.encode() not in raw

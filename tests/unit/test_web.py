@@ -879,3 +879,30 @@ def test_a_dicomweb_destination_is_checked_by_qido_rs_on_the_page_and_in_readyz(
         assert f"QIDO-RS {stub.url}" in notice and "<strong>success</strong>" in notice
     finally:
         stub.close()
+
+
+def test_the_job_page_plots_the_patient_s_trajectory_from_two_studies_on(case: WebCase) -> None:
+    """Issue 17: a patient measured in two studies; the page shows SMA and SMI over time,
+    with days (not dates) unless patient identifiers are shown, and nothing for one study."""
+    from core.followup import MeasurementRow
+
+    store = JobStore(case.config.node.spool_dir)
+    c = _client(case)
+    assert 'id="trajectory"' not in c.get(f"/jobs/{case.phantom_uid}").get_data(as_text=True)
+    key = "k" * 64  # a keyed hash (core.followup.patient_key); the page never shows it
+    store.record_measurement(
+        MeasurementRow("1.2.3.4", key, "1.2.3", "2026-01-10", 150.0, 50.0, "m1", 1.0)
+    )
+    store.record_measurement(
+        MeasurementRow(case.phantom_uid, key, "1.2.4", "2026-05-10", 138.0, 46.1, "m1", 2.0)
+    )
+    html = c.get(f"/jobs/{case.phantom_uid}").get_data(as_text=True)
+    section = html[html.index('id="trajectory"') :]
+    assert section.count("<svg") == 2  # SMA and SMI
+    assert "day 0" in section and "day 120" in section
+    assert "2026-01-10" not in section and key not in html
+    assert "138.0" in section and "150.0" in section
+    config = case.config.model_copy(deep=True)
+    config.web.show_patient_identifiers = True
+    shown = create_app(config).test_client().get(f"/jobs/{case.phantom_uid}").get_data(as_text=True)
+    assert "2026-01-10" in shown[shown.index('id="trajectory"') :]
