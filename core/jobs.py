@@ -306,6 +306,11 @@ class DestinationRecord:
         return dict(self.__dict__)
 
 
+#: The start of the job record's note while its result is a reader's correction (the worker
+#: writes it, the web page reads it; a new analysis clears the note).
+CORRECTED_NOTE = "L3 corrected by a reader"
+
+
 class ReviewAction(StrEnum):
     """What a reader decided about a result."""
 

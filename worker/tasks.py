@@ -31,7 +31,7 @@ from celery import Task
 
 from core.config import Config
 from core.errors import AnalysisError, SeriesValidationError, phi_safe_message
-from core.jobs import ExportState, JobState, JobStore
+from core.jobs import CORRECTED_NOTE, ExportState, JobState, JobStore
 from core.layout import SR_FILE, next_version_dir, result_files, series_results_dir, version_dirs
 from core.logs import log_event
 from core.queue import app, current_config, send_export
@@ -331,7 +331,7 @@ def run_remeasure(
         )
         return JobState.FAILED
     _replace_dir(tmp, final)
-    note = f"L3 corrected by a reader (review {review_id}, slice {slice_index})"
+    note = f"{CORRECTED_NOTE} (review {review_id}, slice {slice_index})"
     destinations = config.export.destinations
     if not jobs.finish_analysis(series_uid, note, exporting=bool(destinations), token=token):
         log_event(log, "analysis_superseded", series_instance_uid=series_uid)

@@ -69,7 +69,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from core.config import Config, WebConfig
 from core.echo import check_name
 from core.errors import L3SpotError
-from core.jobs import JobNotFoundError, JobState, ReviewAction
+from core.jobs import CORRECTED_NOTE, JobNotFoundError, JobState, ReviewAction
 from core.labels import COMPARTMENT_COLOURS
 from core.labels import COMPARTMENTS as COMPARTMENT_KEYS
 from core.layout import OVERVIEW_FILE, SC_FILE, SEG_FILE
@@ -434,6 +434,7 @@ def create_app(
             and row.result is not None
             and config.export.destinations
         )
+        reviews = views.store.reviews(row.record.series_uid)
         return render_template(
             "job.html",
             row=row,
@@ -444,10 +445,17 @@ def create_app(
             requeued=request.args.get("requeued", ""),
             error=RETRY_ERRORS.get(request.args.get("error", ""), ""),
             viewer=_viewer(row),
-            reviews=views.store.reviews(row.record.series_uid),
+            reviews=reviews,
+            corrected_by=_corrected_by(row.record, reviews),
             reviewed=request.args.get("reviewed", ""),
             review_error=request.args.get("review_error", "")[:200],
         )
+
+    def _corrected_by(rec: Any, reviews: list[Any]) -> Any:
+        """The review whose correction the shown result is, or None (the locator's L3)."""
+        if not (rec.note or "").startswith(CORRECTED_NOTE):
+            return None  # a new analysis clears the note: its L3 is the locator's
+        return next((r for r in reversed(reviews) if r.action == ReviewAction.CORRECT), None)
 
     def _l3(row: Any) -> tuple[int | None, str | None, float | None]:
         result = row.result

@@ -219,6 +219,9 @@ def test_remeasure_writes_a_verified_corrected_sr_and_keeps_the_earlier_result(
     )
     assert state == JobState.EXPORTING and sent == [(uid, token)]
     assert "corrected" in (store.get(uid).note or "")
+    page = create_app(case.config).test_client().get(f"/jobs/{uid}").get_data(as_text=True)
+    assert 'id="l3-corrected"' in page and "chosen by dr.ana" in page
+    assert f'value="{chosen}"' in page  # the viewer opens at the corrected L3
     result = AnalysisResult.model_validate_json((results / RESULT_JSON).read_text())
     assert result.l3.slice_index == chosen and result.composition
     assert result.composition["sma"].area_cm2 != case.result.composition["sma"].area_cm2
