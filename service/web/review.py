@@ -175,11 +175,13 @@ def render_slice(
     lo = level - width / 2.0
     grey = np.clip((hu - lo) / max(width, 1.0) * 255.0, 0, 255).astype(np.uint8)
     if labels is not None and labels.shape == grey.shape:
-        rgb = np.repeat(grey[..., None], 3, axis=2).astype(np.float32)
+        lut = np.zeros((256, 3), np.float32)  # label value -> colour
         for value, colour in COMPARTMENT_COLOURS.items():
-            m = labels == value
-            rgb[m] = (1 - MASK_ALPHA) * rgb[m] + MASK_ALPHA * np.asarray(colour, np.float32)
-        image = Image.fromarray(rgb.astype(np.uint8), "RGB")
+            lut[value] = colour
+        rgb = np.repeat(grey[..., None], 3, axis=2)
+        m = np.isin(labels, list(COMPARTMENT_COLOURS))
+        rgb[m] = ((1 - MASK_ALPHA) * rgb[m] + MASK_ALPHA * lut[labels[m]]).astype(np.uint8)
+        image = Image.fromarray(rgb, "RGB")
     else:
         image = Image.fromarray(grey, "L")
     buf = io.BytesIO()

@@ -222,6 +222,17 @@ def test_browser_lists_the_received_series_shows_its_pictures_and_retries_it(
         assert browser.find_element(By.ID, "attempts").text == "2"
 
 
+def _section_shot(driver, element_id: str, path: Path) -> None:  # noqa: ANN001
+    """A screenshot of one element of the page, whole (the window made as tall as the page)."""
+    from selenium.webdriver.common.by import By
+
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(1400, min(int(height) + 40, 6000))
+    time.sleep(0.3)  # the new size's layout
+    driver.find_element(By.ID, element_id).screenshot(str(path))
+    driver.set_window_size(1400, 1000)
+
+
 def _wait_note(store: JobStore, uid: str, word: str, timeout_s: float) -> JobRecord:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -291,7 +302,7 @@ def test_browser_scrolls_the_slices_corrects_l3_and_accepts_the_remeasured_resul
         Select(browser.find_element(By.ID, "slice-window")).select_by_value("soft")
         wait.until(lambda d: d.execute_script(img_ok)[0] > 0)
         assert browser.find_element(By.ID, "review-slice").get_attribute("value") == str(l3 + 2)
-        _shot(browser, shots, "review_scrolled.png")
+        _section_shot(browser, "review", shots / "review_scrolled.png")
 
         browser.find_element(By.ID, "review-correct").click()
         wait.until(ec.presence_of_element_located((By.ID, "reviewed")))
@@ -320,6 +331,7 @@ def test_browser_scrolls_the_slices_corrects_l3_and_accepts_the_remeasured_resul
             "accept",
         ]
         _shot(browser, shots, "review_accepted.png", full_height=True)
+        _section_shot(browser, "review", shots / "review_reviews.png")
     reviews = store.reviews(uid)
     assert [(r.action, r.slice_index, r.previous_slice_index) for r in reviews] == [
         ("correct", l3 + 2, l3),

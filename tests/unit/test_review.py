@@ -19,11 +19,14 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from celery import Celery
 from PIL import Image
 
+from core.config import Config
 from core.errors import JobNotFoundError
 from core.jobs import JobState, JobStore, ReviewAction
 from core.layout import RESULT_JSON, SEG_FILE, SR_FILE, version_dirs
+from core.queue import celery_settings
 from core.result import AnalysisResult
 from service.audit import AuditLog, audit_log_path
 from service.web.app import create_app
@@ -121,8 +124,16 @@ def test_accept_records_the_review_and_audit_and_queues_nothing(case: WebCase) -
     assert "Result accepted." in page and 'id="reviews"' in page
 
 
+def _own_celery(config: Config) -> Celery:
+    """A Celery app of its own for ``config``: the shared :data:`core.queue.app` keeps the
+    first broker folder it sent to (its producer pool), which other test modules rely on."""
+    app = Celery("l3spot-test", set_as_current=False)
+    app.conf.update(celery_settings(config))
+    return app
+
+
 def test_correct_queues_a_remeasure_at_the_chosen_slice(case: WebCase) -> None:
-    c = create_app(case.config).test_client()
+    c = create_app(case.config, celery=_own_celery(case.config)).test_client()
     uid, l3 = case.phantom_uid, case.result.l3.slice_index
     assert l3 is not None
     token = _review_csrf(c.get(f"/jobs/{uid}").get_data(as_text=True))
