@@ -128,6 +128,10 @@ def run_analysis(
 ) -> str:
     """Analyse one spooled series and queue its export.
 
+    The new results replace the series' results folder; when a reader corrected the series
+    (the folder keeps versions, :func:`core.layout.version_dirs`), the replaced result
+    becomes the next version and the earlier ones stay.
+
     Parameters
     ----------
     series_dir : ``<spool>/<StudyUID>/<SeriesUID>``; its name is the Series Instance UID.
@@ -193,7 +197,10 @@ def run_analysis(
         )
         report_not_measured(series_dir, series_uid, reason, config, jobs, enqueue_export, token)
         return JobState.FAILED
-    _replace_dir(tmp, series_results_dir(results_root, series_uid))
+    final = series_results_dir(results_root, series_uid)
+    if version_dirs(final):  # a reader corrected this series: its versions stay (issue 17)
+        _keep_versions(final, tmp)
+    _replace_dir(tmp, final)
     note = _note_from_result(result)
     destinations = config.export.destinations
     if not jobs.finish_analysis(series_uid, note, exporting=bool(destinations), token=token):

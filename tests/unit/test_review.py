@@ -340,3 +340,27 @@ def test_a_store_of_the_previous_schema_gets_the_reviews_table(tmp_path: Path) -
     assert store.review(review.id) == review and store.reviews("1.2.3") == [review]
     with pytest.raises(JobNotFoundError):
         store.add_review("4.5.6", "accept", "dr.ana")
+
+
+def test_a_new_analysis_after_a_correction_keeps_every_version(case: WebCase) -> None:
+    from worker.tasks import run_analysis, run_remeasure
+
+    uid, l3 = case.phantom_uid, case.result.l3.slice_index
+    assert l3 is not None
+    store = JobStore(case.config.node.spool_dir)
+    results = case.config.node.resolved_results_dir() / uid
+    series_dir = Path(store.get(uid).series_dir)
+    review = store.add_review(uid, "correct", "dr.ana", slice_index=l3 + 1)
+    token = store.mark_queued(uid)
+    run_remeasure(series_dir, review.id, l3 + 1, case.config, store, lambda u, t: None, token)
+    corrected = pydicom.dcmread(results / SR_FILE).SOPInstanceUID
+
+    def new_result(src: Path, out: Path, config: Config) -> dict:
+        (out / RESULT_JSON).write_text("{}")
+        return {}
+
+    token = store.mark_queued(uid)  # "Analyse again" / l3spot retry --analysis
+    run_analysis(series_dir, case.config, store, lambda u, t: None, token, pipeline=new_result)
+    assert [p.name for p in version_dirs(results)] == ["v1", "v2"]
+    assert pydicom.dcmread(results / "v2" / SR_FILE).SOPInstanceUID == corrected
+    assert not (results / SR_FILE).exists()  # the new analysis's files only, at the top
