@@ -418,6 +418,10 @@ class WebConfig(_Section):
     destination_echo_interval_seconds: float = Field(30.0, gt=0)
     # ACSE/DIMSE/network timeout of those C-ECHOs and of the page's C-ECHO test button
     destination_echo_timeout_seconds: float = Field(5.0, gt=0)
+    # review (issue 17): slices the job page's viewer shows on each side of the L3 slice
+    review_slices_around_l3: int = Field(15, ge=1, le=200)
+    # review: the Verifying Organization of a corrected, verified SR (PS3.3 C.17.2.1)
+    review_organisation: str = Field("l3spot", min_length=1, max_length=64)
 
     @field_validator("allowed_hosts")
     @classmethod

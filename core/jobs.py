@@ -224,6 +224,24 @@ measurements_table = Table(
     Column("model_version", Text, nullable=False, server_default=text("''")),
     Column("measured_at", Double, nullable=False),
 )
+#: One row per reader's decision on a result (issue 17, "Review and correct"): ``accept``
+#: or ``correct`` (another slice chosen as L3, re-measured by the worker). Slice indices are
+#: 0-based in the series sorted by ascending z (``CTVolume.z_mm``), positions in mm.
+reviews_table = Table(
+    "reviews",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("series_uid", Text, nullable=False, index=True),
+    Column("action", Text, nullable=False),
+    Column("slice_index", Integer),
+    Column("z_mm", Double),
+    Column("sop_instance_uid", Text),
+    Column("previous_slice_index", Integer),
+    Column("previous_z_mm", Double),
+    Column("user_name", Text, nullable=False),
+    Column("created_at", Double, nullable=False),
+    Column("model_version", Text),
+)
 #: One row: how many of :data:`_MIGRATIONS` the database has run (absent before this table).
 schema_version_table = Table(
     "schema_version",
@@ -253,6 +271,9 @@ _MIGRATIONS: tuple[tuple[str, str | None], ...] = (
     ("jobs", "results_purged_at"),
     ("exports", "first_failure_at"),
     ("measurements", None),
+    # a new table: ``metadata.create_all`` makes it; the step moves the version on, so that
+    # databases at the previous version run ``create_all`` once
+    ("reviews", "id"),
 )
 #: The version of the schema this code writes.
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -302,6 +323,54 @@ class DestinationRecord:
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready dict (for ``l3spot destinations --json`` and the web page)."""
         return dict(self.__dict__)
+
+
+#: The start of the job record's note while its result is a reader's correction (the worker
+#: writes it, the web page reads it; a new analysis clears the note).
+CORRECTED_NOTE = "L3 corrected by a reader"
+
+
+class ReviewAction(StrEnum):
+    """What a reader decided about a result."""
+
+    ACCEPT = "accept"  # the L3 slice and the numbers are right
+    CORRECT = "correct"  # another slice is L3: re-measure there
+
+
+@dataclass(frozen=True)
+class ReviewRecord:
+    """One reader's decision (a row of ``reviews``). Times are Unix seconds.
+
+    Attributes
+    ----------
+    id : the review's number (unique in the store; part of the corrected objects' UIDs).
+    series_uid : the reviewed CT series.
+    action : :class:`ReviewAction`.
+    slice_index : the slice the reader chose as L3 (accept: the shown one), 0-based in
+        ascending z; None when the result had no L3 slice.
+    z_mm : that slice's z position (mm).
+    sop_instance_uid : that slice's SOP Instance UID.
+    previous_slice_index, previous_z_mm : the L3 slice of the result reviewed.
+    user_name : who decided (:func:`service.web.review.current_user`).
+    created_at : when.
+    model_version : the model version of the result reviewed.
+    """
+
+    id: int
+    series_uid: str
+    action: ReviewAction
+    slice_index: int | None
+    z_mm: float | None
+    sop_instance_uid: str | None
+    previous_slice_index: int | None
+    previous_z_mm: float | None
+    user_name: str
+    created_at: float
+    model_version: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready fields."""
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
 
 
 @dataclass
@@ -1258,6 +1327,99 @@ class JobStore:
         )
         with self._connect() as con:
             return [MeasurementRow(**r._mapping) for r in con.execute(stmt)]
+
+    # ---- reviews (issue 17) ----------------------------------------------------------
+
+    def add_review(
+        self,
+        series_uid: str,
+        action: ReviewAction | str,
+        user: str,
+        *,
+        slice_index: int | None = None,
+        z_mm: float | None = None,
+        sop_instance_uid: str | None = None,
+        previous_slice_index: int | None = None,
+        previous_z_mm: float | None = None,
+        model_version: str | None = None,
+        now: float | None = None,
+    ) -> ReviewRecord:
+        """Record a reader's decision on a series' result.
+
+        Parameters
+        ----------
+        series_uid : the reviewed series (its job record must exist).
+        action : ``accept`` or ``correct``.
+        user : who decided.
+        slice_index, z_mm, sop_instance_uid : the slice chosen as L3 (index in ascending z,
+            position in mm, SOP Instance UID).
+        previous_slice_index, previous_z_mm : the L3 slice of the reviewed result.
+        model_version : the model version of the reviewed result.
+        now : Unix time of the decision (default: now).
+
+        Returns
+        -------
+        ReviewRecord
+            The stored row, with its id.
+
+        Raises
+        ------
+        JobNotFoundError
+            No job record for ``series_uid``.
+        ValueError
+            ``action`` is not a :class:`ReviewAction`.
+        """
+        act = ReviewAction(action)
+        values = {
+            "series_uid": series_uid,
+            "action": str(act),
+            "slice_index": slice_index,
+            "z_mm": z_mm,
+            "sop_instance_uid": sop_instance_uid,
+            "previous_slice_index": previous_slice_index,
+            "previous_z_mm": previous_z_mm,
+            "user_name": user,
+            "created_at": time.time() if now is None else now,
+            "model_version": model_version,
+        }
+
+        def work(con: Connection) -> int:
+            exists = con.execute(select(_J.series_uid).where(_J.series_uid == series_uid)).first()
+            if exists is None:
+                raise JobNotFoundError(series_uid)
+            return int(con.execute(insert(reviews_table).values(values)).inserted_primary_key[0])
+
+        rid = self._transact(work)
+        return ReviewRecord(id=rid, **{**values, "action": act})  # type: ignore[arg-type]
+
+    def reviews(self, series_uid: str | None = None) -> list[ReviewRecord]:
+        """The reviews of one series (None: of every series), oldest first."""
+        stmt = select(reviews_table).order_by(reviews_table.c.id)
+        if series_uid is not None:
+            stmt = stmt.where(reviews_table.c.series_uid == series_uid)
+        with self._connect() as con:
+            rows = con.execute(stmt).all()
+        return [self._review(r._mapping) for r in rows]
+
+    def review(self, review_id: int) -> ReviewRecord:
+        """One review by its id.
+
+        Raises
+        ------
+        KeyError
+            No review ``review_id``.
+        """
+        with self._connect() as con:
+            row = con.execute(select(reviews_table).where(reviews_table.c.id == review_id)).first()
+        if row is None:
+            raise KeyError(review_id)
+        return self._review(row._mapping)
+
+    @staticmethod
+    def _review(row: RowMapping) -> ReviewRecord:
+        data = {c.name: row[c.name] for c in reviews_table.columns}
+        data["action"] = ReviewAction(data["action"])
+        return ReviewRecord(**data)
 
     # ---- reading ---------------------------------------------------------------------
 

@@ -15,6 +15,8 @@ names them.
 ``overview.png``           the same picture as the SC, for the web page
 ``observation.fhir.json``  the measurements as a FHIR R4 Observation (when measured)
 ``source/``                NIfTI inputs only: the CT series written from the NIfTI
+``v1/``, ``v2/``, ...      earlier versions of the files above, kept when a reader's
+                           correction replaced them (issue 17; ``v1`` the oldest)
 =========================  =================================================================
 """
 
@@ -38,6 +40,29 @@ RESULT_FILES = (SEG_FILE, SR_FILE, SC_FILE)
 def series_results_dir(results_root: Path, series_uid: str) -> Path:
     """``results_root/<series_uid>``: the folder of one series' results."""
     return results_root / series_uid
+
+
+#: Prefix of the folders that keep superseded versions of a result (``v1``, ``v2``, ...).
+VERSION_PREFIX = "v"
+
+
+def version_dirs(results_dir: Path) -> list[Path]:
+    """The superseded versions kept in ``results_dir`` (``v1``, ``v2``, ...), oldest first."""
+    if not results_dir.is_dir():
+        return []
+    found = [
+        p
+        for p in results_dir.iterdir()
+        if p.is_dir() and p.name.startswith(VERSION_PREFIX) and p.name[1:].isdigit()
+    ]
+    return sorted(found, key=lambda p: int(p.name[1:]))
+
+
+def next_version_dir(results_dir: Path) -> Path:
+    """Where the current files of ``results_dir`` go when a correction replaces them."""
+    kept = version_dirs(results_dir)
+    n = int(kept[-1].name[1:]) + 1 if kept else 1
+    return results_dir / f"{VERSION_PREFIX}{n}"
 
 
 def result_files(results_dir: Path) -> list[Path]:

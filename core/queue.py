@@ -37,6 +37,7 @@ ANALYSIS_QUEUE = "analysis"
 EXPORT_QUEUE = "export"
 ANALYZE_TASK = "worker.tasks.analyze_series"
 EXPORT_TASK = "worker.tasks.export_results"
+REMEASURE_TASK = "worker.tasks.remeasure_series"
 
 app = Celery("l3spot", include=["worker.tasks"])
 _config: Config | None = None
@@ -57,6 +58,7 @@ def celery_settings(config: Config) -> dict[str, object]:
         "task_routes": {
             ANALYZE_TASK: {"queue": ANALYSIS_QUEUE},
             EXPORT_TASK: {"queue": EXPORT_QUEUE},
+            REMEASURE_TASK: {"queue": ANALYSIS_QUEUE},
         },
         "task_serializer": "json",
         "accept_content": ["json"],
@@ -155,3 +157,26 @@ def send_export(celery: Celery, series_uid: str, token: str | None) -> None:
     The only place an export task is sent (a finished analysis, the node, ``l3spot retry``).
     """
     celery.send_task(EXPORT_TASK, args=[series_uid], kwargs={"token": token}, queue=EXPORT_QUEUE)
+
+
+def send_remeasure(
+    celery: Celery, series_dir: Path, token: str | None, review_id: int, slice_index: int
+) -> None:
+    """Send ``worker.tasks.remeasure_series(series_dir, review_id, slice_index, token=...)``
+    to queue ``analysis``: measure again at the slice a reader chose as L3 (issue 17).
+
+    The only place a re-measure task is sent (the web page's "Use this slice as L3").
+
+    Parameters
+    ----------
+    series_dir : ``<spool>/<StudyUID>/<SeriesUID>``.
+    token : the job's queue token (a stale copy of the task does nothing).
+    review_id : the ``reviews`` row (:meth:`core.jobs.JobStore.add_review`) that asked for it.
+    slice_index : the chosen L3 slice, 0-based in the series sorted by ascending z.
+    """
+    celery.send_task(
+        REMEASURE_TASK,
+        args=[str(Path(series_dir).resolve()), int(review_id), int(slice_index)],
+        kwargs={"token": token},
+        queue=ANALYSIS_QUEUE,
+    )

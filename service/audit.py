@@ -1,7 +1,9 @@
 """Audit log: one JSON line per association (accepted or rejected), never patient data.
 
-Also one line per series quarantined by the watcher and per deletion by retention
-(:mod:`service.retention`: kind, Study/Series UIDs, bytes, age, reason).
+Also one line per reader's review (issue 17: ``event`` ``review``, the review id, action,
+user, chosen and previous slice, model version), one line per series quarantined by the
+watcher and per deletion by retention (:mod:`service.retention`: kind, Study/Series UIDs,
+bytes, age, reason).
 
 Each record holds the time, the calling and called AE titles, the peer address and port,
 ``outcome`` (``released``, ``aborted`` or ``rejected``), the rejection reason if any, the
@@ -47,6 +49,13 @@ AUDIT_KEYS = (
     "series_instance_uid",
     "bytes_freed",
     "age_days",
+    # review (issue 17): who accepted or corrected which result, at which slice
+    "review_id",
+    "review_action",
+    "user",
+    "slice_index",
+    "previous_slice_index",
+    "model_version",
 )
 
 

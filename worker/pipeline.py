@@ -53,6 +53,7 @@ from worker.mip import FrontalMips, FrontalProjection, Mip, frontal_projection
 from worker.outputs.fhir import export_observation
 from worker.outputs.reference import image_label
 from worker.outputs.render import render_not_measured, render_overview, render_summary
+from worker.outputs.review import Correction, mark_verified, renumber
 from worker.outputs.sc import build_sc
 from worker.outputs.seg import build_seg
 from worker.outputs.sr import build_not_measured_sr, build_sr
@@ -204,6 +205,8 @@ def analyze_series(
     *,
     project: Callable[[CTVolume], FrontalProjection] = frontal_projection,
     history: PatientHistory | None = None,
+    l3_slice_index: int | None = None,
+    correction: Correction | None = None,
 ) -> AnalysisResult:
     """Analyse one CT series and write its results into ``out_dir``.
 
@@ -222,6 +225,13 @@ def analyze_series(
     history : the patients' measurements (issue 17), or None (``l3spot analyze``, NIfTI):
         the change since the patient's previous study goes into the SR and the SC, and this
         measurement is recorded (:func:`follow_patient`).
+    l3_slice_index : measure at this slice (0-based in ascending z, ``CTVolume.z_mm``)
+        instead of the one the locator would choose: the locator's decision is skipped
+        (its models still give the MIP's pixel size), the location is the reader's
+        (:func:`forced_location`, confidence 1). A reader's correction (issue 17).
+    correction : with ``l3_slice_index``, who chose the slice: the SEG, SR and SC get new
+        SOP Instance UIDs and the SR is verified by the reader and references the SR it
+        supersedes (:mod:`worker.outputs.review`).
 
     Returns
     -------
@@ -262,9 +272,12 @@ def analyze_series(
             _guard(uid, "mip", lambda px=pixel_mm: mips.at(px))
     mip = mips.at(stages.coarse.spec.pixel_mm)  # built above: the overview's MIP
     with _stage(timing, "locate"):
-        location: L3Location = _guard(
-            uid, "locate", lambda: locate_l3(volume, config.locator, mips, device=device)
-        )
+        if l3_slice_index is None:
+            location: L3Location = _guard(
+                uid, "locate", lambda: locate_l3(volume, config.locator, mips, device=device)
+            )
+        else:
+            location = forced_location(volume, mip, l3_slice_index)
     timing["locate"] = round(timing["locate"] + t_models, 4)
     composition: CompositionResult | None = None
     if location.in_field_of_view:
@@ -293,7 +306,14 @@ def analyze_series(
             uid,
             "dicom_out",
             lambda: write_outputs(
-                volume, mip, location, composition, qa_flags, out_dir, change=change
+                volume,
+                mip,
+                location,
+                composition,
+                qa_flags,
+                out_dir,
+                change=change,
+                correction=correction,
             ),
         )
     if history is not None and current is not None:
@@ -427,6 +447,43 @@ def follow_patient(
     return current, change
 
 
+def forced_location(volume: CTVolume, mip: Mip, slice_index: int) -> L3Location:
+    """The L3 location a reader chose: slice ``slice_index``, in the field of view.
+
+    Parameters
+    ----------
+    volume : the loaded series (slices in ascending z).
+    mip : the frontal MIP the overview shows (its row of the slice is the L3 line).
+    slice_index : 0-based index of the chosen slice in ``volume.z_mm``.
+
+    Returns
+    -------
+    L3Location
+        In the field of view, ``confidence`` 1 (a reader's decision), ``model`` "reader".
+
+    Raises
+    ------
+    AnalysisError
+        ``slice_index`` is not a slice of the series (stage "locate").
+    """
+    n = int(volume.hu.shape[0])
+    if not 0 <= int(slice_index) < n:
+        raise AnalysisError(
+            volume.series_instance_uid,
+            "locate",
+            f"chosen L3 slice {slice_index} is outside the series (0..{n - 1})",
+        )
+    z = float(volume.z_mm[int(slice_index)])
+    return L3Location(
+        in_field_of_view=True,
+        slice_index=int(slice_index),
+        z_mm=z,
+        mip_row=float(mip.z_to_row(z)),
+        confidence=1.0,
+        model="reader",
+    )
+
+
 def model_versions(config: Config) -> dict[str, str]:
     """The models behind a result, by role (the FHIR Observation's Device versions):
     the locator weights' file names and the composition method (with its weights)."""
@@ -450,6 +507,7 @@ def write_outputs(
     *,
     read_source: Callable[[Path], Dataset] = read_source_header,
     change: MeasurementChange | None = None,
+    correction: Correction | None = None,
 ) -> DerivedObjects:
     """Write ``seg.dcm`` (L3 found only), ``sr.dcm``, ``sc.dcm`` and ``overview.png``.
 
@@ -463,6 +521,8 @@ def write_outputs(
         :func:`read_source_header`); called once, and SEG, SR and SC share the dataset.
     change : the change since the patient's previous study (:func:`follow_patient`), shown
         in the SR and the SC when L3 was measured.
+    correction : a reader's correction: new SOP Instance UIDs, the SR verified by the
+        reader with a reference to the SR it supersedes (:mod:`worker.outputs.review`).
 
     Returns
     -------
@@ -500,6 +560,8 @@ def write_outputs(
     seg_path = out_dir / SEG_FILE
     if in_fov and stored is not None:
         seg = build_seg(ref, stored.labels, method=stored.method)
+        if correction is not None:  # before the SR: it references the SEG's instance
+            renumber(seg, correction, volume.series_instance_uid, "seg-instance")
         _save(seg, seg_path)
         derived.seg_series_instance_uid = str(seg.SeriesInstanceUID)
         derived.seg_sop_instance_uid = str(seg.SOPInstanceUID)
@@ -509,6 +571,8 @@ def write_outputs(
 
     change = change if in_fov else None
     sr = build_sr(ref, location, stored if in_fov else None, seg, qa_flags, change=change)
+    if correction is not None:
+        mark_verified(sr, correction, volume.series_instance_uid)
     _save(sr, out_dir / SR_FILE)
     derived.sr_series_instance_uid = str(sr.SeriesInstanceUID)
     derived.sr_sop_instance_uid = str(sr.SOPInstanceUID)
@@ -527,6 +591,8 @@ def write_outputs(
         change=change,
     )
     sc = build_sc(ref, summary)
+    if correction is not None:
+        renumber(sc, correction, volume.series_instance_uid, "sc-instance")
     _save(sc, out_dir / SC_FILE)
     derived.sc_series_instance_uid = str(sc.SeriesInstanceUID)
     derived.sc_sop_instance_uid = str(sc.SOPInstanceUID)

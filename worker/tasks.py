@@ -1,12 +1,14 @@
-"""Celery tasks: ``analyze_series`` (queue ``analysis``) and ``export_results`` (queue ``export``).
+"""Celery tasks: ``analyze_series`` and ``remeasure_series`` (queue ``analysis``) and
+``export_results`` (queue ``export``).
 
-Both are thin wrappers around plain functions (:func:`run_analysis`, :func:`run_export`)
-that take the configuration and the job store explicitly, so they can be tested without a
-broker. Both are idempotent: the pipeline's derived UIDs are deterministic, results are
-replaced atomically in ``<results_dir>/<SeriesInstanceUID>/``, and the PACS receives the same
-SOP Instance UIDs again. A task carrying a token older than the job record's is a stale
-duplicate and does nothing. Every failure ends in a ``failed`` job record with a reason;
-no exception from the pipeline escapes to crash the worker.
+They are thin wrappers around plain functions (:func:`run_analysis`, :func:`run_remeasure`,
+:func:`run_export`) that take the configuration and the job store explicitly, so they can be
+tested without a broker. They are idempotent: the pipeline's derived UIDs are deterministic,
+results are replaced atomically in ``<results_dir>/<SeriesInstanceUID>/``, and the PACS
+receives the same SOP Instance UIDs again (a correction: new ones, derived from its review).
+A task carrying a token older than the job record's is a stale duplicate and does nothing.
+Every failure ends in a ``failed`` job record with a reason; no exception from the pipeline
+escapes to crash the worker.
 """
 
 from __future__ import annotations
@@ -25,13 +27,20 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import pydicom
 from celery import Task
 
 from core.config import Config
 from core.errors import AnalysisError, SeriesValidationError, phi_safe_message
 from core.followup import PatientHistory
-from core.jobs import ExportState, JobState, JobStore
-from core.layout import result_files, series_results_dir
+from core.jobs import CORRECTED_NOTE, ExportState, JobState, JobStore
+from core.layout import (
+    SR_FILE,
+    next_version_dir,
+    result_files,
+    series_results_dir,
+    version_dirs,
+)
 from core.logs import log_event
 from core.queue import app, current_config, send_export
 from worker.export import retry_delay, send_results
@@ -132,6 +141,10 @@ def run_analysis(
 ) -> str:
     """Analyse one spooled series and queue its export.
 
+    The new results replace the series' results folder; when a reader corrected the series
+    (the folder keeps versions, :func:`core.layout.version_dirs`), the replaced result
+    becomes the next version and the earlier ones stay.
+
     Parameters
     ----------
     series_dir : ``<spool>/<StudyUID>/<SeriesUID>``; its name is the Series Instance UID.
@@ -199,7 +212,10 @@ def run_analysis(
         )
         report_not_measured(series_dir, series_uid, reason, config, jobs, enqueue_export, token)
         return JobState.FAILED
-    _replace_dir(tmp, series_results_dir(results_root, series_uid))
+    final = series_results_dir(results_root, series_uid)
+    if version_dirs(final):  # a reader corrected this series: its versions stay (issue 17)
+        _keep_versions(final, tmp)
+    _replace_dir(tmp, final)
     note = _note_from_result(result)
     destinations = config.export.destinations
     if not jobs.finish_analysis(series_uid, note, exporting=bool(destinations), token=token):
@@ -208,6 +224,141 @@ def run_analysis(
         log_event(log, "analysis_superseded", series_instance_uid=series_uid)
         return "stale"
     log_event(log, "analysis_done", series_instance_uid=series_uid, note=note)
+    if not destinations:
+        return JobState.DONE
+    jobs.start_export(series_uid, [d.label for d in destinations])
+    enqueue_export(series_uid, token)
+    return JobState.EXPORTING
+
+
+def _keep_versions(final: Path, tmp: Path) -> Path | None:
+    """Copy the result being replaced (and the versions it kept) into ``tmp``.
+
+    ``final``'s current files go to ``tmp/v<N+1>`` (:func:`core.layout.next_version_dir`),
+    its ``v1`` ... ``vN`` to ``tmp`` as they are. Returns the new version folder (in
+    ``tmp``), or None when there was no result to keep.
+    """
+    if not final.is_dir():
+        return None
+    kept = version_dirs(final)
+    for old in kept:
+        shutil.copytree(old, tmp / old.name)
+    target = tmp / next_version_dir(final).name
+    target.mkdir()
+    names = {p.name for p in kept}
+    for item in final.iterdir():
+        if item.name in names or item.name.startswith("."):
+            continue
+        if item.is_dir():
+            shutil.copytree(item, target / item.name)
+        else:
+            shutil.copy2(item, target / item.name)
+    return target
+
+
+def _prior_sr(final: Path) -> Any:
+    """The reference to the SR a correction supersedes (``final/sr.dcm``), or None."""
+    from worker.outputs.review import PriorDocument
+
+    path = final / SR_FILE
+    if not path.is_file():
+        return None
+    try:
+        return PriorDocument.of(pydicom.dcmread(path, stop_before_pixels=True))
+    except Exception:  # noqa: BLE001 (unreadable: the corrected SR names no predecessor)
+        return None
+
+
+def run_pipeline_at(
+    input_path: Path, out_dir: Path, config: Config, l3_slice_index: int, correction: Any
+) -> Any:
+    """:func:`worker.pipeline.analyze_series` at a chosen L3 slice (imported lazily)."""
+    from worker.pipeline import analyze_series as pipeline_analyze
+
+    return pipeline_analyze(
+        input_path, out_dir, config, l3_slice_index=l3_slice_index, correction=correction
+    )
+
+
+def run_remeasure(
+    series_dir: Path,
+    review_id: int,
+    slice_index: int,
+    config: Config,
+    jobs: JobStore,
+    enqueue_export: Callable[[str, str | None], None],
+    token: str | None = None,
+    pipeline: Callable[..., Any] | None = None,
+) -> str:
+    """Measure a series again at the slice a reader chose as L3, and queue its export.
+
+    The corrected SEG, SR and SC (new SOP Instance UIDs; the SR verified by the reader and
+    referencing the one it supersedes: :mod:`worker.outputs.review`) replace the results
+    folder's files; the replaced ones are kept in ``v<N>/`` (:func:`core.layout.version_dirs`).
+    A failure leaves the earlier results in place and the job ``failed`` with the reason.
+
+    Parameters
+    ----------
+    series_dir : ``<spool>/<StudyUID>/<SeriesUID>``.
+    review_id : the ``reviews`` row that asked for it (user, time; part of the UIDs).
+    slice_index : the chosen L3 slice, 0-based in ascending z.
+    config, jobs, enqueue_export, token : as :func:`run_analysis`.
+    pipeline : replaces :func:`run_pipeline_at` (tests).
+
+    Returns
+    -------
+    The state the job record was left in (as :func:`run_analysis`) or "stale".
+    """
+    from worker.outputs.review import Correction
+
+    series_uid = series_dir.name
+    if not jobs.start_analysis(series_uid, token, worker=f"{socket.gethostname()}/{os.getpid()}"):
+        log_event(log, "remeasure_stale_task_skipped", series_instance_uid=series_uid)
+        return "stale"
+    review = jobs.review(review_id)
+    results_root = config.node.resolved_results_dir()
+    final = series_results_dir(results_root, series_uid)
+    correction = Correction(
+        review_id=review.id,
+        user_name=review.user_name,
+        organisation=config.web.review_organisation,
+        verified_at=review.created_at,
+        prior=_prior_sr(final),
+    )
+    log_event(
+        log,
+        "remeasure_started",
+        series_instance_uid=series_uid,
+        review_id=review_id,
+        slice_index=slice_index,
+    )
+    results_root.mkdir(parents=True, exist_ok=True)
+    tmp = results_root / f".{series_uid}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        with Heartbeat(jobs, series_uid, token, config.broker.heartbeat_seconds):
+            (pipeline or run_pipeline_at)(series_dir, tmp, config, slice_index, correction)
+        _keep_versions(final, tmp)
+    except Exception as exc:  # the earlier results stay; the job says why
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = getattr(exc, "reason", None) or phi_safe_message(exc)
+        jobs.mark_failed(series_uid, f"re-measure at slice {slice_index} failed: {reason}")
+        log_event(
+            log,
+            "remeasure_failed",
+            logging.WARNING,
+            series_instance_uid=series_uid,
+            review_id=review_id,
+            reason=reason,
+        )
+        return JobState.FAILED
+    _replace_dir(tmp, final)
+    note = f"{CORRECTED_NOTE} (review {review_id}, slice {slice_index})"
+    destinations = config.export.destinations
+    if not jobs.finish_analysis(series_uid, note, exporting=bool(destinations), token=token):
+        log_event(log, "analysis_superseded", series_instance_uid=series_uid)
+        return "stale"
+    log_event(log, "remeasure_done", series_instance_uid=series_uid, review_id=review_id)
     if not destinations:
         return JobState.DONE
     jobs.start_export(series_uid, [d.label for d in destinations])
@@ -422,6 +573,24 @@ def analyze_series(self: Task, series_dir: str, token: str | None = None) -> str
     config = current_config()
     jobs = JobStore.from_config(config)
     return run_analysis(Path(series_dir), config, jobs, send_export_task, token=token)
+
+
+@app.task(
+    name="worker.tasks.remeasure_series",
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=True,
+)
+def remeasure_series(
+    self: Task, series_dir: str, review_id: int, slice_index: int, token: str | None = None
+) -> str:
+    """Celery task (queue ``analysis``): :func:`run_remeasure` at a reader's L3 slice."""
+    config = current_config()
+    jobs = JobStore.from_config(config)
+    return run_remeasure(
+        Path(series_dir), review_id, slice_index, config, jobs, send_export_task, token=token
+    )
 
 
 @app.task(

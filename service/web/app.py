@@ -8,6 +8,12 @@ Routes
 ``GET /jobs/<uid>/overview.png`` the results folder's ``overview.png`` (MIP, L3 line, curves)
 ``GET /jobs/<uid>/l3.png``       the Secondary Capture (``sc.dcm``) decoded to PNG
 ``POST /jobs/<uid>/retry``       re-queue as ``l3spot retry`` (CSRF token + same origin)
+``GET /jobs/<uid>/slices/<i>.png`` slice ``i`` (0-based, ascending z) of the spooled CT,
+                                 ``?window=soft|bone|lung``, ``&masks=1`` colours the
+                                 compartments of the SEG on the L3 slice (docs/review.md)
+``POST /jobs/<uid>/review``      the reader accepts the result (``action=accept``) or
+                                 chooses slice ``slice`` as L3 (``action=correct``: a
+                                 re-measure task is queued); CSRF token + same origin
 ``GET /destinations``            each export destination: last success, last failure and
                                  why, series waiting, newest C-ECHO result
 ``POST /destinations/<i>/echo``  C-ECHO destination ``i`` now, QIDO-RS if it is DICOMweb (CSRF
@@ -63,15 +69,26 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from core.config import Config, WebConfig
 from core.echo import check_name
 from core.errors import L3SpotError
-from core.jobs import JobNotFoundError, JobState
+from core.jobs import CORRECTED_NOTE, JobNotFoundError, JobState, ReviewAction
 from core.labels import COMPARTMENT_COLOURS
 from core.labels import COMPARTMENTS as COMPARTMENT_KEYS
-from core.layout import OVERVIEW_FILE, SC_FILE
+from core.layout import OVERVIEW_FILE, SC_FILE, SEG_FILE
 from core.logs import log_event
+from service.audit import AuditLog, audit_log_path
 from service.metrics import registry_for
 from service.requeue import RETRY_ERRORS, RetryError, requeue_series
 from service.spool import is_valid_uid
 from service.web.health import DestinationMonitor, NodeProbe, health, liveness, readiness
+from service.web.review import (
+    WINDOWS,
+    ReviewError,
+    SliceIndex,
+    check_l3_index,
+    current_user,
+    read_hu,
+    render_slice,
+    seg_labels,
+)
 from service.web.trajectory import Trajectory, trajectory
 from service.web.views import (
     COMPARTMENTS,
@@ -316,6 +333,8 @@ def create_app(
     hosts = allowed_hosts(config.web)
     host_log = _HostLog()
     monitor = monitor or DestinationMonitor(config)
+    slice_index = SliceIndex()
+    audit = AuditLog(audit_log_path(config))
 
     app.jinja_env.filters.update(time=_fmt_time, num=_fmt_num, da=_fmt_da)
     app.jinja_env.globals.update(
@@ -338,7 +357,13 @@ def create_app(
         """The C-ECHO button's token, bound to one destination."""
         return _csrf(f"echo:{label}")
 
+    def review_csrf_token(series_uid: str) -> str:
+        """The review form's token, bound to one series."""
+        return _csrf(f"review:{series_uid}")
+
     app.jinja_env.globals["csrf_token"] = csrf_token
+    app.jinja_env.globals["review_csrf_token"] = review_csrf_token
+    app.jinja_env.globals["windows"] = tuple(WINDOWS)
     app.jinja_env.globals["echo_csrf_token"] = echo_csrf_token
 
     def _csrf_ok(expected: str) -> bool:
@@ -410,6 +435,7 @@ def create_app(
             and row.result is not None
             and config.export.destinations
         )
+        reviews = views.store.reviews(row.record.series_uid)
         return render_template(
             "job.html",
             row=row,
@@ -420,6 +446,11 @@ def create_app(
             n_destinations=len(config.export.destinations),
             requeued=request.args.get("requeued", ""),
             error=RETRY_ERRORS.get(request.args.get("error", ""), ""),
+            viewer=_viewer(row),
+            reviews=reviews,
+            corrected_by=_corrected_by(row.record, reviews),
+            reviewed=request.args.get("reviewed", ""),
+            review_error=request.args.get("review_error", "")[:200],
         )
 
     def _trajectory(series_uid: str) -> Trajectory | None:
@@ -429,6 +460,34 @@ def create_app(
             return None
         rows = views.store.patient_measurements(this.patient_key)
         return trajectory(rows, series_uid, config.web.show_patient_identifiers)
+
+    def _corrected_by(rec: Any, reviews: list[Any]) -> Any:
+        """The review whose correction the shown result is, or None (the locator's L3)."""
+        if not (rec.note or "").startswith(CORRECTED_NOTE):
+            return None  # a new analysis clears the note: its L3 is the locator's
+        return next((r for r in reversed(reviews) if r.action == ReviewAction.CORRECT), None)
+
+    def _l3(row: Any) -> tuple[int | None, str | None, float | None]:
+        result = row.result
+        if result is None or result.status != "done" or not result.l3.in_field_of_view:
+            return None, None, None
+        return result.l3.slice_index, result.l3.sop_instance_uid, result.l3.z_mm
+
+    def _viewer(row: Any) -> dict[str, Any] | None:
+        """What the slice viewer shows: the slices around L3, or None (nothing to review)."""
+        l3_index, _sop, _z = _l3(row)
+        if l3_index is None or not row.record.series_dir:
+            return None
+        slices = slice_index.slices(Path(row.record.series_dir))
+        if not slices or l3_index >= len(slices):
+            return None
+        around = config.web.review_slices_around_l3
+        return {
+            "l3": l3_index,
+            "first": max(0, l3_index - around),
+            "last": min(len(slices) - 1, l3_index + around),
+            "z_mm": [round(s.z_mm, 2) for s in slices],
+        }
 
     @app.get("/jobs/<series_uid>/overview.png")
     def overview_png(series_uid: str) -> Response:
@@ -447,6 +506,111 @@ def create_app(
         except (OSError, ValueError, AttributeError):
             abort(404)
         return Response(data, mimetype="image/png")
+
+    @app.get("/jobs/<series_uid>/slices/<int:index>.png")
+    def slice_png(series_uid: str, index: int) -> Response:
+        try:
+            rec = views.store.get(_uid_or_404(series_uid))
+        except JobNotFoundError:
+            abort(404)
+        slices = slice_index.slices(Path(rec.series_dir)) if rec.series_dir else []
+        if not 0 <= index < len(slices):
+            abort(404)
+        window = WINDOWS.get(request.args.get("window", "soft"), WINDOWS["soft"])
+        labels = None
+        if request.args.get("masks") == "1":
+            row = views.job(series_uid)
+            l3_index, _sop, _z = _l3(row)
+            # the SEG holds the masks of the L3 slice only
+            if l3_index == index:
+                labels = seg_labels(views.result_dir(series_uid) / SEG_FILE)
+        try:
+            data = render_slice(read_hu(slices[index].path), window, labels)
+        except (OSError, ValueError, AttributeError):
+            abort(404)
+        return Response(data, mimetype="image/png")
+
+    @app.post("/jobs/<series_uid>/review")
+    def review(series_uid: str) -> Response:
+        uid = _uid_or_404(series_uid)
+        if not _csrf_ok(review_csrf_token(uid)):
+            abort(403)
+        try:
+            row = views.job(uid)
+        except JobNotFoundError:
+            abort(404)
+        try:
+            action = ReviewAction(request.form.get("action", ""))
+        except ValueError:
+            abort(400)
+        l3_index, l3_sop, l3_z = _l3(row)
+        rec = row.record
+
+        def refused(reason: str) -> Response:
+            return redirect(url_for("job", series_uid=uid, review_error=reason), code=303)
+
+        if l3_index is None:
+            return refused("no L3 slice to review")
+        if rec.state in ("received", "queued", "analysing"):
+            return refused("the series is being analysed: review its new result")
+        slices = slice_index.slices(Path(rec.series_dir)) if rec.series_dir else []
+        try:
+            check_l3_index(uid, slices, l3_index, l3_sop)
+        except ReviewError as exc:
+            return refused(exc.reason)
+        chosen = l3_index
+        if action == ReviewAction.CORRECT:
+            chosen = request.form.get("slice", type=int)  # type: ignore[assignment]
+            around = config.web.review_slices_around_l3
+            if chosen is None or not (
+                max(0, l3_index - around) <= chosen <= min(len(slices) - 1, l3_index + around)
+            ):
+                return refused("the chosen slice is not one the viewer shows")
+            if chosen == l3_index:
+                action = ReviewAction.ACCEPT  # the same slice: an acceptance
+        user = current_user(request)
+        version = row.result.algorithm.version if row.result is not None else None
+        review_rec = views.store.add_review(
+            uid,
+            action,
+            user,
+            slice_index=chosen,
+            z_mm=slices[chosen].z_mm,
+            sop_instance_uid=slices[chosen].sop_instance_uid,
+            previous_slice_index=l3_index,
+            previous_z_mm=l3_z,
+            model_version=version,
+        )
+        audit.record(
+            event="review",
+            series_instance_uid=uid,
+            study_instance_uid=rec.study_uid,
+            review_id=review_rec.id,
+            review_action=str(action),
+            user=user,
+            slice_index=chosen,
+            previous_slice_index=l3_index,
+            model_version=version,
+        )
+        log_event(
+            log,
+            "review_recorded",
+            series_instance_uid=uid,
+            review_id=review_rec.id,
+            action=str(action),
+            slice_index=chosen,
+            previous_slice_index=l3_index,
+        )
+        if action == ReviewAction.CORRECT:
+            if state["celery"] is None:
+                from core.queue import configure_app
+
+                state["celery"] = configure_app(config)
+            from core.queue import send_remeasure
+
+            token = views.store.mark_queued(uid)
+            send_remeasure(state["celery"], Path(rec.series_dir), token, review_rec.id, chosen)
+        return redirect(url_for("job", series_uid=uid, reviewed=str(action)), code=303)
 
     @app.post("/jobs/<series_uid>/retry")
     def retry(series_uid: str) -> Response:

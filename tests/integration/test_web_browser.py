@@ -220,3 +220,120 @@ def test_browser_lists_the_received_series_shows_its_pictures_and_retries_it(
         wait.until(ec.presence_of_element_located((By.ID, "job-state")))
         assert browser.find_element(By.ID, "job-state").text == "done"
         assert browser.find_element(By.ID, "attempts").text == "2"
+
+
+def _section_shot(driver, element_id: str, path: Path) -> None:  # noqa: ANN001
+    """A screenshot of one element of the page, whole (the window made as tall as the page)."""
+    from selenium.webdriver.common.by import By
+
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(1400, min(int(height) + 40, 6000))
+    time.sleep(0.3)  # the new size's layout
+    driver.find_element(By.ID, element_id).screenshot(str(path))
+    driver.set_window_size(1400, 1000)
+
+
+def _wait_note(store: JobStore, uid: str, word: str, timeout_s: float) -> JobRecord:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        rec = store.get(uid)
+        if rec.state in (JobState.DONE, JobState.FAILED) and word in (rec.note or ""):
+            return rec
+        time.sleep(0.2)
+    raise AssertionError(f"series {uid}: no {word!r} note in {timeout_s} s ({store.get(uid)})")
+
+
+def test_browser_scrolls_the_slices_corrects_l3_and_accepts_the_remeasured_result(
+    tmp_path: Path,
+    phantom_series,
+    browser,  # noqa: ANN001
+) -> None:
+    """Issue 17, review and correct: a reader scrolls two slices up from l3spot's L3, turns
+    the window to bone and back, chooses that slice as L3; the node's worker measures again
+    there (a verified SR naming the superseded one); the reader accepts the new result."""
+    import pydicom
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from core.layout import RESULT_JSON, SR_FILE, version_dirs
+    from core.result import AnalysisResult
+
+    _require()
+    series_dir, _ = phantom_series
+    shots = Path(os.environ.get("L3SPOT_SCREENSHOTS") or tmp_path / "screenshots")
+    shots.mkdir(parents=True, exist_ok=True)
+    with serve(tmp_path) as (config_path, dicom_port, web_port):
+        sent = subprocess.run(
+            [STORESCU, "-aet", "SCANNER", "-aec", "L3SPOT", "127.0.0.1", str(dicom_port)]
+            + ["+sd", "+sp", "*.dcm", str(series_dir)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "TCP_NODELAY": "1"},
+            timeout=60,
+        )
+        assert sent.returncode == 0, sent.stderr
+        store = JobStore(tmp_path / "var" / "spool")
+        uid = next(iter(store.list())).series_uid
+        rec = wait_record(store, uid, 90)
+        assert rec.state == JobState.DONE, rec.reason
+        results = load_config(config_path).node.resolved_results_dir() / uid
+        first = AnalysisResult.model_validate_json((results / RESULT_JSON).read_text())
+        l3 = first.l3.slice_index
+        assert l3 is not None
+
+        browser.get(f"http://127.0.0.1:{web_port}/jobs/{uid}")
+        wait = WebDriverWait(browser, 15)
+        img_ok = (
+            "const e = document.getElementById('slice-img');"
+            " return e.complete ? [e.naturalWidth, +e.dataset.index] : [0, -1];"
+        )
+        wait.until(lambda d: d.execute_script(img_ok)[0] > 0)
+        assert browser.execute_script(img_ok)[1] == l3
+        _shot(browser, shots, "review_viewer.png", full_height=True)
+        body = browser.find_element(By.TAG_NAME, "body")
+        body.send_keys(Keys.ARROW_UP)
+        body.send_keys(Keys.ARROW_UP)
+        wait.until(lambda d: d.execute_script(img_ok)[1] == l3 + 2)
+        assert "+2 from L3" in browser.find_element(By.ID, "slice-caption").text
+        Select(browser.find_element(By.ID, "slice-window")).select_by_value("bone")
+        assert "window=bone" in browser.find_element(By.ID, "slice-img").get_attribute("src")
+        Select(browser.find_element(By.ID, "slice-window")).select_by_value("soft")
+        wait.until(lambda d: d.execute_script(img_ok)[0] > 0)
+        assert browser.find_element(By.ID, "review-slice").get_attribute("value") == str(l3 + 2)
+        _section_shot(browser, "review", shots / "review_scrolled.png")
+
+        browser.find_element(By.ID, "review-correct").click()
+        wait.until(ec.presence_of_element_located((By.ID, "reviewed")))
+        assert "Correction recorded" in browser.find_element(By.ID, "reviewed").text
+        rec = _wait_note(store, uid, "corrected", 90)
+        assert rec.state == JobState.DONE, rec.reason
+        second = AnalysisResult.model_validate_json((results / RESULT_JSON).read_text())
+        assert second.l3.slice_index == l3 + 2
+        sr = pydicom.dcmread(results / SR_FILE, stop_before_pixels=True)
+        assert sr.VerificationFlag == "VERIFIED"
+        (v1,) = version_dirs(results)
+        old = pydicom.dcmread(v1 / SR_FILE, stop_before_pixels=True)
+        pred = sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
+        assert pred.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == old.SOPInstanceUID
+
+        browser.get(f"http://127.0.0.1:{web_port}/jobs/{uid}")
+        wait.until(lambda d: d.execute_script(img_ok)[0] > 0)
+        assert browser.execute_script(img_ok)[1] == l3 + 2  # the viewer opens at the new L3
+        assert "chosen by token user" in browser.find_element(By.ID, "l3-corrected").text
+        browser.find_element(By.ID, "review-accept").click()
+        wait.until(ec.presence_of_element_located((By.ID, "reviewed")))
+        assert "Result accepted." in browser.find_element(By.ID, "reviewed").text
+        rows = browser.find_elements(By.CSS_SELECTOR, "#reviews tbody tr")
+        assert [r.find_elements(By.TAG_NAME, "td")[2].text for r in rows] == [
+            "correct",
+            "accept",
+        ]
+        _shot(browser, shots, "review_accepted.png", full_height=True)
+        _section_shot(browser, "review", shots / "review_reviews.png")
+    reviews = store.reviews(uid)
+    assert [(r.action, r.slice_index, r.previous_slice_index) for r in reviews] == [
+        ("correct", l3 + 2, l3),
+        ("accept", l3 + 2, l3 + 2),
+    ]

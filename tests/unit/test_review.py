@@ -1,0 +1,366 @@
+"""Review and correct on the web page (issue 17): the slice viewer, accept, choose another
+slice as L3 (a re-measure task), the re-measure itself (corrected, verified SR; the earlier
+result kept) and the records (reviews table, audit log).
+
+The case is the web page's (:func:`tests.unit.test_web.build_case`: one real analysis of a
+small phantom); the re-measure runs the real pipeline at the chosen slice.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from celery import Celery
+from PIL import Image
+
+from core.config import Config
+from core.errors import JobNotFoundError
+from core.jobs import JobState, JobStore, ReviewAction
+from core.layout import RESULT_JSON, SEG_FILE, SR_FILE, version_dirs
+from core.queue import celery_settings
+from core.result import AnalysisResult
+from service.audit import AuditLog, audit_log_path
+from service.web.app import create_app
+from service.web.review import TOKEN_USER, list_slices
+from tests.conftest import require_program
+from tests.unit.test_web import WebCase, _csrf, _queued_messages, build_case, make_config
+
+#: dciodvfy warnings accepted (as tests/unit/test_outputs_sr.py: l3spot's coding scheme)
+ACCEPTED_WARNINGS = ("Unrecognized defined term <99L3SPOT>",)
+
+
+@pytest.fixture(scope="module")
+def analysed(tmp_path_factory: pytest.TempPathFactory, phantom_series) -> WebCase:  # noqa: ANN001
+    return build_case(tmp_path_factory.mktemp("review"), phantom_series[0])
+
+
+@pytest.fixture()
+def case(tmp_path: Path, analysed: WebCase) -> WebCase:
+    """A private copy of the analysed case (the tests record reviews and queue tasks)."""
+    root = tmp_path / "copy"
+    shutil.copytree(analysed.root, root)
+    with sqlite3.connect(root / "var" / "spool" / "jobs.sqlite") as con:
+        con.execute(
+            "UPDATE jobs SET series_dir = replace(series_dir, ?, ?)",
+            (str(analysed.root), str(root)),
+        )
+    config = make_config(root)
+    return WebCase(
+        root,
+        config,
+        analysed.phantom_uid,
+        analysed.phantom_patient,
+        analysed.ineligible_uid,
+        analysed.failed_uid,
+        analysed.result,
+    )
+
+
+def _review_csrf(html: str) -> str:
+    """The review forms' token (the page's second and later forms)."""
+    return _csrf(html[html.index("review-form") :])
+
+
+def _png(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def test_job_page_shows_slices_around_l3_in_the_loader_s_order(case: WebCase) -> None:
+    c = create_app(case.config).test_client()
+    uid, l3 = case.phantom_uid, case.result.l3.slice_index
+    assert l3 is not None
+    html = c.get(f"/jobs/{uid}").get_data(as_text=True)
+    assert 'id="slice-range"' in html and f'value="{l3}"' in html
+    assert 'id="review-accept"' in html and 'id="review-correct"' in html
+    # the page's slice order is the worker's: the result's L3 image is at the L3 index
+    rec = JobStore(case.config.node.spool_dir).get(uid)
+    slices = list_slices(Path(rec.series_dir))
+    assert slices[l3].sop_instance_uid == case.result.l3.sop_instance_uid
+    assert [s.z_mm for s in slices] == sorted(s.z_mm for s in slices)
+
+    soft = c.get(f"/jobs/{uid}/slices/{l3}.png?window=soft")
+    bone = c.get(f"/jobs/{uid}/slices/{l3}.png?window=bone")
+    masked = c.get(f"/jobs/{uid}/slices/{l3}.png?window=soft&masks=1")
+    other = c.get(f"/jobs/{uid}/slices/{l3 + 1}.png?window=soft&masks=1")
+    assert {r.status_code for r in (soft, bone, masked, other)} == {200}
+    assert soft.mimetype == "image/png"
+    s, b, m, o = (_png(r.data) for r in (soft, bone, masked, other))
+    assert s.ndim == 2 and o.ndim == 2  # grey: no masks but on the L3 slice
+    assert not np.array_equal(s, b)  # the window changes the picture
+    assert m.ndim == 3 and m.shape[2] == 3
+    # muscle is coloured red-ish where the SEG says SMA
+    diff = np.abs(m[..., 0].astype(int) - m[..., 1].astype(int))
+    assert int((diff > 40).sum()) > 100
+    assert c.get(f"/jobs/{uid}/slices/{len(slices)}.png").status_code == 404
+    assert c.get(f"/jobs/{case.ineligible_uid}/slices/99.png").status_code == 404
+
+
+def test_accept_records_the_review_and_audit_and_queues_nothing(case: WebCase) -> None:
+    c = create_app(case.config).test_client()
+    uid, l3 = case.phantom_uid, case.result.l3.slice_index
+    token = _review_csrf(c.get(f"/jobs/{uid}").get_data(as_text=True))
+    resp = c.post(f"/jobs/{uid}/review", data={"csrf": token, "action": "accept"})
+    assert resp.status_code == 303 and "reviewed=accept" in resp.headers["Location"]
+    store = JobStore(case.config.node.spool_dir)
+    (review,) = store.reviews(uid)
+    assert review.action == ReviewAction.ACCEPT and review.slice_index == l3
+    assert review.previous_slice_index == l3 and review.user_name == TOKEN_USER
+    assert review.model_version == case.result.algorithm.version
+    assert store.get(uid).state == JobState.DONE
+    assert _queued_messages(case.config) == []
+    (line,) = [r for r in AuditLog(audit_log_path(case.config)).read() if r["event"] == "review"]
+    assert line["review_action"] == "accept" and line["user"] == TOKEN_USER
+    assert line["series_instance_uid"] == uid and line["slice_index"] == l3
+    page = c.get(resp.headers["Location"]).get_data(as_text=True)
+    assert "Result accepted." in page and 'id="reviews"' in page
+
+
+def _own_celery(config: Config) -> Celery:
+    """A Celery app of its own for ``config``: the shared :data:`core.queue.app` keeps the
+    first broker folder it sent to (its producer pool), which other test modules rely on."""
+    app = Celery("l3spot-test", set_as_current=False)
+    app.conf.update(celery_settings(config))
+    return app
+
+
+def test_correct_queues_a_remeasure_at_the_chosen_slice(case: WebCase) -> None:
+    c = create_app(case.config, celery=_own_celery(case.config)).test_client()
+    uid, l3 = case.phantom_uid, case.result.l3.slice_index
+    assert l3 is not None
+    token = _review_csrf(c.get(f"/jobs/{uid}").get_data(as_text=True))
+    resp = c.post(
+        f"/jobs/{uid}/review",
+        data={"csrf": token, "action": "correct", "slice": str(l3 + 2)},
+        headers={"Origin": "http://localhost"},
+    )
+    assert resp.status_code == 303 and "reviewed=correct" in resp.headers["Location"]
+    store = JobStore(case.config.node.spool_dir)
+    (review,) = store.reviews(uid)
+    assert review.action == ReviewAction.CORRECT
+    assert (review.slice_index, review.previous_slice_index) == (l3 + 2, l3)
+    assert review.z_mm is not None and review.z_mm > (review.previous_z_mm or 0) - 1
+    rec = store.get(uid)
+    assert rec.state == JobState.QUEUED
+    (msg,) = _queued_messages(case.config)
+    assert msg["headers"]["task"] == "worker.tasks.remeasure_series"
+    args, kwargs, _ = json.loads(base64.b64decode(msg["body"]))
+    assert args[1:] == [review.id, l3 + 2] and Path(args[0]).name == uid
+    assert kwargs == {"token": rec.token}
+
+
+def test_review_refuses_missing_csrf_other_origins_and_slices_off_the_viewer(
+    case: WebCase,
+) -> None:
+    c = create_app(case.config).test_client()
+    uid, l3 = case.phantom_uid, case.result.l3.slice_index
+    assert l3 is not None
+    html = c.get(f"/jobs/{uid}").get_data(as_text=True)
+    token = _review_csrf(html)
+    retry_token = _csrf(html)  # the retry form's token is not the review form's
+    assert retry_token != token
+    form = {"action": "correct", "slice": str(l3 + 1)}
+    assert c.post(f"/jobs/{uid}/review", data=form).status_code == 403
+    assert c.post(f"/jobs/{uid}/review", data={**form, "csrf": retry_token}).status_code == 403
+    evil = {"Origin": "http://evil.example"}
+    assert (
+        c.post(f"/jobs/{uid}/review", data={**form, "csrf": token}, headers=evil).status_code == 403
+    )
+    far = {"csrf": token, "action": "correct", "slice": str(l3 + 16)}
+    resp = c.post(f"/jobs/{uid}/review", data=far)
+    assert resp.status_code == 303 and "review_error" in resp.headers["Location"]
+    assert c.post(f"/jobs/{uid}/review", data={"csrf": token, "action": "x"}).status_code == 400
+    assert JobStore(case.config.node.spool_dir).reviews(uid) == []
+    assert _queued_messages(case.config) == []
+
+
+def test_the_reviewer_is_the_basic_user_name_or_the_token_user(case: WebCase) -> None:
+    config = make_config(case.root, token="s3cret")
+    c = create_app(config).test_client()
+    uid = case.phantom_uid
+    basic = {"Authorization": "Basic " + base64.b64encode(b"dr.ana:s3cret").decode()}
+    token = _review_csrf(c.get(f"/jobs/{uid}", headers=basic).get_data(as_text=True))
+    c.post(f"/jobs/{uid}/review", data={"csrf": token, "action": "accept"}, headers=basic)
+    bearer = {"Authorization": "Bearer s3cret"}
+    c.post(f"/jobs/{uid}/review", data={"csrf": token, "action": "accept"}, headers=bearer)
+    users = [r.user_name for r in JobStore(config.node.spool_dir).reviews(uid)]
+    assert users == ["dr.ana", TOKEN_USER]
+
+
+def _dciodvfy_problems(path: Path) -> tuple[list[str], list[str]]:
+    exe = require_program("dciodvfy")
+    lines = subprocess.run([exe, str(path)], capture_output=True, text=True).stderr.splitlines()
+    errors = [ln for ln in lines if ln.startswith("Error")]
+    warnings = [ln for ln in lines if ln.startswith("Warning")]
+    return errors, [w for w in warnings if not any(a in w for a in ACCEPTED_WARNINGS)]
+
+
+def test_remeasure_writes_a_verified_corrected_sr_and_keeps_the_earlier_result(
+    case: WebCase,
+) -> None:
+    from worker.tasks import run_remeasure
+
+    uid, l3 = case.phantom_uid, case.result.l3.slice_index
+    assert l3 is not None
+    chosen = l3 + 2
+    store = JobStore(case.config.node.spool_dir)
+    results = case.config.node.resolved_results_dir() / uid
+    old_sr = pydicom.dcmread(results / SR_FILE)
+    old_seg = pydicom.dcmread(results / SEG_FILE, stop_before_pixels=True)
+    review = store.add_review(uid, "correct", "dr.ana", slice_index=chosen, previous_slice_index=l3)
+    token = store.mark_queued(uid)
+    sent: list[tuple[str, str | None]] = []
+    rec = store.get(uid)
+    state = run_remeasure(
+        Path(rec.series_dir),
+        review.id,
+        chosen,
+        case.config,
+        store,
+        lambda u, t: sent.append((u, t)),
+        token=token,
+    )
+    assert state == JobState.EXPORTING and sent == [(uid, token)]
+    assert "corrected" in (store.get(uid).note or "")
+    page = create_app(case.config).test_client().get(f"/jobs/{uid}").get_data(as_text=True)
+    assert 'id="l3-corrected"' in page and "chosen by dr.ana" in page
+    assert f'value="{chosen}"' in page  # the viewer opens at the corrected L3
+    result = AnalysisResult.model_validate_json((results / RESULT_JSON).read_text())
+    assert result.l3.slice_index == chosen and result.composition
+    assert result.composition["sma"].area_cm2 != case.result.composition["sma"].area_cm2
+
+    sr = pydicom.dcmread(results / SR_FILE)
+    assert sr.VerificationFlag == "VERIFIED" and sr.CompletionFlag == "COMPLETE"
+    (obs,) = sr.VerifyingObserverSequence
+    assert obs.VerifyingObserverName.family_name == "dr.ana"
+    assert obs.VerifyingOrganization == case.config.web.review_organisation
+    (study,) = sr.PredecessorDocumentsSequence
+    (series,) = study.ReferencedSeriesSequence
+    (ref,) = series.ReferencedSOPSequence
+    assert ref.ReferencedSOPInstanceUID == old_sr.SOPInstanceUID
+    assert series.SeriesInstanceUID == old_sr.SeriesInstanceUID
+    # a new document in the same series; the SEG too, and the SR references the new SEG
+    assert sr.SOPInstanceUID != old_sr.SOPInstanceUID
+    assert sr.SeriesInstanceUID == old_sr.SeriesInstanceUID
+    seg = pydicom.dcmread(results / SEG_FILE, stop_before_pixels=True)
+    assert seg.SOPInstanceUID != old_seg.SOPInstanceUID
+    evidence = {
+        r.ReferencedSOPInstanceUID
+        for s in sr.CurrentRequestedProcedureEvidenceSequence
+        for se in s.ReferencedSeriesSequence
+        for r in se.ReferencedSOPSequence
+    }
+    assert seg.SOPInstanceUID in evidence and old_seg.SOPInstanceUID not in evidence
+    # the earlier result is kept, unchanged
+    (v1,) = version_dirs(results)
+    assert v1.name == "v1"
+    assert pydicom.dcmread(v1 / SR_FILE).SOPInstanceUID == old_sr.SOPInstanceUID
+    assert (v1 / RESULT_JSON).is_file()
+
+    # dciodvfy: no error, and no warning the earlier (unverified) SR did not have (the
+    # phantom's study lacks Study Time and Study ID: both SRs copy that)
+    errors, warnings = _dciodvfy_problems(results / SR_FILE)
+    _, before = _dciodvfy_problems(v1 / SR_FILE)
+    assert errors == [] and set(warnings) <= set(before), errors + warnings
+
+    # a second correction keeps both earlier versions
+    review2 = store.add_review(uid, "correct", "dr.bo", slice_index=l3, previous_slice_index=chosen)
+    token = store.mark_queued(uid)
+    run_remeasure(
+        Path(rec.series_dir), review2.id, l3, case.config, store, lambda u, t: None, token
+    )
+    assert [p.name for p in version_dirs(results)] == ["v1", "v2"]
+    sr2 = pydicom.dcmread(results / SR_FILE)
+    ref2 = sr2.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert ref2.ReferencedSOPInstanceUID == sr.SOPInstanceUID
+    assert sr2.SOPInstanceUID not in (sr.SOPInstanceUID, old_sr.SOPInstanceUID)
+
+
+def test_a_failed_remeasure_leaves_the_earlier_result_and_says_why(case: WebCase) -> None:
+    from worker.tasks import run_remeasure
+
+    uid = case.phantom_uid
+    store = JobStore(case.config.node.spool_dir)
+    results = case.config.node.resolved_results_dir() / uid
+    before = (results / SR_FILE).read_bytes()
+    review = store.add_review(uid, "correct", "dr.ana", slice_index=10_000)
+    token = store.mark_queued(uid)
+    rec = store.get(uid)
+    state = run_remeasure(
+        Path(rec.series_dir), review.id, 10_000, case.config, store, lambda u, t: None, token
+    )
+    assert state == JobState.FAILED
+    assert "slice 10000" in (store.get(uid).reason or "")
+    assert (results / SR_FILE).read_bytes() == before and version_dirs(results) == []
+
+
+def test_the_pipeline_at_a_forced_slice_measures_that_slice_without_the_locator(
+    case: WebCase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import worker.pipeline as pipeline
+
+    def no_locator(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the locator ran although the slice was given")
+
+    monkeypatch.setattr(pipeline, "locate_l3", no_locator)
+    l3 = case.result.l3.slice_index
+    assert l3 is not None
+    rec = JobStore(case.config.node.spool_dir).get(case.phantom_uid)
+    result = pipeline.analyze_series(
+        Path(rec.series_dir), tmp_path / "out", case.config, l3_slice_index=l3 - 1
+    )
+    assert result.l3.slice_index == l3 - 1 and result.l3.in_field_of_view
+    assert result.l3.confidence == 1.0 and result.composition
+    slices = list_slices(Path(rec.series_dir))
+    assert result.l3.sop_instance_uid == slices[l3 - 1].sop_instance_uid
+    # not a correction: the objects keep the analysis's UIDs, the SR is unverified
+    sr = pydicom.dcmread(tmp_path / "out" / SR_FILE, stop_before_pixels=True)
+    assert sr.VerificationFlag == "UNVERIFIED"
+
+
+def test_a_store_of_the_previous_schema_gets_the_reviews_table(tmp_path: Path) -> None:
+    from core.jobs import SCHEMA_VERSION
+
+    spool = tmp_path / "spool"
+    store = JobStore(spool)
+    store.mark_received("1.2.3", "1.2", spool / "1.2" / "1.2.3")
+    with sqlite3.connect(spool / "jobs.sqlite") as con:  # as the release before issue 17
+        con.execute("DROP TABLE reviews")
+        con.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION - 1,))
+    store = JobStore(spool)
+    review = store.add_review("1.2.3", "accept", "dr.ana", slice_index=4)
+    assert store.review(review.id) == review and store.reviews("1.2.3") == [review]
+    with pytest.raises(JobNotFoundError):
+        store.add_review("4.5.6", "accept", "dr.ana")
+
+
+def test_a_new_analysis_after_a_correction_keeps_every_version(case: WebCase) -> None:
+    from worker.tasks import run_analysis, run_remeasure
+
+    uid, l3 = case.phantom_uid, case.result.l3.slice_index
+    assert l3 is not None
+    store = JobStore(case.config.node.spool_dir)
+    results = case.config.node.resolved_results_dir() / uid
+    series_dir = Path(store.get(uid).series_dir)
+    review = store.add_review(uid, "correct", "dr.ana", slice_index=l3 + 1)
+    token = store.mark_queued(uid)
+    run_remeasure(series_dir, review.id, l3 + 1, case.config, store, lambda u, t: None, token)
+    corrected = pydicom.dcmread(results / SR_FILE).SOPInstanceUID
+
+    def new_result(src: Path, out: Path, config: Config) -> dict:
+        (out / RESULT_JSON).write_text("{}")
+        return {}
+
+    token = store.mark_queued(uid)  # "Analyse again" / l3spot retry --analysis
+    run_analysis(series_dir, case.config, store, lambda u, t: None, token, pipeline=new_result)
+    assert [p.name for p in version_dirs(results)] == ["v1", "v2"]
+    assert pydicom.dcmread(results / "v2" / SR_FILE).SOPInstanceUID == corrected
+    assert not (results / SR_FILE).exists()  # the new analysis's files only, at the top
