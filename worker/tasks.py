@@ -270,13 +270,25 @@ def _prior_sr(final: Path) -> Any:
 
 
 def run_pipeline_at(
-    input_path: Path, out_dir: Path, config: Config, l3_slice_index: int, correction: Any
+    input_path: Path,
+    out_dir: Path,
+    config: Config,
+    l3_slice_index: int,
+    correction: Any,
+    jobs: JobStore | None = None,
 ) -> Any:
-    """:func:`worker.pipeline.analyze_series` at a chosen L3 slice (imported lazily)."""
+    """:func:`worker.pipeline.analyze_series` at a chosen L3 slice (imported lazily); with
+    ``jobs``, the corrected measurement replaces the series' row in the patient's history."""
     from worker.pipeline import analyze_series as pipeline_analyze
 
+    history = PatientHistory.from_config(config, jobs) if jobs is not None else None
     return pipeline_analyze(
-        input_path, out_dir, config, l3_slice_index=l3_slice_index, correction=correction
+        input_path,
+        out_dir,
+        config,
+        l3_slice_index=l3_slice_index,
+        correction=correction,
+        history=history,
     )
 
 
@@ -337,7 +349,9 @@ def run_remeasure(
     tmp.mkdir()
     try:
         with Heartbeat(jobs, series_uid, token, config.broker.heartbeat_seconds):
-            (pipeline or run_pipeline_at)(series_dir, tmp, config, slice_index, correction)
+            (pipeline or functools.partial(run_pipeline_at, jobs=jobs))(
+                series_dir, tmp, config, slice_index, correction
+            )
         _keep_versions(final, tmp)
     except Exception as exc:  # the earlier results stay; the job says why
         shutil.rmtree(tmp, ignore_errors=True)
