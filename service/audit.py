@@ -1,7 +1,9 @@
 """Audit log: one JSON line per association (accepted or rejected), never patient data.
 
 Also one line per series quarantined by the watcher and per deletion by retention
-(:mod:`service.retention`: kind, Study/Series UIDs, bytes, age, reason).
+(:mod:`service.retention`: kind, Study/Series UIDs, bytes, age, reason), per failed login to
+the web page and per change of its users (:mod:`service.web.auth`, ``l3spot users``: user
+name, role, who changed it; never a password).
 
 Each record holds the time, the calling and called AE titles, the peer address and port,
 ``outcome`` (``released``, ``aborted`` or ``rejected``), the rejection reason if any, the
@@ -47,6 +49,11 @@ AUDIT_KEYS = (
     "series_instance_uid",
     "bytes_freed",
     "age_days",
+    # web users (issue 17): failed logins and user management; never a password
+    "user",
+    "role",
+    "actor",
+    "method",
 )
 
 
