@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "retry": "service.commands.node",
     "echo": "service.commands.node",
     "retention": "service.commands.retention",
+    "users": "service.commands.users",
     "destinations": "worker.commands.export",
     "worker": "worker.commands.process",
     "analyze": "worker.commands.analysis",

@@ -422,11 +422,43 @@ class WebConfig(_Section):
     review_slices_around_l3: int = Field(15, ge=1, le=200)
     # review: the Verifying Organization of a corrected, verified SR (PS3.3 C.17.2.1)
     review_organisation: str = Field("l3spot", min_length=1, max_length=64)
+    # who is who on the page (issue 17, docs/web.md "Users and roles"): "token" = only
+    # web.token (no token: open, loopback only); "users" = HTTP Basic with a named user of
+    # `l3spot users add`; "proxy" = the user named by a trusted reverse proxy's header.
+    # web.token, when set, is accepted in every mode (automation, administrator rights)
+    auth: Literal["token", "users", "proxy"] = "token"
+    # proxy mode: the request header holding the signed-in user's name
+    proxy_user_header: str = "X-Remote-User"
+    # proxy mode: a header listing the user's groups or roles (comma separated), mapped to a
+    # role by proxy_roles; None: the role comes from the users table (`l3spot users add`)
+    # or proxy_default_role
+    proxy_role_header: str | None = None
+    # proxy mode: group (value of proxy_role_header) -> role; the highest role wins
+    proxy_roles: dict[str, Literal["reader", "administrator"]] = Field(
+        default_factory=lambda: {"reader": "reader", "administrator": "administrator"}
+    )
+    # proxy mode: the role of a signed-in user no group or users-table entry names; None:
+    # such a user is refused (403)
+    proxy_default_role: Literal["reader", "administrator"] | None = None
+    # proxy mode: addresses (CIDR) of the reverse proxies whose headers are believed; the
+    # user header from any other peer is refused (403). Required in proxy mode
+    trusted_proxies: list[str] = Field(default_factory=list)
 
     @field_validator("allowed_hosts")
     @classmethod
     def _hosts_lower(cls, v: list[str]) -> list[str]:
         return [h.strip().lower() for h in v if h.strip()]
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _cidrs(cls, v: list[str]) -> list[str]:
+        out = []
+        for item in v:
+            try:
+                out.append(str(ipaddress.ip_network(item.strip(), strict=False)))
+            except ValueError as exc:
+                raise ValueError(f"web.trusted_proxies: {item!r} is not an address/CIDR") from exc
+        return out
 
 
 class PrivacyConfig(_Section):

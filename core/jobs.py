@@ -242,6 +242,18 @@ reviews_table = Table(
     Column("created_at", Double, nullable=False),
     Column("model_version", Text),
 )
+#: The page's named users (issue 17, docs/web.md "Users and roles"): name, role (``reader`` or
+#: ``administrator``) and the password's salted hash (never the password; service/users.py).
+#: In the job store so that every host of a site (PostgreSQL) knows the same users.
+users_table = Table(
+    "users",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("role", Text, nullable=False),
+    Column("password_hash", Text, nullable=False),
+    Column("created_at", Double, nullable=False),
+    Column("updated_at", Double, nullable=False),
+)
 #: One row: how many of :data:`_MIGRATIONS` the database has run (absent before this table).
 schema_version_table = Table(
     "schema_version",
@@ -274,6 +286,7 @@ _MIGRATIONS: tuple[tuple[str, str | None], ...] = (
     # a new table: ``metadata.create_all`` makes it; the step moves the version on, so that
     # databases at the previous version run ``create_all`` once
     ("reviews", "id"),
+    ("users", None),
 )
 #: The version of the schema this code writes.
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -585,6 +598,19 @@ _J = jobs_table.c
 _E = exports_table.c
 _D = destinations_table.c
 _M = measurements_table.c
+_U = users_table.c
+
+
+@dataclass(frozen=True)
+class UserRow:
+    """One named user of the web page as stored: ``role`` is ``reader`` or ``administrator``,
+    ``password_hash`` a salted hash (werkzeug's ``scrypt:...`` format); times in Unix s."""
+
+    name: str
+    role: str
+    password_hash: str
+    created_at: float
+    updated_at: float
 
 
 class JobStore:
@@ -1420,6 +1446,60 @@ class JobStore:
         data = {c.name: row[c.name] for c in reviews_table.columns}
         data["action"] = ReviewAction(data["action"])
         return ReviewRecord(**data)
+
+    # ---- the web page's named users (issue 17) ----------------------------------------
+
+    def put_user(self, name: str, role: str, password_hash: str) -> bool:
+        """Add user ``name``, or replace the role and password hash of an existing one.
+
+        Returns
+        -------
+        bool
+            True when the user is new, False when an existing one was changed.
+        """
+        now = time.time()
+
+        def work(con: Connection) -> bool:
+            found = con.execute(self._locking(select(_U.name).where(_U.name == name))).first()
+            if found is None:
+                con.execute(
+                    insert(users_table).values(
+                        name=name,
+                        role=role,
+                        password_hash=password_hash,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+                return True
+            con.execute(
+                update(users_table)
+                .where(_U.name == name)
+                .values(role=role, password_hash=password_hash, updated_at=now)
+            )
+            return False
+
+        return self._transact(work)
+
+    def user(self, name: str) -> UserRow | None:
+        """The stored user ``name``, or None."""
+        with self._connect() as con:
+            row = con.execute(select(users_table).where(_U.name == name)).first()
+        return UserRow(**row._mapping) if row is not None else None
+
+    def users(self) -> list[UserRow]:
+        """Every stored user, by name."""
+        with self._connect() as con:
+            rows = con.execute(select(users_table).order_by(_U.name)).all()
+        return [UserRow(**r._mapping) for r in rows]
+
+    def remove_user(self, name: str) -> bool:
+        """Delete user ``name``; False when there was none."""
+
+        def work(con: Connection) -> bool:
+            return bool(con.execute(users_table.delete().where(_U.name == name)).rowcount)
+
+        return self._transact(work)
 
     # ---- reading ---------------------------------------------------------------------
 

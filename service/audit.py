@@ -3,7 +3,9 @@
 Also one line per reader's review (issue 17: ``event`` ``review``, the review id, action,
 user, chosen and previous slice, model version), one line per series quarantined by the
 watcher and per deletion by retention (:mod:`service.retention`: kind, Study/Series UIDs,
-bytes, age, reason).
+bytes, age, reason), per failed login to the web page and per change of its users
+(:mod:`service.web.auth`, ``l3spot users``: user name, role, who changed it; never a
+password).
 
 Each record holds the time, the calling and called AE titles, the peer address and port,
 ``outcome`` (``released``, ``aborted`` or ``rejected``), the rejection reason if any, the
@@ -56,6 +58,10 @@ AUDIT_KEYS = (
     "slice_index",
     "previous_slice_index",
     "model_version",
+    # web users (issue 17): failed logins and user management; never a password
+    "role",
+    "actor",
+    "method",
 )
 
 

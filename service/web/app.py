@@ -33,10 +33,12 @@ Routes
 
 The three health routes need no token (they hold no patient data).
 
-Access: with ``web.token`` set every other route needs it, as a bearer token
-(``Authorization: Bearer <token>``) or as the password of HTTP Basic authentication (any
-user name; browsers ask for it). :func:`check_web_config` refuses a listen address other than
-loopback without a token.
+Access (:mod:`service.web.auth`, ``web.auth``): with authentication configured every other
+route needs a signed-in user: ``web.token`` as a bearer token (or, in ``token`` mode, as the
+HTTP Basic password), a named user's HTTP Basic name and password (``users``), or a trusted
+reverse proxy's user header (``proxy``). Reading needs any role; retry and C-ECHO need
+``administrator``. :func:`check_web_config` refuses a listen address other than loopback
+without authentication.
 
 Host check (DNS rebinding): every route answers 400 unless the request's ``Host`` names
 an allowed host (:func:`allowed_hosts`: the loopback names, ``web.host`` when it is one
@@ -78,6 +80,15 @@ from service.audit import AuditLog, audit_log_path
 from service.metrics import registry_for
 from service.requeue import RETRY_ERRORS, RetryError, requeue_series
 from service.spool import is_valid_uid
+from service.users import Role
+from service.web.auth import (
+    EXTENSION_KEY,
+    Authenticator,
+    ProxyRefusedError,
+    current_user,
+    refusal,
+    require,
+)
 from service.web.health import DestinationMonitor, NodeProbe, health, liveness, readiness
 from service.web.review import (
     WINDOWS,
@@ -129,12 +140,19 @@ def check_web_config(web: WebConfig) -> None:
     Raises
     ------
     WebConfigError
-        ``web.host`` is not a loopback address and ``web.token`` is empty.
+        ``web.host`` is not a loopback address and no authentication is configured
+        (``web.auth: token`` with an empty ``web.token``), or ``web.auth: proxy`` without
+        ``web.trusted_proxies`` or ``web.proxy_user_header``.
     """
-    if not is_loopback(web.host) and not (web.token or "").strip():
+    if web.auth == "proxy" and not (web.trusted_proxies and web.proxy_user_header.strip()):
+        raise WebConfigError(
+            "web.auth is proxy: set web.trusted_proxies (the reverse proxies' addresses) and"
+            " web.proxy_user_header"
+        )
+    if web.auth == "token" and not is_loopback(web.host) and not (web.token or "").strip():
         raise WebConfigError(
             f"web.host {web.host!r} is not loopback: set web.token (bearer token / Basic"
-            " password) or bind web.host to 127.0.0.1"
+            " password) or web.auth (users, proxy), or bind web.host to 127.0.0.1"
         )
 
 
@@ -216,14 +234,6 @@ class _HostLog:
             remote_address=remote,
             hint="not a name of this page: add it to web.allowed_hosts if it is",
         )
-
-
-def _authorized(token: str) -> bool:
-    auth = request.authorization
-    given = ""
-    if auth is not None:
-        given = (auth.token if auth.type == "bearer" else auth.password) or ""
-    return hmac.compare_digest(given.encode(), token.encode())
 
 
 def _same_origin() -> bool:
@@ -328,13 +338,15 @@ def create_app(
     registry = registry_for(config)
     pngs = _PngCache()
     csrf_key = secrets.token_bytes(32)
-    token = (config.web.token or "").strip()
     state: dict[str, Any] = {"celery": celery}
     hosts = allowed_hosts(config.web)
     host_log = _HostLog()
     monitor = monitor or DestinationMonitor(config)
     slice_index = SliceIndex()
     audit = AuditLog(audit_log_path(config))
+
+    auth = Authenticator(config.web, views.store, AuditLog(audit_log_path(config)))
+    app.extensions[EXTENSION_KEY] = auth
 
     app.jinja_env.filters.update(time=_fmt_time, num=_fmt_num, da=_fmt_da)
     app.jinja_env.globals.update(
@@ -383,17 +395,24 @@ def create_app(
         )
 
     @app.before_request
-    def _require_token() -> Response | None:
-        if not token or request.endpoint in (*HEALTH_ENDPOINTS, "static"):
+    def _require_user() -> Response | None:
+        # every page but health and static files needs a signed-in user (any role) when
+        # authentication is configured; actions add their role (require)
+        if request.endpoint in (*HEALTH_ENDPOINTS, "static"):
             return None
-        if _authorized(token):
-            return None
-        return Response(
-            "authentication required\n",
-            401,
-            {"WWW-Authenticate": 'Basic realm="l3spot", charset="UTF-8"'},
-            mimetype="text/plain",
-        )
+        return refusal(request, Role.READER)
+
+    @app.context_processor
+    def _user() -> dict[str, Any]:
+        try:
+            user = current_user(request) if auth.enabled else None
+        except ProxyRefusedError:
+            user = None
+        return {
+            "user": user,
+            "is_administrator": not auth.enabled
+            or (user is not None and user.allows(Role.ADMINISTRATOR)),
+        }
 
     @app.after_request
     def _headers(resp: Response) -> Response:
@@ -613,6 +632,7 @@ def create_app(
         return redirect(url_for("job", series_uid=uid, reviewed=str(action)), code=303)
 
     @app.post("/jobs/<series_uid>/retry")
+    @require(Role.ADMINISTRATOR)
     def retry(series_uid: str) -> Response:
         uid = _uid_or_404(series_uid)
         if not _csrf_ok(csrf_token(uid)):
@@ -661,6 +681,7 @@ def create_app(
         )
 
     @app.post("/destinations/<int:index>/echo")
+    @require(Role.ADMINISTRATOR)
     def echo_destination(index: int) -> Response:
         if not 0 <= index < len(config.export.destinations):
             abort(404)
