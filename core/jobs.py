@@ -364,7 +364,7 @@ class ReviewRecord:
     z_mm : that slice's z position (mm).
     sop_instance_uid : that slice's SOP Instance UID.
     previous_slice_index, previous_z_mm : the L3 slice of the result reviewed.
-    user_name : who decided (:func:`service.web.review.current_user`).
+    user_name : who decided (:func:`service.web.auth.signed_in_name`).
     created_at : when.
     model_version : the model version of the result reviewed.
     """

@@ -88,6 +88,7 @@ from service.web.auth import (
     current_user,
     refusal,
     require,
+    signed_in_name,
 )
 from service.web.health import DestinationMonitor, NodeProbe, health, liveness, readiness
 from service.web.review import (
@@ -95,7 +96,6 @@ from service.web.review import (
     ReviewError,
     SliceIndex,
     check_l3_index,
-    current_user,
     read_hu,
     render_slice,
     seg_labels,
@@ -550,6 +550,7 @@ def create_app(
         return Response(data, mimetype="image/png")
 
     @app.post("/jobs/<series_uid>/review")
+    @require(Role.READER)
     def review(series_uid: str) -> Response:
         uid = _uid_or_404(series_uid)
         if not _csrf_ok(review_csrf_token(uid)):
@@ -587,7 +588,7 @@ def create_app(
                 return refused("the chosen slice is not one the viewer shows")
             if chosen == l3_index:
                 action = ReviewAction.ACCEPT  # the same slice: an acceptance
-        user = current_user(request)
+        user = signed_in_name(request)
         version = row.result.algorithm.version if row.result is not None else None
         review_rec = views.store.add_review(
             uid,

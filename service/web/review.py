@@ -6,7 +6,8 @@ normal, ties by file path), so a slice index chosen here is the index the worker
 at. The masks come from the results' SEG (one frame per compartment on the L3 image's
 stored pixel grid, segment number = label value of :mod:`core.labels`).
 
-Who decided is :func:`current_user`: the one place to replace when named users arrive.
+Who decided is :func:`service.web.auth.signed_in_name` (named users, a trusted proxy's user,
+the automation token, or ``anonymous`` on an open loopback page).
 """
 
 from __future__ import annotations
@@ -19,14 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from flask import Request
 from PIL import Image
 
 from core.errors import L3SpotError
 from core.labels import COMPARTMENT_COLOURS
-
-#: The user name recorded when the request carries no name (bearer token, or no token).
-TOKEN_USER = "token user"
 
 #: Window presets (width, level) in HU: name -> (W, L). Soft tissue W400/L40 is the usual
 #: abdominal window; bone W1800/L400; lung W1500/L-600 (common radiology defaults).
@@ -49,25 +46,6 @@ class ReviewError(L3SpotError):
         super().__init__(f"{series_uid}: {reason}")
         self.series_uid = series_uid
         self.reason = reason
-
-
-def current_user(request: Request) -> str:
-    """Who is making the request, as recorded in reviews and the audit log.
-
-    Parameters
-    ----------
-    request : the Flask request (after the token check).
-
-    Returns
-    -------
-    str
-        The HTTP Basic user name when one was given, else :data:`TOKEN_USER`. Named users
-        (issue 17) replace this function only.
-    """
-    auth = request.authorization
-    if auth is not None and auth.type == "basic" and (auth.username or "").strip():
-        return str(auth.username).strip()[:64]
-    return TOKEN_USER
 
 
 @dataclass(frozen=True)

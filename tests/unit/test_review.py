@@ -30,7 +30,8 @@ from core.queue import celery_settings
 from core.result import AnalysisResult
 from service.audit import AuditLog, audit_log_path
 from service.web.app import create_app
-from service.web.review import TOKEN_USER, list_slices
+from service.web.auth import ANONYMOUS, AUTOMATION
+from service.web.review import list_slices
 from tests.conftest import require_program
 from tests.unit.test_web import WebCase, _csrf, _queued_messages, build_case, make_config
 
@@ -113,12 +114,12 @@ def test_accept_records_the_review_and_audit_and_queues_nothing(case: WebCase) -
     store = JobStore(case.config.node.spool_dir)
     (review,) = store.reviews(uid)
     assert review.action == ReviewAction.ACCEPT and review.slice_index == l3
-    assert review.previous_slice_index == l3 and review.user_name == TOKEN_USER
+    assert review.previous_slice_index == l3 and review.user_name == ANONYMOUS
     assert review.model_version == case.result.algorithm.version
     assert store.get(uid).state == JobState.DONE
     assert _queued_messages(case.config) == []
     (line,) = [r for r in AuditLog(audit_log_path(case.config)).read() if r["event"] == "review"]
-    assert line["review_action"] == "accept" and line["user"] == TOKEN_USER
+    assert line["review_action"] == "accept" and line["user"] == ANONYMOUS
     assert line["series_instance_uid"] == uid and line["slice_index"] == l3
     page = c.get(resp.headers["Location"]).get_data(as_text=True)
     assert "Result accepted." in page and 'id="reviews"' in page
@@ -182,17 +183,24 @@ def test_review_refuses_missing_csrf_other_origins_and_slices_off_the_viewer(
     assert _queued_messages(case.config) == []
 
 
-def test_the_reviewer_is_the_basic_user_name_or_the_token_user(case: WebCase) -> None:
-    config = make_config(case.root, token="s3cret")
+def test_the_reviewer_is_the_signed_in_user_or_the_automation_token(case: WebCase) -> None:
+    from service.users import Role, add_user
+
+    config = make_config(case.root, token="s3cret", auth="users")
+    add_user(JobStore(config.node.spool_dir), "dr.ana", Role.READER, "a long reader password")
     c = create_app(config).test_client()
     uid = case.phantom_uid
-    basic = {"Authorization": "Basic " + base64.b64encode(b"dr.ana:s3cret").decode()}
+    basic = {
+        "Authorization": "Basic " + base64.b64encode(b"dr.ana:a long reader password").decode()
+    }
     token = _review_csrf(c.get(f"/jobs/{uid}", headers=basic).get_data(as_text=True))
     c.post(f"/jobs/{uid}/review", data={"csrf": token, "action": "accept"}, headers=basic)
     bearer = {"Authorization": "Bearer s3cret"}
     c.post(f"/jobs/{uid}/review", data={"csrf": token, "action": "accept"}, headers=bearer)
     users = [r.user_name for r in JobStore(config.node.spool_dir).reviews(uid)]
-    assert users == ["dr.ana", TOKEN_USER]
+    assert users == ["dr.ana", AUTOMATION]
+    anonymous = c.post(f"/jobs/{uid}/review", data={"csrf": token, "action": "accept"})
+    assert anonymous.status_code == 401  # named users configured: nobody else decides
 
 
 def _dciodvfy_problems(path: Path) -> tuple[list[str], list[str]]:
