@@ -234,6 +234,61 @@ class NodeCollector(Collector):
         yield quarantined
 
 
+#: Buckets (mm along z) of how far readers moved L3 when they corrected it.
+CORRECTION_BUCKETS_MM = (2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+
+
+class ReviewCollector(Collector):
+    """The readers' decisions per model version (issue 17, post-market monitoring), from the
+    job store's ``reviews`` (SQLite or PostgreSQL) at scrape time
+    (:func:`core.review_stats.review_summary`).
+
+    Families: ``l3spot_review_decisions{model_version, decision}`` (reviewed series:
+    accepted, or corrected at least once), ``l3spot_review_acceptance_ratio{model_version}``, and
+    the histogram ``l3spot_review_correction_mm{model_version}`` (every correction).
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield the three families (empty when the store cannot be read)."""
+        from core.jobs import JobStore
+        from core.review_stats import review_summary
+
+        decisions = GaugeMetricFamily(
+            "l3spot_review_decisions",
+            "Reviewed series by model version: accepted, or corrected at least once.",
+            labels=["model_version", "decision"],
+        )
+        ratio = GaugeMetricFamily(
+            "l3spot_review_acceptance_ratio",
+            "Share of reviewed series whose result the reader accepted, by model version.",
+            labels=["model_version"],
+        )
+        distance = HistogramMetricFamily(
+            "l3spot_review_correction_mm",
+            "How far readers moved L3 along z when they corrected it (mm).",
+            labels=["model_version"],
+        )
+        try:
+            summary = review_summary(JobStore.from_config(self.config).reviews())
+        except Exception:  # noqa: BLE001 (a scrape never fails for lack of reviews)
+            summary = {}
+        for version, row in sorted(summary.items()):
+            decisions.add_metric([version, "accepted"], float(row["accepted"]))  # type: ignore[arg-type]
+            decisions.add_metric([version, "corrected"], float(row["corrected"]))  # type: ignore[arg-type]
+            if row.get("acceptance") is not None:
+                ratio.add_metric([version], float(row["acceptance"]))  # type: ignore[arg-type]
+            values = list(row.get("corrections_mm") or [])  # type: ignore[call-overload]
+            buckets = [(str(le), sum(v <= le for v in values)) for le in CORRECTION_BUCKETS_MM]
+            buckets.append(("+Inf", len(values)))
+            distance.add_metric([version], buckets, float(sum(values)))
+        yield decisions
+        yield ratio
+        yield distance
+
+
 def registry_for(config: Config) -> CollectorRegistry:
     """A registry with the process counters of :data:`REGISTRY` and a :class:`NodeCollector`.
 
@@ -243,6 +298,7 @@ def registry_for(config: Config) -> CollectorRegistry:
     reg = CollectorRegistry(auto_describe=False)
     reg.register(_ProcessCounters())
     reg.register(NodeCollector(config))
+    reg.register(ReviewCollector(config))
     return reg
 
 

@@ -22,6 +22,8 @@ Routes
                                  (success, association rejected, connection refused,
                                  timeout, ...) and the round-trip time
 ``GET /measurements.csv``        every result, the columns of ``l3spot analyze --csv``
+``GET /reviews.csv``             every reader's decision: accept/correct, who, when, slices,
+                                 correction distance (mm), model version (issue 17)
                                  (text cells that a spreadsheet would run as a formula
                                  are escaped: :func:`core.result.csv_safe`)
 ``GET /livez``                   liveness, JSON: 200 while the SCP serves, else 503
@@ -700,6 +702,17 @@ def create_app(
             source="web",
         )
         return redirect(url_for("destinations", echoed=index, _anchor=f"dest-{index}"), code=303)
+
+    @app.get("/reviews.csv")
+    def reviews_csv() -> Response:
+        """Every reader's decision (issue 17): the post-market monitoring export."""
+        from core.review_stats import review_csv
+
+        return Response(
+            review_csv(views.store.reviews()),
+            mimetype="text/csv",
+            headers={"Content-Disposition": 'attachment; filename="l3spot-reviews.csv"'},
+        )
 
     @app.get("/measurements.csv")
     def measurements_csv() -> Response:

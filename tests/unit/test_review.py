@@ -372,3 +372,55 @@ def test_a_new_analysis_after_a_correction_keeps_every_version(case: WebCase) ->
     assert [p.name for p in version_dirs(results)] == ["v1", "v2"]
     assert pydicom.dcmread(results / "v2" / SR_FILE).SOPInstanceUID == corrected
     assert not (results / SR_FILE).exists()  # the new analysis's files only, at the top
+
+
+def test_decisions_are_exported_as_csv_and_metrics_per_model_version(case: WebCase) -> None:
+    """Issue 17, post-market monitoring: acceptance rate and correction distances per model
+    version in /reviews.csv and /metrics; a series corrected then accepted counts as
+    corrected once."""
+    from core.jobs import ReviewAction
+    from core.review_stats import review_summary
+
+    store = JobStore(case.config.node.spool_dir)
+    uid = case.phantom_uid
+    store.add_review(
+        uid,
+        ReviewAction.CORRECT,
+        "dr.ana",
+        slice_index=12,
+        z_mm=-140.0,
+        previous_slice_index=10,
+        previous_z_mm=-150.0,
+        model_version="m1",
+    )
+    store.add_review(
+        uid,
+        ReviewAction.ACCEPT,
+        "dr.ana",
+        slice_index=12,
+        z_mm=-140.0,
+        previous_slice_index=12,
+        previous_z_mm=-140.0,
+        model_version="m1",
+    )
+    store.add_review(
+        case.failed_uid,
+        ReviewAction.ACCEPT,
+        "=cmd()",
+        slice_index=3,
+        z_mm=0.0,
+        previous_slice_index=3,
+        previous_z_mm=0.0,
+        model_version="m1",
+    )
+    summary = review_summary(store.reviews())
+    assert summary["m1"]["accepted"] == 1 and summary["m1"]["corrected"] == 1
+    assert summary["m1"]["acceptance"] == 0.5 and summary["m1"]["corrections_mm"] == [10.0]
+    c = create_app(case.config).test_client()
+    rows = c.get("/reviews.csv").get_data(as_text=True).splitlines()
+    assert rows[0].startswith("time_utc,series_instance_uid,action,user")
+    assert len(rows) == 4 and rows[1].endswith(",10.0") and ",'=cmd()," in rows[3]
+    metrics = c.get("/metrics").get_data(as_text=True)
+    assert 'l3spot_review_acceptance_ratio{model_version="m1"} 0.5' in metrics
+    assert 'l3spot_review_decisions{decision="corrected",model_version="m1"} 1.0' in metrics
+    assert 'l3spot_review_correction_mm_bucket{le="10.0",model_version="m1"} 1.0' in metrics
