@@ -321,7 +321,7 @@ def test_browser_scrolls_the_slices_corrects_l3_and_accepts_the_remeasured_resul
         browser.get(f"http://127.0.0.1:{web_port}/jobs/{uid}")
         wait.until(lambda d: d.execute_script(img_ok)[0] > 0)
         assert browser.execute_script(img_ok)[1] == l3 + 2  # the viewer opens at the new L3
-        assert "chosen by token user" in browser.find_element(By.ID, "l3-corrected").text
+        assert "chosen by anonymous" in browser.find_element(By.ID, "l3-corrected").text
         browser.find_element(By.ID, "review-accept").click()
         wait.until(ec.presence_of_element_located((By.ID, "reviewed")))
         assert "Result accepted." in browser.find_element(By.ID, "reviewed").text
