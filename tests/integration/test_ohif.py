@@ -185,8 +185,23 @@ def _open_study(driver: Any, server: OhifServer, study: str) -> None:
         driver,
     )
     # the first-visit guided tour opens once the first image is shown, over the viewport
+    from selenium.common.exceptions import WebDriverException
+
     skip = "//button[normalize-space()='Skip all'] | //*[text()='Skip all']"
-    _until(lambda: driver.find_elements(By.XPATH, skip), 60, "the guided tour", driver)[0].click()
+
+    def skip_tour() -> bool:
+        # the tour's button may be matched while it still animates in ("element not
+        # interactable"): click a displayed one, through JavaScript if the click is refused
+        for element in driver.find_elements(By.XPATH, skip):
+            if element.is_displayed():
+                try:
+                    element.click()
+                except WebDriverException:
+                    driver.execute_script("arguments[0].click();", element)
+                return True
+        return False
+
+    _until(skip_tour, 60, "the guided tour", driver)
     _until(lambda: not driver.find_elements(By.XPATH, skip), 10, "the tour closing", driver)
 
 
