@@ -647,31 +647,40 @@ class JobStore:
         database_url: str | URL | None = None,
     ) -> None:
         self.spool_dir = Path(spool_dir)
-        self.busy_timeout_s = busy_timeout_s
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         url = postgresql_url(database_url)
-        self.path: Path | None
-        if url is None:
-            self.path = self.spool_dir / DB_NAME
-            path = self.path
-            self.engine = _engine(
-                f"sqlite:{path.resolve()}",
-                busy_timeout_s,
-                lambda: _sqlite_engine(path, busy_timeout_s),
-            )
-            self.label = f"sqlite:{path}"
-        else:
-            self.path = None
-            pg_url = url
-            self.engine = _engine(
-                pg_url.render_as_string(hide_password=False),
-                busy_timeout_s,
-                lambda: _postgresql_engine(pg_url, busy_timeout_s),
-            )
-            self.label = pg_url.render_as_string(hide_password=True)
+        self._pg_url = url
+        self.path: Path | None = self.spool_dir / DB_NAME if url is None else None
+        self.label = (
+            f"sqlite:{self.path}" if url is None else url.render_as_string(hide_password=True)
+        )
+        self.busy_timeout_s = busy_timeout_s  # builds (or reuses) the engine
         self.sqlite = url is None
         self._upsert = sqlite.insert if self.sqlite else postgresql.insert
         self._ensure_schema()
+
+    @property
+    def busy_timeout_s(self) -> float:
+        """Seconds a call waits for another connection's lock (SQLite's write lock,
+        PostgreSQL's row locks); setting it switches to an engine with that timeout."""
+        return self._busy_timeout_s
+
+    @busy_timeout_s.setter
+    def busy_timeout_s(self, seconds: float) -> None:
+        self._busy_timeout_s = seconds
+        if self._pg_url is None:
+            path = self.path
+            assert path is not None
+            self.engine = _engine(
+                f"sqlite:{path.resolve()}", seconds, lambda: _sqlite_engine(path, seconds)
+            )
+        else:
+            pg_url = self._pg_url
+            self.engine = _engine(
+                pg_url.render_as_string(hide_password=False),
+                seconds,
+                lambda: _postgresql_engine(pg_url, seconds),
+            )
 
     @classmethod
     def from_config(cls, config: Config) -> JobStore:

@@ -85,6 +85,7 @@ def test_nifti_stored_as_hu_plus_1024_is_refused(shared_data: Path, tmp_path: Pa
         load_nifti(tmp_path / "raw.nii.gz")
 
 
+@pytest.mark.slow  # about 3 s
 def test_padding_outside_the_scan_circle_neither_refuses_nor_changes_the_numbers(
     tmp_path: Path,
 ) -> None:
@@ -150,6 +151,7 @@ def test_real_series_whose_intercept_is_lost_is_refused(shared_data: Path, tmp_p
         load_series(lost)
 
 
+@pytest.mark.slow  # about 5 s per phantom
 @pytest.mark.parametrize("seed", [6000, 7])
 def test_phantom_nifti_plus_1024_is_refused_whatever_its_air(seed: int, tmp_path: Path) -> None:
     ph = generate_phantom(seed, PhantomSpec(fov="abdomen", slice_thickness_mm=5.0))
@@ -174,6 +176,7 @@ def test_real_nifti_with_a_wrong_slope_is_refused(shared_data: Path, tmp_path: P
     assert hu_landmarks(data).below_air_fraction > 10 * MAX_BELOW_AIR_FRACTION  # a 2nd reason
 
 
+@pytest.mark.slow  # about 3 s
 def test_nifti_with_values_that_are_not_numbers_is_refused(tmp_path: Path) -> None:
     ph = generate_phantom(6001, PhantomSpec(fov="abdomen", slice_thickness_mm=5.0))
     data = np.ascontiguousarray(ph.volume.hu.transpose(2, 1, 0)[::-1, ::-1])

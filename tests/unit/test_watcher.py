@@ -271,7 +271,9 @@ def test_touch_never_waits_for_a_locked_job_database(setup, tmp_path: Path) -> N
         assert time.perf_counter() - t0 < 0.5
         assert series in watcher.pending
         clock.t += 10  # stable, but its received record could not be written yet:
+        t1 = time.perf_counter()
         assert watcher.poll() == []  # not completed (received must not land after queued)
+        assert time.perf_counter() - t1 < 5, "the store ignored its busy_timeout_s"
     with pytest.raises(JobNotFoundError):
         watcher.jobs.get(series)
     assert watcher.poll() == [series]  # lock released: received, then queued, in order

@@ -723,6 +723,7 @@ def _dest_oks(body: dict) -> list:
     return [d["ok"] for d in body["destinations"].values()]
 
 
+@pytest.mark.slow  # waits out a 5 s C-ECHO timeout
 def test_readyz_answers_at_once_while_a_pacs_hangs(case: WebCase) -> None:
     """A PACS that accepts TCP and never answers must not hold up readiness probes."""
     with socket.socket() as silent:
