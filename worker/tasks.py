@@ -217,13 +217,32 @@ def run_analysis(
         _keep_versions(final, tmp)
     _replace_dir(tmp, final)
     note = _note_from_result(result)
+    return _finish_and_export(
+        series_uid, note, config, jobs, enqueue_export, token, "analysis_done"
+    )
+
+
+def _finish_and_export(
+    series_uid: str,
+    note: str | None,
+    config: Config,
+    jobs: JobStore,
+    enqueue_export: Callable[[str, str | None], None],
+    token: str | None,
+    event: str,
+    **fields: Any,
+) -> str:
+    """Record a finished analysis (or re-measure) and queue its export; the new state.
+
+    Returns ``"stale"`` when the series was re-queued while this run went on (its
+    heartbeats were late): the newer run owns the record and the export, and our results
+    are the same objects (deterministic UIDs).
+    """
     destinations = config.export.destinations
     if not jobs.finish_analysis(series_uid, note, exporting=bool(destinations), token=token):
-        # re-queued while we ran (e.g. our heartbeats were late): the newer run owns the
-        # record and the export; our results are the same objects (deterministic UIDs)
         log_event(log, "analysis_superseded", series_instance_uid=series_uid)
         return "stale"
-    log_event(log, "analysis_done", series_instance_uid=series_uid, note=note)
+    log_event(log, event, series_instance_uid=series_uid, note=note, **fields)
     if not destinations:
         return JobState.DONE
     jobs.start_export(series_uid, [d.label for d in destinations])
@@ -368,16 +387,16 @@ def run_remeasure(
         return JobState.FAILED
     _replace_dir(tmp, final)
     note = f"{CORRECTED_NOTE} (review {review_id}, slice {slice_index})"
-    destinations = config.export.destinations
-    if not jobs.finish_analysis(series_uid, note, exporting=bool(destinations), token=token):
-        log_event(log, "analysis_superseded", series_instance_uid=series_uid)
-        return "stale"
-    log_event(log, "remeasure_done", series_instance_uid=series_uid, review_id=review_id)
-    if not destinations:
-        return JobState.DONE
-    jobs.start_export(series_uid, [d.label for d in destinations])
-    enqueue_export(series_uid, token)
-    return JobState.EXPORTING
+    return _finish_and_export(
+        series_uid,
+        note,
+        config,
+        jobs,
+        enqueue_export,
+        token,
+        "remeasure_done",
+        review_id=review_id,
+    )
 
 
 def report_not_measured(
