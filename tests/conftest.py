@@ -83,3 +83,25 @@ def postgres_url() -> Iterator[URL]:
         pytest.skip(f"no PostgreSQL server answers at {ADMIN_URL} (.ci/run starts one)")
     with scratch_database() as url:
         yield url
+
+
+@pytest.fixture()
+def fake_stages(monkeypatch: pytest.MonkeyPatch) -> dict[str, bool]:
+    """Locator -> slice ``L3_INDEX`` of :mod:`tests.support.outputs` (or not in the field of
+    view when the returned dict's ``in_fov`` is set False); composition -> fabricated. The
+    pipeline runs without a model."""
+    import worker.pipeline as pipeline
+    from tests.support.outputs import L3_INDEX, fabricated_composition, fabricated_location
+
+    state = {"in_fov": True}
+
+    def locate(volume, config, mips, device="auto"):  # noqa: ANN001, ANN202
+        return fabricated_location(state["in_fov"])
+
+    def measure(volume, idx, config, device="auto"):  # noqa: ANN001, ANN202
+        assert idx == L3_INDEX
+        return fabricated_composition()
+
+    monkeypatch.setattr(pipeline, "locate_l3", locate)
+    monkeypatch.setattr(pipeline, "measure_composition", measure)
+    return state

@@ -12,15 +12,12 @@ from pydicom.fileset import FileSet
 from pydicom.uid import BasicTextSRStorage, ExplicitVRLittleEndian
 from typer.testing import CliRunner
 
-import worker.pipeline as pipeline
 import worker.volume.discover as discover
 from l3spot import app
 from tests.support.outputs import (
     L3_INDEX,
     N_SLICES,
     SERIES_UID,
-    fabricated_composition,
-    fabricated_location,
     write_series,
 )
 from worker.volume.discover import find_series
@@ -29,21 +26,6 @@ UID_B = "1.2.826.0.1.3680043.8.498.20002"
 UID_C = "1.2.826.0.1.3680043.8.498.30002"
 UID_SCOUT = "1.2.826.0.1.3680043.8.498.40002"
 UID_SR = "1.2.826.0.1.3680043.8.498.50002"
-
-
-@pytest.fixture()
-def fake_stages(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Locator -> slice L3_INDEX; composition -> fabricated (no model needed)."""
-
-    def locate(volume, config, mips, device="auto"):  # noqa: ANN001, ANN202
-        return fabricated_location(True)
-
-    def measure(volume, idx, config, device="auto"):  # noqa: ANN001, ANN202
-        assert idx == L3_INDEX
-        return fabricated_composition()
-
-    monkeypatch.setattr(pipeline, "locate_l3", locate)
-    monkeypatch.setattr(pipeline, "measure_composition", measure)
 
 
 def _copy_series(src: list[Path], dst: Path, series_uid: str, prefix: str = "", **attrs) -> None:

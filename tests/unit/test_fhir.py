@@ -19,12 +19,9 @@ from core.config import Config, ConfigError, load_config
 from core.layout import FHIR_OBSERVATION_FILE, RESULT_JSON
 from core.result import AnalysisResult, CompartmentResult, DerivedObjects, L3Result, SourceInfo
 from tests.support.outputs import (
-    L3_INDEX,
     PATIENT,
     SERIES_UID,
     STUDY_UID,
-    fabricated_composition,
-    fabricated_location,
     write_series,
 )
 from worker.outputs.fhir import (
@@ -125,22 +122,6 @@ def test_qa_flags_make_it_preliminary_and_missing_smi_says_why() -> None:
 def test_nothing_measured_gives_no_observation() -> None:
     with pytest.raises(FhirExportError, match="no body composition"):
         build_observation(_result(composition=None))
-
-
-@pytest.fixture()
-def fake_stages(monkeypatch: pytest.MonkeyPatch) -> dict[str, bool]:
-    state = {"in_fov": True}
-
-    def locate(volume, config, mips, device="auto"):  # noqa: ANN001, ANN202
-        return fabricated_location(state["in_fov"])
-
-    def measure(volume, idx, config, device="auto"):  # noqa: ANN001, ANN202
-        assert idx == L3_INDEX
-        return fabricated_composition()
-
-    monkeypatch.setattr(pipeline, "locate_l3", locate)
-    monkeypatch.setattr(pipeline, "measure_composition", measure)
-    return state
 
 
 @pytest.fixture(scope="module")

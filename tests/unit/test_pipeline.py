@@ -40,23 +40,6 @@ from worker.volume.load import CTVolume
 TOTALSEG_L3_SLICES = range(65, 80)  # TotalSegmentator label 29 (vertebrae_L3), README
 
 
-@pytest.fixture()
-def fake_stages(monkeypatch: pytest.MonkeyPatch) -> dict[str, bool]:
-    """Locator -> slice L3_INDEX (or not in FOV); composition -> fabricated."""
-    state = {"in_fov": True}
-
-    def locate(volume, config, mips, device="auto"):  # noqa: ANN001, ANN202
-        return fabricated_location(state["in_fov"])
-
-    def measure(volume, idx, config, device="auto"):  # noqa: ANN001, ANN202
-        assert idx == L3_INDEX
-        return fabricated_composition()
-
-    monkeypatch.setattr(pipeline, "locate_l3", locate)
-    monkeypatch.setattr(pipeline, "measure_composition", measure)
-    return state
-
-
 @pytest.fixture(scope="module")
 def series_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("series") / "ct"
