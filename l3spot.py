@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "echo": "service.commands.node",
     "retention": "service.commands.retention",
     "users": "service.commands.users",
+    "models": "service.commands.models",
     "destinations": "worker.commands.export",
     "worker": "worker.commands.process",
     "analyze": "worker.commands.analysis",

@@ -345,6 +345,11 @@ class LocatorConfig(_Section):
     # locator_fine_cnn4.md); null = first stage only
     refine_weights: Path | None = MODELS_DIR / "locator_fine_cnn4.pt"
     refine_stride_px: int = Field(2, ge=1)  # step between fine window centres (fine MIP rows)
+    # models the site trained from its readers' corrections ('l3spot train --from-reviews',
+    # docs/learning.md): the promoted version replaces weights/refine_weights above; null =
+    # <node.spool_dir>/../models. use_site_models: false = always the configured weights
+    site_models_dir: Path | None = None
+    use_site_models: bool = True
 
     @model_validator(mode="before")
     @classmethod
@@ -596,6 +601,11 @@ class Config(_Section):
                 "a waiting export retry a second time"
             )
         return self
+
+    def resolved_site_models_dir(self) -> Path:
+        """Where the site's locator versions live: ``locator.site_models_dir``, else
+        ``<node.spool_dir>/../models`` (beside the results, shared by the site's workers)."""
+        return self.locator.site_models_dir or self.node.spool_dir.parent / "models"
 
     def export_calling_ae_title(self) -> str:
         """Our AE title towards the destinations: ``export.calling_ae_title``, else

@@ -14,6 +14,9 @@ names them.
 ``sc.dcm``                 RGB Secondary Capture (L3 slice with masks, MIP with the L3 line)
 ``overview.png``           the same picture as the SC, for the web page
 ``observation.fhir.json``  the measurements as a FHIR R4 Observation (when measured)
+``locator_mips.npz``       the frontal MIPs at the locator models' pixel sizes: what the
+                           locator learns from when a reader reviews the result (issue 17,
+                           :mod:`worker.training.reviews`); not sent to the PACS
 ``source/``                NIfTI inputs only: the CT series written from the NIfTI
 ``v1/``, ``v2/``, ...      earlier versions of the files above, kept when a reader's
                            correction replaced them (issue 17; ``v1`` the oldest)
@@ -32,6 +35,9 @@ OVERVIEW_FILE = "overview.png"
 SOURCE_DIR = "source"
 #: The FHIR R4 Observation of the measurements (not a DICOM object: not sent to the PACS).
 FHIR_OBSERVATION_FILE = "observation.fhir.json"
+
+#: The frontal MIPs a reviewed result teaches the locator with (no patient identifiers).
+LOCATOR_MIPS_FILE = "locator_mips.npz"
 
 #: The DICOM objects sent to the PACS, in the order they are sent.
 RESULT_FILES = (SEG_FILE, SR_FILE, SC_FILE)

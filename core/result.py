@@ -126,8 +126,12 @@ class SarcopeniaOut(_Model):
 
 
 class AlgorithmInfo(_Model):
+    """Who made the result: l3spot's version and the locator version
+    (:func:`core.model_registry.active_locator`: ``site-NNNN`` or ``shipped (...)``)."""
+
     name: str = ALGORITHM_NAME
     version: str = __version__
+    locator_model: str | None = None
 
 
 class SourceInfo(_Model):

@@ -58,6 +58,9 @@ AUDIT_KEYS = (
     "slice_index",
     "previous_slice_index",
     "model_version",
+    # locator versions (issue 17): promotions and rollbacks (l3spot models)
+    "model_action",
+    "previous_model_version",
     # web users (issue 17): failed logins and user management; never a password
     "role",
     "actor",

@@ -40,7 +40,9 @@ from core.followup import (
 )
 from core.layout import OVERVIEW_FILE, RESULT_JSON, SC_FILE, SEG_FILE, SOURCE_DIR, SR_FILE
 from core.logs import log_event
+from core.model_registry import ModelRegistryError, active_locator
 from core.result import (
+    AlgorithmInfo,
     AnalysisResult,
     DerivedObjects,
     SourceInfo,
@@ -50,6 +52,7 @@ from core.result import (
 from worker.composition.measure import CompositionResult, measure_composition
 from worker.locator.locate import L3Location, load_stages, locate_l3
 from worker.mip import FrontalMips, FrontalProjection, Mip, frontal_projection
+from worker.outputs.equipment import name_model_version
 from worker.outputs.fhir import export_observation
 from worker.outputs.reference import image_label
 from worker.outputs.render import render_not_measured, render_overview, render_summary
@@ -57,6 +60,7 @@ from worker.outputs.review import Correction, mark_verified, renumber
 from worker.outputs.sc import build_sc
 from worker.outputs.seg import build_seg
 from worker.outputs.sr import build_not_measured_sr, build_sr
+from worker.training.reviews import write_locator_mips
 from worker.volume.convert import (  # noqa: F401 (NIFTI_*: names of the generated context)
     NIFTI_PATIENT_ID_PREFIX,
     NIFTI_PATIENT_NAME,
@@ -262,9 +266,14 @@ def analyze_series(
     log_event(logger, "analysis_started", series_instance_uid=uid, n_slices=source.n_slices)
 
     # the models decide the MIP pixel sizes (their window geometry); a weights problem fails
-    # here, as stage "locator", before any work
+    # here, as stage "locator", before any work. The site's promoted locator version, if any
+    # (core/model_registry.py), replaces the configured weights.
     t_models = time.perf_counter()
-    stages = load_stages(config.locator, device, uid)
+    try:
+        locator_config, locator_version = active_locator(config)
+    except ModelRegistryError as exc:
+        raise AnalysisError(uid, "locator", str(exc)) from exc
+    stages = load_stages(locator_config, device, uid)
     t_models = time.perf_counter() - t_models
     mips = FrontalMips(volume, project)
     with _stage(timing, "mip"):
@@ -274,11 +283,12 @@ def analyze_series(
     with _stage(timing, "locate"):
         if l3_slice_index is None:
             location: L3Location = _guard(
-                uid, "locate", lambda: locate_l3(volume, config.locator, mips, device=device)
+                uid, "locate", lambda: locate_l3(volume, locator_config, mips, device=device)
             )
         else:
             location = forced_location(volume, mip, l3_slice_index)
     timing["locate"] = round(timing["locate"] + t_models, 4)
+    _keep_training_mips(out_dir, [mips.at(px) for px in stages.pixel_sizes], volume, history)
     composition: CompositionResult | None = None
     if location.in_field_of_view:
         if location.slice_index is None:
@@ -297,7 +307,7 @@ def analyze_series(
     qa_flags = list(dict.fromkeys(qa_flags))
 
     current, change = (
-        follow_patient(volume, composition, history, model_versions(config)["locator"])
+        follow_patient(volume, composition, history, locator_version)
         if history is not None and source.kind == "dicom" and composition is not None
         else (None, None)
     )
@@ -314,6 +324,7 @@ def analyze_series(
                 out_dir,
                 change=change,
                 correction=correction,
+                model_version=locator_version,
             ),
         )
     if history is not None and current is not None:
@@ -350,11 +361,12 @@ def analyze_series(
         timing_s=timing,
         source=source,
         derived=derived,
+        algorithm=AlgorithmInfo(locator_model=locator_version),
     )
     fhir_file = export_observation(
         result,
         out_dir,
-        model_versions(config),
+        model_versions(config, locator_version),
         enabled=config.fhir.enabled,
         url=config.fhir.url,
         timeout_s=config.fhir.timeout_seconds,
@@ -484,12 +496,44 @@ def forced_location(volume: CTVolume, mip: Mip, slice_index: int) -> L3Location:
     )
 
 
-def model_versions(config: Config) -> dict[str, str]:
-    """The models behind a result, by role (the FHIR Observation's Device versions):
-    the locator weights' file names and the composition method (with its weights)."""
-    out = {"locator": config.locator.weights.stem}
-    if config.locator.refine_weights is not None:
-        out["locator refinement"] = config.locator.refine_weights.stem
+def _keep_training_mips(
+    out_dir: Path, mips: list[Mip], volume: CTVolume, history: PatientHistory | None
+) -> None:
+    """Keep the MIPs a reader's review can teach the locator with (issue 17,
+    :func:`worker.training.reviews.write_locator_mips`); the patient group is the keyed
+    patient hash when the site follows patients, else the Study Instance UID. A failure is
+    logged and the analysis goes on (the file only matters for training)."""
+    uid = volume.series_instance_uid
+    try:
+        group = None
+        if history is not None and volume.source_files:
+            header = read_source_header(volume.source_files[0])
+            group = patient_key(
+                history.secret,
+                str(header.get("PatientID") or ""),
+                str(header.get("IssuerOfPatientID") or ""),
+            )
+        write_locator_mips(out_dir, mips, group or f"study:{volume.study_instance_uid}")
+    except Exception as exc:  # noqa: BLE001 (training data is an extra; the result stands)
+        log_event(
+            logger,
+            "training_mips_not_kept",
+            logging.WARNING,
+            series_instance_uid=uid,
+            reason=phi_safe_message(exc),
+        )
+
+
+def model_versions(config: Config, locator_version: str | None = None) -> dict[str, str]:
+    """The models behind a result, by role (the FHIR Observation's Device versions): the
+    locator version (:func:`core.model_registry.active_locator`; default: the configured
+    weights' file names) and the composition method (with its weights)."""
+    if locator_version is not None:
+        out = {"locator": locator_version}
+    else:
+        out = {"locator": config.locator.weights.stem}
+        if config.locator.refine_weights is not None:
+            out["locator refinement"] = config.locator.refine_weights.stem
     method = config.composition.method
     out["composition"] = (
         f"{method} ({config.composition.unet_weights.stem})" if method == "unet" else method
@@ -508,6 +552,7 @@ def write_outputs(
     read_source: Callable[[Path], Dataset] = read_source_header,
     change: MeasurementChange | None = None,
     correction: Correction | None = None,
+    model_version: str | None = None,
 ) -> DerivedObjects:
     """Write ``seg.dcm`` (L3 found only), ``sr.dcm``, ``sc.dcm`` and ``overview.png``.
 
@@ -523,6 +568,8 @@ def write_outputs(
         in the SR and the SC when L3 was measured.
     correction : a reader's correction: new SOP Instance UIDs, the SR verified by the
         reader with a reference to the SR it supersedes (:mod:`worker.outputs.review`).
+    model_version : the locator version (:func:`core.model_registry.active_locator`), named
+        in the SEG's and the SR's Software Versions (:func:`name_model_version`).
 
     Returns
     -------
@@ -562,6 +609,7 @@ def write_outputs(
         seg = build_seg(ref, stored.labels, method=stored.method)
         if correction is not None:  # before the SR: it references the SEG's instance
             renumber(seg, correction, volume.series_instance_uid, "seg-instance")
+        name_model_version(seg, model_version)
         _save(seg, seg_path)
         derived.seg_series_instance_uid = str(seg.SeriesInstanceUID)
         derived.seg_sop_instance_uid = str(seg.SOPInstanceUID)
@@ -573,6 +621,7 @@ def write_outputs(
     sr = build_sr(ref, location, stored if in_fov else None, seg, qa_flags, change=change)
     if correction is not None:
         mark_verified(sr, correction, volume.series_instance_uid)
+    name_model_version(sr, model_version)
     _save(sr, out_dir / SR_FILE)
     derived.sr_series_instance_uid = str(sr.SeriesInstanceUID)
     derived.sr_sop_instance_uid = str(sr.SOPInstanceUID)

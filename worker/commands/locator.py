@@ -17,6 +17,8 @@ from typing import Annotated, Any
 
 import typer
 
+from core.commands import ConfigOpt
+
 DEFAULT_CACHE = Path("var/cache/locator_mips")
 
 #: Default window geometry (mm) per training stage: the coarse one is the shipped CNN4's
@@ -73,7 +75,10 @@ def train(
     out: Annotated[Path, typer.Option(help="Weights file to write.")] = Path(
         "models/locator_cnn4.pt"
     ),
-    phantoms: Annotated[int, typer.Option(help="Phantoms generated on the fly (0 = none).")] = 0,
+    phantoms: Annotated[
+        int | None,
+        typer.Option(help="Phantoms generated on the fly (0 = none) [0; --from-reviews 60]."),
+    ] = None,
     phantom_seed: Annotated[int, typer.Option(help="Seed of the first training phantom.")] = 0,
     phantom_dir: Annotated[
         Path | None, typer.Option(help="Folder of cached MIP cases (*.npz) to train from.")
@@ -97,9 +102,11 @@ def train(
         float, typer.Option(help="Share of windows holding L3 within +/- a (the rest: presence).")
     ] = 0.6,
     epochs: Annotated[int, typer.Option(min=1)] = 12,
-    steps_per_epoch: Annotated[int, typer.Option(min=1)] = 200,
-    batch_size: Annotated[int, typer.Option(min=1)] = 64,
-    lr: Annotated[float, typer.Option()] = 1e-3,
+    steps_per_epoch: Annotated[
+        int | None, typer.Option(min=1, help="[200; --from-reviews: steps per stage, 300]")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="[64; --from-reviews 32]")] = None,
+    lr: Annotated[float | None, typer.Option(help="[0.001; --from-reviews 0.0003]")] = None,
     val_fraction: Annotated[float, typer.Option(help="Share of patients for validation.")] = 0.1,
     stage: Annotated[
         str,
@@ -124,9 +131,63 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed of splits, init, sampling, augmentation.")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+    from_reviews: Annotated[
+        bool,
+        typer.Option(
+            "--from-reviews",
+            help="Fine-tune the active locator on the readers' reviewed scans, evaluate it "
+            "against the active version, promote it if better (docs/learning.md).",
+        ),
+    ] = False,
+    holdout_fraction: Annotated[
+        float, typer.Option(help="--from-reviews: share of patients held out for evaluation.")
+    ] = 0.25,
+    bench_phantoms: Annotated[
+        int, typer.Option(min=1, help="--from-reviews: phantoms of the benchmark.")
+    ] = 40,
+    min_train: Annotated[
+        int, typer.Option(min=1, help="--from-reviews: fewest reviewed scans to train on.")
+    ] = 8,
+    min_holdout: Annotated[
+        int, typer.Option(min=1, help="--from-reviews: fewest held-out reviewed scans.")
+    ] = 3,
+    promote: Annotated[
+        bool,
+        typer.Option(help="--from-reviews: promote a candidate that passes the evaluation."),
+    ] = True,
+    config: ConfigOpt = None,
 ) -> None:
-    """Train the L3 locator (phantoms, a folder of MIP cases, and/or a site CSV)."""
+    """Train the L3 locator (phantoms, a folder of MIP cases, and/or a site CSV), or with
+    --from-reviews fine-tune it on the site's reviewed scans."""
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    if from_reviews:
+        from worker.commands.learning import train_from_reviews_command
+
+        train_from_reviews_command(
+            config,
+            steps=steps_per_epoch or 300,
+            batch_size=batch_size or 32,
+            lr=lr or 3e-4,
+            phantoms=60 if phantoms is None else phantoms,
+            phantom_seed=phantom_seed,
+            bench_phantoms=bench_phantoms,
+            holdout_fraction=holdout_fraction,
+            min_train=min_train,
+            min_holdout=min_holdout,
+            seed=seed,
+            device=device,
+            cache_dir=cache_dir,
+            promote=promote,
+            git_commit=_git_commit(),
+        )
+        return
+    phantoms = phantoms or 0
+    steps_per_epoch = steps_per_epoch or 200
+    batch_size = batch_size or 64
+    lr = lr or 1e-3
     from tqdm import tqdm
 
     from worker.locator.weights import resolve_device
@@ -141,8 +202,6 @@ def train(
         train_locator,
     )
 
-    if threads:
-        torch.set_num_threads(threads)
     dev = str(resolve_device(device))
     command = "l3spot " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if stage not in STAGE_GEOMETRY:

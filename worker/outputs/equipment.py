@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime
 
 from highdicom import ContributingEquipment
+from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
 from core import ALGORITHM_NAME, __version__
@@ -70,3 +71,26 @@ def algorithm_equipment(
             "(SMA, IMAT, VAT, SAT)"
         ),
     )
+
+
+def name_model_version(ds: Dataset, model_version: str | None) -> None:
+    """Name the locator version that chose the L3 slice in a SEG's or SR's Software Versions.
+
+    Software Versions (0018,1020, LO, VM 1-n) of the General Equipment module and of
+    l3spot's Contributing Equipment item become ``[<l3spot version>, "locator <version>"]``
+    (``site-0003``, or ``shipped (...)`` for the configured weights; issue 17: the SR names
+    the model version that produced it). Nothing changes when ``model_version`` is None.
+
+    Parameters
+    ----------
+    ds : the SEG or SR (highdicom object), changed in place.
+    model_version : :func:`core.model_registry.active_locator`'s label, at most 55
+        characters kept (LO is 64 characters).
+    """
+    if not model_version:
+        return
+    versions = [str(__version__), f"locator {model_version}"[:64]]
+    ds.SoftwareVersions = versions
+    for item in ds.get("ContributingEquipmentSequence", []):
+        if str(item.get("Manufacturer", "")) == MANUFACTURER:
+            item.SoftwareVersions = versions

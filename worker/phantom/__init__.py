@@ -86,6 +86,9 @@ class PhantomSpec:
     linea_alba_mm : thickness (mm) of the fibrous linea alba closing that gap at the level
         of the muscles' outer surface (soft-tissue HU, drawn with the skin's class, label 0);
         0 = none visible (a 1-2 mm band at 3 mm pixels).
+    site : a simulated site whose patients differ from the default population on purpose
+        (:data:`SITES`), or None. Never drawn at random: the default keeps every seed's
+        phantom unchanged; a site's own draws come from a separate generator of the seed.
     """
 
     fov: str | None = None
@@ -107,6 +110,44 @@ class PhantomSpec:
     with_labels: bool = True
     rectus_gap_mm: float = 0.0
     linea_alba_mm: float = 0.0
+    site: str | None = None
+
+
+#: Simulated sites (``PhantomSpec.site``): phantoms that differ from the training style in a
+#: way a hospital's population can, to test that the locator learns from a site's corrections
+#: (issue 17). ``"short_flank"``: the pelvis sits 35-55 mm higher on the lumbar spine and the
+#: last two rib pairs sweep 2.2-2.8 times further down, so that the lower ribs reach towards
+#: the iliac crests (the short costo-iliac distance of osteoporotic height loss and
+#: hyperkyphosis, "costo-iliac impingement"); L3 is still the third vertebra below the last
+#: rib-bearing one and the vertebrae are unchanged (ANATOMY.md).
+SITES: tuple[str, ...] = ("short_flank",)
+
+
+def apply_site(anat: Anatomy, site: str, seed: int) -> None:
+    """Change a sampled body (before its skeleton is built) into a patient of ``site``.
+
+    Parameters
+    ----------
+    anat : from :func:`worker.phantom.anatomy.sample_body`; changed in place (pelvis
+        landmarks in mm, ``extra["lower_rib_drop_scale"]`` read by the skeleton).
+    site : one of :data:`SITES`.
+    seed : the phantom's seed; the site's draws use their own generator of it, so the
+        phantom's other draws are those of the default population.
+
+    Raises
+    ------
+    ValueError
+        Unknown site.
+    """
+    if site not in SITES:
+        raise ValueError(f"unknown site {site!r}; expected one of {list(SITES)}")
+    rng = np.random.default_rng([seed, 0x517E])
+    lift = float(rng.uniform(35.0, 55.0)) * anat.scale
+    for key in ("iliac_crest_top", "femoral_head_centre", "perineum", "knee"):
+        anat.landmarks[key] += lift
+    anat.extra["lower_rib_drop_scale"] = float(rng.uniform(2.2, 2.8))
+    anat.variants["site"] = site
+    anat.variants["pelvis_lift_mm"] = round(lift, 1)
 
 
 @dataclass
@@ -218,7 +259,12 @@ def _fov_range(anat: Anatomy, fov: str, rng: np.random.Generator) -> tuple[float
 
 
 def sample_anatomy(
-    seed: int, rng: np.random.Generator, *, table: bool | None = None, **fixed: Any
+    seed: int,
+    rng: np.random.Generator,
+    *,
+    table: bool | None = None,
+    site: str | None = None,
+    **fixed: Any,
 ) -> Anatomy:
     """Draw a random patient: :func:`~worker.phantom.anatomy.sample_body`, then its skeleton
     (:mod:`worker.phantom.skeleton`) and soft tissues (:mod:`worker.phantom.soft`).
@@ -228,6 +274,7 @@ def sample_anatomy(
     seed : recorded in the result (the randomness comes from ``rng``).
     rng : numpy Generator; the only source of randomness (deterministic for a seed).
     table : the CT table drawn or not (None: drawn at random).
+    site : a simulated site (:func:`apply_site`), or None for the default population.
     **fixed : ``sex``, ``height_m``, ``weight_kg``, ``arms``, ``n_lumbar``, ``n_rib_pairs``,
         ``contrast``, ``noise_hu``, ``metal``: fixed values, or None to draw them.
 
@@ -243,6 +290,8 @@ def sample_anatomy(
     import cycle).
     """
     anat = sample_body(seed, rng, **fixed)
+    if site is not None:
+        apply_site(anat, site, seed)
     build_skeleton(anat, rng)
     build_soft(anat, rng, table=table, metal="metal_kind" in anat.extra)
     return anat
@@ -267,6 +316,7 @@ def _build(seed: int, spec: PhantomSpec | None):
         noise_hu=spec.noise_hu,
         table=spec.table,
         metal=spec.metal,
+        site=spec.site,
     )
     if spec.rectus_gap_mm < 0 or spec.linea_alba_mm < 0:
         raise ValueError("rectus_gap_mm and linea_alba_mm must be >= 0")

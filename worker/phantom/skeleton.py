@@ -190,6 +190,8 @@ def build_skeleton(anat: Anatomy, rng: np.random.Generator) -> None:
         if n_rib == 13 and from_last == 0:
             phi_end, drop = 0.22 * np.pi, 30.0  # short lumbar-type rib
         drop *= 1.2 * k * float(rng.uniform(0.85, 1.15))
+        if from_last <= 1:  # a simulated site's long lower ribs (worker.phantom.apply_site)
+            drop *= float(anat.extra.get("lower_rib_drop_scale", 1.0))
         r_rib = (5.5 if idx <= 2 else 4.6) * k
         phis = np.linspace(0.16 * np.pi, phi_end, 11)
         pts = []
