@@ -70,7 +70,7 @@ PROCEDURE_CT = CodedConcept("77477000", "SCT", "Computed tomography")
 #: the title that tells an IOCM PACS to hide the referenced objects (IHE IOCM, RAD-66
 #: "Rejection Note Stored").
 REJECTED_FOR_QUALITY_REASONS = CodedConcept("113001", "DCM", "Rejected for Quality Reasons")
-#: DCM 113011 "Document Title Modifier" (TID 2010 row 2, required with title 113001).
+#: DCM 113011 "Document Title Modifier" (TID 2010 row 2; CID 7011 with title 113001).
 DOCUMENT_TITLE_MODIFIER = CodedConcept("113011", "DCM", "Document Title Modifier")
 #: DCM 111219 "Inappropriate image processing" (CID 7011 Rejected for Quality Reasons): the
 #: automated processing measured at a slice a reader judged not to be L3.

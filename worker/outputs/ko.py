@@ -9,9 +9,9 @@ stops returning them to queries and viewers; a PACS without IOCM just stores the
 
 The note, PS3.3 A.35.4 Key Object Selection Document IOD with TID 2010 content:
 
-* title DCM 113001, with the Document Title Modifier (TID 2010 row 2, required with that
-  title) DCM 111219 "Inappropriate image processing" (CID 7011): the automated processing
-  measured a slice that a reader judged not to be L3;
+* title DCM 113001, with the Document Title Modifier (TID 2010 row 2) DCM 111219
+  "Inappropriate image processing" from CID 7011 (the reasons that go with that title):
+  the automated processing measured a slice that a reader judged not to be L3;
 * the observers: the reader who corrected (person, TID 1003) and l3spot (device, TID 1004);
 * a Key Object Description saying which review superseded the objects;
 * one reference per superseded object (IMAGE for the SEG and the SC, COMPOSITE for the SR),
