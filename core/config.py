@@ -296,6 +296,10 @@ class ExportConfig(_Section):
     # an eligible CT series whose analysis fails still gets an SR and an SC in its study that
     # say "not measured" and why, so the reader can tell "failed" from "not run"
     report_not_measured: bool = True
+    # after a reader's correction, also send an IHE IOCM rejection note (Key Object Selection
+    # "Rejected for Quality Reasons") of the SEG, SR and SC it superseded, so that a PACS with
+    # IOCM hides them (docs/review.md "The corrected objects in the PACS")
+    reject_superseded: bool = True
 
 
 class FhirConfig(_Section):

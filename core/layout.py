@@ -12,6 +12,9 @@ names them.
 ``seg.dcm``                DICOM SEG (SMA, IMAT, VAT, SAT on the L3 image)
 ``sr.dcm``                 TID 1500 Comprehensive 3D SR
 ``sc.dcm``                 RGB Secondary Capture (L3 slice with masks, MIP with the L3 line)
+``ko.dcm``                 after a reader's correction: the IHE IOCM rejection note (Key
+                           Object Selection "Rejected for Quality Reasons") of the objects
+                           it superseded (``export.reject_superseded``)
 ``overview.png``           the same picture as the SC, for the web page
 ``observation.fhir.json``  the measurements as a FHIR R4 Observation (when measured)
 ``locator_mips.npz``       the frontal MIPs at the locator models' pixel sizes: what the
@@ -31,6 +34,8 @@ RESULT_JSON = "result.json"
 SEG_FILE = "seg.dcm"
 SR_FILE = "sr.dcm"
 SC_FILE = "sc.dcm"
+#: IHE IOCM rejection note of the objects a correction superseded (worker/outputs/ko.py).
+KO_FILE = "ko.dcm"
 OVERVIEW_FILE = "overview.png"
 SOURCE_DIR = "source"
 #: The FHIR R4 Observation of the measurements (not a DICOM object: not sent to the PACS).
@@ -39,8 +44,11 @@ FHIR_OBSERVATION_FILE = "observation.fhir.json"
 #: The frontal MIPs a reviewed result teaches the locator with (no patient identifiers).
 LOCATOR_MIPS_FILE = "locator_mips.npz"
 
-#: The DICOM objects sent to the PACS, in the order they are sent.
-RESULT_FILES = (SEG_FILE, SR_FILE, SC_FILE)
+#: The objects of one analysis (a rejection note rejects these of the version it supersedes).
+MEASUREMENT_FILES = (SEG_FILE, SR_FILE, SC_FILE)
+#: The DICOM objects sent to the PACS, in the order they are sent: the rejection note last,
+#: after the objects that replace the ones it rejects (IHE IOCM).
+RESULT_FILES = (*MEASUREMENT_FILES, KO_FILE)
 
 
 def series_results_dir(results_root: Path, series_uid: str) -> Path:

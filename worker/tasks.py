@@ -288,6 +288,22 @@ def _prior_sr(final: Path) -> Any:
         return None
 
 
+def _reject_superseded(results_dir: Path, correction: Any, series_uid: str) -> None:
+    """Write the IOCM rejection note of the objects the correction in ``results_dir``
+    superseded (:func:`worker.outputs.ko.write_rejection_note`; sent with the result)."""
+    from worker.outputs.ko import write_rejection_note
+
+    note = write_rejection_note(results_dir, correction, series_uid)
+    if note is not None:
+        log_event(
+            log,
+            "rejection_note_written",
+            series_instance_uid=series_uid,
+            review_id=correction.review_id,
+            sop_instance_uid=str(pydicom.dcmread(note, stop_before_pixels=True).SOPInstanceUID),
+        )
+
+
 def run_pipeline_at(
     input_path: Path,
     out_dir: Path,
@@ -326,6 +342,8 @@ def run_remeasure(
     The corrected SEG, SR and SC (new SOP Instance UIDs; the SR verified by the reader and
     referencing the one it supersedes: :mod:`worker.outputs.review`) replace the results
     folder's files; the replaced ones are kept in ``v<N>/`` (:func:`core.layout.version_dirs`).
+    With ``export.reject_superseded`` (the default) an IHE IOCM rejection note of the replaced
+    SEG, SR and SC (``ko.dcm``, :mod:`worker.outputs.ko`) is written and sent with them.
     A failure leaves the earlier results in place and the job ``failed`` with the reason.
 
     Parameters
@@ -372,6 +390,8 @@ def run_remeasure(
                 series_dir, tmp, config, slice_index, correction
             )
         _keep_versions(final, tmp)
+        if config.export.reject_superseded:
+            _reject_superseded(tmp, correction, series_uid)
     except Exception as exc:  # the earlier results stay; the job says why
         shutil.rmtree(tmp, ignore_errors=True)
         reason = getattr(exc, "reason", None) or phi_safe_message(exc)

@@ -64,6 +64,18 @@ PROCEDURE_REPORTED = CodedConcept("363679005", "SCT", "Imaging procedure")
 #: SCT 77477000 "Computed tomography", the second "Procedure reported" value.
 PROCEDURE_CT = CodedConcept("77477000", "SCT", "Computed tomography")
 
+# --- the IHE IOCM rejection note (Key Object Selection, TID 2010; worker/outputs/ko.py) ---
+
+#: DCM 113001 "Rejected for Quality Reasons" (CID 7010 Key Object Selection Document Title):
+#: the title that tells an IOCM PACS to hide the referenced objects (IHE IOCM, RAD-66
+#: "Rejection Note Stored").
+REJECTED_FOR_QUALITY_REASONS = CodedConcept("113001", "DCM", "Rejected for Quality Reasons")
+#: DCM 113011 "Document Title Modifier" (TID 2010 row 2; CID 7011 with title 113001).
+DOCUMENT_TITLE_MODIFIER = CodedConcept("113011", "DCM", "Document Title Modifier")
+#: DCM 111219 "Inappropriate image processing" (CID 7011 Rejected for Quality Reasons): the
+#: automated processing measured at a slice a reader judged not to be L3.
+INAPPROPRIATE_IMAGE_PROCESSING = CodedConcept("111219", "DCM", "Inappropriate image processing")
+
 #: Algorithm family of the SEG's algorithm identification (CID 7162).
 ALGORITHM_FAMILY = codes.cid7162.ArtificialIntelligence
 

@@ -93,7 +93,7 @@ def renumber(ds: Dataset, correction: Correction, source_series_uid: str, kind: 
     ds.InstanceNumber = int(correction.review_id) + 1
 
 
-def _person_name(user: str) -> PersonName:
+def person_name(user: str) -> PersonName:
     """A user name as the family-name component of a Person Name (PS3.5 6.2: at most 64
     characters per group; no ``\\``, ``=`` or ``^`` inside it). The ``^`` after it marks
     the component (without it, dciodvfy reads a name with a space or a dot as the retired
@@ -124,7 +124,7 @@ def mark_verified(sr: Dataset, correction: Correction, source_series_uid: str) -
     sr.VerificationFlag = "VERIFIED"
     sr.PreliminaryFlag = "FINAL"
     observer = Dataset()
-    observer.VerifyingObserverName = _person_name(correction.user_name)
+    observer.VerifyingObserverName = person_name(correction.user_name)
     observer.VerifyingOrganization = correction.organisation[:64]
     observer.VerificationDateTime = datetime.fromtimestamp(correction.verified_at, UTC).strftime(
         "%Y%m%d%H%M%S+0000"

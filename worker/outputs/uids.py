@@ -1,4 +1,4 @@
-"""Deterministic UIDs for the derived objects (SEG, SR, SC).
+"""Deterministic UIDs for the derived objects (SEG, SR, SC, and the KOS rejection note).
 
 A re-run of the same algorithm version on the same source series must *replace* its results
 in the PACS, never duplicate them, so every derived UID is a pure function of the source
@@ -22,6 +22,8 @@ DerivedKind = Literal[
     "sr-instance",
     "sc-series",
     "sc-instance",
+    "ko-series",
+    "ko-instance",
     "device-observer",
 ]
 
