@@ -86,6 +86,7 @@ from service.users import Role
 from service.web.auth import (
     EXTENSION_KEY,
     Authenticator,
+    LoginThrottledError,
     ProxyRefusedError,
     current_user,
     refusal,
@@ -408,7 +409,7 @@ def create_app(
     def _user() -> dict[str, Any]:
         try:
             user = current_user(request) if auth.enabled else None
-        except ProxyRefusedError:
+        except (ProxyRefusedError, LoginThrottledError):
             user = None
         return {
             "user": user,

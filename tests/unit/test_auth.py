@@ -326,7 +326,9 @@ def test_behind_a_trusted_proxy_the_forwarded_client_address_is_throttled(
     resp = c.get("/", auth=("alice", ALICE_PW), headers=attacker, environ_base=proxy)
     assert resp.status_code == 429
     alice = {"X-Forwarded-For": "10.0.0.7"}
-    assert c.get("/", auth=("alice", ALICE_PW), headers=alice, environ_base=proxy).status_code == 200
+    assert (
+        c.get("/", auth=("alice", ALICE_PW), headers=alice, environ_base=proxy).status_code == 200
+    )
     assert {r["address"] for r in _audit(config) if r["event"].startswith("web_login")} == {
         "10.0.0.66"
     }
@@ -335,13 +337,18 @@ def test_behind_a_trusted_proxy_the_forwarded_client_address_is_throttled(
     for _ in range(2):
         c.get("/", auth=("alice", "nope-nope"), headers=direct, environ_base=ATTACKER)
     direct = {"X-Forwarded-For": "198.51.100.2"}
-    assert c.get("/", auth=("alice", ALICE_PW), headers=direct, environ_base=ATTACKER).status_code == 429
+    assert (
+        c.get("/", auth=("alice", ALICE_PW), headers=direct, environ_base=ATTACKER).status_code
+        == 429
+    )
 
 
 def test_the_throttle_remembers_a_bounded_number_of_addresses() -> None:
     from service.web.auth import LoginThrottle
 
-    throttle = LoginThrottle(max_failures=2, max_failures_per_address=5, window_s=60, max_tracked=16)
+    throttle = LoginThrottle(
+        max_failures=2, max_failures_per_address=5, window_s=60, max_tracked=16
+    )
     throttle.clock = lambda: 0.0
     for i in range(1000):
         throttle.failed(f"10.1.{i // 250}.{i % 250}", "alice")
