@@ -419,7 +419,7 @@ def test_decisions_are_exported_as_csv_and_metrics_per_model_version(case: WebCa
     c = create_app(case.config).test_client()
     rows = c.get("/reviews.csv").get_data(as_text=True).splitlines()
     assert rows[0].startswith("time_utc,series_instance_uid,action,user")
-    assert len(rows) == 4 and rows[1].endswith(",10.0") and ",'=cmd()," in rows[3]
+    assert len(rows) == 4 and rows[1].endswith(",10.0,yes") and ",'=cmd()," in rows[3]
     metrics = c.get("/metrics").get_data(as_text=True)
     assert 'l3spot_review_acceptance_ratio{model_version="m1"} 0.5' in metrics
     assert 'l3spot_review_decisions{decision="corrected",model_version="m1"} 1.0' in metrics
