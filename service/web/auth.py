@@ -437,7 +437,7 @@ class Authenticator:
                 address=address,
                 reason=reason,
                 method=self.mode,
-                failures=failures,
+                **({} if failures is None else {"failures": failures}),
             )
 
 
