@@ -452,6 +452,18 @@ class WebConfig(_Section):
     # proxy mode: addresses (CIDR) of the reverse proxies whose headers are believed; the
     # user header from any other peer is refused (403). Required in proxy mode
     trusted_proxies: list[str] = Field(default_factory=list)
+    # failed sign-ins (docs/web.md "Failed sign-ins"): after login_max_failures wrong
+    # passwords for one user name from one address within login_window_seconds, that
+    # address's further attempts for that name get 429 (Retry-After) without a password check
+    # until the window has passed; login_max_failures_per_address wrong passwords from one
+    # address, whatever the names, throttle the address. Never an account lock-out: the right
+    # password from another address is always checked
+    login_max_failures: int = Field(5, ge=1, le=1000)
+    login_max_failures_per_address: int = Field(20, ge=1, le=10000)
+    login_window_seconds: float = Field(300.0, gt=0, le=86400)
+    # most (address, user name) pairs and addresses remembered (least recently failed first
+    # out): bounds the memory an attacker with many addresses can make the node use
+    login_tracked_max: int = Field(10000, ge=16, le=1_000_000)
 
     @field_validator("allowed_hosts")
     @classmethod

@@ -224,9 +224,11 @@ measurements_table = Table(
     Column("model_version", Text, nullable=False, server_default=text("''")),
     Column("measured_at", Double, nullable=False),
 )
-#: One row per reader's decision on a result (issue 17, "Review and correct"): ``accept``
-#: or ``correct`` (another slice chosen as L3, re-measured by the worker). Slice indices are
-#: 0-based in the series sorted by ascending z (``CTVolume.z_mm``), positions in mm.
+#: One row per reader's decision on a result (issue 17, "Review and correct"): ``accept``,
+#: ``correct`` (another slice chosen as L3, re-measured by the worker) or ``reject`` (no slice
+#: is L3; ``slice_index`` NULL). ``previous_*`` NULL: the result reviewed had no L3 ("not in
+#: the field of view"). Slice indices are 0-based in the series sorted by ascending z
+#: (``CTVolume.z_mm``), positions in mm.
 reviews_table = Table(
     "reviews",
     metadata,
@@ -341,13 +343,18 @@ class DestinationRecord:
 #: The start of the job record's note while its result is a reader's correction (the worker
 #: writes it, the web page reads it; a new analysis clears the note).
 CORRECTED_NOTE = "L3 corrected by a reader"
+#: The start of the job record's note after a reader rejected the located L3 (the store
+#: writes it with the review, :meth:`JobStore.add_review`; an acceptance or a new result
+#: replaces it).
+REJECTED_NOTE = "L3 rejected by a reader"
 
 
 class ReviewAction(StrEnum):
     """What a reader decided about a result."""
 
-    ACCEPT = "accept"  # the L3 slice and the numbers are right
+    ACCEPT = "accept"  # the L3 slice and the numbers are right (or: rightly not found)
     CORRECT = "correct"  # another slice is L3: re-measure there
+    REJECT = "reject"  # no slice of this series is L3: the located L3 is wrong
 
 
 @dataclass(frozen=True)
@@ -360,10 +367,11 @@ class ReviewRecord:
     series_uid : the reviewed CT series.
     action : :class:`ReviewAction`.
     slice_index : the slice the reader chose as L3 (accept: the shown one), 0-based in
-        ascending z; None when the result had no L3 slice.
+        ascending z; None for a reject, or an accept of a result without L3.
     z_mm : that slice's z position (mm).
     sop_instance_uid : that slice's SOP Instance UID.
-    previous_slice_index, previous_z_mm : the L3 slice of the result reviewed.
+    previous_slice_index, previous_z_mm : the L3 slice of the result reviewed; None when
+        the locator found L3 not in the field of view.
     user_name : who decided (:func:`service.web.auth.signed_in_name`).
     created_at : when.
     model_version : the model version of the result reviewed.
@@ -1384,7 +1392,9 @@ class JobStore:
         Parameters
         ----------
         series_uid : the reviewed series (its job record must exist).
-        action : ``accept`` or ``correct``.
+        action : ``accept``, ``correct`` or ``reject``. A reject sets the job's note to
+            :data:`REJECTED_NOTE` (with the review id), in the same transaction; an accept
+            clears such a note.
         user : who decided.
         slice_index, z_mm, sop_instance_uid : the slice chosen as L3 (index in ascending z,
             position in mm, SOP Instance UID).
@@ -1422,7 +1432,14 @@ class JobStore:
             exists = con.execute(select(_J.series_uid).where(_J.series_uid == series_uid)).first()
             if exists is None:
                 raise JobNotFoundError(series_uid)
-            return int(con.execute(insert(reviews_table).values(values)).inserted_primary_key[0])
+            rid = int(con.execute(insert(reviews_table).values(values)).inserted_primary_key[0])
+            job = update(jobs_table).where(_J.series_uid == series_uid)
+            if act == ReviewAction.REJECT:
+                note = f"{REJECTED_NOTE} (review {rid}): L3 is not in this series"
+                con.execute(job.values(note=note))
+            elif act == ReviewAction.ACCEPT:
+                con.execute(job.where(_J.note.startswith(REJECTED_NOTE)).values(note=None))
+            return rid
 
         rid = self._transact(work)
         return ReviewRecord(id=rid, **{**values, "action": act})  # type: ignore[arg-type]

@@ -3,9 +3,9 @@
 Also one line per reader's review (issue 17: ``event`` ``review``, the review id, action,
 user, chosen and previous slice, model version), one line per series quarantined by the
 watcher and per deletion by retention (:mod:`service.retention`: kind, Study/Series UIDs,
-bytes, age, reason), per failed login to the web page and per change of its users
-(:mod:`service.web.auth`, ``l3spot users``: user name, role, who changed it; never a
-password).
+bytes, age, reason), per failed login to the web page, per throttle of an address after
+too many (``web_login_throttled``) and per change of its users (:mod:`service.web.auth`,
+``l3spot users``: user name, role, who changed it, client address; never a password).
 
 Each record holds the time, the calling and called AE titles, the peer address and port,
 ``outcome`` (``released``, ``aborted`` or ``rejected``), the rejection reason if any, the
@@ -65,6 +65,10 @@ AUDIT_KEYS = (
     "role",
     "actor",
     "method",
+    # failed sign-ins (issue 17): failures from that address in the window, and how long a
+    # throttled address waits
+    "failures",
+    "retry_after_s",
 )
 
 

@@ -244,26 +244,34 @@ class ReviewCollector(Collector):
     (:func:`core.review_stats.review_summary`).
 
     Families: ``l3spot_review_decisions{model_version, decision}`` (reviewed series:
-    accepted, or corrected at least once), ``l3spot_review_acceptance_ratio{model_version}``, and
-    the histogram ``l3spot_review_correction_mm{model_version}`` (every correction).
+    accepted, corrected or rejected; a correction or reject stays),
+    ``l3spot_review_acceptance_ratio{model_version}``,
+    ``l3spot_review_corrections_from_not_in_fov{model_version}`` (corrected series whose
+    result said L3 was not in the field of view), and the histogram
+    ``l3spot_review_correction_mm{model_version}`` (every correction with two positions).
     """
 
     def __init__(self, config: Config) -> None:
         self.config = config
 
     def collect(self) -> Iterator[Metric]:
-        """Yield the three families (empty when the store cannot be read)."""
+        """Yield the four families (empty when the store cannot be read)."""
         from core.jobs import JobStore
-        from core.review_stats import review_summary
+        from core.review_stats import DECISIONS, review_summary
 
         decisions = GaugeMetricFamily(
             "l3spot_review_decisions",
-            "Reviewed series by model version: accepted, or corrected at least once.",
+            "Reviewed series by model version: accepted, corrected or rejected.",
             labels=["model_version", "decision"],
         )
         ratio = GaugeMetricFamily(
             "l3spot_review_acceptance_ratio",
             "Share of reviewed series whose result the reader accepted, by model version.",
+            labels=["model_version"],
+        )
+        misses = GaugeMetricFamily(
+            "l3spot_review_corrections_from_not_in_fov",
+            "Corrected series whose result said L3 was not in the field of view, by model version.",
             labels=["model_version"],
         )
         distance = HistogramMetricFamily(
@@ -276,8 +284,9 @@ class ReviewCollector(Collector):
         except Exception:  # noqa: BLE001 (a scrape never fails for lack of reviews)
             summary = {}
         for version, row in sorted(summary.items()):
-            decisions.add_metric([version, "accepted"], float(row["accepted"]))  # type: ignore[arg-type]
-            decisions.add_metric([version, "corrected"], float(row["corrected"]))  # type: ignore[arg-type]
+            for decision in DECISIONS.values():
+                decisions.add_metric([version, decision], float(row[decision]))  # type: ignore[arg-type]
+            misses.add_metric([version], float(row["corrected_from_not_in_fov"]))  # type: ignore[arg-type]
             if row.get("acceptance") is not None:
                 ratio.add_metric([version], float(row["acceptance"]))  # type: ignore[arg-type]
             values = list(row.get("corrections_mm") or [])  # type: ignore[call-overload]
@@ -286,6 +295,7 @@ class ReviewCollector(Collector):
             distance.add_metric([version], buckets, float(sum(values)))
         yield decisions
         yield ratio
+        yield misses
         yield distance
 
 

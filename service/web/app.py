@@ -11,9 +11,12 @@ Routes
 ``GET /jobs/<uid>/slices/<i>.png`` slice ``i`` (0-based, ascending z) of the spooled CT,
                                  ``?window=soft|bone|lung``, ``&masks=1`` colours the
                                  compartments of the SEG on the L3 slice (docs/review.md)
-``POST /jobs/<uid>/review``      the reader accepts the result (``action=accept``) or
+``POST /jobs/<uid>/review``      the reader accepts the result (``action=accept``),
                                  chooses slice ``slice`` as L3 (``action=correct``: a
-                                 re-measure task is queued); CSRF token + same origin
+                                 re-measure task is queued; also for a result "L3 not in
+                                 the field of view") or says no slice is L3
+                                 (``action=reject``: recorded, nothing re-measured or
+                                 sent); CSRF token + same origin
 ``GET /destinations``            each export destination: last success, last failure and
                                  why, series waiting, newest C-ECHO result
 ``POST /destinations/<i>/echo``  C-ECHO destination ``i`` now, QIDO-RS if it is DICOMweb (CSRF
@@ -22,7 +25,7 @@ Routes
                                  (success, association rejected, connection refused,
                                  timeout, ...) and the round-trip time
 ``GET /measurements.csv``        every result, the columns of ``l3spot analyze --csv``
-``GET /reviews.csv``             every reader's decision: accept/correct, who, when, slices,
+``GET /reviews.csv``             every reader's decision: accept/correct/reject, who, when, slices,
                                  correction distance (mm), model version (issue 17)
                                  (text cells that a spreadsheet would run as a formula
                                  are escaped: :func:`core.result.csv_safe`)
@@ -86,6 +89,7 @@ from service.users import Role
 from service.web.auth import (
     EXTENSION_KEY,
     Authenticator,
+    LoginThrottledError,
     ProxyRefusedError,
     current_user,
     refusal,
@@ -408,7 +412,7 @@ def create_app(
     def _user() -> dict[str, Any]:
         try:
             user = current_user(request) if auth.enabled else None
-        except ProxyRefusedError:
+        except (ProxyRefusedError, LoginThrottledError):
             user = None
         return {
             "user": user,
@@ -494,21 +498,40 @@ def create_app(
             return None, None, None
         return result.l3.slice_index, result.l3.sop_instance_uid, result.l3.z_mm
 
+    def _missed(row: Any) -> bool:
+        """The result is done and says L3 is not in the field of view (a reader may still
+        find it)."""
+        result = row.result
+        return bool(
+            result is not None and result.status == "done" and not result.l3.in_field_of_view
+        )
+
     def _viewer(row: Any) -> dict[str, Any] | None:
-        """What the slice viewer shows: the slices around L3, or None (nothing to review)."""
+        """What the slice viewer shows, or None (nothing to review): the slices around L3;
+        for a result without L3 the whole series, centred on its middle slice."""
         l3_index, _sop, _z = _l3(row)
-        if l3_index is None or not row.record.series_dir:
+        missed = _missed(row)
+        if (l3_index is None and not missed) or not row.record.series_dir:
             return None
         slices = slice_index.slices(Path(row.record.series_dir))
-        if not slices or l3_index >= len(slices):
+        if not slices or (l3_index is not None and l3_index >= len(slices)):
             return None
-        around = config.web.review_slices_around_l3
+        first, last = choosable(l3_index, len(slices))
         return {
             "l3": l3_index,
-            "first": max(0, l3_index - around),
-            "last": min(len(slices) - 1, l3_index + around),
+            "start": len(slices) // 2 if l3_index is None else l3_index,
+            "first": first,
+            "last": last,
             "z_mm": [round(s.z_mm, 2) for s in slices],
         }
+
+    def choosable(l3_index: int | None, n_slices: int) -> tuple[int, int]:
+        """First and last slice a reader may choose as L3: ``web.review_slices_around_l3``
+        on each side of L3, or every slice when the result has none."""
+        if l3_index is None:
+            return 0, n_slices - 1
+        around = config.web.review_slices_around_l3
+        return max(0, l3_index - around), min(n_slices - 1, l3_index + around)
 
     @app.get("/jobs/<series_uid>/overview.png")
     def overview_png(series_uid: str) -> Response:
@@ -571,34 +594,39 @@ def create_app(
         def refused(reason: str) -> Response:
             return redirect(url_for("job", series_uid=uid, review_error=reason), code=303)
 
-        if l3_index is None:
-            return refused("no L3 slice to review")
+        if l3_index is None and not _missed(row):
+            return refused("no result to review")
         if rec.state in ("received", "queued", "analysing"):
             return refused("the series is being analysed: review its new result")
         slices = slice_index.slices(Path(rec.series_dir)) if rec.series_dir else []
+        if not slices:
+            return refused("the received images are no longer in the spool")
         try:
             check_l3_index(uid, slices, l3_index, l3_sop)
         except ReviewError as exc:
             return refused(exc.reason)
-        chosen = l3_index
-        if action == ReviewAction.CORRECT:
-            chosen = request.form.get("slice", type=int)  # type: ignore[assignment]
-            around = config.web.review_slices_around_l3
-            if chosen is None or not (
-                max(0, l3_index - around) <= chosen <= min(len(slices) - 1, l3_index + around)
-            ):
+        chosen: int | None = l3_index  # accept: the result's L3 (None: "not in the FOV")
+        if action == ReviewAction.REJECT:
+            if l3_index is None:
+                return refused("l3spot located no L3 to reject")
+            chosen = None
+        elif action == ReviewAction.CORRECT:
+            chosen = request.form.get("slice", type=int)
+            first, last = choosable(l3_index, len(slices))
+            if chosen is None or not first <= chosen <= last:
                 return refused("the chosen slice is not one the viewer shows")
             if chosen == l3_index:
                 action = ReviewAction.ACCEPT  # the same slice: an acceptance
         user = signed_in_name(request)
         version = row.result.algorithm.version if row.result is not None else None
+        picked = None if chosen is None else slices[chosen]
         review_rec = views.store.add_review(
             uid,
             action,
             user,
             slice_index=chosen,
-            z_mm=slices[chosen].z_mm,
-            sop_instance_uid=slices[chosen].sop_instance_uid,
+            z_mm=None if picked is None else picked.z_mm,
+            sop_instance_uid=None if picked is None else picked.sop_instance_uid,
             previous_slice_index=l3_index,
             previous_z_mm=l3_z,
             model_version=version,
@@ -623,7 +651,7 @@ def create_app(
             slice_index=chosen,
             previous_slice_index=l3_index,
         )
-        if action == ReviewAction.CORRECT:
+        if action == ReviewAction.CORRECT and chosen is not None:
             if state["celery"] is None:
                 from core.queue import configure_app
 

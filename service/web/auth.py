@@ -19,6 +19,15 @@ identity, with the rights of an administrator (monitoring, scripts).
 :func:`current_user` is the one answer to "who is this" for every route; :func:`require`
 guards a route with a role. Failed logins and refused proxy headers are audited
 (:mod:`service.audit`), never with the password.
+
+Failed sign-ins (``users`` and ``token`` modes) are throttled by :class:`LoginThrottle`:
+``web.login_max_failures`` wrong passwords for one user name from one client address within
+``web.login_window_seconds`` (or ``web.login_max_failures_per_address`` for any names) and
+that address's next attempts are answered 429 with ``Retry-After``, before any password
+check, until the window has passed. Nothing is locked: the right password from another
+address is always checked (an attacker cannot lock the readers out). The client address is
+the peer's, or behind a ``web.trusted_proxies`` reverse proxy the nearest untrusted
+``X-Forwarded-For`` hop (:meth:`Authenticator.client_address`).
 """
 
 from __future__ import annotations
@@ -28,11 +37,13 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import math
 import secrets
 import threading
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from flask import Request, Response, current_app, render_template, request
@@ -85,6 +96,149 @@ class ProxyRefusedError(L3SpotError, PermissionError):
     """A user header from a peer that is not a trusted proxy, or a user without a role."""
 
 
+class LoginThrottledError(L3SpotError, PermissionError):
+    """Too many failed sign-ins from one address (for one user name): answered 429.
+
+    Attributes
+    ----------
+    address : the client address (:meth:`Authenticator.client_address`).
+    user : the user name tried ("" for a bearer token).
+    retry_after_s : seconds until that address's attempts are checked again.
+    """
+
+    def __init__(self, address: str, user: str, retry_after_s: float) -> None:
+        super().__init__(f"sign-in from {address} throttled for {retry_after_s:.0f} s")
+        self.address = address
+        self.user = user
+        self.retry_after_s = retry_after_s
+
+
+@dataclass
+class _Failures:
+    """The recent failure times (clock seconds) of one key, newest last."""
+
+    times: deque[float]
+    #: the clock time until which this key's current throttle has been reported (audit)
+    reported_until: float = field(default=-math.inf)
+
+
+class LoginThrottle:
+    """Failed sign-ins per (client address, user name) and per client address, in a sliding
+    window; bounded memory (the least recently failed keys are forgotten first).
+
+    A key is throttled while it has ``limit`` failures younger than ``window_s`` seconds:
+    at most ``limit`` wrong passwords per window. Throttled attempts are not checked, so
+    they add no failure: the throttle ends ``window_s`` after the oldest of those failures.
+
+    Parameters
+    ----------
+    max_failures : failures for one user name from one address (``web.login_max_failures``).
+    max_failures_per_address : failures from one address whatever the names
+        (``web.login_max_failures_per_address``; against guessing many names).
+    window_s : the window in seconds (``web.login_window_seconds``).
+    max_tracked : most keys remembered per kind (pairs, addresses): ``web.login_tracked_max``.
+
+    Notes
+    -----
+    OWASP Authentication Cheat Sheet, "Login Throttling": throttle by source rather than
+    lock the account, which would let anyone lock a user out.
+    """
+
+    def __init__(
+        self,
+        max_failures: int,
+        max_failures_per_address: int,
+        window_s: float,
+        max_tracked: int,
+    ) -> None:
+        self.max_failures = max_failures
+        self.max_failures_per_address = max_failures_per_address
+        self.window_s = window_s
+        self.max_tracked = max_tracked
+        #: seconds, monotonic (tests set another clock)
+        self.clock: Callable[[], float] = time.monotonic
+        self._pairs: OrderedDict[tuple[str, str], _Failures] = OrderedDict()
+        self._addresses: OrderedDict[str, _Failures] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, web: WebConfig) -> LoginThrottle:
+        """The throttle of the ``web`` section's ``login_*`` keys."""
+        return cls(
+            web.login_max_failures,
+            web.login_max_failures_per_address,
+            web.login_window_seconds,
+            web.login_tracked_max,
+        )
+
+    def _wait(self, failures: _Failures | None, limit: int, now: float) -> float:
+        if failures is None:
+            return 0.0
+        times = failures.times
+        while times and now - times[0] >= self.window_s:
+            times.popleft()
+        if len(times) < limit:
+            return 0.0
+        return times[-limit] + self.window_s - now
+
+    def retry_after(self, address: str, user: str) -> float:
+        """Seconds until attempts from ``address`` for ``user`` are checked again; 0 when
+        they are checked now."""
+        return self.refusal(address, user)[0]
+
+    def refusal(self, address: str, user: str) -> tuple[float, bool, int]:
+        """(seconds to wait, first refusal of this throttle, failures in the window).
+
+        The seconds are 0 when the attempt is to be checked. "First" is True once per
+        throttle of a key (for the audit record; later refusals are not reported again).
+        """
+        now = self.clock()
+        key = (address, user[:64])
+        with self._lock:
+            pair = self._pairs.get(key)
+            by_address = self._addresses.get(address)
+            waits = [
+                (self._wait(pair, self.max_failures, now), pair),
+                (self._wait(by_address, self.max_failures_per_address, now), by_address),
+            ]
+            wait, failures = max(waits, key=lambda w: w[0])
+            if wait <= 0 or failures is None:
+                return 0.0, False, 0
+            first = failures.reported_until <= now
+            if first:
+                failures.reported_until = now + wait
+            return wait, first, len(failures.times)
+
+    def _add(self, table: OrderedDict, key: object, limit: int, now: float) -> int:
+        found = table.get(key)
+        if found is None:
+            found = table[key] = _Failures(deque(maxlen=max(limit, 1)))
+        found.times.append(now)
+        table.move_to_end(key)
+        while len(table) > self.max_tracked:
+            table.popitem(last=False)
+        return len(found.times)
+
+    def failed(self, address: str, user: str) -> int:
+        """Record a failed sign-in; returns the pair's failures in the window (this one
+        included)."""
+        now = self.clock()
+        with self._lock:
+            self._add(self._addresses, address, self.max_failures_per_address, now)
+            return self._add(self._pairs, (address, user[:64]), self.max_failures, now)
+
+    def succeeded(self, address: str, user: str) -> None:
+        """Forget the pair's failures after a right password (the address's stay: a valid
+        account must not reset the count of an address guessing other names)."""
+        with self._lock:
+            self._pairs.pop((address, user[:64]), None)
+
+    def tracked(self) -> int:
+        """How many keys (pairs and addresses) are remembered now."""
+        with self._lock:
+            return len(self._pairs) + len(self._addresses)
+
+
 class Authenticator:
     """Finds the user of a request according to ``web`` (one per web application).
 
@@ -93,7 +247,8 @@ class Authenticator:
     web : the ``web`` section (``auth``, ``token``, ``proxy_*``, ``trusted_proxies``).
     store : the job store holding the users (read per request: a removed user is out at
         once).
-    audit : where failed logins and refused proxy headers are recorded (None: not audited).
+    audit : where failed logins, throttled sign-ins and refused proxy headers are recorded
+        (None: not audited).
     """
 
     def __init__(self, web: WebConfig, store: JobStore, audit: AuditLog | None) -> None:
@@ -106,6 +261,7 @@ class Authenticator:
         self._key = secrets.token_bytes(32)
         self._verified: OrderedDict[bytes, None] = OrderedDict()
         self._lock = threading.Lock()
+        self.throttle = LoginThrottle.from_config(web)
 
     @property
     def enabled(self) -> bool:
@@ -130,8 +286,13 @@ class Authenticator:
         ProxyRefusedError
             Proxy mode: the user header came from a peer outside ``web.trusted_proxies``,
             or names a user without a role.
+        LoginThrottledError
+            ``users``/``token`` mode: too many failed sign-ins from this client address
+            (for this user name); the credentials were not checked.
         """
         auth = req.authorization
+        if auth is not None and self.mode in ("users", "token"):
+            self._check_throttle(req, (auth.username or "") if auth.type == "basic" else "")
         if self.token and auth is not None:
             given = (auth.token if auth.type == "bearer" else auth.password) or ""
             if (auth.type == "bearer" or self.mode == "token") and hmac.compare_digest(
@@ -139,6 +300,8 @@ class Authenticator:
             ):
                 return User(AUTOMATION, Role.ADMINISTRATOR, "token")
         if self.mode == "users":
+            if auth is not None and auth.type == "bearer" and self.token:
+                self._failed(req, "", "bad token")
             if auth is None or auth.type != "basic":
                 return None
             return self._password_user(req, auth.username or "", auth.password or "")
@@ -163,11 +326,58 @@ class Authenticator:
             self._failed(req, name, "wrong user name or password")
             return None
         assert row is not None  # verify_password is False without a row
+        self.throttle.succeeded(self.client_address(req), name)
         with self._lock:
             self._verified[digest] = None
             while len(self._verified) > VERIFIED_CACHE_SIZE:
                 self._verified.popitem(last=False)
         return User(row.name, Role(row.role))
+
+    def client_address(self, req: Request) -> str:
+        """The address a sign-in comes from: the peer's, or when the peer is one of
+        ``web.trusted_proxies``, the nearest ``X-Forwarded-For`` hop that is not (a proxy
+        appends the address it received from; hops further left are the client's word)."""
+        peer = req.remote_addr or ""
+        if not self._trusted_peer(peer):
+            return peer
+        hops = [
+            hop.strip()
+            for value in req.headers.getlist("X-Forwarded-For")
+            for hop in value.split(",")
+            if hop.strip()
+        ]
+        for hop in reversed(hops):
+            if not self._trusted_peer(hop):
+                return hop[:64]
+        return peer
+
+    def _check_throttle(self, req: Request, name: str) -> None:
+        address = self.client_address(req)
+        wait, first, failures = self.throttle.refusal(address, name)
+        if wait <= 0:
+            return
+        if first:  # once per throttle: a flood of refused attempts writes one record
+            log_event(
+                log,
+                "web_login_throttled",
+                logging.WARNING,
+                user=name[:64],
+                remote_address=address,
+                failures=failures,
+                retry_after_s=math.ceil(wait),
+            )
+            if self.audit is not None:
+                self.audit.record(
+                    event="web_login_throttled",
+                    outcome="throttled",
+                    user=name[:64],
+                    address=address,
+                    reason="too many failed sign-ins from this address",
+                    failures=failures,
+                    retry_after_s=math.ceil(wait),
+                    method=self.mode,
+                )
+        raise LoginThrottledError(address, name[:64], wait)
 
     def _trusted_peer(self, address: str | None) -> bool:
         try:
@@ -206,22 +416,28 @@ class Authenticator:
         return max(roles, key=lambda r: r.rank) if roles else None
 
     def _failed(self, req: Request, name: str, reason: str) -> None:
+        address = self.client_address(req)
+        failures = None
+        if self.mode in ("users", "token"):  # a guessed password or token, not a proxy's
+            failures = self.throttle.failed(address, name)
         log_event(
             log,
             "web_login_failed",
             logging.WARNING,
-            user=name,
-            remote_address=req.remote_addr,
+            user=name[:64],
+            remote_address=address,
             reason=reason,
+            failures=failures,
         )
         if self.audit is not None:
             self.audit.record(
                 event="web_login_failed",
                 outcome="refused",
-                user=name,
-                address=req.remote_addr,
+                user=name[:64],
+                address=address,
                 reason=reason,
                 method=self.mode,
+                **({} if failures is None else {"failures": failures}),
             )
 
 
@@ -238,16 +454,16 @@ def current_user(req: Request) -> User | None:
 
     Raises
     ------
-    ProxyRefusedError
+    ProxyRefusedError, LoginThrottledError
         See :meth:`Authenticator.identify`.
     """
     if ENVIRON_KEY not in req.environ:
         try:
             req.environ[ENVIRON_KEY] = _authenticator().identify(req)
-        except ProxyRefusedError as exc:
+        except (ProxyRefusedError, LoginThrottledError) as exc:
             req.environ[ENVIRON_KEY] = exc  # refused once, audited once
     found = req.environ[ENVIRON_KEY]
-    if isinstance(found, ProxyRefusedError):
+    if isinstance(found, ProxyRefusedError | LoginThrottledError):
         raise found
     user: User | None = found
     return user
@@ -263,7 +479,8 @@ def signed_in_name(req: Request) -> str:
 
 def refusal(req: Request, needed: Role) -> Response | None:
     """None when ``req`` may do what role ``needed`` may, else the response refusing it:
-    401 (no or wrong credentials), 403 (role too low, or a refused proxy header)."""
+    401 (no or wrong credentials), 403 (role too low, or a refused proxy header), 429 with
+    ``Retry-After`` (too many failed sign-ins from this address: :class:`LoginThrottle`)."""
     auth = _authenticator()
     if not auth.enabled:
         return None
@@ -271,6 +488,14 @@ def refusal(req: Request, needed: Role) -> Response | None:
         user = current_user(req)
     except ProxyRefusedError:
         return _forbidden("Refused: your sign-in cannot be accepted here.")
+    except LoginThrottledError as exc:
+        seconds = max(1, math.ceil(exc.retry_after_s))
+        return Response(
+            f"too many failed sign-ins from this address: try again in {seconds} s\n",
+            429,
+            {"Retry-After": str(seconds)},
+            mimetype="text/plain",
+        )
     if user is None:
         return auth.challenge()
     if not user.allows(needed):

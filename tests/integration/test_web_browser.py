@@ -250,7 +250,8 @@ def test_browser_scrolls_the_slices_corrects_l3_and_accepts_the_remeasured_resul
 ) -> None:
     """Issue 17, review and correct: a reader scrolls two slices up from l3spot's L3, turns
     the window to bone and back, chooses that slice as L3; the node's worker measures again
-    there (a verified SR naming the superseded one); the reader accepts the new result."""
+    there (a verified SR naming the superseded one); the reader accepts the new result, then
+    rejects it through the confirmation dialog (dismissed once: nothing recorded)."""
     import pydicom
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -332,8 +333,21 @@ def test_browser_scrolls_the_slices_corrects_l3_and_accepts_the_remeasured_resul
         ]
         _shot(browser, shots, "review_accepted.png", full_height=True)
         _section_shot(browser, "review", shots / "review_reviews.png")
+
+        # reject: a confirmation dialog guards it; dismissed, nothing is recorded
+        browser.find_element(By.ID, "review-reject").click()
+        wait.until(ec.alert_is_present())
+        browser.switch_to.alert.dismiss()
+        assert len(store.reviews(uid)) == 2
+        browser.find_element(By.ID, "review-reject").click()
+        wait.until(ec.alert_is_present())
+        browser.switch_to.alert.accept()
+        wait.until(ec.text_to_be_present_in_element((By.ID, "reviewed"), "Rejection recorded"))
+        assert "L3 rejected by a reader" in browser.page_source
+        assert store.get(uid).state == JobState.DONE  # nothing measured again
     reviews = store.reviews(uid)
     assert [(r.action, r.slice_index, r.previous_slice_index) for r in reviews] == [
         ("correct", l3 + 2, l3),
         ("accept", l3 + 2, l3 + 2),
+        ("reject", None, l3 + 2),
     ]

@@ -226,3 +226,135 @@ def test_signed_in_name_for_review_records(tmp_path: Path) -> None:
     open_app = create_app(make_config(tmp_path / "open"))
     with open_app.test_request_context("/"):
         assert signed_in_name(request) == "anonymous"
+
+
+# ---- failed sign-ins: throttled per address, never an account lock-out ---------------------
+
+ATTACKER = {"REMOTE_ADDR": "10.0.0.66"}
+ELSEWHERE = {"REMOTE_ADDR": "10.0.0.7"}
+
+
+def _clock(app: Flask) -> list[float]:
+    """A settable clock for the app's sign-in throttle (seconds)."""
+    from service.web.auth import EXTENSION_KEY
+
+    now = [1000.0]
+    app.extensions[EXTENSION_KEY].throttle.clock = lambda: now[0]
+    return now
+
+
+def _count_password_checks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    import service.web.auth as auth_module
+
+    checked: list[str] = []
+    real = auth_module.verify_password
+
+    def counting(row: object, password: str) -> bool:
+        checked.append(getattr(row, "name", ""))
+        return real(row, password)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(auth_module, "verify_password", counting)
+    return checked
+
+
+def test_wrong_passwords_throttle_that_address_for_that_user_without_locking_the_account(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app, config = app_with_users(
+        tmp_path, auth="users", login_max_failures=3, login_window_seconds=300
+    )
+    now = _clock(app)
+    checked = _count_password_checks(monkeypatch)
+    c = app.test_client()
+    for i in range(3):
+        bad = c.get("/", auth=("alice", f"guess-number-{i}"), environ_base=ATTACKER)
+        assert bad.status_code == 401
+    assert len(checked) == 3
+    # the fourth attempt from that address is refused before any password check, even the
+    # right password, with the time to wait
+    now[0] += 10
+    throttled = c.get("/", auth=("alice", ALICE_PW), environ_base=ATTACKER)
+    assert throttled.status_code == 429 and len(checked) == 3
+    assert 0 < int(throttled.headers["Retry-After"]) <= 290
+    assert c.get("/", auth=("alice", "guess-4"), environ_base=ATTACKER).status_code == 429
+    # no lock-out: alice from her own workstation, and another user from that address, get in
+    assert c.get("/", auth=("alice", ALICE_PW), environ_base=ELSEWHERE).status_code == 200
+    assert c.get("/", auth=("rita", READER_PW), environ_base=ATTACKER).status_code == 200
+    # the window passes: that address may try again
+    now[0] += 300
+    assert c.get("/", auth=("alice", ALICE_PW), environ_base=ATTACKER).status_code == 200
+
+    records = _audit(config)
+    failed = [r for r in records if r["event"] == "web_login_failed"]
+    assert [(r["user"], r["address"]) for r in failed] == [("alice", "10.0.0.66")] * 3
+    (throttle,) = [r for r in records if r["event"] == "web_login_throttled"]
+    assert throttle["user"] == "alice" and throttle["address"] == "10.0.0.66"
+    assert throttle["outcome"] == "throttled" and throttle["failures"] == 3
+    text = audit_log_path(config).read_text()
+    assert ALICE_PW not in text and "guess-number" not in text and "guess-4" not in text
+
+
+def test_guessing_many_user_names_from_one_address_throttles_the_address(
+    tmp_path: Path,
+) -> None:
+    app, config = app_with_users(
+        tmp_path, auth="users", login_max_failures=3, login_max_failures_per_address=4
+    )
+    _clock(app)
+    c = app.test_client()
+    for name in ("ann", "bob", "cyd", "dan"):
+        assert c.get("/", auth=(name, "password-1234"), environ_base=ATTACKER).status_code == 401
+    assert c.get("/", auth=("eve", "password-1234"), environ_base=ATTACKER).status_code == 429
+    assert c.get("/", auth=("rita", READER_PW), environ_base=ATTACKER).status_code == 429
+    assert c.get("/", auth=("rita", READER_PW), environ_base=ELSEWHERE).status_code == 200
+
+
+def test_behind_a_trusted_proxy_the_forwarded_client_address_is_throttled(
+    tmp_path: Path,
+) -> None:
+    """Throttling the reverse proxy's own address would lock every user out."""
+    app, config = app_with_users(
+        tmp_path, auth="users", login_max_failures=2, trusted_proxies=["10.9.9.9/32"]
+    )
+    _clock(app)
+    c = app.test_client()
+    proxy = {"REMOTE_ADDR": "10.9.9.9"}
+    attacker = {"X-Forwarded-For": "203.0.113.5, 10.0.0.66"}
+    for _ in range(2):
+        bad = c.get("/", auth=("alice", "nope-nope"), headers=attacker, environ_base=proxy)
+        assert bad.status_code == 401
+    resp = c.get("/", auth=("alice", ALICE_PW), headers=attacker, environ_base=proxy)
+    assert resp.status_code == 429
+    alice = {"X-Forwarded-For": "10.0.0.7"}
+    assert (
+        c.get("/", auth=("alice", ALICE_PW), headers=alice, environ_base=proxy).status_code == 200
+    )
+    assert {r["address"] for r in _audit(config) if r["event"].startswith("web_login")} == {
+        "10.0.0.66"
+    }
+    # an untrusted peer's X-Forwarded-For is not believed (it would dodge the throttle)
+    direct = {"X-Forwarded-For": "198.51.100.1"}
+    for _ in range(2):
+        c.get("/", auth=("alice", "nope-nope"), headers=direct, environ_base=ATTACKER)
+    direct = {"X-Forwarded-For": "198.51.100.2"}
+    assert (
+        c.get("/", auth=("alice", ALICE_PW), headers=direct, environ_base=ATTACKER).status_code
+        == 429
+    )
+
+
+def test_the_throttle_remembers_a_bounded_number_of_addresses() -> None:
+    from service.web.auth import LoginThrottle
+
+    throttle = LoginThrottle(
+        max_failures=2, max_failures_per_address=5, window_s=60, max_tracked=16
+    )
+    throttle.clock = lambda: 0.0
+    for i in range(1000):
+        throttle.failed(f"10.1.{i // 250}.{i % 250}", "alice")
+    assert throttle.tracked() <= 32  # pairs and addresses, each capped
+    # the most recent are remembered
+    throttle.failed("10.9.9.9", "alice")
+    throttle.failed("10.9.9.9", "alice")
+    assert throttle.retry_after("10.9.9.9", "alice") > 0
+    assert throttle.retry_after("10.9.9.9", "rita") == 0

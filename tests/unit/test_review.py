@@ -419,8 +419,207 @@ def test_decisions_are_exported_as_csv_and_metrics_per_model_version(case: WebCa
     c = create_app(case.config).test_client()
     rows = c.get("/reviews.csv").get_data(as_text=True).splitlines()
     assert rows[0].startswith("time_utc,series_instance_uid,action,user")
-    assert len(rows) == 4 and rows[1].endswith(",10.0") and ",'=cmd()," in rows[3]
+    assert len(rows) == 4 and rows[1].endswith(",10.0,yes") and ",'=cmd()," in rows[3]
     metrics = c.get("/metrics").get_data(as_text=True)
     assert 'l3spot_review_acceptance_ratio{model_version="m1"} 0.5' in metrics
     assert 'l3spot_review_decisions{decision="corrected",model_version="m1"} 1.0' in metrics
     assert 'l3spot_review_correction_mm_bucket{le="10.0",model_version="m1"} 1.0' in metrics
+
+
+# ---- a "not in the field of view" result can be corrected; a located L3 can be rejected ------
+
+
+@pytest.fixture()
+def missed(case: WebCase, monkeypatch: pytest.MonkeyPatch) -> WebCase:
+    """The case with its result replaced by the locator's miss: "L3 not in the field of
+    view" (no slice, no SEG), as the real pipeline writes it."""
+    import dataclasses
+
+    import worker.pipeline as pipeline
+    from worker.locator.locate import L3Location
+
+    def miss(*args: object, **kwargs: object) -> L3Location:
+        return L3Location(False, None, None, None, 0.2, reason="L3 below the scanned range")
+
+    monkeypatch.setattr(pipeline, "locate_l3", miss)
+    uid = case.phantom_uid
+    results = case.config.node.resolved_results_dir() / uid
+    shutil.rmtree(results)
+    series_dir = Path(JobStore(case.config.node.spool_dir).get(uid).series_dir)
+    result = pipeline.analyze_series(series_dir, results, case.config)
+    assert not result.l3.in_field_of_view and not (results / SEG_FILE).exists()
+    return dataclasses.replace(case, result=result)
+
+
+def test_a_not_in_fov_result_shows_the_whole_series_and_takes_a_correction(
+    missed: WebCase,
+) -> None:
+    c = create_app(missed.config, celery=_own_celery(missed.config)).test_client()
+    uid = missed.phantom_uid
+    n = len(list_slices(Path(JobStore(missed.config.node.spool_dir).get(uid).series_dir)))
+    assert n > 40
+    html = c.get(f"/jobs/{uid}").get_data(as_text=True)
+    # centred on the middle of the series, every slice reachable
+    assert f'min="0" max="{n - 1}" value="{n // 2}"' in html
+    assert 'id="review-correct"' in html and 'id="review-reject"' not in html
+    assert "not in the field of view" in html
+    assert c.get(f"/jobs/{uid}/slices/0.png").status_code == 200
+    assert c.get(f"/jobs/{uid}/slices/{n - 1}.png?masks=1").status_code == 200
+    token = _review_csrf(html)
+    # nothing located: nothing to reject; a slice outside the series is refused
+    for form in ({"action": "reject"}, {"action": "correct", "slice": str(n)}):
+        resp = c.post(f"/jobs/{uid}/review", data={"csrf": token, **form})
+        assert resp.status_code == 303 and "review_error" in resp.headers["Location"]
+    store = JobStore(missed.config.node.spool_dir)
+    assert store.reviews(uid) == []
+
+    resp = c.post(f"/jobs/{uid}/review", data={"csrf": token, "action": "correct", "slice": "2"})
+    assert resp.status_code == 303 and "reviewed=correct" in resp.headers["Location"]
+    (review,) = store.reviews(uid)
+    assert review.action == ReviewAction.CORRECT and review.slice_index == 2
+    assert review.previous_slice_index is None and review.previous_z_mm is None
+    assert review.z_mm is not None and review.sop_instance_uid
+    (msg,) = _queued_messages(missed.config)
+    assert msg["headers"]["task"] == "worker.tasks.remeasure_series"
+    args, _, _ = json.loads(base64.b64decode(msg["body"]))
+    assert args[1:] == [review.id, 2]
+    (line,) = [r for r in AuditLog(audit_log_path(missed.config)).read() if r["event"] == "review"]
+    assert line["review_action"] == "correct" and line["previous_slice_index"] is None
+
+
+def test_remeasure_of_a_not_in_fov_result_measures_the_chosen_slice(
+    missed: WebCase, analysed: WebCase
+) -> None:
+    """The worker's re-measure when the earlier result had no L3 (no SEG, no composition)."""
+    from worker.tasks import run_remeasure
+
+    uid = missed.phantom_uid
+    chosen = analysed.result.l3.slice_index
+    assert chosen is not None
+    store = JobStore(missed.config.node.spool_dir)
+    results = missed.config.node.resolved_results_dir() / uid
+    old_sr = pydicom.dcmread(results / SR_FILE, stop_before_pixels=True)
+    review = store.add_review(uid, "correct", "dr.ana", slice_index=chosen)
+    token = store.mark_queued(uid)
+    rec = store.get(uid)
+    sent: list[tuple[str, str | None]] = []
+    state = run_remeasure(
+        Path(rec.series_dir),
+        review.id,
+        chosen,
+        missed.config,
+        store,
+        lambda u, t: sent.append((u, t)),
+        token=token,
+    )
+    assert state == JobState.EXPORTING and sent == [(uid, token)], store.get(uid).reason
+    result = AnalysisResult.model_validate_json((results / RESULT_JSON).read_text())
+    assert result.l3.in_field_of_view and result.l3.slice_index == chosen
+    assert result.composition and (results / SEG_FILE).is_file()
+    sr = pydicom.dcmread(results / SR_FILE)
+    assert sr.VerificationFlag == "VERIFIED"
+    ref = sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert ref.ReferencedSOPInstanceUID == old_sr.SOPInstanceUID
+    (v1,) = version_dirs(results)
+    assert not (v1 / SEG_FILE).exists() and (v1 / RESULT_JSON).is_file()
+    page = create_app(missed.config).test_client().get(f"/jobs/{uid}").get_data(as_text=True)
+    assert 'id="l3-corrected"' in page and "chosen by dr.ana" in page
+    assert "l3spot had found L3 not in the field of view" in page
+
+
+def test_reject_records_the_decision_notes_the_job_and_measures_nothing(case: WebCase) -> None:
+    from core.jobs import REJECTED_NOTE
+
+    c = create_app(case.config).test_client()
+    uid, l3 = case.phantom_uid, case.result.l3.slice_index
+    html = c.get(f"/jobs/{uid}").get_data(as_text=True)
+    assert 'id="review-reject"' in html and "confirm(" in html
+    token = _review_csrf(html)
+    resp = c.post(f"/jobs/{uid}/review", data={"csrf": token, "action": "reject"})
+    assert resp.status_code == 303 and "reviewed=reject" in resp.headers["Location"]
+    store = JobStore(case.config.node.spool_dir)
+    (review,) = store.reviews(uid)
+    assert review.action == ReviewAction.REJECT
+    assert review.slice_index is None and review.z_mm is None and review.sop_instance_uid is None
+    assert review.previous_slice_index == l3 and review.user_name == ANONYMOUS
+    rec = store.get(uid)
+    assert rec.state == JobState.DONE and (rec.note or "").startswith(REJECTED_NOTE)
+    assert _queued_messages(case.config) == []
+    (line,) = [r for r in AuditLog(audit_log_path(case.config)).read() if r["event"] == "review"]
+    assert line["review_action"] == "reject" and line["slice_index"] is None
+    assert line["previous_slice_index"] == l3
+    page = c.get(resp.headers["Location"]).get_data(as_text=True)
+    assert "L3 rejected" in page and "reject" in page[page.index('id="reviews"') :]
+    rows = c.get("/reviews.csv").get_data(as_text=True).splitlines()
+    assert rows[1].split(",")[2] == "reject"
+    metrics = c.get("/metrics").get_data(as_text=True)
+    version = case.result.algorithm.version
+    assert (
+        f'l3spot_review_decisions{{decision="rejected",model_version="{version}"}} 1.0' in metrics
+    )
+    assert f'l3spot_review_acceptance_ratio{{model_version="{version}"}} 0.0' in metrics
+    # a later acceptance (the reader changed their mind) clears the note
+    c.post(f"/jobs/{uid}/review", data={"csrf": token, "action": "accept"})
+    assert not (store.get(uid).note or "").startswith(REJECTED_NOTE)
+
+
+def test_reject_follows_the_csrf_origin_and_role_rules(case: WebCase) -> None:
+    from service.users import Role, add_user
+
+    uid = case.phantom_uid
+    c = create_app(case.config).test_client()
+    html = c.get(f"/jobs/{uid}").get_data(as_text=True)
+    token, retry_token = _review_csrf(html), _csrf(html)
+    form = {"action": "reject"}
+    assert c.post(f"/jobs/{uid}/review", data=form).status_code == 403
+    assert c.post(f"/jobs/{uid}/review", data={**form, "csrf": retry_token}).status_code == 403
+    evil = {"Origin": "http://evil.example"}
+    resp = c.post(f"/jobs/{uid}/review", data={**form, "csrf": token}, headers=evil)
+    assert resp.status_code == 403
+
+    config = make_config(case.root, auth="users")
+    add_user(JobStore(config.node.spool_dir), "rita", Role.READER, "a long reader password")
+    c = create_app(config).test_client()
+    auth = ("rita", "a long reader password")
+    token = _review_csrf(c.get(f"/jobs/{uid}", auth=auth).get_data(as_text=True))
+    assert c.post(f"/jobs/{uid}/review", data={**form, "csrf": token}).status_code == 401
+    resp = c.post(f"/jobs/{uid}/review", data={**form, "csrf": token}, auth=auth)
+    assert resp.status_code == 303
+    assert [r.user_name for r in JobStore(config.node.spool_dir).reviews(uid)] == ["rita"]
+
+
+def test_rejections_and_corrections_of_misses_in_the_csv_and_metrics(case: WebCase) -> None:
+    from core.review_stats import review_summary
+
+    store = JobStore(case.config.node.spool_dir)
+    store.add_review(
+        case.phantom_uid, ReviewAction.REJECT, "dr.ana", previous_slice_index=10,
+        previous_z_mm=-150.0, model_version="m1",
+    )  # fmt: skip
+    store.add_review(
+        case.failed_uid, ReviewAction.CORRECT, "dr.ana", slice_index=12, z_mm=-140.0,
+        model_version="m1",
+    )  # fmt: skip
+    store.add_review(
+        case.ineligible_uid, ReviewAction.ACCEPT, "dr.bo", slice_index=3, z_mm=0.0,
+        previous_slice_index=3, previous_z_mm=0.0, model_version="m1",
+    )  # fmt: skip
+    summary = review_summary(store.reviews())["m1"]
+    assert (summary["accepted"], summary["corrected"], summary["rejected"]) == (1, 1, 1)
+    assert summary["acceptance"] == 0.3333 and summary["corrections_mm"] == []
+    assert summary["corrected_from_not_in_fov"] == 1
+    c = create_app(case.config).test_client()
+    header, reject, correct, accept = (
+        r.split(",") for r in c.get("/reviews.csv").get_data(as_text=True).splitlines()
+    )
+    col = {name: i for i, name in enumerate(header)}
+    assert reject[col["action"]] == "reject" and reject[col["slice_index"]] == ""
+    assert reject[col["correction_mm"]] == "" and reject[col["previous_in_field_of_view"]] == "yes"
+    assert correct[col["previous_slice_index"]] == "" and correct[col["correction_mm"]] == ""
+    assert correct[col["previous_in_field_of_view"]] == "no"
+    assert accept[col["correction_mm"]] == "0.0"
+    metrics = c.get("/metrics").get_data(as_text=True)
+    assert 'l3spot_review_decisions{decision="rejected",model_version="m1"} 1.0' in metrics
+    assert 'l3spot_review_acceptance_ratio{model_version="m1"} 0.3333' in metrics
+    assert 'l3spot_review_corrections_from_not_in_fov{model_version="m1"} 1.0' in metrics
+    assert 'l3spot_review_correction_mm_count{model_version="m1"} 0.0' in metrics
