@@ -618,7 +618,13 @@ def create_app(
             if chosen == l3_index:
                 action = ReviewAction.ACCEPT  # the same slice: an acceptance
         user = signed_in_name(request)
-        version = row.result.algorithm.version if row.result is not None else None
+        # the locator version of the result reviewed (issue 17: decisions per model version);
+        # results from before the site's versions existed name l3spot's version
+        version = (
+            (row.result.algorithm.locator_model or row.result.algorithm.version)
+            if row.result is not None
+            else None
+        )
         picked = None if chosen is None else slices[chosen]
         review_rec = views.store.add_review(
             uid,

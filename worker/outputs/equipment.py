@@ -92,5 +92,8 @@ def name_model_version(ds: Dataset, model_version: str | None) -> None:
     versions = [str(__version__), f"locator {model_version}"[:64]]
     ds.SoftwareVersions = versions
     for item in ds.get("ContributingEquipmentSequence", []):
-        if str(item.get("Manufacturer", "")) == MANUFACTURER:
+        if (
+            str(item.get("Manufacturer", "")) == MANUFACTURER
+            and str(item.get("ManufacturerModelName", "")) == MANUFACTURER_MODEL_NAME
+        ):  # l3spot's own item, not the source images' equipment
             item.SoftwareVersions = versions

@@ -5,7 +5,8 @@ The whole annotation of a scan for the locator is one number, the L3 slice (Belh
 MIPs at the pixel sizes of the locator models that produced it (``locator_mips.npz``,
 :func:`write_locator_mips`), not the CT; a reader's decision on the job page then labels it:
 
-* **accept**: L3 is the slice the result measured;
+* **accept**: L3 is the slice the result measured (or, for a result "L3 not in the field
+  of view", L3 is indeed not in the series);
 * **correct**: L3 is the slice the reader chose;
 * **reject**: L3 is not in this series (the locator's L3 was wrong and no slice is L3).
 
@@ -77,6 +78,7 @@ def write_locator_mips(
     for i, m in enumerate(mips):
         arrays[f"image_{i}"] = np.clip(np.round(m.image), -32768, 32767).astype(np.int16)
     path = Path(out_dir) / filename
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
     np.savez_compressed(tmp, **arrays)
     os.replace(tmp, path)
@@ -196,8 +198,9 @@ def review_examples(
                 reason=str(exc),
             )
             continue
+        # accept of a "not in the field of view" result, or reject: L3 is not in the series
         z = None if action == "reject" else r.z_mm
-        if action != "reject" and (z is None or not math.isfinite(z)):
+        if action == "correct" and (z is None or not math.isfinite(z)):
             skipped["no_slice"] = skipped.get("no_slice", 0) + 1
             continue
         examples.append(ReviewExample(uid, group, mips, z, action, str(r.model_version or "")))
