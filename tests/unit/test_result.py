@@ -47,7 +47,8 @@ def test_json_has_the_issue_shape() -> None:
     assert set(data["composition"]) == {"sma", "imat", "vat", "sat"}
     assert set(data["composition"]["sma"]) >= {"area_cm2", "mean_hu"}
     assert set(data["sarcopenia"]) >= {"cutoffs", "flag", "reason"}
-    assert data["algorithm"] == {"name": "l3spot", "version": "0.1.0"}
+    # the locator version is set by the pipeline (core/model_registry.py); none here
+    assert data["algorithm"] == {"name": "l3spot", "version": "0.1.0", "locator_model": None}
     assert data["l3"]["slice_index"] == 12 and data["status"] == "done"
     assert AnalysisResult.model_validate_json(_done().to_json()) == _done()
 
