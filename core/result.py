@@ -63,6 +63,23 @@ class SarcopeniaOutcome(Protocol):
     def reason(self) -> str | None: ...
 
 
+class TrabecularOutcome(Protocol):
+    """The L3 trabecular attenuation (:class:`worker.composition.bone.TrabecularAttenuation`)."""
+
+    @property
+    def mean_hu(self) -> float | None: ...
+    @property
+    def sd_hu(self) -> float | None: ...
+    @property
+    def roi_area_cm2(self) -> float: ...
+    @property
+    def pixel_count(self) -> int: ...
+    @property
+    def slices(self) -> list[int]: ...
+    @property
+    def reason(self) -> str | None: ...
+
+
 class CompositionOutcome(Protocol):
     """The composition at L3 (:class:`worker.composition.measure.CompositionResult`)."""
 
@@ -78,6 +95,8 @@ class CompositionOutcome(Protocol):
     def sarcopenia(self) -> SarcopeniaOutcome | None: ...
     @property
     def method(self) -> str: ...
+    @property
+    def trabecular(self) -> TrabecularOutcome | None: ...
 
 
 COMPARTMENT_KEYS = ("sma", "imat", "vat", "sat")
@@ -123,6 +142,24 @@ class SarcopeniaOut(_Model):
     flag: bool | None = None
     reason: str | None = None
     threshold_cm2_per_m2: float | None = None
+
+
+class TrabecularOut(_Model):
+    """Trabecular attenuation of the L3 vertebral body (opportunistic bone-density marker).
+
+    ``mean_hu`` and ``sd_hu`` in HU over an ROI in the anterior 60 % of the body, 3 mm
+    inside its cortex (Pickhardt et al. 2013's ROI placement), pooled over
+    ``slices_averaged``; ``roi_area_cm2`` is the ROI on one slice. No threshold is applied:
+    the published ones are for L1 (docs/composition.md). ``mean_hu`` is None with a
+    ``reason`` when it could not be measured.
+    """
+
+    mean_hu: float | None = None
+    sd_hu: float | None = None
+    roi_area_cm2: float | None = None
+    pixel_count: int | None = None
+    slices_averaged: list[int] = Field(default_factory=list)
+    reason: str | None = None
 
 
 class AlgorithmInfo(_Model):
@@ -186,6 +223,7 @@ class AnalysisResult(_Model):
     bmi_kg_per_m2: float | None = None
     sarcopenia: SarcopeniaOut | None = None
     composition_method: str | None = None
+    l3_trabecular: TrabecularOut | None = None
     qa_flags: list[str] = Field(default_factory=list)
     timing_s: dict[str, float] = Field(default_factory=dict)
     algorithm: AlgorithmInfo = Field(default_factory=AlgorithmInfo)
@@ -262,7 +300,24 @@ def composition_fields(composition: CompositionOutcome | None) -> dict[str, obje
             threshold_cm2_per_m2=_finite(sarc.threshold_cm2_per_m2),
         ),
         "composition_method": composition.method,
+        # getattr: a composition made before issue 15 (or a test's stand-in) has none
+        "l3_trabecular": trabecular_out(getattr(composition, "trabecular", None)),
     }
+
+
+def trabecular_out(t: TrabecularOutcome | None) -> TrabecularOut | None:
+    """The ``l3_trabecular`` part of the record (None when it was not computed)."""
+    if t is None:
+        return None
+    measured = t.mean_hu is not None
+    return TrabecularOut(
+        mean_hu=_finite(t.mean_hu),
+        sd_hu=_finite(t.sd_hu),
+        roi_area_cm2=round(float(t.roi_area_cm2), 2) if measured else None,
+        pixel_count=int(t.pixel_count) if measured else None,
+        slices_averaged=[int(i) for i in t.slices],
+        reason=t.reason,
+    )
 
 
 #: Columns of the research CSV export, in order (one row per analysed series).
@@ -291,6 +346,7 @@ CSV_HEADER: tuple[str, ...] = (
     "sarcopenia_cutoffs",
     "sarcopenia_flag",
     "composition_method",
+    "l3_trabecular_mean_hu",
     "qa_flags",
     "time_total_s",
     "algorithm_version",
@@ -367,6 +423,7 @@ def result_csv_row(result: AnalysisResult) -> dict[str, str]:
         "sarcopenia_cutoffs": result.sarcopenia.cutoffs if result.sarcopenia else None,
         "sarcopenia_flag": result.sarcopenia.flag if result.sarcopenia else None,
         "composition_method": result.composition_method,
+        "l3_trabecular_mean_hu": result.l3_trabecular.mean_hu if result.l3_trabecular else None,
         "qa_flags": ";".join(result.qa_flags),
         "time_total_s": sum(result.timing_s.values()) if result.timing_s else None,
         "algorithm_version": result.algorithm.version,

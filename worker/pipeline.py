@@ -12,7 +12,6 @@ composition, no SEG, an SR and an SC saying so), never an error.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -598,11 +597,7 @@ def write_outputs(
 
     # The SEG and the SR refer to the stored pixels of the L3 image: the label map goes back
     # from the canonical grid to the stored one (HFP, FFS, decubitus storage; no-op for HFS).
-    stored = (
-        dataclasses.replace(composition, labels=volume.in_plane.to_source(composition.labels))
-        if composition is not None
-        else None
-    )
+    stored = composition.on_grid(volume.in_plane.to_source) if composition is not None else None
     seg = None
     seg_path = out_dir / SEG_FILE
     if in_fov and stored is not None:

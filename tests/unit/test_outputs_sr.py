@@ -441,3 +441,62 @@ def test_sr_meets_the_ihe_air_encoding_requirements(sr_files: tuple[Path, Path])
         for se in s.ReferencedSeriesSequence
         for r in se.ReferencedSOPSequence
     }
+
+
+def _with_trabecular(labels: np.ndarray):  # noqa: ANN202
+    """The fabricated composition with an L3 trabecular measurement (an ellipse ROI)."""
+    import dataclasses
+
+    from worker.composition.bone import TrabecularAttenuation
+
+    yy, xx = np.mgrid[0 : labels.shape[0], 0 : labels.shape[1]]
+    cy, cx = labels.shape[0] * 0.6, labels.shape[1] / 2
+    roi = ((yy - cy) / 8.0) ** 2 + ((xx - cx) / 12.0) ** 2 <= 1.0
+    trab = TrabecularAttenuation(
+        mean_hu=187.34, sd_hu=41.26, roi_area_cm2=3.14, pixel_count=900, slices=[4, 5], roi=roi
+    )
+    return dataclasses.replace(fabricated_composition(labels), trabecular=trab)
+
+
+def test_trabecular_attenuation_is_its_own_group_and_dciodvfy_stays_clean(
+    tmp_path: Path,
+) -> None:
+    labels = synthetic_labels()
+    ct = ct_dataset(L3_INDEX, synthetic_hu(labels))
+    seg = build_seg(ct, labels)
+    sr = build_sr(ct, fabricated_location(), _with_trabecular(labels), seg, QA)
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    errors, warnings = _dciodvfy_problems(path)
+    assert errors == [] and warnings == [], errors + warnings
+    groups = hd.sr.srread(path).content.get_planar_roi_measurement_groups()
+    by_id = {g.tracking_identifier: g for g in groups}
+    g = by_id["L3 vertebral body trabecular bone"]
+    assert (g.finding_type.value, g.finding_type.scheme_designator) == ("3138006", "SCT")
+    assert g.finding_sites[0].value.CodeValue == "36470004"
+    assert g.roi is not None and g.roi.GraphicType == "POLYLINE"
+    values = {
+        (m.name.value, m.derivation.value if m.derivation else None): (m.value, m.unit.value)
+        for m in g.get_measurements()
+    }
+    assert values[("112181", None)] == (187.3, "[hnsf'U]")
+    assert values[("112031", "386136009")] == (41.3, "[hnsf'U]")
+    assert values[("42798000", None)] == (3.1, "cm2")
+
+
+def test_refused_trabecular_attenuation_adds_no_group(tmp_path: Path) -> None:
+    import dataclasses
+
+    from worker.composition.bone import TrabecularAttenuation
+
+    labels = synthetic_labels()
+    ct = ct_dataset(L3_INDEX, synthetic_hu(labels))
+    comp = dataclasses.replace(
+        fabricated_composition(labels),
+        trabecular=TrabecularAttenuation(None, reason="no vertebral body found"),
+    )
+    sr = build_sr(ct, fabricated_location(), comp, build_seg(ct, labels), QA)
+    sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    report = hd.sr.srread(tmp_path / "sr.dcm")
+    ids = [g.tracking_identifier for g in report.content.get_planar_roi_measurement_groups()]
+    assert "L3 vertebral body trabecular bone" not in ids and len(ids) == 5

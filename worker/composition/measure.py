@@ -14,7 +14,9 @@ of :mod:`worker.composition.unet`. ``CompositionConfig.method`` chooses; the mea
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +27,7 @@ from core.config import CompositionConfig
 from core.errors import AnalysisError
 from core.logs import log_event
 from worker.composition.body import body_mask
+from worker.composition.bone import TrabecularAttenuation, measure_trabecular_attenuation
 from worker.composition.classical import DEFAULT_RULES, Rules, label_map, run_steps
 from worker.composition.hu import denoise_slice, in_hu_range, noise_sd
 from worker.volume.load import CTVolume, PatientInfo
@@ -96,6 +99,9 @@ class CompositionResult:
     qa_flags : e.g. "body_truncated", "arms_in_slice", "metal_artefact", "unusual_muscle_hu".
     method : "classical" or "unet".
     slices_averaged : indices of the slices whose measures were averaged (L3 +/- neighbour_mm).
+    trabecular : the L3 vertebral body's trabecular attenuation
+        (:func:`worker.composition.bone.measure_trabecular_attenuation`), or None when not
+        computed.
     """
 
     slice_index: int
@@ -108,6 +114,16 @@ class CompositionResult:
     qa_flags: list[str] = field(default_factory=list)
     method: str = "classical"
     slices_averaged: list[int] = field(default_factory=list)
+    trabecular: TrabecularAttenuation | None = None
+
+    def on_grid(self, to_grid: Callable[[np.ndarray], np.ndarray]) -> CompositionResult:
+        """The same result with its (y, x) masks (``labels``, the trabecular ROI) mapped by
+        ``to_grid`` (e.g. :meth:`worker.volume.orientation.InPlane.to_source`: from the
+        canonical grid to the stored pixels the SEG and the SR refer to)."""
+        trab = self.trabecular
+        if trab is not None and trab.roi is not None:
+            trab = dataclasses.replace(trab, roi=np.asarray(to_grid(trab.roi)))
+        return dataclasses.replace(self, labels=to_grid(self.labels), trabecular=trab)
 
 
 @dataclass
@@ -367,7 +383,8 @@ def measure_composition(
     Returns
     -------
     :class:`CompositionResult`; ``labels`` is the L3 slice's (y, x) label map; measures are
-    averaged over the slices within +/- ``neighbour_mm`` of L3 when that is > 0.
+    averaged over the slices within +/- ``neighbour_mm`` of L3 when that is > 0; the L3
+    vertebral body's trabecular HU (:mod:`worker.composition.bone`) in ``trabecular``.
 
     Raises
     ------
@@ -398,6 +415,7 @@ def measure_composition(
     bmi = body_mass_index(volume.patient)
     sarc = sarcopenia(smi, volume.patient, config.sarcopenia_cutoffs, bmi)
     flags = list(seg.qa_flags) + qa_flags(hu0, seg.labels, seg.body, spacing, config)
+    trabecular = measure_trabecular_attenuation(volume, slice_index, config)
     log_event(
         logger,
         "composition_measured",
@@ -418,4 +436,5 @@ def measure_composition(
         qa_flags=flags,
         method=config.method,
         slices_averaged=averaged,
+        trabecular=trabecular,
     )

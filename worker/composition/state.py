@@ -51,6 +51,8 @@ class SliceState:
     inner_closed : ``inner`` with gaps between the anterior wall muscles closed (rectus
         diastasis): the SAT/VAT boundary.
     vertebra : vertebra mask (body, canal, arch front), or None when none is found.
+    vertebral_bone : the vertebra's own bone (> ``cortical_bone_hu``, its grouped parts), or
+        None when no vertebra is found.
     rays : the rays of the wall steps.
     sma : skeletal muscle found so far; imat, vat, sat : fat compartments.
     """
@@ -65,6 +67,7 @@ class SliceState:
     inner: np.ndarray | None = None
     inner_closed: np.ndarray | None = None
     vertebra: np.ndarray | None = None
+    vertebral_bone: np.ndarray | None = None
     rays: Rays | None = None
     sma: np.ndarray | None = None
     imat: np.ndarray | None = None

@@ -7,6 +7,7 @@ the vertebra is found from its cortical bone and filled; it is never muscle.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 from scipy import ndimage
@@ -80,6 +81,25 @@ def canal_to_arch(
     return convex_hull_image(body_hull | arch) & (yy <= front_row[None, :])
 
 
+class VertebraParts(NamedTuple):
+    """What :func:`vertebra_parts` finds on one slice ((y, x) bool masks, or None).
+
+    Attributes
+    ----------
+    mask : the vertebra: its bone filled, the body hull, the cancellous bone grown into, the
+        spinal canal and the front of the arch (what is never muscle).
+    body_hull : convex hull of the vertebral body's cortex (within ``body_depth_mm`` of the
+        vertebra's front and ``body_half_width_mm`` of its midline, bone bordering marrow
+        nearby included), or None when too little cortex is found for a hull (3 pixels).
+    bone : the vertebra's own bone (> ``cortical_bone_hu``, its grouped components only:
+        no bone merely near it, such as a calcified aortic plaque or a contrast-filled loop).
+    """
+
+    mask: np.ndarray | None
+    body_hull: np.ndarray | None
+    bone: np.ndarray | None
+
+
 CanalRule = Callable[
     [np.ndarray, np.ndarray, np.ndarray, float, float, ClassicalParams], np.ndarray
 ]
@@ -94,6 +114,21 @@ def vertebra_mask(
 ) -> np.ndarray | None:
     """Filled mask of the vertebra: cortical bone closed, grouped and filled.
 
+    The vertebra of :func:`vertebra_parts` without its body hull; same parameters and
+    result.
+    """
+    return vertebra_parts(hu, inner, px, params, canal_rule).mask
+
+
+def vertebra_parts(
+    hu: np.ndarray,
+    inner: np.ndarray,
+    px: float,
+    params: ClassicalParams,
+    canal_rule: CanalRule = canal_to_arch,
+) -> VertebraParts:
+    """Filled mask of the vertebra, the convex hull of its body and its own bone.
+
     Parameters
     ----------
     hu : (y, x) HU slice.
@@ -105,7 +140,8 @@ def vertebra_mask(
 
     Returns
     -------
-    (y, x) bool mask, or None when there is less than ``vertebra_min_mm2`` of such bone.
+    :class:`VertebraParts` (all None when there is less than ``vertebra_min_mm2`` of such
+    bone).
 
     Notes
     -----
@@ -129,7 +165,7 @@ def vertebra_mask(
     eight = np.ones((3, 3), bool)
     lab_img, n = ndimage.label(closed, structure=eight)
     if n == 0:
-        return None
+        return VertebraParts(None, None, None)
     sizes = np.bincount(lab_img.ravel(), minlength=n + 1)[1:] * px * px
     is_frag = np.zeros(n + 1, dtype=bool)
     is_frag[1:] = sizes <= p.cortex_fragment_mm2
@@ -139,7 +175,7 @@ def vertebra_mask(
     lab_img, n = ndimage.label(grouped, structure=eight)
     lab_img[~closed] = 0
     if n == 0:
-        return None
+        return VertebraParts(None, None, None)
     ys, xs_in = np.nonzero(inner)
     y_mid = (ys.min() + ys.max()) / 2
     x_mid = float(np.median(xs_in))
@@ -158,7 +194,7 @@ def vertebra_mask(
             if size > best_size:
                 best, best_size = int(i), size
     if best == 0:
-        return None
+        return VertebraParts(None, None, None)
     # A vertebra whose cortex is interrupted (osteopenia, 3 mm pixels) falls apart into its
     # left and right halves (pedicle, lamina and that side of the body): the parts in the
     # midline beside or behind the largest one, within ``vertebra_group_mm`` of it, are the
@@ -173,10 +209,11 @@ def vertebra_mask(
     # too little cortical bone is not a vertebra (a thin, osteoporotic cortex at 3 mm pixels
     # can be that small; the cancellous bone is added below)
     if float(group.sum()) * px * px < p.vertebra_min_mm2:
-        return None
+        return VertebraParts(None, None, None)
     # the closing only groups the vertebra's parts; the mask is the bone itself (the closing
     # would bridge the muscle between the transverse processes and the body)
-    vert = fill_holes(bone & group)
+    own_bone = bone & group
+    vert = fill_holes(own_bone)
     # Vertebral body: convex hull of the bone within ``body_depth_mm`` of its anterior edge
     # and ``body_half_width_mm`` of the midline; a thin or interrupted cortex (osteoporosis,
     # 3 mm pixels) does not fill.
@@ -220,10 +257,12 @@ def vertebra_mask(
     vert |= wide & (np.abs(xx - x_c) <= p.canal_half_mm / px) & (yy >= y_body)
     if body_hull.any():
         vert |= canal_rule(hu, bone, body_hull, px, x_c, p)
-    return vert
+    return VertebraParts(vert, body_hull if body_hull.any() else None, own_bone)
 
 
 def find_vertebra(state: SliceState, canal_rule: CanalRule = canal_to_arch) -> SliceState:
-    """Step: ``state.vertebra`` (:func:`vertebra_mask`) from ``hu`` and ``inner``."""
-    state.vertebra = vertebra_mask(state.hu, state.inner, state.px, state.params, canal_rule)
+    """Step: ``state.vertebra`` and ``state.vertebral_bone`` (:func:`vertebra_parts`) from
+    ``hu`` and ``inner``."""
+    parts = vertebra_parts(state.hu, state.inner, state.px, state.params, canal_rule)
+    state.vertebra, state.vertebral_bone = parts.mask, parts.bone
     return state

@@ -40,6 +40,12 @@ TYPE_SUBCUTANEOUS_FAT = CodedConcept("67769002", "SCT", "Subcutaneous fatty tiss
 #: CCDS body-composition SEG (highdicom-based); no SNOMED concept names VAT more precisely.
 TYPE_VISCERAL_FAT = CodedConcept("725274000", "SCT", "Entire adipose tissue of abdomen")
 
+#: SCT 3138006 "Bone" (bone tissue; CID 7166, pydicom ``codes.SCT.BoneTissue``): the finding
+#: of the L3 trabecular attenuation group. No SNOMED concept for "cancellous bone of the L3
+#: vertebral body" is in pydicom's or highdicom's code dictionaries; the ROI is named by the
+#: group's tracking identifier and the finding site (docs/outputs.md).
+TYPE_BONE = CodedConcept("3138006", "SCT", "Bone")
+
 # --- anatomy, measurements and units (SR, TID 1500 / TID 1410) ---
 
 #: SCT 36470004 "L3 vertebra", the finding site of every measurement group.

@@ -188,6 +188,10 @@ def _text_lines(
             if thr is not None:
                 cut += f": SMI < {thr:.1f} cm{_SQ}/m{_SQ}"
             rows.append((cut, TEXT, 22, None))
+        trab = composition.trabecular
+        if trab is not None and trab.mean_hu is not None:
+            # issue 15: reported without a threshold (the published ones are for L1)
+            rows.append((f"L3 trabecular bone {trab.mean_hu:.0f} HU", TEXT, 24, None))
         rows.append(("", TEXT, 12, None))
         for lab, name in COMPARTMENT_NAMES.items():
             rows.append((name, TEXT, 22, COMPARTMENT_COLOURS[lab]))

@@ -12,7 +12,10 @@ Content tree of a measurement (PS3.16 TID 1500, with TID 1410 measurement groups
   L3 image (OHIF draws only groups with an image region, OHIF#3390), Area (SCT 42798000,
   cm2), Mean Attenuation Coefficient (DCM 112181, [hnsf'U]) and its standard deviation;
   the SMA group also carries the skeletal muscle index and the sarcopenia evaluation when
-  available.
+  available;
+- one TID 1410 group "L3 vertebral body trabecular bone" (issue 15) when it was measured:
+  finding SCT 3138006 "Bone", finding site L3 vertebra, the ROI's outline, Mean Attenuation
+  Coefficient ([hnsf'U]) and its SD, the ROI's area (:func:`_trabecular_group`).
 
 A report that measured nothing (L3 not in the field of view, :func:`build_sr`; a series that
 could not be analysed, :func:`build_not_measured_sr`) has no measurement group: nothing in it
@@ -417,6 +420,53 @@ def _compartment_groups(
     return groups
 
 
+def _trabecular_group(
+    ct: Dataset, composition: CompositionResult
+) -> PlanarROIMeasurementsAndQualitativeEvaluations | None:
+    """The TID 1410 group of the L3 vertebral body's trabecular attenuation, or None.
+
+    Finding SCT 3138006 "Bone", finding site SCT 36470004 "L3 vertebra", the ROI's outline
+    as a closed SCOORD POLYLINE on the L3 image, Mean Attenuation Coefficient (DCM 112181,
+    [hnsf'U]) with its standard deviation, and the ROI's Area (SCT 42798000, cm2) on one
+    slice (:mod:`worker.composition.bone`: anterior 60 % of the body, 3 mm inside the
+    cortex, pooled over the L3 slice and its neighbours within 3 mm). None when it was not
+    measured: the reason stays in result.json. No threshold is reported (the published ones
+    are for L1).
+    """
+    t = composition.trabecular
+    if t is None or t.mean_hu is None or t.roi is None:
+        return None
+    polygon = region_polygon(t.roi)
+    if polygon is None:
+        return None
+    measurements = [
+        Measurement(name=c.MEAN_ATTENUATION, value=round(float(t.mean_hu), 1), unit=c.UNIT_HU),
+        Measurement(
+            name=codes.DCM.AttenuationCoefficient,
+            value=round(float(t.sd_hu or 0.0), 1),
+            unit=c.UNIT_HU,
+            derivation=c.STANDARD_DEVIATION,
+        ),
+        Measurement(name=c.AREA, value=round(float(t.roi_area_cm2), 1), unit=c.UNIT_CM2),
+    ]
+    series_uid = str(ct.SeriesInstanceUID)
+    return PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=derived_uid(series_uid, "tracking", "l3-trabecular"),
+            identifier="L3 vertebral body trabecular bone",
+        ),
+        referenced_region=ImageRegion(
+            graphic_type=GraphicTypeValues.POLYLINE,
+            graphic_data=polygon,
+            source_image=SourceImageForRegion(ct.SOPClassUID, ct.SOPInstanceUID),
+        ),
+        finding_type=c.TYPE_BONE,
+        algorithm_id=_algorithm_id(),
+        finding_sites=[FindingSite(c.L3_VERTEBRA)],
+        measurements=measurements,
+    )
+
+
 def build_sr(
     ct: Dataset,
     location: L3Location,
@@ -485,6 +535,9 @@ def build_sr(
     evidence: list[Dataset] = [ct]
     if composition is not None and seg is not None:
         groups.extend(_compartment_groups(ct, composition, seg, change))
+        trabecular = _trabecular_group(ct, composition)
+        if trabecular is not None:
+            groups.append(trabecular)
         evidence.append(seg)
     sr = _report(ct, groups, evidence)
     if change is not None and composition is not None:
