@@ -32,6 +32,7 @@ from core.config import AnyDestination, Config, config_file
 from core.errors import StartupError
 from core.jobs import jobs_database_label
 from core.logs import log_event
+from core.model_registry import ModelRegistryError, active_locator
 from core.queue import broker_label
 
 log = logging.getLogger(__name__)
@@ -146,16 +147,25 @@ def model_version(weights: Path) -> dict[str, Any]:
 def model_versions(config: Config) -> dict[str, Any]:
     """:func:`model_version` of each model the analysis uses, by role.
 
+    The locator's are those of the active version (:func:`core.model_registry.active_locator`:
+    the site's promoted one, else the configured weights), with its name as ``version``.
+
     Returns
     -------
     dict
-        ``locator`` (first stage), ``refine`` (second stage, absent when
-        ``locator.refine_weights`` is null), ``composition`` (``method``, and the U-Net's
-        version when the method is ``unet``).
+        ``locator`` (first stage), ``refine`` (second stage, absent when the version has
+        none), ``composition`` (``method``, and the U-Net's version when the method is
+        ``unet``). When the active site version's weights are missing, ``locator`` says so
+        (``missing: true`` and the reason): every analysis will fail with that reason.
     """
-    models: dict[str, Any] = {"locator": model_version(config.locator.weights)}
-    if config.locator.refine_weights is not None:
-        models["refine"] = model_version(config.locator.refine_weights)
+    try:
+        locator, label = active_locator(config)
+    except ModelRegistryError as exc:
+        models: dict[str, Any] = {"locator": {"missing": True, "reason": str(exc)}}
+    else:
+        models = {"locator": {**model_version(locator.weights), "version": label}}
+        if locator.refine_weights is not None:
+            models["refine"] = {**model_version(locator.refine_weights), "version": label}
     composition: dict[str, Any] = {"method": config.composition.method}
     if config.composition.method == "unet":
         composition.update(model_version(config.composition.unet_weights))

@@ -228,6 +228,8 @@ def test_reviews_through_the_page_teach_the_locator_a_site_it_did_not_know(
         assert result.algorithm.locator_model == "site-0001"
         sr = pydicom.dcmread(results / later / SR_FILE, stop_before_pixels=True)
         assert "locator site-0001" in list(sr.SoftwareVersions)
+        browser.get(f"http://127.0.0.1:{web_port}/jobs/{later}")
+        assert browser.find_element(By.ID, "locator-version").text == "site-0001"
 
         # --- and a promotion can be rolled back
         back = _l3spot("models", "rollback", "--config", str(config_path), timeout=60)

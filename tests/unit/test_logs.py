@@ -142,7 +142,25 @@ def test_the_shipped_models_carry_their_training_commit() -> None:
         )
         assert models[role]["git_commit"] == record["git_commit"][:12]
         assert len(models[role]["sha256"]) == 12
+        assert models[role]["version"].startswith("shipped (")
     assert models["composition"] == {"method": "classical"}
+
+
+def test_the_startup_summary_names_the_active_locator_version(tmp_path: Path) -> None:
+    import shutil
+
+    from core.model_registry import COARSE_FILE, ModelRegistry
+
+    cfg = Config.model_validate({"node": {"spool_dir": str(tmp_path / "spool")}})
+    registry = ModelRegistry.from_config(cfg)
+    name, folder = registry.new_version()
+    shutil.copy(cfg.locator.weights, folder / COARSE_FILE)
+    registry.promote(name, "alice", "test")
+    models = model_versions(cfg)
+    assert models["locator"]["version"] == name and models["locator"]["file"] == COARSE_FILE
+    assert "refine" not in models  # this version has no refinement stage
+    (folder / COARSE_FILE).unlink()
+    assert model_versions(cfg)["locator"]["missing"] is True
 
 
 def test_the_startup_summary_names_what_an_operator_checks(
