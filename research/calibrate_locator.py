@@ -360,18 +360,123 @@ def cached_cases(
     device: str = "auto",
     each: Callable[[CalibrationCase], None] | None = None,
 ) -> list[CalibrationCase]:
-    """:func:`collect_cases`, kept as ``<cache_dir>/cases-<weights sha>-<seed>-<n>.jsonl``.
+    """:func:`collect_cases` with the cases kept in ``<cache_dir>/cases-<weights>.jsonl``.
 
-    The file name holds the first 12 hex digits of the first- and refinement-stage weights'
-    SHA-256, so other weights never reuse the cases. ``cache_dir`` None: no cache.
+    ``<weights>`` is the first 12 hex digits of the first- and refinement-stage weights'
+    SHA-256, so other weights never reuse the cases. Every case is appended as soon as it
+    is done (a long run can be stopped and resumed); seeds already there are not run again.
+    ``cache_dir`` None: no cache.
     """
     if cache_dir is None:
         return collect_cases(n, seed, config, device, each)
     fine = "none" if config.refine_weights is None else file_sha256(config.refine_weights)[:12]
-    key = f"{file_sha256(config.weights)[:12]}-{fine}"
-    path = Path(cache_dir) / f"cases-{key}-{seed}-{n}.jsonl"
-    if path.is_file():
-        return load_cases(path)
-    cases = collect_cases(n, seed, config, device, each)
-    save_cases(cases, path)
-    return cases
+    path = Path(cache_dir) / f"cases-{file_sha256(config.weights)[:12]}-{fine}.jsonl"
+    known = {c.seed: c for c in load_cases(path)} if path.is_file() else {}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        s = seed
+        while s < seed + n:
+            if s in known:
+                s += 1
+                continue
+            stop = s
+            while stop < seed + n and stop not in known:
+                stop += 1
+
+            def keep(case: CalibrationCase) -> None:
+                known[case.seed] = case
+                f.write(json.dumps(asdict(case)) + "\n")
+                f.flush()
+                if each:
+                    each(case)
+
+            collect_cases(stop - s, s, config, device, keep)
+            s = stop
+    return [known[s] for s in range(seed, seed + n)]
+
+
+def render_reliability_png(
+    sets: Sequence[tuple[str, np.ndarray, np.ndarray, tuple[int, int, int]]],
+    calibration: Calibration,
+    out: Path,
+    edges: Sequence[float] = (0, 0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 1.0),
+) -> Path:
+    """Draw the reliability diagram (left) and the calibration map (right) as a PNG.
+
+    Parameters
+    ----------
+    sets : (label, calibrated probabilities (n,), outcomes within 10 mm (n,) bool, RGB)
+        per data set (validation, test).
+    calibration : the map drawn on the right (raw confidence -> probability) with its flag
+        threshold.
+    out : PNG path (folders created).
+    edges : probability bins of the diagram.
+
+    Returns
+    -------
+    Path
+        ``out``.
+
+    Notes
+    -----
+    Left: per bin, the observed share within 10 mm against the mean predicted probability
+    (a dot, its area by the number of answers, the count beside it); the diagonal is perfect
+    calibration; the dashed line the flag threshold. Right: the isotonic map and the
+    threshold. PIL only (matplotlib is not a dependency).
+    """
+    from PIL import Image, ImageDraw
+
+    size, pad, gap = 360, 48, 40
+    img = Image.new("RGB", (2 * size + 2 * pad + gap + 20, size + 2 * pad), "white")
+    d = ImageDraw.Draw(img)
+
+    def panel(x0: int, title: str, xlabel: str, ylabel: str) -> Callable[[float, float], tuple]:
+        d.rectangle([x0, pad, x0 + size, pad + size], outline="black")
+        for v in (0.0, 0.25, 0.5, 0.75, 1.0):
+            px, py = x0 + v * size, pad + size - v * size
+            d.line([px, pad + size, px, pad + size + 4], fill="black")
+            d.line([x0 - 4, py, x0, py], fill="black")
+            d.text((px - 8, pad + size + 6), f"{v:g}", fill="black")
+            d.text((x0 - 30, py - 5), f"{v:g}", fill="black")
+        d.text((x0, pad - 30), title, fill="black")
+        d.text((x0 + size // 2 - 60, pad + size + 22), xlabel, fill="black")
+        d.text((x0 - 44, pad - 16), ylabel, fill="black")
+        return lambda x, y: (x0 + x * size, pad + size - y * size)
+
+    def dashed_h(to: Callable, y: float) -> None:
+        for k in range(0, 40, 2):
+            d.line([to(k / 40, y), to((k + 1) / 40, y)], fill=(200, 0, 0), width=1)
+
+    def dashed_v(to: Callable, x: float) -> None:
+        for k in range(0, 40, 2):
+            d.line([to(x, k / 40), to(x, (k + 1) / 40)], fill=(200, 0, 0), width=1)
+
+    left = panel(pad, "Reliability: P(within 10 mm)", "predicted probability", "observed")
+    d.line([left(0, 0), left(1, 1)], fill=(160, 160, 160))
+    dashed_v(left, calibration.flag_below)
+    for k, (label, p, ok, rgb) in enumerate(sets):
+        d.text((pad + 8, pad + 8 + 14 * k), f"o {label} (n={len(p)})", fill=rgb)
+        for row in reliability_table(p, ok, edges):
+            cx, cy = left(row["mean_predicted"], row["observed"])
+            r = 2 + 2 * np.sqrt(row["n"])
+            r = min(r, 14)
+            d.ellipse([cx - r, cy - r, cx + r, cy + r], outline=rgb, width=2)
+            d.text((cx + r + 2, cy - 6 + 12 * k), str(row["n"]), fill=rgb)
+    x0 = 2 * pad + size + gap
+    right = panel(x0, "Calibration map (validation)", "raw confidence", "P(within 10 mm)")
+    grid = np.linspace(0, 1, 201)
+    pts = [
+        right(float(g), float(v))
+        for g, v in zip(grid, calibration.probabilities(grid), strict=True)
+    ]
+    d.line(pts, fill=(0, 70, 200), width=2)
+    dashed_h(right, calibration.flag_below)
+    d.text(
+        right(0.02, calibration.flag_below + 0.03),
+        f"flag below {calibration.flag_below:.3f}",
+        fill=(200, 0, 0),
+    )
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    img.save(out)
+    return out
