@@ -151,22 +151,18 @@ def fit_isotonic(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     y = np.asarray(y, np.float64)
     if x.size == 0 or x.shape != y.shape:
         raise ValueError("need as many outcomes as scores (and at least one)")
-    order = np.argsort(x, kind="stable")
-    xs, ys = x[order], y[order]
-    # blocks: [sum_x, sum_y, count]; equal scores start in one block
+    ux, inverse = np.unique(x, return_inverse=True)  # equal scores form one block
+    counts = np.bincount(inverse).astype(np.float64)
+    sums_y = np.bincount(inverse, weights=y)
+    # blocks: [sum_x, sum_y, count], merged while the previous mean exceeds the last
     blocks: list[list[float]] = []
-    for xi, yi in zip(xs, ys, strict=True):
-        if blocks and xi == blocks[-1][0] / blocks[-1][2]:
-            blocks[-1][0] += xi
-            blocks[-1][1] += yi
-            blocks[-1][2] += 1
-        else:
-            blocks.append([xi, yi, 1.0])
+    for xi, sy, c in zip(ux * counts, sums_y, counts, strict=True):
+        blocks.append([float(xi), float(sy), float(c)])
         while len(blocks) > 1 and blocks[-2][1] / blocks[-2][2] > blocks[-1][1] / blocks[-1][2]:
-            sx, sy, c = blocks.pop()
-            blocks[-1][0] += sx
-            blocks[-1][1] += sy
-            blocks[-1][2] += c
+            bx, by, bc = blocks.pop()
+            blocks[-1][0] += bx
+            blocks[-1][1] += by
+            blocks[-1][2] += bc
     kx = np.array([b[0] / b[2] for b in blocks])
     ky = np.array([b[1] / b[2] for b in blocks])
     return kx, ky

@@ -160,6 +160,20 @@ def test_low_confidence_adds_a_qa_flag(
     assert pipeline.LOW_CONFIDENCE_FLAG in result.qa_flags
 
 
+def test_the_qa_flag_follows_the_locators_threshold_not_a_fixed_one(
+    fake_stages: dict[str, bool], series_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: the threshold is chosen with the calibration (``L3Location.flag_below``); a
+    calibrated 0.2 above a threshold of 0.1 raises no flag, and result.json says why."""
+    weak = fabricated_location()
+    weak.confidence, weak.confidence_raw, weak.flag_below = 0.2, 0.05, 0.1
+    monkeypatch.setattr(pipeline, "locate_l3", lambda *a, **k: weak)
+    result = pipeline.analyze_series(series_dir, tmp_path / "o", Config())
+    assert pipeline.LOW_CONFIDENCE_FLAG not in result.qa_flags
+    assert result.l3.confidence == 0.2 and result.l3.confidence_raw == 0.05
+    assert result.l3.confidence_flag_below == 0.1 and result.l3.confidence_calibrated
+
+
 def test_too_short_series_raises_series_validation_error(tmp_path: Path) -> None:
     d = tmp_path / "short"
     paths = write_series(d)

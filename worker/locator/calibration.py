@@ -127,11 +127,12 @@ def calibration_path(weights: Path) -> Path:
 
 def file_sha256(path: Path) -> str:
     """Hex SHA-256 of a file's bytes."""
-    return _sha256(str(Path(path).resolve()), Path(path).stat().st_mtime_ns)
+    st = Path(path).stat()
+    return _sha256(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
 
 
 @functools.lru_cache(maxsize=32)
-def _sha256(path: str, mtime_ns: int) -> str:
+def _sha256(path: str, mtime_ns: int, size: int) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
@@ -152,12 +153,14 @@ def load_calibration(weights: Path, refine_weights: Path | None) -> Calibration 
     """
     path = calibration_path(weights)
     mtime = path.stat().st_mtime_ns if path.is_file() else -1
-    fine = None if refine_weights is None else str(Path(refine_weights).resolve())
-    return _load_cached(str(Path(weights).resolve()), fine, str(path), mtime)
+    fine = None if refine_weights is None else file_sha256(refine_weights)
+    return _load_cached(file_sha256(weights), fine, str(path), mtime)
 
 
 @functools.lru_cache(maxsize=16)
-def _load_cached(weights: str, fine: str | None, path: str, mtime_ns: int) -> Calibration | None:
+def _load_cached(
+    coarse_sha: str, fine_sha: str | None, path: str, mtime_ns: int
+) -> Calibration | None:
     why = None
     cal = None
     if mtime_ns < 0:
@@ -168,8 +171,7 @@ def _load_cached(weights: str, fine: str | None, path: str, mtime_ns: int) -> Ca
         except (OSError, ValueError, KeyError, TypeError) as exc:
             why = f"unreadable calibration file ({exc})"
         else:
-            fine_sha = None if fine is None else file_sha256(Path(fine))
-            if cal.coarse_sha256 != file_sha256(Path(weights)) or cal.fine_sha256 != fine_sha:
+            if cal.coarse_sha256 != coarse_sha or cal.fine_sha256 != fine_sha:
                 why = "calibration fitted with other locator weights"
                 cal = None
     if cal is None:
