@@ -283,6 +283,33 @@ def brier(p: np.ndarray, ok: np.ndarray) -> float:
     return round(float(np.mean((p - np.asarray(ok, np.float64)) ** 2)), 5)
 
 
+def auc(score: np.ndarray, ok: np.ndarray) -> float | None:
+    """Area under the ROC curve of ``score`` for telling answers within 10 mm (``ok``) from
+    the others (ties count half); None without both kinds."""
+    score = np.asarray(score, np.float64)
+    ok = np.asarray(ok, bool)
+    pos, neg = score[ok], score[~ok]
+    if pos.size == 0 or neg.size == 0:
+        return None
+    greater = (pos[:, None] > neg[None, :]).mean()
+    ties = (pos[:, None] == neg[None, :]).mean()
+    return round(float(greater + 0.5 * ties), 4)
+
+
+def candidate_scores(cases: Sequence[CalibrationCase]) -> dict[str, np.ndarray]:
+    """Scores that could be calibrated, per answered case: the raw confidence (the one
+    used), its parts, the refinement's correlation and the product raw x fine corr^2."""
+    fc = np.array([max(c.fine_correlation or 0.0, 0.0) for c in cases])
+    raw = np.array([c.confidence_raw for c in cases])
+    return {
+        "confidence_raw": raw,
+        "agreement": np.array([c.agreement for c in cases]),
+        "presence": np.array([c.presence or 0.0 for c in cases]),
+        "fine_correlation": fc,
+        "raw_x_fine_correlation2": raw * fc**2,
+    }
+
+
 def build_calibration(
     cases: Sequence[CalibrationCase],
     config: LocatorConfig,
@@ -335,6 +362,9 @@ def build_calibration(
         "max_flagged_share": max_flagged_share,
         "validation_flag": flag_stats(p, ok, t),
         "validation_brier": brier(p, ok),
+        "validation_auc_of_candidate_scores": {
+            k: auc(v, ok) for k, v in candidate_scores(ans).items()
+        },
         "weights": Path(config.weights).name,
         "refine_weights": None if config.refine_weights is None else config.refine_weights.name,
     }
