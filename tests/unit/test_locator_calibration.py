@@ -259,3 +259,22 @@ def test_auc_ranks_the_right_answers_above_the_wrong_ones() -> None:
     assert auc(np.array([0.1, 0.8, 0.9]), ok) == 0.0
     assert auc(np.array([0.5, 0.5, 0.5]), ok) == 0.5
     assert auc(np.array([0.5, 0.5]), np.array([True, True])) is None
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--val-seed", "100"],  # inside the training seeds
+        ["--val-seed", "5000000", "--test-seed", "5000050"],  # validation and test overlap
+    ],
+)
+def test_calibrate_locator_refuses_training_or_overlapping_seeds(
+    args: list[str], tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from l3spot import app
+
+    out = tmp_path / "cal.json"
+    r = CliRunner().invoke(app, ["calibrate-locator", *args, "--out", str(out)])
+    assert r.exit_code == 2 and not out.exists()

@@ -12,7 +12,9 @@ few next-best runs refined on the fine MIP (:func:`worker.locator.fine.choose_ru
 
 Modules, in dependency order (no circle): ``model`` (networks) and ``windows`` (geometry,
 input strip) -> ``decision`` (numpy) and ``weights`` (file format, loading) -> ``coarse``
-and ``fine`` (the two stages; neither imports the other) -> ``locate`` (this module).
+and ``fine`` (the two stages; neither imports the other) -> ``locate`` (this module), which
+also applies ``calibration`` (raw confidence -> P(within 10 mm) and the flag threshold, read
+from beside the first-stage weights; numpy only).
 """
 
 from __future__ import annotations
