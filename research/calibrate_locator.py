@@ -15,6 +15,7 @@ Never fitted on the real cases nor on the test phantoms it reports. numpy only
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -25,7 +26,13 @@ import numpy as np
 
 from core.config import LocatorConfig
 from research.evaluate_locator import SUCCESS_MM, locate_phantoms
-from worker.locator.calibration import CALIBRATION_FORMAT, Calibration, file_sha256
+from worker.locator.calibration import (
+    CALIBRATION_FORMAT,
+    SCORES,
+    Calibration,
+    calibration_score,
+    file_sha256,
+)
 
 
 @dataclass
@@ -123,18 +130,23 @@ def load_cases(path: Path) -> list[CalibrationCase]:
     return [CalibrationCase(**json.loads(line)) for line in path.read_text().splitlines() if line]
 
 
-def fit_isotonic(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def fit_isotonic(
+    x: np.ndarray, y: np.ndarray, laplace: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Non-decreasing least-squares fit of ``y`` on ``x`` (pool adjacent violators).
 
     Parameters
     ----------
-    x : (n,) scores (any order; ties are pooled).
+    x : (n,) scores (any order; equal scores are pooled).
     y : (n,) outcomes in [0, 1].
+    laplace : report each pooled block's share as ``(k + 1) / (n + 2)`` (Laplace's rule of
+        succession: a block of 130 right answers says 0.992, not certainty), then the
+        running maximum so the map stays non-decreasing.
 
     Returns
     -------
-    knots_x : (k,) ascending, the mean score of each pooled block.
-    knots_y : (k,) non-decreasing, the block's mean outcome.
+    knots_x : (k,) strictly ascending: the lowest and the highest score of each block.
+    knots_y : (k,) non-decreasing: the block's share (constant within a block).
 
     Raises
     ------
@@ -144,8 +156,9 @@ def fit_isotonic(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Notes
     -----
     Ayer et al. 1955, Barlow et al. 1972: the isotonic regression is the block means after
-    repeatedly merging adjacent blocks that violate the order. Between knots the map is
-    interpolated linearly (:meth:`worker.locator.calibration.Calibration.probability`).
+    repeatedly merging adjacent blocks that violate the order; adjacent blocks with equal
+    means are merged too. Between knots the map is interpolated linearly
+    (:meth:`worker.locator.calibration.Calibration.probabilities`).
     """
     x = np.asarray(x, np.float64)
     y = np.asarray(y, np.float64)
@@ -154,18 +167,24 @@ def fit_isotonic(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     ux, inverse = np.unique(x, return_inverse=True)  # equal scores form one block
     counts = np.bincount(inverse).astype(np.float64)
     sums_y = np.bincount(inverse, weights=y)
-    # blocks: [sum_x, sum_y, count], merged while the previous mean exceeds the last
+    # blocks: [first x, last x, sum_y, count], merged while the previous mean >= the last
     blocks: list[list[float]] = []
-    for xi, sy, c in zip(ux * counts, sums_y, counts, strict=True):
-        blocks.append([float(xi), float(sy), float(c)])
-        while len(blocks) > 1 and blocks[-2][1] / blocks[-2][2] > blocks[-1][1] / blocks[-1][2]:
-            bx, by, bc = blocks.pop()
-            blocks[-1][0] += bx
-            blocks[-1][1] += by
-            blocks[-1][2] += bc
-    kx = np.array([b[0] / b[2] for b in blocks])
-    ky = np.array([b[1] / b[2] for b in blocks])
-    return kx, ky
+    for xi, sy, c in zip(ux, sums_y, counts, strict=True):
+        blocks.append([float(xi), float(xi), float(sy), float(c)])
+        while len(blocks) > 1 and blocks[-2][2] / blocks[-2][3] >= blocks[-1][2] / blocks[-1][3]:
+            _, last, by, bc = blocks.pop()
+            blocks[-1][1] = last
+            blocks[-1][2] += by
+            blocks[-1][3] += bc
+    share = np.array([(b[2] + 1) / (b[3] + 2) if laplace else b[2] / b[3] for b in blocks])
+    share = np.maximum.accumulate(share)
+    kx: list[float] = []
+    ky: list[float] = []
+    for b, p in zip(blocks, share, strict=True):
+        for v in dict.fromkeys((b[0], b[1])):
+            kx.append(v)
+            ky.append(float(p))
+    return np.array(kx), np.array(ky)
 
 
 def flag_stats(p: np.ndarray, ok: np.ndarray, threshold: float) -> dict[str, Any]:
@@ -296,18 +315,21 @@ def auc(score: np.ndarray, ok: np.ndarray) -> float | None:
     return round(float(greater + 0.5 * ties), 4)
 
 
+def case_scores(cases: Sequence[CalibrationCase], name: str) -> np.ndarray:
+    """(n,) the calibration score ``name`` of each case
+    (:func:`worker.locator.calibration.calibration_score`, the rule inference uses)."""
+    return np.array([calibration_score(name, c.confidence_raw, c.fine_correlation) for c in cases])
+
+
 def candidate_scores(cases: Sequence[CalibrationCase]) -> dict[str, np.ndarray]:
-    """Scores that could be calibrated, per answered case: the raw confidence (the one
-    used), its parts, the refinement's correlation and the product raw x fine corr^2."""
-    fc = np.array([max(c.fine_correlation or 0.0, 0.0) for c in cases])
-    raw = np.array([c.confidence_raw for c in cases])
-    return {
-        "confidence_raw": raw,
-        "agreement": np.array([c.agreement for c in cases]),
-        "presence": np.array([c.presence or 0.0 for c in cases]),
-        "fine_correlation": fc,
-        "raw_x_fine_correlation2": raw * fc**2,
-    }
+    """Scores per answered case: those a calibration can map
+    (:data:`worker.locator.calibration.SCORES`), and for comparison the raw confidence's
+    parts and the refinement's correlation alone."""
+    out = {name: case_scores(cases, name) for name in SCORES}
+    out["agreement"] = np.array([c.agreement for c in cases])
+    out["presence"] = np.array([c.presence or 0.0 for c in cases])
+    out["fine_correlation"] = np.array([max(c.fine_correlation or 0.0, 0.0) for c in cases])
+    return out
 
 
 def build_calibration(
@@ -315,6 +337,7 @@ def build_calibration(
     config: LocatorConfig,
     provenance: dict[str, Any],
     max_flagged_share: float = 0.10,
+    score: str | None = None,
 ) -> Calibration:
     """Fit the map and the flag threshold on validation cases (answers only).
 
@@ -326,29 +349,38 @@ def build_calibration(
         applies to exactly those).
     provenance : command, seeds, commit... stored in the file as they are.
     max_flagged_share : see :func:`choose_threshold`.
+    score : the score to map (:data:`worker.locator.calibration.SCORES`); None = the one
+        with the highest AUC on these validation answers (ties: the first, the raw
+        confidence).
 
     Returns
     -------
     Calibration
+        Probabilities by :func:`fit_isotonic` with Laplace smoothing.
 
     Raises
     ------
     ValueError
-        No answered case.
+        No answered case, or an unknown score.
     """
     ans = [c for c in cases if c.answered]
     if not ans:
         raise ValueError("no validation phantom with an answer: nothing to calibrate")
-    x = np.array([c.confidence_raw for c in ans])
     ok = np.array([c.within for c in ans])
-    kx, ky = fit_isotonic(x, ok.astype(np.float64))
+    aucs = {k: auc(v, ok) for k, v in candidate_scores(ans).items()}
+    if score is None:
+        score = max(SCORES, key=lambda k: (aucs[k] or 0.0, -SCORES.index(k)))
+    if score not in SCORES:
+        raise ValueError(f"unknown calibration score {score!r} (one of {SCORES})")
+    x = case_scores(ans, score)
+    kx, ky = fit_isotonic(x, ok.astype(np.float64), laplace=True)
     draft = Calibration(
         knots_raw=tuple(float(v) for v in kx),
         knots_probability=tuple(float(v) for v in ky),
         flag_below=0.0,
         coarse_sha256=file_sha256(config.weights),
         fine_sha256=None if config.refine_weights is None else file_sha256(config.refine_weights),
-        record={},
+        score=score,
     )
     p = draft.probabilities(x)
     t = choose_threshold(p, ok, max_flagged_share)
@@ -356,26 +388,19 @@ def build_calibration(
         "format": CALIBRATION_FORMAT,
         **provenance,
         "outcome": f"answer within {SUCCESS_MM:g} mm of the true mid-L3 (phantom truth)",
+        "score": score,
+        "score_choice": "given" if provenance.get("score_given") else "highest validation AUC",
         "n_validation_phantoms": len(cases),
         "n_validation_answers": len(ans),
         "n_validation_within": int(ok.sum()),
         "max_flagged_share": max_flagged_share,
         "validation_flag": flag_stats(p, ok, t),
         "validation_brier": brier(p, ok),
-        "validation_auc_of_candidate_scores": {
-            k: auc(v, ok) for k, v in candidate_scores(ans).items()
-        },
+        "validation_auc_of_candidate_scores": aucs,
         "weights": Path(config.weights).name,
         "refine_weights": None if config.refine_weights is None else config.refine_weights.name,
     }
-    return Calibration(
-        knots_raw=draft.knots_raw,
-        knots_probability=draft.knots_probability,
-        flag_below=t,
-        coarse_sha256=draft.coarse_sha256,
-        fine_sha256=draft.fine_sha256,
-        record=record,
-    )
+    return dataclasses.replace(draft, flag_below=t, record=record)
 
 
 def cached_cases(
@@ -489,7 +514,7 @@ def render_reliability_png(
             d.ellipse([cx - r, cy - r, cx + r, cy + r], outline=rgb, width=2)
             d.text((cx + r + 2, cy - 6 + 12 * k), str(row["n"]), fill=rgb)
     x0 = 2 * pad + size + gap
-    right = panel(x0, "Calibration map (validation)", "raw confidence", "P(within 10 mm)")
+    right = panel(x0, "Calibration map (validation)", calibration.score, "P(within 10 mm)")
     grid = np.linspace(0, 1, 201)
     pts = [
         right(float(g), float(v))

@@ -119,6 +119,9 @@ def calibrate_locator(
     refine_weights: RefineOption = None,
     no_refine: NoRefineOption = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    score: Annotated[
+        str | None, typer.Option(help="Score to map (default: best validation AUC).")
+    ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write all figures.")] = None,
 ) -> None:
     """Calibrate the locator's confidence to P(within 10 mm) on validation phantoms; report
@@ -131,6 +134,7 @@ def calibrate_locator(
         brier,
         build_calibration,
         cached_cases,
+        case_scores,
         flag_stats,
         reliability_table,
         render_reliability_png,
@@ -159,15 +163,16 @@ def calibrate_locator(
         "test_seeds": [test.start, test.stop - 1],
         "training_seeds": [TRAINING_SEEDS.start, TRAINING_SEEDS.stop - 1],
         "phantoms": "worker.training.locator.phantom_mips(seed, training=False)",
+        "score_given": score is not None,
     }
-    cal = build_calibration(vcases, cfg, provenance, max_flagged_share)
+    cal = build_calibration(vcases, cfg, provenance, max_flagged_share, score)
     tcases = cached_cases(test_phantoms, test_seed, cfg, sub("test"), device, progress)
     tans = [c for c in tcases if c.answered]
     traw = np.array([c.confidence_raw for c in tans])
     tok = np.array([c.within for c in tans])
-    tp = cal.probabilities(traw)
+    tp = cal.probabilities(case_scores(tans, cal.score))
     vans = [c for c in vcases if c.answered]
-    vp = cal.probabilities(np.array([c.confidence_raw for c in vans]))
+    vp = cal.probabilities(case_scores(vans, cal.score))
     vok = np.array([c.within for c in vans])
     test_figures = {
         "n_test_phantoms": len(tcases),

@@ -45,16 +45,26 @@ def test_isotonic_fit_pools_violators_into_a_non_decreasing_map() -> None:
     y = np.array([0.0, 1.0, 0.0, 1.0, 1.0, 0.0])
     kx, ky = fit_isotonic(x, y)
     assert np.all(np.diff(ky) >= 0) and np.all(np.diff(kx) > 0)
-    # PAV by hand: (0) | (1, 0) -> 0.5 | (1, 1, 0) -> 2/3
-    assert ky.tolist() == pytest.approx([0.0, 0.5, 2 / 3])
-    assert kx.tolist() == pytest.approx([0.1, 0.25, 0.5])
-    # the least-squares fit keeps the outcome rate
-    assert float(np.repeat(ky, [1, 2, 3]).mean()) == pytest.approx(y.mean())
+    # PAV by hand: (0) | (1, 0) -> 0.5 | (1, 1, 0) -> 2/3; knots at each block's ends
+    assert kx.tolist() == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.6])
+    assert ky.tolist() == pytest.approx([0.0, 0.5, 0.5, 2 / 3, 2 / 3])
+    # Laplace: (0+1)/(1+2), (1+1)/(2+2), (2+1)/(3+2), still non-decreasing
+    _, ly = fit_isotonic(x, y, laplace=True)
+    assert ly.tolist() == pytest.approx([1 / 3, 0.5, 0.5, 0.6, 0.6])
+
+
+def test_isotonic_fit_merges_equal_blocks_and_never_reports_certainty_with_laplace() -> None:
+    x = np.linspace(0.5, 1.0, 100)
+    kx, ky = fit_isotonic(x, np.ones(100), laplace=True)
+    assert kx.tolist() == [0.5, 1.0] and ky.tolist() == pytest.approx([101 / 102] * 2)
 
 
 def test_isotonic_fit_pools_equal_scores_and_sorts() -> None:
     kx, ky = fit_isotonic(np.array([0.9, 0.2, 0.9, 0.2]), np.array([1.0, 0.0, 0.0, 1.0]))
     assert kx.tolist() == pytest.approx([0.2, 0.9]) and ky.tolist() == pytest.approx([0.5, 0.5])
+    # 0.2 -> 1 then 0.9 -> 0.5 violate the order: one block of 2/3
+    kx, ky = fit_isotonic(np.array([0.9, 0.2, 0.9]), np.array([1.0, 1.0, 0.0]))
+    assert kx.tolist() == pytest.approx([0.2, 0.9]) and ky.tolist() == pytest.approx([2 / 3] * 2)
     with pytest.raises(ValueError):
         fit_isotonic(np.zeros(0), np.zeros(0))
 
@@ -118,7 +128,9 @@ def test_build_calibration_fits_answers_only_and_records_the_weights(tmp_path: P
     cfg = LocatorConfig(weights=w, refine_weights=None)
     cal = build_calibration(cases, cfg, {"command": "test"}, max_flagged_share=0.2)
     assert cal.coarse_sha256 == file_sha256(w) and cal.fine_sha256 is None
-    assert cal.probability(0.9) == pytest.approx(1.0) and cal.probability(0.1) == 0.0
+    # Laplace-smoothed block shares: 19/20 right, 1/4 for the two wrong ones
+    assert cal.probability(0.9) == pytest.approx(19 / 20) and cal.probability(0.1) == 0.25
+    assert cal.score == "confidence_raw"  # no refinement: both scores tie, the simpler wins
     assert 0.0 < cal.flag_below <= 1.0
     assert cal.record["n_validation_answers"] == 20 and cal.record["command"] == "test"
     assert cal.record["validation_flag"]["precision"] == 1.0
@@ -162,6 +174,20 @@ def test_calibration_loads_for_its_weights_and_falls_back_with_a_log_line(
     caplog.clear()
     assert load_calibration(coarse, fine) is None
     assert "unreadable calibration file" in caplog.text
+
+
+def test_the_score_of_the_refinement_enters_only_where_it_ran() -> None:
+    from worker.locator.calibration import calibration_score
+
+    assert calibration_score("confidence_raw", 0.8, 0.5) == 0.8
+    assert calibration_score("raw_x_fine_correlation2", 0.8, 0.5) == pytest.approx(0.2)
+    assert calibration_score("raw_x_fine_correlation2", 0.8, -0.3) == 0.0
+    assert calibration_score("raw_x_fine_correlation2", 0.8, None) == 0.8
+    with pytest.raises(ValueError):
+        calibration_score("presence", 0.8, None)
+    cal = Calibration((0.0, 1.0), (0.0, 1.0), 0.5, "a", None, score="raw_x_fine_correlation2")
+    assert cal.probability(0.8, 0.5) == pytest.approx(0.2)
+    assert Calibration.from_dict(cal.to_dict()) == cal
 
 
 def test_the_flag_threshold_comes_from_config_then_calibration_then_the_raw_default() -> None:

@@ -36,25 +36,55 @@ CALIBRATION_FORMAT = "l3spot-locator-calibration"
 #: the suffix replacing ``.pt`` of the first-stage weights
 CALIBRATION_SUFFIX = ".calibration.json"
 
+#: the scores a calibration can map (:func:`calibration_score`)
+SCORES = ("confidence_raw", "raw_x_fine_correlation2")
+
+
+def calibration_score(name: str, raw: float, fine_correlation: float | None) -> float:
+    """The score a calibration maps to a probability.
+
+    Parameters
+    ----------
+    name : one of :data:`SCORES`. ``"confidence_raw"``: the raw confidence.
+        ``"raw_x_fine_correlation2"``: the raw confidence times the square of the refinement
+        stage's correlation (floored at 0); the raw confidence alone when no refinement ran.
+    raw : the raw confidence ``corr**2 * agreement * presence`` of the chosen run.
+    fine_correlation : the refinement's slope -1 correlation
+        (``L3Location.refinement["correlation"]``), or None.
+
+    Raises
+    ------
+    ValueError
+        Unknown ``name``.
+    """
+    if name == "confidence_raw":
+        return float(raw)
+    if name == "raw_x_fine_correlation2":
+        if fine_correlation is None:
+            return float(raw)
+        return float(raw) * max(float(fine_correlation), 0.0) ** 2
+    raise ValueError(f"unknown calibration score {name!r} (one of {SCORES})")
+
 
 @dataclass(frozen=True)
 class Calibration:
-    """A monotone map of the raw confidence to P(within 10 mm), and the flag threshold.
+    """A monotone map of the locator's score to P(within 10 mm), and the flag threshold.
 
     Attributes
     ----------
-    knots_raw : ascending raw confidences (isotonic block means).
+    knots_raw : ascending scores (:func:`calibration_score` ``score``; isotonic block means).
     knots_probability : non-decreasing probabilities at those knots, in [0, 1].
     flag_below : flag an answer (``low_l3_confidence``) whose probability is below this.
     coarse_sha256, fine_sha256 : SHA-256 of the weights files it was fitted with (the fine
         one None when fitted without a refinement stage).
     record : provenance (command, seeds, commit, validation figures).
+    score : which score the knots are of (one of :data:`SCORES`).
 
     Raises
     ------
     ValueError
-        Knots empty, of different lengths, not ascending / non-decreasing, or
-        probabilities outside [0, 1].
+        Knots empty, of different lengths, not ascending / non-decreasing,
+        probabilities outside [0, 1], or an unknown score.
     """
 
     knots_raw: tuple[float, ...]
@@ -63,8 +93,11 @@ class Calibration:
     coarse_sha256: str
     fine_sha256: str | None
     record: dict[str, Any] = field(default_factory=dict)
+    score: str = "confidence_raw"
 
     def __post_init__(self) -> None:
+        if self.score not in SCORES:
+            raise ValueError(f"unknown calibration score {self.score!r} (one of {SCORES})")
         x = np.asarray(self.knots_raw, np.float64)
         y = np.asarray(self.knots_probability, np.float64)
         if x.size == 0 or x.shape != y.shape:
@@ -79,15 +112,18 @@ class Calibration:
         beyond the first and last knot). ``raw``: any shape; returns float64, same shape."""
         return np.interp(np.asarray(raw, np.float64), self.knots_raw, self.knots_probability)
 
-    def probability(self, raw: float) -> float:
-        """P(within 10 mm) of one raw confidence."""
-        return float(self.probabilities(np.asarray([raw]))[0])
+    def probability(self, raw: float, fine_correlation: float | None = None) -> float:
+        """P(within 10 mm) of one answer from its raw confidence and the refinement's
+        correlation (:func:`calibration_score`)."""
+        s = calibration_score(self.score, raw, fine_correlation)
+        return float(self.probabilities(np.asarray([s]))[0])
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON content of a calibration file."""
         return {
             "format": CALIBRATION_FORMAT,
             "version": 1,
+            "score": self.score,
             "coarse_sha256": self.coarse_sha256,
             "fine_sha256": self.fine_sha256,
             "flag_below": self.flag_below,
@@ -108,6 +144,7 @@ class Calibration:
             coarse_sha256=str(d["coarse_sha256"]),
             fine_sha256=None if d.get("fine_sha256") is None else str(d["fine_sha256"]),
             record=dict(d.get("record") or {}),
+            score=str(d.get("score", "confidence_raw")),
         )
 
     def save(self, path: Path) -> None:

@@ -306,7 +306,10 @@ def locate_in_mip(
         refinement["candidates"] = len(candidates)
         refinement["first_stage_choice_kept"] = d is candidates[0]
     row = float(mip.z_to_row(z))
-    conf = d.confidence if calibration is None else calibration.probability(d.confidence)
+    conf = d.confidence
+    if calibration is not None:
+        fine_corr = None if refinement is None else float(refinement["correlation"])
+        conf = calibration.probability(d.confidence, fine_corr)
     reason = None
     if conf < threshold:
         what = "P(within 10 mm)" if calibration is not None else "confidence"
