@@ -67,6 +67,7 @@ def test_shipped_locator_gives_the_reference_answers_on_the_real_cases(shared_da
     assert res.z_mm == pytest.approx(314.81412506103516, abs=1e-3)
     assert res.mip_row == pytest.approx(37.49587758382162, abs=1e-3)
     assert res.confidence_raw == pytest.approx(0.48521645250270085, abs=1e-4)
+    assert res.confidence_calibrated  # the shipped weights carry their calibration
     chest = load_volume_any(shared_data / "chest_ct_lidc")
     res = locate_l3(chest, cfg, device="cpu")
     assert not res.in_field_of_view and res.slice_index is None
