@@ -506,7 +506,7 @@ def render_reliability_png(
     d.line([left(0, 0), left(1, 1)], fill=(160, 160, 160))
     dashed_v(left, calibration.flag_below)
     for k, (label, p, ok, rgb) in enumerate(sets):
-        d.text((pad + 8, pad + 8 + 14 * k), f"o {label} (n={len(p)})", fill=rgb)
+        d.text((pad + size - 190, pad + size - 34 + 14 * k), f"o {label} (n={len(p)})", fill=rgb)
         for row in reliability_table(p, ok, edges):
             cx, cy = left(row["mean_predicted"], row["observed"])
             r = 2 + 2 * np.sqrt(row["n"])
