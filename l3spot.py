@@ -36,6 +36,8 @@ COMMANDS: dict[str, str] = {
     "train-seg": "worker.commands.composition",
     "evaluate": "research.commands",
     "evaluate-composition": "research.commands",
+    "calibrate-locator": "research.commands",
+    "evaluate-crops": "research.commands",
 }
 
 HELP = "DICOM node that finds the L3 slice in CT and measures body composition."

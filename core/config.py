@@ -344,7 +344,9 @@ class LocatorConfig(_Section):
     weights: Path = MODELS_DIR / "locator_cnn4_round3.pt"  # first stage (locator_cnn4.md)
     stride_px: int = Field(4, ge=1)  # step between first-stage windows (MIP rows)
     batch_size: int = Field(64, ge=1)
-    min_confidence: float = Field(0.5, ge=0, le=1)
+    # low_l3_confidence flag below this reported confidence; null = the threshold chosen
+    # with the locator's calibration (models/locator_cnn4.md), 0.5 on the raw score without one
+    min_confidence: float | None = Field(None, ge=0, le=1)
     # second, finer stage around the first answer (worker/locator/fine.py, models/
     # locator_fine_cnn4.md); null = first stage only
     refine_weights: Path | None = MODELS_DIR / "locator_fine_cnn4.pt"

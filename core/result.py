@@ -34,6 +34,12 @@ class LocatorOutcome(Protocol):
     @property
     def confidence(self) -> float: ...
     @property
+    def confidence_raw(self) -> float | None: ...
+    @property
+    def confidence_calibrated(self) -> bool: ...
+    @property
+    def flag_below(self) -> float: ...
+    @property
     def reason(self) -> str | None: ...
 
 
@@ -113,6 +119,12 @@ class L3Result(_Model):
     locator's decision (between slices); ``instance_number`` and ``slice_location_mm`` name
     the L3 image as the viewer shows it (Instance Number, the image's own Slice Location or
     Image Position z): the SR and the Secondary Capture use those.
+
+    ``confidence``: with ``confidence_calibrated`` true and L3 found, the probability that
+    the slice is within 10 mm of the true mid-L3, calibrated on validation phantoms
+    (``models/locator_cnn4.md``); otherwise the locator's raw score. ``confidence_raw``
+    keeps the raw score (``corr**2 * agreement * presence``); ``confidence_flag_below`` is
+    the threshold under which the ``low_l3_confidence`` QA flag is raised.
     """
 
     in_field_of_view: bool
@@ -122,6 +134,9 @@ class L3Result(_Model):
     z_mm: float | None = None
     sop_instance_uid: str | None = None
     confidence: float = 0.0
+    confidence_raw: float | None = None
+    confidence_calibrated: bool = False
+    confidence_flag_below: float | None = None
     mip_row: float | None = None
     reason: str | None = None
 
@@ -268,6 +283,9 @@ def l3_result(location: LocatorOutcome, sop_instance_uid: str | None) -> L3Resul
         z_mm=_finite(location.z_mm) if location.in_field_of_view else None,
         sop_instance_uid=sop_instance_uid if location.in_field_of_view else None,
         confidence=float(location.confidence),
+        confidence_raw=None if location.confidence_raw is None else float(location.confidence_raw),
+        confidence_calibrated=bool(location.confidence_calibrated),
+        confidence_flag_below=float(location.flag_below),
         mip_row=_finite(location.mip_row) if location.in_field_of_view else None,
         reason=location.reason,
     )

@@ -13,6 +13,10 @@ import typer
 
 from worker.commands.locator import NoRefineOption, RefineOption, _locator_config
 
+#: Phantom seeds both shipped locator stages were trained on (models/locator_cnn4.md,
+#: models/locator_fine_cnn4.md): calibration and test seeds must lie above.
+TRAINING_SEEDS = range(0, 1480)
+
 
 def evaluate(
     phantoms: Annotated[int, typer.Option(help="Evaluate on this many phantoms.")] = 0,
@@ -56,7 +60,6 @@ def evaluate(
         )
 
 
-
 def evaluate_composition(
     phantoms: Annotated[int, typer.Option(help="Phantom cases (0 = none).")] = 10,
     seed: Annotated[int, typer.Option(help="Seed of the first phantom.")] = 5000,
@@ -94,8 +97,136 @@ def evaluate_composition(
             typer.echo(format_summary("\n" + titles[key], scores))
 
 
+def calibrate_locator(
+    val_phantoms: Annotated[int, typer.Option(help="Validation phantoms (fit).")] = 200,
+    val_seed: Annotated[int, typer.Option(help="First validation seed.")] = 4_000_000,
+    test_phantoms: Annotated[int, typer.Option(help="Test phantoms (reported only).")] = 120,
+    test_seed: Annotated[int, typer.Option(help="First test seed.")] = 1_000_000,
+    max_flagged_share: Annotated[
+        float, typer.Option(help="Flag at most this share of validation answers.")
+    ] = 0.10,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Calibration file (default: beside the first-stage weights)."),
+    ] = None,
+    png: Annotated[Path | None, typer.Option(help="Reliability diagram PNG.")] = Path(
+        "docs/images/locator_reliability.png"
+    ),
+    cache: Annotated[Path | None, typer.Option(help="Keep the phantom cases here.")] = Path(
+        "var/calibration"
+    ),
+    weights: Annotated[Path | None, typer.Option(help="Locator weights (default: config).")] = None,
+    refine_weights: RefineOption = None,
+    no_refine: NoRefineOption = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    score: Annotated[
+        str | None, typer.Option(help="Score to map (default: best validation AUC).")
+    ] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write all figures.")] = None,
+) -> None:
+    """Calibrate the locator's confidence to P(within 10 mm) on validation phantoms; report
+    reliability on test phantoms (models/locator_cnn4.md, "Calibrated confidence")."""
+    import sys
+
+    import numpy as np
+
+    from research.calibrate_locator import (
+        brier,
+        build_calibration,
+        cached_cases,
+        case_scores,
+        flag_stats,
+        reliability_table,
+        render_reliability_png,
+    )
+    from worker.commands.locator import _git_commit
+    from worker.locator.calibration import calibration_path
+
+    val = range(val_seed, val_seed + val_phantoms)
+    test = range(test_seed, test_seed + test_phantoms)
+    if val_seed < TRAINING_SEEDS.stop or test_seed < TRAINING_SEEDS.stop:
+        raise typer.BadParameter(f"seeds must lie above the training seeds {TRAINING_SEEDS}")
+    if set(val) & set(test):
+        raise typer.BadParameter("validation and test seeds overlap")
+    cfg = _locator_config(weights, None, refine_weights, no_refine)
+    out = out or calibration_path(cfg.weights)
+
+    def progress(c: object) -> None:
+        typer.echo(json.dumps(getattr(c, "__dict__", {})), err=True)
+
+    sub = (lambda name: None) if cache is None else (lambda name: cache / name)
+    vcases = cached_cases(val_phantoms, val_seed, cfg, sub("val"), device, progress)
+    provenance = {
+        "command": "l3spot " + " ".join(sys.argv[1:]),
+        "git_commit": _git_commit(),
+        "validation_seeds": [val.start, val.stop - 1],
+        "test_seeds": [test.start, test.stop - 1],
+        "training_seeds": [TRAINING_SEEDS.start, TRAINING_SEEDS.stop - 1],
+        "phantoms": "worker.training.locator.phantom_mips(seed, training=False)",
+        "score_given": score is not None,
+    }
+    cal = build_calibration(vcases, cfg, provenance, max_flagged_share, score)
+    tcases = cached_cases(test_phantoms, test_seed, cfg, sub("test"), device, progress)
+    tans = [c for c in tcases if c.answered]
+    traw = np.array([c.confidence_raw for c in tans])
+    tok = np.array([c.within for c in tans])
+    tp = cal.probabilities(case_scores(tans, cal.score))
+    vans = [c for c in vcases if c.answered]
+    vp = cal.probabilities(case_scores(vans, cal.score))
+    vok = np.array([c.within for c in vans])
+    test_figures = {
+        "n_test_phantoms": len(tcases),
+        "n_test_answers": len(tans),
+        "n_test_within": int(tok.sum()),
+        "test_flag": flag_stats(tp, tok, cal.flag_below),
+        "test_flag_raw_0.5": flag_stats(traw, tok, 0.5),
+        "test_brier": brier(tp, tok),
+        "test_brier_raw": brier(traw, tok),
+        "test_reliability": reliability_table(tp, tok),
+        "validation_reliability": reliability_table(vp, vok),
+        "validation_flag_raw_0.5": flag_stats(np.array([c.confidence_raw for c in vans]), vok, 0.5),
+    }
+    cal.record.update(test_figures)
+    cal.save(out)
+    typer.echo(f"wrote {out}")
+    typer.echo(json.dumps({k: v for k, v in cal.to_dict().items() if k != "record"}, indent=2))
+    typer.echo(json.dumps(cal.record, indent=2))
+    if png is not None:
+        render_reliability_png(
+            [
+                (f"validation {val.start}..{val.stop - 1}", vp, vok, (0, 70, 200)),
+                (f"test {test.start}..{test.stop - 1}", tp, tok, (220, 120, 0)),
+            ],
+            cal,
+            png,
+        )
+        typer.echo(f"wrote {png}")
+    if json_out is not None:
+        json_out.write_text(json.dumps(cal.to_dict(), indent=2) + "\n")
+
+
+def evaluate_crops(
+    weights: Annotated[Path | None, typer.Option(help="Locator weights (default: config).")] = None,
+    refine_weights: RefineOption = None,
+    no_refine: NoRefineOption = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the rows.")] = None,
+) -> None:
+    """Run the locator on crops of the real abdomen CT as scanners crop (evaluation data only,
+    never training data) and print a table; also the real chest series (not in the FOV)."""
+    from core.config import data_dir
+    from research.evaluate_crops import evaluate_real_crops, format_table
+
+    cfg = _locator_config(weights, None, refine_weights, no_refine)
+    rows = evaluate_real_crops(data_dir(), cfg, device)
+    typer.echo(format_table(rows))
+    if json_out is not None:
+        json_out.write_text(json.dumps([r.row() for r in rows], indent=2) + "\n")
+
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to app."""
     app.command("evaluate")(evaluate)
     app.command("evaluate-composition")(evaluate_composition)
+    app.command("calibrate-locator")(calibrate_locator)
+    app.command("evaluate-crops")(evaluate_crops)

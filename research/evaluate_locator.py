@@ -8,7 +8,7 @@ decision, time per scan. Overall: mean +/- sd, median, max, and the share within
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from core.config import LocatorConfig
-from worker.locator.locate import locate_l3
+from worker.locator.locate import L3Location, locate_l3
+from worker.mip import Mip
 from worker.volume.load import CTVolume
 
 #: Ha et al. 2021: a slice within 10 mm of the reference counts as a technical success.
@@ -135,14 +136,51 @@ def summarise(results: Iterable[CaseResult]) -> dict[str, Any]:
         "not_in_fov_cases": len(absent),
         "not_in_fov_correct": sum(1 for r in absent if r.pred_slice is None),
         "not_in_fov_incorrect": sum(1 for r in absent if r.pred_slice is not None),
-        "refinement_applied": (
-            f"{sum(1 for r in ran if r.refined)}/{len(ran)}" if ran else None
-        ),
+        "refinement_applied": (f"{sum(1 for r in ran if r.refined)}/{len(ran)}" if ran else None),
         "seconds_per_scan": {
             "mean": round(float(times.mean()), 3),
             "max": round(float(times.max()), 3),
         },
     }
+
+
+def locate_phantoms(
+    n: int, seed: int, config: LocatorConfig, device: str = "auto"
+) -> Iterator[tuple[int, Mip, float | None, L3Location, float]]:
+    """Run the configured locator (both stages) on ``n`` phantoms, seeds ``seed ..``.
+
+    Yields
+    ------
+    (seed, first-stage MIP, mid-L3 z in mm or None when L3 is outside the field of view,
+    the locator's result, seconds of windows + CNN + decision (+ refinement)).
+
+    Notes
+    -----
+    Phantoms from :func:`worker.training.locator.phantom_mips` with ``training=False``
+    (evaluation style: the generator's field of view, slice thickness 0.625-5 mm, low
+    in-plane resolution). Used by :func:`evaluate_phantoms` and by the confidence
+    calibration (:mod:`research.calibrate_locator`).
+    """
+    from worker.locator.locate import load_stages, locate_in_mip
+    from worker.training.locator import phantom_mips
+
+    stages = load_stages(config, device)
+    loc, fine = stages.coarse, stages.fine
+    pixels = (loc.spec.pixel_mm,) if fine is None else (loc.spec.pixel_mm, fine.spec.pixel_mm)
+    for s in range(seed, seed + n):
+        mips, z = phantom_mips(s, pixels, training=False)
+        t0 = time.perf_counter()
+        res = locate_in_mip(
+            mips[0],
+            loc,
+            config.stride_px,
+            config.batch_size,
+            config.min_confidence,
+            None if fine is None else (mips[1], fine),
+            config.refine_stride_px,
+            stages.calibration,
+        )
+        yield s, mips[0], z, res, time.perf_counter() - t0
 
 
 def evaluate_phantoms(
@@ -155,34 +193,13 @@ def evaluate_phantoms(
     """Evaluate on ``n`` phantoms with seeds ``seed .. seed + n - 1``.
 
     Keep the seeds disjoint from the training seeds (the shipped model trained on seeds
-    below 1 000 000). Phantoms come from :func:`worker.training.locator.phantom_mip` with
-    ``training=False``: the generator's random field of view and slice thickness
-    (0.625-5 mm), low in-plane resolution; the locator runs on their frontal MIPs directly
-    (the MIP of a volume is timed in ``bench/bench_locate.py``), so ``seconds`` is the
-    time of windows + CNN + decision (+ the refinement stage when configured).
+    below 1 000 000). Phantoms as in :func:`locate_phantoms`; the locator runs on their
+    frontal MIPs directly (the MIP of a volume is timed in ``bench/bench_locate.py``), so
+    ``seconds`` is the time of windows + CNN + decision (+ the refinement stage when
+    configured).
     """
-    from worker.locator.locate import locate_in_mip
-    from worker.locator.weights import load_locator
-    from worker.training.locator import phantom_mips
-
-    loc = load_locator(config.weights, device)
-    fine = None if config.refine_weights is None else load_locator(config.refine_weights, device)
-    pixels = (loc.spec.pixel_mm,) if fine is None else (loc.spec.pixel_mm, fine.spec.pixel_mm)
     out = []
-    for s in range(seed, seed + n):
-        mips, z = phantom_mips(s, pixels, training=False)
-        mip = mips[0]
-        t0 = time.perf_counter()
-        res = locate_in_mip(
-            mip,
-            loc,
-            config.stride_px,
-            config.batch_size,
-            config.min_confidence,
-            None if fine is None else (mips[1], fine),
-            config.refine_stride_px,
-        )
-        dt = time.perf_counter() - t0
+    for s, mip, z, res, dt in locate_phantoms(n, seed, config, device):
         sz = mip.slice_z_mm
         truth = None if z is None else int(np.argmin(np.abs(sz - z)))
         r = CaseResult(

@@ -75,7 +75,7 @@ logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 
-#: QA flag when L3 was found but the locator's confidence is below ``locator.min_confidence``.
+#: QA flag when L3 was found with a confidence below the threshold (``L3Location.low_confidence``).
 LOW_CONFIDENCE_FLAG = "low_l3_confidence"
 
 #: PNG encoder settings of ``overview.png``: zlib's Z_RLE strategy (PNG row filters, then
@@ -301,7 +301,7 @@ def analyze_series(
             )
 
     qa_flags: list[str] = list(composition.qa_flags) if composition is not None else []
-    if location.in_field_of_view and location.confidence < config.locator.min_confidence:
+    if location.low_confidence:
         qa_flags.append(LOW_CONFIDENCE_FLAG)
     qa_flags = list(dict.fromkeys(qa_flags))
 

@@ -15,7 +15,7 @@ from core.config import LocatorConfig
 from core.errors import AnalysisError
 from tests.conftest import require_shipped
 from worker.locator.decision import decide_l3
-from worker.locator.locate import locate_l3
+from worker.locator.locate import RAW_FLAG_THRESHOLD, locate_l3
 from worker.locator.model import build_model
 from worker.locator.weights import LoadedLocator, LocatorWeightsError, load_locator, save_locator
 from worker.locator.windows import WindowSpec, mip_to_strip, sliding_windows
@@ -43,7 +43,7 @@ def test_decision_on_a_perfect_slope_minus_one_sequence_is_exact() -> None:
 
 def test_decision_on_noise_has_low_confidence() -> None:
     tops = np.arange(-105, 400, 4)
-    threshold = LocatorConfig().min_confidence
+    threshold = RAW_FLAG_THRESHOLD  # the raw score's threshold (no calibration)
     conf = []
     for seed in range(20):
         noise = np.random.default_rng(seed).uniform(H / 2 - A, H / 2 + A, len(tops))

@@ -12,7 +12,9 @@ few next-best runs refined on the fine MIP (:func:`worker.locator.fine.choose_ru
 
 Modules, in dependency order (no circle): ``model`` (networks) and ``windows`` (geometry,
 input strip) -> ``decision`` (numpy) and ``weights`` (file format, loading) -> ``coarse``
-and ``fine`` (the two stages; neither imports the other) -> ``locate`` (this module).
+and ``fine`` (the two stages; neither imports the other) -> ``locate`` (this module), which
+also applies ``calibration`` (raw confidence -> P(within 10 mm) and the flag threshold, read
+from beside the first-stage weights; numpy only).
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ import numpy as np
 
 from core.config import LocatorConfig
 from core.errors import AnalysisError
+from worker.locator.calibration import Calibration, load_calibration
 from worker.locator.coarse import coarse_stage, in_field_of_view
+from worker.locator.decision import Decision
 from worker.locator.fine import check_fine_locator, choose_run
 from worker.locator.weights import LoadedLocator, LocatorWeightsError, load_locator
 from worker.mip import FrontalMips, Mip
@@ -34,6 +38,10 @@ from worker.volume.load import CTVolume
 #: With a refinement stage, this many next-best first-stage runs at other places are
 #: refined too, and the fine stage's agreement arbitrates (:func:`worker.locator.fine.choose_run`).
 REFINE_ALTERNATIVES = 2
+
+#: Flag threshold on the raw confidence when the locator has no calibration and
+#: ``locator.min_confidence`` is not set (the threshold before calibration existed).
+RAW_FLAG_THRESHOLD = 0.5
 
 
 @dataclass
@@ -47,7 +55,9 @@ class L3Location:
         (``CTVolume.z_mm``), or None.
     z_mm : z position (mm) of the L3 decision, or None.
     mip_row : fractional MIP row of the decision, or None.
-    confidence : 0..1, from the correlation peak and the agreement of the windows.
+    confidence : 0..1. With a calibration (:mod:`worker.locator.calibration`) and a slice
+        answer: the probability that the answer is within 10 mm of the true mid-L3,
+        calibrated on validation phantoms; otherwise the raw confidence.
     reason : why ``in_field_of_view`` is False or the confidence is low; None otherwise.
     window_top_rows : (n_windows,) int, MIP row of each window's top edge.
     predictions : (n_windows,) float32, predicted L3 offset (MIP rows) inside each window.
@@ -64,6 +74,13 @@ class L3Location:
     refinement : the second (fine) stage's report (:class:`worker.locator.fine.Refinement`
         summary) when one ran; ``z_mm``/``slice_index``/``mip_row`` are then the refined
         answer and ``refinement["start_z_mm"]`` the first stage's.
+    confidence_raw : the raw confidence ``corr**2 * agreement * presence`` of the chosen
+        first-stage run (:func:`worker.locator.decision.decide_l3`).
+    confidence_calibrated : whether ``confidence`` is the calibrated probability.
+    flag_below : the threshold ``low_confidence`` compares ``confidence`` with.
+    confidence_parts : the chosen first-stage run's ``correlation``, ``agreement`` and
+        ``presence`` (None without a presence head), whose product is the raw confidence
+        (:class:`worker.locator.decision.Decision`).
     """
 
     in_field_of_view: bool
@@ -81,6 +98,16 @@ class L3Location:
     timings_s: dict[str, float] = field(default_factory=dict)
     model: str = ""
     refinement: dict[str, Any] | None = None
+    confidence_parts: dict[str, float | None] = field(default_factory=dict)
+    confidence_raw: float | None = None
+    confidence_calibrated: bool = False
+    flag_below: float = 0.0
+
+    @property
+    def low_confidence(self) -> bool:
+        """L3 answered with ``confidence`` below ``flag_below``: the ``low_l3_confidence``
+        QA flag (:data:`worker.pipeline.LOW_CONFIDENCE_FLAG`)."""
+        return self.in_field_of_view and self.confidence < self.flag_below
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready dict of the decision (without the per-window arrays)."""
@@ -90,11 +117,17 @@ class L3Location:
             "z_mm": None if self.z_mm is None else round(float(self.z_mm), 2),
             "mip_row": None if self.mip_row is None else round(float(self.mip_row), 2),
             "confidence": round(float(self.confidence), 4),
+            "confidence_raw": None
+            if self.confidence_raw is None
+            else round(float(self.confidence_raw), 4),
+            "confidence_calibrated": self.confidence_calibrated,
+            "flag_below": round(float(self.flag_below), 4),
             "reason": self.reason,
             "n_windows": int(len(self.predictions)),
             "timings_s": {k: round(v, 4) for k, v in self.timings_s.items()},
             "model": self.model,
             "refinement": self.refinement,
+            "confidence_parts": self.confidence_parts,
         }
 
 
@@ -106,10 +139,13 @@ class LocatorStages:
     ----------
     coarse : the first-stage locator (``locator.weights``).
     fine : the refinement-stage locator (``locator.refine_weights``), or None.
+    calibration : the confidence calibration of exactly these weights, or None (raw
+        confidence; :func:`worker.locator.calibration.load_calibration`).
     """
 
     coarse: LoadedLocator
     fine: LoadedLocator | None = None
+    calibration: Calibration | None = None
 
     @property
     def pixel_sizes(self) -> tuple[float, ...]:
@@ -135,6 +171,8 @@ def load_stages(
     -------
     LocatorStages
         Their window geometries (``spec.pixel_mm``) decide which MIPs an analysis builds.
+        ``calibration`` is read from beside the first-stage weights (None, with a warning
+        logged once, when it is missing or was fitted with other weights).
 
     Raises
     ------
@@ -151,7 +189,38 @@ def load_stages(
             check_fine_locator(fine)
     except LocatorWeightsError as exc:
         raise AnalysisError(series_instance_uid, "locator", str(exc)) from exc
-    return LocatorStages(coarse, fine)
+    calibration = load_calibration(coarse.path, None if fine is None else fine.path)
+    return LocatorStages(coarse, fine, calibration)
+
+
+def flag_threshold(min_confidence: float | None, calibration: Calibration | None) -> float:
+    """The ``low_l3_confidence`` threshold on the reported confidence.
+
+    Parameters
+    ----------
+    min_confidence : ``locator.min_confidence``; a number is used as it is (on the
+        calibrated probability when there is a calibration, else on the raw score).
+    calibration : the locator's calibration or None.
+
+    Returns
+    -------
+    float
+        ``min_confidence`` when set; else the calibration's ``flag_below`` (chosen on
+        validation phantoms, models/locator_cnn4.md); else :data:`RAW_FLAG_THRESHOLD`.
+    """
+    if min_confidence is not None:
+        return float(min_confidence)
+    if calibration is not None:
+        return float(calibration.flag_below)
+    return RAW_FLAG_THRESHOLD
+
+
+def _confidence_parts(d: Decision) -> dict[str, float | None]:
+    return {
+        "correlation": round(d.correlation_peak, 4),
+        "agreement": round(d.agreement, 4),
+        "presence": None if d.presence is None else round(d.presence, 4),
+    }
 
 
 def locate_in_mip(
@@ -159,9 +228,10 @@ def locate_in_mip(
     loc: LoadedLocator,
     stride_px: int = 4,
     batch_size: int = 64,
-    min_confidence: float = 0.5,
+    min_confidence: float | None = None,
     fine: tuple[Mip, LoadedLocator] | None = None,
     refine_stride_px: int = 2,
+    calibration: Calibration | None = None,
 ) -> L3Location:
     """Run both locator stages on frontal MIPs already at the models' pixel sizes.
 
@@ -170,12 +240,17 @@ def locate_in_mip(
     mip : frontal MIP (rows, cols) in HU at ``loc.spec.pixel_mm`` (row 0 = most superior).
     loc : the first-stage locator.
     stride_px, batch_size : first-stage window stride (MIP rows) and windows per pass.
-    min_confidence : below this the result carries a "low confidence" reason.
+    min_confidence : flag threshold on the reported confidence; None = the calibration's
+        (:func:`flag_threshold`). Below it the result carries a "low confidence" reason and
+        ``low_confidence`` is True.
     fine : (frontal MIP at the fine model's pixel size, refinement-stage locator): when
         given and L3 is in the field of view, the best run and up to
         :data:`REFINE_ALTERNATIVES` next-best runs elsewhere are refined and
         :func:`worker.locator.fine.choose_run` picks one (``refinement`` in the result).
     refine_stride_px : step between fine window centres (fine MIP rows).
+    calibration : maps the raw confidence of a slice answer to P(within 10 mm); None =
+        report the raw confidence. A "not in field of view" result keeps the raw score of
+        its best run (there is no answer whose error a probability could describe).
 
     Returns
     -------
@@ -203,9 +278,21 @@ def locate_in_mip(
         "timings_s": timings,
         "model": f"{loc.arch}:{loc.path.name}",
     }
+    threshold = flag_threshold(min_confidence, calibration)
+    common["flag_below"] = threshold
     in_fov, why = in_field_of_view(d, mip)
     if not in_fov:
-        return L3Location(False, None, None, None, d.confidence, reason=why, **common)
+        return L3Location(
+            False,
+            None,
+            None,
+            None,
+            d.confidence,
+            reason=why,
+            confidence_parts=_confidence_parts(d),
+            confidence_raw=d.confidence,
+            **common,
+        )
     refinement = None
     if fine is None:
         z = float(mip.row_to_z(d.row))
@@ -219,17 +306,25 @@ def locate_in_mip(
         refinement["candidates"] = len(candidates)
         refinement["first_stage_choice_kept"] = d is candidates[0]
     row = float(mip.z_to_row(z))
+    conf = d.confidence
+    if calibration is not None:
+        fine_corr = None if refinement is None else float(refinement["correlation"])
+        conf = calibration.probability(d.confidence, fine_corr)
     reason = None
-    if d.confidence < min_confidence:
-        reason = f"low confidence ({d.confidence:.2f} < {min_confidence:.2f}); check the L3 slice"
+    if conf < threshold:
+        what = "P(within 10 mm)" if calibration is not None else "confidence"
+        reason = f"low {what} ({conf:.2f} < {threshold:.2f}); check the L3 slice"
     return L3Location(
         True,
         mip.row_to_slice_index(row),
         z,
         row,
-        d.confidence,
+        conf,
         reason=reason,
         refinement=refinement,
+        confidence_parts=_confidence_parts(d),
+        confidence_raw=d.confidence,
+        confidence_calibrated=calibration is not None,
         **common,
     )
 
@@ -294,6 +389,7 @@ def locate_l3(
         config.min_confidence,
         fine,
         config.refine_stride_px,
+        stages.calibration,
     )
     if result.z_mm is not None:
         result.slice_index = volume.nearest_slice(result.z_mm)

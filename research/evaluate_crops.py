@@ -1,0 +1,287 @@
+"""The L3 locator on crops of the one real abdomen CT, cut as scanners cut (issue 15).
+
+**Evaluation data only, never training data**: the crops are made of the one real case in
+``../shared/data/abdomen_ct_totalseg`` (README there), whose L3 must stay unseen by every
+training, tuning and model-selection step; nothing here may feed ``l3spot train`` or a
+calibration. ``l3spot evaluate-crops`` prints the table (models/locator_cnn4.md, "Issue 15
+baseline").
+
+The crops (slice indices of ``ct.nii.gz``, 3 mm slices, z ascending = superior; vertebral
+extents from the TotalSegmentator labels of the data README: S1 37..51, L5 42..59, L4
+55..69, L3 65..79 (mid-L3 = 72, the reference), L2 75..91, L1 86..103, T12 97..111; the
+lowest ribs start at 85, the hip bones end at 60):
+
+- the whole scan (sacrum to T11, 333 mm);
+- no lower ribs: pelvis up to the top of L2 (0..84), as an abdomen-pelvis scan started low;
+- no pelvis: above the iliac crests (61..111, L4 to T11);
+- lumbar-spine windows of 250, 200, 165 (S1 to T12, as in the issue), and 150 mm around
+  L3, and two 150 mm windows with L3 low and high in the window;
+- the whole scan and the 200 mm window resampled to 5 mm slices (slab average of the 3 mm
+  slices whose centres lie within +/- 2.5 mm, as a scanner's thick reconstruction);
+- wholly above L3: 82..111 (T11 to L2, the z range of the data's ``tissue_types`` crop).
+
+The real chest series (``chest_ct_lidc``, L3 not in the field of view) is run too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core.config import LocatorConfig
+from research.evaluate_locator import SUCCESS_MM
+from worker.locator.locate import locate_l3
+from worker.volume.load import CTVolume
+
+#: mid-L3 slice of ``abdomen_ct_totalseg/ct.nii.gz`` (data README: L3 label z 65..79)
+REAL_MID_L3_INDEX = 72
+
+#: name -> (first, last) slice index (inclusive) of ``ct.nii.gz``, resampled slice mm or None
+REAL_CROPS: dict[str, tuple[int, int, float | None]] = {
+    "whole scan (sacrum-T11)": (0, 111, None),
+    "no lower ribs (pelvis-L2)": (0, 84, None),
+    "no pelvis (L4-T11)": (61, 111, None),
+    "lumbar 250 mm": (30, 111, None),
+    "lumbar 200 mm": (40, 106, None),
+    "lumbar 165 mm (S1-T12)": (45, 99, None),
+    "lumbar 150 mm": (47, 96, None),
+    "lumbar 150 mm, L3 high": (35, 84, None),
+    "lumbar 150 mm, L3 low": (60, 109, None),
+    "whole scan, 5 mm slices": (0, 111, 5.0),
+    "lumbar 200 mm, 5 mm slices": (40, 106, 5.0),
+    "wholly above L3 (T11-L2)": (82, 111, None),
+}
+
+
+def crop_volume(volume: CTVolume, first: int, last: int) -> CTVolume:
+    """Slices ``first..last`` (inclusive) of a volume, as a scanner with that range makes.
+
+    Parameters
+    ----------
+    volume : the source volume ((z, y, x) HU, ``z_mm`` ascending).
+    first, last : slice indices, ``0 <= first <= last < n``.
+
+    Returns
+    -------
+    CTVolume
+        Same geometry and identifiers; per-slice lists cut to match.
+
+    Raises
+    ------
+    ValueError
+        The range is empty or outside the volume.
+    """
+    n = volume.hu.shape[0]
+    if not 0 <= first <= last < n:
+        raise ValueError(f"crop {first}..{last} outside the volume's slices 0..{n - 1}")
+    sl = slice(first, last + 1)
+
+    def per_slice(items: list[Any]) -> list[Any]:
+        return items[sl] if len(items) == n else items
+
+    pos = volume.image_position_first
+    return dataclasses.replace(
+        volume,
+        hu=volume.hu[sl].copy(),
+        z_mm=volume.z_mm[sl].copy(),
+        sop_instance_uids=per_slice(volume.sop_instance_uids),
+        source_files=per_slice(volume.source_files),
+        image_position_first=(pos[0], pos[1], pos[2] + float(volume.z_mm[first] - volume.z_mm[0])),
+        warnings=list(volume.warnings),
+    )
+
+
+def thick_slices(volume: CTVolume, slice_mm: float) -> CTVolume:
+    """Resample to thicker slices: each new slice averages the source slices whose centres
+    lie within +/- ``slice_mm``/2 of it (a thick reconstruction), centres ``slice_mm`` apart
+    from the first source slice.
+
+    Parameters
+    ----------
+    volume : source volume (``z_mm`` ascending).
+    slice_mm : new slice spacing and thickness (mm), larger than the source's.
+
+    Returns
+    -------
+    CTVolume
+        No per-slice identifiers (the slices are new); ``slice_thickness_mm`` = ``slice_mm``.
+
+    Raises
+    ------
+    ValueError
+        ``slice_mm`` not positive.
+    """
+    if slice_mm <= 0:
+        raise ValueError("slice_mm must be positive")
+    z = volume.z_mm
+    centres = np.arange(z[0], z[-1] + 1e-6, slice_mm)
+    slabs = []
+    for c in centres:
+        sel = np.abs(z - c) <= slice_mm / 2
+        if not sel.any():
+            sel = np.abs(z - c) == np.abs(z - c).min()
+        slabs.append(volume.hu[sel].mean(axis=0))
+    return dataclasses.replace(
+        volume,
+        hu=np.stack(slabs).astype(np.float32),
+        z_mm=centres.astype(np.float64),
+        sop_instance_uids=[],
+        source_files=[],
+        slice_thickness_mm=slice_mm,
+        warnings=list(volume.warnings),
+    )
+
+
+@dataclass
+class CropResult:
+    """The locator on one crop (z in mm of the source volume's frame).
+
+    Attributes
+    ----------
+    crop : name.
+    z_range_mm : (first, last) slice z.
+    slice_mm : slice spacing.
+    truth_z_mm : mid-L3 z, None when outside the crop.
+    answer_z_mm : z of the answered slice, None when the locator said "not in FOV".
+    in_fov : the locator's decision.
+    confidence : the reported confidence (calibrated when a calibration applies).
+    confidence_raw : the raw score.
+    flagged : the ``low_l3_confidence`` flag would be raised.
+    """
+
+    crop: str
+    z_range_mm: tuple[float, float]
+    slice_mm: float
+    truth_z_mm: float | None
+    answer_z_mm: float | None
+    in_fov: bool
+    confidence: float
+    confidence_raw: float | None
+    flagged: bool
+
+    @property
+    def error_mm(self) -> float | None:
+        if self.truth_z_mm is None or self.answer_z_mm is None:
+            return None
+        return abs(self.answer_z_mm - self.truth_z_mm)
+
+    @property
+    def ok(self) -> bool:
+        """Within 10 mm when L3 is in the crop; "not in FOV" when it is not."""
+        if self.truth_z_mm is None:
+            return not self.in_fov
+        return self.error_mm is not None and self.error_mm <= SUCCESS_MM
+
+    def row(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return {
+            "crop": self.crop,
+            "z_range_mm": [round(v, 1) for v in self.z_range_mm],
+            "length_mm": round(self.z_range_mm[1] - self.z_range_mm[0] + self.slice_mm, 1),
+            "slice_mm": round(self.slice_mm, 2),
+            "truth_z_mm": None if self.truth_z_mm is None else round(self.truth_z_mm, 1),
+            "answer_z_mm": None if self.answer_z_mm is None else round(self.answer_z_mm, 1),
+            "error_mm": None if self.error_mm is None else round(self.error_mm, 1),
+            "in_fov": self.in_fov,
+            "confidence": round(self.confidence, 3),
+            "confidence_raw": (
+                None if self.confidence_raw is None else round(self.confidence_raw, 3)
+            ),
+            "flagged": self.flagged,
+            "ok": self.ok,
+        }
+
+
+def locate_crop(
+    name: str, volume: CTVolume, truth_z_mm: float | None, config: LocatorConfig, device: str
+) -> CropResult:
+    """Run the locator on one (cropped) volume; ``truth_z_mm`` None = L3 not in it."""
+    res = locate_l3(volume, config, device=device)
+    z = volume.z_mm
+    inside = truth_z_mm is not None and z[0] - 1e-6 <= truth_z_mm <= z[-1] + 1e-6
+    return CropResult(
+        crop=name,
+        z_range_mm=(float(z[0]), float(z[-1])),
+        slice_mm=volume.slice_spacing_mm,
+        truth_z_mm=truth_z_mm if inside else None,
+        answer_z_mm=None if res.slice_index is None else float(z[res.slice_index]),
+        in_fov=res.in_field_of_view,
+        confidence=float(res.confidence),
+        confidence_raw=res.confidence_raw,
+        flagged=res.low_confidence,
+    )
+
+
+def evaluate_real_crops(
+    data: Path,
+    config: LocatorConfig,
+    device: str = "auto",
+    crops: dict[str, tuple[int, int, float | None]] | None = None,
+    chest: bool = True,
+) -> list[CropResult]:
+    """The locator on each crop of the real abdomen CT (:data:`REAL_CROPS`) and on the real
+    chest series.
+
+    Parameters
+    ----------
+    data : the shared data folder (``L3SPOT_DATA``).
+    config : locator settings.
+    device : "auto", "cpu" or "cuda".
+    crops : subset of :data:`REAL_CROPS` (default: all).
+    chest : also run ``chest_ct_lidc`` (L3 not in the field of view).
+
+    Returns
+    -------
+    list of CropResult
+
+    Raises
+    ------
+    FileNotFoundError
+        The real abdomen CT is not under ``data``.
+    """
+    from worker.training.locator import load_volume_any
+
+    ct = Path(data) / "abdomen_ct_totalseg" / "ct.nii.gz"
+    if not ct.is_file():
+        raise FileNotFoundError(f"real abdomen CT not found: {ct}")
+    vol = load_volume_any(ct)
+    truth = float(vol.z_mm[REAL_MID_L3_INDEX])
+    out = []
+    for name, (first, last, thick) in (crops or REAL_CROPS).items():
+        v = crop_volume(vol, first, last)
+        if thick is not None:
+            v = thick_slices(v, thick)
+        out.append(locate_crop(name, v, truth, config, device))
+    chest_dir = Path(data) / "chest_ct_lidc"
+    if chest and chest_dir.is_dir():
+        chest_vol = load_volume_any(chest_dir)
+        out.append(locate_crop("real chest series (LIDC)", chest_vol, None, config, device))
+    return out
+
+
+def format_table(rows: list[CropResult]) -> str:
+    """A Markdown table: crop, z range, truth, answer, error, in-FOV, confidence, flag."""
+    lines = [
+        "| crop | z range (mm), length | truth mid-L3 z | answer z | error mm | in FOV "
+        "(said) | confidence (raw) | flagged | ok |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        d = r.row()
+        truth = "not in crop" if d["truth_z_mm"] is None else f"{d['truth_z_mm']}"
+        ans = "—" if d["answer_z_mm"] is None else f"{d['answer_z_mm']}"
+        err = "—" if d["error_mm"] is None else f"{d['error_mm']}"
+        raw = "" if d["confidence_raw"] is None else f" ({d['confidence_raw']})"
+        lines.append(
+            f"| {d['crop']} | {d['z_range_mm'][0]}..{d['z_range_mm'][1]}, "
+            f"{d['length_mm']} mm at {d['slice_mm']} mm | {truth} | {ans} | {err} | "
+            f"{'yes' if d['in_fov'] else 'no'} | {d['confidence']}{raw} | "
+            f"{'yes' if d['flagged'] else 'no'} | {'yes' if d['ok'] else '**no**'} |"
+        )
+    n_ok = sum(r.ok for r in rows)
+    lines.append(f"\n{n_ok}/{len(rows)} as they should be (within 10 mm, or not in FOV).")
+    return "\n".join(lines)

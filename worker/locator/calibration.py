@@ -1,0 +1,222 @@
+"""The locator's calibrated confidence: raw score -> P(answer within 10 mm of mid-L3).
+
+The raw confidence of an answer (``corr**2 * agreement * presence`` of the chosen run,
+:func:`worker.locator.decision.decide_l3`) ranks answers but is not a probability. A
+calibration file, fitted on validation phantoms by ``l3spot calibrate-locator``
+(:mod:`research.calibrate_locator`), maps it monotonically to the probability that the
+answer is within 10 mm of the true mid-L3 (Ha et al. 2021's technical success) and holds
+the flag threshold chosen on the same phantoms.
+
+Where it lives: beside the first-stage weights, ``<weights stem>.calibration.json``
+(``models/locator_cnn4_round3.calibration.json``; a site version
+``models/versions/site-NNNN/locator.pt`` carries ``locator.calibration.json``). It names the
+SHA-256 of the first- and refinement-stage weights it was fitted with and applies to
+exactly those. Missing, unreadable or fitted on other weights: the locator reports the raw
+confidence (``confidence_calibrated`` false in ``result.json``) and logs one warning per
+file version; the analysis does not fail, so a site version trained before calibration
+existed keeps working.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+#: the ``format`` of a calibration file
+CALIBRATION_FORMAT = "l3spot-locator-calibration"
+#: the suffix replacing ``.pt`` of the first-stage weights
+CALIBRATION_SUFFIX = ".calibration.json"
+
+#: the scores a calibration can map (:func:`calibration_score`)
+SCORES = ("confidence_raw", "raw_x_fine_correlation2")
+
+
+def calibration_score(name: str, raw: float, fine_correlation: float | None) -> float:
+    """The score a calibration maps to a probability.
+
+    Parameters
+    ----------
+    name : one of :data:`SCORES`. ``"confidence_raw"``: the raw confidence.
+        ``"raw_x_fine_correlation2"``: the raw confidence times the square of the refinement
+        stage's correlation (floored at 0); the raw confidence alone when no refinement ran.
+    raw : the raw confidence ``corr**2 * agreement * presence`` of the chosen run.
+    fine_correlation : the refinement's slope -1 correlation
+        (``L3Location.refinement["correlation"]``), or None.
+
+    Raises
+    ------
+    ValueError
+        Unknown ``name``.
+    """
+    if name == "confidence_raw":
+        return float(raw)
+    if name == "raw_x_fine_correlation2":
+        if fine_correlation is None:
+            return float(raw)
+        return float(raw) * max(float(fine_correlation), 0.0) ** 2
+    raise ValueError(f"unknown calibration score {name!r} (one of {SCORES})")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A monotone map of the locator's score to P(within 10 mm), and the flag threshold.
+
+    Attributes
+    ----------
+    knots_raw : ascending scores (:func:`calibration_score` ``score``; isotonic block means).
+    knots_probability : non-decreasing probabilities at those knots, in [0, 1].
+    flag_below : flag an answer (``low_l3_confidence``) whose probability is below this.
+    coarse_sha256, fine_sha256 : SHA-256 of the weights files it was fitted with (the fine
+        one None when fitted without a refinement stage).
+    record : provenance (command, seeds, commit, validation figures).
+    score : which score the knots are of (one of :data:`SCORES`).
+
+    Raises
+    ------
+    ValueError
+        Knots empty, of different lengths, not ascending / non-decreasing,
+        probabilities outside [0, 1], or an unknown score.
+    """
+
+    knots_raw: tuple[float, ...]
+    knots_probability: tuple[float, ...]
+    flag_below: float
+    coarse_sha256: str
+    fine_sha256: str | None
+    record: dict[str, Any] = field(default_factory=dict)
+    score: str = "confidence_raw"
+
+    def __post_init__(self) -> None:
+        if self.score not in SCORES:
+            raise ValueError(f"unknown calibration score {self.score!r} (one of {SCORES})")
+        x = np.asarray(self.knots_raw, np.float64)
+        y = np.asarray(self.knots_probability, np.float64)
+        if x.size == 0 or x.shape != y.shape:
+            raise ValueError("calibration knots: need as many probabilities as raw values")
+        if np.any(np.diff(x) <= 0) or np.any(np.diff(y) < 0):
+            raise ValueError("calibration knots must be ascending and the map non-decreasing")
+        if y.min() < 0 or y.max() > 1 or not 0 <= self.flag_below <= 1:
+            raise ValueError("calibrated probabilities and the threshold must lie in [0, 1]")
+
+    def probabilities(self, raw: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities of raw confidences (linear between knots, constant
+        beyond the first and last knot). ``raw``: any shape; returns float64, same shape."""
+        return np.interp(np.asarray(raw, np.float64), self.knots_raw, self.knots_probability)
+
+    def probability(self, raw: float, fine_correlation: float | None = None) -> float:
+        """P(within 10 mm) of one answer from its raw confidence and the refinement's
+        correlation (:func:`calibration_score`)."""
+        s = calibration_score(self.score, raw, fine_correlation)
+        return float(self.probabilities(np.asarray([s]))[0])
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON content of a calibration file."""
+        return {
+            "format": CALIBRATION_FORMAT,
+            "version": 1,
+            "score": self.score,
+            "coarse_sha256": self.coarse_sha256,
+            "fine_sha256": self.fine_sha256,
+            "flag_below": self.flag_below,
+            "knots_raw": [round(v, 6) for v in self.knots_raw],
+            "knots_probability": [round(v, 6) for v in self.knots_probability],
+            "record": self.record,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Calibration:
+        """Inverse of :meth:`to_dict`. Raises ValueError/KeyError/TypeError on bad content."""
+        if d.get("format") != CALIBRATION_FORMAT:
+            raise ValueError(f"not a {CALIBRATION_FORMAT} file")
+        return cls(
+            knots_raw=tuple(float(v) for v in d["knots_raw"]),
+            knots_probability=tuple(float(v) for v in d["knots_probability"]),
+            flag_below=float(d["flag_below"]),
+            coarse_sha256=str(d["coarse_sha256"]),
+            fine_sha256=None if d.get("fine_sha256") is None else str(d["fine_sha256"]),
+            record=dict(d.get("record") or {}),
+            score=str(d.get("score", "confidence_raw")),
+        )
+
+    def save(self, path: Path) -> None:
+        """Write the file (atomically: temporary name, then rename)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        tmp.replace(path)
+
+
+def calibration_path(weights: Path) -> Path:
+    """Where the calibration of a first-stage weights file lives:
+    ``locator_cnn4_round3.pt`` -> ``locator_cnn4_round3.calibration.json``."""
+    weights = Path(weights)
+    return weights.with_name(weights.stem + CALIBRATION_SUFFIX)
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    st = Path(path).stat()
+    return _sha256(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=32)
+def _sha256(path: str, mtime_ns: int, size: int) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def load_calibration(weights: Path, refine_weights: Path | None) -> Calibration | None:
+    """The calibration of this pair of locator weights, or None (raw confidence).
+
+    Parameters
+    ----------
+    weights : the first-stage weights file; the calibration is read from
+        :func:`calibration_path` of it.
+    refine_weights : the refinement-stage weights file, or None.
+
+    Returns
+    -------
+    Calibration or None
+        None, with one WARNING log line per file version saying why, when the file is
+        missing, unreadable, malformed, or was fitted with other weights (SHA-256 differ).
+    """
+    path = calibration_path(weights)
+    mtime = path.stat().st_mtime_ns if path.is_file() else -1
+    fine = None if refine_weights is None else file_sha256(refine_weights)
+    return _load_cached(file_sha256(weights), fine, str(path), mtime)
+
+
+@functools.lru_cache(maxsize=16)
+def _load_cached(
+    coarse_sha: str, fine_sha: str | None, path: str, mtime_ns: int
+) -> Calibration | None:
+    why = None
+    cal = None
+    if mtime_ns < 0:
+        why = "no calibration file"
+    else:
+        try:
+            cal = Calibration.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            why = f"unreadable calibration file ({exc})"
+        else:
+            if cal.coarse_sha256 != coarse_sha or cal.fine_sha256 != fine_sha:
+                why = "calibration fitted with other locator weights"
+                cal = None
+    if cal is None:
+        logger.warning(
+            "locator confidence not calibrated: %s (%s); reporting the raw confidence, flag "
+            "threshold locator.min_confidence or 0.5 on the raw score (l3spot calibrate-locator "
+            "writes one)",
+            why,
+            path,
+        )
+    return cal
