@@ -51,6 +51,8 @@ from sqlalchemy import (
     case,
     create_engine,
     event,
+    exists,
+    func,
     insert,
     inspect,
     or_,
@@ -154,6 +156,27 @@ class DestinationState(StrEnum):
 #: Failed attempts in a row (by any series) after which a destination is shown ``down``;
 #: at the default back-off the third attempt of one series comes 15 s (5 + 10) after its first.
 DOWN_AFTER_FAILURES = 3
+
+
+@dataclass(frozen=True)
+class StoreFigures:
+    """What ``/metrics`` reports from the job store (:meth:`JobStore.figures`).
+
+    Attributes
+    ----------
+    states : series per job state.
+    stage_seconds : per stage, the seconds each recorded job spent there: ``queue_wait``
+        (queued -> analysis started), ``analysis`` (started -> finished), ``export``
+        (analysis finished -> export finished, jobs with a delivery only).
+    exports : deliveries per (destination, state).
+    export_failures : failed delivery attempts per destination (attempts, less the one that
+        succeeded for a delivery that is done).
+    """
+
+    states: dict[str, int]
+    stage_seconds: dict[str, list[float]]
+    exports: dict[tuple[str, str], int]
+    export_failures: dict[str, int]
 
 
 metadata = MetaData()
@@ -1558,6 +1581,44 @@ class JobStore:
         for e in exports:
             by_series.setdefault(e.series_uid, []).append(e._mapping)
         return [self._record(r._mapping, by_series.get(r.series_uid, [])) for r in rows]
+
+    def figures(self) -> StoreFigures:
+        """Counts and stage durations for ``/metrics``, in SQL that SQLite and PostgreSQL
+        both run (the store's own engine: the same figures whichever holds the jobs)."""
+        stages = {
+            "queue_wait": (_J.queued_at, _J.analysis_started_at, False),
+            "analysis": (_J.analysis_started_at, _J.analysis_finished_at, False),
+            "export": (_J.analysis_finished_at, _J.export_finished_at, True),
+        }
+        with self._connect() as con:
+            states = {
+                str(r.state): int(r.n)
+                for r in con.execute(select(_J.state, func.count().label("n")).group_by(_J.state))
+            }
+            seconds: dict[str, list[float]] = {}
+            for name, (start, end, delivered) in stages.items():
+                stmt = select((end - start).label("d")).where(start.is_not(None), end.is_not(None))
+                if delivered:
+                    stmt = stmt.where(exists().where(_E.series_uid == _J.series_uid))
+                seconds[name] = [max(float(r.d), 0.0) for r in con.execute(stmt)]
+            exports = {
+                (str(r.destination), str(r.state)): int(r.n)
+                for r in con.execute(
+                    select(_E.destination, _E.state, func.count().label("n")).group_by(
+                        _E.destination, _E.state
+                    )
+                )
+            }
+            done = case((_E.state == str(ExportState.DONE), 1), else_=0)
+            failures = {
+                str(r.destination): max(int(r.failed or 0), 0)
+                for r in con.execute(
+                    select(_E.destination, func.sum(_E.attempts - done).label("failed")).group_by(
+                        _E.destination
+                    )
+                )
+            }
+        return StoreFigures(states, seconds, exports, failures)
 
     def destination_states(self, labels: list[str] | None = None) -> list[DestinationRecord]:
         """One record per destination: its state, last contact, last error, series waiting.

@@ -17,8 +17,7 @@ refuse associations outside pynetdicom's own negotiation (e.g. an address allow-
 
 from __future__ import annotations
 
-import contextlib
-import sqlite3
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,7 +33,11 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from core.config import Config
-from core.jobs import DB_NAME, ExportState, JobState
+from core.errors import phi_safe_message
+from core.jobs import JobState
+from core.logs import log_event
+
+log = logging.getLogger("l3spot.metrics")
 
 #: The registry ``/metrics`` exposes (the process-wide default registry is not used, so
 #: tests and several nodes in one process do not collide on names).
@@ -60,15 +63,6 @@ STAGE_BUCKETS_S = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600
 
 #: Job stage -> (start column, end column, extra condition) in the ``jobs`` table; the export
 #: stage counts only series that had destinations (others finish it at once, in 0 s).
-_STAGES = {
-    "queue_wait": ("queued_at", "analysis_started_at", ""),
-    "analysis": ("analysis_started_at", "analysis_finished_at", ""),
-    "export": (
-        "analysis_finished_at",
-        "export_finished_at",
-        " AND EXISTS (SELECT 1 FROM exports e WHERE e.series_uid = jobs.series_uid)",
-    ),
-}
 
 
 def count_association_rejected() -> None:
@@ -119,8 +113,17 @@ class ScpObserver:
                 self._seen[series_uid] = calling
                 if len(self._seen) > 100_000:  # bounded memory on a long-running node
                     self._seen.clear()
-            with contextlib.suppress(sqlite3.Error):  # bookkeeping must never fail a store
+            try:
                 self.record_sender(series_uid, calling, address)
+            except Exception as exc:  # noqa: BLE001 (bookkeeping never fails a store: SQLite
+                # and PostgreSQL errors alike)
+                log_event(
+                    log,
+                    "sender_not_recorded",
+                    logging.WARNING,
+                    series_instance_uid=series_uid,
+                    reason=phi_safe_message(exc),
+                )
 
         return observed
 
@@ -151,30 +154,24 @@ class ScpObserver:
 
 
 class NodeCollector(Collector):
-    """Figures read from disk at scrape time: jobs, stage durations, exports, quarantine.
+    """Figures read at scrape time: jobs, stage durations, exports (from the job store, SQLite
+    or PostgreSQL: :meth:`core.jobs.JobStore.figures`), quarantine (from disk).
 
     Parameters
     ----------
-    config : ``node.spool_dir`` (job database) and the quarantine folder.
+    config : the job store (``jobs.database_url`` or the spool's SQLite) and the quarantine
+        folder.
     """
 
     def __init__(self, config: Config) -> None:
-        self.db = Path(config.node.spool_dir) / DB_NAME
+        self.config = config
         self.quarantine = config.node.resolved_quarantine_dir()
-
-    @contextlib.contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        con = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=5.0)
-        con.row_factory = sqlite3.Row
-        try:
-            yield con
-        finally:
-            con.close()
 
     def collect(self) -> Iterator[Metric]:
         """Yield the metric families (see the module docstring)."""
+        from core.jobs import JobStore, StoreFigures
+
         jobs = GaugeMetricFamily("l3spot_jobs", "Series by job state.", labels=["state"])
-        counts = dict.fromkeys(JobState, 0)
         stage = HistogramMetricFamily(
             "l3spot_stage_duration_seconds",
             "Seconds per job stage (queue wait, analysis, export) of the recorded jobs.",
@@ -190,35 +187,20 @@ class NodeCollector(Collector):
             "Failed C-STORE delivery attempts since the last (re)start of each export.",
             labels=["destination"],
         )
-        if self.db.is_file():
-            with self._connect() as con:
-                for r in con.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"):
-                    counts[r["state"]] = int(r["n"])
-                for name, (a, b, extra) in _STAGES.items():
-                    rows = con.execute(
-                        f"SELECT {b} - {a} AS d FROM jobs"
-                        f" WHERE {a} IS NOT NULL AND {b} IS NOT NULL{extra}"
-                    ).fetchall()
-                    values = [max(float(r["d"]), 0.0) for r in rows]
-                    buckets = [(str(le), sum(v <= le for v in values)) for le in STAGE_BUCKETS_S]
-                    buckets.append(("+Inf", len(values)))
-                    stage.add_metric([name], buckets, sum(values))
-                for r in con.execute(
-                    "SELECT destination, state, COUNT(*) AS n FROM exports"
-                    " GROUP BY destination, state"
-                ):
-                    exports.add_metric([r["destination"], r["state"]], int(r["n"]))
-                per_dest: dict[str, int] = {}
-                for r in con.execute(
-                    "SELECT destination, SUM(attempts - (CASE WHEN state=? THEN 1 ELSE 0"
-                    " END)) AS failed FROM exports GROUP BY destination",
-                    (ExportState.DONE,),
-                ):
-                    per_dest[r["destination"]] = max(int(r["failed"] or 0), 0)
-                for dest, n in per_dest.items():
-                    failures.add_metric([dest], n)
-        for state, n in counts.items():
-            jobs.add_metric([str(state)], n)
+        try:
+            figures = JobStore.from_config(self.config).figures()
+        except Exception:  # noqa: BLE001 (a scrape reports zeros rather than fail)
+            figures = StoreFigures({}, {}, {}, {})
+        for state in JobState:
+            jobs.add_metric([str(state)], figures.states.get(str(state), 0))
+        for name, values in figures.stage_seconds.items():
+            buckets = [(str(le), sum(v <= le for v in values)) for le in STAGE_BUCKETS_S]
+            buckets.append(("+Inf", len(values)))
+            stage.add_metric([name], buckets, sum(values))
+        for (dest, state), n in sorted(figures.exports.items()):
+            exports.add_metric([dest, state], n)
+        for dest, n in sorted(figures.export_failures.items()):
+            failures.add_metric([dest], n)
         yield jobs
         yield stage
         yield exports

@@ -415,3 +415,55 @@ def test_an_unreachable_database_stops_the_node_with_the_password_masked(tmp_pat
     with pytest.raises(StartupError) as info:
         Node(cfg)
     assert "u:***@127.0.0.1:1/x" in str(info.value) and ":pw@" not in str(info.value)
+
+
+def test_the_metrics_figures_are_read_from_either_database(
+    backend: Backend, tmp_path: Path
+) -> None:
+    """``/metrics`` counts jobs, stage durations and deliveries through the store, so they
+    are right on PostgreSQL too (they were read from the spool's SQLite file only: zeros)."""
+    from prometheus_client.core import CollectorRegistry
+    from prometheus_client.exposition import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from service.metrics import NodeCollector
+
+    pacs = "PACS@127.0.0.1:4242"
+    store = backend.store()
+    store.mark_received(SERIES, "1.2.3", tmp_path / "s")
+    token = store.mark_queued(SERIES, n_instances=40)
+    assert store.start_analysis(SERIES, token)
+    store.finish_analysis(SERIES, note=None, exporting=True)
+    store.start_export(SERIES, [pacs])
+    store.record_export_attempt(SERIES, pacs, False, None, "refused", final=False)
+    store.record_export_attempt(SERIES, pacs, True, "0x0000", None, final=False)
+    store.finish_export(SERIES)
+    store.mark_received(SERIES + ".2", "1.2.3", tmp_path / "s2")
+    store.mark_queued(SERIES + ".2", n_instances=3)
+
+    figures = store.figures()
+    assert figures.states == {"done": 1, "queued": 1}
+    assert {k: len(v) for k, v in figures.stage_seconds.items()} == {
+        "queue_wait": 1,
+        "analysis": 1,
+        "export": 1,
+    }
+    assert all(v >= 0 for vs in figures.stage_seconds.values() for v in vs)
+    assert figures.exports == {(pacs, "done"): 1}
+    assert figures.export_failures == {pacs: 1}
+
+    url = None if backend.url is None else backend.url.render_as_string(hide_password=False)
+    config = Config.model_validate(
+        {"node": {"spool_dir": str(backend.spool)}, "jobs": {"database_url": url}}
+    )
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(NodeCollector(config))
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(generate_latest(registry).decode())
+        for s in fam.samples
+    }
+    assert samples[("l3spot_jobs", (("state", "done"),))] == 1
+    assert samples[("l3spot_jobs", (("state", "queued"),))] == 1
+    assert samples[("l3spot_export_failures_total", (("destination", pacs),))] == 1
+    assert samples[("l3spot_stage_duration_seconds_count", (("stage", "analysis"),))] == 1
