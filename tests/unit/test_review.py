@@ -115,7 +115,9 @@ def test_accept_records_the_review_and_audit_and_queues_nothing(case: WebCase) -
     (review,) = store.reviews(uid)
     assert review.action == ReviewAction.ACCEPT and review.slice_index == l3
     assert review.previous_slice_index == l3 and review.user_name == ANONYMOUS
-    assert review.model_version == case.result.algorithm.version
+    # the locator version of the result reviewed (decisions per model version, issue 17)
+    assert review.model_version == case.result.algorithm.locator_model
+    assert review.model_version.startswith("shipped (")
     assert store.get(uid).state == JobState.DONE
     assert _queued_messages(case.config) == []
     (line,) = [r for r in AuditLog(audit_log_path(case.config)).read() if r["event"] == "review"]
@@ -553,7 +555,7 @@ def test_reject_records_the_decision_notes_the_job_and_measures_nothing(case: We
     rows = c.get("/reviews.csv").get_data(as_text=True).splitlines()
     assert rows[1].split(",")[2] == "reject"
     metrics = c.get("/metrics").get_data(as_text=True)
-    version = case.result.algorithm.version
+    version = case.result.algorithm.locator_model
     assert (
         f'l3spot_review_decisions{{decision="rejected",model_version="{version}"}} 1.0' in metrics
     )
