@@ -17,6 +17,7 @@ import numpy as np
 
 from core.config import LocatorConfig
 from worker.locator.locate import locate_l3
+from worker.mip import Mip
 from worker.volume.load import CTVolume
 
 #: Ha et al. 2021: a slice within 10 mm of the reference counts as a technical success.
@@ -135,14 +136,34 @@ def summarise(results: Iterable[CaseResult]) -> dict[str, Any]:
         "not_in_fov_cases": len(absent),
         "not_in_fov_correct": sum(1 for r in absent if r.pred_slice is None),
         "not_in_fov_incorrect": sum(1 for r in absent if r.pred_slice is not None),
-        "refinement_applied": (
-            f"{sum(1 for r in ran if r.refined)}/{len(ran)}" if ran else None
-        ),
+        "refinement_applied": (f"{sum(1 for r in ran if r.refined)}/{len(ran)}" if ran else None),
         "seconds_per_scan": {
             "mean": round(float(times.mean()), 3),
             "max": round(float(times.max()), 3),
         },
     }
+
+
+#: A phantom source: (seed, MIP pixel sizes) -> (one MIP per size, mid-L3 z or None).
+PhantomSource = Callable[[int, tuple[float, ...]], tuple[list[Mip], float | None]]
+
+
+def style_a_mips(seed: int, pixel_mms: tuple[float, ...]) -> tuple[list[Mip], float | None]:
+    """Style A (:mod:`worker.phantom`, the training generator), evaluation settings."""
+    from worker.training.locator import phantom_mips
+
+    return phantom_mips(seed, pixel_mms, training=False)
+
+
+def style_b_mips(seed: int, pixel_mms: tuple[float, ...]) -> tuple[list[Mip], float | None]:
+    """Style B (:mod:`research.phantom_b`, validation only), its validation settings."""
+    from research.phantom_b import validation_mips
+
+    return validation_mips(seed, pixel_mms)
+
+
+#: Phantom styles by name (``l3spot evaluate --style``).
+STYLES: dict[str, PhantomSource] = {"a": style_a_mips, "b": style_b_mips}
 
 
 def evaluate_phantoms(
@@ -151,26 +172,29 @@ def evaluate_phantoms(
     config: LocatorConfig,
     device: str = "auto",
     each: Callable[[CaseResult], None] | None = None,
+    source: PhantomSource = style_a_mips,
+    name: str = "phantom",
 ) -> list[CaseResult]:
     """Evaluate on ``n`` phantoms with seeds ``seed .. seed + n - 1``.
 
     Keep the seeds disjoint from the training seeds (the shipped model trained on seeds
-    below 1 000 000). Phantoms come from :func:`worker.training.locator.phantom_mip` with
-    ``training=False``: the generator's random field of view and slice thickness
-    (0.625-5 mm), low in-plane resolution; the locator runs on their frontal MIPs directly
-    (the MIP of a volume is timed in ``bench/bench_locate.py``), so ``seconds`` is the
-    time of windows + CNN + decision (+ the refinement stage when configured).
+    below 1 000 000). Phantoms come from ``source``, by default style A
+    (:func:`worker.training.locator.phantom_mip` with ``training=False``: the generator's
+    random field of view and slice thickness (0.625-5 mm), low in-plane resolution); style
+    B (:func:`style_b_mips`) is the second, validation-only generator of issue 15. The
+    locator runs on their frontal MIPs directly (the MIP of a volume is timed in
+    ``bench/bench_locate.py``), so ``seconds`` is the time of windows + CNN + decision
+    (+ the refinement stage when configured). Cases are named ``<name>-<seed>``.
     """
     from worker.locator.locate import locate_in_mip
     from worker.locator.weights import load_locator
-    from worker.training.locator import phantom_mips
 
     loc = load_locator(config.weights, device)
     fine = None if config.refine_weights is None else load_locator(config.refine_weights, device)
     pixels = (loc.spec.pixel_mm,) if fine is None else (loc.spec.pixel_mm, fine.spec.pixel_mm)
     out = []
     for s in range(seed, seed + n):
-        mips, z = phantom_mips(s, pixels, training=False)
+        mips, z = source(s, pixels)
         mip = mips[0]
         t0 = time.perf_counter()
         res = locate_in_mip(
@@ -186,7 +210,7 @@ def evaluate_phantoms(
         sz = mip.slice_z_mm
         truth = None if z is None else int(np.argmin(np.abs(sz - z)))
         r = CaseResult(
-            f"phantom-{s}",
+            f"{name}-{s}",
             truth,
             z,
             res.slice_index,
