@@ -43,6 +43,7 @@ __all__ = [
     "TruthB",
     "generate",
     "generate_mips",
+    "generate_truth",
     "validation_spec",
     "write_series",
 ]
@@ -67,6 +68,7 @@ class StyleBSpec:
     pixel_mm : in-plane pixel (mm); size : rows = cols.
     n_lumbar : 4, 5 or 6; n_rib_pairs : 11, 12 or 13 (None: drawn, 3 % each variant).
     arms : "down" or "up".
+    noise_sd : image noise standard deviation (HU); None: drawn (4-50 HU).
     """
 
     fov: str | None = None
@@ -76,6 +78,7 @@ class StyleBSpec:
     n_lumbar: int | None = None
     n_rib_pairs: int | None = None
     arms: str | None = None
+    noise_sd: float | None = None
 
 
 @dataclass
@@ -159,6 +162,8 @@ def _setup(seed: int, spec: StyleBSpec | None):
         seed, rng, n_lumbar=spec.n_lumbar, n_rib_pairs=spec.n_rib_pairs, arms=spec.arms
     )
     build(body, rng)
+    if spec.noise_sd is not None:  # after every draw: the phantom is otherwise unchanged
+        body.noise_sd = float(spec.noise_sd)
     bottom, top = _fov_range(body, fov, rng)
     thk = float(spec.slice_thickness_mm or rng.choice(THICKNESSES))
     if thk <= 0:
@@ -261,6 +266,13 @@ def generate(seed: int, spec: StyleBSpec | None = None) -> tuple[CTVolume, Truth
         study_date="20240102",
     )
     return volume, _truth(seed, fov, body, zc, thk, spec.pixel_mm, z_off)
+
+
+def generate_truth(seed: int, spec: StyleBSpec | None = None) -> TruthB:
+    """The ground truth of ``generate(seed, spec)`` without rendering (milliseconds): to
+    pick seeds by field of view or variant, or to check the anatomy."""
+    spec, _, fov, body, _, zc, thk, _, z_off = _setup(seed, spec)
+    return _truth(seed, fov, body, zc, thk, spec.pixel_mm, z_off)
 
 
 def generate_mips(
