@@ -37,6 +37,7 @@ def _names_from_top(n_ribs: int, n_lumbar: int) -> list[str]:
     )
 
 
+@pytest.mark.slow
 def test_same_seed_same_phantom_other_seed_other_patient():
     a_vol, a_truth = generate(7_000_123, StyleBSpec(fov="lumbar", **SMALL))
     b_vol, b_truth = generate(7_000_123, StyleBSpec(fov="lumbar", **SMALL))
@@ -124,6 +125,7 @@ def test_iliac_crest_near_l4():
         assert len(wings) == 2 and all(w.params["z_top"] == body.crest_z for w in wings)
 
 
+@pytest.mark.slow
 def test_written_series_loads_and_its_mip_is_bright_along_the_spine(tmp_path):
     spec = StyleBSpec(fov="lumbar", size=72, pixel_mm=4.0, slice_thickness_mm=5.0, noise_sd=5.0)
     vol, truth = generate(7_000_400, spec)
