@@ -16,6 +16,9 @@ from worker.commands.locator import NoRefineOption, RefineOption, _locator_confi
 #: Phantom seeds both shipped locator stages were trained on (models/locator_cnn4.md,
 #: models/locator_fine_cnn4.md): calibration and test seeds must lie above.
 TRAINING_SEEDS = range(0, 1480)
+#: First seed of style B's reserved validation range (``research.phantom_b.VALIDATION_SEEDS``;
+#: a literal here so that the CLI loads without importing the generator).
+STYLE_B_FIRST_SEED = 7_000_000
 
 
 def evaluate(
@@ -32,10 +35,29 @@ def evaluate(
     no_refine: NoRefineOption = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write all figures.")] = None,
+    style: Annotated[
+        str,
+        typer.Option(
+            help="Phantom style: a (worker.phantom, the training generator), b "
+            "(research.phantom_b, validation only) or both (a summary per style)."
+        ),
+    ] = "a",
+    seed_b: Annotated[
+        int, typer.Option(help="First style-B seed (its reserved validation range).")
+    ] = STYLE_B_FIRST_SEED,
 ) -> None:
     """Evaluate the locator: error in slices and mm, share within 10 mm, not-in-FOV decisions."""
-    from research.evaluate_locator import CaseResult, evaluate_csv, evaluate_phantoms, summarise
+    from research.evaluate_locator import (
+        STYLES,
+        CaseResult,
+        evaluate_csv,
+        evaluate_phantoms,
+        summarise,
+    )
     from worker.training.locator import load_volume_any
+
+    if style not in ("a", "b", "both"):
+        raise typer.BadParameter("--style must be a, b or both")
 
     if phantoms <= 0 and csv_path is None:
         raise typer.BadParameter("give --phantoms N or --csv FILE")
@@ -45,19 +67,27 @@ def evaluate(
         typer.echo(json.dumps(r.row()))
 
     results: list[CaseResult] = []
+    by_style: dict[str, list[CaseResult]] = {}
     if phantoms > 0:
-        results += evaluate_phantoms(phantoms, seed, cfg, device, show)
+        for st in ("a", "b") if style == "both" else (style,):
+            first = seed_b if st == "b" else seed
+            name = "phantom" if st == "a" else "phantom_b"
+            by_style[st] = evaluate_phantoms(phantoms, first, cfg, device, show, STYLES[st], name)
+            results += by_style[st]
     if csv_path is not None:
         results += evaluate_csv(csv_path, cfg, load_volume_any, device, show)
     summary = summarise(results)
     summary["weights"] = str(cfg.weights)
     summary["stride_px"] = cfg.stride_px
     summary["refine_weights"] = None if cfg.refine_weights is None else str(cfg.refine_weights)
-    typer.echo(json.dumps({"overall": summary}, indent=2))
+    report: dict[str, object] = {"overall": summary}
+    if len(by_style) > 1:
+        for st, res in by_style.items():
+            report[f"style_{st}"] = summarise(res)
+    typer.echo(json.dumps(report, indent=2))
     if json_out is not None:
-        json_out.write_text(
-            json.dumps({"overall": summary, "cases": [r.row() for r in results]}, indent=2) + "\n"
-        )
+        report["cases"] = [r.row() for r in results]
+        json_out.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def evaluate_composition(

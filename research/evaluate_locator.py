@@ -144,8 +144,34 @@ def summarise(results: Iterable[CaseResult]) -> dict[str, Any]:
     }
 
 
+#: A phantom source: (seed, MIP pixel sizes) -> (one MIP per size, mid-L3 z or None).
+PhantomSource = Callable[[int, tuple[float, ...]], tuple[list[Mip], float | None]]
+
+
+def style_a_mips(seed: int, pixel_mms: tuple[float, ...]) -> tuple[list[Mip], float | None]:
+    """Style A (:mod:`worker.phantom`, the training generator), evaluation settings."""
+    from worker.training.locator import phantom_mips
+
+    return phantom_mips(seed, pixel_mms, training=False)
+
+
+def style_b_mips(seed: int, pixel_mms: tuple[float, ...]) -> tuple[list[Mip], float | None]:
+    """Style B (:mod:`research.phantom_b`, validation only), its validation settings."""
+    from research.phantom_b import validation_mips
+
+    return validation_mips(seed, pixel_mms)
+
+
+#: Phantom styles by name (``l3spot evaluate --style``).
+STYLES: dict[str, PhantomSource] = {"a": style_a_mips, "b": style_b_mips}
+
+
 def locate_phantoms(
-    n: int, seed: int, config: LocatorConfig, device: str = "auto"
+    n: int,
+    seed: int,
+    config: LocatorConfig,
+    device: str = "auto",
+    source: PhantomSource = style_a_mips,
 ) -> Iterator[tuple[int, Mip, float | None, L3Location, float]]:
     """Run the configured locator (both stages) on ``n`` phantoms, seeds ``seed ..``.
 
@@ -156,19 +182,19 @@ def locate_phantoms(
 
     Notes
     -----
-    Phantoms from :func:`worker.training.locator.phantom_mips` with ``training=False``
-    (evaluation style: the generator's field of view, slice thickness 0.625-5 mm, low
-    in-plane resolution). Used by :func:`evaluate_phantoms` and by the confidence
-    calibration (:mod:`research.calibrate_locator`).
+    Phantoms from ``source``: by default style A (:func:`style_a_mips`: evaluation
+    settings, the generator's field of view, slice thickness 0.625-5 mm, low in-plane
+    resolution); style B (:func:`style_b_mips`) is the validation-only generator of issue
+    15. Used by :func:`evaluate_phantoms` and by the confidence calibration
+    (:mod:`research.calibrate_locator`).
     """
     from worker.locator.locate import load_stages, locate_in_mip
-    from worker.training.locator import phantom_mips
 
     stages = load_stages(config, device)
     loc, fine = stages.coarse, stages.fine
     pixels = (loc.spec.pixel_mm,) if fine is None else (loc.spec.pixel_mm, fine.spec.pixel_mm)
     for s in range(seed, seed + n):
-        mips, z = phantom_mips(s, pixels, training=False)
+        mips, z = source(s, pixels)
         t0 = time.perf_counter()
         res = locate_in_mip(
             mips[0],
@@ -189,21 +215,24 @@ def evaluate_phantoms(
     config: LocatorConfig,
     device: str = "auto",
     each: Callable[[CaseResult], None] | None = None,
+    source: PhantomSource = style_a_mips,
+    name: str = "phantom",
 ) -> list[CaseResult]:
     """Evaluate on ``n`` phantoms with seeds ``seed .. seed + n - 1``.
 
     Keep the seeds disjoint from the training seeds (the shipped model trained on seeds
-    below 1 000 000). Phantoms as in :func:`locate_phantoms`; the locator runs on their
-    frontal MIPs directly (the MIP of a volume is timed in ``bench/bench_locate.py``), so
-    ``seconds`` is the time of windows + CNN + decision (+ the refinement stage when
-    configured).
+    below 1 000 000). Phantoms come from ``source`` (:func:`locate_phantoms`: style A by
+    default, style B for the validation-only generator of issue 15). The locator runs on
+    their frontal MIPs directly (the MIP of a volume is timed in ``bench/bench_locate.py``),
+    so ``seconds`` is the time of windows + CNN + decision (+ the refinement stage when
+    configured). Cases are named ``<name>-<seed>``.
     """
     out = []
-    for s, mip, z, res, dt in locate_phantoms(n, seed, config, device):
+    for s, mip, z, res, dt in locate_phantoms(n, seed, config, device, source):
         sz = mip.slice_z_mm
         truth = None if z is None else int(np.argmin(np.abs(sz - z)))
         r = CaseResult(
-            f"phantom-{s}",
+            f"{name}-{s}",
             truth,
             z,
             res.slice_index,
