@@ -11,11 +11,15 @@ import torch
 from worker.locator.weights import load_locator
 from worker.locator.windows import WindowSpec, mip_to_strip
 from worker.training.locator import (
+    FovCrop,
     MipCase,
     TrainSettings,
+    countable_l3,
     csv_cases,
+    draw_fov_crop,
     extract_window,
     init_from_locator,
+    landmark_z_mm,
     load_case,
     read_case_csv,
     sample_windows,
@@ -98,9 +102,11 @@ def test_split_by_group_never_puts_a_patient_on_both_sides() -> None:
 
 def test_case_npz_round_trip(tmp_path: Path) -> None:
     c = marker_case(70.5)
+    c.landmark_rows = {"T10": 10.0, "S1_top": 120.5}
     save_case(c, tmp_path / "a.npz")
     d = load_case(tmp_path / "a.npz")
     assert d.l3_row == pytest.approx(70.5) and d.group == "g"
+    assert d.landmark_rows == {"T10": 10.0, "S1_top": 120.5}
     assert np.array_equal(d.image_hu, np.round(c.image_hu))
     save_case(marker_case(None), tmp_path / "b.npz")
     assert load_case(tmp_path / "b.npz").l3_row is None
@@ -187,3 +193,54 @@ def test_csv_cases_put_l3_on_the_mip_row_of_the_annotated_slice(tmp_path: Path) 
     (tmp_path / "bad.csv").write_text("series_path,l3_slice_index\na,99\n")
     with pytest.raises(ValueError, match="outside"):
         csv_cases(tmp_path / "bad.csv", 3.0, loader)
+
+
+# ------------------------------------------------------------- fields of view (issue 15)
+
+#: Rows (2 mm pixels) of a marker case's levels: T10 and the last rib above L3 (row 70),
+#: L2, L4 and the sacrum below.
+MARKS = {"T10": 5.0, "last_rib": 25.0, "L2": 52.0, "L4": 88.0, "S1_top": 120.0}
+
+
+def test_l3_counts_as_in_the_field_of_view_only_where_a_reader_can_count_to_it() -> None:
+    case = marker_case(70.0)
+    case.landmark_rows = dict(MARKS)
+    assert countable_l3(case, None)
+    assert countable_l3(case, FovCrop(20.0, 100.0))  # the last rib-bearing vertebra shows
+    assert countable_l3(case, FovCrop(40.0, 130.0))  # no ribs, the sacrum shows
+    assert not countable_l3(case, FovCrop(40.0, 110.0))  # L2-L4: neither, cannot count
+    assert not countable_l3(case, FovCrop(40.0, 121.0))  # the sacrum's top edge only
+    assert not countable_l3(case, FovCrop(0.0, 60.0))  # L3 below the crop
+    assert not countable_l3(marker_case(None), None)
+
+
+def test_fov_crops_are_drawn_as_scanners_cut_and_relabel_the_windows() -> None:
+    case = marker_case(70.0, rows=150)
+    case.landmark_rows = dict(MARKS)
+    rng = np.random.default_rng(5)
+    crops = [draw_fov_crop(case, rng) for _ in range(400)]
+    assert all(c is not None and c.top < c.bottom and c.holds(70.0) for c in crops)
+    lumbar = [c for c in crops if c.bottom < 88.0 or c.top > 52.0]  # not T10-L2 to L4-end
+    lengths_mm = [(c.bottom - c.top) * 2.0 for c in lumbar]
+    assert lumbar and min(lengths_mm) >= 150.0 - 1e-6 and max(lengths_mm) <= 260.0 + 1e-6
+    assert draw_fov_crop(marker_case(70.0), rng) is None  # no landmarks: never cropped
+
+    s = sample_windows(
+        [case], SMALL, 256, rng, positive_fraction=1.0, augment=False, fov_crop_fraction=1.0
+    )
+    # some positives fall in crops where L3 cannot be counted: presence 0, no target
+    present = s.present.numpy()
+    assert 0 < present.sum() < len(present)
+    assert np.all(np.isnan(s.offset.numpy()[present == 0]))
+    assert np.all(~np.isnan(s.offset.numpy()[present == 1]))
+    # rows outside the crop are air: some windows end in a run of zeros where the body was
+    assert any(float(w[-1].max()) == 0.0 for w in s.x)
+    plain = sample_windows([case], SMALL, 64, np.random.default_rng(5), 1.0, augment=False)
+    assert torch.all(plain.present == 1)  # without crops every positive stays one
+
+
+def test_landmarks_follow_the_rib_count() -> None:
+    verts = {"T10": (200.0, 220.0), "T11": (225.0, 245.0), "L2": (100.0, 130.0)}
+    verts.update({"L4": (40.0, 70.0), "S1": (-21.0, 0.0)})
+    marks = landmark_z_mm(verts)
+    assert marks == {"T10": 210.0, "last_rib": 235.0, "L2": 115.0, "L4": 55.0, "S1_top": 0.0}

@@ -128,6 +128,14 @@ def train(
         float | None,
         typer.Option(help="L3 within +/- a of the window centre (mm) [coarse 51, fine 18]."),
     ] = None,
+    fov_crops: Annotated[
+        float,
+        typer.Option(
+            help="Share of training windows cut from a cropped field of view (T10-L2 to "
+            "L4-end, lumbar windows 150-260 mm); L3 counts as present only where it can be "
+            "counted from the ribs or the sacrum (issue 15; phantoms only)."
+        ),
+    ] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of splits, init, sampling, augmentation.")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
@@ -249,6 +257,7 @@ def train(
         init=init,
         positive_fraction=positive_fraction,
         stage=stage,
+        fov_crop_fraction=fov_crops,
     )
     record: dict[str, Any] = {
         "command": command,
@@ -266,6 +275,7 @@ def train(
         "lr": lr,
         "init": None if init is None else str(init),
         "positive_fraction": 1.0 if stage == "fine" else positive_fraction,
+        "fov_crop_fraction": fov_crops,
         "stage": stage,
         "device": dev,
         "torch": torch.__version__,

@@ -49,6 +49,10 @@ class MipCase:
     pixel_mm : MIP pixel size (mm).
     l3_row : fractional MIP row of mid-L3, or None when L3 is not in the field of view.
     slice_mm : median slice spacing of the source series (mm), to express errors in slices.
+    landmark_rows : fractional MIP rows of the levels a field-of-view crop is drawn between
+        and a radiologist counts from (:data:`LANDMARKS`: mid-T10, mid of the last
+        rib-bearing vertebra, mid-L2, mid-L4, the top end plate of S1); empty when unknown
+        (a site's scan), and then the case is never cropped.
     """
 
     name: str
@@ -58,6 +62,7 @@ class MipCase:
     l3_row: float | None
     slice_mm: float = 1.0
     strip: np.ndarray | None = field(default=None, repr=False)
+    landmark_rows: dict[str, float] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------ data sources
@@ -84,6 +89,8 @@ def save_case(case: MipCase, path: Path) -> None:
         slice_mm=case.slice_mm,
         name=case.name,
         group=case.group,
+        landmark_names=np.array(sorted(case.landmark_rows), dtype=str),
+        landmark_rows=np.array([case.landmark_rows[k] for k in sorted(case.landmark_rows)]),
     )
     tmp.replace(path)
 
@@ -92,6 +99,17 @@ def load_case(path: Path) -> MipCase:
     """Read a case written by :func:`save_case`."""
     with np.load(path) as z:
         row = float(z["l3_row"])
+        marks = (
+            dict(
+                zip(
+                    (str(n) for n in z["landmark_names"]),
+                    map(float, z["landmark_rows"]),
+                    strict=True,
+                )
+            )
+            if "landmark_names" in z
+            else {}
+        )
         return MipCase(
             name=str(z["name"]),
             group=str(z["group"]),
@@ -99,6 +117,7 @@ def load_case(path: Path) -> MipCase:
             pixel_mm=float(z["pixel_mm"]),
             l3_row=None if math.isnan(row) else row,
             slice_mm=float(z["slice_mm"]),
+            landmark_rows=marks,
         )
 
 
@@ -170,13 +189,46 @@ def phantom_mips(
     return [pm.mip for pm in pms], z
 
 
+#: The levels of :attr:`MipCase.landmark_rows` (field-of-view crops, issue 15).
+LANDMARKS = ("T10", "last_rib", "L2", "L4", "S1_top")
+
+
+def landmark_z_mm(vertebrae_z_mm: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """z (mm) of the :data:`LANDMARKS` from a phantom's vertebra table (bottom, top per name).
+
+    The last rib-bearing vertebra is the lowest ``T`` (its number is the rib pairs'); with
+    11 or 13 rib pairs it is T11 or T13, and L2/L4 are counted below it as radiologists do
+    (ANATOMY.md). Levels the phantom lacks are left out.
+    """
+    mid = {k: 0.5 * (a + b) for k, (a, b) in vertebrae_z_mm.items()}
+    thoracic = [k for k in mid if k.startswith("T") and k[1:].isdigit()]
+    out: dict[str, float] = {}
+    if "T10" in mid:
+        out["T10"] = mid["T10"]
+    if thoracic:
+        out["last_rib"] = mid[max(thoracic, key=lambda k: int(k[1:]))]
+    for k in ("L2", "L4"):
+        if k in mid:
+            out[k] = mid[k]
+    if "S1" in vertebrae_z_mm:
+        out["S1_top"] = float(vertebrae_z_mm["S1"][1])
+    return out
+
+
 def phantom_case(seed: int, pixel_mm: float) -> MipCase:
-    """Training case of the phantom of ``seed`` (see :func:`phantom_mip`)."""
-    mip, z = phantom_mip(seed, pixel_mm, training=True)
-    row = None if z is None else float(mip.z_to_row(z))
+    """Training case of the phantom of ``seed`` (see :func:`phantom_mip`), with the rows of
+    its :data:`LANDMARKS` for field-of-view crops."""
+    from worker.phantom import generate_phantom_mips
+
+    (pm,) = generate_phantom_mips(seed, phantom_spec(seed, True), (pixel_mm,))
+    mip, truth = pm.mip, pm.truth
+    row = float(mip.z_to_row(truth.l3_mid_z_mm)) if truth.l3_in_fov else None
     sz = mip.slice_z_mm
     slice_mm = float(np.median(np.diff(sz))) if len(sz) > 1 else 1.0
-    return MipCase(f"phantom-{seed}", f"phantom-{seed}", mip.image, pixel_mm, row, slice_mm)
+    marks = {k: float(mip.z_to_row(z)) for k, z in landmark_z_mm(truth.vertebrae_z_mm).items()}
+    return MipCase(
+        f"phantom-{seed}", f"phantom-{seed}", mip.image, pixel_mm, row, slice_mm, None, marks
+    )
 
 
 def phantom_cases(
@@ -191,7 +243,7 @@ def phantom_cases(
         path = (
             None
             if cache_dir is None
-            else Path(cache_dir) / f"phantom-{seed:07d}-{pixel_mm:g}mm.npz"
+            else Path(cache_dir) / f"phantom-{seed:07d}-{pixel_mm:g}mm-lm.npz"
         )
         if path is not None and path.is_file():
             out.append(load_case(path))
@@ -306,6 +358,64 @@ class Sample:
     present: torch.Tensor
 
 
+#: Field-of-view crops (issue 15): a lumbar-spine window is this long (mm), uniform.
+LUMBAR_WINDOW_MM = (150.0, 260.0)
+#: A crop shows the sacrum, for counting up from it, when at least this much (mm) of S1
+#: below its top end plate is inside.
+SACRUM_SEEN_MM = 10.0
+
+
+@dataclass(frozen=True)
+class FovCrop:
+    """A field of view cut from a scan, in MIP rows (``top`` < ``bottom``; row 0 superior)."""
+
+    top: float
+    bottom: float
+
+    def holds(self, row: float) -> bool:
+        return self.top <= row <= self.bottom
+
+
+def draw_fov_crop(case: MipCase, rng: np.random.Generator) -> FovCrop | None:
+    """A field of view as scanners make them, inside ``case``'s scan (issue 15).
+
+    Half the crops are abdominal scans starting anywhere from mid-T10 to mid-L2 and ending
+    anywhere from mid-L4 to the end of the scan; half are lumbar-spine windows of
+    :data:`LUMBAR_WINDOW_MM` holding L3 somewhere between 15 % and 85 % of their length.
+    None when the case has no landmarks or no L3 to crop around.
+    """
+    m = case.landmark_rows
+    if case.l3_row is None or not {"T10", "L2", "L4"} <= m.keys():
+        return None
+    n = case.image_hu.shape[0]
+    if rng.random() < 0.5:
+        top = rng.uniform(m["T10"], m["L2"])
+        bottom = rng.uniform(m["L4"], max(m["L4"], n - 1.0))
+    else:
+        length = rng.uniform(*LUMBAR_WINDOW_MM) / case.pixel_mm
+        top = case.l3_row - rng.uniform(0.15, 0.85) * length
+        bottom = top + length
+    return FovCrop(max(top, 0.0), min(bottom, n - 1.0))
+
+
+def countable_l3(case: MipCase, crop: FovCrop | None) -> bool:
+    """Whether L3 is in the field of view in the radiologist's sense (issue 15): its middle
+    is inside and a reader can count to it, down from the last rib-bearing vertebra (its
+    middle inside) or up from the sacrum (:data:`SACRUM_SEEN_MM` of S1 inside). Without a
+    crop: L3 is in the scan."""
+    if case.l3_row is None:
+        return False
+    if crop is None:
+        return True
+    m = case.landmark_rows
+    if not crop.holds(case.l3_row):
+        return False
+    from_ribs = "last_rib" in m and crop.holds(m["last_rib"])
+    sacrum = m.get("S1_top")
+    from_sacrum = sacrum is not None and crop.holds(sacrum + SACRUM_SEEN_MM / case.pixel_mm)
+    return from_ribs or from_sacrum
+
+
 def sample_windows(
     cases: Sequence[MipCase],
     spec: WindowSpec,
@@ -314,6 +424,7 @@ def sample_windows(
     positive_fraction: float = 0.6,
     augment: bool = True,
     absent_fraction: float = 0.35,
+    fov_crop_fraction: float = 0.0,
 ) -> Sample:
     """Draw ``n`` windows across scans (shuffled).
 
@@ -321,6 +432,12 @@ def sample_windows(
     its offset; negatives hold L3 farther than ``a + 4 px`` from the centre (or not at
     all) and train only the presence head; ``absent_fraction`` of the negatives come from
     scans without L3 (chest-only, pelvis-only), the hardest "absent" cases.
+
+    ``fov_crop_fraction`` of the windows are cut from a field of view cropped out of their
+    scan (:func:`draw_fov_crop`; rows outside it are air, as outside a scan). L3 then counts
+    as present only where a radiologist could count to it in that crop
+    (:func:`countable_l3`): a positive window of a crop where L3 cannot be counted becomes
+    a negative (no offset target, presence 0). Cases without landmarks are never cropped.
     """
     h, a = spec.height_px, spec.a_px
     with_l3 = [c for c in cases if c.l3_row is not None]
@@ -338,6 +455,11 @@ def sample_windows(
             case = cases[rng.integers(len(cases))]
         if case.strip is None:
             case.strip = mip_to_strip(case.image_hu, spec)
+        crop = (
+            draw_fov_crop(case, rng)
+            if fov_crop_fraction > 0 and rng.random() < fov_crop_fraction
+            else None
+        )
         scale = float(np.exp(rng.uniform(np.log(0.88), np.log(1.12)))) if augment else 1.0
         if positive:
             u = rng.uniform(-a, a)  # output rows below the window centre
@@ -350,12 +472,14 @@ def sample_windows(
         if u is not None:
             top = case.l3_row - (h / 2 + u) * scale
         else:
-            top = rng.uniform(-h * scale / 2, case.strip.shape[0] - h * scale / 2)
+            lo, hi = (0.0, case.strip.shape[0]) if crop is None else (crop.top, crop.bottom)
+            top = rng.uniform(lo - h * scale / 2, hi - h * scale / 2)
         xs[i] = extract_window(case.strip, top, h, scale)
-        if positive:
+        if crop is not None:  # air outside the cropped field of view
+            src = top + np.arange(h, dtype=np.float64) * scale
+            xs[i][(src < crop.top) | (src > crop.bottom)] = 0.0
+        if positive and countable_l3(case, crop):
             off[i], pres[i] = u / a, 1.0
-        elif u is not None and abs(u) <= a:  # cannot happen, kept for clarity
-            pres[i] = 1.0
     x = torch.from_numpy(xs)
     if augment:
         x = _augment(x, rng)
@@ -410,6 +534,7 @@ class TrainSettings:
     init: Path | None = None
     positive_fraction: float = 0.6
     stage: str = "coarse"  # "coarse": whole-MIP locator; "fine": refinement stage
+    fov_crop_fraction: float = 0.0  # windows cut from a cropped field of view (issue 15)
 
 
 #: Starting errors (multiples of a) from which :func:`validate_refinement` refines each
@@ -630,7 +755,14 @@ def train_locator(
         t0 = time.perf_counter()
         losses = []
         for _ in range(settings.steps_per_epoch):
-            batch = sample_windows(train_cases, spec, settings.batch_size, rng, positive_fraction)
+            batch = sample_windows(
+                train_cases,
+                spec,
+                settings.batch_size,
+                rng,
+                positive_fraction,
+                fov_crop_fraction=settings.fov_crop_fraction,
+            )
             loss = _loss(model, batch, dev, settings.presence_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
