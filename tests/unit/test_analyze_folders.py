@@ -100,6 +100,7 @@ def test_finds_every_ct_series_by_headers_and_skips_the_rest(
     assert any("1 file(s) that are not DICOM" in n for n in found.notes)
 
 
+@pytest.mark.slow  # over 2 s: the quick subset stays under 2 min
 def test_cli_analyses_each_series_into_its_own_folder(
     fake_stages: None, export: Path, tmp_path: Path
 ) -> None:

@@ -15,6 +15,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from research.import_graph import FORBIDDEN, build
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -127,6 +129,7 @@ NODE_PROCESS = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # over 2 s: the quick subset stays under 2 min
 def test_the_node_process_loads_neither_torch_nor_the_worker_nor_research() -> None:
     env = {
         **os.environ,

@@ -217,6 +217,7 @@ def _volume(hu2d: np.ndarray, sp: tuple[float, float], patient: PatientInfo) -> 
     return CTVolume(hu=hu, z_mm=np.array([0.0, 3.0, 6.0]), pixel_spacing_mm=sp, patient=patient)
 
 
+@pytest.mark.slow  # about 2 s: the quick subset stays under 2 min
 def test_measure_composition_end_to_end_with_neighbour_averaging():
     hu, truth, sp = synthetic_l3()
     vol = _volume(hu, sp, PatientInfo(sex="F", size_m=1.7, weight_kg=60.0))

@@ -35,7 +35,11 @@ def _at_mid_l3(seed: int) -> tuple[Phantom, TrabecularAttenuation]:
 
 
 # seeds: 6001 and 6004 normal bone, 6002 and 6005 the osteoporosis variant
-@pytest.mark.parametrize("seed", [6001, 6002, 6004, 6005])
+@pytest.mark.parametrize(
+    "seed",
+    # one seed in the quick subset; the others (about 2.5 s each) with the slow tests
+    [6001, *(pytest.param(s, marks=pytest.mark.slow) for s in (6002, 6004, 6005))],
+)
 def test_trabecular_hu_matches_the_phantoms_cancellous_bone(seed: int) -> None:
     ph, got = _at_mid_l3(seed)
     canc = float(ph.anatomy.extra["canc"])  # the phantom's cancellous HU (anatomy.py)
@@ -46,6 +50,7 @@ def test_trabecular_hu_matches_the_phantoms_cancellous_bone(seed: int) -> None:
     assert got.roi is not None and got.roi_area_cm2 * 100 >= MIN_ROI_MM2
 
 
+@pytest.mark.slow  # over 2 s: the quick subset stays under 2 min
 def test_osteoporotic_phantom_reads_lower() -> None:
     normal = [_at_mid_l3(s)[1].mean_hu for s in (6001, 6004)]
     osteo = [_at_mid_l3(s)[1].mean_hu for s in (6002, 6005)]

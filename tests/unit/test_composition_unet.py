@@ -44,6 +44,7 @@ def test_normalise_clips_to_window():
     assert np.allclose(x, [0, 0, 0.5, 1, 1])
 
 
+@pytest.mark.slow  # about 2 s: the quick subset stays under 2 min
 def test_smoke_training_step_reduces_loss():
     torch.manual_seed(0)
     m = UNet2D(levels=3, base=8)
@@ -96,6 +97,7 @@ def test_shipped_weights_are_small_and_carry_their_training_record():
     assert (model.levels, model.base, model.n_classes) == (4, 18, 5)
 
 
+@pytest.mark.slow  # about 2 s: the quick subset stays under 2 min
 def test_shipped_weights_segment_a_held_out_phantom_l3_slice():
     from research.evaluate_composition import _phantom_slices, dice
     from worker.composition.measure import segment_slice

@@ -53,6 +53,7 @@ def test_the_crops_include_a_short_lumbar_window_5_mm_slices_and_one_above_l3() 
     assert above
 
 
+@pytest.mark.slow  # two real crops through the locator: about 3.5 s
 def test_the_locator_on_two_real_crops(shared_data: Path) -> None:
     crops = {k: REAL_CROPS[k] for k in ("no pelvis (L4-T11)", "wholly above L3 (T11-L2)")}
     rows = evaluate_real_crops(shared_data, LocatorConfig(), "cpu", crops, chest=False)

@@ -42,6 +42,7 @@ def test_summary_counts_errors_successes_and_field_of_view_decisions() -> None:
     assert summarise([case("x", 10, 10)])["refinement_applied"] is None
 
 
+@pytest.mark.slow  # about 2 s: the quick subset stays under 2 min
 def test_evaluate_command_prints_per_case_rows_and_the_overall_figures(tmp_path: Path) -> None:
     require_shipped(MODELS / "locator_cnn4.pt", "locator weights")
     from l3spot import app

@@ -205,6 +205,7 @@ def test_enabled_export_posts_the_observation(
     assert headers["If-None-Exist"] == f"identifier=urn:dicom:uid|{ident['value']}"
 
 
+@pytest.mark.slow  # about 2 s: the quick subset stays under 2 min
 def test_a_failing_endpoint_is_logged_and_never_fails_the_analysis(
     fake_stages: dict[str, bool],
     series_dir: Path,

@@ -18,6 +18,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -95,6 +96,7 @@ IMAGE_PROCESS = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # over 2 s: the quick subset stays under 2 min
 def test_the_image_files_run_every_compose_command_without_research(tmp_path: Path) -> None:
     app = tmp_path / "app"
     app.mkdir()

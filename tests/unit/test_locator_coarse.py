@@ -192,6 +192,7 @@ def _shipped() -> LocatorConfig:
     return cfg
 
 
+@pytest.mark.slow  # over 2 s: the quick subset stays under 2 min
 def test_shipped_model_finds_l3_in_a_held_out_phantom() -> None:
     cfg = _shipped()
     from worker.training.locator import phantom_volume

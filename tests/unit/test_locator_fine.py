@@ -153,6 +153,7 @@ def _marker_case(l3_row: float, i: int) -> MipCase:
     return MipCase(f"c{i}", f"p{i}", mip.image, 1.0, float(int(round(l3_row))), 1.0)
 
 
+@pytest.mark.slow  # about 2 s: the quick subset stays under 2 min
 def test_fine_stage_training_smoke_run_learns_and_saves_a_refiner(tmp_path: Path) -> None:
     torch.set_num_threads(2)
     rng = np.random.default_rng(1)
@@ -176,6 +177,7 @@ def test_fine_stage_training_smoke_run_learns_and_saves_a_refiner(tmp_path: Path
     assert np.isnan(logs[-1].val_presence_acc)
 
 
+@pytest.mark.slow  # over 2 s: the quick subset stays under 2 min
 def test_shipped_refinement_stage_sharpens_held_out_phantoms() -> None:
     """With the shipped config (both stages), held-out phantoms land within 5 mm."""
     cfg = LocatorConfig()

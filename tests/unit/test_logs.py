@@ -210,6 +210,7 @@ def test_a_destination_that_answers_c_echo_is_ok() -> None:
     assert result["ok"] is True and result["status"] == "0x0000" and result["error"] is None
 
 
+@pytest.mark.slow  # over 2 s: the quick subset stays under 2 min
 def test_a_silent_destination_does_not_delay_the_start(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -80,6 +80,7 @@ def _code(item: Dataset, attr: str = "ConceptNameCodeSequence") -> tuple[str, st
     return str(code.CodeValue), str(code.CodingSchemeDesignator)
 
 
+@pytest.mark.slow  # a real analysis and re-measure: about 5 s
 def test_a_correction_writes_a_rejection_note_of_exactly_the_superseded_objects(
     case: WebCase,  # noqa: F811
 ) -> None:

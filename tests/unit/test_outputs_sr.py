@@ -310,6 +310,7 @@ def _region_polygon_on_the_whole_image(mask: np.ndarray) -> np.ndarray | None:
     return pts
 
 
+@pytest.mark.slow  # about 2 s: the quick subset stays under 2 min
 def test_region_polygon_on_the_bounding_box_equals_the_whole_image_computation() -> None:
     from scipy import ndimage
 
@@ -335,6 +336,7 @@ def test_region_polygon_on_the_bounding_box_equals_the_whole_image_computation()
         assert np.array_equal(got, expected)  # bit for bit: the SR content must not change
 
 
+@pytest.mark.slow  # over 2 s: the quick subset stays under 2 min
 def test_approximate_polygon_matches_scikit_image_bit_for_bit() -> None:
     from skimage.measure import approximate_polygon as skimage_approximate_polygon
 
