@@ -8,7 +8,9 @@ for the long-running ones (``serve``, ``worker``), whose logs are on stdout
 
 from __future__ import annotations
 
+import getpass
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -83,3 +85,17 @@ def fail(error: BaseException | str, code: int = EXIT_STARTUP, service: bool = T
     else:
         typer.echo(f"error: {text}", err=True)
     raise typer.Exit(code)
+
+
+def os_user() -> str:
+    """The operating-system account running the command (audit records of CLI changes);
+    ``unknown`` when the system cannot say (a container without a passwd entry)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def command_line() -> str:
+    """This process's ``l3spot`` command line, shell-quoted (training records)."""
+    return "l3spot " + " ".join(shlex.quote(a) for a in sys.argv[1:])

@@ -8,26 +8,18 @@ their next analysis.
 
 from __future__ import annotations
 
-import getpass
 import json
 from typing import Annotated, Any
 
 import typer
 
-from core.commands import ConfigOpt, fail
+from core.commands import ConfigOpt, fail, os_user
 from core.commands import load_for_cli as _load
 
 models_app = typer.Typer(
     help="The site's locator versions: list, promote, roll back (docs/learning.md).",
     no_args_is_help=True,
 )
-
-
-def _actor() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "unknown"
 
 
 def _audit(cfg: Any, entry: dict[str, Any]) -> None:
@@ -95,7 +87,7 @@ def promote(
 
     cfg = _load(config)
     try:
-        entry = ModelRegistry.from_config(cfg).promote(version, _actor(), reason)
+        entry = ModelRegistry.from_config(cfg).promote(version, os_user(), reason)
     except ModelRegistryError as exc:
         fail(str(exc))
     _audit(cfg, entry)
@@ -112,7 +104,7 @@ def rollback(
 
     cfg = _load(config)
     try:
-        entry = ModelRegistry.from_config(cfg).rollback(_actor(), reason)
+        entry = ModelRegistry.from_config(cfg).rollback(os_user(), reason)
     except ModelRegistryError as exc:
         fail(str(exc))
     _audit(cfg, entry)

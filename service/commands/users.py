@@ -8,27 +8,19 @@ account that made it), without the password.
 
 from __future__ import annotations
 
-import getpass
 import sys
 import time
 from typing import Annotated
 
 import typer
 
-from core.commands import ConfigOpt, fail
+from core.commands import ConfigOpt, fail, os_user
 from core.commands import load_for_cli as _load
 
 users_app = typer.Typer(
     help="Named users of the web page (web.auth: users or proxy) and their roles.",
     no_args_is_help=True,
 )
-
-
-def _actor() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "unknown"
 
 
 def _read_password(from_stdin: bool) -> str:
@@ -68,7 +60,7 @@ def add(
     except UserError as exc:
         fail(exc, 1, service=False)
     AuditLog(audit_log_path(cfg)).record(
-        event="user_added" if new else "user_changed", user=name, role=str(chosen), actor=_actor()
+        event="user_added" if new else "user_changed", user=name, role=str(chosen), actor=os_user()
     )
     typer.echo(f"{'added' if new else 'changed'} {name} ({chosen})")
 
@@ -104,7 +96,7 @@ def remove(
         remove_user(JobStore.from_config(cfg), name)
     except UserError as exc:
         fail(exc, 1, service=False)
-    AuditLog(audit_log_path(cfg)).record(event="user_removed", user=name, actor=_actor())
+    AuditLog(audit_log_path(cfg)).record(event="user_removed", user=name, actor=os_user())
     typer.echo(f"removed {name}")
 
 

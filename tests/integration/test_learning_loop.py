@@ -13,7 +13,8 @@ it must be right more often and closer than the shipped one. The node's next ana
 the new version in result.json and the SR; ``l3spot models rollback`` returns to the shipped
 models.
 
-About 4 minutes on 2 cores (the training is two passes of 200 steps): marked slow.
+Several minutes on 2 cores (7.5 min measured with two other jobs on them; the training is two
+passes of 200 steps): marked slow.
 """
 
 from __future__ import annotations

@@ -8,13 +8,14 @@ See ``worker/composition.py`` (segmentation and measurements), ``worker/seg_unet
 from __future__ import annotations
 
 import json
-import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
 import typer
+
+from core.commands import command_line
 
 
 def _load(path: Path) -> Any:
@@ -190,7 +191,7 @@ def train_seg(
             max_seconds=max_minutes * 60 if max_minutes else None,
         )
         record = {
-            "command": "l3spot " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+            "command": command_line(),
             "git_commit": git,
             "seed": seed + i,
             "steps_done": len(losses),

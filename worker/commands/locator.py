@@ -8,16 +8,14 @@ the diagnostic picture).
 from __future__ import annotations
 
 import json
-import shlex
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from core.commands import ConfigOpt
+from core.commands import ConfigOpt, command_line
 
 DEFAULT_CACHE = Path("var/cache/locator_mips")
 
@@ -173,13 +171,16 @@ def train(
         torch.set_num_threads(threads)
     if from_reviews:
         from worker.commands.learning import train_from_reviews_command
+        from worker.training.from_reviews import FromReviewsSettings
 
-        train_from_reviews_command(
-            config,
-            steps=steps_per_epoch or 300,
-            batch_size=batch_size or 32,
-            lr=lr or 3e-4,
-            phantoms=60 if phantoms is None else phantoms,
+        given = {
+            "steps": steps_per_epoch,
+            "batch_size": batch_size,
+            "lr": lr,
+            "phantoms": phantoms,
+        }  # None: FromReviewsSettings' default
+        settings = FromReviewsSettings(
+            **{k: v for k, v in given.items() if v is not None},
             phantom_seed=phantom_seed,
             bench_phantoms=bench_phantoms,
             holdout_fraction=holdout_fraction,
@@ -188,9 +189,8 @@ def train(
             seed=seed,
             device=device,
             cache_dir=cache_dir,
-            promote=promote,
-            git_commit=_git_commit(),
         )
+        train_from_reviews_command(config, settings, promote=promote, git_commit=_git_commit())
         return
     phantoms = phantoms or 0
     steps_per_epoch = steps_per_epoch or 200
@@ -211,7 +211,7 @@ def train(
     )
 
     dev = str(resolve_device(device))
-    command = "l3spot " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = command_line()
     if stage not in STAGE_GEOMETRY:
         raise typer.BadParameter(f"--stage must be one of {sorted(STAGE_GEOMETRY)}")
     geometry = dict(STAGE_GEOMETRY[stage])
