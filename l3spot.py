@@ -34,6 +34,7 @@ COMMANDS: dict[str, str] = {
     "train": "worker.commands.locator",
     "composition": "worker.commands.composition",
     "train-seg": "worker.commands.composition",
+    "train-spine": "worker.commands.vertebrae",
     "evaluate": "research.commands",
     "evaluate-composition": "research.commands",
     "calibrate-locator": "research.commands",

@@ -26,8 +26,18 @@ def _chain(
 
 
 def build_skeleton(anat: Anatomy, rng: np.random.Generator) -> None:
-    """Append every bone primitive of ``anat`` to ``anat.bones``."""
+    """Append every bone primitive of ``anat`` to ``anat.bones``.
+
+    Also records ``anat.extra["bone_tags"]``: part name -> indices into ``anat.bones`` of
+    the primitives that draw it (``"body:<vertebra name>"`` per vertebral body, ``"rib"``
+    the bony ribs without their cartilages, ``"sacrum"`` the sacral segments and alae), the
+    reference segmentation of the level-verification network
+    (:mod:`worker.phantom.spine_box`). Tagging draws no random numbers: every seed's
+    phantom is unchanged.
+    """
     e = anat.extra
+    tags: dict[str, list[int]] = {}
+    e["bone_tags"] = tags
     cort, canc = float(e["cort"]), float(e["canc"])
     k = anat.scale
     bones = anat.bones
@@ -58,6 +68,7 @@ def build_skeleton(anat: Anatomy, rng: np.random.Generator) -> None:
                 waist=0.0,
             )
         )
+        tags[f"body:{v.name}"] = [len(bones)]
         bones.append(
             Slab(
                 (v.cx, v.cy),
@@ -220,7 +231,9 @@ def build_skeleton(anat: Anatomy, rng: np.random.Generator) -> None:
                     y = max(y, tub_y + 4)
                 pts.append(np.array([x, y, zz]))
             pts_a = np.array(pts)
-            bones.extend(_chain(pts_a, r_rib, cort * 0.95, canc * 0.8, 1.6))
+            rib_parts = _chain(pts_a, r_rib, cort * 0.95, canc * 0.8, 1.6)
+            tags.setdefault("rib", []).extend(range(len(bones), len(bones) + len(rib_parts)))
+            bones.extend(rib_parts)
             # costal cartilage to the sternum (true ribs) or the costal margin
             end = pts_a[-1]
             if idx <= 7:
@@ -344,6 +357,7 @@ def build_skeleton(anat: Anatomy, rng: np.random.Generator) -> None:
     seg_h = 21.0 * k
     widths = [52, 44, 36, 28, 20]
     ala = float(rng.uniform(48.0, 56.0)) * anat.extra.get("kw", 1.0)
+    sacrum_start = len(bones)
     for i in range(5):
         z1 = -i * seg_h
         z0 = z1 - seg_h + 1.0
@@ -384,6 +398,7 @@ def build_skeleton(anat: Anatomy, rng: np.random.Generator) -> None:
             a_top=ala,
         )
     )
+    tags["sacrum"] = list(range(sacrum_start, len(bones)))
     zc = -5 * seg_h
     yc = sy0 + tilt * 5 * seg_h
     bones.extend(

@@ -1,0 +1,594 @@
+"""Level verification: count the vertebrae around the located L3 in 3-D.
+
+The first-stage locator reads a frontal MIP; its typical error is a whole vertebra (it
+learned where L3 usually is, not which vertebra it is). This module checks its answer the way
+a radiologist does, by counting vertebral bodies (ANATOMY.md):
+
+* **from the ribs down**: L1 is the first vertebra without ribs; L3 is the third body below
+  the last rib-bearing one (the convention l3spot reports, as radiologists do);
+* **from the sacrum up**: L3 is the third body above the sacrum when there are five lumbar
+  vertebrae.
+
+The two counts disagree exactly when the number of non-rib-bearing vertebrae above the sacrum
+is not five (sacralisation, lumbarisation, 11 or 13 rib pairs): ``possible_transitional_anatomy``.
+
+Steps (one series):
+
+1. :func:`column_centre` finds the vertebral column (a robust estimate from the bone pixels
+   near the located slice) and :func:`extract_box` resamples a box of
+   :data:`BOX_SHAPE` 1 mm isotropic voxels around it (trilinear, Mita et al. section 3.1),
+   300 mm along z centred on the located L3;
+2. :class:`SpineFCN`, a 3-D fully convolutional encoder-decoder after Mita et al.
+   ("Automatic detection and evaluation of spine from CT images using deep learning",
+   section 2.2: 5x5x5 convolutions, PReLU, stride-2 2x2x2 convolutions to down-sample,
+   residual levels, skip connections, global-convolution decoder, softmax), labels each
+   voxel :data:`CLASSES`;
+3. :func:`count_levels` splits the vertebral-body voxels into bodies (connected
+   components; discs separate them), marks the rib-bearing ones and the top of the sacrum;
+4. :func:`verify_level` compares the locator's z with the counted L3 and confirms, corrects
+   or flags it (:class:`LevelVerification`).
+
+Coordinates: the box lives in the volume's canonical grid in mm: ``z`` = the volume's
+``z_mm``, ``y`` = row x row spacing (anterior -> posterior), ``x`` = column x column spacing
+(patient right -> left).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import nn
+
+__all__ = [
+    "BOX_ANTERIOR_MM",
+    "BOX_SHAPE",
+    "CLASSES",
+    "LevelCount",
+    "LevelVerification",
+    "SpineBox",
+    "SpineFCN",
+    "VerificationError",
+    "column_centre",
+    "count_levels",
+    "extract_box",
+    "load_spine_model",
+    "normalise_hu",
+    "segment_box",
+    "verify_level",
+]
+
+#: Box size (z, y, x) in 1 mm voxels, each a multiple of 8: 304 mm along z (the located L3
+#: +/- 152 mm: from below
+#: the sacrum's top to T11 even with a sixth lumbar vertebra or an off-by-one locator;
+#: ANATOMY.md: one lumbar level 35-42 mm), 72 mm antero-posterior (a lumbar body is 30-35 mm
+#: deep, plus the rib heads and necks behind it), 112 mm wide (bodies 40-50 mm, rib necks to
+#: +/- 32 mm and beyond).
+BOX_SHAPE = (304, 72, 112)
+#: The box reaches this far (mm) in front of the estimated body centre; the rest lies behind.
+BOX_ANTERIOR_MM = 28.0
+#: Voxel classes of the segmentation.
+CLASSES = ("background", "vertebral_body", "rib", "sacrum")
+BODY, RIB, SACRUM = 1, 2, 3
+#: HU above which a pixel counts as bone for centring the box (cancellous bone 150-300 HU,
+#: cortex 700-1500; ANATOMY.md).
+BONE_HU = 150.0
+#: Half body depth (mm) added to the body's anterior edge to reach its centre (lumbar body
+#: 30-35 mm deep; ANATOMY.md).
+HALF_BODY_DEPTH_MM = 16.0
+#: Smallest connected component (mm^3) taken as a vertebral body: a T11 body is about
+#: 30 x 22 x 20 mm (10 cm^3), a lumbar one 20-30 cm^3; fragments below 2 cm^3 are noise.
+MIN_BODY_MM3 = 2000.0
+#: Rib voxels (mm^3) beside a body that make it rib-bearing.
+MIN_RIB_MM3 = 40.0
+#: Two consecutive bodies further apart than this factor times the median spacing mean a
+#: body was missed: the count is not trusted.
+MAX_GAP_FACTOR = 1.6
+#: A "body" taller than this (mm) is two merged bodies: the count is not trusted (the
+#: tallest lumbar body is about 30 mm, ANATOMY.md).
+MAX_BODY_HEIGHT_MM = 42.0
+#: The lumbar vertebrae of a typical spine (24 presacral: 7 cervical, 12 thoracic, 5 lumbar).
+TYPICAL_LUMBAR = 5
+
+
+class VerificationError(ValueError):
+    """The level cannot be verified on this series (reason in the message)."""
+
+
+# --------------------------------------------------------------------------- the box
+
+
+@dataclass
+class SpineBox:
+    """A 1 mm isotropic box around the vertebral column.
+
+    Attributes
+    ----------
+    image : (z, y, x) float32 HU, :data:`BOX_SHAPE`; voxels outside the scan are -1024.
+    in_scan : (z,) bool, whether each box slice lies inside the scanned z range.
+    origin_mm : (z, y, x) of voxel (0, 0, 0)'s centre in the volume's grid mm (module
+        docstring); voxel size 1 mm.
+    """
+
+    image: np.ndarray
+    in_scan: np.ndarray
+    origin_mm: tuple[float, float, float]
+
+    def z_of(self, index: float) -> float:
+        """z (mm) of box slice ``index`` (fractional allowed)."""
+        return float(self.origin_mm[0] + index)
+
+
+def column_centre(
+    hu: np.ndarray,
+    z_mm: np.ndarray,
+    spacing_mm: tuple[float, float],
+    z_lo: float,
+    z_hi: float,
+) -> tuple[float, float]:
+    """Centre (y, x) in grid mm of the vertebral body column between ``z_lo`` and ``z_hi``.
+
+    Per slice: bone pixels (above :data:`BONE_HU`); keep those within 30 mm of their median
+    column (the spine lies between symmetric lateral bones); the largest connected component
+    there is the vertebra (body and arch); its anterior edge plus
+    :data:`HALF_BODY_DEPTH_MM` is the body centre. The median over slices is returned.
+
+    Parameters
+    ----------
+    hu : (z, y, x) HU, canonical grid (rows anterior -> posterior).
+    z_mm : (z,) ascending slice positions (mm).
+    spacing_mm : (row, col) pixel spacing (mm).
+    z_lo, z_hi : z range (mm) to look in.
+
+    Returns
+    -------
+    (y, x) in mm (row x dy, col x dx).
+
+    Raises
+    ------
+    VerificationError
+        No slice in the range shows a vertebra.
+    """
+    dy, dx = spacing_mm
+    idx = np.nonzero((z_mm >= z_lo) & (z_mm <= z_hi))[0]
+    if idx.size > 24:
+        idx = idx[np.linspace(0, idx.size - 1, 24).round().astype(int)]
+    ys: list[float] = []
+    xs: list[float] = []
+    for i in idx:
+        bone = hu[i] > BONE_HU
+        rr, cc = np.nonzero(bone)
+        if rr.size < 20:
+            continue
+        xm = float(np.median(cc)) * dx
+        band = np.zeros_like(bone)
+        c0 = max(0, int((xm - 30.0) / dx))
+        c1 = min(bone.shape[1], int((xm + 30.0) / dx) + 1)
+        band[:, c0:c1] = bone[:, c0:c1]
+        lab, n = ndimage.label(band)
+        if n == 0:
+            continue
+        sizes = ndimage.sum_labels(band, lab, index=np.arange(1, n + 1))
+        k = int(np.argmax(sizes)) + 1
+        if sizes[k - 1] * dx * dy < 300.0:  # smaller than any vertebra's cross-section
+            continue
+        r, c = np.nonzero(lab == k)
+        ys.append(float(r.min()) * dy + HALF_BODY_DEPTH_MM)
+        xs.append(float(np.mean(c)) * dx)
+    if not ys:
+        raise VerificationError(
+            f"no vertebra found between z {z_lo:.0f} and {z_hi:.0f} mm (no bone above "
+            f"{BONE_HU:.0f} HU near the midline)"
+        )
+    return float(np.median(ys)), float(np.median(xs))
+
+
+def extract_box(
+    hu: np.ndarray,
+    z_mm: np.ndarray,
+    spacing_mm: tuple[float, float],
+    z_centre_mm: float,
+    centre_yx_mm: tuple[float, float],
+) -> SpineBox:
+    """Resample the :data:`BOX_SHAPE` box around the column, trilinear (Mita et al. 3.1).
+
+    Parameters
+    ----------
+    hu : (z, y, x) HU; z_mm : (z,) ascending (mm); spacing_mm : (row, col) (mm).
+    z_centre_mm : the box's centre along z (the located L3, mm).
+    centre_yx_mm : the body centre (:func:`column_centre`), grid mm.
+
+    Returns
+    -------
+    SpineBox
+        Outside the scan (z beyond the first/last slice, or beyond the image edge) -1024 HU.
+    """
+    nz, ny, nx = BOX_SHAPE
+    dy, dx = spacing_mm
+    z0 = z_centre_mm - nz / 2 + 0.5
+    y0 = centre_yx_mm[0] - BOX_ANTERIOR_MM + 0.5
+    x0 = centre_yx_mm[1] - nx / 2 + 0.5
+    zb = z0 + np.arange(nz)
+    in_scan = (zb >= z_mm[0]) & (zb <= z_mm[-1])
+    out = np.full(BOX_SHAPE, -1024.0, dtype=np.float32)
+    if not in_scan.any():
+        return SpineBox(out, in_scan, (z0, y0, x0))
+    zi = np.interp(zb[in_scan], z_mm, np.arange(len(z_mm), dtype=np.float64))
+    rows = (y0 + np.arange(ny)) / dy
+    cols = (x0 + np.arange(nx)) / dx
+    # crop the source first: map_coordinates then touches only the box's neighbourhood
+    s0, s1 = int(np.floor(zi.min())), int(np.ceil(zi.max())) + 1
+    r0 = max(0, int(np.floor(rows.min())) - 1)
+    r1 = min(hu.shape[1], int(np.ceil(rows.max())) + 2)
+    c0 = max(0, int(np.floor(cols.min())) - 1)
+    c1 = min(hu.shape[2], int(np.ceil(cols.max())) + 2)
+    if r1 <= r0 or c1 <= c0:
+        raise VerificationError("the vertebral column box lies outside the image")
+    sub = np.asarray(hu[s0:s1, r0:r1, c0:c1], dtype=np.float32)
+    gz, gy, gx = np.meshgrid(zi - s0, rows - r0, cols - c0, indexing="ij")
+    vals = ndimage.map_coordinates(sub, [gz, gy, gx], order=1, mode="constant", cval=-1024.0)
+    out[in_scan] = vals.astype(np.float32)
+    return SpineBox(out, in_scan, (z0, y0, x0))
+
+
+def normalise_hu(image: np.ndarray) -> np.ndarray:
+    """HU -> network input: clip to [-200, 1800] and map to about [-0.8, 3.2] (same shape)."""
+    return ((np.clip(image, -200.0, 1800.0) - 200.0) / 500.0).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- the network
+
+
+class _ResLevel(nn.Module):
+    """``n`` 5x5x5 convolutions with PReLU; the level's input is added to its output."""
+
+    def __init__(self, c_in: int, c_out: int, n: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i in range(n):
+            layers += [nn.Conv3d(c_in if i == 0 else c_out, c_out, 5, padding=2), nn.PReLU(c_out)]
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) + x
+
+
+class _GCN(nn.Module):
+    """Global convolution (Peng et al. 2017) in 3-D: a k x k x k receptive field from three
+    separable 1-D paths (z->y->x, y->x->z, x->z->y), summed, with PReLU."""
+
+    def __init__(self, c_in: int, c_out: int, k: int) -> None:
+        super().__init__()
+        p = k // 2
+        kz, ky, kx = (k, 1, 1), (1, k, 1), (1, 1, k)
+        pz, py, px = (p, 0, 0), (0, p, 0), (0, 0, p)
+
+        def path(a, pa, b, pb, c, pc):
+            return nn.Sequential(
+                nn.Conv3d(c_in, c_out, a, padding=pa),
+                nn.Conv3d(c_out, c_out, b, padding=pb),
+                nn.Conv3d(c_out, c_out, c, padding=pc),
+            )
+
+        self.paths = nn.ModuleList(
+            [
+                path(kz, pz, ky, py, kx, px),
+                path(ky, py, kx, px, kz, pz),
+                path(kx, px, kz, pz, ky, py),
+            ]
+        )
+        self.act = nn.PReLU(c_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(sum(p(x) for p in self.paths))
+
+
+class SpineFCN(nn.Module):
+    """3-D encoder-decoder of Mita et al. (section 2.2, Fig. 2), sized for 2 CPU cores.
+
+    Input ``(batch, 1, z, y, x)`` normalised HU (:func:`normalise_hu`) at 1 mm, each of z,
+    y, x a multiple of 8; output ``(batch, len(CLASSES), z, y, x)`` logits at 1 mm.
+
+    Encoder: a 5x5x5 stride-2 convolution of the 1 mm input, then three levels (2, 4, 8 mm),
+    each 5x5x5 convolutions with PReLU and a residual connection (1, 2, 2 convolutions),
+    stride-2 2x2x2 convolutions between levels that double the channels (``base``, 2, 4 x
+    ``base``). Decoder: stride-2 2x2x2 transposed convolutions that halve them, the
+    encoder's feature map of the same level concatenated (skip connection), then a global
+    convolution block (k = 13 at 4 mm, 9 at 2 mm) with PReLU; a 1x1x1 convolution gives
+    the class logits at 2 mm, trilinearly up-sampled to 1 mm.
+
+    Deviations from the paper, for speed on two CPU cores (``bench/bench_locate.py``): no
+    convolution runs at full resolution (the first one has stride 2 and the logits are
+    up-sampled), and fewer channels (``base`` = 8).
+    """
+
+    def __init__(self, base: int = 8, n_classes: int = len(CLASSES)) -> None:
+        super().__init__()
+        c = [base, 2 * base, 4 * base]
+        self.stem = nn.Sequential(nn.Conv3d(1, c[0], 5, stride=2, padding=2), nn.PReLU(c[0]))
+        self.enc = nn.ModuleList(
+            [_ResLevel(c[0], c[0], 1), _ResLevel(c[1], c[1], 2), _ResLevel(c[2], c[2], 2)]
+        )
+        self.down = nn.ModuleList(
+            [
+                nn.Sequential(nn.Conv3d(c[i], c[i + 1], 2, stride=2), nn.PReLU(c[i + 1]))
+                for i in range(2)
+            ]
+        )
+        self.up = nn.ModuleList(
+            [
+                nn.Sequential(nn.ConvTranspose3d(c[i + 1], c[i], 2, stride=2), nn.PReLU(c[i]))
+                for i in range(2)
+            ]
+        )
+        self.dec = nn.ModuleList([_GCN(2 * c[0], c[0], 9), _GCN(2 * c[1], c[1], 13)])
+        self.head = nn.Conv3d(c[0], n_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        skips = []
+        for i in range(2):
+            x = self.enc[i](x)
+            skips.append(x)
+            x = self.down[i](x)
+        x = self.enc[2](x)
+        for i in (1, 0):
+            x = self.up[i](x)
+            x = self.dec[i](torch.cat([x, skips[i]], dim=1))
+        return nn.functional.interpolate(
+            self.head(x), scale_factor=2, mode="trilinear", align_corners=False
+        )
+
+
+def load_spine_model(path: Path) -> SpineFCN:
+    """Load trained weights (``torch.save`` of ``{"state_dict", "base"}``) in eval mode.
+
+    Raises
+    ------
+    FileNotFoundError
+        No such file.
+    """
+    ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
+    net = SpineFCN(base=int(ckpt.get("base", 8)))
+    net.load_state_dict(ckpt["state_dict"])
+    net.eval()
+    return net
+
+
+def segment_box(net: SpineFCN, box: SpineBox) -> np.ndarray:
+    """Voxel classes of the box.
+
+    Returns
+    -------
+    (z, y, x) uint8 indices into :data:`CLASSES`; 0 outside the scan.
+    """
+    x = torch.from_numpy(normalise_hu(box.image))[None, None]
+    with torch.inference_mode():
+        logits = net(x)[0]
+    classes = logits.argmax(0).numpy().astype(np.uint8)
+    classes[~box.in_scan] = 0
+    return classes
+
+
+# --------------------------------------------------------------------------- counting
+
+
+@dataclass
+class Body:
+    """One vertebral body found in the box (z in mm, top = superior end plate)."""
+
+    z_bottom: float
+    z_top: float
+    volume_mm3: float
+    rib_bearing: bool
+    partial: bool  # cut by the box's or the scan's end: its extent is not all seen
+
+    @property
+    def z_mid(self) -> float:
+        return 0.5 * (self.z_bottom + self.z_top)
+
+
+@dataclass
+class LevelCount:
+    """The vertebral bodies counted in a box, top (superior) first.
+
+    Attributes
+    ----------
+    bodies : from the top of the box down.
+    last_rib : index in ``bodies`` of the lowest rib-bearing body (T12 in a typical spine),
+        or None when no rib-bearing body is seen.
+    sacrum_top_mm : z of the sacrum's top (mm), or None when not seen.
+    lumbar_counted : bodies between the last rib-bearing one and the sacrum (both seen), else
+        None.
+    l3_from_ribs, l3_from_sacrum : index in ``bodies`` of L3 by each count, or None.
+    problem : why the count is not trusted (a missed or merged body), or None.
+    """
+
+    bodies: list[Body]
+    last_rib: int | None
+    sacrum_top_mm: float | None
+    lumbar_counted: int | None
+    l3_from_ribs: int | None
+    l3_from_sacrum: int | None
+    problem: str | None = None
+
+
+def count_levels(classes: np.ndarray, box: SpineBox) -> LevelCount:
+    """Count the vertebral bodies of a segmented box from the ribs and from the sacrum.
+
+    Parameters
+    ----------
+    classes : (z, y, x) uint8 from :func:`segment_box` (or a reference segmentation).
+    box : the box it came from (origin, which slices are in the scan).
+
+    Returns
+    -------
+    LevelCount
+        ``problem`` set when consecutive bodies are too far apart (a missed body) or a body
+        is too tall (two merged), in which case neither count is used.
+    """
+    body = classes == BODY
+    lab, n = ndimage.label(body)
+    objs = ndimage.find_objects(lab)
+    in_idx = np.nonzero(box.in_scan)[0]
+    first_in, last_in = (int(in_idx[0]), int(in_idx[-1])) if in_idx.size else (0, -1)
+    rib = classes == RIB
+    bodies: list[Body] = []
+    for k, sl in enumerate(objs, start=1):
+        if sl is None:
+            continue
+        mask = lab[sl] == k
+        vol = float(mask.sum())
+        if vol < MIN_BODY_MM3:
+            continue
+        zs, xs = sl[0], sl[2]
+        # rib voxels beside this body (heads and necks), within its z extent and 3 mm above
+        zr = slice(zs.start, min(classes.shape[0], zs.stop + 3))
+        xr = slice(max(0, xs.start - 22), min(classes.shape[2], xs.stop + 22))
+        n_rib = float(rib[zr, :, xr].sum())
+        partial = zs.start <= first_in or zs.stop - 1 >= last_in
+        bodies.append(
+            Body(
+                z_bottom=box.z_of(zs.start - 0.5),
+                z_top=box.z_of(zs.stop - 0.5),
+                volume_mm3=vol,
+                rib_bearing=n_rib >= MIN_RIB_MM3,
+                partial=partial,
+            )
+        )
+    bodies.sort(key=lambda b: -b.z_mid)
+    sac = classes == SACRUM
+    sacrum_top = None
+    if sac.sum() >= MIN_BODY_MM3:
+        sl_z = np.nonzero(sac.any(axis=(1, 2)))[0]
+        sacrum_top = box.z_of(float(sl_z.max()) + 0.5)
+        bodies = [b for b in bodies if b.z_mid > sacrum_top]
+    problem = None
+    mids = np.array([b.z_mid for b in bodies])
+    if len(bodies) >= 3:
+        gaps = -np.diff(mids)
+        med = float(np.median(gaps))
+        if gaps.max() > MAX_GAP_FACTOR * med:
+            problem = f"a vertebral body seems missed ({gaps.max():.0f} mm between two bodies)"
+    tall = [b for b in bodies if not b.partial and b.z_top - b.z_bottom > MAX_BODY_HEIGHT_MM]
+    if tall:
+        problem = (
+            f"two vertebral bodies seem merged ({tall[0].z_top - tall[0].z_bottom:.0f} mm tall)"
+        )
+    rib_idx = [i for i, b in enumerate(bodies) if b.rib_bearing]
+    last_rib = max(rib_idx) if rib_idx else None
+    l3_top = last_rib + 3 if last_rib is not None and last_rib + 3 < len(bodies) else None
+    l3_bottom = None
+    lumbar = None
+    if sacrum_top is not None and len(bodies) >= 3:
+        l3_bottom = len(bodies) - 3
+        if last_rib is not None:
+            lumbar = len(bodies) - 1 - last_rib
+    if problem is not None:
+        l3_top = l3_bottom = lumbar = None
+    return LevelCount(bodies, last_rib, sacrum_top, lumbar, l3_top, l3_bottom, problem)
+
+
+# --------------------------------------------------------------------------- the verdict
+
+
+@dataclass
+class LevelVerification:
+    """What counting the vertebrae says about the located L3.
+
+    Attributes
+    ----------
+    status : "confirmed" (the located slice lies in the counted L3 body), "corrected" (it
+        lies elsewhere and ``z_mm`` is the counted L3's mid-body), or "unverified" (no count
+        could be made: ``reason`` says why).
+    z_mm : the L3 z (mm) to measure at: the locator's when confirmed or unverified.
+    counted_by : "ribs" (from the last rib-bearing vertebra down, the convention), "sacrum"
+        (from the sacrum up, when no rib-bearing vertebra is in view), or None.
+    possible_transitional_anatomy : both counts were made and disagree (the number of
+        non-rib-bearing vertebrae above the sacrum is not five).
+    lumbar_counted : that number when both ends are seen, else None.
+    l3_from_ribs_mm, l3_from_sacrum_mm : (bottom, top) z of L3 by each count, or None.
+    locator_z_mm : the locator's answer.
+    reason : why unverified, or a note; None otherwise.
+    timings_s : seconds per step ("box", "segment", "count").
+    """
+
+    status: str
+    z_mm: float
+    counted_by: str | None = None
+    possible_transitional_anatomy: bool = False
+    lumbar_counted: int | None = None
+    l3_from_ribs_mm: tuple[float, float] | None = None
+    l3_from_sacrum_mm: tuple[float, float] | None = None
+    locator_z_mm: float = 0.0
+    reason: str | None = None
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready dict (mm rounded to 0.1)."""
+        d = asdict(self)
+        for key in ("z_mm", "locator_z_mm"):
+            d[key] = round(float(d[key]), 1)
+        for key in ("l3_from_ribs_mm", "l3_from_sacrum_mm"):
+            if d[key] is not None:
+                d[key] = [round(float(v), 1) for v in d[key]]
+        d["timings_s"] = {k: round(v, 3) for k, v in self.timings_s.items()}
+        return d
+
+
+def verify_level(count: LevelCount, locator_z_mm: float) -> LevelVerification:
+    """Confirm, correct or leave the located L3 by the vertebral count.
+
+    The count from the ribs decides when it exists (the convention: L1 is the first
+    vertebra without ribs); the count from the sacrum when no rib-bearing vertebra is in
+    view. The located z is confirmed when it lies between the mid-disc below and the mid-disc
+    above the counted L3 body, otherwise corrected to that body's middle.
+
+    Parameters
+    ----------
+    count : from :func:`count_levels`.
+    locator_z_mm : the locator's L3 z (mm).
+
+    Returns
+    -------
+    LevelVerification
+    """
+    ribs = count.l3_from_ribs
+    sacrum = count.l3_from_sacrum
+    b = count.bodies
+
+    def extent(i: int | None) -> tuple[float, float] | None:
+        return None if i is None else (b[i].z_bottom, b[i].z_top)
+
+    common: dict[str, Any] = {
+        "locator_z_mm": locator_z_mm,
+        "lumbar_counted": count.lumbar_counted,
+        "l3_from_ribs_mm": extent(ribs),
+        "l3_from_sacrum_mm": extent(sacrum),
+        "possible_transitional_anatomy": (
+            count.lumbar_counted is not None and count.lumbar_counted != TYPICAL_LUMBAR
+        ),
+    }
+    if count.problem is not None:
+        return LevelVerification("unverified", locator_z_mm, reason=count.problem, **common)
+    chosen, by = (ribs, "ribs") if ribs is not None else (sacrum, "sacrum")
+    if chosen is None:
+        reason = (
+            "neither a rib-bearing vertebra nor the sacrum with three bodies above it is in view"
+        )
+        return LevelVerification("unverified", locator_z_mm, reason=reason, **common)
+    l3 = b[chosen]
+    if l3.partial:
+        reason = "the counted L3 body is cut by the end of the scan"
+        return LevelVerification("unverified", locator_z_mm, reason=reason, **common)
+    above = b[chosen - 1].z_bottom if chosen > 0 else l3.z_top
+    below = b[chosen + 1].z_top if chosen + 1 < len(b) else l3.z_bottom
+    lo = 0.5 * (l3.z_bottom + below)
+    hi = 0.5 * (l3.z_top + above)
+    if lo <= locator_z_mm <= hi:
+        return LevelVerification("confirmed", locator_z_mm, counted_by=by, **common)
+    return LevelVerification("corrected", l3.z_mid, counted_by=by, **common)
