@@ -356,6 +356,12 @@ class LocatorConfig(_Section):
     # <node.spool_dir>/../models. use_site_models: false = always the configured weights
     site_models_dir: Path | None = None
     use_site_models: bool = True
+    # level verification (worker/locator/vertebrae.py, models/spine_fcn.md): count the
+    # vertebrae around the located L3 from the ribs and from the sacrum; null = off.
+    # verify_mode "correct": a counted L3 elsewhere replaces the locator's slice (QA flag
+    # l3_level_corrected); "flag": the slice is kept and l3_level_disagrees is raised
+    verify_weights: Path | None = MODELS_DIR / "spine_fcn.pt"
+    verify_mode: Literal["correct", "flag"] = "correct"
 
     @model_validator(mode="before")
     @classmethod

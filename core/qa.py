@@ -28,6 +28,15 @@ QA_FLAGS: dict[str, QaFlag] = {
     ),
     "arms_in_slice": QaFlag("ARMS", "Arms in the L3 slice excluded from the measurement"),
     "metal_artefact": QaFlag("METAL", "Metal in the L3 slice: streaks may change areas and HU"),
+    "possible_transitional_anatomy": QaFlag(
+        "TRANSITIONAL", "Possible transitional vertebra: rib and sacrum counts disagree"
+    ),
+    "l3_level_corrected": QaFlag(
+        "LEVELCORR", "L3 level set by counting vertebrae, not the locator: check it"
+    ),
+    "l3_level_disagrees": QaFlag(
+        "LEVELDISAGREE", "Counting vertebrae gives another L3 level: check the level"
+    ),
     "unusual_muscle_hu": QaFlag(
         "MUSCLEHU", "Mean muscle HU outside the expected range: check the masks"
     ),

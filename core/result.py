@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -41,6 +41,8 @@ class LocatorOutcome(Protocol):
     def flag_below(self) -> float: ...
     @property
     def reason(self) -> str | None: ...
+    @property
+    def verification(self) -> dict[str, Any] | None: ...
 
 
 class CompartmentMeasure(Protocol):
@@ -112,6 +114,32 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class LevelVerificationOut(_Model):
+    """What counting the vertebrae said about the located L3 (worker/locator/vertebrae.py).
+
+    ``status``: "confirmed" (the located slice lies in the counted L3), "corrected" (the
+    count puts L3 elsewhere: with ``applied`` the measured slice is the counted one, else
+    the locator's is kept and flagged), "unverified" (no count; ``reason`` says why).
+    ``counted_by``: "ribs" (L3 = third vertebra below the last rib-bearing one, the
+    convention) or "sacrum" (third above the sacrum, when no rib-bearing vertebra is in
+    view). ``possible_transitional_anatomy``: both counts made and they disagree;
+    ``lumbar_counted``: the non-rib-bearing vertebrae above the sacrum (5 typically).
+    ``l3_from_ribs_mm``/``l3_from_sacrum_mm``: (bottom, top) z of L3 by each count (mm);
+    ``locator_z_mm``: the locator's answer (mm); ``model``: the weights file.
+    """
+
+    status: Literal["confirmed", "corrected", "unverified"]
+    counted_by: Literal["ribs", "sacrum"] | None = None
+    applied: bool = False
+    possible_transitional_anatomy: bool = False
+    lumbar_counted: int | None = None
+    locator_z_mm: float | None = None
+    l3_from_ribs_mm: tuple[float, float] | None = None
+    l3_from_sacrum_mm: tuple[float, float] | None = None
+    reason: str | None = None
+    model: str | None = None
+
+
 class L3Result(_Model):
     """Where L3 is.
 
@@ -139,6 +167,7 @@ class L3Result(_Model):
     confidence_flag_below: float | None = None
     mip_row: float | None = None
     reason: str | None = None
+    level_verification: LevelVerificationOut | None = None
 
 
 class CompartmentResult(_Model):
@@ -288,7 +317,16 @@ def l3_result(location: LocatorOutcome, sop_instance_uid: str | None) -> L3Resul
         confidence_flag_below=float(location.flag_below),
         mip_row=_finite(location.mip_row) if location.in_field_of_view else None,
         reason=location.reason,
+        level_verification=_verification(location),
     )
+
+
+def _verification(location: LocatorOutcome) -> LevelVerificationOut | None:
+    v = location.verification
+    if not v or not location.in_field_of_view:
+        return None
+    fields = LevelVerificationOut.model_fields
+    return LevelVerificationOut(**{k: val for k, val in v.items() if k in fields})
 
 
 def composition_fields(composition: CompositionOutcome | None) -> dict[str, object]:

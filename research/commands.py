@@ -241,6 +241,9 @@ def evaluate_crops(
     no_refine: NoRefineOption = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the rows.")] = None,
+    no_verify: Annotated[
+        bool, typer.Option("--no-verify", help="Without the level verification.")
+    ] = False,
 ) -> None:
     """Run the locator on crops of the real abdomen CT as scanners crop (evaluation data only,
     never training data) and print a table; also the real chest series (not in the FOV)."""
@@ -248,6 +251,8 @@ def evaluate_crops(
     from research.evaluate_crops import evaluate_real_crops, format_table
 
     cfg = _locator_config(weights, None, refine_weights, no_refine)
+    if no_verify:
+        cfg = cfg.model_copy(update={"verify_weights": None})
     rows = evaluate_real_crops(data_dir(), cfg, device)
     typer.echo(format_table(rows))
     if json_out is not None:

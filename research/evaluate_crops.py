@@ -151,6 +151,8 @@ class CropResult:
     confidence : the reported confidence (calibrated when a calibration applies).
     confidence_raw : the raw score.
     flagged : the ``low_l3_confidence`` flag would be raised.
+    verification : the level verification's report (``L3Location.verification``), or None
+        when it did not run (no answer, or ``locator.verify_weights`` null).
     """
 
     crop: str
@@ -162,6 +164,30 @@ class CropResult:
     confidence: float
     confidence_raw: float | None
     flagged: bool
+    verification: dict[str, Any] | None = None
+
+    @property
+    def locator_error_mm(self) -> float | None:
+        """The locator's own error, before the level verification (None as ``error_mm``)."""
+        v = self.verification
+        if v is None or self.truth_z_mm is None:
+            return self.error_mm
+        return abs(float(v["locator_z_mm"]) - self.truth_z_mm)
+
+    @property
+    def level_check(self) -> str:
+        """The verification's verdict in a few words ("—" when none ran)."""
+        v = self.verification
+        if not v:
+            return "—"
+        parts = [str(v["status"])]
+        if v.get("counted_by"):
+            parts.append(f"by {v['counted_by']}")
+        if v.get("lumbar_counted") is not None:
+            parts.append(f"{v['lumbar_counted']} lumbar")
+        if v.get("possible_transitional_anatomy"):
+            parts.append("transitional?")
+        return ", ".join(parts)
 
     @property
     def error_mm(self) -> float | None:
@@ -193,6 +219,11 @@ class CropResult:
             ),
             "flagged": self.flagged,
             "ok": self.ok,
+            "locator_error_mm": (
+                None if self.locator_error_mm is None else round(self.locator_error_mm, 1)
+            ),
+            "level_check": self.level_check,
+            "verification": self.verification,
         }
 
 
@@ -213,6 +244,7 @@ def locate_crop(
         confidence=float(res.confidence),
         confidence_raw=res.confidence_raw,
         flagged=res.low_confidence,
+        verification=res.verification,
     )
 
 
@@ -267,8 +299,8 @@ def format_table(rows: list[CropResult]) -> str:
     """A Markdown table: crop, z range, truth, answer, error, in-FOV, confidence, flag."""
     lines = [
         "| crop | z range (mm), length | truth mid-L3 z | answer z | error mm | in FOV "
-        "(said) | confidence (raw) | flagged | ok |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "(said) | confidence (raw) | flagged | level check (locator's error) | ok |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         d = r.row()
@@ -276,11 +308,14 @@ def format_table(rows: list[CropResult]) -> str:
         ans = "—" if d["answer_z_mm"] is None else f"{d['answer_z_mm']}"
         err = "—" if d["error_mm"] is None else f"{d['error_mm']}"
         raw = "" if d["confidence_raw"] is None else f" ({d['confidence_raw']})"
+        moved = d["verification"] is not None and d["locator_error_mm"] != d["error_mm"]
+        before = f" ({d['locator_error_mm']} mm)" if moved else ""
         lines.append(
             f"| {d['crop']} | {d['z_range_mm'][0]}..{d['z_range_mm'][1]}, "
             f"{d['length_mm']} mm at {d['slice_mm']} mm | {truth} | {ans} | {err} | "
             f"{'yes' if d['in_fov'] else 'no'} | {d['confidence']}{raw} | "
-            f"{'yes' if d['flagged'] else 'no'} | {'yes' if d['ok'] else '**no**'} |"
+            f"{'yes' if d['flagged'] else 'no'} | {d['level_check']}{before} | "
+            f"{'yes' if d['ok'] else '**no**'} |"
         )
     n_ok = sum(r.ok for r in rows)
     lines.append(f"\n{n_ok}/{len(rows)} as they should be (within 10 mm, or not in FOV).")

@@ -303,6 +303,7 @@ def analyze_series(
     qa_flags: list[str] = list(composition.qa_flags) if composition is not None else []
     if location.low_confidence:
         qa_flags.append(LOW_CONFIDENCE_FLAG)
+    qa_flags += location.level_flags
     qa_flags = list(dict.fromkeys(qa_flags))
 
     current, change = (

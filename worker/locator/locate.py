@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -78,6 +79,10 @@ class L3Location:
         first-stage run (:func:`worker.locator.decision.decide_l3`).
     confidence_calibrated : whether ``confidence`` is the calibrated probability.
     flag_below : the threshold ``low_confidence`` compares ``confidence`` with.
+    verification : the level verification's report
+        (:meth:`worker.locator.vertebrae.LevelVerification.summary`) when it ran; with status
+        "corrected" and ``locator.verify_mode`` "correct", ``z_mm``/``slice_index``/
+        ``mip_row`` are the counted L3 and ``verification["locator_z_mm"]`` the locator's.
     confidence_parts : the chosen first-stage run's ``correlation``, ``agreement`` and
         ``presence`` (None without a presence head), whose product is the raw confidence
         (:class:`worker.locator.decision.Decision`).
@@ -102,6 +107,20 @@ class L3Location:
     confidence_raw: float | None = None
     confidence_calibrated: bool = False
     flag_below: float = 0.0
+    verification: dict[str, Any] | None = None
+
+    @property
+    def level_flags(self) -> list[str]:
+        """QA flags of the level verification: ``possible_transitional_anatomy``, and
+        ``l3_level_corrected`` (the counted L3 replaced the locator's) or
+        ``l3_level_disagrees`` (``locator.verify_mode`` "flag": the locator's was kept)."""
+        v = self.verification
+        if not v or not self.in_field_of_view:
+            return []
+        flags = ["possible_transitional_anatomy"] if v.get("possible_transitional_anatomy") else []
+        if v.get("status") == "corrected":
+            flags.append("l3_level_corrected" if v.get("applied") else "l3_level_disagrees")
+        return flags
 
     @property
     def low_confidence(self) -> bool:
@@ -128,6 +147,7 @@ class L3Location:
             "model": self.model,
             "refinement": self.refinement,
             "confidence_parts": self.confidence_parts,
+            "verification": self.verification,
         }
 
 
@@ -394,4 +414,45 @@ def locate_l3(
     if result.z_mm is not None:
         result.slice_index = volume.nearest_slice(result.z_mm)
     result.timings_s = {"mip": t_mip, **result.timings_s}
+    if result.in_field_of_view and result.z_mm is not None and config.verify_weights:
+        t1 = time.perf_counter()
+        verify(volume, result, mip, config)
+        result.timings_s["verify"] = time.perf_counter() - t1
     return result
+
+
+def verify(volume: CTVolume, result: L3Location, mip: Mip, config: LocatorConfig) -> None:
+    """Count the vertebrae around ``result`` and record (or apply) the verdict in place.
+
+    :func:`worker.locator.vertebrae.verify_in_volume` on ``locator.verify_weights``; with
+    ``locator.verify_mode`` "correct" a "corrected" verdict moves ``z_mm``, ``slice_index``
+    and ``mip_row`` to the counted L3 and says so in ``reason``.
+
+    Raises
+    ------
+    AnalysisError
+        (stage "locator") The verification weights are missing or unreadable: a
+        misconfiguration fails every series, at once.
+    """
+    from worker.locator.vertebrae import VerificationError, load_spine_model, verify_in_volume
+
+    uid = volume.series_instance_uid
+    try:
+        net = load_spine_model(config.verify_weights)
+    except VerificationError as exc:
+        raise AnalysisError(uid, "locator", str(exc)) from exc
+    spacing = (float(volume.pixel_spacing_mm[0]), float(volume.pixel_spacing_mm[1]))
+    v = verify_in_volume(net, volume.hu, volume.z_mm, spacing, float(result.z_mm))
+    result.verification = v.summary()
+    result.verification["model"] = Path(config.verify_weights).name
+    applied = v.status == "corrected" and config.verify_mode == "correct"
+    result.verification["applied"] = applied
+    if applied:
+        by = "the last rib-bearing vertebra" if v.counted_by == "ribs" else "the sacrum"
+        result.reason = (
+            f"L3 level corrected by counting vertebrae from {by} "
+            f"({v.locator_z_mm:.0f} -> {v.z_mm:.0f} mm); check the level"
+        )
+        result.z_mm = v.z_mm
+        result.slice_index = volume.nearest_slice(v.z_mm)
+        result.mip_row = float(mip.z_to_row(v.z_mm))

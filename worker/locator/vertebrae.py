@@ -35,6 +35,7 @@ Coordinates: the box lives in the volume's canonical grid in mm: ``z`` = the vol
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ __all__ = [
     "load_spine_model",
     "normalise_hu",
     "segment_box",
+    "verify_in_volume",
     "verify_level",
 ]
 
@@ -345,16 +347,35 @@ class SpineFCN(nn.Module):
 
 
 def load_spine_model(path: Path) -> SpineFCN:
-    """Load trained weights (``torch.save`` of ``{"state_dict", "base"}``) in eval mode.
+    """Load trained weights (``torch.save`` of ``{"state_dict", "base", "record"}``) in
+    eval mode, cached per file version (path, size, modification time).
 
     Raises
     ------
-    FileNotFoundError
-        No such file.
+    VerificationError
+        The file is missing, unreadable or not this network's weights.
     """
-    ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise VerificationError(f"level-verification weights {path}: {exc.strerror}") from exc
+    return _load_spine_model(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_spine_model(path: str, size: int, mtime_ns: int) -> SpineFCN:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 (any unreadable file is the same error)
+        raise VerificationError(f"level-verification weights {path} unreadable: {exc}") from exc
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise VerificationError(f"{path} is not level-verification weights")
     net = SpineFCN(base=int(ckpt.get("base", 8)))
-    net.load_state_dict(ckpt["state_dict"])
+    try:
+        net.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as exc:
+        raise VerificationError(f"{path} does not fit the level-verification network") from exc
     net.eval()
     return net
 
@@ -592,3 +613,45 @@ def verify_level(count: LevelCount, locator_z_mm: float) -> LevelVerification:
     if lo <= locator_z_mm <= hi:
         return LevelVerification("confirmed", locator_z_mm, counted_by=by, **common)
     return LevelVerification("corrected", l3.z_mid, counted_by=by, **common)
+
+
+def verify_in_volume(
+    net: SpineFCN,
+    hu: np.ndarray,
+    z_mm: np.ndarray,
+    spacing_mm: tuple[float, float],
+    locator_z_mm: float,
+) -> LevelVerification:
+    """The whole verification of one located L3: box, segmentation, count, verdict.
+
+    Parameters
+    ----------
+    net : the trained network (:func:`load_spine_model`).
+    hu : (z, y, x) HU, canonical grid; z_mm : (z,) ascending (mm); spacing_mm : (row, col).
+    locator_z_mm : the locator's L3 z (mm).
+
+    Returns
+    -------
+    LevelVerification
+        "unverified" with the reason when no vertebra is found near the located slice.
+    """
+    import time
+
+    t0 = time.perf_counter()
+    try:
+        centre = column_centre(hu, z_mm, spacing_mm, locator_z_mm - 40.0, locator_z_mm + 40.0)
+        box = extract_box(hu, z_mm, spacing_mm, locator_z_mm, centre)
+    except VerificationError as exc:
+        return LevelVerification(
+            "unverified", locator_z_mm, locator_z_mm=locator_z_mm, reason=str(exc)
+        )
+    t1 = time.perf_counter()
+    classes = segment_box(net, box)
+    t2 = time.perf_counter()
+    result = verify_level(count_levels(classes, box), locator_z_mm)
+    result.timings_s = {
+        "box": t1 - t0,
+        "segment": t2 - t1,
+        "count": time.perf_counter() - t2,
+    }
+    return result

@@ -4,8 +4,8 @@ One case is the 1 mm box of :mod:`worker.locator.vertebrae` around a phantom's l
 made the way the pipeline makes it from a real series, with its reference segmentation:
 
 1. the phantom (style A, :func:`worker.phantom.sample_anatomy`) is rendered on a local grid
-   around the column (about 160 x 140 mm in plane, the slice thickness and pixel size drawn
-   like a scanner's), over a z range that a scanner's field of view may cut;
+   around the column (about 160 x 140 mm in plane, slice thickness 1-5 mm, pixel size
+   0.6-3 mm), over a z range that a scanner's field of view may cut;
 2. a simulated locator answer (the true mid-L3 moved by up to one and a half vertebrae) is
    where :func:`~worker.locator.vertebrae.column_centre` and
    :func:`~worker.locator.vertebrae.extract_box` place the box, exactly as at run time;
@@ -129,7 +129,9 @@ def spine_case(
     elif r < 0.35:
         lo = float(crng.uniform(lo, l3.zm - 50))
     thk = float(crng.choice(CASE_THICKNESSES))
-    px = float(crng.uniform(0.6, 1.0))
+    # diagnostic in-plane pixels (0.6-1.0 mm) and, one case in three, the coarse ones of a
+    # low-dose or reformatted series (up to 3 mm, as the real case of ../shared/data)
+    px = float(crng.uniform(0.6, 1.0) if crng.random() < 2 / 3 else crng.uniform(1.0, 3.0))
     cx, cy = l3.cx, anat.spine_y(l3.zm)
     xs = np.arange(cx - 80.0, cx + 80.0, px)
     ys = np.arange(cy - 60.0, cy + 80.0, px)

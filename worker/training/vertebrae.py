@@ -50,6 +50,9 @@ __all__ = [
     "train_spine",
 ]
 
+#: Version of the cached boxes (bump when :func:`worker.phantom.spine_box.spine_case`
+#: changes, so that no stale box is trained on).
+CASE_VERSION = 2
 #: Training crop along z (1 mm voxels, a multiple of 8): two to three lumbar levels.
 CROP_Z = 96
 #: Per-class loss weights: the ribs are under 1 % of the voxels and decide the count.
@@ -106,7 +109,7 @@ def load_cases(
     )
     out = []
     for seed in seeds:
-        path = cache_dir / f"spine-{seed}{tag}.npz"
+        path = cache_dir / f"spine-{CASE_VERSION}-{seed}{tag}.npz"
         if not path.exists():
             case = spine_case(seed, spec)
             np.savez_compressed(

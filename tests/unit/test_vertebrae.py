@@ -1,0 +1,286 @@
+"""Level verification (issue 15): the spine box, the counts from the ribs and the sacrum, the
+verdict, the network's shapes and the training loss (worker/locator/vertebrae.py,
+worker/phantom/spine_box.py, worker/training/vertebrae.py).
+
+The counting is tested on the phantom's own reference segmentation, so these tests hold
+without trained weights; the trained network is tested in ``test_vertebrae_model.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from worker.locator.vertebrae import (
+    BODY,
+    BOX_SHAPE,
+    RIB,
+    SACRUM,
+    LevelVerification,
+    SpineFCN,
+    VerificationError,
+    column_centre,
+    count_levels,
+    extract_box,
+    load_spine_model,
+    verify_level,
+)
+from worker.phantom import PhantomSpec
+from worker.phantom.spine_box import spine_case
+from worker.training.vertebrae import CONTOUR_TARGET, contour_target, spine_loss
+
+
+def _inside(z: float, rng: tuple[float, float]) -> bool:
+    return rng[0] <= z <= rng[1]
+
+
+@pytest.fixture(scope="module")
+def typical():
+    """A typical phantom's box (12 rib pairs, 5 lumbar) seen from T11 to below S1."""
+    for seed in range(100, 140):
+        case = spine_case(seed, PhantomSpec(n_lumbar=5, n_rib_pairs=12), max_error_mm=5.0)
+        lo, hi = case.truth["scan_mm"]
+        v = case.truth["vertebrae_mm"]
+        if lo < -5.0 and hi > v["T12"][1] + 3.0:
+            return case
+    raise AssertionError("no phantom among the seeds showed both ends")
+
+
+def test_reference_count_agrees_with_truth(typical):
+    count = count_levels(typical.classes, typical.box)
+    assert count.problem is None
+    assert count.lumbar_counted == 5
+    l3 = typical.truth["l3_range_mm"]
+    for idx in (count.l3_from_ribs, count.l3_from_sacrum):
+        assert idx is not None
+        assert _inside(count.bodies[idx].z_mid, l3)
+    assert count.sacrum_top_mm == pytest.approx(0.0, abs=2.0)  # body frame: top of S1 = 0
+
+
+def test_off_by_one_locator_is_corrected_and_right_one_confirmed(typical):
+    count = count_levels(typical.classes, typical.box)
+    v = typical.truth["vertebrae_mm"]
+    l3 = typical.truth["l3_range_mm"]
+    wrong = 0.5 * sum(v["L2"])  # one vertebra too high: the locator's typical miss
+    out = verify_level(count, wrong)
+    assert out.status == "corrected" and out.counted_by == "ribs"
+    assert _inside(out.z_mm, l3)
+    assert not out.possible_transitional_anatomy
+    right = verify_level(count, typical.truth["l3_mid_mm"])
+    assert right.status == "confirmed"
+    assert right.z_mm == typical.truth["l3_mid_mm"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "lumbar"),
+    [
+        ({"n_lumbar": 6, "n_rib_pairs": 12}, 6),  # L6 (lumbarisation)
+        ({"n_lumbar": 4, "n_rib_pairs": 12}, 4),  # sacralised L5
+        ({"n_rib_pairs": 13}, 4),  # 13th rib pair
+    ],
+)
+def test_transitional_anatomy_is_flagged_and_counted_from_the_ribs(spec, lumbar):
+    for seed in range(200, 240):
+        case = spine_case(seed, PhantomSpec(**spec), max_error_mm=5.0)
+        lo, hi = case.truth["scan_mm"]
+        last_rib = [n for n, r in case.truth["vertebrae_mm"].items() if n.startswith("T")]
+        top_rib = max(last_rib, key=lambda n: int(n[1:]))
+        if lo < -5.0 and hi > case.truth["vertebrae_mm"][top_rib][1] + 3.0:
+            break
+    else:
+        raise AssertionError("no phantom showed both ends")
+    count = count_levels(case.classes, case.box)
+    assert count.lumbar_counted == lumbar
+    out = verify_level(count, case.truth["l3_mid_mm"])
+    assert out.possible_transitional_anatomy
+    assert out.counted_by == "ribs"
+    assert _inside(out.z_mm, case.truth["l3_range_mm"])
+    # by the sacrum, L3 is another vertebra: the two counts disagree
+    assert out.l3_from_sacrum_mm is not None
+    assert not _inside(0.5 * sum(out.l3_from_sacrum_mm), case.truth["l3_range_mm"])
+
+
+def test_without_ribs_in_view_the_sacrum_counts(typical):
+    classes = typical.classes.copy()
+    classes[classes == RIB] = 0
+    count = count_levels(classes, typical.box)
+    out = verify_level(count, 0.5 * sum(typical.truth["vertebrae_mm"]["L4"]))
+    assert out.counted_by == "sacrum"
+    assert out.status == "corrected"
+    assert _inside(out.z_mm, typical.truth["l3_range_mm"])
+    assert out.lumbar_counted is None and not out.possible_transitional_anatomy
+
+
+def test_neither_end_in_view_is_unverified(typical):
+    classes = typical.classes.copy()
+    classes[(classes == RIB) | (classes == SACRUM)] = 0
+    out = verify_level(count_levels(classes, typical.box), 123.0)
+    assert out.status == "unverified" and out.z_mm == 123.0
+    assert "neither" in out.reason
+
+
+def test_a_missed_body_makes_the_count_untrusted(typical):
+    classes = typical.classes.copy()
+    v = typical.truth["vertebrae_mm"]["L2"]
+    z0 = int(v[0] - typical.box.origin_mm[0]) - 2
+    z1 = int(v[1] - typical.box.origin_mm[0]) + 3
+    sl = classes[z0:z1]
+    sl[sl == BODY] = 0  # the network missed L2
+    count = count_levels(classes, typical.box)
+    assert count.problem is not None and "missed" in count.problem
+    out = verify_level(count, typical.truth["l3_mid_mm"] + 40.0)
+    assert out.status == "unverified"
+    assert out.z_mm == typical.truth["l3_mid_mm"] + 40.0  # never moved on an untrusted count
+
+
+def test_two_merged_bodies_make_the_count_untrusted(typical):
+    classes = typical.classes.copy()
+    v = typical.truth["vertebrae_mm"]
+    z0 = int(v["L3"][1] - typical.box.origin_mm[0])
+    z1 = int(v["L2"][0] - typical.box.origin_mm[0]) + 1
+    ref = classes[int(v["L3"][0] - typical.box.origin_mm[0]) + 5]
+    classes[z0:z1][:, ref == BODY] = BODY  # bone bridging the L2-L3 disc
+    count = count_levels(classes, typical.box)
+    assert count.problem is not None and "merged" in count.problem
+
+
+def test_box_geometry_and_scan_ends():
+    """A bright voxel at a known (z, y, x) mm lands on the right box voxel; beyond the scan
+    the box is -1024 HU and marked outside."""
+    nz, ny, nx = 60, 200, 220
+    hu = np.full((nz, ny, nx), -50.0, dtype=np.float32)
+    z_mm = 100.0 + 2.5 * np.arange(nz)  # 100 .. 247.5 mm, 2.5 mm slices
+    spacing = (0.8, 0.8)
+    hu[20, 100, 110] = 2000.0  # z 150 mm, y 80 mm, x 88 mm
+    box = extract_box(hu, z_mm, spacing, 150.0, (80.0 + 10.0, 88.0))
+    assert box.image.shape == BOX_SHAPE
+    k = np.unravel_index(np.argmax(box.image), box.image.shape)
+    z, y, x = (box.origin_mm[i] + k[i] for i in range(3))
+    assert z == pytest.approx(150.0, abs=1.0)
+    assert y == pytest.approx(80.0, abs=1.0)
+    assert x == pytest.approx(88.0, abs=1.0)
+    assert not box.in_scan.all() and box.in_scan.any()
+    assert (box.image[~box.in_scan] == -1024.0).all()
+    assert box.z_of(0) == box.origin_mm[0]
+
+
+def test_column_centre_finds_the_phantom_body():
+    from worker.phantom import generate_phantom
+
+    ph = generate_phantom(7, PhantomSpec(fov="abdomen", slice_thickness_mm=5.0, with_labels=False))
+    vol = ph.volume
+    anat = ph.anatomy
+    l3 = anat.vertebra("L3")
+    z_off = ph.truth.l3_mid_z_mm - l3.zm
+    y, x = column_centre(
+        vol.hu, vol.z_mm, vol.pixel_spacing_mm, l3.zm + z_off - 20, l3.zm + z_off + 20
+    )
+    dx = vol.pixel_spacing_mm[1]
+    # the centre lies inside the L3 body's cross-section on the L3 slice
+    i = vol.nearest_slice(ph.truth.l3_mid_z_mm)
+    r, c = int(round(y / vol.pixel_spacing_mm[0])), int(round(x / dx))
+    assert vol.hu[i, r - 3 : r + 4, c - 3 : c + 4].mean() > 100.0  # cancellous bone
+
+
+def test_column_centre_without_bone_is_an_error():
+    hu = np.full((10, 64, 64), 40.0, dtype=np.float32)
+    with pytest.raises(VerificationError, match="no vertebra"):
+        column_centre(hu, np.arange(10) * 5.0, (1.0, 1.0), 0.0, 50.0)
+
+
+def test_network_shapes():
+    net = SpineFCN(base=4)
+    x = torch.zeros(1, 1, 32, 24, 40)
+    assert net(x).shape == (1, 4, 32, 24, 40)
+
+
+def test_contour_target_and_loss():
+    classes = np.zeros((1, 8, 8, 8), dtype=np.uint8)
+    classes[0, 2:6, 2:6, 2:6] = BODY
+    t = contour_target(classes)
+    assert t.shape == (1, 4, 8, 8, 8)
+    body = t[0, BODY]
+    assert body[3, 3, 3] == 1.0  # inside
+    assert body[2, 3, 3] == pytest.approx(CONTOUR_TARGET)  # on the boundary
+    assert body[0, 0, 0] == 0.0 and t[0, 0, 0, 0, 0] == 1.0
+    logits = torch.zeros(1, 4, 8, 8, 8)
+    good = torch.from_numpy(t.argmax(1)).long()
+    perfect = torch.nn.functional.one_hot(good, 4).permute(0, 4, 1, 2, 3).float() * 20
+    assert spine_loss(perfect, torch.from_numpy(t)) < spine_loss(logits, torch.from_numpy(t))
+
+
+def test_missing_or_foreign_weights_are_clear_errors(tmp_path: Path):
+    with pytest.raises(VerificationError, match="level-verification weights"):
+        load_spine_model(tmp_path / "none.pt")
+    bad = tmp_path / "bad.pt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "base": 8}, bad)
+    with pytest.raises(VerificationError, match="does not fit"):
+        load_spine_model(bad)
+
+
+def test_summary_is_json_ready():
+    v = LevelVerification("corrected", 101.234, "ribs", True, 6, (90.0, 115.12), None, 70.0)
+    s = v.summary()
+    assert s["z_mm"] == 101.2 and s["l3_from_ribs_mm"] == [90.0, 115.1]
+    assert s["possible_transitional_anatomy"] is True
+
+
+def test_box_outside_the_image_is_refused():
+    hu = np.zeros((10, 50, 50), dtype=np.float32)
+    with pytest.raises(VerificationError, match="outside the image"):
+        extract_box(hu, np.arange(10) * 5.0, (1.0, 1.0), 20.0, (500.0, 500.0))
+
+
+@pytest.mark.parametrize(
+    ("verification", "flags", "line"),
+    [
+        (None, [], None),
+        ({"status": "confirmed", "counted_by": "ribs", "lumbar_counted": 5}, [], "confirmed"),
+        (
+            {"status": "corrected", "counted_by": "sacrum", "applied": True},
+            ["l3_level_corrected"],
+            "Level set by counting vertebrae from the sacrum",
+        ),
+        (
+            {"status": "corrected", "counted_by": "ribs", "applied": False},
+            ["l3_level_disagrees"],
+            "gives another level",
+        ),
+        (
+            {
+                "status": "confirmed",
+                "counted_by": "ribs",
+                "possible_transitional_anatomy": True,
+                "lumbar_counted": 6,
+            },
+            ["possible_transitional_anatomy"],
+            "6 lumbar vertebrae counted",
+        ),
+        ({"status": "unverified", "reason": "no vertebra"}, [], "not verified"),
+    ],
+)
+def test_flags_record_and_capture_text(verification, flags, line):
+    """One verdict, shown the same way in result.json, the QA flags (SR, SC, web) and the
+    Secondary Capture's text."""
+    from core.qa import QA_FLAGS
+    from core.result import l3_result
+    from worker.locator.locate import L3Location
+    from worker.outputs.render import level_text
+
+    loc = L3Location(True, 10, 100.0, 50.0, 0.9, verification=verification)
+    assert loc.level_flags == flags
+    assert all(f in QA_FLAGS for f in flags)
+    rec = l3_result(loc, None)
+    if verification is None:
+        assert rec.level_verification is None and level_text(None) is None
+    else:
+        assert rec.level_verification.status == verification["status"]
+        assert rec.level_verification.possible_transitional_anatomy == bool(
+            verification.get("possible_transitional_anatomy")
+        )
+        assert line in level_text(verification)
+    out = L3Location(False, None, None, None, 0.1, verification=verification)
+    assert out.level_flags == [] and l3_result(out, None).level_verification is None
