@@ -39,6 +39,7 @@ COMMANDS: dict[str, str] = {
     "evaluate-composition": "research.commands",
     "calibrate-locator": "research.commands",
     "evaluate-crops": "research.commands",
+    "evaluate-levels": "research.commands",
 }
 
 HELP = "DICOM node that finds the L3 slice in CT and measures body composition."

@@ -362,6 +362,9 @@ class LocatorConfig(_Section):
     # l3_level_corrected); "flag": the slice is kept and l3_level_disagrees is raised
     verify_weights: Path | None = MODELS_DIR / "spine_fcn.pt"
     verify_mode: Literal["correct", "flag"] = "correct"
+    # when the locator says "not in the field of view", count the vertebrae over the scan
+    # and answer the L3 a radiologist could count to (QA flag l3_found_by_counting)
+    count_when_absent: bool = True
 
     @model_validator(mode="before")
     @classmethod

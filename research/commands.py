@@ -259,9 +259,45 @@ def evaluate_crops(
         json_out.write_text(json.dumps([r.row() for r in rows], indent=2) + "\n")
 
 
+def evaluate_levels(
+    style: Annotated[str, typer.Option(help="Phantom style: a (training generator) or b.")] = "b",
+    phantoms: Annotated[int, typer.Option(min=1)] = 60,
+    seed: Annotated[
+        int | None,
+        typer.Option(help="First seed (default: a 1,000,000 held out; b 7,000,000)."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "cpu",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the cases.")] = None,
+) -> None:
+    """Run the whole locator (with the level verification) on phantom volumes and print the
+    accuracy before and after the verification (models/spine_fcn.md)."""
+    from research.evaluate_levels import evaluate_levels as run
+    from research.evaluate_levels import format_levels, summarise
+
+    first = seed if seed is not None else {"a": 1_000_000, "b": 7_000_000}.get(style, 0)
+    cfg = _locator_config(None, None)
+    cases = run(
+        style,
+        range(first, first + phantoms),
+        cfg,
+        device,
+        each=lambda c: typer.echo(
+            f"{c.name}: {c.status}, error {c.error_before_mm} -> {c.error_after_mm} mm",
+            err=True,
+        ),
+    )
+    summary = summarise(cases)
+    typer.echo(format_levels(f"style {style}, seeds {first}..{first + phantoms - 1}", summary))
+    if json_out is not None:
+        json_out.write_text(
+            json.dumps({"summary": summary, "cases": [c.row() for c in cases]}, indent=2) + "\n"
+        )
+
+
 def register(app: typer.Typer) -> None:
     """Add this module's commands to app."""
     app.command("evaluate")(evaluate)
     app.command("evaluate-composition")(evaluate_composition)
     app.command("calibrate-locator")(calibrate_locator)
     app.command("evaluate-crops")(evaluate_crops)
+    app.command("evaluate-levels")(evaluate_levels)

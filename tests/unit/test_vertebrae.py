@@ -284,3 +284,35 @@ def test_flags_record_and_capture_text(verification, flags, line):
         assert line in level_text(verification)
     out = L3Location(False, None, None, None, 0.1, verification=verification)
     assert out.level_flags == [] and l3_result(out, None).level_verification is None
+
+
+def test_spine_variation_changes_the_column_only_when_asked():
+    """Domain randomisation of the spine (worker/phantom/variation.py) is opt-in: the
+    default phantom of a seed is unchanged, and the varied one keeps L3's identity."""
+    from worker.phantom import _build
+
+    plain = _build(11, PhantomSpec(fov="abdomen"))[3]
+    again = _build(11, PhantomSpec(fov="abdomen"))[3]
+    varied = _build(11, PhantomSpec(fov="abdomen", spine_variation=True))[3]
+    assert [v.z0 for v in plain.vertebrae] == [v.z0 for v in again.vertebrae]
+    assert "spine_variation" not in plain.variants
+    assert "spine_variation" in varied.variants
+    assert [v.name for v in varied.vertebrae] == [v.name for v in plain.vertebrae]
+    assert [v.z0 for v in varied.vertebrae] != [v.z0 for v in plain.vertebrae]
+    z = [v.z0 for v in varied.vertebrae]
+    assert z == sorted(z)  # restacked bottom-up, still in order
+
+
+def test_bridged_bodies_keep_a_gap_in_the_reference():
+    """Osteophytes bridging a collapsed disc merge two bodies' bone (seed 300: L1 and T12);
+    the reference parts them by one voxel so that every connected body is one vertebra, for
+    the count and for the network it teaches."""
+    from scipy import ndimage
+
+    case = spine_case(300, PhantomSpec(spine_variation=True), max_error_mm=5.0)
+    assert case.truth["seed"] == 300
+    lab, n = ndimage.label(case.classes == BODY)
+    for k in range(1, n + 1):
+        ids = np.unique(case.instance[lab == k])
+        assert len(ids[ids > 0]) == 1, f"component {k} holds vertebrae {ids}"
+    assert count_levels(case.classes, case.box).problem is None

@@ -120,6 +120,8 @@ class L3Location:
         flags = ["possible_transitional_anatomy"] if v.get("possible_transitional_anatomy") else []
         if v.get("status") == "corrected":
             flags.append("l3_level_corrected" if v.get("applied") else "l3_level_disagrees")
+        if v.get("status") == "counted":
+            flags.append("l3_found_by_counting")
         return flags
 
     @property
@@ -414,7 +416,7 @@ def locate_l3(
     if result.z_mm is not None:
         result.slice_index = volume.nearest_slice(result.z_mm)
     result.timings_s = {"mip": t_mip, **result.timings_s}
-    if result.in_field_of_view and result.z_mm is not None and config.verify_weights:
+    if config.verify_weights and (result.in_field_of_view or config.count_when_absent):
         t1 = time.perf_counter()
         verify(volume, result, mip, config)
         result.timings_s["verify"] = time.perf_counter() - t1
@@ -426,7 +428,11 @@ def verify(volume: CTVolume, result: L3Location, mip: Mip, config: LocatorConfig
 
     :func:`worker.locator.vertebrae.verify_in_volume` on ``locator.verify_weights``; with
     ``locator.verify_mode`` "correct" a "corrected" verdict moves ``z_mm``, ``slice_index``
-    and ``mip_row`` to the counted L3 and says so in ``reason``.
+    and ``mip_row`` to the counted L3 and says so in ``reason``. A "not in the field of
+    view" answer is searched by counting over the scan
+    (:func:`worker.locator.vertebrae.find_by_counting`) when ``locator.count_when_absent``;
+    an L3 found so becomes the answer (status "counted", the ``l3_found_by_counting`` flag),
+    its confidence the locator's raw score (which raises ``low_l3_confidence`` too).
 
     Raises
     ------
@@ -434,7 +440,12 @@ def verify(volume: CTVolume, result: L3Location, mip: Mip, config: LocatorConfig
         (stage "locator") The verification weights are missing or unreadable: a
         misconfiguration fails every series, at once.
     """
-    from worker.locator.vertebrae import VerificationError, load_spine_model, verify_in_volume
+    from worker.locator.vertebrae import (
+        VerificationError,
+        find_by_counting,
+        load_spine_model,
+        verify_in_volume,
+    )
 
     uid = volume.series_instance_uid
     try:
@@ -442,6 +453,21 @@ def verify(volume: CTVolume, result: L3Location, mip: Mip, config: LocatorConfig
     except VerificationError as exc:
         raise AnalysisError(uid, "locator", str(exc)) from exc
     spacing = (float(volume.pixel_spacing_mm[0]), float(volume.pixel_spacing_mm[1]))
+    if not result.in_field_of_view:
+        found = find_by_counting(net, volume.hu, volume.z_mm, spacing)
+        if found is None:
+            return
+        by = "the last rib-bearing vertebra" if found.counted_by == "ribs" else "the sacrum"
+        result.verification = {**found.summary(), "model": Path(config.verify_weights).name}
+        result.reason = (
+            f"L3 found by counting vertebrae from {by}; the locator said: {result.reason}; "
+            "check the level"
+        )
+        result.in_field_of_view = True
+        result.z_mm = found.z_mm
+        result.slice_index = volume.nearest_slice(found.z_mm)
+        result.mip_row = float(mip.z_to_row(found.z_mm))
+        return
     v = verify_in_volume(net, volume.hu, volume.z_mm, spacing, float(result.z_mm))
     result.verification = v.summary()
     result.verification["model"] = Path(config.verify_weights).name

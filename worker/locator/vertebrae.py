@@ -56,7 +56,9 @@ __all__ = [
     "VerificationError",
     "column_centre",
     "count_levels",
+    "counted_l3",
     "extract_box",
+    "find_by_counting",
     "load_spine_model",
     "normalise_hu",
     "segment_box",
@@ -95,6 +97,10 @@ MAX_GAP_FACTOR = 1.6
 MAX_BODY_HEIGHT_MM = 42.0
 #: The lumbar vertebrae of a typical spine (24 presacral: 7 cervical, 12 thoracic, 5 lumbar).
 TYPICAL_LUMBAR = 5
+
+
+#: Why no count could be made although the segmentation is trusted.
+NO_COUNT = "neither a rib-bearing vertebra nor the sacrum with three bodies above it is in view"
 
 
 class VerificationError(ValueError):
@@ -495,7 +501,7 @@ def count_levels(classes: np.ndarray, box: SpineBox) -> LevelCount:
         med = float(np.median(gaps))
         if gaps.max() > MAX_GAP_FACTOR * med:
             problem = f"a vertebral body seems missed ({gaps.max():.0f} mm between two bodies)"
-    tall = [b for b in bodies if not b.partial and b.z_top - b.z_bottom > MAX_BODY_HEIGHT_MM]
+    tall = [b for b in bodies if b.z_top - b.z_bottom > MAX_BODY_HEIGHT_MM]
     if tall:
         problem = (
             f"two vertebral bodies seem merged ({tall[0].z_top - tall[0].z_bottom:.0f} mm tall)"
@@ -524,8 +530,9 @@ class LevelVerification:
     Attributes
     ----------
     status : "confirmed" (the located slice lies in the counted L3 body), "corrected" (it
-        lies elsewhere and ``z_mm`` is the counted L3's mid-body), or "unverified" (no count
-        could be made: ``reason`` says why).
+        lies elsewhere and ``z_mm`` is the counted L3's mid-body), "unverified" (no count
+        could be made: ``reason`` says why), or "counted" (the locator said "not in the
+        field of view" and counting found L3 at ``z_mm``: :func:`find_by_counting`).
     z_mm : the L3 z (mm) to measure at: the locator's when confirmed or unverified.
     counted_by : "ribs" (from the last rib-bearing vertebra down, the convention), "sacrum"
         (from the sacrum up, when no rib-bearing vertebra is in view), or None.
@@ -533,7 +540,7 @@ class LevelVerification:
         non-rib-bearing vertebrae above the sacrum is not five).
     lumbar_counted : that number when both ends are seen, else None.
     l3_from_ribs_mm, l3_from_sacrum_mm : (bottom, top) z of L3 by each count, or None.
-    locator_z_mm : the locator's answer.
+    locator_z_mm : the locator's answer (None for "counted": it had none).
     reason : why unverified, or a note; None otherwise.
     timings_s : seconds per step ("box", "segment", "count").
     """
@@ -545,7 +552,7 @@ class LevelVerification:
     lumbar_counted: int | None = None
     l3_from_ribs_mm: tuple[float, float] | None = None
     l3_from_sacrum_mm: tuple[float, float] | None = None
-    locator_z_mm: float = 0.0
+    locator_z_mm: float | None = None
     reason: str | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
 
@@ -553,12 +560,26 @@ class LevelVerification:
         """JSON-ready dict (mm rounded to 0.1)."""
         d = asdict(self)
         for key in ("z_mm", "locator_z_mm"):
-            d[key] = round(float(d[key]), 1)
+            d[key] = None if d[key] is None else round(float(d[key]), 1)
         for key in ("l3_from_ribs_mm", "l3_from_sacrum_mm"):
             if d[key] is not None:
                 d[key] = [round(float(v), 1) for v in d[key]]
         d["timings_s"] = {k: round(v, 3) for k, v in self.timings_s.items()}
         return d
+
+
+def counted_l3(count: LevelCount) -> tuple[int, str] | None:
+    """Which body is L3 by the count, and by which count: ``(index in count.bodies, "ribs")``
+    when a rib-bearing vertebra is in view (the convention: L1 is the first vertebra
+    without ribs), else ``(index, "sacrum")``; None when neither count reaches L3 or the
+    count is not trusted."""
+    if count.problem is not None:
+        return None
+    if count.l3_from_ribs is not None:
+        return count.l3_from_ribs, "ribs"
+    if count.l3_from_sacrum is not None:
+        return count.l3_from_sacrum, "sacrum"
+    return None
 
 
 def verify_level(count: LevelCount, locator_z_mm: float) -> LevelVerification:
@@ -596,12 +617,10 @@ def verify_level(count: LevelCount, locator_z_mm: float) -> LevelVerification:
     }
     if count.problem is not None:
         return LevelVerification("unverified", locator_z_mm, reason=count.problem, **common)
-    chosen, by = (ribs, "ribs") if ribs is not None else (sacrum, "sacrum")
-    if chosen is None:
-        reason = (
-            "neither a rib-bearing vertebra nor the sacrum with three bodies above it is in view"
-        )
-        return LevelVerification("unverified", locator_z_mm, reason=reason, **common)
+    found = counted_l3(count)
+    if found is None:
+        return LevelVerification("unverified", locator_z_mm, reason=NO_COUNT, **common)
+    chosen, by = found
     l3 = b[chosen]
     if l3.partial:
         reason = "the counted L3 body is cut by the end of the scan"
@@ -655,3 +674,69 @@ def verify_in_volume(
         "count": time.perf_counter() - t2,
     }
     return result
+
+
+def find_by_counting(
+    net: SpineFCN,
+    hu: np.ndarray,
+    z_mm: np.ndarray,
+    spacing_mm: tuple[float, float],
+) -> LevelVerification | None:
+    """Look for L3 by counting vertebrae over a scan the locator said does not hold it.
+
+    A radiologist calls L3 present when they can count to it, from the sacrum or from the
+    last rib-bearing vertebra (issue 15): a lumbar-spine window or an abdomen scan without
+    the lower ribs holds L3 although its frontal MIP may lack the cues the locator learned.
+    Boxes (:data:`BOX_SHAPE`) are placed along the scan (one centred on it when it is
+    shorter than the box, else from its bottom to its top, overlapping by a quarter); a box
+    whose trusted count reaches a whole L3 body gives that body's middle, and all such boxes
+    must agree within 15 mm (under half a level).
+
+    Parameters
+    ----------
+    net : the trained network; hu : (z, y, x) HU; z_mm : (z,) ascending (mm);
+    spacing_mm : (row, col) pixel spacing (mm).
+
+    Returns
+    -------
+    LevelVerification with status "counted" (``z_mm`` the counted mid-L3, ``locator_z_mm``
+    None), or None when no box reaches L3 (not countable: "not in field of view" stands).
+    """
+    import time
+
+    t0 = time.perf_counter()
+    length = float(z_mm[-1] - z_mm[0])
+    half = BOX_SHAPE[0] / 2
+    if length <= BOX_SHAPE[0] - 8:
+        centres = [0.5 * float(z_mm[0] + z_mm[-1])]
+    else:
+        n = int(np.ceil((length - BOX_SHAPE[0]) / (0.75 * BOX_SHAPE[0]))) + 1
+        centres = [float(c) for c in np.linspace(z_mm[0] + half - 4, z_mm[-1] - half + 4, n)]
+    answers: list[tuple[float, str, LevelCount]] = []
+    for zc in centres:
+        try:
+            centre = column_centre(hu, z_mm, spacing_mm, zc - 60.0, zc + 60.0)
+            box = extract_box(hu, z_mm, spacing_mm, zc, centre)
+        except VerificationError:
+            continue
+        count = count_levels(segment_box(net, box), box)
+        found = counted_l3(count)
+        if found is None or count.bodies[found[0]].partial:
+            continue
+        answers.append((count.bodies[found[0]].z_mid, found[1], count))
+    if not answers:
+        return None
+    zs = np.array([a[0] for a in answers])
+    if zs.max() - zs.min() > 15.0:
+        return None
+    _, by, count = answers[0]
+    return LevelVerification(
+        "counted",
+        float(np.median(zs)),
+        counted_by=by,
+        possible_transitional_anatomy=(
+            count.lumbar_counted is not None and count.lumbar_counted != TYPICAL_LUMBAR
+        ),
+        lumbar_counted=count.lumbar_counted,
+        timings_s={"count_scan": time.perf_counter() - t0},
+    )

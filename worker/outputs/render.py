@@ -156,6 +156,8 @@ def level_text(verification: dict | None) -> str | None:
         return f"Level set by counting vertebrae {by}{lumbar}"
     if status == "corrected":
         return f"Counting vertebrae {by} gives another level{lumbar}"
+    if status == "counted":
+        return f"L3 found by counting vertebrae {by}{lumbar}"
     return "Level not verified by counting vertebrae"
 
 

@@ -89,6 +89,10 @@ class PhantomSpec:
     site : a simulated site whose patients differ from the default population on purpose
         (:data:`SITES`), or None. Never drawn at random: the default keeps every seed's
         phantom unchanged; a site's own draws come from a separate generator of the seed.
+    spine_variation : degenerative and osteoporotic variation of the vertebral column
+        (:func:`worker.phantom.variation.apply_spine_variation`: body sizes, disc collapse,
+        compression fracture, osteophytes), for domain randomisation (issue 15). Never drawn
+        at random: the default keeps every seed's phantom unchanged.
     """
 
     fov: str | None = None
@@ -111,6 +115,7 @@ class PhantomSpec:
     rectus_gap_mm: float = 0.0
     linea_alba_mm: float = 0.0
     site: str | None = None
+    spine_variation: bool = False
 
 
 #: Simulated sites (``PhantomSpec.site``): phantoms that differ from the training style in a
@@ -264,6 +269,7 @@ def sample_anatomy(
     *,
     table: bool | None = None,
     site: str | None = None,
+    spine_variation: bool = False,
     **fixed: Any,
 ) -> Anatomy:
     """Draw a random patient: :func:`~worker.phantom.anatomy.sample_body`, then its skeleton
@@ -275,6 +281,7 @@ def sample_anatomy(
     rng : numpy Generator; the only source of randomness (deterministic for a seed).
     table : the CT table drawn or not (None: drawn at random).
     site : a simulated site (:func:`apply_site`), or None for the default population.
+    spine_variation : vary the vertebral column (:mod:`worker.phantom.variation`).
     **fixed : ``sex``, ``height_m``, ``weight_kg``, ``arms``, ``n_lumbar``, ``n_rib_pairs``,
         ``contrast``, ``noise_hu``, ``metal``: fixed values, or None to draw them.
 
@@ -292,6 +299,10 @@ def sample_anatomy(
     anat = sample_body(seed, rng, **fixed)
     if site is not None:
         apply_site(anat, site, seed)
+    if spine_variation:
+        from worker.phantom.variation import apply_spine_variation
+
+        apply_spine_variation(anat, seed)
     build_skeleton(anat, rng)
     build_soft(anat, rng, table=table, metal="metal_kind" in anat.extra)
     return anat
@@ -317,6 +328,7 @@ def _build(seed: int, spec: PhantomSpec | None):
         table=spec.table,
         metal=spec.metal,
         site=spec.site,
+        spine_variation=spec.spine_variation,
     )
     if spec.rectus_gap_mm < 0 or spec.linea_alba_mm < 0:
         raise ValueError("rectus_gap_mm and linea_alba_mm must be >= 0")

@@ -84,6 +84,27 @@ def build_skeleton(anat: Anatomy, rng: np.random.Generator) -> None:
                 waist=0.07,
             )
         )
+        lips = e.get("osteophytes", {}).get(v.name)  # worker.phantom.variation
+        if lips is not None:
+            # marginal osteophytes: a cortical rim beyond each end plate, part of this body
+            lw, lh = lips
+            for za, zb in ((v.z0 - lh, v.z0 + 1.0), (v.z1 - 1.0, v.z1 + lh)):
+                tags[f"body:{v.name}"].append(len(bones))
+                bones.append(
+                    Slab(
+                        (v.cx, v.cy),
+                        (v.cx, v.cy),
+                        za,
+                        zb,
+                        v.width / 2 + lw,
+                        v.depth / 2 + 0.6 * lw,
+                        cort * 0.9,
+                        disc_hu,
+                        shell_mm=1.5,
+                        endplate_mm=0.0,
+                        waist=0.0,
+                    )
+                )
         h = v.z1 - v.z0
         back = v.cy + v.depth / 2  # posterior wall of the body
         ped_x = 0.33 * v.width

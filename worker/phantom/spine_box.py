@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 
 from worker.locator.vertebrae import (
     BODY,
@@ -162,6 +163,13 @@ def spine_case(
     for i, m in enumerate(masks[2:]):
         classes[m] = BODY
         instance[m] = i + 1
+    # where two bodies touch (osteophytes bridging a collapsed disc) the reference keeps a
+    # one-voxel gap: the network learns to part them, so that they can be counted
+    hi = ndimage.maximum_filter(instance, size=3)
+    lo = ndimage.minimum_filter(np.where(instance > 0, instance, 255).astype(np.uint8), size=3)
+    contact = (instance > 0) & ((hi != instance) | (lo != instance))
+    classes[contact] = 0
+    instance[contact] = 0
     classes[~box.in_scan] = 0
     instance[~box.in_scan] = 0
     truth = {

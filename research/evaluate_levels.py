@@ -1,0 +1,203 @@
+"""The whole locator (first stage, refinement, level verification) on phantom volumes.
+
+``l3spot evaluate`` runs the locator on frontal MIPs, which is fast but cannot run the level
+verification: that counts vertebrae in the volume (:mod:`worker.locator.vertebrae`). This
+evaluation renders each phantom's volume and runs :func:`worker.locator.locate.locate_l3`
+as the pipeline does, so every answer is reported twice: the locator's own (before) and
+after the verification, with its verdict. Style A is the training generator (held-out seeds
+only); style B (:mod:`research.phantom_b`) is the validation-only generator, never trained
+on. ``l3spot evaluate-levels`` prints the table (models/spine_fcn.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from core.config import LocatorConfig
+from research.evaluate_locator import SUCCESS_MM
+from worker.volume.load import CTVolume
+
+__all__ = ["LevelCase", "evaluate_levels", "format_levels", "phantom_volumes", "summarise"]
+
+
+@dataclass
+class LevelCase:
+    """One phantom: the truth, the locator's answer, the verified answer (z in mm)."""
+
+    name: str
+    transitional: str | None
+    truth_z_mm: float | None  # mid-L3, None when outside the scan
+    l3_range_mm: tuple[float, float] | None
+    in_fov_said: bool
+    locator_z_mm: float | None
+    final_z_mm: float | None
+    status: str | None  # the verification's, None when it did not run
+    counted_by: str | None
+    flagged_transitional: bool
+    lumbar_counted: int | None
+    seconds_verify: float
+
+    def _err(self, z: float | None) -> float | None:
+        if z is None or self.truth_z_mm is None:
+            return None
+        return abs(z - self.truth_z_mm)
+
+    @property
+    def error_before_mm(self) -> float | None:
+        return self._err(self.locator_z_mm)
+
+    @property
+    def error_after_mm(self) -> float | None:
+        return self._err(self.final_z_mm)
+
+    def row(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["error_before_mm"] = self.error_before_mm
+        d["error_after_mm"] = self.error_after_mm
+        return d
+
+
+def _style_a(seed: int) -> tuple[CTVolume, dict[str, Any]]:
+    from worker.phantom import generate_phantom
+    from worker.training.locator import phantom_spec
+
+    p = generate_phantom(seed, phantom_spec(seed, training=False))
+    t = p.truth
+    return p.volume, {
+        "in_fov": t.l3_in_fov,
+        "mid": t.l3_mid_z_mm,
+        "range": t.l3_z_range_mm,
+        "transitional": t.variants.get("transitional"),
+    }
+
+
+def _style_b(seed: int) -> tuple[CTVolume, dict[str, Any]]:
+    from research.phantom_b import generate, validation_spec
+
+    vol, t = generate(seed, validation_spec(seed))
+    return vol, {
+        "in_fov": t.l3_in_fov,
+        "mid": t.l3_mid_z_mm,
+        "range": tuple(t.vertebrae_z_mm["L3"]),
+        "transitional": t.variants.get("transitional"),
+    }
+
+
+#: Phantom volume sources by style name: seed -> (volume, truth dict).
+STYLES: dict[str, Callable[[int], tuple[CTVolume, dict[str, Any]]]] = {
+    "a": _style_a,
+    "b": _style_b,
+}
+
+
+def phantom_volumes(style: str, seeds: range) -> Iterator[tuple[int, CTVolume, dict[str, Any]]]:
+    """(seed, volume, truth) of each phantom of ``style`` ("a" or "b").
+
+    Raises
+    ------
+    ValueError
+        Unknown style.
+    """
+    if style not in STYLES:
+        raise ValueError(f"unknown style {style!r}; expected one of {sorted(STYLES)}")
+    for s in seeds:
+        vol, truth = STYLES[style](s)
+        yield s, vol, truth
+
+
+def evaluate_levels(
+    style: str,
+    seeds: range,
+    config: LocatorConfig,
+    device: str = "cpu",
+    each: Callable[[LevelCase], None] | None = None,
+) -> list[LevelCase]:
+    """Locate L3 (with the configured verification) on each phantom volume of ``style``.
+
+    Returns
+    -------
+    list of LevelCase, one per seed.
+    """
+    from worker.locator.locate import locate_l3
+
+    out = []
+    for s, vol, t in phantom_volumes(style, seeds):
+        res = locate_l3(vol, config, device=device)
+        v = res.verification or {}
+        final = None if res.slice_index is None else float(res.z_mm)
+        before = v.get("locator_z_mm", final) if v else final
+        case = LevelCase(
+            name=f"{style}-{s}",
+            transitional=t["transitional"],
+            truth_z_mm=float(t["mid"]) if t["in_fov"] else None,
+            l3_range_mm=tuple(float(x) for x in t["range"]) if t["range"] else None,
+            in_fov_said=res.in_field_of_view,
+            locator_z_mm=None if before is None else float(before),
+            final_z_mm=final,
+            status=v.get("status"),
+            counted_by=v.get("counted_by"),
+            flagged_transitional=bool(v.get("possible_transitional_anatomy")),
+            lumbar_counted=v.get("lumbar_counted"),
+            seconds_verify=float(res.timings_s.get("verify", 0.0)),
+        )
+        out.append(case)
+        if each:
+            each(case)
+    return out
+
+
+def summarise(cases: list[LevelCase]) -> dict[str, Any]:
+    """Within 10 mm before and after the verification (of the scans where both the truth and
+    an answer exist), the verdicts, what the corrections did, transitional flags."""
+    both = [c for c in cases if c.truth_z_mm is not None and c.final_z_mm is not None]
+    n = len(both)
+
+    def share(pred: Callable[[LevelCase], bool], of: list[LevelCase]) -> str:
+        k = sum(1 for c in of if pred(c))
+        return f"{k}/{len(of)}" + (f" = {100.0 * k / len(of):.1f} %" if of else "")
+
+    corrected = [c for c in both if c.status == "corrected"]
+    trans = [c for c in both if c.transitional]
+    typical = [c for c in both if not c.transitional]
+    err_b = np.array([c.error_before_mm for c in both], dtype=float)
+    err_a = np.array([c.error_after_mm for c in both], dtype=float)
+    return {
+        "scans": len(cases),
+        "l3_in_fov_and_answered": n,
+        "l3_in_fov_said_not": sum(
+            1 for c in cases if c.truth_z_mm is not None and not c.in_fov_said
+        ),
+        "within_10mm_before": share(lambda c: c.error_before_mm <= SUCCESS_MM, both),
+        "within_10mm_after": share(lambda c: c.error_after_mm <= SUCCESS_MM, both),
+        "mean_error_mm_before": round(float(err_b.mean()), 2) if n else None,
+        "mean_error_mm_after": round(float(err_a.mean()), 2) if n else None,
+        "verdicts": {
+            s: sum(1 for c in both if c.status == s)
+            for s in ("confirmed", "corrected", "unverified")
+        },
+        "counted_by": {s: sum(1 for c in both if c.counted_by == s) for s in ("ribs", "sacrum")},
+        "corrections_right": share(lambda c: c.error_after_mm <= SUCCESS_MM, corrected),
+        "corrections_that_broke_a_right_answer": sum(
+            1 for c in corrected if c.error_before_mm <= SUCCESS_MM < c.error_after_mm
+        ),
+        "typical_flagged_transitional": share(lambda c: c.flagged_transitional, typical),
+        "transitional_flagged": share(lambda c: c.flagged_transitional, trans),
+        "transitional_right_or_flagged": share(
+            lambda c: c.flagged_transitional or c.error_after_mm <= SUCCESS_MM, trans
+        ),
+        "verify_seconds_mean": round(float(np.mean([c.seconds_verify for c in both])), 3)
+        if n
+        else None,
+    }
+
+
+def format_levels(name: str, summary: dict[str, Any]) -> str:
+    """A Markdown table of :func:`summarise`'s figures."""
+    lines = [f"| {name} | |", "|---|---|"]
+    for k, v in summary.items():
+        lines.append(f"| {k.replace('_', ' ')} | {v} |")
+    return "\n".join(lines)

@@ -1,0 +1,85 @@
+"""Spine variation for domain randomisation (issue 15): degenerative and osteoporotic spines.
+
+The default phantom's vertebrae follow smooth size rules (ANATOMY.md). A network that counts
+vertebrae must not rely on that regularity, so :func:`apply_spine_variation` changes a
+sampled body, before its skeleton is built, the ways real spines differ:
+
+* each body's height, width and depth by +/- 10 % (individual variation);
+* disc degeneration: a disc with probability 0.35 keeps 45-100 % of its height (ANATOMY.md:
+  lumbar discs 8-12 mm; degenerated ones collapse);
+* an osteoporotic compression fracture with probability 0.25: one body from T11 to L4 keeps
+  55-80 % of its height;
+* marginal osteophytes with probability 0.4 per patient: bony lips 2-6 mm wide and 2-5 mm
+  high on the end plates of the lower thoracic and lumbar bodies (half of them), which can
+  bridge a collapsed disc (``worker.phantom.skeleton`` draws them as part of their body).
+
+The column is restacked from the top of S1 (z = 0) upwards, so the levels above a changed
+one move; the landmarks of the body (iliac crests, diaphragm) stay where they were, which
+changes the spine's relation to them as much as real patients differ. Draws come from the
+phantom seed's own generator for this purpose: a phantom without variation is unchanged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from worker.phantom.anatomy import Anatomy
+
+__all__ = ["apply_spine_variation"]
+
+#: Levels an osteoporotic compression fracture is drawn among (the thoracolumbar junction
+#: and the lumbar spine, where they are commonest).
+FRACTURE_LEVELS = ("T11", "T12", "L1", "L2", "L3", "L4")
+
+
+def apply_spine_variation(anat: Anatomy, seed: int) -> None:
+    """Vary the vertebral column of ``anat`` in place (module docstring).
+
+    Parameters
+    ----------
+    anat : from :func:`worker.phantom.anatomy.sample_body`, before its skeleton is built.
+    seed : the phantom's seed; the draws use ``default_rng([seed, 0x5D1E])``.
+
+    Notes
+    -----
+    Records ``anat.variants["spine_variation"]`` (what was changed) and
+    ``anat.extra["osteophytes"]`` (vertebra name -> lip width, lip height in mm).
+    """
+    rng = np.random.default_rng([seed, 0x5D1E])
+    verts = anat.vertebrae  # bottom (lowest lumbar) first, as stacked
+    discs: dict[str, tuple[float, float]] = anat.extra["discs"]
+    heights = {v.name: v.z1 - v.z0 for v in verts}
+    disc_h = {name: d1 - d0 for name, (d0, d1) in discs.items()}
+    record: dict[str, object] = {}
+    for v in verts:
+        heights[v.name] *= float(rng.uniform(0.9, 1.1))
+        v.width *= float(rng.uniform(0.9, 1.1))
+        v.depth *= float(rng.uniform(0.9, 1.1))
+    degenerate = []
+    for v in verts:
+        if v.region in ("L", "T") and rng.random() < 0.35:
+            disc_h[v.name] *= float(rng.uniform(0.45, 1.0))
+            degenerate.append(v.name)
+    record["degenerated_discs_below"] = degenerate
+    if rng.random() < 0.25:
+        names = [n for n in FRACTURE_LEVELS if n in heights]
+        level = str(rng.choice(names))
+        keep = float(rng.uniform(0.55, 0.8))
+        heights[level] *= keep
+        record["compression_fracture"] = {"level": level, "height_kept": round(keep, 2)}
+    osteophytes: dict[str, tuple[float, float]] = {}
+    if rng.random() < 0.4:
+        for v in verts:
+            low_thoracic = v.region == "T" and int(v.name[1:]) >= 9
+            if (v.region == "L" or low_thoracic) and rng.random() < 0.5:
+                osteophytes[v.name] = (float(rng.uniform(2.0, 6.0)), float(rng.uniform(2.0, 5.0)))
+    record["osteophytes"] = sorted(osteophytes)
+    # restack from the top of S1 upwards
+    z = 0.0
+    for v in verts:
+        discs[v.name] = (z, z + disc_h[v.name])
+        z += disc_h[v.name]
+        v.z0, v.z1 = z, z + heights[v.name]
+        z = v.z1
+    anat.extra["osteophytes"] = osteophytes
+    anat.variants["spine_variation"] = record
