@@ -69,6 +69,10 @@ def train_spine_command(
     transitional_every: Annotated[
         int, typer.Option(min=0, help="Every n-th training phantom has transitional anatomy.")
     ] = 4,
+    varied_every: Annotated[
+        int,
+        typer.Option(min=0, help="Every n-th training phantom has a varied spine (0: none)."),
+    ] = 2,
 ) -> None:
     """Train the level-verification network (Mita et al.) on phantom boxes, then evaluate
     it on held-out and transitional phantoms; writes the weights and ``<out>.json``."""
@@ -89,10 +93,14 @@ def train_spine_command(
     cases: list[Any] = []
     with tqdm(total=phantoms, desc="phantom boxes", unit="box") as bar:
         for i in range(phantoms):
-            spec = None
+            fixed: dict[str, Any] = {}
             if transitional_every and i % transitional_every == transitional_every - 1:
-                k = (i // transitional_every) % len(TRANSITIONAL_SPECS)
-                spec = PhantomSpec(**TRANSITIONAL_SPECS[k])
+                fixed.update(
+                    TRANSITIONAL_SPECS[(i // transitional_every) % len(TRANSITIONAL_SPECS)]
+                )
+            if varied_every and i % varied_every == 0:
+                fixed["spine_variation"] = True
+            spec = PhantomSpec(**fixed) if fixed else None
             cases += load_cases([phantom_seed + i], cache_dir, spec, progress=bar.update)
     settings = SpineTrainSettings(
         seeds=(phantom_seed, phantom_seed + phantoms - 1),
@@ -111,7 +119,8 @@ def train_spine_command(
         "data": f"{phantoms} style-A phantoms (worker.phantom.spine_box), seeds "
         f"{phantom_seed}..{phantom_seed + phantoms - 1}; every {transitional_every}-th with "
         f"transitional anatomy ({list(TRANSITIONAL_SPECS)} in turn), the others of the "
-        "default population (transitional at its natural 5 % / 6 % rate)",
+        "default population (transitional at its natural 5 % / 6 % rate); every "
+        f"{varied_every}-th with a varied spine (worker.phantom.variation)",
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     with tqdm(total=steps, desc="training", unit="step") as bar:

@@ -52,7 +52,7 @@ __all__ = [
 
 #: Version of the cached boxes (bump when :func:`worker.phantom.spine_box.spine_case`
 #: changes, so that no stale box is trained on).
-CASE_VERSION = 2
+CASE_VERSION = 3
 #: Training crop along z (1 mm voxels, a multiple of 8): two to three lumbar levels.
 CROP_Z = 96
 #: Per-class loss weights: the ribs are under 1 % of the voxels and decide the count.
@@ -181,8 +181,11 @@ def _crop(case: dict[str, Any], rng: np.random.Generator) -> tuple[np.ndarray, n
         img, cls = img[..., ::-1], cls[..., ::-1]
     bone = img > 100.0  # bone density from osteoporotic to dense (ANATOMY.md 50-300 HU)
     img = np.where(bone, 100.0 + (img - 100.0) * rng.uniform(0.5, 1.3), img)
-    if rng.random() < 0.5:
+    r = rng.random()
+    if r < 0.4:  # a soft reconstruction kernel
         img = ndimage.gaussian_filter(img, rng.uniform(0.3, 1.2))
+    elif r < 0.6:  # a sharp (bone) kernel: edge overshoot
+        img = img + rng.uniform(0.3, 1.0) * (img - ndimage.gaussian_filter(img, 1.0))
     img = img + rng.normal(0.0, rng.uniform(0.0, 40.0), img.shape)
     return normalise_hu(img), np.ascontiguousarray(cls)
 
