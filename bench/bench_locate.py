@@ -10,11 +10,14 @@ and the 1 mm MIP (resampled from that projection; :class:`worker.mip.FrontalMips
 (strip + sliding windows), CNN (all windows, batched), decision (correlation), refinement
 (fine windows around the first answer and its alternatives, CNN, decision;
 ``worker/locator/fine.py``); then the whole ``locate_l3`` as the pipeline calls it (MIPs
-given) and without MIPs (built inside). CPU always, CUDA when available. Uses the shipped
+given) and without MIPs (built inside); the level verification alone
+(``worker/locator/vertebrae.py``: box, 3-D segmentation, count) and ``locate_l3`` without
+it. CPU always, CUDA when available. Uses the shipped
 weights when present (timing does not depend on the weights), else randomly initialised
 CNN4s of the same geometries. Prints figures; asserts nothing.
 Target (issue 3): < 1 s per scan on CPU for CNN4 at stride 4; the paper reports 2.36 s per
-scan (VGG16, stride 6, Tesla K40). Issue 13: one projection per analysis.
+scan (VGG16, stride 6, Tesla K40). Issue 13: one projection per analysis. Issue 15: first
+stage + refinement + verification <= 1 s per 512 x 512 x 500 scan on 2 CPU cores.
 
 Usage: python bench/bench_locate.py [--repeats 3] [--stride 4] [--threads N] [--synthetic-only]
 """
@@ -35,6 +38,7 @@ from worker.locator.decision import decide_l3
 from worker.locator.fine import FINE_STAGE, choose_run
 from worker.locator.locate import REFINE_ALTERNATIVES, locate_l3
 from worker.locator.model import build_model
+from worker.locator.vertebrae import SpineFCN, load_spine_model, verify_in_volume
 from worker.locator.weights import load_locator, save_locator
 from worker.locator.windows import WindowSpec, mip_to_strip, sliding_windows
 from worker.mip import FrontalMips
@@ -68,6 +72,7 @@ def real_geometry_series(root: Path) -> CTVolume | None:
 def run(
     weights: Path,
     fine_weights: Path,
+    verify: Path | None,
     vol: CTVolume,
     device: str,
     stride: int,
@@ -78,9 +83,14 @@ def run(
     loc = load_locator(weights, device)
     fine = load_locator(fine_weights, device)
     spec = loc.spec
-    cfg = LocatorConfig(weights=weights, refine_weights=fine_weights, stride_px=stride)
+    cfg = LocatorConfig(
+        weights=weights, refine_weights=fine_weights, stride_px=stride, verify_weights=verify
+    )
+    bare = cfg.model_copy(update={"verify_weights": None})
+    net = None if verify is None else load_spine_model(verify)
+    spacing = (float(vol.pixel_spacing_mm[0]), float(vol.pixel_spacing_mm[1]))
     names = ("projection", "mip", "fine_mip", "windows", "cnn", "decision", "refine",
-             "locate_given_mips", "locate_building_mips")  # fmt: skip
+             "locate_given_mips", "locate_building_mips", "verify", "locate_no_verify")  # fmt: skip
     times: dict[str, list[float]] = {k: [] for k in names}
     n_windows = n_fine = projections = 0
     for _ in range(repeats + 1):  # first run warms up
@@ -111,9 +121,16 @@ def run(
         locate_l3(vol, cfg, mips, device=device)
         t8 = time.perf_counter()
         fresh = FrontalMips(vol)
-        locate_l3(vol, cfg, fresh, device=device)  # MIPs built inside, from one projection
+        res = locate_l3(vol, cfg, fresh, device=device)  # MIPs built inside, one projection
         t9 = time.perf_counter()
-        stamps = (t0, t1, t2, t3, t4, t5, t6, t7, t8, t9)
+        # the level verification alone (box, 3-D segmentation, count) around the answer
+        z = res.z_mm if res.z_mm is not None else float(np.median(vol.z_mm))
+        if net is not None:
+            verify_in_volume(net, vol.hu, vol.z_mm, spacing, float(z))
+        t10 = time.perf_counter()
+        locate_l3(vol, bare, mips, device=device)  # both stages, no verification
+        t11 = time.perf_counter()
+        stamps = (t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11)
         for k, a, b in zip(names, stamps[:-1], stamps[1:], strict=True):
             times[k].append(b - a)
         n_windows, n_fine = len(tops), ref.n_windows * len(candidates)
@@ -150,6 +167,11 @@ def main() -> None:
         fine_spec = WindowSpec(pixel_mm=1.0, height_mm=128.0, width_mm=128.0, a_mm=18.0)
         fine_weights = _random_weights(Path(tmp.name), "fine.pt", fine_spec, fine=True)
         print("no refinement weights configured: timing a random fine CNN4 (1 mm, 128 x 128 mm)")
+    verify = cfg.verify_weights if cfg.verify_weights and cfg.verify_weights.is_file() else None
+    if verify is None:
+        print("level-verification weights missing: timing a random network of the same shape")
+        verify = Path(tmp.name) / "spine.pt"
+        torch.save({"state_dict": SpineFCN().state_dict(), "base": 8}, verify)
     series = [("synthetic", synthetic_series())]
     real = None if args.synthetic_only else real_geometry_series(data_dir())
     if real is not None:
@@ -161,7 +183,7 @@ def main() -> None:
     for name, vol in series:
         print(f"{name} series {vol.shape} (z, y, x), {vol.hu.nbytes / 2**20:.0f} MiB")
         for dev in devices:
-            r = run(weights, fine_weights, vol, dev, args.stride, args.repeats)
+            r = run(weights, fine_weights, verify, vol, dev, args.stride, args.repeats)
             mips = r["projection"] + r["mip"] + r["fine_mip"]
             first = r["windows"] + r["cnn"] + r["decision"]
             total = mips + first + r["refine"]
@@ -174,7 +196,11 @@ def main() -> None:
                 f"{r['refine']:.3f} s ({int(r['n_fine'])} windows, worst case); total "
                 f"{total:.3f} s/scan (vs paper 2.36 s, VGG16, K40: x{2.36 / total:.1f})\n"
                 f"        locate_l3 with the pipeline's MIPs {r['locate_given_mips']:.3f} s, "
-                f"building its own {r['locate_building_mips']:.3f} s"
+                f"building its own {r['locate_building_mips']:.3f} s\n"
+                f"        level verification {r['verify']:.3f} s (box, 3-D segmentation, "
+                f"count); locate_l3 with it {r['locate_given_mips']:.3f} s = "
+                f"x{r['locate_given_mips'] / r['locate_no_verify']:.2f} of locate_l3 without "
+                f"it ({r['locate_no_verify']:.3f} s, same run); issue 15 target: <= 1 s\n"
             )
     if not torch.cuda.is_available():
         print("cuda: not available on this machine")

@@ -140,6 +140,36 @@ class LevelVerificationOut(_Model):
     reason: str | None = None
     model: str | None = None
 
+    def text(self) -> str | None:
+        """:func:`level_verification_text` of this verdict."""
+        return level_verification_text(self.model_dump())
+
+
+def level_verification_text(verification: Mapping[str, Any] | None) -> str | None:
+    """One line for the reader on the level verification (issue 15), or None when none ran.
+
+    The Secondary Capture (``worker/outputs/render.py``) and the web page's job view print
+    it; ``verification`` is :attr:`L3Result.level_verification` as a dict (or the locator's
+    ``L3Location.verification``).
+    """
+    if not verification:
+        return None
+    by = {"ribs": "from the last rib", "sacrum": "from the sacrum"}.get(
+        verification.get("counted_by") or "", ""
+    )
+    n = verification.get("lumbar_counted")
+    lumbar = f"; {n} lumbar vertebrae counted" if n is not None else ""
+    status = verification.get("status")
+    if status == "confirmed":
+        return f"Level confirmed by counting vertebrae {by}{lumbar}"
+    if status == "corrected" and verification.get("applied"):
+        return f"Level set by counting vertebrae {by}{lumbar}"
+    if status == "corrected":
+        return f"Counting vertebrae {by} gives another level{lumbar}"
+    if status == "counted":
+        return f"L3 found by counting vertebrae {by}{lumbar}"
+    return "Level not verified by counting vertebrae"
+
 
 class L3Result(_Model):
     """Where L3 is.

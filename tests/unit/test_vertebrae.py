@@ -267,8 +267,8 @@ def test_flags_record_and_capture_text(verification, flags, line):
     Secondary Capture's text."""
     from core.qa import QA_FLAGS
     from core.result import l3_result
+    from core.result import level_verification_text as level_text
     from worker.locator.locate import L3Location
-    from worker.outputs.render import level_text
 
     loc = L3Location(True, 10, 100.0, 50.0, 0.9, verification=verification)
     assert loc.level_flags == flags
@@ -282,6 +282,7 @@ def test_flags_record_and_capture_text(verification, flags, line):
             verification.get("possible_transitional_anatomy")
         )
         assert line in level_text(verification)
+        assert rec.level_verification.text() == level_text(verification)
     out = L3Location(False, None, None, None, 0.1, verification=verification)
     assert out.level_flags == [] and l3_result(out, None).level_verification is None
 

@@ -231,6 +231,8 @@ def test_detail_shows_numbers_timings_exports_and_both_pictures(analysed: WebCas
     assert f"{r.composition['sma'].mean_hu:.1f}" in html
     assert f"{r.smi_cm2_per_m2:.1f} cm²/m²" in html
     assert f"{r.l3.confidence:.2f}" in html
+    assert r.l3.level_verification is not None  # the level verification ran (issue 15)
+    assert r.l3.level_verification.text() in html
     for flag in r.qa_flags:
         assert flag in html
     assert "Sarcopenia" in html and (r.sarcopenia is None or r.sarcopenia.cutoffs in html)

@@ -18,6 +18,7 @@ from core import ALGORITHM_NAME, __version__
 from core.followup import MeasurementChange
 from core.labels import COMPARTMENT_COLOURS, COMPARTMENT_NAMES, COMPARTMENTS
 from core.qa import qa_flag
+from core.result import level_verification_text
 from worker.composition.measure import CompositionResult
 from worker.locator.locate import L3Location
 from worker.mip import Mip
@@ -135,32 +136,6 @@ def _mip_panel(mip: Mip, location: L3Location) -> tuple[Image.Image, float, int]
     return panel, scale, top
 
 
-def level_text(verification: dict | None) -> str | None:
-    """One line on the level verification (issue 15) for the reader, or None when none ran.
-
-    Parameters
-    ----------
-    verification : :attr:`worker.locator.locate.L3Location.verification`.
-    """
-    if not verification:
-        return None
-    by = {"ribs": "from the last rib", "sacrum": "from the sacrum"}.get(
-        verification.get("counted_by") or "", ""
-    )
-    n = verification.get("lumbar_counted")
-    lumbar = f"; {n} lumbar vertebrae counted" if n is not None else ""
-    status = verification.get("status")
-    if status == "confirmed":
-        return f"Level confirmed by counting vertebrae {by}{lumbar}"
-    if status == "corrected" and verification.get("applied"):
-        return f"Level set by counting vertebrae {by}{lumbar}"
-    if status == "corrected":
-        return f"Counting vertebrae {by} gives another level{lumbar}"
-    if status == "counted":
-        return f"L3 found by counting vertebrae {by}{lumbar}"
-    return "Level not verified by counting vertebrae"
-
-
 def _text_lines(
     location: L3Location,
     composition: CompositionResult | None,
@@ -183,7 +158,7 @@ def _text_lines(
             where = f"L3: slice {location.slice_index}"
         rows.append((where, TEXT, 26, None))
     rows.append((f"Localisation confidence {location.confidence:.2f}", TEXT, 26, None))
-    level = level_text(location.verification if location.in_field_of_view else None)
+    level = level_verification_text(location.verification if location.in_field_of_view else None)
     if level:
         rows.append((level, TEXT, 22, None))
     rows.append(("", TEXT, 12, None))
