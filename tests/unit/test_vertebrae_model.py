@@ -1,0 +1,97 @@
+"""The shipped level-verification network (models/spine_fcn.pt, issue 15) on phantoms it
+never saw and on the real CT: what the counts say, what the locator does with them.
+
+The real case (``abdomen_ct_totalseg``; TotalSegmentator labels: S1 37..51, L5 42..59, L4
+55..69, L3 65..79, L2 75..91, L1 86..103, T12 97..111 in slice indices) and its crops are
+evaluation data only: nothing here trains or tunes anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core.config import LocatorConfig
+from research.evaluate_crops import REAL_CROPS, crop_volume
+from tests.conftest import require_shipped
+from worker.locator.locate import locate_l3
+from worker.locator.vertebrae import (
+    count_levels,
+    find_by_counting,
+    load_spine_model,
+    segment_box,
+    verify_level,
+)
+from worker.training.vertebrae import load_cases
+
+REAL_MID_L3 = 72  # slice index (data README)
+REAL_L3 = (65, 79)
+
+
+@pytest.fixture(scope="module")
+def net():
+    return load_spine_model(require_shipped(LocatorConfig().verify_weights, "spine weights"))
+
+
+@pytest.fixture(scope="module")
+def real(shared_data: Path):
+    from worker.training.locator import load_volume_any
+
+    return load_volume_any(shared_data / "abdomen_ct_totalseg" / "ct.nii.gz")
+
+
+def _box(case):
+    from worker.locator.vertebrae import SpineBox
+
+    return SpineBox(case["image"].astype(np.float32), case["in_scan"], case["origin"])
+
+
+@pytest.mark.slow  # three held-out phantom boxes: about 5 s
+def test_held_out_phantoms_are_counted_and_an_off_by_one_answer_is_corrected(
+    net, tmp_path: Path
+) -> None:
+    """Seeds of the evaluation range (never trained on): the segmentation counts to the true
+    L3, and a locator answer one vertebra too high is moved onto it."""
+    from worker.commands.vertebrae import EVAL_SEED
+
+    right = 0
+    for case in load_cases(range(EVAL_SEED, EVAL_SEED + 3), tmp_path):
+        box = _box(case)
+        count = count_levels(segment_box(net, box), box)
+        t = case["truth"]
+        v = t["vertebrae_mm"]
+        z0, z1 = t["l3_range_mm"]
+        out = verify_level(count, 0.5 * sum(v["L2"]))
+        right += out.status == "corrected" and z0 <= out.z_mm <= z1
+    assert right >= 2
+
+
+def test_real_case_level_is_confirmed_by_both_counts(real) -> None:
+    res = locate_l3(real, LocatorConfig(), device="cpu")
+    v = res.verification
+    assert v is not None and v["status"] == "confirmed", v
+    assert v["counted_by"] == "ribs"
+    assert v["lumbar_counted"] == 5 and not v["possible_transitional_anatomy"]
+    assert abs(res.slice_index - REAL_MID_L3) <= 2
+    assert res.level_flags == []
+
+
+@pytest.mark.slow  # counting over two real crops: about 4 s
+def test_real_lumbar_window_without_ribs_is_counted_from_the_sacrum(net, real) -> None:
+    """The 165 mm lumbar window (S1 to T12) and the scan without the lower ribs: L3 can be
+    counted from the sacrum, as a radiologist does."""
+    for name in ("lumbar 165 mm (S1-T12)", "no lower ribs (pelvis-L2)"):
+        first, last, _ = REAL_CROPS[name]
+        vol = crop_volume(real, first, last)
+        found = find_by_counting(net, vol.hu, vol.z_mm, vol.pixel_spacing_mm)
+        assert found is not None, name
+        i = int(np.argmin(np.abs(real.z_mm - found.z_mm)))
+        assert REAL_L3[0] <= i <= REAL_L3[1], (name, i)
+
+
+def test_real_scan_wholly_above_l3_is_not_counted_to_l3(net, real) -> None:
+    first, last, _ = REAL_CROPS["wholly above L3 (T11-L2)"]
+    vol = crop_volume(real, first, last)
+    assert find_by_counting(net, vol.hu, vol.z_mm, vol.pixel_spacing_mm) is None
