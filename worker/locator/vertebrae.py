@@ -67,12 +67,13 @@ __all__ = [
 ]
 
 #: Box size (z, y, x) in 1 mm voxels, each a multiple of 8: 304 mm along z (the located L3
-#: +/- 152 mm: from below
-#: the sacrum's top to T11 even with a sixth lumbar vertebra or an off-by-one locator;
-#: ANATOMY.md: one lumbar level 35-42 mm), 72 mm antero-posterior (a lumbar body is 30-35 mm
-#: deep, plus the rib heads and necks behind it), 112 mm wide (bodies 40-50 mm, rib necks to
-#: +/- 32 mm and beyond).
-BOX_SHAPE = (304, 72, 112)
+#: +/- 152 mm: from below the sacrum's top to T11 even with a sixth lumbar vertebra or an
+#: off-by-one locator; ANATOMY.md: one lumbar level 35-42 mm); 96 mm antero-posterior and
+#: 128 mm wide: the body (lumbar 30-35 mm deep, 40-50 mm wide) and behind it the rib heads,
+#: necks and the start of the shafts running back to the rib angles, which tell a rib from a
+#: transverse process (a 72 x 112 mm box cut the ribs at their tubercles, and the network
+#: took lumbar transverse processes for ribs).
+BOX_SHAPE = (304, 96, 128)
 #: The box reaches this far (mm) in front of the estimated body centre; the rest lies behind.
 BOX_ANTERIOR_MM = 28.0
 #: Voxel classes of the segmentation.
@@ -87,8 +88,11 @@ HALF_BODY_DEPTH_MM = 16.0
 #: Smallest connected component (mm^3) taken as a vertebral body: a T11 body is about
 #: 30 x 22 x 20 mm (10 cm^3), a lumbar one 20-30 cm^3; fragments below 2 cm^3 are noise.
 MIN_BODY_MM3 = 2000.0
-#: Rib voxels (mm^3) beside a body that make it rib-bearing.
-MIN_RIB_MM3 = 40.0
+#: Smallest rib component (mm^3) counted.
+MIN_RIB_MM3 = 60.0
+#: A rib's most medial voxel lies this close (mm) to the column's axis: its head beside the
+#: body (lumbar bodies 40-50 mm wide, the head 2 mm beyond; ANATOMY.md).
+RIB_HEAD_REACH_MM = 40.0
 #: Two consecutive bodies further apart than this factor times the median spacing mean a
 #: body was missed: the count is not trusted.
 MAX_GAP_FACTOR = 1.6
@@ -444,8 +448,74 @@ class LevelCount:
     problem: str | None = None
 
 
+def _body_extents(body: np.ndarray) -> list[tuple[int, int, int]]:
+    """(first z, last z + 1, voxels) of each vertebral body in a body-class mask.
+
+    A one-voxel erosion first parts bodies that touch through a thin bridge (an osteophyte
+    rim, a partial-volume voxel at a thin disc). A component still taller than
+    :data:`MAX_BODY_HEIGHT_MM` is cut at its narrowest slice (the disc) when that slice
+    holds under half the median cross-section of the component, again until none is.
+    """
+    core = ndimage.binary_erosion(body)
+    lab, _ = ndimage.label(core)
+    out: list[tuple[int, int, int]] = []
+    pending: list[tuple[int, int, np.ndarray]] = []
+    for k, sl in enumerate(ndimage.find_objects(lab), start=1):
+        if sl is None:
+            continue
+        area = (lab[sl] == k).sum(axis=(1, 2))
+        pending.append((sl[0].start, sl[0].stop, area))
+    while pending:
+        z0, z1, area = pending.pop()
+        if area.sum() < MIN_BODY_MM3 / 2:
+            continue
+        if z1 - z0 > MAX_BODY_HEIGHT_MM and len(area) > 16:
+            inner = area[8:-8]
+            cut = int(np.argmin(inner)) + 8
+            if area[cut] < 0.5 * float(np.median(area[area > 0])):
+                pending.append((z0, z0 + cut, area[:cut]))
+                pending.append((z0 + cut + 1, z1, area[cut + 1 :]))
+                continue
+        # the eroded core is one voxel short at each end plate
+        out.append((max(0, z0 - 1), min(body.shape[0], z1 + 1), int(area.sum())))
+    return out
+
+
+def _rib_heads(rib: np.ndarray, centre_x: float) -> list[float]:
+    """Box z (voxel index) of the head of each rib in a rib-class mask (z, y, x).
+
+    A rib is a connected component of at least :data:`MIN_RIB_MM3` that reaches from within
+    :data:`RIB_HEAD_REACH_MM` of the column's axis (its head, beside the body) out of the
+    box through its posterior or a lateral face (the shaft runs back and out to the rib
+    angle, ANATOMY.md): a transverse process ends inside the box (lumbar ones 35-50 mm from
+    the midline, about 25 mm behind the body's centre), and so does a fragment. The head's z
+    is the mean z of the rib's voxels within 6 mm of its most medial one.
+    """
+    lab, _ = ndimage.label(rib)
+    ny, nx = rib.shape[1:]
+    heads = []
+    for k, sl in enumerate(ndimage.find_objects(lab), start=1):
+        if sl is None:
+            continue
+        zz, yy, xx = np.nonzero(lab[sl] == k)
+        if zz.size < MIN_RIB_MM3:
+            continue
+        x = xx + sl[2].start
+        d = np.abs(x - centre_x)
+        leaves = yy.max() + sl[1].start >= ny - 3 or x.min() <= 2 or x.max() >= nx - 3
+        if d.min() > RIB_HEAD_REACH_MM or not leaves:
+            continue
+        heads.append(float(zz[d <= d.min() + 6.0].mean()) + sl[0].start)
+    return heads
+
+
 def count_levels(classes: np.ndarray, box: SpineBox) -> LevelCount:
     """Count the vertebral bodies of a segmented box from the ribs and from the sacrum.
+
+    Bodies come from :func:`_body_extents`; a body is rib-bearing when the head of a rib
+    (:func:`_rib_heads`) lies within its z extent or 4 mm of it (the head articulates with
+    the upper body and the disc above, ANATOMY.md); the sacrum's top is that of its largest
+    connected component, and bodies below it are not counted.
 
     Parameters
     ----------
@@ -458,42 +528,31 @@ def count_levels(classes: np.ndarray, box: SpineBox) -> LevelCount:
         ``problem`` set when consecutive bodies are too far apart (a missed body) or a body
         is too tall (two merged), in which case neither count is used.
     """
-    body = classes == BODY
-    lab, n = ndimage.label(body)
-    objs = ndimage.find_objects(lab)
     in_idx = np.nonzero(box.in_scan)[0]
     first_in, last_in = (int(in_idx[0]), int(in_idx[-1])) if in_idx.size else (0, -1)
-    rib = classes == RIB
+    heads = _rib_heads(classes == RIB, classes.shape[2] / 2 - 0.5)
     bodies: list[Body] = []
-    for k, sl in enumerate(objs, start=1):
-        if sl is None:
-            continue
-        mask = lab[sl] == k
-        vol = float(mask.sum())
-        if vol < MIN_BODY_MM3:
-            continue
-        zs, xs = sl[0], sl[2]
-        # rib voxels beside this body (heads and necks), within its z extent and 3 mm above
-        zr = slice(zs.start, min(classes.shape[0], zs.stop + 3))
-        xr = slice(max(0, xs.start - 22), min(classes.shape[2], xs.stop + 22))
-        n_rib = float(rib[zr, :, xr].sum())
-        partial = zs.start <= first_in or zs.stop - 1 >= last_in
+    for z0, z1, vol in _body_extents(classes == BODY):
+        bearing = any(z0 - 4 <= h <= z1 - 1 + 4 for h in heads)
         bodies.append(
             Body(
-                z_bottom=box.z_of(zs.start - 0.5),
-                z_top=box.z_of(zs.stop - 0.5),
-                volume_mm3=vol,
-                rib_bearing=n_rib >= MIN_RIB_MM3,
-                partial=partial,
+                z_bottom=box.z_of(z0 - 0.5),
+                z_top=box.z_of(z1 - 0.5),
+                volume_mm3=float(vol),
+                rib_bearing=bearing,
+                partial=z0 <= first_in or z1 - 1 >= last_in,
             )
         )
     bodies.sort(key=lambda b: -b.z_mid)
-    sac = classes == SACRUM
+    sac_lab, n_sac = ndimage.label(classes == SACRUM)
     sacrum_top = None
-    if sac.sum() >= MIN_BODY_MM3:
-        sl_z = np.nonzero(sac.any(axis=(1, 2)))[0]
-        sacrum_top = box.z_of(float(sl_z.max()) + 0.5)
-        bodies = [b for b in bodies if b.z_mid > sacrum_top]
+    if n_sac:
+        sizes = np.bincount(sac_lab.ravel())[1:]
+        k = int(np.argmax(sizes)) + 1
+        if sizes[k - 1] >= MIN_BODY_MM3:
+            sl_z = ndimage.find_objects(sac_lab)[k - 1][0]
+            sacrum_top = box.z_of(sl_z.stop - 0.5)
+            bodies = [b for b in bodies if b.z_mid > sacrum_top]
     problem = None
     mids = np.array([b.z_mid for b in bodies])
     if len(bodies) >= 3:

@@ -4,7 +4,7 @@ One case is the 1 mm box of :mod:`worker.locator.vertebrae` around a phantom's l
 made the way the pipeline makes it from a real series, with its reference segmentation:
 
 1. the phantom (style A, :func:`worker.phantom.sample_anatomy`) is rendered on a local grid
-   around the column (about 160 x 140 mm in plane, slice thickness 1-5 mm, pixel size
+   around the column (170 x 160 mm in plane, slice thickness 1-5 mm, pixel size
    0.6-3 mm), over a z range that a scanner's field of view may cut;
 2. a simulated locator answer (the true mid-L3 moved by up to one and a half vertebrae) is
    where :func:`~worker.locator.vertebrae.column_centre` and
@@ -134,8 +134,8 @@ def spine_case(
     # low-dose or reformatted series (up to 3 mm, as the real case of ../shared/data)
     px = float(crng.uniform(0.6, 1.0) if crng.random() < 2 / 3 else crng.uniform(1.0, 3.0))
     cx, cy = l3.cx, anat.spine_y(l3.zm)
-    xs = np.arange(cx - 80.0, cx + 80.0, px)
-    ys = np.arange(cy - 60.0, cy + 80.0, px)
+    xs = np.arange(cx - 85.0, cx + 85.0, px)
+    ys = np.arange(cy - 60.0, cy + 100.0, px)
     zs = np.arange(lo, hi, thk)
     hu, _ = render(anat, RenderGrid(xs, ys, zs, px, thk), rng, with_labels=False)
     cy_est, cx_est = column_centre(hu, zs, (px, px), locator_z - 40.0, locator_z + 40.0)
