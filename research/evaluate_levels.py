@@ -150,6 +150,10 @@ def evaluate_levels(
     return out
 
 
+def _ok(error_mm: float | None) -> bool:
+    return error_mm is not None and error_mm <= SUCCESS_MM
+
+
 def summarise(cases: list[LevelCase]) -> dict[str, Any]:
     """Within 10 mm before and after the verification (of the scans where both the truth and
     an answer exist), the verdicts, what the corrections did, transitional flags."""
@@ -163,7 +167,7 @@ def summarise(cases: list[LevelCase]) -> dict[str, Any]:
     corrected = [c for c in both if c.status == "corrected"]
     trans = [c for c in both if c.transitional]
     typical = [c for c in both if not c.transitional]
-    err_b = np.array([c.error_before_mm for c in both], dtype=float)
+    err_b = np.array([c.error_before_mm for c in both if c.error_before_mm is not None])
     err_a = np.array([c.error_after_mm for c in both], dtype=float)
     return {
         "scans": len(cases),
@@ -171,23 +175,26 @@ def summarise(cases: list[LevelCase]) -> dict[str, Any]:
         "l3_in_fov_said_not": sum(
             1 for c in cases if c.truth_z_mm is not None and not c.in_fov_said
         ),
-        "within_10mm_before": share(lambda c: c.error_before_mm <= SUCCESS_MM, both),
-        "within_10mm_after": share(lambda c: c.error_after_mm <= SUCCESS_MM, both),
-        "mean_error_mm_before": round(float(err_b.mean()), 2) if n else None,
+        "within_10mm_before": share(lambda c: _ok(c.error_before_mm), both),
+        "within_10mm_after": share(lambda c: _ok(c.error_after_mm), both),
+        "mean_error_mm_before": round(float(err_b.mean()), 2) if err_b.size else None,
         "mean_error_mm_after": round(float(err_a.mean()), 2) if n else None,
         "verdicts": {
             s: sum(1 for c in both if c.status == s)
-            for s in ("confirmed", "corrected", "unverified")
+            for s in ("confirmed", "corrected", "unverified", "counted")
         },
         "counted_by": {s: sum(1 for c in both if c.counted_by == s) for s in ("ribs", "sacrum")},
-        "corrections_right": share(lambda c: c.error_after_mm <= SUCCESS_MM, corrected),
+        "corrections_right": share(lambda c: _ok(c.error_after_mm), corrected),
         "corrections_that_broke_a_right_answer": sum(
-            1 for c in corrected if c.error_before_mm <= SUCCESS_MM < c.error_after_mm
+            1 for c in corrected if _ok(c.error_before_mm) and not _ok(c.error_after_mm)
+        ),
+        "found_by_counting_right": share(
+            lambda c: _ok(c.error_after_mm), [c for c in both if c.status == "counted"]
         ),
         "typical_flagged_transitional": share(lambda c: c.flagged_transitional, typical),
         "transitional_flagged": share(lambda c: c.flagged_transitional, trans),
         "transitional_right_or_flagged": share(
-            lambda c: c.flagged_transitional or c.error_after_mm <= SUCCESS_MM, trans
+            lambda c: c.flagged_transitional or _ok(c.error_after_mm), trans
         ),
         "verify_seconds_mean": round(float(np.mean([c.seconds_verify for c in both])), 3)
         if n

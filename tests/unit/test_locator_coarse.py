@@ -137,7 +137,8 @@ def test_locate_maps_the_decided_row_to_the_nearest_real_slice(
         ).astype(np.float32)
 
     monkeypatch.setattr(LoadedLocator, "predict", perfect)
-    res = locate_l3(vol, LocatorConfig(weights=p, refine_weights=None), mips, device="cpu")
+    cfg = LocatorConfig(weights=p, refine_weights=None, verify_weights=None)
+    res = locate_l3(vol, cfg, mips, device="cpu")
     assert mips.projections == 1 and mips.pixel_sizes == (SPEC.pixel_mm,)  # given MIP used
     assert res.in_field_of_view and res.slice_index == 61
     assert res.z_mm == pytest.approx(l3_z, abs=1.0)

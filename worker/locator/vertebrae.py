@@ -45,6 +45,8 @@ import torch
 from scipy import ndimage
 from torch import nn
 
+from core.errors import L3SpotError
+
 __all__ = [
     "BOX_ANTERIOR_MM",
     "BOX_SHAPE",
@@ -107,8 +109,9 @@ TYPICAL_LUMBAR = 5
 NO_COUNT = "neither a rib-bearing vertebra nor the sacrum with three bodies above it is in view"
 
 
-class VerificationError(ValueError):
-    """The level cannot be verified on this series (reason in the message)."""
+class VerificationError(L3SpotError, ValueError):
+    """The level cannot be verified on this series, or the verification weights cannot be
+    loaded (reason in the message)."""
 
 
 # --------------------------------------------------------------------------- the box
