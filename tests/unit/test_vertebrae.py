@@ -317,3 +317,78 @@ def test_bridged_bodies_keep_a_gap_in_the_reference():
         ids = np.unique(case.instance[lab == k])
         assert len(ids[ids > 0]) == 1, f"component {k} holds vertebrae {ids}"
     assert count_levels(case.classes, case.box).problem is None
+
+
+def _volume():
+    from worker.volume.load import CTVolume
+
+    hu = np.full((80, 40, 40), -50.0, dtype=np.float32)
+    return CTVolume(hu=hu, z_mm=np.arange(80) * 5.0, pixel_spacing_mm=(1.0, 1.0))
+
+
+@pytest.mark.parametrize("mode", ["correct", "flag"])
+def test_locate_applies_a_correction_only_in_correct_mode(monkeypatch, tmp_path, mode):
+    """What locate_l3's verification step does with a "corrected" verdict
+    (worker/locator/locate.py ``verify``): in "correct" mode the counted L3 is measured and
+    flagged, in "flag" mode the locator's slice stays and the disagreement is flagged."""
+    from core.config import LocatorConfig
+    from worker.locator import locate, vertebrae
+    from worker.locator.locate import L3Location
+    from worker.mip import FrontalMips
+
+    weights = tmp_path / "spine.pt"
+    torch.save({"state_dict": SpineFCN().state_dict(), "base": 8}, weights)
+    verdict = LevelVerification("corrected", 250.0, "ribs", locator_z_mm=200.0)
+    monkeypatch.setattr(vertebrae, "verify_in_volume", lambda *a, **k: verdict)
+    vol = _volume()
+    mip = FrontalMips(vol).at(3.0)
+    res = L3Location(True, 40, 200.0, float(mip.z_to_row(200.0)), 0.9)
+    cfg = LocatorConfig(verify_weights=weights, verify_mode=mode)
+    locate.verify(vol, res, mip, cfg)
+    assert res.verification["status"] == "corrected"
+    if mode == "correct":
+        assert res.z_mm == 250.0 and res.slice_index == 50
+        assert res.level_flags == ["l3_level_corrected"]
+        assert "corrected by counting" in res.reason
+    else:
+        assert res.z_mm == 200.0 and res.slice_index == 40
+        assert res.level_flags == ["l3_level_disagrees"]
+
+
+def test_locate_answers_by_counting_when_the_locator_found_nothing(monkeypatch, tmp_path):
+    from core.config import LocatorConfig
+    from worker.locator import locate, vertebrae
+    from worker.locator.locate import L3Location
+    from worker.mip import FrontalMips
+
+    weights = tmp_path / "spine.pt"
+    torch.save({"state_dict": SpineFCN().state_dict(), "base": 8}, weights)
+    vol = _volume()
+    mip = FrontalMips(vol).at(3.0)
+    cfg = LocatorConfig(verify_weights=weights)
+    nothing = L3Location(False, None, None, None, 0.1, reason="L3 not in field of view")
+    monkeypatch.setattr(vertebrae, "find_by_counting", lambda *a, **k: None)
+    locate.verify(vol, nothing, mip, cfg)
+    assert not nothing.in_field_of_view and nothing.verification is None
+    found = LevelVerification("counted", 120.0, "sacrum")
+    monkeypatch.setattr(vertebrae, "find_by_counting", lambda *a, **k: found)
+    res = L3Location(False, None, None, None, 0.1, reason="L3 not in field of view")
+    locate.verify(vol, res, mip, cfg)
+    assert res.in_field_of_view and res.z_mm == 120.0 and res.slice_index == 24
+    assert res.level_flags == ["l3_found_by_counting"]
+    assert "counting vertebrae from the sacrum" in res.reason
+    assert "not in field of view" in res.reason  # what the locator said is kept
+
+
+def test_locate_with_missing_verification_weights_fails_the_analysis(tmp_path):
+    from core.config import LocatorConfig
+    from core.errors import AnalysisError
+    from worker.locator import locate
+    from worker.locator.locate import L3Location
+    from worker.mip import FrontalMips
+
+    vol = _volume()
+    mip = FrontalMips(vol).at(3.0)
+    res = L3Location(True, 40, 200.0, 10.0, 0.9)
+    with pytest.raises(AnalysisError, match="level-verification weights"):
+        locate.verify(vol, res, mip, LocatorConfig(verify_weights=tmp_path / "none.pt"))
