@@ -172,6 +172,8 @@ class CropResult:
         v = self.verification
         if v is None or self.truth_z_mm is None:
             return self.error_mm
+        if v.get("locator_z_mm") is None:  # the locator said "not in field of view"
+            return None
         return abs(float(v["locator_z_mm"]) - self.truth_z_mm)
 
     @property
@@ -309,7 +311,10 @@ def format_table(rows: list[CropResult]) -> str:
         err = "—" if d["error_mm"] is None else f"{d['error_mm']}"
         raw = "" if d["confidence_raw"] is None else f" ({d['confidence_raw']})"
         moved = d["verification"] is not None and d["locator_error_mm"] != d["error_mm"]
-        before = f" ({d['locator_error_mm']} mm)" if moved else ""
+        before = ""
+        if moved:
+            said = d["locator_error_mm"]
+            before = " (locator: not in FOV)" if said is None else f" (locator {said} mm)"
         lines.append(
             f"| {d['crop']} | {d['z_range_mm'][0]}..{d['z_range_mm'][1]}, "
             f"{d['length_mm']} mm at {d['slice_mm']} mm | {truth} | {ans} | {err} | "

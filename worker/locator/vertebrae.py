@@ -92,6 +92,11 @@ HALF_BODY_DEPTH_MM = 16.0
 MIN_BODY_MM3 = 2000.0
 #: Smallest rib component (mm^3) counted.
 MIN_RIB_MM3 = 60.0
+#: The shortest part (mm) a too-tall component is cut into (thoracic bodies 15-25 mm).
+MIN_PART_MM = 12
+#: A "body" whose bottom lies within this distance (mm) of the sacrum's top is S1: the
+#: L5-S1 disc is 8-12 mm (ANATOMY.md; a collapsed one keeps a few mm), S1 has none.
+S1_CONTACT_MM = 3.0
 #: A rib's most medial voxel lies this close (mm) to the column's axis: its head beside the
 #: body (lumbar bodies 40-50 mm wide, the head 2 mm beyond; ANATOMY.md).
 RIB_HEAD_REACH_MM = 40.0
@@ -456,8 +461,9 @@ def _body_extents(body: np.ndarray) -> list[tuple[int, int, int]]:
 
     A one-voxel erosion first parts bodies that touch through a thin bridge (an osteophyte
     rim, a partial-volume voxel at a thin disc). A component still taller than
-    :data:`MAX_BODY_HEIGHT_MM` is cut at its narrowest slice (the disc) when that slice
-    holds under half the median cross-section of the component, again until none is.
+    :data:`MAX_BODY_HEIGHT_MM` (no body is) is cut at its narrowest slice at least
+    :data:`MIN_PART_MM` from either end (the disc between two bodies), again until none is;
+    :func:`count_levels` still refuses a count whose bodies are too far apart.
     """
     core = ndimage.binary_erosion(body)
     lab, _ = ndimage.label(core)
@@ -472,13 +478,14 @@ def _body_extents(body: np.ndarray) -> list[tuple[int, int, int]]:
         z0, z1, area = pending.pop()
         if area.sum() < MIN_BODY_MM3 / 2:
             continue
-        if z1 - z0 > MAX_BODY_HEIGHT_MM and len(area) > 16:
-            inner = area[8:-8]
-            cut = int(np.argmin(inner)) + 8
-            if area[cut] < 0.5 * float(np.median(area[area > 0])):
-                pending.append((z0, z0 + cut, area[:cut]))
-                pending.append((z0 + cut + 1, z1, area[cut + 1 :]))
-                continue
+        if z1 - z0 > MAX_BODY_HEIGHT_MM and len(area) > 2 * MIN_PART_MM:
+            # no body is this tall: cut at the narrowest slice (the disc) that leaves two
+            # parts of a body's height at least
+            inner = area[MIN_PART_MM:-MIN_PART_MM]
+            cut = int(np.argmin(inner)) + MIN_PART_MM
+            pending.append((z0, z0 + cut, area[:cut]))
+            pending.append((z0 + cut + 1, z1, area[cut + 1 :]))
+            continue
         # the eroded core is one voxel short at each end plate
         out.append((max(0, z0 - 1), min(body.shape[0], z1 + 1), int(area.sum())))
     return out
@@ -512,13 +519,32 @@ def _rib_heads(rib: np.ndarray, centre_x: float) -> list[float]:
     return heads
 
 
+def _last_rib_bearing(bodies: list[Body]) -> int | None:
+    """Index (top first) of the last rib-bearing body, or None.
+
+    Rib-bearing vertebrae run without a gap from T1 down (ANATOMY.md), so only the run of
+    rib-bearing bodies that starts at the top of the box counts (its first body may be the
+    top one or, when that is cut by the box, the next); a "rib" further down, below a body
+    without ribs (the iliac wings or the sacral alae taken for one), is ignored.
+    """
+    first = next((i for i, b in enumerate(bodies) if b.rib_bearing), None)
+    if first is None or first > 1:
+        return None
+    last = first
+    while last + 1 < len(bodies) and bodies[last + 1].rib_bearing:
+        last += 1
+    return last
+
+
 def count_levels(classes: np.ndarray, box: SpineBox) -> LevelCount:
     """Count the vertebral bodies of a segmented box from the ribs and from the sacrum.
 
     Bodies come from :func:`_body_extents`; a body is rib-bearing when the head of a rib
     (:func:`_rib_heads`) lies within its z extent or 4 mm of it (the head articulates with
-    the upper body and the disc above, ANATOMY.md); the sacrum's top is that of its largest
-    connected component, and bodies below it are not counted.
+    the upper body and the disc above, ANATOMY.md), and the last rib-bearing one ends the run
+    from the top (:func:`_last_rib_bearing`); the sacrum's top is that of its largest
+    connected component (raised to the top of a "body" that touches it: S1), and bodies
+    below it are not counted.
 
     Parameters
     ----------
@@ -556,6 +582,11 @@ def count_levels(classes: np.ndarray, box: SpineBox) -> LevelCount:
             sl_z = ndimage.find_objects(sac_lab)[k - 1][0]
             sacrum_top = box.z_of(sl_z.stop - 0.5)
             bodies = [b for b in bodies if b.z_mid > sacrum_top]
+            # S1 is fused to the sacrum (no disc below it): a "body" that touches the
+            # sacrum's top is S1 taken for a body, and the sacrum starts at its top
+            while bodies and bodies[-1].z_bottom - sacrum_top < S1_CONTACT_MM:
+                sacrum_top = max(sacrum_top, bodies[-1].z_top)
+                bodies.pop()
     problem = None
     mids = np.array([b.z_mid for b in bodies])
     if len(bodies) >= 3:
@@ -568,8 +599,7 @@ def count_levels(classes: np.ndarray, box: SpineBox) -> LevelCount:
         problem = (
             f"two vertebral bodies seem merged ({tall[0].z_top - tall[0].z_bottom:.0f} mm tall)"
         )
-    rib_idx = [i for i, b in enumerate(bodies) if b.rib_bearing]
-    last_rib = max(rib_idx) if rib_idx else None
+    last_rib = _last_rib_bearing(bodies)
     l3_top = last_rib + 3 if last_rib is not None and last_rib + 3 < len(bodies) else None
     l3_bottom = None
     lumbar = None
