@@ -73,19 +73,31 @@ def train_spine_command(
         int,
         typer.Option(min=0, help="Every n-th training phantom has a varied spine (0: none)."),
     ] = 2,
+    evaluate_only: Annotated[
+        bool,
+        typer.Option(
+            "--evaluate-only",
+            help="Do not train: evaluate the weights at --out again (after a change of the "
+            "counting rules) and replace the evaluation in <out>.json.",
+        ),
+    ] = False,
 ) -> None:
     """Train the level-verification network (Mita et al.) on phantom boxes, then evaluate
     it on held-out and transitional phantoms; writes the weights and ``<out>.json``."""
     from tqdm import tqdm
 
-    from worker.locator.vertebrae import load_spine_model
     from worker.training.vertebrae import (
         SpineTrainSettings,
-        evaluate_spine,
         load_cases,
         train_spine,
     )
 
+    if evaluate_only:
+        record = json.loads(out.with_suffix(".json").read_text())
+        record["evaluation_command"] = command_line()
+        record["evaluation_git_commit"] = _git_commit()
+        _evaluate(out, record, eval_phantoms, eval_transitional, cache_dir)
+        return
     if phantom_seed + phantoms > EVAL_SEED:
         raise typer.BadParameter(f"training seeds must stay below the held-out {EVAL_SEED}")
     from worker.phantom import PhantomSpec
@@ -131,6 +143,16 @@ def train_spine_command(
 
         record = train_spine(cases, settings, out, record, step)
     del cases
+    _evaluate(out, record, eval_phantoms, eval_transitional, cache_dir)
+
+
+def _evaluate(
+    out: Path, record: dict[str, Any], eval_phantoms: int, eval_transitional: int, cache_dir: Path
+) -> None:
+    """Evaluate the weights at ``out`` on the held-out sets; write ``<out>.json``."""
+    from worker.locator.vertebrae import load_spine_model
+    from worker.training.vertebrae import evaluate_spine
+
     net = load_spine_model(out)
     sets = evaluation_sets(eval_phantoms, eval_transitional, cache_dir)
     t0 = time.perf_counter()

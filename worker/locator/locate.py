@@ -454,6 +454,8 @@ def verify(volume: CTVolume, result: L3Location, mip: Mip, config: LocatorConfig
         raise AnalysisError(uid, "locator", str(exc)) from exc
     spacing = (float(volume.pixel_spacing_mm[0]), float(volume.pixel_spacing_mm[1]))
     if not result.in_field_of_view:
+        if not config.count_when_absent:
+            return
         found = find_by_counting(net, volume.hu, volume.z_mm, spacing)
         if found is None:
             return

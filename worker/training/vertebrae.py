@@ -261,7 +261,9 @@ def evaluate_spine(net: SpineFCN, cases: list[dict[str, Any]]) -> dict[str, Any]
     Returns
     -------
     dict: ``iou`` (name -> mean, n), ``levels`` (counts of verdicts; right before/after),
-    ``transitional`` (flagged share, right-or-flagged share), ``cases`` (per case).
+    ``transitional`` (flagged, right-or-flagged; also among the boxes whose scan shows both
+    the sacrum and the last rib-bearing vertebra, where both counts can be made),
+    ``levels_both_ends_in_view``, ``cases`` (per case).
     """
     ious: dict[str, list[float]] = {}
     per_case = []
@@ -288,9 +290,14 @@ def evaluate_spine(net: SpineFCN, cases: list[dict[str, Any]]) -> dict[str, Any]
         t = case["truth"]
         v = verify_level(count_levels(pred, box), t["locator_z_mm"])
         z0, z1 = t["l3_range_mm"]
+        lo, hi = t["scan_mm"]
+        box_lo, box_hi = box.z_of(0), box.z_of(len(box.in_scan) - 1)
+        last_rib = t["vertebrae_mm"].get(f"T{t['n_rib_pairs']}", (np.inf, np.inf))
+        both = max(lo, box_lo) < -5.0 and min(hi, box_hi) > last_rib[1] + 3.0
         per_case.append(
             {
                 "seed": t["seed"],
+                "both_ends_in_view": bool(both),
                 "transitional": t.get("transitional"),
                 "status": v.status,
                 "flagged": v.possible_transitional_anatomy,
@@ -302,6 +309,8 @@ def evaluate_spine(net: SpineFCN, cases: list[dict[str, Any]]) -> dict[str, Any]
         )
     n = max(len(per_case), 1)
     trans = [c for c in per_case if c["transitional"]]
+    seen = [c for c in trans if c["both_ends_in_view"]]
+    both_seen = [c for c in per_case if c["both_ends_in_view"]]
     typical = [c for c in per_case if not c["transitional"]]
     return {
         "iou": {
@@ -322,6 +331,15 @@ def evaluate_spine(net: SpineFCN, cases: list[dict[str, Any]]) -> dict[str, Any]
             "n": len(trans),
             "flagged": sum(c["flagged"] for c in trans),
             "right_or_flagged": sum(c["flagged"] or c["right_after"] for c in trans),
+            "n_both_ends_in_view": len(seen),
+            "flagged_both_ends_in_view": sum(c["flagged"] for c in seen),
+            "right_or_flagged_both_ends_in_view": sum(
+                c["flagged"] or c["right_after"] for c in seen
+            ),
+        },
+        "levels_both_ends_in_view": {
+            "n": len(both_seen),
+            "right_after": sum(c["right_after"] for c in both_seen),
         },
         "cases": per_case,
     }
