@@ -363,8 +363,10 @@ class LocatorConfig(_Section):
     verify_weights: Path | None = MODELS_DIR / "spine_fcn.pt"
     verify_mode: Literal["correct", "flag"] = "correct"
     # when the locator says "not in the field of view", count the vertebrae over the scan
-    # and answer the L3 a radiologist could count to (QA flag l3_found_by_counting)
-    count_when_absent: bool = True
+    # and answer the L3 a radiologist could count to (QA flag l3_found_by_counting).
+    # Off by default: on the real case it turned a refusal into a wrong level
+    # (models/spine_fcn.md)
+    count_when_absent: bool = False
 
     @model_validator(mode="before")
     @classmethod

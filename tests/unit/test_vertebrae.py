@@ -378,7 +378,7 @@ def test_locate_answers_by_counting_when_the_locator_found_nothing(monkeypatch, 
     torch.save({"state_dict": SpineFCN().state_dict(), "base": 8}, weights)
     vol = _volume()
     mip = FrontalMips(vol).at(3.0)
-    cfg = LocatorConfig(verify_weights=weights)
+    cfg = LocatorConfig(verify_weights=weights, count_when_absent=True)
     nothing = L3Location(False, None, None, None, 0.1, reason="L3 not in field of view")
     monkeypatch.setattr(vertebrae, "find_by_counting", lambda *a, **k: None)
     locate.verify(vol, nothing, mip, cfg)
