@@ -11,6 +11,7 @@ from __future__ import annotations
 import getpass
 import logging
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -93,6 +94,22 @@ def os_user() -> str:
     try:
         return getpass.getuser()
     except (KeyError, OSError):
+        return "unknown"
+
+
+def git_commit() -> str:
+    """The commit of the checkout l3spot runs from (training records), or "unknown" outside
+    a git checkout or without git."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 

@@ -160,6 +160,7 @@ def calibrate_locator(
 
     import numpy as np
 
+    from core.commands import git_commit
     from research.calibrate_locator import (
         brier,
         build_calibration,
@@ -169,7 +170,6 @@ def calibrate_locator(
         reliability_table,
         render_reliability_png,
     )
-    from worker.commands.locator import _git_commit
     from worker.locator.calibration import calibration_path
 
     val = range(val_seed, val_seed + val_phantoms)
@@ -188,7 +188,7 @@ def calibrate_locator(
     vcases = cached_cases(val_phantoms, val_seed, cfg, sub("val"), device, progress)
     provenance = {
         "command": "l3spot " + " ".join(sys.argv[1:]),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "validation_seeds": [val.start, val.stop - 1],
         "test_seeds": [test.start, test.stop - 1],
         "training_seeds": [TRAINING_SEEDS.start, TRAINING_SEEDS.stop - 1],

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 
-from core.commands import command_line
+from core.commands import command_line, git_commit
 
 
 def _load(path: Path) -> Any:
@@ -149,7 +149,6 @@ def train_seg(
     (--site-csv); a SEG of another series or without a known segment is refused.
     """
     import logging
-    import subprocess
     import time
 
     import torch
@@ -164,12 +163,7 @@ def train_seg(
 
         # progress: one JSON line per 20 steps, on stderr (stdout is the command's output)
         setup_logging("INFO", json_logs=True, stream=sys.stderr)
-    try:
-        git = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        git = None
+    git = git_commit()
     cfg = load_config().composition
     slices = phantom_slices(phantoms, phantom_seed, neighbours) if phantoms else []
     typer.echo(f"{len(slices)} training slices")

@@ -8,14 +8,13 @@ the diagnostic picture).
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from core.commands import ConfigOpt, command_line
+from core.commands import ConfigOpt, command_line, git_commit
 
 DEFAULT_CACHE = Path("var/cache/locator_mips")
 
@@ -28,20 +27,6 @@ STAGE_GEOMETRY: dict[str, dict[str, float]] = {
     "coarse": {"pixel_mm": 3.0, "height_mm": 330.0, "width_mm": 384.0, "a_mm": 51.0},
     "fine": {"pixel_mm": 1.0, "height_mm": 128.0, "width_mm": 128.0, "a_mm": 18.0},
 }
-
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).resolve().parent,
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _locator_config(
@@ -190,7 +175,7 @@ def train(
             device=device,
             cache_dir=cache_dir,
         )
-        train_from_reviews_command(config, settings, promote=promote, git_commit=_git_commit())
+        train_from_reviews_command(config, settings, promote=promote, git_commit=git_commit())
         return
     phantoms = phantoms or 0
     steps_per_epoch = steps_per_epoch or 200
@@ -268,7 +253,7 @@ def train(
         "n_val_scans": len(va),
         "n_not_in_fov_scans": n_abs,
         "validation_split": f"{val_fraction:g} of patients (phantom seeds), seed {seed}",
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "epochs": epochs,
         "steps_per_epoch": steps_per_epoch,
         "batch_size": batch_size,

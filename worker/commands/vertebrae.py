@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from core.commands import command_line
+from core.commands import command_line, git_commit
 
 #: Held-out phantom seeds of the evaluation (never trained on: training seeds start at
 #: 9,000,000 and a run uses fewer than 500,000 of them).
@@ -29,12 +29,6 @@ TRANSITIONAL_SPECS: tuple[dict[str, int], ...] = (
     {"n_rib_pairs": 13},
     {"n_rib_pairs": 11},
 )
-
-
-def _git_commit() -> str:
-    from worker.commands.locator import _git_commit as commit
-
-    return commit()
 
 
 def evaluation_sets(n_eval: int, n_transitional: int, cache_dir: Path) -> dict[str, list[Any]]:
@@ -95,7 +89,7 @@ def train_spine_command(
     if evaluate_only:
         record = json.loads(out.with_suffix(".json").read_text())
         record["evaluation_command"] = command_line()
-        record["evaluation_git_commit"] = _git_commit()
+        record["evaluation_git_commit"] = git_commit()
         _evaluate(out, record, eval_phantoms, eval_transitional, cache_dir)
         return
     if phantom_seed + phantoms > EVAL_SEED:
@@ -126,7 +120,7 @@ def train_spine_command(
     )
     record: dict[str, Any] = {
         "command": command_line(),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "seed": seed,
         "data": f"{phantoms} style-A phantoms (worker.phantom.spine_box), seeds "
         f"{phantom_seed}..{phantom_seed + phantoms - 1}; every {transitional_every}-th with "

@@ -447,40 +447,44 @@ def verify(volume: CTVolume, result: L3Location, mip: Mip, config: LocatorConfig
         verify_in_volume,
     )
 
+    if not result.in_field_of_view and not config.count_when_absent:
+        return
     uid = volume.series_instance_uid
     try:
         net = load_spine_model(config.verify_weights)
     except VerificationError as exc:
         raise AnalysisError(uid, "locator", str(exc)) from exc
     spacing = (float(volume.pixel_spacing_mm[0]), float(volume.pixel_spacing_mm[1]))
+    model = Path(config.verify_weights).name
     if not result.in_field_of_view:
-        if not config.count_when_absent:
-            return
         found = find_by_counting(net, volume.hu, volume.z_mm, spacing)
         if found is None:
             return
-        by = "the last rib-bearing vertebra" if found.counted_by == "ribs" else "the sacrum"
-        result.verification = {**found.summary(), "model": Path(config.verify_weights).name}
-        result.reason = (
-            f"L3 found by counting vertebrae from {by}; the locator said: {result.reason}; "
-            "check the level"
-        )
+        result.verification = {**found.summary(), "model": model}
         result.in_field_of_view = True
-        result.z_mm = found.z_mm
-        result.slice_index = volume.nearest_slice(found.z_mm)
-        result.mip_row = float(mip.z_to_row(found.z_mm))
+        _move_answer(volume, result, mip, found.z_mm)
+        result.reason = (
+            f"L3 found by counting vertebrae from {_counted_from(found.counted_by)}; the "
+            f"locator said: {result.reason}; check the level"
+        )
         return
     v = verify_in_volume(net, volume.hu, volume.z_mm, spacing, float(result.z_mm))
-    result.verification = v.summary()
-    result.verification["model"] = Path(config.verify_weights).name
     applied = v.status == "corrected" and config.verify_mode == "correct"
-    result.verification["applied"] = applied
+    result.verification = {**v.summary(), "model": model, "applied": applied}
     if applied:
-        by = "the last rib-bearing vertebra" if v.counted_by == "ribs" else "the sacrum"
+        _move_answer(volume, result, mip, v.z_mm)
         result.reason = (
-            f"L3 level corrected by counting vertebrae from {by} "
+            f"L3 level corrected by counting vertebrae from {_counted_from(v.counted_by)} "
             f"({v.locator_z_mm:.0f} -> {v.z_mm:.0f} mm); check the level"
         )
-        result.z_mm = v.z_mm
-        result.slice_index = volume.nearest_slice(v.z_mm)
-        result.mip_row = float(mip.z_to_row(v.z_mm))
+
+
+def _counted_from(counted_by: str | None) -> str:
+    return "the last rib-bearing vertebra" if counted_by == "ribs" else "the sacrum"
+
+
+def _move_answer(volume: CTVolume, result: L3Location, mip: Mip, z_mm: float) -> None:
+    """Put the answer of ``result`` at ``z_mm``: z, nearest slice and MIP row."""
+    result.z_mm = z_mm
+    result.slice_index = volume.nearest_slice(z_mm)
+    result.mip_row = float(mip.z_to_row(z_mm))

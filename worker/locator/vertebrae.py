@@ -36,6 +36,7 @@ Coordinates: the box lives in the volume's canonical grid in mm: ``z`` = the vol
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -746,8 +747,6 @@ def verify_in_volume(
     LevelVerification
         "unverified" with the reason when no vertebra is found near the located slice.
     """
-    import time
-
     t0 = time.perf_counter()
     try:
         centre = column_centre(hu, z_mm, spacing_mm, locator_z_mm - 40.0, locator_z_mm + 40.0)
@@ -794,8 +793,6 @@ def find_by_counting(
     LevelVerification with status "counted" (``z_mm`` the counted mid-L3, ``locator_z_mm``
     None), or None when no box reaches L3 (not countable: "not in field of view" stands).
     """
-    import time
-
     t0 = time.perf_counter()
     length = float(z_mm[-1] - z_mm[0])
     half = BOX_SHAPE[0] / 2
