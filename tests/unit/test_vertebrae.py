@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from worker.locator.vertebrae import (
     BODY,
@@ -239,6 +240,30 @@ def test_summary_is_json_ready():
     s = v.summary()
     assert s["z_mm"] == 101.2 and s["l3_from_ribs_mm"] == [90.0, 115.1]
     assert s["possible_transitional_anatomy"] is True
+
+
+@pytest.mark.parametrize("centre", [(150.0, 130.0), (20.0, 280.0), (190.0, 10.0)])
+@pytest.mark.parametrize("z_pick", [60, 5, 117])
+def test_box_is_trilinear_like_map_coordinates(centre, z_pick):
+    """The separable resampling gives map_coordinates' values (order 1, -1024 outside the
+    image) on uneven slice spacing, at the image's edges and at the scan's ends."""
+    rng = np.random.default_rng(3)
+    hu = rng.normal(0.0, 300.0, (120, 300, 320)).astype(np.float32)
+    z_mm = np.cumsum(rng.uniform(0.8, 3.0, 120))
+    spacing = (0.7, 0.9)
+    box = extract_box(hu, z_mm, spacing, float(z_mm[z_pick]), centre)
+    nz, ny, nx = BOX_SHAPE
+    z0, y0, x0 = box.origin_mm
+    zb = z0 + np.arange(nz)
+    inside = (zb >= z_mm[0]) & (zb <= z_mm[-1])
+    zi = np.interp(zb[inside], z_mm, np.arange(len(z_mm), dtype=np.float64))
+    grid = np.meshgrid(
+        zi, (y0 + np.arange(ny)) / spacing[0], (x0 + np.arange(nx)) / spacing[1], indexing="ij"
+    )
+    ref = ndimage.map_coordinates(hu, grid, order=1, mode="constant", cval=-1024.0)
+    assert (box.in_scan == inside).all()
+    np.testing.assert_allclose(box.image[inside], ref, atol=1e-2)
+    assert (box.image[~inside] == -1024.0).all()
 
 
 def test_box_outside_the_image_is_refused():

@@ -241,7 +241,7 @@ def extract_box(
     zi = np.interp(zb[in_scan], z_mm, np.arange(len(z_mm), dtype=np.float64))
     rows = (y0 + np.arange(ny)) / dy
     cols = (x0 + np.arange(nx)) / dx
-    # crop the source first: map_coordinates then touches only the box's neighbourhood
+    # crop the source first (a view): the interpolation then reads only the box's neighbourhood
     s0, s1 = int(np.floor(zi.min())), int(np.ceil(zi.max())) + 1
     r0 = max(0, int(np.floor(rows.min())) - 1)
     r1 = min(hu.shape[1], int(np.ceil(rows.max())) + 2)
@@ -249,11 +249,41 @@ def extract_box(
     c1 = min(hu.shape[2], int(np.ceil(cols.max())) + 2)
     if r1 <= r0 or c1 <= c0:
         raise VerificationError("the vertebral column box lies outside the image")
-    sub = np.asarray(hu[s0:s1, r0:r1, c0:c1], dtype=np.float32)
-    gz, gy, gx = np.meshgrid(zi - s0, rows - r0, cols - c0, indexing="ij")
-    vals = ndimage.map_coordinates(sub, [gz, gy, gx], order=1, mode="constant", cval=-1024.0)
-    out[in_scan] = vals.astype(np.float32)
+    sub = hu[s0:s1, r0:r1, c0:c1]
+    # separable trilinear interpolation (the same values as map_coordinates, order 1,
+    # constant -1024 outside), z first: the rows and columns are then blended on the box's
+    # slices only
+    out[in_scan] = _interp_axis(
+        _interp_axis(_interp_axis(sub, zi - s0, 0), rows - r0, 1), cols - c0, 2
+    )
     return SpineBox(out, in_scan, (z0, y0, x0))
+
+
+def _interp_axis(a: np.ndarray, coords: np.ndarray, axis: int) -> np.ndarray:
+    """Linear interpolation of ``a`` along ``axis`` at fractional indices ``coords``.
+
+    Same values as :func:`scipy.ndimage.map_coordinates` with ``order=1, mode="constant",
+    cval=-1024`` along that axis: an index outside [0, n - 1] gives -1024 HU. Only the
+    source planes the coordinates touch are read.
+
+    Returns float32, ``a``'s shape with ``len(coords)`` along ``axis``.
+    """
+    n = a.shape[axis]
+    inside = (coords >= 0) & (coords <= n - 1)
+    c = np.clip(coords, 0, n - 1)
+    i0 = np.minimum(np.floor(c).astype(np.intp), max(n - 2, 0))
+    i1 = np.minimum(i0 + 1, n - 1)
+    shape = [1] * a.ndim
+    shape[axis] = -1
+    w = (c - i0).astype(np.float32).reshape(shape)
+    lo = np.take(a, i0, axis=axis).astype(np.float32, copy=False)
+    hi = np.take(a, i1, axis=axis).astype(np.float32, copy=False)
+    res = lo + (hi - lo) * w
+    if not inside.all():
+        idx = [slice(None)] * a.ndim
+        idx[axis] = ~inside
+        res[tuple(idx)] = -1024.0
+    return res
 
 
 def normalise_hu(image: np.ndarray) -> np.ndarray:
@@ -409,7 +439,9 @@ def segment_box(net: SpineFCN, box: SpineBox) -> np.ndarray:
     x = torch.from_numpy(normalise_hu(box.image))[None, None]
     with torch.inference_mode():
         logits = net(x)[0]
-    classes = logits.argmax(0).numpy().astype(np.uint8)
+    # the class axis made last and contiguous: torch's argmax over the leading axis of
+    # (4, z, y, x) took 0.7 s, this 0.04 s (bench/bench_locate.py)
+    classes = logits.movedim(0, -1).contiguous().argmax(-1).numpy().astype(np.uint8)
     classes[~box.in_scan] = 0
     return classes
 
