@@ -342,6 +342,30 @@ def test_spine_variation_changes_the_column_only_when_asked():
     assert z == sorted(z)  # restacked bottom-up, still in order
 
 
+def test_spine_variation_thins_the_lowest_ribs():
+    """The varied phantom's two lowest rib pairs are drawn with the recorded radius scales
+    (the thinnest rib shaft is the plain one's times the smaller scale); the plain phantom
+    has no such record."""
+    from worker.phantom import _build
+
+    def rib_radii(anat):
+        return [min(anat.bones[i].r0, anat.bones[i].r1) for i in anat.extra["bone_tags"]["rib"]]
+
+    plain = _build(11, PhantomSpec(fov="abdomen"))[3]
+    varied = _build(11, PhantomSpec(fov="abdomen", spine_variation=True))[3]
+    assert "lower_rib_scale" not in plain.extra
+    scales = varied.extra["lower_rib_scale"]
+    assert set(scales) == {0, 1}
+    assert 0.55 <= scales[0][0] <= 1.0 and 0.45 <= scales[0][1] <= 1.15
+    assert 0.75 <= scales[1][0] <= 1.0 and 0.8 <= scales[1][1] <= 1.1
+    thinnest = min(rib_radii(plain)) * min(scales[0][0], scales[1][0])
+    assert min(rib_radii(varied)) == pytest.approx(thinnest, rel=1e-6)
+    assert varied.variants["spine_variation"]["lower_ribs"]["0"] == [
+        round(scales[0][0], 2),
+        round(scales[0][1], 2),
+    ]
+
+
 def test_bridged_bodies_keep_a_gap_in_the_reference():
     """Osteophytes bridging a collapsed disc merge two bodies' bone (seed 300: L1 and T12);
     the reference parts them by one voxel so that every connected body is one vertebra, for

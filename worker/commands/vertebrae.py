@@ -67,6 +67,10 @@ def train_spine_command(
         int,
         typer.Option(min=0, help="Every n-th training phantom has a varied spine (0: none)."),
     ] = 2,
+    init: Annotated[
+        Path | None,
+        typer.Option(help="Start from these weights (a fine-tune); recorded with their SHA-256."),
+    ] = None,
     evaluate_only: Annotated[
         bool,
         typer.Option(
@@ -117,6 +121,7 @@ def train_spine_command(
         seed=seed,
         threads=threads,
         max_minutes=max_minutes,
+        init=str(init) if init else None,
     )
     record: dict[str, Any] = {
         "command": command_line(),
@@ -129,6 +134,15 @@ def train_spine_command(
         f"{varied_every}-th with a varied spine (worker.phantom.variation)",
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if init is not None:
+        from worker.volume.convert import file_sha256
+
+        record["init"] = {"path": str(init), "sha256": file_sha256(init)}
+        prior = init.with_suffix(".json")
+        if prior.is_file():  # what the starting weights saw, for the model card
+            record["init"]["record"] = {
+                k: v for k, v in json.loads(prior.read_text()).items() if k != "evaluation"
+            }
     with tqdm(total=steps, desc="training", unit="step") as bar:
 
         def step(n: int, loss: float) -> None:

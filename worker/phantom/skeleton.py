@@ -225,6 +225,11 @@ def build_skeleton(anat: Anatomy, rng: np.random.Generator) -> None:
         if from_last <= 1:  # a simulated site's long lower ribs (worker.phantom.apply_site)
             drop *= float(anat.extra.get("lower_rib_drop_scale", 1.0))
         r_rib = (5.5 if idx <= 2 else 4.6) * k
+        scale = anat.extra.get("lower_rib_scale", {}).get(from_last)  # worker.phantom.variation
+        if scale is not None:  # a thinner, shorter or longer lower rib, the same slope
+            r_rib *= scale[0]
+            phi_end = 0.16 * np.pi + (phi_end - 0.16 * np.pi) * scale[1]
+            drop *= scale[1]
         phis = np.linspace(0.16 * np.pi, phi_end, 11)
         pts = []
         for s in (-1.0, 1.0):

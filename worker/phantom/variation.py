@@ -11,7 +11,11 @@ sampled body, before its skeleton is built, the ways real spines differ:
   55-80 % of its height;
 * marginal osteophytes with probability 0.4 per patient: bony lips 2-6 mm wide and 2-5 mm
   high on the end plates of the lower thoracic and lumbar bodies (half of them), which can
-  bridge a collapsed disc (``worker.phantom.skeleton`` draws them as part of their body).
+  bridge a collapsed disc (``worker.phantom.skeleton`` draws them as part of their body);
+* the two lowest rib pairs, thinner and shorter or longer: the last pair's shaft radius x
+  0.55-1.0 and length x 0.45-1.15, the pair above x 0.75-1.0 and x 0.8-1.1 (ANATOMY.md: the
+  12th ribs are short and floating; in patients they range from a stub of a few cm to a
+  long rib, and a thin one is easily missed when counting from the ribs).
 
 The column is restacked from the top of S1 (z = 0) upwards, so the levels above a changed
 one move; the landmarks of the body (iliac crests, diaphragm) stay where they were, which
@@ -42,8 +46,10 @@ def apply_spine_variation(anat: Anatomy, seed: int) -> None:
 
     Notes
     -----
-    Records ``anat.variants["spine_variation"]`` (what was changed) and
-    ``anat.extra["osteophytes"]`` (vertebra name -> lip width, lip height in mm).
+    Records ``anat.variants["spine_variation"]`` (what was changed),
+    ``anat.extra["osteophytes"]`` (vertebra name -> lip width, lip height in mm) and
+    ``anat.extra["lower_rib_scale"]`` (0 for the last rib pair, 1 for the pair above ->
+    scale of the shaft radius, scale of the length).
     """
     rng = np.random.default_rng([seed, 0x5D1E])
     verts = anat.vertebrae  # bottom (lowest lumbar) first, as stacked
@@ -74,6 +80,12 @@ def apply_spine_variation(anat: Anatomy, seed: int) -> None:
             if (v.region == "L" or low_thoracic) and rng.random() < 0.5:
                 osteophytes[v.name] = (float(rng.uniform(2.0, 6.0)), float(rng.uniform(2.0, 5.0)))
     record["osteophytes"] = sorted(osteophytes)
+    lower_ribs: dict[int, tuple[float, float]] = {}
+    for from_last, (r_lo, l_lo, l_hi) in ((0, (0.55, 0.45, 1.15)), (1, (0.75, 0.8, 1.1))):
+        lower_ribs[from_last] = (float(rng.uniform(r_lo, 1.0)), float(rng.uniform(l_lo, l_hi)))
+    record["lower_ribs"] = {  # from the last rib pair up: (radius, length) scales
+        str(k): [round(r, 2), round(ln, 2)] for k, (r, ln) in lower_ribs.items()
+    }
     # restack from the top of S1 upwards
     z = 0.0
     for v in verts:
@@ -82,4 +94,5 @@ def apply_spine_variation(anat: Anatomy, seed: int) -> None:
         v.z0, v.z1 = z, z + heights[v.name]
         z = v.z1
     anat.extra["osteophytes"] = osteophytes
+    anat.extra["lower_rib_scale"] = lower_ribs
     anat.variants["spine_variation"] = record

@@ -34,6 +34,7 @@ from worker.locator.vertebrae import (
     SpineBox,
     SpineFCN,
     count_levels,
+    load_spine_model,
     normalise_hu,
     segment_box,
     verify_level,
@@ -52,7 +53,7 @@ __all__ = [
 
 #: Version of the cached boxes (bump when :func:`worker.phantom.spine_box.spine_case`
 #: changes, so that no stale box is trained on).
-CASE_VERSION = 4
+CASE_VERSION = 5
 #: Training crop along z (1 mm voxels, a multiple of 8): two to three lumbar levels.
 CROP_Z = 96
 #: Per-class loss weights: the ribs are under 1 % of the voxels and decide the count.
@@ -74,6 +75,7 @@ class SpineTrainSettings:
     seed: int = 0
     threads: int = 2
     max_minutes: float = 35.0
+    init: str | None = None  # weights to start from (a fine-tune), else a fresh network
 
 
 def load_cases(
@@ -207,6 +209,8 @@ def train_spine(
     torch.set_num_threads(settings.threads)
     rng = np.random.default_rng(settings.seed)
     net = SpineFCN(base=settings.base)
+    if settings.init:
+        net.load_state_dict(load_spine_model(Path(settings.init)).state_dict())
     opt = torch.optim.Adam(net.parameters(), lr=settings.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, settings.steps)
     t0 = time.perf_counter()
