@@ -244,3 +244,22 @@ def test_landmarks_follow_the_rib_count() -> None:
     verts.update({"L4": (40.0, 70.0), "S1": (-21.0, 0.0)})
     marks = landmark_z_mm(verts)
     assert marks == {"T10": 210.0, "last_rib": 235.0, "L2": 115.0, "L4": 55.0, "S1_top": 0.0}
+
+
+def test_every_nth_training_phantom_has_a_varied_spine(tmp_path: Path) -> None:
+    """Domain randomisation of the locator's data (issue 15): with varied_every=2 the first
+    of two phantoms has a varied spine (its landmarks move: the column is restacked), is
+    cached under its own name, and the second is the seed's plain phantom."""
+    from worker.training.locator import phantom_case, phantom_cases
+
+    varied, plain = phantom_cases([11, 12], 3.0, tmp_path, varied_every=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "phantom-0000011-3mm-lm-sv.npz",
+        "phantom-0000012-3mm-lm.npz",
+    ]
+    same_seed_plain = phantom_case(11, 3.0)
+    assert plain.landmark_rows == phantom_case(12, 3.0).landmark_rows
+    assert varied.landmark_rows != same_seed_plain.landmark_rows
+    assert set(varied.landmark_rows) == set(same_seed_plain.landmark_rows)
+    again = phantom_cases([11], 3.0, tmp_path, varied_every=1)[0]  # from the cache
+    assert again.landmark_rows == pytest.approx(varied.landmark_rows)

@@ -119,6 +119,14 @@ def train(
             "counted from the ribs or the sacrum (issue 15; phantoms only)."
         ),
     ] = 0.0,
+    varied_every: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Every n-th phantom with a varied spine and lowest ribs "
+            "(worker.phantom.variation; domain randomisation, issue 15); 0: none.",
+        ),
+    ] = 0,
     seed: Annotated[int, typer.Option(help="Seed of splits, init, sampling, augmentation.")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
@@ -209,10 +217,15 @@ def train(
     if phantoms > 0:
         with tqdm(total=phantoms, desc="phantom MIPs", unit="scan") as bar:
             cases += phantom_cases(
-                range(phantom_seed, phantom_seed + phantoms), pixel_mm, cache_dir, bar.update
+                range(phantom_seed, phantom_seed + phantoms),
+                pixel_mm,
+                cache_dir,
+                bar.update,
+                varied_every=varied_every,
             )
         last = phantom_seed + phantoms - 1
-        data.append(f"{phantoms} phantoms (worker.phantom, seeds {phantom_seed}..{last})")
+        varied = f", every {varied_every}-th with a varied spine" if varied_every else ""
+        data.append(f"{phantoms} phantoms (worker.phantom, seeds {phantom_seed}..{last}{varied})")
     if phantom_dir is not None:
         folder = load_case_folder(phantom_dir, pixel_mm)
         cases += folder
@@ -261,6 +274,7 @@ def train(
         "init": None if init is None else str(init),
         "positive_fraction": 1.0 if stage == "fine" else positive_fraction,
         "fov_crop_fraction": fov_crops,
+        "varied_every": varied_every,
         "stage": stage,
         "device": dev,
         "torch": torch.__version__,

@@ -138,14 +138,15 @@ TRAIN_THICKNESSES = (1.25, 2.0, 2.5, 3.0, 5.0)
 PHANTOM_PIXEL_MM = 2.5
 
 
-def phantom_spec(seed: int, training: bool = True) -> Any:
+def phantom_spec(seed: int, training: bool = True, spine_variation: bool = False) -> Any:
     """Low-resolution :class:`worker.phantom.PhantomSpec` for ``seed``.
 
     The field of view in z is the generator's random type (chest, abdomen, pelvis, ...);
     the in-plane field of view is drawn in 340-500 mm (2.5 mm pixels) so that wide patients
     touch the image edge, as in real CT; training draws the slice thickness from
     :data:`TRAIN_THICKNESSES`, evaluation (``training=False``) leaves it to the generator
-    (0.625-5 mm).
+    (0.625-5 mm). ``spine_variation`` varies the vertebral column and the lowest ribs
+    (:mod:`worker.phantom.variation`; domain randomisation, issue 15).
     """
     from worker.phantom import PhantomSpec
 
@@ -158,6 +159,7 @@ def phantom_spec(seed: int, training: bool = True) -> Any:
         pixel_spacing_mm=PHANTOM_PIXEL_MM,
         slice_thickness_mm=thk,
         with_labels=False,
+        spine_variation=spine_variation,
     )
 
 
@@ -215,12 +217,14 @@ def landmark_z_mm(vertebrae_z_mm: dict[str, tuple[float, float]]) -> dict[str, f
     return out
 
 
-def phantom_case(seed: int, pixel_mm: float) -> MipCase:
+def phantom_case(seed: int, pixel_mm: float, spine_variation: bool = False) -> MipCase:
     """Training case of the phantom of ``seed`` (see :func:`phantom_mip`), with the rows of
-    its :data:`LANDMARKS` for field-of-view crops."""
+    its :data:`LANDMARKS` for field-of-view crops; ``spine_variation`` as in
+    :func:`phantom_spec`."""
     from worker.phantom import generate_phantom_mips
 
-    (pm,) = generate_phantom_mips(seed, phantom_spec(seed, True), (pixel_mm,))
+    spec = phantom_spec(seed, True, spine_variation)
+    (pm,) = generate_phantom_mips(seed, spec, (pixel_mm,))
     mip, truth = pm.mip, pm.truth
     row = float(mip.z_to_row(truth.l3_mid_z_mm)) if truth.l3_in_fov else None
     sz = mip.slice_z_mm
@@ -236,19 +240,26 @@ def phantom_cases(
     pixel_mm: float,
     cache_dir: Path | None,
     progress: Callable[[int], None] | None = None,
+    varied_every: int = 0,
 ) -> list[MipCase]:
-    """Phantom cases for ``seeds``, generated once and cached as ``<cache_dir>/<seed>.npz``."""
+    """Phantom cases for ``seeds``, generated once and cached as ``<cache_dir>/<seed>.npz``.
+
+    With ``varied_every`` = n > 0, every n-th phantom (the first, the (n+1)-th, ...) has a
+    varied spine (:func:`phantom_spec`), cached under its own name.
+    """
     out = []
-    for seed in seeds:
+    for i, seed in enumerate(seeds):
+        varied = bool(varied_every) and i % varied_every == 0
+        tag = "-sv" if varied else ""
         path = (
             None
             if cache_dir is None
-            else Path(cache_dir) / f"phantom-{seed:07d}-{pixel_mm:g}mm-lm.npz"
+            else Path(cache_dir) / f"phantom-{seed:07d}-{pixel_mm:g}mm-lm{tag}.npz"
         )
         if path is not None and path.is_file():
             out.append(load_case(path))
         else:
-            case = phantom_case(seed, pixel_mm)
+            case = phantom_case(seed, pixel_mm, varied)
             if path is not None:
                 save_case(case, path)
             out.append(case)
