@@ -454,3 +454,21 @@ def test_locate_with_missing_verification_weights_fails_the_analysis(tmp_path):
     res = L3Location(True, 40, 200.0, 10.0, 0.9)
     with pytest.raises(AnalysisError, match="level-verification weights"):
         locate.verify(vol, res, mip, LocatorConfig(verify_weights=tmp_path / "none.pt"))
+
+
+def test_two_bodies_joined_at_a_disc_are_parted_when_just_taller_than_any_body():
+    """Repro (style-B phantom 7,000,034): two bodies joined through a narrow bridge at their
+    disc measure 43 mm. The part-at-the-narrowest-slice rule compared the eroded core (41
+    voxels) with the 42 mm limit and did not cut, while the count measured the restored
+    body (43 mm) and refused the whole count as "merged"."""
+    from worker.locator.vertebrae import SpineBox
+
+    classes = np.zeros((100, 40, 40), np.uint8)
+    classes[30:51, 10:30, 10:30] = BODY  # 21 mm
+    classes[51, 17:23, 17:23] = BODY  # a 6 x 6 mm bridge at the disc (survives one erosion)
+    classes[52:73, 10:30, 10:30] = BODY  # 21 mm: 43 mm in all
+    box = SpineBox(classes.astype(np.float32), np.ones(100, bool), (0.0, 0.0, 0.0))
+    count = count_levels(classes, box)
+    assert count.problem is None
+    assert len(count.bodies) == 2
+    assert all(b.z_top - b.z_bottom <= 42.0 for b in count.bodies)

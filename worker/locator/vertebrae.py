@@ -511,7 +511,10 @@ def _body_extents(body: np.ndarray) -> list[tuple[int, int, int]]:
         z0, z1, area = pending.pop()
         if area.sum() < MIN_BODY_MM3 / 2:
             continue
-        if z1 - z0 > MAX_BODY_HEIGHT_MM and len(area) > 2 * MIN_PART_MM:
+        # the body's height once restored (the eroded core is one voxel short at each end
+        # plate), the same height count_levels measures
+        height = min(body.shape[0], z1 + 1) - max(0, z0 - 1)
+        if height > MAX_BODY_HEIGHT_MM and len(area) > 2 * MIN_PART_MM:
             # no body is this tall: cut at the narrowest slice (the disc) that leaves two
             # parts of a body's height at least
             inner = area[MIN_PART_MM:-MIN_PART_MM]
