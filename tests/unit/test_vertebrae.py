@@ -181,6 +181,34 @@ def test_box_geometry_and_scan_ends():
     assert box.z_of(0) == box.origin_mm[0]
 
 
+def _vertebra_and_contrast_volume(blob_hu: float = 320.0) -> np.ndarray:
+    """(30, 220, 240) HU at 1 mm: a lumbar vertebra (body, and an arch around the spinal
+    canal) centred at row 120 (body), column 150, and to its left a stomach of positive
+    oral contrast (blob_hu) three times the vertebra's cross-section."""
+    rr, cc = np.mgrid[:220, :240]
+    hu = np.full((30, 220, 240), 30.0, np.float32)
+    body = (rr - 120) ** 2 + (cc - 150) ** 2 <= 17**2
+    ring = (rr - 152) ** 2 + (cc - 150) ** 2
+    arch = (ring <= 16**2) & (ring >= 9**2)
+    spinous = (rr >= 165) & (rr <= 185) & (abs(cc - 150) <= 3)
+    stomach = ((rr - 80) / 38.0) ** 2 + ((cc - 60) / 45.0) ** 2 <= 1
+    hu[:, body | arch | spinous] = 250.0
+    hu[:, stomach] = blob_hu
+    return hu
+
+
+def test_column_centre_is_not_drawn_to_oral_contrast():
+    """Repro (style-B phantom 7,000,003): a stomach full of positive oral contrast beside the
+    spine is bone-bright and larger than the vertebra; the box was centred on it, 50 mm off
+    the column, and the count fell apart. The vertebra is the component around the spinal
+    canal."""
+    hu = _vertebra_and_contrast_volume()
+    z_mm = np.arange(30, dtype=np.float64) * 2.0
+    y, x = column_centre(hu, z_mm, (1.0, 1.0), 0.0, 58.0)
+    assert x == pytest.approx(150.0, abs=2.0)
+    assert y == pytest.approx(103.0 + 16.0, abs=2.0)  # the body's anterior edge + half depth
+
+
 def test_column_centre_finds_the_phantom_body():
     from worker.phantom import generate_phantom
 

@@ -153,10 +153,22 @@ def column_centre(
 ) -> tuple[float, float]:
     """Centre (y, x) in grid mm of the vertebral body column between ``z_lo`` and ``z_hi``.
 
-    Per slice: bone pixels (above :data:`BONE_HU`); keep those within 30 mm of their median
-    column (the spine lies between symmetric lateral bones); the largest connected component
-    there is the vertebra (body and arch); its anterior edge plus
-    :data:`HALF_BODY_DEPTH_MM` is the body centre. The median over slices is returned.
+    Per slice (24 at most), bone pixels are those above :data:`BONE_HU`.
+
+    * **The spinal canal** (:func:`_canal_candidates`) is the hole that a bone component
+      encloses (the ring of body, pedicles and laminae) within
+      :data:`CANAL_OFF_MIDLINE_MM` of the body outline's middle column, at the same place in
+      at least three slices (within :data:`CANAL_MATCH_MM`); holes in a noisy bright organ
+      or in bowel contrast scatter from slice to slice. Where it is found, the vertebra of
+      a slice is the bone component (within 30 mm of the canal's column) nearest the canal.
+    * **Otherwise** the midline is the median column of all bone pixels (the spine lies
+      between symmetric lateral bones), bone within 30 mm of it is kept, and its largest
+      component is the vertebra.
+
+    The vertebra's anterior edge plus :data:`HALF_BODY_DEPTH_MM` is the body centre, and
+    the median over slices is returned. Bright non-bone beside the spine (a stomach of
+    positive oral contrast, an enhanced liver or kidney) can be larger than the vertebra,
+    which is why the canal comes first.
 
     Parameters
     ----------
@@ -178,14 +190,30 @@ def column_centre(
     idx = np.nonzero((z_mm >= z_lo) & (z_mm <= z_hi))[0]
     if idx.size > 24:
         idx = idx[np.linspace(0, idx.size - 1, 24).round().astype(int)]
+    bones = {int(i): hu[i] > BONE_HU for i in idx}
+    # the canal lies near the body's midline: holes further out (the marrow of a femoral
+    # head, the pelvic ring) are not it
+    body_x = [
+        float(np.nonzero(hu[i] > -500.0)[1].mean()) * dx for i in idx if (hu[i] > -500.0).any()
+    ]
+    mid_x = float(np.median(body_x)) if body_x else None
+    canal = _consistent_canal(
+        {
+            i: [
+                p
+                for p in _canal_candidates(b, dy, dx)
+                if mid_x is None or abs(p[1] - mid_x) <= CANAL_OFF_MIDLINE_MM
+            ]
+            for i, b in bones.items()
+        }
+    )
     ys: list[float] = []
     xs: list[float] = []
-    for i in idx:
-        bone = hu[i] > BONE_HU
+    for bone in bones.values():
         rr, cc = np.nonzero(bone)
         if rr.size < 20:
             continue
-        xm = float(np.median(cc)) * dx
+        xm = canal[1] if canal is not None else float(np.median(cc)) * dx
         band = np.zeros_like(bone)
         c0 = max(0, int((xm - 30.0) / dx))
         c1 = min(bone.shape[1], int((xm + 30.0) / dx) + 1)
@@ -193,9 +221,14 @@ def column_centre(
         lab, n = ndimage.label(band)
         if n == 0:
             continue
-        sizes = ndimage.sum_labels(band, lab, index=np.arange(1, n + 1))
-        k = int(np.argmax(sizes)) + 1
-        if sizes[k - 1] * dx * dy < 300.0:  # smaller than any vertebra's cross-section
+        sizes = ndimage.sum_labels(band, lab, index=np.arange(1, n + 1)) * dx * dy
+        if canal is None:
+            k = int(np.argmax(sizes)) + 1
+        else:  # the component nearest the canal, of a vertebra's size
+            k = _nearest_label(lab, sizes, (canal[0] / dy, canal[1] / dx), dy, dx)
+            if k == 0:
+                continue
+        if sizes[k - 1] < 300.0:  # smaller than any vertebra's cross-section
             continue
         r, c = np.nonzero(lab == k)
         ys.append(float(r.min()) * dy + HALF_BODY_DEPTH_MM)
@@ -206,6 +239,86 @@ def column_centre(
             f"{BONE_HU:.0f} HU near the midline)"
         )
     return float(np.median(ys)), float(np.median(xs))
+
+
+#: Area (mm^2) of a hole in a bone component that may be the spinal canal: the lumbar canal
+#: is about 15-20 x 20-25 mm (ANATOMY.md); smaller holes are marrow or noise, larger ones
+#: rings of other bones.
+CANAL_AREA_MM2 = (40.0, 700.0)
+#: Canal candidates of different slices closer than this (mm) are the same canal.
+CANAL_MATCH_MM = 8.0
+#: Largest distance (mm) of the canal from the body outline's middle column (the patient
+#: lies about centred; a scoliotic spine stays within it).
+CANAL_OFF_MIDLINE_MM = 45.0
+
+
+def _canal_candidates(bone: np.ndarray, dy: float, dx: float) -> list[tuple[float, float]]:
+    """(y, x) in mm of every hole of :data:`CANAL_AREA_MM2` that a bone component of at
+    least 300 mm^2 encloses in one slice's bone mask (rows, cols)."""
+    lab, _ = ndimage.label(bone)
+    out: list[tuple[float, float]] = []
+    for k, sl in enumerate(ndimage.find_objects(lab), start=1):
+        if sl is None:
+            continue
+        comp = lab[sl] == k
+        if float(comp.sum()) * dy * dx < 300.0:
+            continue
+        holes = ndimage.binary_fill_holes(comp) & ~comp
+        hl, nh = ndimage.label(holes)
+        if nh == 0:
+            continue
+        area = np.bincount(hl.ravel())[1:] * dy * dx
+        for h in np.nonzero((area >= CANAL_AREA_MM2[0]) & (area <= CANAL_AREA_MM2[1]))[0]:
+            r, c = np.nonzero(hl == h + 1)
+            out.append(((float(r.mean()) + sl[0].start) * dy, (float(c.mean()) + sl[1].start) * dx))
+    return out
+
+
+def _consistent_canal(
+    candidates: dict[int, list[tuple[float, float]]],
+) -> tuple[float, float] | None:
+    """The canal position (y, x) mm seen in the most slices (at least three), or None.
+
+    For every candidate, the slices with a candidate within :data:`CANAL_MATCH_MM` are
+    counted; the best one's matching candidates (the nearest per slice) are averaged.
+    """
+    pts = [(i, p) for i, ps in candidates.items() for p in ps]
+    if len(pts) < 3:
+        return None
+    sl = np.array([i for i, _ in pts])
+    xy = np.array([p for _, p in pts], dtype=np.float64)  # (P, 2)
+    d = np.hypot(*(xy[:, None, :] - xy[None, :, :]).transpose(2, 0, 1))  # (P, P)
+    slices = np.unique(sl)
+    onehot = sl[:, None] == slices[None, :]  # (P, S)
+    near = d <= CANAL_MATCH_MM
+    counts = (near.astype(np.int32) @ onehot.astype(np.int32) > 0).sum(1)  # slices per p
+    b = int(np.argmax(counts))
+    if counts[b] < 3:
+        return None
+    chosen = []
+    for j in range(len(slices)):
+        m = onehot[:, j] & near[b]
+        if m.any():
+            cand = np.nonzero(m)[0]
+            chosen.append(xy[cand[np.argmin(d[b, cand])]])
+    arr = np.array(chosen)
+    return float(arr[:, 0].mean()), float(arr[:, 1].mean())
+
+
+def _nearest_label(
+    lab: np.ndarray, sizes_mm2: np.ndarray, at: tuple[float, float], dy: float, dx: float
+) -> int:
+    """Label (1..) of the component of at least 300 mm^2 nearest the (row, col) ``at``;
+    0 if none."""
+    best, best_d = 0, np.inf
+    for k, sl in enumerate(ndimage.find_objects(lab), start=1):
+        if sl is None or sizes_mm2[k - 1] < 300.0:
+            continue
+        r, c = np.nonzero(lab[sl] == k)
+        d = float(np.min(np.hypot((r + sl[0].start - at[0]) * dy, (c + sl[1].start - at[1]) * dx)))
+        if d < best_d:
+            best, best_d = k, d
+    return best
 
 
 def extract_box(
