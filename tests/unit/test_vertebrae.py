@@ -294,6 +294,29 @@ def test_box_is_trilinear_like_map_coordinates(centre, z_pick):
     assert (box.image[~inside] == -1024.0).all()
 
 
+@pytest.mark.parametrize(
+    ("answer", "first", "last", "expected"),
+    [
+        (300.0, -200.0, 800.0, 300.0),  # a long scan: centred on the answer
+        (337.0, 94.0, 346.0, 249.0),  # top 9 mm above the answer: down 88 mm (the limit)
+        (250.0, 94.0, 346.0, 220.0),  # a short scan: onto its middle
+        (150.0, 80.0, 900.0, 232.0),  # bottom cut: up until the box starts at the scan's
+        (120.0, 80.0, 900.0, 208.0),  # ...but no further than the answer allows
+    ],
+)
+def test_box_moves_into_the_scan_when_an_end_cuts_it(answer, first, last, expected):
+    """Seen on the real abdomen crop pelvis-L2 (locator one level high at its top): the box was
+    centred on the answer 9 mm below the scan's top, so half of it lay outside the scan
+    and the sacrum below was not in it. It now moves into the scan, keeping the answer
+    64 mm inside."""
+    from worker.locator.vertebrae import BOX_ANSWER_MARGIN_MM, box_centre_z
+
+    zc = box_centre_z(answer, first, last)
+    assert zc == pytest.approx(expected)
+    half = BOX_SHAPE[0] / 2
+    assert zc - half + BOX_ANSWER_MARGIN_MM <= answer <= zc + half - BOX_ANSWER_MARGIN_MM
+
+
 def test_box_outside_the_image_is_refused():
     hu = np.zeros((10, 50, 50), dtype=np.float32)
     with pytest.raises(VerificationError, match="outside the image"):

@@ -17,7 +17,8 @@ Steps (one series):
 1. :func:`column_centre` finds the vertebral column (a robust estimate from the bone pixels
    near the located slice) and :func:`extract_box` resamples a box of
    :data:`BOX_SHAPE` 1 mm isotropic voxels around it (trilinear, Mita et al. section 3.1),
-   300 mm along z centred on the located L3;
+   304 mm along z centred on the located L3, moved into the scan where an end of the
+   scan cuts it (:func:`box_centre_z`);
 2. :class:`SpineFCN`, a 3-D fully convolutional encoder-decoder after Mita et al.
    ("Automatic detection and evaluation of spine from CT images using deep learning",
    section 2.2: 5x5x5 convolutions, PReLU, stride-2 2x2x2 convolutions to down-sample,
@@ -57,6 +58,7 @@ __all__ = [
     "SpineBox",
     "SpineFCN",
     "VerificationError",
+    "box_centre_z",
     "column_centre",
     "count_levels",
     "counted_l3",
@@ -875,6 +877,29 @@ def verify_level(count: LevelCount, locator_z_mm: float) -> LevelVerification:
     return LevelVerification("corrected", l3.z_mid, counted_by=by, **common)
 
 
+#: Least distance (mm) from the located L3 to either end of the box along z: L3 and the
+#: vertebra on each side of it stay inside when the box is moved into the scan.
+BOX_ANSWER_MARGIN_MM = 64.0
+
+
+def box_centre_z(locator_z_mm: float, z_first_mm: float, z_last_mm: float) -> float:
+    """z (mm) of the box's centre for a located L3 in a scan from ``z_first_mm`` to
+    ``z_last_mm``.
+
+    The box is centred on the answer unless a scan end cuts it: then it moves into the scan
+    (a short scan: onto the scan's middle) so that it shows as much of the scan as it can,
+    as far as the answer stays :data:`BOX_ANSWER_MARGIN_MM` inside it. A locator answer one
+    vertebra too high near the top of the scan thus still sees the sacrum below.
+    """
+    half = BOX_SHAPE[0] / 2
+    if z_last_mm - z_first_mm <= 2 * half:
+        ideal = 0.5 * (z_first_mm + z_last_mm)
+    else:
+        ideal = min(max(locator_z_mm, z_first_mm + half), z_last_mm - half)
+    reach = half - BOX_ANSWER_MARGIN_MM
+    return float(min(max(ideal, locator_z_mm - reach), locator_z_mm + reach))
+
+
 def verify_in_volume(
     net: SpineFCN,
     hu: np.ndarray,
@@ -898,7 +923,8 @@ def verify_in_volume(
     t0 = time.perf_counter()
     try:
         centre = column_centre(hu, z_mm, spacing_mm, locator_z_mm - 40.0, locator_z_mm + 40.0)
-        box = extract_box(hu, z_mm, spacing_mm, locator_z_mm, centre)
+        zc = box_centre_z(locator_z_mm, float(z_mm[0]), float(z_mm[-1]))
+        box = extract_box(hu, z_mm, spacing_mm, zc, centre)
     except VerificationError as exc:
         return LevelVerification(
             "unverified", locator_z_mm, locator_z_mm=locator_z_mm, reason=str(exc)
