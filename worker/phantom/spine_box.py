@@ -7,7 +7,8 @@ made the way the pipeline makes it from a real series, with its reference segmen
    around the column (170 x 160 mm in plane, slice thickness 1-5 mm, pixel size
    0.6-3 mm), over a z range that a scanner's field of view may cut;
 2. a simulated locator answer (the true mid-L3 moved by up to one and a half vertebrae) is
-   where :func:`~worker.locator.vertebrae.column_centre` and
+   where :func:`~worker.locator.vertebrae.column_centre`,
+   :func:`~worker.locator.vertebrae.box_centre_z` and
    :func:`~worker.locator.vertebrae.extract_box` place the box, exactly as at run time;
 3. the reference classes are drawn from the skeleton's tagged primitives
    (``anat.extra["bone_tags"]``) on the box's 1 mm grid: vertebral bodies, bony ribs, sacrum
@@ -28,6 +29,7 @@ from worker.locator.vertebrae import (
     RIB,
     SACRUM,
     SpineBox,
+    box_centre_z,
     column_centre,
     extract_box,
 )
@@ -142,7 +144,7 @@ def spine_case(
     # the estimate is cleaner on a phantom than on a patient (measured 10 mm off on the real
     # case): move it as far
     centre = (cy_est + float(crng.uniform(-10.0, 10.0)), cx_est + float(crng.uniform(-6.0, 6.0)))
-    box = extract_box(hu, zs, (px, px), locator_z, centre)
+    box = extract_box(hu, zs, (px, px), box_centre_z(locator_z, zs[0], zs[-1]), centre)
     # the box's 1 mm grid in the body frame (grid mm + the local render's first pixel)
     oz, oy, ox = box.origin_mm
     bgrid = RenderGrid(

@@ -53,7 +53,7 @@ __all__ = [
 
 #: Version of the cached boxes (bump when :func:`worker.phantom.spine_box.spine_case`
 #: changes, so that no stale box is trained on).
-CASE_VERSION = 5
+CASE_VERSION = 6
 #: Training crop along z (1 mm voxels, a multiple of 8): two to three lumbar levels.
 CROP_Z = 96
 #: Per-class loss weights: the ribs are under 1 % of the voxels and decide the count.
