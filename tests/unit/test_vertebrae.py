@@ -200,9 +200,18 @@ def _vertebra_and_contrast_volume(blob_hu: float = 320.0) -> np.ndarray:
 def test_column_centre_is_not_drawn_to_oral_contrast():
     """Repro (style-B phantom 7,000,003): a stomach full of positive oral contrast beside the
     spine is bone-bright and larger than the vertebra; the box was centred on it, 50 mm off
-    the column, and the count fell apart. The vertebra is the component around the spinal
-    canal."""
+    the column, and the count fell apart. The spinal canal shows where the column is: a
+    centre beside it is refused (the verification says "unverified" with the reason)."""
     hu = _vertebra_and_contrast_volume()
+    z_mm = np.arange(30, dtype=np.float64) * 2.0
+    with pytest.raises(VerificationError, match="ambiguous.*beside the spinal canal"):
+        column_centre(hu, z_mm, (1.0, 1.0), 0.0, 58.0)
+
+
+def test_column_centre_without_contrast_is_the_body_centre():
+    """The same vertebra with a faint stomach: the largest bright component is the vertebra,
+    it agrees with the canal, and its centre is the body's."""
+    hu = _vertebra_and_contrast_volume(blob_hu=40.0)
     z_mm = np.arange(30, dtype=np.float64) * 2.0
     y, x = column_centre(hu, z_mm, (1.0, 1.0), 0.0, 58.0)
     assert x == pytest.approx(150.0, abs=2.0)
