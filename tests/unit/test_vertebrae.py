@@ -532,3 +532,30 @@ def test_two_bodies_joined_at_a_disc_are_parted_when_just_taller_than_any_body()
     assert count.problem is None
     assert len(count.bodies) == 2
     assert all(b.z_top - b.z_bottom <= 42.0 for b in count.bodies)
+
+
+def test_training_runs_and_a_fine_tune_starts_from_the_given_weights(tmp_path: Path):
+    """train_spine (worker/training/vertebrae.py) on a tiny synthetic box: it saves loadable
+    weights with its record; with ``init`` (train-spine --init) it starts from them, so a
+    step at learning rate 0 leaves them unchanged."""
+    from worker.training.vertebrae import SpineTrainSettings, train_spine
+
+    rng = np.random.default_rng(0)
+    classes = np.zeros((120, 32, 32), np.uint8)
+    classes[10:30, 8:24, 8:24] = BODY
+    classes[40:60, 8:24, 8:24] = BODY
+    classes[70:110, 4:28, 4:28] = SACRUM
+    image = np.where(classes > 0, 400, 0).astype(np.int16) + rng.integers(-20, 20, classes.shape)
+    case = {"image": image.astype(np.int16), "classes": classes, "in_scan": np.ones(120, bool)}
+    first = tmp_path / "a.pt"
+    rec = train_spine([case], SpineTrainSettings(seeds=(0, 0), steps=2, batch=1), first, {})
+    assert rec["steps_done"] == 2 and first.is_file()
+    net_a = load_spine_model(first)
+    second = tmp_path / "b.pt"
+    settings = SpineTrainSettings(seeds=(0, 0), steps=1, batch=1, lr=0.0, init=str(first))
+    train_spine([case], settings, second, {})
+    net_b = load_spine_model(second)
+    for (name, a), (_, b) in zip(
+        net_a.state_dict().items(), net_b.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
