@@ -228,7 +228,7 @@ def train_spine(
         x_adv = (x + settings.eps * x.grad.sign()).detach()
         loss_at = spine_loss(net(x_adv), y)
         loss_at.backward()
-        loss = float(loss_st) + float(loss_at)
+        loss = float(loss_st.detach()) + float(loss_at.detach())
         opt.step()
         sched.step()
         run = 0.95 * run + 0.05 * loss if step > 1 else loss
