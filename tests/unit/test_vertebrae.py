@@ -426,6 +426,71 @@ def test_spine_variation_thins_the_lowest_ribs():
     ]
 
 
+def test_slab_end_planes_can_be_inclined():
+    """``Slab.tilt1`` inclines the top plane through its centre: above the centre's top the
+    posterior rows are bone and the anterior ones are not; below it, the reverse. Untilted,
+    nothing lies above z1."""
+    from worker.phantom.primitives import BoneBuffers, Slab, SliceGrid
+
+    xs = np.arange(-30.0, 30.5, 1.0)
+    ys = np.arange(-30.0, 30.5, 1.0)
+    grid = SliceGrid(xs, ys, 1.0, 1.0)
+
+    def covered(slab: Slab, z: float) -> np.ndarray:
+        buf = BoneBuffers(np.zeros((ys.size, xs.size)), np.zeros((ys.size, xs.size)))
+        slab.draw_bone(z, grid, buf)
+        cmap = np.zeros((ys.size, xs.size), np.uint8)
+        slab.draw_class(z, grid, cmap, 1)
+        image, reference = buf.alpha[:, xs.size // 2] >= 0.5, cmap[:, xs.size // 2] == 1
+        assert np.array_equal(image, reference)  # along y, at x = 0: image = reference
+        return image
+
+    kw = dict(a=15.0, b=20.0, cortical=900.0, cancellous=200.0, waist=0.0)
+    flat = Slab((0.0, 0.0), (0.0, 0.0), -20.0, 0.0, **kw)
+    tilted = Slab((0.0, 0.0), (0.0, 0.0), -20.0, 0.0, tilt1=1.0, **kw)
+    assert flat.zmax == 0.0 and tilted.zmax == pytest.approx(20.0)
+    assert not covered(flat, 8.0).any()
+    above = covered(tilted, 8.0)
+    assert above[(ys > 10) & (ys < 19)].all() and not above[(ys < 6) | (ys > 21)].any()
+    below = covered(tilted, -8.0)
+    assert below[(ys > -6) & (ys < 19)].all() and not below[ys < -10].any()
+
+
+def test_spine_variation_curves_the_sacrum():
+    """The varied phantom's sacrum: S1's end plate inclined by the drawn sacral slope
+    (posterior edge highest, still under L5), the axis going down and back and turning
+    forward by the drawn angle; the plain phantom keeps its horizontal segments."""
+    import math
+
+    from worker.phantom import _build
+    from worker.phantom.primitives import Slab
+    from worker.phantom.variation import SACRAL_SLOPE_DEG, SACRAL_TURN_DEG
+
+    plain = _build(11, PhantomSpec(fov="abdomen"))[3]
+    varied = _build(11, PhantomSpec(fov="abdomen", spine_variation=True))[3]
+    assert "sacrum_shape" not in plain.extra
+    sacrum = [plain.bones[i] for i in plain.extra["bone_tags"]["sacrum"]]
+    assert all(b.tilt0 == 0.0 and b.tilt1 == 0.0 for b in sacrum)
+    shape = varied.extra["sacrum_shape"]
+    assert SACRAL_SLOPE_DEG[0] <= shape["slope_deg"] <= SACRAL_SLOPE_DEG[1]
+    assert SACRAL_TURN_DEG[0] <= shape["turn_deg"] <= SACRAL_TURN_DEG[1]
+    segments = [
+        varied.bones[i] for i in varied.extra["bone_tags"]["sacrum"][:5]
+    ]  # S1..S5, then the alae
+    assert all(isinstance(b, Slab) for b in segments)
+    s1, s5 = segments[0], segments[-1]
+    assert math.degrees(math.atan(s1.tilt1)) == pytest.approx(shape["slope_deg"])
+    assert math.degrees(math.atan(s1.tilt1) - math.atan(s5.tilt0)) == pytest.approx(
+        shape["turn_deg"]
+    )
+    posterior_top = s1.z1 + s1.tilt1 * s1.b_top if s1.b_top else s1.z1 + s1.tilt1 * s1.b
+    l5 = varied.vertebrae[0]
+    assert l5.name == "L5" and posterior_top < l5.z0
+    # S1 and S2 go down and back; each segment below the one above
+    assert s1.c0[1] > s1.c1[1] and segments[1].c0[1] > segments[1].c1[1]
+    assert all(lo.z1 < hi.z0 for hi, lo in zip(segments, segments[1:], strict=False))
+
+
 def test_bridged_bodies_keep_a_gap_in_the_reference():
     """Osteophytes bridging a collapsed disc merge two bodies' bone (seed 300: L1 and T12);
     the reference parts them by one voxel so that every connected body is one vertebra, for

@@ -185,6 +185,11 @@ class Slab:
     Cross-section ``|dx/a|^p + |dy/b|^p <= 1`` around a centre moving linearly from ``c0`` (at
     z0) to ``c1`` (at z1); the width narrows by ``waist`` at mid-height (vertebral waist) and
     the cortex is thicker (``endplate_mm``) at the end plates.
+
+    The end plates are horizontal unless ``tilt0``/``tilt1`` (dz/dy, mm per mm) incline the
+    bottom/top plane through its centre: positive raises the posterior edge (the S1 end
+    plate facing forward and up, ANATOMY.md). ``b`` and ``b_top`` stay the axial
+    half-depths; the slab then reaches ``|tilt| * b`` beyond z0/z1.
     """
 
     c0: tuple[float, float]
@@ -201,19 +206,24 @@ class Slab:
     waist: float = 0.06
     a_top: float | None = None  # half-width at z1 (taper); default a
     b_top: float | None = None
+    tilt0: float = 0.0  # dz/dy of the bottom plane (0: horizontal)
+    tilt1: float = 0.0  # dz/dy of the top plane
+
+    def _reach(self) -> float:
+        return max(self.b, self.b_top if self.b_top is not None else self.b)
 
     @property
     def zmin(self) -> float:
-        return self.z0
+        return self.z0 - abs(self.tilt0) * self._reach()
 
     @property
     def zmax(self) -> float:
-        return self.z1
+        return self.z1 + abs(self.tilt1) * self._reach()
 
     def _geometry(self, z: float, grid: SliceGrid):
-        if not (self.z0 <= z <= self.z1):
+        if not (self.zmin <= z <= self.zmax):
             return None
-        f = (z - self.z0) / max(self.z1 - self.z0, 1e-6)
+        f = min(1.0, max(0.0, (z - self.z0) / max(self.z1 - self.z0, 1e-6)))
         cx = self.c0[0] + f * (self.c1[0] - self.c0[0])
         cy = self.c0[1] + f * (self.c1[1] - self.c0[1])
         a = self.a + f * ((self.a_top if self.a_top is not None else self.a) - self.a)
@@ -227,7 +237,12 @@ class Slab:
         v = np.abs((ys - cy) / b) ** self.p
         rho = (v[:, None] + u[None, :]) ** (1.0 / self.p)
         depth_xy = (1.0 - rho) * min(a, b)
-        depth_z = min(z - self.z0, self.z1 - z)
+        if self.tilt0 == 0.0 and self.tilt1 == 0.0:
+            depth_z: float | np.ndarray = min(z - self.z0, self.z1 - z)
+        else:  # per row (y): the distance in z to the inclined planes, (rows, 1)
+            bottom = self.z0 + self.tilt0 * (ys - self.c0[1])
+            top = self.z1 + self.tilt1 * (ys - self.c1[1])
+            depth_z = np.minimum(z - bottom, top - z)[:, None]
         return rs, cs, depth_xy, depth_z
 
     def draw_bone(self, z: float, grid: SliceGrid, buf: BoneBuffers) -> None:
@@ -235,21 +250,17 @@ class Slab:
         if g is None:
             return
         rs, cs, depth_xy, depth_z = g
-        alpha = _cover(depth_xy, grid.pixel_mm) * float(
-            np.clip(depth_z / grid.thickness_mm + 0.5, 0, 1)
-        )
+        alpha = _cover(depth_xy, grid.pixel_mm) * np.clip(depth_z / grid.thickness_mm + 0.5, 0, 1)
         if not alpha.any():
             return
         blur_xy = max(grid.pixel_mm, 1.0)
         hu = _shell_hu(depth_xy, self.cortical, self.cancellous, self.shell_mm, blur_xy)
-        hu_z = float(
-            _shell_hu(
-                np.asarray(depth_z),
-                self.cortical,
-                self.cancellous,
-                self.endplate_mm,
-                max(grid.thickness_mm, 1.0),
-            )
+        hu_z = _shell_hu(
+            np.asarray(depth_z),
+            self.cortical,
+            self.cancellous,
+            self.endplate_mm,
+            max(grid.thickness_mm, 1.0),
         )
         buf.put(rs, cs, alpha, np.maximum(hu, hu_z))
 
@@ -264,8 +275,8 @@ class Slab:
         g = self._geometry(z, grid)
         if g is None:
             return
-        rs, cs, depth_xy, _ = g
-        _fill(cmap, rs, cs, depth_xy >= 0, value, allow)
+        rs, cs, depth_xy, depth_z = g
+        _fill(cmap, rs, cs, (depth_xy >= 0) & (np.asarray(depth_z) >= 0), value, allow)
 
 
 @dataclass

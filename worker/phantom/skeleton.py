@@ -8,6 +8,8 @@ forearms, skull. Sizes from ANATOMY.md, scaled with the patient.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from worker.phantom.anatomy import LUMBAR_TP_HALF, Anatomy, torso_section
@@ -384,35 +386,47 @@ def build_skeleton(anat: Anatomy, rng: np.random.Generator) -> None:
     widths = [52, 44, 36, 28, 20]
     ala = float(rng.uniform(48.0, 56.0)) * anat.extra.get("kw", 1.0)
     sacrum_start = len(bones)
-    for i in range(5):
-        z1 = -i * seg_h
-        z0 = z1 - seg_h + 1.0
-        yc1 = sy0 + tilt * i * seg_h
-        yc0 = sy0 + tilt * (i + 1) * seg_h
-        w = widths[i] * k
-        bones.append(
-            Slab(
-                (0, yc0),
-                (0, yc1),
-                z0,
-                z1,
-                w * 0.8 / 2,
-                28 * k / 2 * (1 - i * 0.12),
-                cort * 0.7,
-                canc,
-                1.0,
-                1.0,
-                waist=0.0,
-                a_top=w / 2,
-            )
+    shape = e.get("sacrum_shape")
+    if shape is not None:
+        l5_disc = e["discs"][anat.vertebrae[0].name]
+        segments, s1_top, (yc, zc) = _curved_sacrum(
+            sy0, seg_h, widths, k, cort, canc, shape, l5_disc[1] - l5_disc[0]
         )
-    # alae (lateral masses) reaching the sacro-iliac joints
+        bones.extend(segments)
+    else:
+        for i in range(5):
+            z1 = -i * seg_h
+            z0 = z1 - seg_h + 1.0
+            yc1 = sy0 + tilt * i * seg_h
+            yc0 = sy0 + tilt * (i + 1) * seg_h
+            w = widths[i] * k
+            bones.append(
+                Slab(
+                    (0, yc0),
+                    (0, yc1),
+                    z0,
+                    z1,
+                    w * 0.8 / 2,
+                    28 * k / 2 * (1 - i * 0.12),
+                    cort * 0.7,
+                    canc,
+                    1.0,
+                    1.0,
+                    waist=0.0,
+                    a_top=w / 2,
+                )
+            )
+        zc = -5 * seg_h
+        yc = sy0 + tilt * 5 * seg_h
+    # alae (lateral masses) reaching the sacro-iliac joints; on a curved sacrum their top
+    # lies 3 mm under the inclined S1 end plate
+    ala_tilt = 0.0 if shape is None else math.tan(math.radians(shape["slope_deg"]))
     bones.append(
         Slab(
             (0, sy0 + tilt * 40 * k + 6),
             (0, sy0 + 8),
             -45 * k,
-            -2,
+            -2.0 if shape is None else s1_top + 8.0 * ala_tilt - 3.0,
             30 * k,
             16 * k,
             cort * 0.7,
@@ -422,11 +436,10 @@ def build_skeleton(anat: Anatomy, rng: np.random.Generator) -> None:
             p=2.2,
             waist=0.0,
             a_top=ala,
+            tilt1=ala_tilt,
         )
     )
     tags["sacrum"] = list(range(sacrum_start, len(bones)))
-    zc = -5 * seg_h
-    yc = sy0 + tilt * 5 * seg_h
     bones.extend(
         _chain(
             np.array([[0, yc, zc], [0, yc + 8, zc - 15 * k], [0, yc + 4, zc - 30 * k]]),
@@ -439,6 +452,65 @@ def build_skeleton(anat: Anatomy, rng: np.random.Generator) -> None:
     anat.extra["ala"] = ala
 
     _pelvis(anat, rng, cort, canc)
+
+
+def _curved_sacrum(
+    sy0: float,
+    seg_h: float,
+    widths: list[int],
+    k: float,
+    cort: float,
+    canc: float,
+    shape: dict[str, float],
+    l5_disc_mm: float,
+) -> tuple[list[Slab], float, tuple[float, float]]:
+    """S1-S5 along the sacrum's kyphotic curve, each end plate perpendicular to it.
+
+    The axis leaves the top of S1 down and back at ``shape["slope_deg"]`` from the vertical,
+    so the S1 end plate is inclined by the sacral slope (posterior edge highest, the
+    promontory lower and anterior), and turns forward by ``shape["turn_deg"]`` down to the
+    lower end of S5 (the concave pelvic surface; ANATOMY.md, sacrum). The posterior edge of
+    S1 stays in the lower 40 % of the L5-S1 disc space (``l5_disc_mm`` tall, z 0 = its
+    bottom), so S1 never touches L5.
+
+    Returns
+    -------
+    (segments, s1_top_mm, (y_end_mm, z_end_mm)) : the five slabs, the z (mm) of the S1
+    end plate on the axis, and the axis' lower end (where the coccyx starts).
+    """
+    slope = math.radians(shape["slope_deg"])
+    turn = math.radians(shape["turn_deg"])
+    theta = [slope - turn * j / 5 for j in range(6)]  # the axis' angle from the vertical
+    b_perp = [28 * k / 2 * (1 - i * 0.12) for i in range(5)]  # half-depth across the axis
+    b0 = b_perp[0] / math.cos(theta[0])
+    y, z = sy0, 0.4 * l5_disc_mm - math.tan(theta[0]) * b0
+    top = z
+    out = []
+    for i in range(5):
+        phi = 0.5 * (theta[i] + theta[i + 1])
+        length = seg_h * (1 - 0.06 * i)
+        y1, z1 = y + length * math.sin(phi), z - length * math.cos(phi)
+        w = widths[i] * k
+        out.append(
+            Slab(
+                (0, y1),
+                (0, y),
+                z1 + 0.5,
+                z - 0.5,
+                w * 0.8 / 2,
+                b_perp[i] / math.cos(phi),
+                cort * 0.7,
+                canc,
+                1.0,
+                1.0,
+                waist=0.0,
+                a_top=w / 2,
+                tilt0=math.tan(theta[i + 1]),
+                tilt1=math.tan(theta[i]),
+            )
+        )
+        y, z = y1, z1
+    return out, top, (y, z)
 
 
 def _arm_bones(

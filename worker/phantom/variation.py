@@ -15,7 +15,16 @@ sampled body, before its skeleton is built, the ways real spines differ:
 * the two lowest rib pairs, thinner and shorter or longer: the last pair's shaft radius x
   0.55-1.0 and length x 0.45-1.15, the pair above x 0.75-1.0 and x 0.8-1.1 (ANATOMY.md: the
   12th ribs are short and floating; in patients they range from a stub of a few cm to a
-  long rib, and a thin one is easily missed when counting from the ribs).
+  long rib, and a thin one is easily missed when counting from the ribs);
+* a curved sacrum instead of the default straight stack of horizontal segments: S1-S5
+  along a kyphotic curve, each end plate perpendicular to it, the S1 end plate inclined
+  :data:`SACRAL_SLOPE_DEG` from the horizontal (posterior edge highest, the promontory
+  forward and down) and the axis turning forward by :data:`SACRAL_TURN_DEG` to the lower
+  end of S5 (``worker.phantom.skeleton._curved_sacrum``). Standing adults' sacral slope is
+  about 40 +/- 8 degrees (Legaye et al., Eur Spine J 1998;7:99-103); the phantom's L5 keeps
+  a horizontal lower end plate, so a smaller inclination keeps the L5-S1 disc wedge
+  plausible. What a horizontal-slab sacrum teaches the level network (an S1 that looks like
+  a lumbar body, cut square) is what a real pelvis does not show.
 
 The column is restacked from the top of S1 (z = 0) upwards, so the levels above a changed
 one move; the landmarks of the body (iliac crests, diaphragm) stay where they were, which
@@ -34,6 +43,11 @@ __all__ = ["apply_spine_variation"]
 #: Levels an osteoporotic compression fracture is drawn among (the thoracolumbar junction
 #: and the lumbar spine, where they are commonest).
 FRACTURE_LEVELS = ("T11", "T12", "L1", "L2", "L3", "L4")
+
+#: Inclination of the S1 end plate from the horizontal (degrees), drawn uniformly.
+SACRAL_SLOPE_DEG = (25.0, 40.0)
+#: How far the sacrum's axis turns forward from the top of S1 to the end of S5 (degrees).
+SACRAL_TURN_DEG = (15.0, 40.0)
 
 
 def apply_spine_variation(anat: Anatomy, seed: int) -> None:
@@ -93,6 +107,13 @@ def apply_spine_variation(anat: Anatomy, seed: int) -> None:
         z += disc_h[v.name]
         v.z0, v.z1 = z, z + heights[v.name]
         z = v.z1
+    # the sacrum's own shape (drawn last: the draws above stay those of earlier versions)
+    sacrum = {
+        "slope_deg": float(rng.uniform(*SACRAL_SLOPE_DEG)),
+        "turn_deg": float(rng.uniform(*SACRAL_TURN_DEG)),
+    }
+    record["sacrum"] = {k: round(v, 1) for k, v in sacrum.items()}
     anat.extra["osteophytes"] = osteophytes
     anat.extra["lower_rib_scale"] = lower_ribs
+    anat.extra["sacrum_shape"] = sacrum
     anat.variants["spine_variation"] = record
