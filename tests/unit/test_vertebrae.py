@@ -491,6 +491,25 @@ def test_spine_variation_curves_the_sacrum():
     assert all(lo.z1 < hi.z0 for hi, lo in zip(segments, segments[1:], strict=False))
 
 
+def test_a_box_the_column_check_refuses_is_skipped_and_recorded(tmp_path: Path):
+    """Reproduction: ``l3spot train-spine`` on an empty cache stopped at its first phantom
+    (seed 9,000,000 with a varied spine), whose column the run-time check calls ambiguous.
+    Such a phantom now gives no box (as it gives no verification at run time); its seed and
+    reason are recorded, and a second call reads the refusal from the cache."""
+    from worker.training.vertebrae import load_cases
+
+    spec = PhantomSpec(spine_variation=True)
+    with pytest.raises(VerificationError, match="ambiguous"):
+        spine_case(9_000_000, spec)
+    for _ in range(2):
+        refused: list[tuple[int, str]] = []
+        counted = []
+        assert load_cases([9_000_000], tmp_path, spec, counted.append, refused) == []
+        assert [seed for seed, _ in refused] == [9_000_000]
+        assert "ambiguous" in refused[0][1] and counted == [1]
+    assert len(list(tmp_path.glob("*.refused"))) == 1
+
+
 def test_bridged_bodies_keep_a_gap_in_the_reference():
     """Osteophytes bridging a collapsed disc merge two bodies' bone (seed 300: L1 and T12);
     the reference parts them by one voxel so that every connected body is one vertebra, for

@@ -36,12 +36,13 @@ def evaluation_sets(n_eval: int, n_transitional: int, cache_dir: Path) -> dict[s
     from worker.phantom import PhantomSpec
     from worker.training.vertebrae import load_cases
 
-    typical = load_cases(range(EVAL_SEED, EVAL_SEED + n_eval), cache_dir)
+    refused: list[tuple[int, str]] = []
+    typical = load_cases(range(EVAL_SEED, EVAL_SEED + n_eval), cache_dir, refused=refused)
     trans: list[Any] = []
     for i in range(n_transitional):
         spec = PhantomSpec(**TRANSITIONAL_SPECS[i % len(TRANSITIONAL_SPECS)])
-        trans += load_cases([TRANSITIONAL_SEED + i], cache_dir, spec)
-    return {"typical": typical, "transitional": trans}
+        trans += load_cases([TRANSITIONAL_SEED + i], cache_dir, spec, refused=refused)
+    return {"typical": typical, "transitional": trans, "refused": refused}
 
 
 def train_spine_command(
@@ -101,6 +102,7 @@ def train_spine_command(
     from worker.phantom import PhantomSpec
 
     cases: list[Any] = []
+    refused: list[tuple[int, str]] = []
     with tqdm(total=phantoms, desc="phantom boxes", unit="box") as bar:
         for i in range(phantoms):
             fixed: dict[str, Any] = {}
@@ -111,7 +113,9 @@ def train_spine_command(
             if varied_every and i % varied_every == 0:
                 fixed["spine_variation"] = True
             spec = PhantomSpec(**fixed) if fixed else None
-            cases += load_cases([phantom_seed + i], cache_dir, spec, progress=bar.update)
+            cases += load_cases(
+                [phantom_seed + i], cache_dir, spec, progress=bar.update, refused=refused
+            )
     settings = SpineTrainSettings(
         seeds=(phantom_seed, phantom_seed + phantoms - 1),
         steps=steps,
@@ -133,6 +137,8 @@ def train_spine_command(
         "default population (transitional at its natural 5 % / 6 % rate); every "
         f"{varied_every}-th with a varied spine (worker.phantom.variation)",
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        # no box where the run-time column check refuses (no verification there either)
+        "refused_by_column_check": [[seed, why] for seed, why in refused],
     }
     if init is not None:
         from worker.volume.convert import file_sha256
@@ -170,6 +176,8 @@ def _evaluate(
         f"{eval_transitional} transitional ones (seeds {TRANSITIONAL_SEED}.., "
         f"specs {list(TRANSITIONAL_SPECS)}); never trained on",
         "seconds": round(time.perf_counter() - t0, 1),
+        # boxes the run-time column check refuses: "unverified" there, not evaluated here
+        "refused_by_column_check": [seed for seed, _ in sets["refused"]],
         **ev,
     }
     record["weights_bytes"] = out.stat().st_size

@@ -84,8 +84,14 @@ def load_cases(
     cache_dir: Path,
     spec: PhantomSpec | None = None,
     progress: Callable[[int], None] | None = None,
+    refused: list[tuple[int, str]] | None = None,
 ) -> list[dict[str, Any]]:
     """Boxes of the phantoms ``seeds`` (made once, then read from ``cache_dir``).
+
+    A phantom whose box the run-time checks refuse (:func:`~worker.locator.vertebrae.
+    column_centre`: the column is ambiguous) gives no box, as it gives no verification at
+    run time; its seed and the reason go to ``refused`` (and to a ``.refused`` file in the
+    cache, so that it is not rendered again).
 
     Returns
     -------
@@ -95,6 +101,7 @@ def load_cases(
     """
     import json
 
+    from worker.locator.vertebrae import VerificationError
     from worker.phantom.spine_box import spine_case
 
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -113,8 +120,19 @@ def load_cases(
     out = []
     for seed in seeds:
         path = cache_dir / f"spine-{CASE_VERSION}-{seed}{tag}.npz"
+        marker = path.with_suffix(".refused")
+        if not path.exists() and not marker.exists():
+            try:
+                case = spine_case(seed, spec)
+            except VerificationError as exc:
+                marker.write_text(str(exc) + "\n")
+        if marker.exists():
+            if refused is not None:
+                refused.append((seed, marker.read_text().strip()))
+            if progress:
+                progress(1)
+            continue
         if not path.exists():
-            case = spine_case(seed, spec)
             np.savez_compressed(
                 path,
                 image=np.clip(np.rint(case.box.image), -1024, 3071).astype(np.int16),
