@@ -399,23 +399,7 @@ def build_skeleton(anat: Anatomy, rng: np.random.Generator) -> None:
             z0 = z1 - seg_h + 1.0
             yc1 = sy0 + tilt * i * seg_h
             yc0 = sy0 + tilt * (i + 1) * seg_h
-            w = widths[i] * k
-            bones.append(
-                Slab(
-                    (0, yc0),
-                    (0, yc1),
-                    z0,
-                    z1,
-                    w * 0.8 / 2,
-                    28 * k / 2 * (1 - i * 0.12),
-                    cort * 0.7,
-                    canc,
-                    1.0,
-                    1.0,
-                    waist=0.0,
-                    a_top=w / 2,
-                )
-            )
+            bones.append(_sacral_segment(i, widths, k, cort, canc, (yc0, z0), (yc1, z1)))
         zc = -5 * seg_h
         yc = sy0 + tilt * 5 * seg_h
     # alae (lateral masses) reaching the sacro-iliac joints; on a curved sacrum their top
@@ -469,9 +453,9 @@ def _curved_sacrum(
     The axis leaves the top of S1 down and back at ``shape["slope_deg"]`` from the vertical,
     so the S1 end plate is inclined by the sacral slope (posterior edge highest, the
     promontory lower and anterior), and turns forward by ``shape["turn_deg"]`` down to the
-    lower end of S5 (the concave pelvic surface; ANATOMY.md, sacrum). The posterior edge of
-    S1 stays in the lower 40 % of the L5-S1 disc space (``l5_disc_mm`` tall, z 0 = its
-    bottom), so S1 never touches L5.
+    lower end of S5 (the concave pelvic surface; the ranges and their source:
+    ``worker.phantom.variation``). The posterior edge of S1 stays in the lower 40 % of the
+    L5-S1 disc space (``l5_disc_mm`` tall, z 0 = its bottom), so S1 never touches L5.
 
     Returns
     -------
@@ -481,8 +465,7 @@ def _curved_sacrum(
     slope = math.radians(shape["slope_deg"])
     turn = math.radians(shape["turn_deg"])
     theta = [slope - turn * j / 5 for j in range(6)]  # the axis' angle from the vertical
-    b_perp = [28 * k / 2 * (1 - i * 0.12) for i in range(5)]  # half-depth across the axis
-    b0 = b_perp[0] / math.cos(theta[0])
+    b0 = _sacral_half_depth(0, k) / math.cos(theta[0])
     y, z = sy0, 0.4 * l5_disc_mm - math.tan(theta[0]) * b0
     top = z
     out = []
@@ -490,27 +473,60 @@ def _curved_sacrum(
         phi = 0.5 * (theta[i] + theta[i + 1])
         length = seg_h * (1 - 0.06 * i)
         y1, z1 = y + length * math.sin(phi), z - length * math.cos(phi)
-        w = widths[i] * k
         out.append(
-            Slab(
-                (0, y1),
-                (0, y),
-                z1 + 0.5,
-                z - 0.5,
-                w * 0.8 / 2,
-                b_perp[i] / math.cos(phi),
-                cort * 0.7,
+            _sacral_segment(
+                i,
+                widths,
+                k,
+                cort,
                 canc,
-                1.0,
-                1.0,
-                waist=0.0,
-                a_top=w / 2,
-                tilt0=math.tan(theta[i + 1]),
-                tilt1=math.tan(theta[i]),
+                (y1, z1 + 0.5),
+                (y, z - 0.5),
+                axis_angle=phi,
+                tilts=(math.tan(theta[i + 1]), math.tan(theta[i])),
             )
         )
         y, z = y1, z1
     return out, top, (y, z)
+
+
+def _sacral_half_depth(i: int, k: float) -> float:
+    """Antero-posterior half-depth (mm) of sacral segment ``i`` (0 = S1) across its axis."""
+    return 28 * k / 2 * (1 - i * 0.12)
+
+
+def _sacral_segment(
+    i: int,
+    widths: list[int],
+    k: float,
+    cort: float,
+    canc: float,
+    bottom: tuple[float, float],
+    top: tuple[float, float],
+    axis_angle: float = 0.0,
+    tilts: tuple[float, float] = (0.0, 0.0),
+) -> Slab:
+    """Sacral segment ``i`` (0 = S1) as a slab from ``bottom`` to ``top`` ((y, z) mm of its
+    axis), tapering to ``widths[i] * k`` at the top; an axis ``axis_angle`` (radians) from
+    the vertical deepens the axial section by 1 / cos, and ``tilts`` incline the bottom and
+    top end planes (:class:`Slab` ``tilt0``, ``tilt1``)."""
+    w = widths[i] * k
+    return Slab(
+        (0, bottom[0]),
+        (0, top[0]),
+        bottom[1],
+        top[1],
+        w * 0.8 / 2,
+        _sacral_half_depth(i, k) / math.cos(axis_angle),
+        cort * 0.7,
+        canc,
+        1.0,
+        1.0,
+        waist=0.0,
+        a_top=w / 2,
+        tilt0=tilts[0],
+        tilt1=tilts[1],
+    )
 
 
 def _arm_bones(

@@ -126,23 +126,23 @@ def load_cases(
                 case = spine_case(seed, spec)
             except VerificationError as exc:
                 marker.write_text(str(exc) + "\n")
+            else:
+                np.savez_compressed(
+                    path,
+                    image=np.clip(np.rint(case.box.image), -1024, 3071).astype(np.int16),
+                    classes=case.classes,
+                    instance=case.instance,
+                    in_scan=case.box.in_scan,
+                    origin=np.array(case.box.origin_mm),
+                    names=np.array(case.names),
+                    truth=np.array(json.dumps(case.truth, default=float)),
+                )
         if marker.exists():
             if refused is not None:
                 refused.append((seed, marker.read_text().strip()))
             if progress:
                 progress(1)
             continue
-        if not path.exists():
-            np.savez_compressed(
-                path,
-                image=np.clip(np.rint(case.box.image), -1024, 3071).astype(np.int16),
-                classes=case.classes,
-                instance=case.instance,
-                in_scan=case.box.in_scan,
-                origin=np.array(case.box.origin_mm),
-                names=np.array(case.names),
-                truth=np.array(json.dumps(case.truth, default=float)),
-            )
         d = np.load(path)
         out.append(
             {
