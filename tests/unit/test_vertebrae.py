@@ -181,18 +181,24 @@ def test_box_geometry_and_scan_ends():
     assert box.z_of(0) == box.origin_mm[0]
 
 
-def _vertebra_and_contrast_volume(blob_hu: float = 320.0) -> np.ndarray:
+def _vertebra_and_contrast_volume(
+    blob_hu: float = 320.0, blob_centre: tuple[int, int] = (80, 60), marrow_hu: float = 250.0
+) -> np.ndarray:
     """(30, 220, 240) HU at 1 mm: a lumbar vertebra (body, and an arch around the spinal
-    canal) centred at row 120 (body), column 150, and to its left a stomach of positive
-    oral contrast (blob_hu) three times the vertebra's cross-section."""
+    canal) centred at row 120 (body), column 150, and a stomach of positive oral contrast
+    (blob_hu) three times the vertebra's cross-section, centred at ``blob_centre`` (row,
+    column; by default in front of and to the left of the body, not touching it). The
+    body's marrow is ``marrow_hu`` inside a 2 mm cortex of 250 HU."""
     rr, cc = np.mgrid[:220, :240]
     hu = np.full((30, 220, 240), 30.0, np.float32)
     body = (rr - 120) ** 2 + (cc - 150) ** 2 <= 17**2
+    marrow = (rr - 120) ** 2 + (cc - 150) ** 2 <= 15**2
     ring = (rr - 152) ** 2 + (cc - 150) ** 2
     arch = (ring <= 16**2) & (ring >= 9**2)
     spinous = (rr >= 165) & (rr <= 185) & (abs(cc - 150) <= 3)
-    stomach = ((rr - 80) / 38.0) ** 2 + ((cc - 60) / 45.0) ** 2 <= 1
+    stomach = ((rr - blob_centre[0]) / 38.0) ** 2 + ((cc - blob_centre[1]) / 45.0) ** 2 <= 1
     hu[:, body | arch | spinous] = 250.0
+    hu[:, marrow] = marrow_hu
     hu[:, stomach] = blob_hu
     return hu
 
@@ -200,11 +206,36 @@ def _vertebra_and_contrast_volume(blob_hu: float = 320.0) -> np.ndarray:
 def test_column_centre_is_not_drawn_to_oral_contrast():
     """Repro (style-B phantom 7,000,003): a stomach full of positive oral contrast beside the
     spine is bone-bright and larger than the vertebra; the box was centred on it, 50 mm off
-    the column, and the count fell apart. The spinal canal shows where the column is: a
-    centre beside it is refused (the verification says "unverified" with the reason)."""
+    the column, and the count fell apart. The spinal canal shows where the column is: the
+    body is taken straight in front of it."""
     hu = _vertebra_and_contrast_volume()
     z_mm = np.arange(30, dtype=np.float64) * 2.0
-    with pytest.raises(VerificationError, match="ambiguous.*beside the spinal canal"):
+    y, x = column_centre(hu, z_mm, (1.0, 1.0), 0.0, 58.0)
+    assert x == pytest.approx(150.0, abs=2.0)
+    assert y == pytest.approx(103.0 + 16.0, abs=2.0)  # the body's anterior edge + half depth
+
+
+def test_column_centre_of_an_osteoporotic_body_beside_an_enhanced_kidney():
+    """Repro (``l3spot train-spine``, seed 9,000,000 with a varied spine, and about 2 % of
+    plain phantoms): an osteoporotic body (marrow below the bone threshold, only its cortex
+    bright) beside an enhanced kidney. The kidney was the largest bright structure near the
+    midline, the centre was refused as ambiguous and the patient got no verification. The
+    body in front of the canal, its marrow inside the closed cortex, is the column."""
+    hu = _vertebra_and_contrast_volume(blob_hu=200.0, blob_centre=(125, 78), marrow_hu=70.0)
+    z_mm = np.arange(30, dtype=np.float64) * 2.0
+    y, x = column_centre(hu, z_mm, (1.0, 1.0), 0.0, 58.0)
+    assert x == pytest.approx(150.0, abs=2.0)
+    assert y == pytest.approx(103.0 + 16.0, abs=2.0)
+
+
+def test_column_centre_is_refused_when_contrast_lies_against_the_body():
+    """Contrast lying against the body's front and side joins the vertebra: neither the
+    largest bright structure (beside the canal) nor the bone in front of the canal (far
+    deeper than any body) is the vertebra, so the centre is refused ("unverified" with
+    the reason), never guessed."""
+    hu = _vertebra_and_contrast_volume(blob_centre=(75, 120))
+    z_mm = np.arange(30, dtype=np.float64) * 2.0
+    with pytest.raises(VerificationError, match="ambiguous.*no vertebral body was found"):
         column_centre(hu, z_mm, (1.0, 1.0), 0.0, 58.0)
 
 
@@ -491,16 +522,21 @@ def test_spine_variation_curves_the_sacrum():
     assert all(lo.z1 < hi.z0 for hi, lo in zip(segments, segments[1:], strict=False))
 
 
-def test_a_box_the_column_check_refuses_is_skipped_and_recorded(tmp_path: Path):
+def test_a_box_the_column_check_refuses_is_skipped_and_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     """Reproduction: ``l3spot train-spine`` on an empty cache stopped at its first phantom
-    (seed 9,000,000 with a varied spine), whose column the run-time check calls ambiguous.
-    Such a phantom now gives no box (as it gives no verification at run time); its seed and
-    reason are recorded, and a second call reads the refusal from the cache."""
+    (seed 9,000,000 with a varied spine), whose column the run-time check called ambiguous.
+    A phantom the check refuses gives no box (as it gives no verification at run time); its
+    seed and reason are recorded, and a second call reads the refusal from the cache."""
+    from worker.phantom import spine_box
     from worker.training.vertebrae import load_cases
 
+    def ambiguous(*_args, **_kwargs):
+        raise VerificationError("the vertebral column is ambiguous: (test)")
+
+    monkeypatch.setattr(spine_box, "column_centre", ambiguous)
     spec = PhantomSpec(spine_variation=True)
-    with pytest.raises(VerificationError, match="ambiguous"):
-        spine_case(9_000_000, spec)
     for _ in range(2):
         refused: list[tuple[int, str]] = []
         counted = []
@@ -508,6 +544,18 @@ def test_a_box_the_column_check_refuses_is_skipped_and_recorded(tmp_path: Path):
         assert [seed for seed, _ in refused] == [9_000_000]
         assert "ambiguous" in refused[0][1] and counted == [1]
     assert len(list(tmp_path.glob("*.refused"))) == 1
+
+
+def test_the_osteoporotic_phantom_once_refused_now_gives_a_box():
+    """Seed 9,000,000 with a varied spine (osteoporotic marrow, an enhanced kidney beside
+    the body) was refused by the column check; its box now holds its L3 body."""
+    case = spine_case(9_000_000, PhantomSpec(spine_variation=True))
+    body = case.instance == case.names.index("L3") + 1
+    assert body.sum() > 10_000  # mm^3
+    # the whole body's cross-section lies inside the box, off its sides
+    _, yy, xx = np.nonzero(body)
+    assert yy.min() > 0 and yy.max() < BOX_SHAPE[1] - 1
+    assert xx.min() > 0 and xx.max() < BOX_SHAPE[2] - 1
 
 
 def test_bridged_bodies_keep_a_gap_in_the_reference():
