@@ -137,6 +137,52 @@ def test_a_missed_body_makes_the_count_untrusted(typical):
     assert out.z_mm == typical.truth["l3_mid_mm"] + 40.0  # never moved on an untrusted count
 
 
+def _with_t12_ribs_copied_to(case, level: str) -> np.ndarray:
+    """The case's reference classes with T12's ribs (the rib components whose heads lie
+    at T12) copied down to ``level``'s height, added where the reference is background."""
+    classes = case.classes.copy()
+    v = case.truth["vertebrae_mm"]
+    oz = case.box.origin_mm[0]
+    lab, _ = ndimage.label(classes == RIB)
+    t12 = np.zeros(classes.shape, dtype=bool)
+    for k, sl in enumerate(ndimage.find_objects(lab), start=1):
+        zz, _, xx = np.nonzero(lab[sl] == k)
+        d = np.abs(xx + sl[2].start - (classes.shape[2] / 2 - 0.5))
+        head_z = oz + float(zz[d <= d.min() + 6.0].mean()) + sl[0].start
+        if v["T12"][0] - 4.0 <= head_z <= v["T12"][1] + 4.0:
+            t12[sl] |= lab[sl] == k
+    assert t12.any()
+    shift = int(round(np.mean(v["T12"]) - np.mean(v[level])))
+    moved = np.zeros_like(t12)
+    moved[: t12.shape[0] - shift] = t12[shift:]
+    classes[moved & (classes == 0)] = RIB
+    return classes
+
+
+def test_a_rib_below_a_body_without_ribs_makes_the_count_untrusted(typical):
+    """Repro (style-B validation phantom 7,000,003): the network missed the thin T11 rib
+    between rib-bearing T10 and T12; the run of rib-bearing bodies from the top ended at T10
+    and L1 was taken for L3, a correction two levels off. Ribs run without a gap, so a
+    rib-bearing body just below one without ribs (here T12's ribs copied to L2, as if L1's
+    were missed, or L2's transverse process taken for a rib) leaves the count untrusted
+    and the located slice unmoved."""
+    count = count_levels(_with_t12_ribs_copied_to(typical, "L2"), typical.box)
+    assert count.problem is not None and "rib missed" in count.problem
+    out = verify_level(count, typical.truth["l3_mid_mm"] + 40.0)
+    assert out.status == "unverified"
+    assert out.z_mm == typical.truth["l3_mid_mm"] + 40.0
+
+
+@pytest.mark.parametrize("level", ["L3", "L5"])
+def test_a_rib_further_down_leaves_the_count_from_the_ribs(typical, level):
+    """The rib class two or more bodies below the last rib-bearing vertebra (L3's long
+    transverse processes, as on style-B phantom 7,000,012; near L5 the iliac wings or the
+    sacral alae, as on the real case) is not a rib: the run from the top stands."""
+    count = count_levels(_with_t12_ribs_copied_to(typical, level), typical.box)
+    assert count.problem is None
+    assert _inside(count.bodies[count.l3_from_ribs].z_mid, typical.truth["l3_range_mm"])
+
+
 def test_two_merged_bodies_are_cut_at_the_disc(typical):
     """Bone bridging the whole L2-L3 disc makes one 60 mm "body", which no body is: it is
     cut at its narrowest slice, and the count still reaches the true L3."""

@@ -109,6 +109,17 @@ MAX_GAP_FACTOR = 1.6
 #: A "body" taller than this (mm) is two merged bodies: the count is not trusted (the
 #: tallest lumbar body is about 30 mm, ANATOMY.md).
 MAX_BODY_HEIGHT_MM = 42.0
+#: Rib-bearing vertebrae run without a gap (ANATOMY.md: the ribs are the thoracic
+#: vertebrae's). A "rib-bearing" body just below a body without ribs, itself just below the
+#: end of the run from the top, means a rib was missed (style-B validation phantom
+#: 7,000,003: a thin T11 rib missed, T10 taken for the last rib-bearing vertebra and L1 for
+#: L3, a correction two levels off) or a transverse process was taken for a rib; either way
+#: the count from the ribs is not trusted. Two or more bodies below, it is a lumbar
+#: transverse process (L3's are the longest, ANATOMY.md: style B 7,000,012's was segmented
+#: as a rib, two bodies below T12) or, further down, the iliac wings or the sacral alae,
+#: and the run stands (:func:`_last_rib_bearing`). One, not two, was chosen on those two
+#: style-B validation scans (two refused the second, which was counted right).
+RIB_SKIP_BODIES = 1
 #: The lumbar vertebrae of a typical spine (24 presacral: 7 cervical, 12 thoracic, 5 lumbar).
 TYPICAL_LUMBAR = 5
 
@@ -774,8 +785,10 @@ def _last_rib_bearing(bodies: list[Body]) -> int | None:
 
     Rib-bearing vertebrae run without a gap from T1 down (ANATOMY.md), so only the run of
     rib-bearing bodies that starts at the top of the box counts (its first body may be the
-    top one or, when that is cut by the box, the next); a "rib" further down, below a body
-    without ribs (the iliac wings or the sacral alae taken for one), is ignored.
+    top one or, when that is cut by the box, the next); a "rib" further down, two or more
+    bodies below the run (a lumbar transverse process, the iliac wings or the sacral alae
+    taken for one), is ignored; one just below a body without ribs leaves the count
+    untrusted (:data:`RIB_SKIP_BODIES`, :func:`count_levels`).
     """
     first = next((i for i, b in enumerate(bodies) if b.rib_bearing), None)
     if first is None or first > 1:
@@ -804,8 +817,9 @@ def count_levels(classes: np.ndarray, box: SpineBox) -> LevelCount:
     Returns
     -------
     LevelCount
-        ``problem`` set when consecutive bodies are too far apart (a missed body) or a body
-        is too tall (two merged), in which case neither count is used.
+        ``problem`` set when consecutive bodies are too far apart (a missed body), a body
+        is too tall (two merged) or a rib-bearing body lies just below one without ribs
+        (:data:`RIB_SKIP_BODIES`), in which case neither count is used.
     """
     in_idx = np.nonzero(box.in_scan)[0]
     first_in, last_in = (int(in_idx[0]), int(in_idx[-1])) if in_idx.size else (0, -1)
@@ -850,6 +864,13 @@ def count_levels(classes: np.ndarray, box: SpineBox) -> LevelCount:
             f"two vertebral bodies seem merged ({tall[0].z_top - tall[0].z_bottom:.0f} mm tall)"
         )
     last_rib = _last_rib_bearing(bodies)
+    if problem is None and last_rib is not None:
+        skipped = bodies[last_rib + 2 : last_rib + 2 + RIB_SKIP_BODIES]
+        if any(b.rib_bearing for b in skipped):
+            problem = (
+                "a rib-bearing vertebra lies below one without ribs (a rib missed, or a "
+                "transverse process taken for one)"
+            )
     l3_top = last_rib + 3 if last_rib is not None and last_rib + 3 < len(bodies) else None
     l3_bottom = None
     lumbar = None
