@@ -503,6 +503,28 @@ def test_spine_variation_thins_the_lowest_ribs():
     ]
 
 
+def test_spine_variation_changes_the_lowest_ribs_slope(monkeypatch: pytest.MonkeyPatch):
+    """The last rib pair's descent from its head to its tip scales with its drawn slope
+    factor (``lower_rib_drop``), apart from its length: twice the factor, twice the
+    descent (less the fixed 4 mm from head to shaft). The plain phantom has no such draw."""
+    from worker.phantom import _build, variation
+
+    def last_rib_descent(factor: float) -> float:
+        monkeypatch.setattr(variation, "LAST_RIB_DROP", (factor, factor))
+        anat = _build(11, PhantomSpec(fov="abdomen", spine_variation=True))[3]
+        assert anat.extra["lower_rib_drop"][0] == pytest.approx(factor)
+        assert anat.variants["spine_variation"]["lower_rib_drop"]["0"] == round(factor, 2)
+        # the last pair (the column is built from the bottom up): one side's capsules,
+        # tagged first (head -> tubercle -> shaft)
+        side = [anat.bones[i] for i in anat.extra["bone_tags"]["rib"][:12]]
+        return side[0].p0[2] - side[-1].p1[2]
+
+    one, two = last_rib_descent(1.0), last_rib_descent(2.0)
+    assert two - 4.0 == pytest.approx(2.0 * (one - 4.0), rel=1e-6)
+    plain = _build(11, PhantomSpec(fov="abdomen"))[3]
+    assert "lower_rib_drop" not in plain.extra
+
+
 def test_slab_end_planes_can_be_inclined():
     """``Slab.tilt1`` inclines the top plane through its centre: above the centre's top the
     posterior rows are bone and the anterior ones are not; below it, the reverse. Untilted,

@@ -232,6 +232,8 @@ def build_skeleton(anat: Anatomy, rng: np.random.Generator) -> None:
             r_rib *= scale[0]
             phi_end = 0.16 * np.pi + (phi_end - 0.16 * np.pi) * scale[1]
             drop *= scale[1]
+        # a flatter or steeper lower rib (worker.phantom.variation)
+        drop *= anat.extra.get("lower_rib_drop", {}).get(from_last, 1.0)
         phis = np.linspace(0.16 * np.pi, phi_end, 11)
         pts = []
         for s in (-1.0, 1.0):

@@ -16,6 +16,11 @@ sampled body, before its skeleton is built, the ways real spines differ:
   0.55-1.0 and length x 0.45-1.15, the pair above x 0.75-1.0 and x 0.8-1.1 (ANATOMY.md: the
   12th ribs are short and floating; in patients they range from a stub of a few cm to a
   long rib, and a thin one is easily missed when counting from the ribs);
+* the two lowest rib pairs' slope, drawn apart from their length: the descent of the last
+  pair along its length x :data:`LAST_RIB_DROP` and of the pair above x
+  :data:`PENULTIMATE_RIB_DROP` (a short 12th rib may run almost horizontally or fall steeply
+  down and out; with the length scale above, a steep stub and a long flat rib are both
+  drawn, so that the network learns a rib by where it starts, not by one shape);
 * a curved sacrum instead of the default straight stack of horizontal segments: S1-S5
   along a kyphotic curve, each end plate perpendicular to it, the S1 end plate inclined
   :data:`SACRAL_SLOPE_DEG` from the horizontal (posterior edge highest, the promontory
@@ -44,6 +49,10 @@ __all__ = ["apply_spine_variation"]
 #: and the lumbar spine, where they are commonest).
 FRACTURE_LEVELS = ("T11", "T12", "L1", "L2", "L3", "L4")
 
+#: Scale of the last rib pair's descent along its length (its slope), drawn uniformly.
+LAST_RIB_DROP = (0.7, 1.8)
+#: Scale of the descent of the rib pair above the last.
+PENULTIMATE_RIB_DROP = (0.85, 1.3)
 #: Inclination of the S1 end plate from the horizontal (degrees), drawn uniformly.
 SACRAL_SLOPE_DEG = (25.0, 40.0)
 #: How far the sacrum's axis turns forward from the top of S1 to the end of S5 (degrees).
@@ -63,7 +72,9 @@ def apply_spine_variation(anat: Anatomy, seed: int) -> None:
     Records ``anat.variants["spine_variation"]`` (what was changed),
     ``anat.extra["osteophytes"]`` (vertebra name -> lip width, lip height in mm) and
     ``anat.extra["lower_rib_scale"]`` (0 for the last rib pair, 1 for the pair above ->
-    scale of the shaft radius, scale of the length).
+    scale of the shaft radius, scale of the length), ``anat.extra["lower_rib_drop"]`` (the
+    same keys -> scale of the descent along the rib: its slope) and
+    ``anat.extra["sacrum_shape"]``.
     """
     rng = np.random.default_rng([seed, 0x5D1E])
     verts = anat.vertebrae  # bottom (lowest lumbar) first, as stacked
@@ -113,7 +124,12 @@ def apply_spine_variation(anat: Anatomy, seed: int) -> None:
         "turn_deg": float(rng.uniform(*SACRAL_TURN_DEG)),
     }
     record["sacrum"] = {k: round(v, 1) for k, v in sacrum.items()}
+    # the lowest ribs' slope (drawn after the sacrum: the draws above stay those of earlier
+    # versions)
+    rib_drop = {0: float(rng.uniform(*LAST_RIB_DROP)), 1: float(rng.uniform(*PENULTIMATE_RIB_DROP))}
+    record["lower_rib_drop"] = {str(k): round(v, 2) for k, v in rib_drop.items()}
     anat.extra["osteophytes"] = osteophytes
     anat.extra["lower_rib_scale"] = lower_ribs
+    anat.extra["lower_rib_drop"] = rib_drop
     anat.extra["sacrum_shape"] = sacrum
     anat.variants["spine_variation"] = record
