@@ -117,8 +117,8 @@ MAX_BODY_HEIGHT_MM = 42.0
 #: the count from the ribs is not trusted. Two or more bodies below, it is a lumbar
 #: transverse process (L3's are the longest, ANATOMY.md: style B 7,000,012's was segmented
 #: as a rib, two bodies below T12) or, further down, the iliac wings or the sacral alae,
-#: and the run stands (:func:`_last_rib_bearing`). One, not two, was chosen on those two
-#: style-B validation scans (two refused the second, which was counted right).
+#: and the run stands (:func:`_last_rib_bearing`). One body, not two, was chosen on those
+#: two style-B validation scans: at two, 7,000,012's right correction became "unverified".
 RIB_SKIP_BODIES = 1
 #: The lumbar vertebrae of a typical spine (24 presacral: 7 cervical, 12 thoracic, 5 lumbar).
 TYPICAL_LUMBAR = 5
