@@ -21,6 +21,7 @@ from worker.locator.vertebrae import (
     RIB,
     SACRUM,
     LevelVerification,
+    SpineBox,
     SpineFCN,
     VerificationError,
     column_centre,
@@ -181,6 +182,40 @@ def test_a_rib_further_down_leaves_the_count_from_the_ribs(typical, level):
     count = count_levels(_with_t12_ribs_copied_to(typical, level), typical.box)
     assert count.problem is None
     assert _inside(count.bodies[count.l3_from_ribs].z_mid, typical.truth["l3_range_mm"])
+
+
+def _lordotic_sacrum_box(s1_as_body: bool) -> tuple[np.ndarray, SpineBox]:
+    """Classes in a box: a sacrum (z 0-40, or 0-65 without an S1 "body"), optionally S1
+    segmented as a body fused to it (z 40-65), and five lumbar bodies 30 mm tall with
+    10 mm discs; the lowest (L5, z 62-92) lies in front of the sacrum's top, 5 mm away
+    across the inclined L5-S1 disc, its bottom below the sacrum's top along z, as in a
+    lordotic spine."""
+    classes = np.zeros(BOX_SHAPE, dtype=np.uint8)
+    top = 40 if s1_as_body else 65
+    classes[0:top, 30:70, 40:88] = SACRUM
+    if s1_as_body:
+        classes[40:65, 30:60, 44:84] = BODY
+    classes[62:92, 0:25, 44:84] = BODY  # L5
+    for z0 in (102, 142, 182, 222):  # L4 .. L1
+        classes[z0 : z0 + 30, 10:40, 44:84] = BODY
+    box = SpineBox(np.zeros(BOX_SHAPE, np.float32), np.ones(BOX_SHAPE[0], bool), (0.0, 0.0, 0.0))
+    return classes, box
+
+
+@pytest.mark.parametrize("s1_as_body", [True, False])
+def test_a_lordotic_l5_is_not_taken_for_s1(s1_as_body):
+    """Repro (seen on the real case's segmentation by the candidate network of
+    models/spine_fcn.md): a lordotic L5's bottom lies below the sacrum's top along z. The
+    rule "a body touching the sacrum is S1" judged contact on the z extents and ran in a
+    loop, so L5 and then L4 were taken for S1, and the count from the sacrum said three
+    lumbar vertebrae. Contact is now judged in 3-D (L5 lies across the disc), and only one
+    body, S1, is ever taken."""
+    classes, box = _lordotic_sacrum_box(s1_as_body)
+    count = count_levels(classes, box)
+    assert len(count.bodies) == 5  # L1 .. L5; S1 (where segmented as a body) is sacrum
+    assert count.bodies[-1].z_bottom == pytest.approx(61.5, abs=1.0)  # L5 is kept
+    assert count.sacrum_top_mm == pytest.approx(64.5, abs=1.0)  # S1's top
+    assert count.l3_from_sacrum == 2  # L1, L2, L3 (index 2) from the top
 
 
 def test_two_merged_bodies_are_cut_at_the_disc(typical):

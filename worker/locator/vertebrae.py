@@ -799,6 +799,33 @@ def _last_rib_bearing(bodies: list[Body]) -> int | None:
     return last
 
 
+#: Body voxels (mm^3) within :data:`S1_CONTACT_MM` of the sacrum, in 3-D, that make a
+#: "body" S1: S1 fused to S2 shares its whole lower end plate with the sacrum (over
+#: 1000 mm^2); a body across a disc shares none.
+S1_CONTACT_MIN_MM3 = 100.0
+
+
+def _is_s1(
+    body: Body, sacrum: np.ndarray, classes: np.ndarray, box: SpineBox, sacrum_top: float
+) -> bool:
+    """Whether the lowest "body" above the sacrum's top is S1 taken for a body: its bottom
+    lies within :data:`S1_CONTACT_MM` of the sacrum's top along z, and at least
+    :data:`S1_CONTACT_MIN_MM3` of its voxels lie within :data:`S1_CONTACT_MM` of the sacrum
+    in 3-D. The second test keeps a lordotic L5, whose bottom lies below the sacrum's top
+    along z, across the inclined L5-S1 disc from it (8-12 mm, ANATOMY.md).
+
+    ``sacrum`` and ``classes`` are (z, y, x) box arrays (1 mm voxels).
+    """
+    if body.z_bottom - sacrum_top >= S1_CONTACT_MM:
+        return False
+    reach = int(np.ceil(S1_CONTACT_MM))
+    i0 = max(0, int(round(body.z_bottom - box.origin_mm[0] + 0.5)))
+    i1 = min(classes.shape[0], int(round(body.z_top - box.origin_mm[0] + 0.5)))
+    s0, s1 = max(0, i0 - reach), min(classes.shape[0], i1 + reach)
+    near = ndimage.binary_dilation(sacrum[s0:s1], iterations=reach)[i0 - s0 : i1 - s0]
+    return float(np.count_nonzero(near & (classes[i0:i1] == BODY))) >= S1_CONTACT_MIN_MM3
+
+
 def count_levels(classes: np.ndarray, box: SpineBox) -> LevelCount:
     """Count the vertebral bodies of a segmented box from the ribs and from the sacrum.
 
@@ -806,8 +833,8 @@ def count_levels(classes: np.ndarray, box: SpineBox) -> LevelCount:
     (:func:`_rib_heads`) lies within its z extent or 4 mm of it (the head articulates with
     the upper body and the disc above, ANATOMY.md), and the last rib-bearing one ends the run
     from the top (:func:`_last_rib_bearing`); the sacrum's top is that of its largest
-    connected component (raised to the top of a "body" that touches it: S1), and bodies
-    below it are not counted.
+    connected component (raised to the top of the one "body" that touches it in 3-D: S1,
+    :func:`_is_s1`), and bodies below it are not counted.
 
     Parameters
     ----------
@@ -846,9 +873,9 @@ def count_levels(classes: np.ndarray, box: SpineBox) -> LevelCount:
             sl_z = ndimage.find_objects(sac_lab)[k - 1][0]
             sacrum_top = box.z_of(sl_z.stop - 0.5)
             bodies = [b for b in bodies if b.z_mid > sacrum_top]
-            # S1 is fused to the sacrum (no disc below it): a "body" that touches the
-            # sacrum's top is S1 taken for a body, and the sacrum starts at its top
-            while bodies and bodies[-1].z_bottom - sacrum_top < S1_CONTACT_MM:
+            # S1 is fused to the sacrum (no disc below it): the one "body" that touches the
+            # sacrum is S1 taken for a body, and the sacrum starts at its top
+            if bodies and _is_s1(bodies[-1], sac_lab == k, classes, box, sacrum_top):
                 sacrum_top = max(sacrum_top, bodies[-1].z_top)
                 bodies.pop()
     problem = None
