@@ -97,3 +97,21 @@ def test_real_scan_wholly_above_l3_is_not_counted_to_l3(net, real) -> None:
     first, last, _ = REAL_CROPS["wholly above L3 (T11-L2)"]
     vol = crop_volume(real, first, last)
     assert find_by_counting(net, vol.hu, vol.z_mm, vol.pixel_spacing_mm) is None
+
+
+@pytest.mark.slow  # one real crop: about 4 s
+def test_real_scan_at_5_mm_slices_is_confirmed_by_both_counts(real) -> None:
+    """The whole real scan resampled to 5 mm slices: the count from the ribs confirms the
+    locator and the count from the sacrum finds five lumbar vertebrae, so no transitional
+    flag. (Before the S1 rule counted one body at most and judged contact in 3-D, this
+    crop was "unverified".)"""
+    from research.evaluate_crops import thick_slices
+
+    first, last, thick = REAL_CROPS["whole scan, 5 mm slices"]
+    vol = thick_slices(crop_volume(real, first, last), thick)
+    res = locate_l3(vol, LocatorConfig(), device="cpu")
+    v = res.verification
+    assert v is not None and v["status"] == "confirmed", v
+    assert v["counted_by"] == "ribs" and v["lumbar_counted"] == 5
+    assert not v["possible_transitional_anatomy"]
+    assert res.level_flags == []
