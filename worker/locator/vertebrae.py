@@ -115,10 +115,11 @@ MAX_BODY_HEIGHT_MM = 42.0
 #: 7,000,003: a thin T11 rib missed, T10 taken for the last rib-bearing vertebra and L1 for
 #: L3, a correction two levels off) or a transverse process was taken for a rib; either way
 #: the count from the ribs is not trusted. Two or more bodies below, it is a lumbar
-#: transverse process (L3's are the longest, ANATOMY.md: style B 7,000,012's was segmented
-#: as a rib, two bodies below T12) or, further down, the iliac wings or the sacral alae,
-#: and the run stands (:func:`_last_rib_bearing`). One body, not two, was chosen on those
-#: two style-B validation scans: at two, 7,000,012's right correction became "unverified".
+#: transverse process (L3's are the longest, ANATOMY.md: style B 7,000,012's L3, two bodies
+#: below T12, was read as rib-bearing, most likely from them) or, further down, the iliac
+#: wings or the sacral alae, and the run stands (:func:`_last_rib_bearing`). One body, not
+#: two, was chosen on those two style-B validation scans: at two, 7,000,012's right
+#: correction became "unverified".
 RIB_SKIP_BODIES = 1
 #: The lumbar vertebrae of a typical spine (24 presacral: 7 cervical, 12 thoracic, 5 lumbar).
 TYPICAL_LUMBAR = 5
@@ -806,7 +807,12 @@ S1_CONTACT_MIN_MM3 = 100.0
 
 
 def _is_s1(
-    body: Body, sacrum: np.ndarray, classes: np.ndarray, box: SpineBox, sacrum_top: float
+    body: Body,
+    sac_lab: np.ndarray,
+    sac_k: int,
+    classes: np.ndarray,
+    box: SpineBox,
+    sacrum_top: float,
 ) -> bool:
     """Whether the lowest "body" above the sacrum's top is S1 taken for a body: its bottom
     lies within :data:`S1_CONTACT_MM` of the sacrum's top along z, and at least
@@ -814,7 +820,8 @@ def _is_s1(
     in 3-D. The second test keeps a lordotic L5, whose bottom lies below the sacrum's top
     along z, across the inclined L5-S1 disc from it (8-12 mm, ANATOMY.md).
 
-    ``sacrum`` and ``classes`` are (z, y, x) box arrays (1 mm voxels).
+    ``sac_lab`` (the sacrum class's components; the sacrum is component ``sac_k``) and
+    ``classes`` are (z, y, x) box arrays (1 mm voxels).
     """
     if body.z_bottom - sacrum_top >= S1_CONTACT_MM:
         return False
@@ -822,7 +829,8 @@ def _is_s1(
     i0 = max(0, int(round(body.z_bottom - box.origin_mm[0] + 0.5)))
     i1 = min(classes.shape[0], int(round(body.z_top - box.origin_mm[0] + 0.5)))
     s0, s1 = max(0, i0 - reach), min(classes.shape[0], i1 + reach)
-    near = ndimage.binary_dilation(sacrum[s0:s1], iterations=reach)[i0 - s0 : i1 - s0]
+    sacrum = sac_lab[s0:s1] == sac_k  # only the slab around the body
+    near = ndimage.binary_dilation(sacrum, iterations=reach)[i0 - s0 : i1 - s0]
     return float(np.count_nonzero(near & (classes[i0:i1] == BODY))) >= S1_CONTACT_MIN_MM3
 
 
@@ -875,7 +883,7 @@ def count_levels(classes: np.ndarray, box: SpineBox) -> LevelCount:
             bodies = [b for b in bodies if b.z_mid > sacrum_top]
             # S1 is fused to the sacrum (no disc below it): the one "body" that touches the
             # sacrum is S1 taken for a body, and the sacrum starts at its top
-            if bodies and _is_s1(bodies[-1], sac_lab == k, classes, box, sacrum_top):
+            if bodies and _is_s1(bodies[-1], sac_lab, k, classes, box, sacrum_top):
                 sacrum_top = max(sacrum_top, bodies[-1].z_top)
                 bodies.pop()
     problem = None
