@@ -643,6 +643,46 @@ def test_spine_variation_curves_the_sacrum():
     assert all(lo.z1 < hi.z0 for hi, lo in zip(segments, segments[1:], strict=False))
 
 
+def test_spine_variation_gives_a_lordosis_that_follows_the_sacral_slope():
+    """The varied phantom's lumbar column is lordotic (issue 15: the default column's apex
+    lay 3-8 mm in front of the T12-S1 line, a real one's 20-30 mm): L5 leans forward by the
+    sacral slope less the drawn L5-S1 wedge, the L1-S1 lordosis lies in the adult range
+    (Vialle et al. 2005: 60 +/- 10 degrees; here 35-75), each lumbar body's end plates are
+    perpendicular to the column, and the lordosis is zero at the top of S1 (where the
+    sacrum starts) and at the top of L1 (where the thoracic column goes on unchanged). The
+    plain phantom keeps its upright bodies."""
+    import math
+
+    from worker.phantom import _build
+    from worker.phantom.variation import L5_S1_WEDGE_DEG, lordosis_offset
+
+    assert lordosis_offset(0.0, 20.0, 180.0) == lordosis_offset(180.0, 20.0, 180.0) == 0.0
+    assert lordosis_offset(72.0, 20.0, 180.0) == pytest.approx(-20.0)  # the peak: 0.4 up
+    plain = _build(11, PhantomSpec(fov="abdomen"))[3]
+    assert "lordosis" not in plain.extra
+    body = plain.bones[plain.extra["bone_tags"]["body:L3"][0]]
+    assert body.tilt0 == body.tilt1 == 0.0 and body.c0 == body.c1
+    seen = 0
+    for seed in (11, 12, 13, 15):
+        anat = _build(seed, PhantomSpec(fov="abdomen", spine_variation=True))[3]
+        y = anat.spine_y
+        rec = anat.variants["spine_variation"]["lordosis"]
+        assert L5_S1_WEDGE_DEG[0] <= rec["wedge_deg"] <= L5_S1_WEDGE_DEG[1]
+        slope = anat.extra["sacrum_shape"]["slope_deg"]
+        l5 = anat.vertebrae[0]
+        bone = anat.bones[anat.extra["bone_tags"][f"body:{l5.name}"][0]]
+        # the lower end plate: perpendicular to the column (tilt = -dy/dz), forward lean
+        lean = math.degrees(math.atan(bone.tilt0))
+        assert bone.tilt0 == pytest.approx(-(y(l5.z0 + 0.5) - y(l5.z0 - 0.5)), rel=1e-6)
+        assert lean == pytest.approx(slope - rec["wedge_deg"], abs=2.0)
+        assert bone.c1[1] < bone.c0[1]  # the body's top lies in front of its bottom
+        top = max(v.z1 for v in anat.vertebrae if v.region == "L")
+        upper = math.degrees(math.atan(-(y(top - 0.5) - y(top - 1.5))))
+        assert 35.0 <= slope - upper <= 75.0
+        seen += rec["bump_mm"] > 5.0
+    assert seen >= 2  # the bump moves the column, not only the plates
+
+
 def test_a_box_the_column_check_refuses_is_skipped_and_recorded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):

@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from worker.phantom.anatomy import LUMBAR_TP_HALF, Anatomy, torso_section
+from worker.phantom.anatomy import LUMBAR_TP_HALF, Anatomy, Vertebra, torso_section
 from worker.phantom.primitives import Capsule, Ellipsoid, Plate, Slab
 
 
@@ -49,16 +49,18 @@ def build_skeleton(anat: Anatomy, rng: np.random.Generator) -> None:
     lumbar = [v for v in verts if v.region == "L"]
 
     # ---------------------------------------------------------------- vertebral column
+    curve = _LumbarCurve(anat)
     for i, v in enumerate(verts):
         lo = verts[i - 1] if i > 0 else None
         d0, d1 = discs[v.name]
         # disc below this body
         cx0 = lo.cx if lo else 0.0
         cy0 = lo.cy if lo else anat.spine_y(0.0)
+        (cy0, cy1), (t0, t1), d0 = curve.disc((cy0, v.cy), (d0, d1), lo is None)
         bones.append(
             Slab(
                 (cx0, cy0),
-                (v.cx, v.cy),
+                (v.cx, cy1),
                 d0,
                 d1,
                 v.width / 2 * 0.97,
@@ -68,13 +70,16 @@ def build_skeleton(anat: Anatomy, rng: np.random.Generator) -> None:
                 0.5,
                 0.5,
                 waist=0.0,
+                tilt0=t0,
+                tilt1=t1,
             )
         )
+        (cy0, cy1), (t0, t1) = curve.body(v)
         tags[f"body:{v.name}"] = [len(bones)]
         bones.append(
             Slab(
-                (v.cx, v.cy),
-                (v.cx, v.cy),
+                (v.cx, cy0),
+                (v.cx, cy1),
                 v.z0,
                 v.z1,
                 v.width / 2,
@@ -84,18 +89,23 @@ def build_skeleton(anat: Anatomy, rng: np.random.Generator) -> None:
                 shell_mm=1.3,
                 endplate_mm=1.2,
                 waist=0.07,
+                tilt0=t0,
+                tilt1=t1,
             )
         )
         lips = e.get("osteophytes", {}).get(v.name)  # worker.phantom.variation
         if lips is not None:
             # marginal osteophytes: a cortical rim beyond each end plate, part of this body
             lw, lh = lips
-            for za, zb in ((v.z0 - lh, v.z0 + 1.0), (v.z1 - 1.0, v.z1 + lh)):
+            for za, zb, yc, tilt in (
+                (v.z0 - lh, v.z0 + 1.0, cy0, t0),
+                (v.z1 - 1.0, v.z1 + lh, cy1, t1),
+            ):
                 tags[f"body:{v.name}"].append(len(bones))
                 bones.append(
                     Slab(
-                        (v.cx, v.cy),
-                        (v.cx, v.cy),
+                        (v.cx, yc),
+                        (v.cx, yc),
                         za,
                         zb,
                         v.width / 2 + lw,
@@ -105,6 +115,8 @@ def build_skeleton(anat: Anatomy, rng: np.random.Generator) -> None:
                         shell_mm=1.5,
                         endplate_mm=0.0,
                         waist=0.0,
+                        tilt0=tilt,
+                        tilt1=tilt,
                     )
                 )
         h = v.z1 - v.z0
@@ -438,6 +450,51 @@ def build_skeleton(anat: Anatomy, rng: np.random.Generator) -> None:
     anat.extra["ala"] = ala
 
     _pelvis(anat, rng, cort, canc)
+
+
+class _LumbarCurve:
+    """The lumbar bodies and discs of a lordotic column (``anat.extra["lordosis"]``,
+    :mod:`worker.phantom.variation`): each slab's centre follows ``anat.spine_y`` from its
+    bottom to its top and its end plates are perpendicular to the column there (Slab tilt =
+    -dy/dz); the lowest disc sits on the inclined S1 end plate of the curved sacrum. Without
+    a lordosis (the default phantom) bodies and discs stay upright, as before."""
+
+    def __init__(self, anat: Anatomy) -> None:
+        self.anat = anat
+        lordosis = anat.extra.get("lordosis")
+        self.top = float(lordosis["lumbar_top_mm"]) if lordosis else -np.inf
+        self.s1: tuple[float, float] | None = None
+        shape = anat.extra.get("sacrum_shape")
+        if lordosis and shape is not None:
+            slope = math.radians(shape["slope_deg"])
+            l5_disc = anat.extra["discs"][anat.vertebrae[0].name]
+            b0 = _sacral_half_depth(0, anat.scale) / math.cos(slope)
+            # the S1 end plate through the sacrum's axis (as _curved_sacrum places it)
+            self.s1 = (0.4 * (l5_disc[1] - l5_disc[0]) - math.tan(slope) * b0, math.tan(slope))
+
+    def _tilt(self, z: float) -> float:
+        if not 0.0 <= z <= self.top:
+            return 0.0
+        y = self.anat.spine_y
+        return -(y(z + 0.5) - y(z - 0.5))
+
+    def body(self, v: Vertebra) -> tuple[tuple[float, float], tuple[float, float]]:
+        """((y at the bottom, y at the top), (bottom tilt, top tilt)) of body ``v``."""
+        if v.z0 > self.top:
+            return (v.cy, v.cy), (0.0, 0.0)
+        y = self.anat.spine_y
+        return (y(v.z0), y(v.z1)), (self._tilt(v.z0), self._tilt(v.z1))
+
+    def disc(
+        self, ys: tuple[float, float], zs: tuple[float, float], lowest: bool
+    ) -> tuple[tuple[float, float], tuple[float, float], float]:
+        """((y at the bottom, y at the top), (tilts), bottom z) of a disc spanning ``zs``."""
+        if zs[0] > self.top:
+            return ys, (0.0, 0.0), zs[0]
+        y = self.anat.spine_y
+        if lowest and self.s1 is not None:
+            return (y(0.0), y(zs[1])), (self.s1[1], self._tilt(zs[1])), self.s1[0]
+        return (y(zs[0]), y(zs[1])), (self._tilt(zs[0]), self._tilt(zs[1])), zs[0]
 
 
 def _curved_sacrum(

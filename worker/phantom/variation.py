@@ -30,6 +30,14 @@ sampled body, before its skeleton is built, the ways real spines differ:
   a horizontal lower end plate, so a smaller inclination keeps the L5-S1 disc wedge
   plausible. What a horizontal-slab sacrum teaches the level network (an S1 that looks like
   a lumbar body, cut square) is what a real pelvis does not show.
+* a lumbar lordosis that follows the sacral slope: the default column's lordosis is shallow
+  (its lumbar apex lies 3-8 mm in front of the line from T12 to S1; in adults the L1-S1
+  lordosis is 60 +/- 10 degrees, and it follows the sacral slope, LL about SS + 20: Vialle et
+  al., J Bone Joint Surg Am 2005;87:260-267). The lumbar column is moved forward by a skewed
+  bump (:func:`lordosis_offset`, largest at the lower third of the lumbar spine, zero at the
+  top of S1 and of L1) so that L5 leans forward :data:`L5_S1_WEDGE_DEG` less than the S1 end
+  plate; each lumbar body and disc then follows the curve, its end plates perpendicular
+  to it (``anat.extra["lordosis"]``, drawn by ``worker.phantom.skeleton``).
 
 The column is restacked from the top of S1 (z = 0) upwards, so the levels above a changed
 one move; the landmarks of the body (iliac crests, diaphragm) stay where they were, which
@@ -39,11 +47,13 @@ phantom seed's own generator for this purpose: a phantom without variation is un
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from worker.phantom.anatomy import Anatomy
 
-__all__ = ["apply_spine_variation"]
+__all__ = ["apply_spine_variation", "lordosis_offset"]
 
 #: Levels an osteoporotic compression fracture is drawn among (the thoracolumbar junction
 #: and the lumbar spine, where they are commonest).
@@ -53,10 +63,34 @@ FRACTURE_LEVELS = ("T11", "T12", "L1", "L2", "L3", "L4")
 LAST_RIB_DROP = (0.7, 1.8)
 #: Scale of the descent of the rib pair above the last.
 PENULTIMATE_RIB_DROP = (0.85, 1.3)
-#: Inclination of the S1 end plate from the horizontal (degrees), drawn uniformly.
-SACRAL_SLOPE_DEG = (25.0, 40.0)
+#: Inclination of the S1 end plate from the horizontal (degrees), drawn uniformly: standing
+#: adults' sacral slope 40 +/- 8 (Legaye et al. 1998; Vialle et al. 2005 41 +/- 8.4).
+SACRAL_SLOPE_DEG = (28.0, 50.0)
+#: The L5-S1 disc's wedge (degrees): the S1 end plate is inclined this much more than the
+#: lower end plate of L5 (a lordotic disc, taller in front).
+L5_S1_WEDGE_DEG = (8.0, 18.0)
+#: Where the lordosis bump of :func:`lordosis_offset` peaks, as a fraction of the lumbar
+#: height from the top of S1 (the lower lumbar levels carry two thirds of the lordosis).
+LORDOSIS_PEAK = 0.4
 #: How far the sacrum's axis turns forward from the top of S1 to the end of S5 (degrees).
 SACRAL_TURN_DEG = (15.0, 40.0)
+
+
+_BUMP_MAX = LORDOSIS_PEAK * (1.0 - LORDOSIS_PEAK) ** 1.5
+
+
+def lordosis_offset(z_mm: float, height_mm: float, lumbar_top_mm: float) -> float:
+    """Forward (anterior: negative y) shift (mm) of the column at ``z_mm`` added by the lordosis.
+
+    ``-height * t (1 - t)^1.5 / max`` with ``t = z / lumbar_top`` (0 at the top of S1, 1 at the
+    top of the highest lumbar body): zero at both ends, steepest at the lumbosacral junction,
+    highest at :data:`LORDOSIS_PEAK` of the way up, flat where it meets the thoracic column.
+    Zero outside ``0 < z < lumbar_top``.
+    """
+    if not 0.0 < z_mm < lumbar_top_mm:
+        return 0.0
+    t = z_mm / lumbar_top_mm
+    return -height_mm * t * (1.0 - t) ** 1.5 / _BUMP_MAX
 
 
 def apply_spine_variation(anat: Anatomy, seed: int) -> None:
@@ -74,7 +108,8 @@ def apply_spine_variation(anat: Anatomy, seed: int) -> None:
     ``anat.extra["lower_rib_scale"]`` (0 for the last rib pair, 1 for the pair above ->
     scale of the shaft radius, scale of the length), ``anat.extra["lower_rib_drop"]`` (the
     same keys -> scale of the descent along the rib: its slope) and
-    ``anat.extra["sacrum_shape"]``.
+    ``anat.extra["sacrum_shape"]`` and ``anat.extra["lordosis"]`` (the bump's height and the
+    lumbar height, mm; ``anat.spine_y`` and the vertebrae's ``cy`` include it).
     """
     rng = np.random.default_rng([seed, 0x5D1E])
     verts = anat.vertebrae  # bottom (lowest lumbar) first, as stacked
@@ -128,6 +163,25 @@ def apply_spine_variation(anat: Anatomy, seed: int) -> None:
     # versions)
     rib_drop = {0: float(rng.uniform(*LAST_RIB_DROP)), 1: float(rng.uniform(*PENULTIMATE_RIB_DROP))}
     record["lower_rib_drop"] = {str(k): round(v, 2) for k, v in rib_drop.items()}
+    # the lordosis that balances the sacral slope (drawn last: the draws above stay)
+    wedge = float(rng.uniform(*L5_S1_WEDGE_DEG))
+    lumbar_top = max(v.z1 for v in verts if v.region == "L")
+    base = anat.spine_y
+    z5 = verts[0].z0  # the lower end plate of the lowest lumbar body
+    base_lean = -(base(z5 + 0.5) - base(z5 - 0.5))  # forward lean (-dy/dz) there
+    target = math.tan(math.radians(max(sacrum["slope_deg"] - wedge, 0.0)))
+    t5 = z5 / lumbar_top
+    bump_slope = ((1.0 - t5) ** 1.5 - 1.5 * t5 * (1.0 - t5) ** 0.5) / _BUMP_MAX  # d/dt
+    height = max(0.0, (target - base_lean) * lumbar_top / bump_slope)
+    record["lordosis"] = {"wedge_deg": round(wedge, 1), "bump_mm": round(height, 1)}
+
+    def spine_y(z: float) -> float:
+        return base(z) + lordosis_offset(z, height, lumbar_top)
+
+    anat.spine_y = spine_y
+    for v in verts:
+        v.cy = spine_y(v.zm)
+    anat.extra["lordosis"] = {"bump_mm": height, "lumbar_top_mm": lumbar_top}
     anat.extra["osteophytes"] = osteophytes
     anat.extra["lower_rib_scale"] = lower_ribs
     anat.extra["lower_rib_drop"] = rib_drop

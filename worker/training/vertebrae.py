@@ -55,8 +55,10 @@ __all__ = [
 #: changes, so that no stale box is trained on). 7: the varied spine's curved sacrum
 #: (plain boxes are the same as in 6); 8: the column's centre in front of the spinal
 #: canal where the largest bright structure does not fit it (boxes once refused or
-#: misplaced), and the varied spine's lowest ribs' slope.
-CASE_VERSION = 8
+#: misplaced), and the varied spine's lowest ribs' slope; 9: the varied spine's lordosis
+#: (lumbar bodies and discs along the curve, end plates perpendicular to it) and its wider
+#: sacral slope.
+CASE_VERSION = 9
 #: Training crop along z (1 mm voxels, a multiple of 8): two to three lumbar levels.
 CROP_Z = 96
 #: Per-class loss weights: the ribs are under 1 % of the voxels and decide the count.
