@@ -683,6 +683,42 @@ def test_spine_variation_gives_a_lordosis_that_follows_the_sacral_slope():
     assert seen >= 2  # the bump moves the column, not only the plates
 
 
+def test_curved_sacrum_has_lateral_masses_reaching_the_sacro_iliac_joints():
+    """The varied phantom's sacrum below S1 is a broad curved plate, not a stack of bodies
+    only (issue 15: the level network had never seen one, and on the real case it called
+    98 % of the sacrum background): its lateral masses reach the alae's half-width at the
+    top and narrow downwards, their ends in front of the midline (the pelvic surface concave
+    forwards); the plain phantom keeps its slab."""
+    from worker.phantom import _build
+    from worker.phantom.primitives import Plate, Slab
+
+    plain = _build(11, PhantomSpec(fov="abdomen"))[3]
+    assert isinstance(plain.bones[plain.extra["bone_tags"]["sacrum"][-1]], Slab)
+    varied = _build(11, PhantomSpec(fov="abdomen", spine_variation=True))[3]
+    sacrum = [varied.bones[i] for i in varied.extra["bone_tags"]["sacrum"]]
+    wings = sacrum[-1]
+    assert isinstance(wings, Plate) and all(isinstance(b, Slab) for b in sacrum[:5])
+    ala = varied.extra["ala"]
+    top, low = wings.path(wings.z1), wings.path(wings.z0)
+    assert top[0][0] == pytest.approx(-ala) and top[-1][0] == pytest.approx(ala)
+    assert low[-1][0] == pytest.approx(0.4 * ala)
+    mid = len(top) // 2
+    assert top[0][1] < top[mid][1] and top[-1][1] < top[mid][1]  # ends in front
+    # the plate follows the sacrum back: its midline behind at S4 what it is under S1
+    assert low[mid][1] > top[mid][1] + 10.0
+    # it is bone in the image: a slice through S2 is bright 30 mm to each side of the axis
+    from worker.phantom.primitives import BoneBuffers, SliceGrid
+
+    z = 0.5 * (wings.z0 + wings.z1)
+    xs = np.arange(-80.0, 80.5, 1.0)
+    yc = float(wings.path(z)[mid][1])
+    ys = np.arange(yc - 40.0, yc + 40.5, 1.0)
+    buf = BoneBuffers(np.zeros((ys.size, xs.size)), np.zeros((ys.size, xs.size)))
+    wings.draw_bone(z, SliceGrid(xs, ys, 1.0, 1.0), buf)
+    for x in (-30.0, 30.0):
+        assert buf.alpha[:, np.argmin(np.abs(xs - x))].max() > 0.99
+
+
 def test_a_box_the_column_check_refuses_is_skipped_and_recorded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):

@@ -416,27 +416,28 @@ def build_skeleton(anat: Anatomy, rng: np.random.Generator) -> None:
             bones.append(_sacral_segment(i, widths, k, cort, canc, (yc0, z0), (yc1, z1)))
         zc = -5 * seg_h
         yc = sy0 + tilt * 5 * seg_h
-    # alae (lateral masses) reaching the sacro-iliac joints; on a curved sacrum their top
-    # lies 3 mm under the inclined S1 end plate
-    ala_tilt = 0.0 if shape is None else math.tan(math.radians(shape["slope_deg"]))
-    bones.append(
-        Slab(
-            (0, sy0 + tilt * 40 * k + 6),
-            (0, sy0 + 8),
-            -45 * k,
-            -2.0 if shape is None else s1_top + 8.0 * ala_tilt - 3.0,
-            30 * k,
-            16 * k,
-            cort * 0.7,
-            canc,
-            1.2,
-            1.5,
-            p=2.2,
-            waist=0.0,
-            a_top=ala,
-            tilt1=ala_tilt,
+    # alae (lateral masses) reaching the sacro-iliac joints: on a curved sacrum a curved
+    # plate from 3 mm under the S1 end plate down to S4 (_sacral_wings), else a slab
+    if shape is not None:
+        bones.append(_sacral_wings(segments, s1_top - 3.0, ala, k, cort, canc))
+    else:
+        bones.append(
+            Slab(
+                (0, sy0 + tilt * 40 * k + 6),
+                (0, sy0 + 8),
+                -45 * k,
+                -2.0,
+                30 * k,
+                16 * k,
+                cort * 0.7,
+                canc,
+                1.2,
+                1.5,
+                p=2.2,
+                waist=0.0,
+                a_top=ala,
+            )
         )
-    )
     tags["sacrum"] = list(range(sacrum_start, len(bones)))
     bones.extend(
         _chain(
@@ -495,6 +496,47 @@ class _LumbarCurve:
         if lowest and self.s1 is not None:
             return (y(0.0), y(zs[1])), (self.s1[1], self._tilt(zs[1])), self.s1[0]
         return (y(zs[0]), y(zs[1])), (self._tilt(zs[0]), self._tilt(zs[1])), zs[0]
+
+
+def _sacral_wings(
+    segments: list[Slab], z_top: float, ala: float, k: float, cort: float, canc: float
+) -> Plate:
+    """The curved sacrum's lateral masses: from the alae under S1 down to S4, one plate
+    whose axial section is a shallow U through the sacral bodies (the pelvic surface
+    concave forwards), its ends reaching the sacro-iliac joints.
+
+    Real sacra are not a stack of bodies: below S1 the fused lateral masses make a broad,
+    thin, curved plate (about 110 mm wide at S1-S2, narrowing to 30 mm at S5; ANATOMY.md)
+    that meets the ilia at the sacro-iliac joints, and it follows the sacrum's curve down and
+    back. ``segments`` are the five sacral bodies of :func:`_curved_sacrum` (their axis gives
+    the plate's midline); ``z_top`` (mm) is the alae's top; ``ala`` (mm) the half-width at
+    the sacro-iliac joints. Half-width ``ala * (1 - 0.6 t)``, thickness ``(20 - 10 t) k``
+    (t = 0 at the top, 1 at the bottom of S4); the ends lie 8 mm in front of the midline.
+    """
+    pts = sorted([(b.z0, b.c0[1]) for b in segments] + [(b.z1, b.c1[1]) for b in segments])
+    zs = np.array([p[0] for p in pts])
+    ys = np.array([p[1] for p in pts])
+    z_bot = segments[3].z0
+    span = max(z_top - z_bot, 1.0)
+
+    def frac(z: float) -> float:
+        return float(np.clip((z_top - z) / span, 0.0, 1.0))
+
+    def path(z: float) -> np.ndarray:
+        t = frac(z)
+        yc = float(np.interp(z, zs, ys))
+        w = ala * (1.0 - 0.6 * t)
+        u = np.linspace(0.0, 1.0, 9)[:, None]
+        p0, p1, p2 = np.array([-w, yc - 8.0]), np.array([0.0, yc + 8.0]), np.array([w, yc - 8.0])
+        return (1 - u) ** 2 * p0 + 2 * (1 - u) * u * p1 + u**2 * p2
+
+    def thickness(z: float, u: np.ndarray) -> np.ndarray:
+        return np.full(np.shape(u), (20.0 - 10.0 * frac(z)) * k)
+
+    def cortical(z: float, u: np.ndarray) -> np.ndarray:
+        return np.full(np.shape(u), cort * 0.7)
+
+    return Plate(z_bot, z_top, path, thickness, cortical, canc * 0.85)
 
 
 def _curved_sacrum(
