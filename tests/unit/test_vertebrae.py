@@ -684,8 +684,8 @@ def test_spine_variation_gives_a_lordosis_that_follows_the_sacral_slope():
 
 
 def test_curved_sacrum_has_lateral_masses_reaching_the_sacro_iliac_joints():
-    """The varied phantom's sacrum below S1 is a broad curved plate, not a stack of bodies
-    only (issue 15: the level network had never seen one, and on the real case it called
+    """The varied phantom's sacrum below S1 is a broad curved plate with fattier marrow than
+    the lumbar bodies, not a stack of lumbar-like bodies only (issue 15: the level network had never seen one, and on the real case it called
     98 % of the sacrum background): its lateral masses reach the alae's half-width at the
     top and narrow downwards, their ends in front of the midline (the pelvic surface concave
     forwards); the plain phantom keeps its slab."""
@@ -706,6 +706,12 @@ def test_curved_sacrum_has_lateral_masses_reaching_the_sacro_iliac_joints():
     assert top[0][1] < top[mid][1] and top[-1][1] < top[mid][1]  # ends in front
     # the plate follows the sacrum back: its midline behind at S4 what it is under S1
     assert low[mid][1] > top[mid][1] + 10.0
+    # its marrow is the drawn fraction of the lumbar bodies' (fatty conversion)
+    marrow = varied.extra["sacrum_shape"]["marrow"]
+    assert 0.3 <= marrow <= 1.0
+    canc = varied.extra["canc"]
+    assert sacrum[0].cancellous == pytest.approx(canc * marrow)
+    assert wings.cancellous == pytest.approx(0.85 * canc * marrow)
     # it is bone in the image: a slice through S2 is bright 30 mm to each side of the axis
     from worker.phantom.primitives import BoneBuffers, SliceGrid
 

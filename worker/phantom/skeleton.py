@@ -403,8 +403,10 @@ def build_skeleton(anat: Anatomy, rng: np.random.Generator) -> None:
     shape = e.get("sacrum_shape")
     if shape is not None:
         l5_disc = e["discs"][anat.vertebrae[0].name]
+        # the sacrum's marrow is fattier than the lumbar bodies' (worker.phantom.variation)
+        canc_s = canc * float(shape.get("marrow", 1.0))
         segments, s1_top, (yc, zc) = _curved_sacrum(
-            sy0, seg_h, widths, k, cort, canc, shape, l5_disc[1] - l5_disc[0]
+            sy0, seg_h, widths, k, cort, canc_s, shape, l5_disc[1] - l5_disc[0]
         )
         bones.extend(segments)
     else:
@@ -419,7 +421,7 @@ def build_skeleton(anat: Anatomy, rng: np.random.Generator) -> None:
     # alae (lateral masses) reaching the sacro-iliac joints: on a curved sacrum a curved
     # plate from 3 mm under the S1 end plate down to S4 (_sacral_wings), else a slab
     if shape is not None:
-        bones.append(_sacral_wings(segments, s1_top - 3.0, ala, k, cort, canc))
+        bones.append(_sacral_wings(segments, s1_top - 3.0, ala, k, cort, canc_s))
     else:
         bones.append(
             Slab(

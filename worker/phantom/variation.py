@@ -30,6 +30,9 @@ sampled body, before its skeleton is built, the ways real spines differ:
   a horizontal lower end plate, so a smaller inclination keeps the L5-S1 disc wedge
   plausible. What a horizontal-slab sacrum teaches the level network (an S1 that looks like
   a lumbar body, cut square) is what a real pelvis does not show.
+* the sacrum's marrow: its cancellous HU :data:`SACRAL_MARROW` times the lumbar bodies'
+  (fatty marrow conversion reaches the sacrum early; a network that learnt a sacrum as
+  bright as the lumbar bodies called a real, darker sacrum background);
 * a lumbar lordosis that follows the sacral slope: the default column's lordosis is shallow
   (its lumbar apex lies 3-8 mm in front of the line from T12 to S1; in adults the L1-S1
   lordosis is 60 +/- 10 degrees, and it follows the sacral slope, LL about SS + 20: Vialle et
@@ -69,6 +72,12 @@ SACRAL_SLOPE_DEG = (28.0, 50.0)
 #: The L5-S1 disc's wedge (degrees): the S1 end plate is inclined this much more than the
 #: lower end plate of L5 (a lordotic disc, taller in front).
 L5_S1_WEDGE_DEG = (8.0, 18.0)
+#: The sacral bodies' and lateral masses' cancellous HU as a fraction of the lumbar bodies'
+#: (drawn uniformly): red marrow turns to fat earlier and further in the sacrum and pelvis
+#: than in the lumbar bodies (Ricci et al., Radiology 1990;177:83-88, MR of the axial
+#: skeleton's marrow by age), so on CT the sacrum's trabecular bone can be much darker than
+#: L5's.
+SACRAL_MARROW = (0.3, 1.0)
 #: Where the lordosis bump of :func:`lordosis_offset` peaks, as a fraction of the lumbar
 #: height from the top of S1 (the lower lumbar levels carry two thirds of the lordosis).
 LORDOSIS_PEAK = 0.4
@@ -179,6 +188,9 @@ def apply_spine_variation(anat: Anatomy, seed: int) -> None:
         return base(z) + lordosis_offset(z, height, lumbar_top)
 
     anat.spine_y = spine_y
+    # the sacrum's marrow (drawn after the lordosis: the draws above stay)
+    sacrum["marrow"] = float(rng.uniform(*SACRAL_MARROW))
+    record["sacrum"]["marrow"] = round(sacrum["marrow"], 2)
     for v in verts:
         v.cy = spine_y(v.zm)
     anat.extra["lordosis"] = {"bump_mm": height, "lumbar_top_mm": lumbar_top}

@@ -58,8 +58,9 @@ __all__ = [
 #: misplaced), and the varied spine's lowest ribs' slope; 9: the varied spine's lordosis
 #: (lumbar bodies and discs along the curve, end plates perpendicular to it) and its wider
 #: sacral slope; 10: the curved sacrum's lateral masses as one curved plate from the alae
-#: to S4 reaching the sacro-iliac joints (``skeleton._sacral_wings``) instead of a slab.
-CASE_VERSION = 10
+#: to S4 reaching the sacro-iliac joints (``skeleton._sacral_wings``) instead of a slab;
+#: 11: the varied sacrum's fattier marrow (``variation.SACRAL_MARROW``).
+CASE_VERSION = 11
 #: Training crop along z (1 mm voxels, a multiple of 8): two to three lumbar levels.
 CROP_Z = 96
 #: Per-class loss weights: the ribs are under 1 % of the voxels and decide the count.
