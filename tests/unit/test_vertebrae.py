@@ -685,10 +685,11 @@ def test_spine_variation_gives_a_lordosis_that_follows_the_sacral_slope():
 
 def test_curved_sacrum_has_lateral_masses_reaching_the_sacro_iliac_joints():
     """The varied phantom's sacrum below S1 is a broad curved plate with fattier marrow than
-    the lumbar bodies, not a stack of lumbar-like bodies only (issue 15: the level network had never seen one, and on the real case it called
-    98 % of the sacrum background): its lateral masses reach the alae's half-width at the
-    top and narrow downwards, their ends in front of the midline (the pelvic surface concave
-    forwards); the plain phantom keeps its slab."""
+    the lumbar bodies, not a stack of lumbar-like bodies only (issue 15: the level network
+    had never seen one, and on the real case it called 98 % of the sacrum background): its
+    lateral masses reach the alae's half-width at the top and narrow downwards, their ends
+    in front of the midline (the pelvic surface concave forwards); the plain phantom keeps
+    its slab."""
     from worker.phantom import _build
     from worker.phantom.primitives import Plate, Slab
 
