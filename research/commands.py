@@ -255,8 +255,20 @@ def evaluate_crops(
         cfg = cfg.model_copy(update={"verify_weights": None})
     rows = evaluate_real_crops(data_dir(), cfg, device)
     typer.echo(format_table(rows))
+    bones = None
+    if cfg.verify_weights:
+        from research.evaluate_crops import real_bone_recognition
+
+        bones = real_bone_recognition(data_dir(), cfg.verify_weights)
+        typer.echo("\nWhat the level network calls the real case's bones (share of each")
+        typer.echo("TotalSegmentator label's voxels in the box, by class):")
+        for name, row in bones.items():
+            typer.echo(f"- {name}: " + ", ".join(f"{k} {v}" for k, v in row.items()))
     if json_out is not None:
-        json_out.write_text(json.dumps([r.row() for r in rows], indent=2) + "\n")
+        out = [r.row() for r in rows]
+        if bones is not None:
+            out.append({"real_bone_recognition": bones})
+        json_out.write_text(json.dumps(out, indent=2) + "\n")
 
 
 def evaluate_levels(

@@ -297,6 +297,71 @@ def evaluate_real_crops(
     return out
 
 
+#: TotalSegmentator label numbers of ``segmentation_total.nii.gz`` (its labels JSON) whose
+#: voxels :func:`real_bone_recognition` reports.
+REAL_BONE_LABELS = {"sacrum": 25, "L5": 27, "L4": 28, "L3": 29}
+
+
+def real_bone_recognition(data: Path, weights: Path) -> dict[str, dict[str, float]]:
+    """What the level-verification network calls the real case's bones (evaluation only).
+
+    The box is placed as at run time (:func:`~worker.locator.vertebrae.column_centre`,
+    :func:`~worker.locator.vertebrae.box_centre_z`, :func:`~worker.locator.vertebrae.extract_box`)
+    around the reference mid-L3 of the whole scan; each TotalSegmentator label (model output,
+    not manual annotation; the vertebrae include their posterior elements, so a lumbar
+    label's share called "vertebral_body" is about 0.4 when the body is all found) is
+    resampled onto the same box. The sacrum is what a count from the sacrum needs.
+
+    Parameters
+    ----------
+    data : the shared data folder (``L3SPOT_DATA``).
+    weights : level-verification weights (:func:`~worker.locator.vertebrae.load_spine_model`).
+
+    Returns
+    -------
+    label name -> {"cm3": its volume inside the box, and per class of
+    :data:`~worker.locator.vertebrae.CLASSES` the share of its voxels given that class}.
+
+    Raises
+    ------
+    FileNotFoundError
+        The real case or its labels are not under ``data``.
+    """
+    from worker.locator.vertebrae import (
+        CLASSES,
+        box_centre_z,
+        column_centre,
+        extract_box,
+        load_spine_model,
+        segment_box,
+    )
+    from worker.volume.load import load_nifti
+
+    folder = Path(data) / "abdomen_ct_totalseg"
+    ct, seg = folder / "ct.nii.gz", folder / "segmentation_total.nii.gz"
+    for f in (ct, seg):
+        if not f.is_file():
+            raise FileNotFoundError(f"real case file not found: {f}")
+    vol = load_nifti(ct)
+    labels = load_nifti(seg, check_hu=False)
+    z = float(vol.z_mm[REAL_MID_L3_INDEX])
+    centre = column_centre(vol.hu, vol.z_mm, vol.pixel_spacing_mm, z - 40.0, z + 40.0)
+    zc = box_centre_z(z, float(vol.z_mm[0]), float(vol.z_mm[-1]))
+    box = extract_box(vol.hu, vol.z_mm, vol.pixel_spacing_mm, zc, centre)
+    classes = segment_box(load_spine_model(weights), box)
+    out: dict[str, dict[str, float]] = {}
+    for name, value in REAL_BONE_LABELS.items():
+        # the label as a two-level image: trilinear resampling, then the half-way threshold
+        image = np.where(np.rint(labels.hu) == value, 1000.0, -1000.0).astype(np.float32)
+        mask = extract_box(image, labels.z_mm, labels.pixel_spacing_mm, zc, centre).image > 0
+        n = int(mask.sum())
+        row = {"cm3": round(n / 1000.0, 1)}
+        for i, cls in enumerate(CLASSES):
+            row[cls] = round(float((classes[mask] == i).mean()), 3) if n else float("nan")
+        out[name] = row
+    return out
+
+
 def format_table(rows: list[CropResult]) -> str:
     """A Markdown table: crop, z range, truth, answer, error, in-FOV, confidence, flag."""
     lines = [

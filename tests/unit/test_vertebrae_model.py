@@ -115,3 +115,25 @@ def test_real_scan_at_5_mm_slices_is_confirmed_by_both_counts(real) -> None:
     assert v["counted_by"] == "ribs" and v["lumbar_counted"] == 5
     assert not v["possible_transitional_anatomy"]
     assert res.level_flags == []
+
+
+def test_real_bone_recognition_reports_what_the_network_calls_each_real_bone(
+    shared_data: Path,
+) -> None:
+    """``l3spot evaluate-crops`` also reports, per TotalSegmentator label of the real case,
+    the share of its voxels in the run-time box given each class: the real lumbar bodies are
+    found (their labels include the posterior elements, so about 0.4 of each is "body"),
+    the shares of a label sum to one, and the sacrum, most of it inside the box, is
+    reported whatever the network makes of it (models/spine_fcn.md: almost nothing)."""
+    from research.evaluate_crops import REAL_BONE_LABELS, real_bone_recognition
+    from worker.locator.vertebrae import CLASSES
+
+    weights = require_shipped(LocatorConfig().verify_weights, "spine weights")
+    out = real_bone_recognition(shared_data, weights)
+    assert set(out) == set(REAL_BONE_LABELS)
+    for name, row in out.items():
+        assert sum(row[c] for c in CLASSES) == pytest.approx(1.0, abs=0.01), name
+    for name in ("L3", "L4", "L5"):
+        assert 40.0 < out[name]["cm3"] < 90.0 and out[name]["vertebral_body"] > 0.3, name
+        assert out[name]["sacrum"] < 0.05, name
+    assert out["sacrum"]["cm3"] > 50.0
