@@ -508,7 +508,7 @@ def _sacral_wings(
     concave forwards), its ends reaching the sacro-iliac joints.
 
     Real sacra are not a stack of bodies: below S1 the fused lateral masses make a broad,
-    thin, curved plate (about 110 mm wide at S1-S2, narrowing to 30 mm at S5; ANATOMY.md)
+    thin, curved plate (about 110 mm wide at S1-S2, narrowing to 30 mm at S5)
     that meets the ilia at the sacro-iliac joints, and it follows the sacrum's curve down and
     back. ``segments`` are the five sacral bodies of :func:`_curved_sacrum` (their axis gives
     the plate's midline); ``z_top`` (mm) is the alae's top; ``ala`` (mm) the half-width at

@@ -26,21 +26,23 @@ sampled body, before its skeleton is built, the ways real spines differ:
   :data:`SACRAL_SLOPE_DEG` from the horizontal (posterior edge highest, the promontory
   forward and down) and the axis turning forward by :data:`SACRAL_TURN_DEG` to the lower
   end of S5 (``worker.phantom.skeleton._curved_sacrum``). Standing adults' sacral slope is
-  about 40 +/- 8 degrees (Legaye et al., Eur Spine J 1998;7:99-103); the phantom's L5 keeps
-  a horizontal lower end plate, so a smaller inclination keeps the L5-S1 disc wedge
-  plausible. What a horizontal-slab sacrum teaches the level network (an S1 that looks like
-  a lumbar body, cut square) is what a real pelvis does not show.
+  about 40 +/- 8 degrees (Legaye et al., Eur Spine J 1998;7:99-103); the lordosis below
+  tilts L5 with it, so the L5-S1 disc stays a wedge open in front. What a horizontal-slab
+  sacrum teaches the level network (an S1 that looks like a lumbar body, cut square) is
+  what a real pelvis does not show. Below S1 the lateral masses are one curved plate
+  reaching the sacro-iliac joints (``skeleton._sacral_wings``);
 * the sacrum's marrow: its cancellous HU :data:`SACRAL_MARROW` times the lumbar bodies'
-  (fatty marrow conversion reaches the sacrum early; a network that learnt a sacrum as
-  bright as the lumbar bodies called a real, darker sacrum background);
+  (fatty marrow conversion reaches the sacrum early; in the real case's box the sacrum's
+  median is 91 HU, its L5's 179);
 * a lumbar lordosis that follows the sacral slope: the default column's lordosis is shallow
   (its lumbar apex lies 3-8 mm in front of the line from T12 to S1; in adults the L1-S1
-  lordosis is 60 +/- 10 degrees, and it follows the sacral slope, LL about SS + 20: Vialle et
-  al., J Bone Joint Surg Am 2005;87:260-267). The lumbar column is moved forward by a skewed
-  bump (:func:`lordosis_offset`, largest at the lower third of the lumbar spine, zero at the
-  top of S1 and of L1) so that L5 leans forward :data:`L5_S1_WEDGE_DEG` less than the S1 end
-  plate; each lumbar body and disc then follows the curve, its end plates perpendicular
-  to it (``anat.extra["lordosis"]``, drawn by ``worker.phantom.skeleton``).
+  lordosis is 60 +/- 10 degrees, and it follows the sacral slope, on average LL about
+  SS + 20: Vialle et al., J Bone Joint Surg Am 2005;87:260-267). The lumbar column is
+  moved forward by a skewed bump (:func:`lordosis_offset`, largest 40 % of the way up the
+  lumbar spine, zero at the top of S1 and of L1) so that L5 leans forward
+  :data:`L5_S1_WEDGE_DEG` less than the S1 end plate; each lumbar body and disc then
+  follows the curve, its end plates perpendicular to it (``anat.extra["lordosis"]``,
+  drawn by ``worker.phantom.skeleton``).
 
 The column is restacked from the top of S1 (z = 0) upwards, so the levels above a changed
 one move; the landmarks of the body (iliac crests, diaphragm) stay where they were, which
