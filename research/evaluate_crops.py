@@ -305,8 +305,7 @@ REAL_BONE_LABELS = {"sacrum": 25, "L5": 27, "L4": 28, "L3": 29}
 def real_bone_recognition(data: Path, weights: Path) -> dict[str, dict[str, float]]:
     """What the level-verification network calls the real case's bones (evaluation only).
 
-    The box is placed as at run time (:func:`~worker.locator.vertebrae.column_centre`,
-    :func:`~worker.locator.vertebrae.box_centre_z`, :func:`~worker.locator.vertebrae.extract_box`)
+    The box is placed as at run time (:func:`~worker.locator.vertebrae.box_at_level`)
     around the reference mid-L3 of the whole scan; each TotalSegmentator label (model output,
     not manual annotation; the vertebrae include their posterior elements, so a lumbar
     label's share called "vertebral_body" is about 0.4 when the body is all found) is
@@ -329,8 +328,7 @@ def real_bone_recognition(data: Path, weights: Path) -> dict[str, dict[str, floa
     """
     from worker.locator.vertebrae import (
         CLASSES,
-        box_centre_z,
-        column_centre,
+        box_at_level,
         extract_box,
         load_spine_model,
         segment_box,
@@ -345,15 +343,18 @@ def real_bone_recognition(data: Path, weights: Path) -> dict[str, dict[str, floa
     vol = load_nifti(ct)
     labels = load_nifti(seg, check_hu=False)
     z = float(vol.z_mm[REAL_MID_L3_INDEX])
-    centre = column_centre(vol.hu, vol.z_mm, vol.pixel_spacing_mm, z - 40.0, z + 40.0)
-    zc = box_centre_z(z, float(vol.z_mm[0]), float(vol.z_mm[-1]))
-    box = extract_box(vol.hu, vol.z_mm, vol.pixel_spacing_mm, zc, centre)
+    box = box_at_level(vol.hu, vol.z_mm, vol.pixel_spacing_mm, z)
     classes = segment_box(load_spine_model(weights), box)
     out: dict[str, dict[str, float]] = {}
     for name, value in REAL_BONE_LABELS.items():
         # the label as a two-level image: trilinear resampling, then the half-way threshold
         image = np.where(np.rint(labels.hu) == value, 1000.0, -1000.0).astype(np.float32)
-        mask = extract_box(image, labels.z_mm, labels.pixel_spacing_mm, zc, centre).image > 0
+        mask = (
+            extract_box(
+                image, labels.z_mm, labels.pixel_spacing_mm, box.z_centre_mm, box.centre_yx_mm
+            ).image
+            > 0
+        )
         n = int(mask.sum())
         row = {"cm3": round(n / 1000.0, 1)}
         for i, cls in enumerate(CLASSES):

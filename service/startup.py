@@ -18,7 +18,6 @@ loading the weights: the node process loads neither torch nor the worker
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import tempfile
@@ -29,6 +28,7 @@ from typing import Any
 
 from core import __version__
 from core.config import AnyDestination, Config, config_file
+from core.digest import file_sha256
 from core.errors import StartupError
 from core.jobs import jobs_database_label
 from core.logs import log_event
@@ -36,9 +36,6 @@ from core.model_registry import ModelRegistryError, active_locator
 from core.queue import broker_label
 
 log = logging.getLogger(__name__)
-
-#: Bytes read at a time when hashing a weights file.
-_HASH_CHUNK = 1 << 20
 
 
 def _writable_folders(config: Config) -> dict[str, Path]:
@@ -124,11 +121,7 @@ def model_version(weights: Path) -> dict[str, Any]:
     """
     info: dict[str, Any] = {"file": weights.name}
     try:
-        digest = hashlib.sha256()
-        with weights.open("rb") as f:
-            while chunk := f.read(_HASH_CHUNK):
-                digest.update(chunk)
-        info["sha256"] = digest.hexdigest()[:12]
+        info["sha256"] = file_sha256(weights)[:12]
     except OSError:
         info["missing"] = True
         return info

@@ -366,6 +366,25 @@ def test_column_centre_finds_the_phantom_body():
     assert vol.hu[i, r - 3 : r + 4, c - 3 : c + 4].mean() > 100.0  # cancellous bone
 
 
+def test_box_at_level_is_placed_as_its_parts_place_it_and_remembers_its_centre():
+    """One rule places the box (run time, training boxes, the real-bone report); a label map
+    resampled at the box's recorded centre lands on the box's own voxels."""
+    from worker.locator.vertebrae import box_at_level, box_centre_z
+
+    hu = _vertebra_and_contrast_volume(blob_hu=40.0)
+    z_mm = np.arange(30, dtype=np.float64) * 2.0
+    answer = 30.0
+    box = box_at_level(hu, z_mm, (1.0, 1.0), answer)
+    centre = column_centre(hu, z_mm, (1.0, 1.0), answer - 40.0, answer + 40.0)
+    zc = box_centre_z(answer, float(z_mm[0]), float(z_mm[-1]))
+    assert box.z_centre_mm == pytest.approx(zc)
+    assert box.centre_yx_mm == pytest.approx(centre)
+    again = extract_box(hu, z_mm, (1.0, 1.0), box.z_centre_mm, box.centre_yx_mm)
+    np.testing.assert_array_equal(again.image, box.image)
+    shifted = box_at_level(hu, z_mm, (1.0, 1.0), answer, shift_yx_mm=(4.0, -3.0))
+    assert shifted.centre_yx_mm == pytest.approx((centre[0] + 4.0, centre[1] - 3.0))
+
+
 def test_column_centre_without_bone_is_an_error():
     hu = np.full((10, 64, 64), 40.0, dtype=np.float32)
     with pytest.raises(VerificationError, match="no vertebra"):
@@ -739,7 +758,7 @@ def test_a_box_the_column_check_refuses_is_skipped_and_recorded(
     def ambiguous(*_args, **_kwargs):
         raise VerificationError("the vertebral column is ambiguous: (test)")
 
-    monkeypatch.setattr(spine_box, "column_centre", ambiguous)
+    monkeypatch.setattr(spine_box, "box_at_level", ambiguous)
     spec = PhantomSpec(spine_variation=True)
     for _ in range(2):
         refused: list[tuple[int, str]] = []

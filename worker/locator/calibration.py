@@ -20,7 +20,6 @@ existed keeps working.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from core import digest
 
 logger = logging.getLogger(__name__)
 
@@ -163,14 +164,15 @@ def calibration_path(weights: Path) -> Path:
 
 
 def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
+    """Hex SHA-256 of a file's bytes (:func:`core.digest.file_sha256`), remembered while
+    the file's path, modification time and size stay the same."""
     st = Path(path).stat()
     return _sha256(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
 
 
 @functools.lru_cache(maxsize=32)
 def _sha256(path: str, mtime_ns: int, size: int) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return digest.file_sha256(path)
 
 
 def load_calibration(weights: Path, refine_weights: Path | None) -> Calibration | None:

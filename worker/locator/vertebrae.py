@@ -58,6 +58,7 @@ __all__ = [
     "SpineBox",
     "SpineFCN",
     "VerificationError",
+    "box_at_level",
     "box_centre_z",
     "column_centre",
     "count_levels",
@@ -156,6 +157,22 @@ class SpineBox:
     def z_of(self, index: float) -> float:
         """z (mm) of box slice ``index`` (fractional allowed)."""
         return float(self.origin_mm[0] + index)
+
+    @property
+    def z_centre_mm(self) -> float:
+        """z (mm) of the box's centre (``z_centre_mm`` of :func:`extract_box`)."""
+        return float(self.origin_mm[0] + BOX_SHAPE[0] / 2 - 0.5)
+
+    @property
+    def centre_yx_mm(self) -> tuple[float, float]:
+        """(y, x) grid mm of the column centre the box was placed on (``centre_yx_mm`` of
+        :func:`extract_box`): another image on the same grid (a label map) resampled with
+        ``extract_box(image, z_mm, spacing_mm, box.z_centre_mm, box.centre_yx_mm)`` lands
+        on the same voxels."""
+        return (
+            float(self.origin_mm[1] + BOX_ANTERIOR_MM - 0.5),
+            float(self.origin_mm[2] + BOX_SHAPE[2] / 2 - 0.5),
+        )
 
 
 def column_centre(
@@ -1055,6 +1072,41 @@ def box_centre_z(locator_z_mm: float, z_first_mm: float, z_last_mm: float) -> fl
     return float(min(max(ideal, locator_z_mm - reach), locator_z_mm + reach))
 
 
+def box_at_level(
+    hu: np.ndarray,
+    z_mm: np.ndarray,
+    spacing_mm: tuple[float, float],
+    locator_z_mm: float,
+    *,
+    shift_yx_mm: tuple[float, float] = (0.0, 0.0),
+) -> SpineBox:
+    """The verification box of one located L3, placed as at run time (the one rule).
+
+    The column centre is estimated over the located slice +-40 mm (:func:`column_centre`),
+    the box's z centre is the answer moved into the scan (:func:`box_centre_z`), and the box
+    is resampled there (:func:`extract_box`).
+
+    Parameters
+    ----------
+    hu : (z, y, x) HU, canonical grid; z_mm : (z,) ascending (mm); spacing_mm : (row, col).
+    locator_z_mm : the locator's L3 z (mm).
+    shift_yx_mm : added to the estimated (y, x) centre (mm); training data uses it to move
+        the box as far as the estimate errs on patients. Zero at run time.
+
+    Returns
+    -------
+    SpineBox
+
+    Raises
+    ------
+    VerificationError
+        No column, an ambiguous column, or a box wholly outside the image.
+    """
+    cy, cx = column_centre(hu, z_mm, spacing_mm, locator_z_mm - 40.0, locator_z_mm + 40.0)
+    zc = box_centre_z(locator_z_mm, float(z_mm[0]), float(z_mm[-1]))
+    return extract_box(hu, z_mm, spacing_mm, zc, (cy + shift_yx_mm[0], cx + shift_yx_mm[1]))
+
+
 def verify_in_volume(
     net: SpineFCN,
     hu: np.ndarray,
@@ -1077,9 +1129,7 @@ def verify_in_volume(
     """
     t0 = time.perf_counter()
     try:
-        centre = column_centre(hu, z_mm, spacing_mm, locator_z_mm - 40.0, locator_z_mm + 40.0)
-        zc = box_centre_z(locator_z_mm, float(z_mm[0]), float(z_mm[-1]))
-        box = extract_box(hu, z_mm, spacing_mm, zc, centre)
+        box = box_at_level(hu, z_mm, spacing_mm, locator_z_mm)
     except VerificationError as exc:
         return LevelVerification(
             "unverified", locator_z_mm, locator_z_mm=locator_z_mm, reason=str(exc)

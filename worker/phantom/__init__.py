@@ -38,6 +38,7 @@ __all__ = [
     "generate_phantom",
     "generate_phantom_mip",
     "generate_phantom_mips",
+    "phantom_anatomy",
     "write_phantom",
 ]
 
@@ -362,6 +363,27 @@ def _build(seed: int, spec: PhantomSpec | None):
     z_off = float(np.round(rng.uniform(-400.0, 100.0) - bottom, 1))
     grid = RenderGrid(xs, ys, zs, px, thk)
     return spec, rng, fov, anat, grid, (off_x, y_mid + off_y, z_off)
+
+
+def phantom_anatomy(
+    seed: int, spec: PhantomSpec | None = None
+) -> tuple[Anatomy, np.random.Generator]:
+    """The anatomy of phantom ``seed`` without rendering it, for renders of one's own grid
+    (the level-verification boxes of :mod:`worker.phantom.spine_box`).
+
+    Returns
+    -------
+    (anatomy, rng): the anatomy :func:`generate_phantom` would render for the same seed and
+    spec, and the phantom's random stream after every draw of the build (a render that
+    continues it draws noise and texture as the phantom's own render would).
+
+    Raises
+    ------
+    ValueError
+        An unknown field of view or an invalid spec (as :func:`generate_phantom`).
+    """
+    _, rng, _, anat, _, _ = _build(seed, spec)
+    return anat, rng
 
 
 def _truth(seed: int, fov: str, anat: Anatomy, grid: RenderGrid, z_off: float) -> GroundTruth:

@@ -7,9 +7,8 @@ made the way the pipeline makes it from a real series, with its reference segmen
    around the column (170 x 160 mm in plane, slice thickness 1-5 mm, pixel size
    0.6-3 mm), over a z range that a scanner's field of view may cut;
 2. a simulated locator answer (the true mid-L3 moved by up to one and a half vertebrae) is
-   where :func:`~worker.locator.vertebrae.column_centre`,
-   :func:`~worker.locator.vertebrae.box_centre_z` and
-   :func:`~worker.locator.vertebrae.extract_box` place the box, exactly as at run time;
+   where :func:`~worker.locator.vertebrae.box_at_level` places the box, exactly as at run
+   time (the column centre moved by up to 10 mm, as far as its estimate errs on patients);
 3. the reference classes are drawn from the skeleton's tagged primitives
    (``anat.extra["bone_tags"]``) on the box's 1 mm grid: vertebral bodies, bony ribs, sacrum
    (coverage above one half), nothing outside the scan.
@@ -29,11 +28,9 @@ from worker.locator.vertebrae import (
     RIB,
     SACRUM,
     SpineBox,
-    box_centre_z,
-    column_centre,
-    extract_box,
+    box_at_level,
 )
-from worker.phantom import PhantomSpec, _build
+from worker.phantom import PhantomSpec, phantom_anatomy
 from worker.phantom.anatomy import Anatomy
 from worker.phantom.primitives import BoneBuffers, SliceGrid
 from worker.phantom.render import RenderGrid, render
@@ -118,7 +115,7 @@ def spine_case(
     SpineCase
     """
     spec = spec or PhantomSpec()
-    _, rng, _, anat, _, _ = _build(seed, PhantomSpec(**{**spec.__dict__, "fov": "abdomen"}))
+    anat, rng = phantom_anatomy(seed, PhantomSpec(**{**spec.__dict__, "fov": "abdomen"}))
     crng = np.random.default_rng([seed, 0x5B1E])  # the case's own draws: anatomy unchanged
     v = {x.name: x for x in anat.vertebrae}
     l3 = v["L3"]
@@ -140,11 +137,10 @@ def spine_case(
     ys = np.arange(cy - 60.0, cy + 100.0, px)
     zs = np.arange(lo, hi, thk)
     hu, _ = render(anat, RenderGrid(xs, ys, zs, px, thk), rng, with_labels=False)
-    cy_est, cx_est = column_centre(hu, zs, (px, px), locator_z - 40.0, locator_z + 40.0)
-    # the estimate is cleaner on a phantom than on a patient (measured 10 mm off on the real
-    # case): move it as far
-    centre = (cy_est + float(crng.uniform(-10.0, 10.0)), cx_est + float(crng.uniform(-6.0, 6.0)))
-    box = extract_box(hu, zs, (px, px), box_centre_z(locator_z, zs[0], zs[-1]), centre)
+    # the column estimate is cleaner on a phantom than on a patient (measured 10 mm off on
+    # the real case): move it as far
+    shift = (float(crng.uniform(-10.0, 10.0)), float(crng.uniform(-6.0, 6.0)))
+    box = box_at_level(hu, zs, (px, px), locator_z, shift_yx_mm=shift)
     # the box's 1 mm grid in the body frame (grid mm + the local render's first pixel)
     oz, oy, ox = box.origin_mm
     bgrid = RenderGrid(

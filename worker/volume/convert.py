@@ -14,13 +14,13 @@ the same Study, Series and SOP Instance UIDs.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import shutil
 from pathlib import Path
 
 import numpy as np
 
 from core import ALGORITHM_NAME
+from core.digest import file_sha256
 from core.errors import L3SpotError
 from worker.volume.load import CTVolume, load_dicom_series, load_nifti
 
@@ -82,15 +82,6 @@ class ConversionReport:
     max_affine_error_mm: float
     rounded_voxels: int = 0
     max_rounding_hu: float = 0.0
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes (seeds the generated UIDs of NIfTI input)."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def nifti_uid_seed(sha256: str) -> str:
