@@ -244,6 +244,13 @@ def evaluate_crops(
     no_verify: Annotated[
         bool, typer.Option("--no-verify", help="Without the level verification.")
     ] = False,
+    probes: Annotated[
+        bool,
+        typer.Option(
+            "--probes",
+            help="Also read edited real boxes (hip bones removed, sacral marrow brightened).",
+        ),
+    ] = False,
 ) -> None:
     """Run the locator on crops of the real abdomen CT as scanners crop (evaluation data only,
     never training data) and print a table; also the real chest series (not in the FOV)."""
@@ -259,11 +266,13 @@ def evaluate_crops(
     if cfg.verify_weights:
         from research.evaluate_crops import real_bone_recognition
 
-        bones = real_bone_recognition(data_dir(), cfg.verify_weights)
+        bones = real_bone_recognition(data_dir(), cfg.verify_weights, probes=probes)
         typer.echo("\nWhat the level network calls the real case's bones (share of each")
         typer.echo("TotalSegmentator label's voxels in the box, by class):")
-        for name, row in bones.items():
-            typer.echo(f"- {name}: " + ", ".join(f"{k} {v}" for k, v in row.items()))
+        for box_name, table in bones.items():
+            typer.echo(f"{box_name}:")
+            for name, row in table.items():
+                typer.echo(f"- {name}: " + ", ".join(f"{k} {v}" for k, v in row.items()))
     if json_out is not None:
         out = [r.row() for r in rows]
         if bones is not None:

@@ -298,27 +298,50 @@ def evaluate_real_crops(
 
 
 #: TotalSegmentator label numbers of ``segmentation_total.nii.gz`` (its labels JSON) whose
-#: voxels :func:`real_bone_recognition` reports.
-REAL_BONE_LABELS = {"sacrum": 25, "L5": 27, "L4": 28, "L3": 29}
+#: voxels :func:`real_bone_recognition` reports. TotalSegmentator labels S1 apart from the
+#: rest of the sacrum ("sacrum" is S2 down and the alae); the phantom's sacrum class holds
+#: both, and a count from the sacrum needs either; the hip bones are what lies beside it.
+REAL_BONE_LABELS: dict[str, tuple[int, ...]] = {
+    "sacrum": (25,),
+    "S1": (26,),
+    "L5": (27,),
+    "L4": (28,),
+    "L3": (29,),
+    "hip bones": (77, 78),
+}
 
 
-def real_bone_recognition(data: Path, weights: Path) -> dict[str, dict[str, float]]:
+def real_bone_recognition(
+    data: Path, weights: Path, *, probes: bool = False
+) -> dict[str, dict[str, dict[str, float]]]:
     """What the level-verification network calls the real case's bones (evaluation only).
 
     The box is placed as at run time (:func:`~worker.locator.vertebrae.box_at_level`)
-    around the reference mid-L3 of the whole scan; each TotalSegmentator label (model output,
-    not manual annotation; the vertebrae include their posterior elements, so a lumbar
-    label's share called "vertebral_body" is about 0.4 when the body is all found) is
-    resampled onto the same box. The sacrum is what a count from the sacrum needs.
+    around the reference mid-L3 of the whole scan; each TotalSegmentator label
+    (:data:`REAL_BONE_LABELS`; model output, not manual annotation; the vertebrae include
+    their posterior elements, so a lumbar label's share called "vertebral_body" is about
+    0.4 when the body is all found) is resampled onto the same box. The sacrum (or S1
+    touching it) is what a count from the sacrum needs.
+
+    With ``probes`` the network also reads edited copies of the real box, each asking what
+    keeps it from the sacrum (a diagnostic, never a tuning target):
+
+    - ``"hip bones as muscle"``: the hip bones and femurs (dilated by 2 voxels, for their
+      partial volume; never over the sacrum or S1) set to 50 HU;
+    - ``"sacral marrow as L5's"``: the sacrum's and S1's voxels raised by the difference of
+      L5's and the sacrum's median HU;
+    - ``"both"``.
 
     Parameters
     ----------
     data : the shared data folder (``L3SPOT_DATA``).
     weights : level-verification weights (:func:`~worker.locator.vertebrae.load_spine_model`).
+    probes : also read the edited boxes.
 
     Returns
     -------
-    label name -> {"cm3": its volume inside the box, and per class of
+    box name ("real", then each probe) -> label name -> {"cm3": its volume inside the box,
+    "median_hu" (in the box as the network reads it), and per class of
     :data:`~worker.locator.vertebrae.CLASSES` the share of its voxels given that class}.
 
     Raises
@@ -326,8 +349,11 @@ def real_bone_recognition(data: Path, weights: Path) -> dict[str, dict[str, floa
     FileNotFoundError
         The real case or its labels are not under ``data``.
     """
+    from scipy import ndimage
+
     from worker.locator.vertebrae import (
         CLASSES,
+        SpineBox,
         box_at_level,
         extract_box,
         load_spine_model,
@@ -344,22 +370,46 @@ def real_bone_recognition(data: Path, weights: Path) -> dict[str, dict[str, floa
     labels = load_nifti(seg, check_hu=False)
     z = float(vol.z_mm[REAL_MID_L3_INDEX])
     box = box_at_level(vol.hu, vol.z_mm, vol.pixel_spacing_mm, z)
-    classes = segment_box(load_spine_model(weights), box)
-    out: dict[str, dict[str, float]] = {}
-    for name, value in REAL_BONE_LABELS.items():
+    label_ids = np.rint(labels.hu)
+
+    def in_box(values: tuple[int, ...]) -> np.ndarray:
         # the label as a two-level image: trilinear resampling, then the half-way threshold
-        image = np.where(np.rint(labels.hu) == value, 1000.0, -1000.0).astype(np.float32)
-        mask = (
+        image = np.where(np.isin(label_ids, values), 1000.0, -1000.0).astype(np.float32)
+        return (
             extract_box(
                 image, labels.z_mm, labels.pixel_spacing_mm, box.z_centre_mm, box.centre_yx_mm
             ).image
             > 0
         )
-        n = int(mask.sum())
-        row = {"cm3": round(n / 1000.0, 1)}
-        for i, cls in enumerate(CLASSES):
-            row[cls] = round(float((classes[mask] == i).mean()), 3) if n else float("nan")
-        out[name] = row
+
+    masks = {name: in_box(values) for name, values in REAL_BONE_LABELS.items()}
+    net = load_spine_model(weights)
+
+    def read(image: np.ndarray) -> dict[str, dict[str, float]]:
+        classes = segment_box(net, SpineBox(image, box.in_scan, box.origin_mm))
+        rows: dict[str, dict[str, float]] = {}
+        for name, mask in masks.items():
+            n = int(mask.sum())
+            row = {
+                "cm3": round(n / 1000.0, 1),
+                "median_hu": round(float(np.median(image[mask])), 1) if n else float("nan"),
+            }
+            for i, cls in enumerate(CLASSES):
+                row[cls] = round(float((classes[mask] == i).mean()), 3) if n else float("nan")
+            rows[name] = row
+        return rows
+
+    out = {"real": read(box.image)}
+    if probes:
+        sacrum = masks["sacrum"] | masks["S1"]
+        hips = ndimage.binary_dilation(
+            masks["hip bones"] | in_box((75, 76)), iterations=2
+        ) & ~ndimage.binary_dilation(sacrum)
+        no_hips = np.where(hips, np.float32(50.0), box.image)
+        lift = np.float32(np.median(box.image[masks["L5"]]) - np.median(box.image[masks["sacrum"]]))
+        out["hip bones as muscle"] = read(no_hips)
+        out["sacral marrow as L5's"] = read(np.where(sacrum, box.image + lift, box.image))
+        out["both"] = read(np.where(sacrum, no_hips + lift, no_hips))
     return out
 
 

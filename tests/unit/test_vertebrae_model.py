@@ -129,11 +129,22 @@ def test_real_bone_recognition_reports_what_the_network_calls_each_real_bone(
     from worker.locator.vertebrae import CLASSES
 
     weights = require_shipped(LocatorConfig().verify_weights, "spine weights")
-    out = real_bone_recognition(shared_data, weights)
+    boxes = real_bone_recognition(shared_data, weights, probes=True)
+    assert list(boxes) == ["real", "hip bones as muscle", "sacral marrow as L5's", "both"]
+    out = boxes["real"]
     assert set(out) == set(REAL_BONE_LABELS)
-    for name, row in out.items():
-        assert sum(row[c] for c in CLASSES) == pytest.approx(1.0, abs=0.01), name
+    for box_name, table in boxes.items():
+        for name, row in table.items():
+            assert sum(row[c] for c in CLASSES) == pytest.approx(1.0, abs=0.01), (box_name, name)
     for name in ("L3", "L4", "L5"):
         assert 40.0 < out[name]["cm3"] < 90.0 and out[name]["vertebral_body"] > 0.3, name
         assert out[name]["sacrum"] < 0.05, name
-    assert out["sacrum"]["cm3"] > 50.0
+    assert out["sacrum"]["cm3"] > 50.0 and out["S1"]["cm3"] > 20.0
+    # the probes edit what they say and nothing else
+    assert out["hip bones"]["median_hu"] > 100.0
+    assert boxes["hip bones as muscle"]["hip bones"]["median_hu"] == pytest.approx(50.0)
+    assert boxes["hip bones as muscle"]["sacrum"]["median_hu"] == out["sacrum"]["median_hu"]
+    assert out["sacrum"]["median_hu"] < out["L5"]["median_hu"] - 40.0
+    lifted = boxes["sacral marrow as L5's"]
+    assert lifted["sacrum"]["median_hu"] == pytest.approx(out["L5"]["median_hu"], abs=1.0)
+    assert lifted["L3"]["median_hu"] == out["L3"]["median_hu"]
