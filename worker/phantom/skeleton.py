@@ -421,7 +421,9 @@ def build_skeleton(anat: Anatomy, rng: np.random.Generator) -> None:
     # alae (lateral masses) reaching the sacro-iliac joints: on a curved sacrum a curved
     # plate from 3 mm under the S1 end plate down to S4 (_sacral_wings), else a slab
     if shape is not None:
-        bones.append(_sacral_wings(segments, s1_top - 3.0, ala, k, cort, canc_s))
+        if "canal_depth_mm" in shape:
+            bones.append(_sacral_roof(segments, s1_top - 3.0, k, cort, canc_s, shape))
+        bones.append(_sacral_wings(segments, s1_top - 3.0, ala, k, cort, canc_s, shape))
     else:
         bones.append(
             Slab(
@@ -500,8 +502,23 @@ class _LumbarCurve:
         return (y(zs[0]), y(zs[1])), (self._tilt(zs[0]), self._tilt(zs[1])), zs[0]
 
 
+def _sacral_axis(segments: list[Slab]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(z, y, axial half-depth) along the curved sacrum's axis, z ascending (mm): the ends of
+    the sacral bodies of :func:`_curved_sacrum`."""
+    pts = sorted(
+        [(b.z0, b.c0[1], b.b) for b in segments] + [(b.z1, b.c1[1], b.b) for b in segments]
+    )
+    return tuple(np.array([p[i] for p in pts]) for i in range(3))  # type: ignore[return-value]
+
+
 def _sacral_wings(
-    segments: list[Slab], z_top: float, ala: float, k: float, cort: float, canc: float
+    segments: list[Slab],
+    z_top: float,
+    ala: float,
+    k: float,
+    cort: float,
+    canc: float,
+    shape: dict[str, float] | None = None,
 ) -> Plate:
     """The curved sacrum's lateral masses: from the alae under S1 down to S4, one plate
     whose axial section is a shallow U through the sacral bodies (the pelvic surface
@@ -514,31 +531,108 @@ def _sacral_wings(
     the plate's midline); ``z_top`` (mm) is the alae's top; ``ala`` (mm) the half-width at
     the sacro-iliac joints. Half-width ``ala * (1 - 0.6 t)``, thickness ``(20 - 10 t) k``
     (t = 0 at the top, 1 at the bottom of S4); the ends lie 8 mm in front of the midline.
+
+    With ``shape["mass_depth"]`` (:data:`worker.phantom.variation.SACRAL_MASS_DEPTH`) the
+    plate is that fraction of the S1 body's axial depth thick beside the canal (beyond
+    ``shape["canal_half_width_mm"]`` from the midline, tapering to 40 % of it at S4), its
+    lateral parts moved back so that their front stays where the thin plate's was: the
+    lateral masses then reach back to the dorsal wall of :func:`_sacral_roof`, flanking the
+    canal.
     """
-    pts = sorted([(b.z0, b.c0[1]) for b in segments] + [(b.z1, b.c1[1]) for b in segments])
-    zs = np.array([p[0] for p in pts])
-    ys = np.array([p[1] for p in pts])
+    zs, ys, _ = _sacral_axis(segments)
     z_bot = segments[3].z0
     span = max(z_top - z_bot, 1.0)
+    # the S1 body's depth in an axial slice (its half-depth across the axis / cos(slope))
+    deep = 0.0 if shape is None else float(shape.get("mass_depth", 0.0)) * 2 * segments[0].b
+    half_canal = 0.0 if shape is None else float(shape.get("canal_half_width_mm", 0.0)) * k
+
+    def frac(z: float) -> float:
+        return float(np.clip((z_top - z) / span, 0.0, 1.0))
+
+    def lateral(z: float, u: np.ndarray) -> np.ndarray:
+        """0 in the middle (over the canal), 1 beside it (x = w (2u - 1) on the U)."""
+        w = ala * (1.0 - 0.6 * frac(z))
+        x = np.abs(w * (2.0 * np.asarray(u, dtype=np.float64) - 1.0))
+        return np.clip((x - half_canal) / 4.0, 0.0, 1.0)
+
+    def extra(z: float) -> float:
+        """How much thicker than the thin plate the lateral masses are at ``z`` (mm)."""
+        t = frac(z)
+        return max(0.0, deep * (1.0 - 0.6 * t) - (20.0 - 10.0 * t) * k)
+
+    def path(z: float) -> np.ndarray:
+        t = frac(z)
+        yc = float(np.interp(z, zs, ys))
+        w = ala * (1.0 - 0.6 * t)
+        back = 0.5 * extra(z)  # the thicker part moves back: its front stays put
+        u = np.linspace(0.0, 1.0, 9)[:, None]
+        p0 = np.array([-w, yc - 8.0 + back])
+        p1 = np.array([0.0, yc + 8.0])
+        p2 = np.array([w, yc - 8.0 + back])
+        pts = (1 - u) ** 2 * p0 + 2 * (1 - u) * u * p1 + u**2 * p2
+        if back > 0.0:  # over the canal the plate keeps its old line (inside the body)
+            base = (1 - u) ** 2 * (p0 - [0, back]) + 2 * (1 - u) * u * p1 + u**2 * (p2 - [0, back])
+            f = lateral(z, u[:, 0])[:, None]
+            pts = base + f * (pts - base)
+        return pts
+
+    def thickness(z: float, u: np.ndarray) -> np.ndarray:
+        base = (20.0 - 10.0 * frac(z)) * k
+        return base + extra(z) * lateral(z, u) if deep else np.full(np.shape(u), base)
+
+    def cortical(z: float, u: np.ndarray) -> np.ndarray:
+        return np.full(np.shape(u), cort * 0.7)
+
+    return Plate(z_bot, z_top, path, thickness, cortical, canc * 0.85)
+
+
+def _sacral_roof(
+    segments: list[Slab],
+    z_top: float,
+    k: float,
+    cort: float,
+    canc: float,
+    shape: dict[str, float],
+) -> Plate:
+    """The curved sacrum's dorsal wall over the sacral canal, S1 to the bottom of S3.
+
+    Behind the sacral bodies the canal (``shape["canal_depth_mm"]`` deep and
+    ``shape["canal_half_width_mm"]`` to each side at S1, times the body scale ``k``; both
+    narrow downwards, the depth to half and the width by 40 % at the bottom of S3) is left
+    empty; the wall is a shallow inverted V of fused laminae 5 mm thick (x ``k``) from the
+    canal's sides to the midline behind it, thickest (9 mm) at the median sacral crest. The
+    body's posterior surface is the sacral bodies' axis plus their axial half-depth.
+    """
+    zs, ys, bs = _sacral_axis(segments)
+    z_bot = segments[2].z0
+    span = max(z_top - z_bot, 1.0)
+    depth0 = float(shape["canal_depth_mm"]) * k
+    half0 = float(shape["canal_half_width_mm"]) * k
 
     def frac(z: float) -> float:
         return float(np.clip((z_top - z) / span, 0.0, 1.0))
 
     def path(z: float) -> np.ndarray:
         t = frac(z)
-        yc = float(np.interp(z, zs, ys))
-        w = ala * (1.0 - 0.6 * t)
-        u = np.linspace(0.0, 1.0, 9)[:, None]
-        p0, p1, p2 = np.array([-w, yc - 8.0]), np.array([0.0, yc + 8.0]), np.array([w, yc - 8.0])
-        return (1 - u) ** 2 * p0 + 2 * (1 - u) * u * p1 + u**2 * p2
+        back = float(np.interp(z, zs, ys) + np.interp(z, zs, bs))  # the body's back
+        depth, half = depth0 * (1.0 - 0.5 * t), half0 * (1.0 - 0.4 * t)
+        wall = 2.5 * k  # half the wall's thickness: the canal stays clear of it
+        return np.array(
+            [
+                [-half - wall, back + 0.3 * depth],
+                [0.0, back + depth + wall],
+                [half + wall, back + 0.3 * depth],
+            ]
+        )
 
     def thickness(z: float, u: np.ndarray) -> np.ndarray:
-        return np.full(np.shape(u), (20.0 - 10.0 * frac(z)) * k)
+        u = np.asarray(u, dtype=np.float64)
+        return (5.0 + 4.0 * np.exp(-(((u - 0.5) / 0.12) ** 2))) * k
 
     def cortical(z: float, u: np.ndarray) -> np.ndarray:
-        return np.full(np.shape(u), cort * 0.7)
+        return np.full(np.shape(u), cort * 0.8)
 
-    return Plate(z_bot, z_top, path, thickness, cortical, canc * 0.85)
+    return Plate(z_bot, z_top, path, thickness, cortical, canc)
 
 
 def _curved_sacrum(

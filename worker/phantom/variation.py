@@ -34,6 +34,16 @@ sampled body, before its skeleton is built, the ways real spines differ:
 * the sacrum's marrow: its cancellous HU :data:`SACRAL_MARROW` times the lumbar bodies'
   (fatty marrow conversion reaches the sacrum early; in the real case's box the sacrum's
   median is 91 HU, its L5's 179);
+* the sacrum's dorsal half: a sacral canal behind S1-S3 (:data:`SACRAL_CANAL_DEPTH_MM` deep,
+  :data:`SACRAL_CANAL_HALF_WIDTH_MM` wide to each side at S1, both narrowing downwards) under
+  a dorsal wall of fused laminae with a median crest, and lateral masses beside the canal
+  as deep as :data:`SACRAL_MASS_DEPTH` times the S1 body (``skeleton._sacral_roof``,
+  ``skeleton._sacral_wings``). In an axial CT slice through S1-S2 the sacrum is a broad bony
+  mass whose body is only its front third, with the canal behind the body and the lateral
+  masses reaching back to the dorsal wall; a body with a thin wing plate, which the phantom
+  drew before, is not what a real pelvis shows (standard anatomy: the canal is triangular
+  above, about 10-16 mm deep and 25-32 mm wide at S1, flattening downwards to the hiatus at
+  S4-S5; the lateral masses carry the auricular surfaces over S1-S3);
 * a lumbar lordosis that follows the sacral slope: the default column's lordosis is shallow
   (its lumbar apex lies 3-8 mm in front of the line from T12 to S1; in adults the L1-S1
   lordosis is 60 +/- 10 degrees, and it follows the sacral slope, on average LL about
@@ -85,6 +95,15 @@ SACRAL_MARROW = (0.3, 1.0)
 LORDOSIS_PEAK = 0.4
 #: How far the sacrum's axis turns forward from the top of S1 to the end of S5 (degrees).
 SACRAL_TURN_DEG = (15.0, 40.0)
+#: Depth (mm, front to back, at S1, before the body-size scale) of the sacral canal behind
+#: the S1 body, drawn uniformly; it narrows to half by the bottom of S3.
+SACRAL_CANAL_DEPTH_MM = (10.0, 16.0)
+#: Half-width (mm, at S1, before the body-size scale) of the sacral canal, drawn uniformly;
+#: it narrows by 40 % by the bottom of S3.
+SACRAL_CANAL_HALF_WIDTH_MM = (12.0, 16.0)
+#: Front-to-back depth of the lateral masses beside the canal at S1, as a fraction of the
+#: S1 body's depth (drawn uniformly); it tapers to 40 % at S4.
+SACRAL_MASS_DEPTH = (1.0, 1.4)
 
 
 _BUMP_MAX = LORDOSIS_PEAK * (1.0 - LORDOSIS_PEAK) ** 1.5
@@ -193,6 +212,13 @@ def apply_spine_variation(anat: Anatomy, seed: int) -> None:
     # the sacrum's marrow (drawn after the lordosis: the draws above stay)
     sacrum["marrow"] = float(rng.uniform(*SACRAL_MARROW))
     record["sacrum"]["marrow"] = round(sacrum["marrow"], 2)
+    # the sacrum's canal, dorsal wall and deep lateral masses (drawn last: the draws above
+    # stay)
+    sacrum["canal_depth_mm"] = float(rng.uniform(*SACRAL_CANAL_DEPTH_MM))
+    sacrum["canal_half_width_mm"] = float(rng.uniform(*SACRAL_CANAL_HALF_WIDTH_MM))
+    sacrum["mass_depth"] = float(rng.uniform(*SACRAL_MASS_DEPTH))
+    for key in ("canal_depth_mm", "canal_half_width_mm", "mass_depth"):
+        record["sacrum"][key] = round(sacrum[key], 2)
     for v in verts:
         v.cy = spine_y(v.zm)
     anat.extra["lordosis"] = {"bump_mm": height, "lumbar_top_mm": lumbar_top}
