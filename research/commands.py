@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -289,30 +289,54 @@ def evaluate_levels(
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "cpu",
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the cases.")] = None,
+    verify_weights: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--verify-weights",
+            help="Level-verification weights to compare on the same volumes (give it twice "
+            "for a paired comparison; default: the configured ones).",
+        ),
+    ] = None,
 ) -> None:
     """Run the whole locator (with the level verification) on phantom volumes and print the
-    accuracy before and after the verification (models/spine_fcn.md)."""
-    from research.evaluate_levels import evaluate_levels as run
-    from research.evaluate_levels import format_levels, summarise
+    accuracy before and after the verification (models/spine_fcn.md); with two
+    ``--verify-weights``, also where the two differ scan by scan (McNemar)."""
+    from research.evaluate_levels import compare_verification, format_levels, paired, summarise
 
     first = seed if seed is not None else {"a": 1_000_000, "b": 7_000_000}.get(style, 0)
     cfg = _locator_config(None, None)
-    cases = run(
+    weights = list(verify_weights) if verify_weights else [cfg.verify_weights]
+    runs = compare_verification(
         style,
         range(first, first + phantoms),
         cfg,
+        weights,
         device,
         each=lambda c: typer.echo(
             f"{c.name}: {c.status}, error {c.error_before_mm} -> {c.error_after_mm} mm",
             err=True,
         ),
     )
-    summary = summarise(cases)
-    typer.echo(format_levels(f"style {style}, seeds {first}..{first + phantoms - 1}", summary))
-    if json_out is not None:
-        json_out.write_text(
-            json.dumps({"summary": summary, "cases": [c.row() for c in cases]}, indent=2) + "\n"
+    seeds = f"seeds {first}..{first + phantoms - 1}"
+    out: dict[str, Any] = {}
+    for key, cases in runs.items():
+        summary = summarise(cases)
+        name = f"style {style}, {seeds}" + (f", {key}" if len(runs) > 1 else "")
+        typer.echo(format_levels(name, summary))
+        out[key] = {"summary": summary, "cases": [c.row() for c in cases]}
+    pair = None
+    if len(runs) == 2:
+        a, b = runs.values()
+        pair = paired(a, b)
+        typer.echo(
+            f"\npaired ({' vs '.join(runs)}): both right {pair['both_right']}, neither "
+            f"{pair['neither_right']}, only the first {len(pair['only_first'])}, only the "
+            f"second {len(pair['only_second'])} of {pair['scans']}; McNemar p = "
+            f"{pair['mcnemar_p']}"
         )
+    if json_out is not None:
+        doc = next(iter(out.values())) if len(out) == 1 else {"runs": out, "paired": pair}
+        json_out.write_text(json.dumps(doc, indent=2) + "\n")
 
 
 def register(app: typer.Typer) -> None:

@@ -11,8 +11,9 @@ on. ``l3spot evaluate-levels`` prints the table (models/spine_fcn.md).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,15 @@ from core.config import LocatorConfig
 from research.evaluate_locator import SUCCESS_MM
 from worker.volume.load import CTVolume
 
-__all__ = ["LevelCase", "evaluate_levels", "format_levels", "phantom_volumes", "summarise"]
+__all__ = [
+    "LevelCase",
+    "compare_verification",
+    "evaluate_levels",
+    "format_levels",
+    "paired",
+    "phantom_volumes",
+    "summarise",
+]
 
 
 @dataclass
@@ -122,32 +131,103 @@ def evaluate_levels(
     -------
     list of LevelCase, one per seed.
     """
+    key = str(config.verify_weights)
+    return compare_verification(style, seeds, config, [config.verify_weights], device, each)[key]
+
+
+def compare_verification(
+    style: str,
+    seeds: range,
+    config: LocatorConfig,
+    verify_weights: Sequence[Path | None],
+    device: str = "cpu",
+    each: Callable[[LevelCase], None] | None = None,
+) -> dict[str, list[LevelCase]]:
+    """The whole locator on each phantom of ``style`` once per level-verification network,
+    on the same rendered volumes (a paired comparison: :func:`paired`).
+
+    Parameters
+    ----------
+    verify_weights : weights files (None: without the verification); each replaces
+        ``config.verify_weights`` for its run.
+
+    Returns
+    -------
+    ``str(weights)`` -> one LevelCase per seed, in seed order.
+    """
     from worker.locator.locate import locate_l3
 
-    out = []
+    configs = {str(w): config.model_copy(update={"verify_weights": w}) for w in verify_weights}
+    out: dict[str, list[LevelCase]] = {k: [] for k in configs}
     for s, vol, t in phantom_volumes(style, seeds):
-        res = locate_l3(vol, config, device=device)
-        v = res.verification or {}
-        final = None if res.slice_index is None else float(res.z_mm)
-        before = v.get("locator_z_mm", final) if v else final
-        case = LevelCase(
-            name=f"{style}-{s}",
-            transitional=t["transitional"],
-            truth_z_mm=float(t["mid"]) if t["in_fov"] else None,
-            l3_range_mm=tuple(float(x) for x in t["range"]) if t["range"] else None,
-            in_fov_said=res.in_field_of_view,
-            locator_z_mm=None if before is None else float(before),
-            final_z_mm=final,
-            status=v.get("status"),
-            counted_by=v.get("counted_by"),
-            flagged_transitional=bool(v.get("possible_transitional_anatomy")),
-            lumbar_counted=v.get("lumbar_counted"),
-            seconds_verify=float(res.timings_s.get("verify", 0.0)),
-        )
-        out.append(case)
-        if each:
-            each(case)
+        for key, cfg in configs.items():
+            case = _level_case(f"{style}-{s}", t, locate_l3(vol, cfg, device=device))
+            out[key].append(case)
+            if each:
+                each(case)
     return out
+
+
+def _level_case(name: str, t: dict[str, Any], res: Any) -> LevelCase:
+    """One LevelCase from a phantom's truth dict and :func:`locate_l3`'s result."""
+    v = res.verification or {}
+    final = None if res.slice_index is None else float(res.z_mm)
+    before = v.get("locator_z_mm", final) if v else final
+    return LevelCase(
+        name=name,
+        transitional=t["transitional"],
+        truth_z_mm=float(t["mid"]) if t["in_fov"] else None,
+        l3_range_mm=tuple(float(x) for x in t["range"]) if t["range"] else None,
+        in_fov_said=res.in_field_of_view,
+        locator_z_mm=None if before is None else float(before),
+        final_z_mm=final,
+        status=v.get("status"),
+        counted_by=v.get("counted_by"),
+        flagged_transitional=bool(v.get("possible_transitional_anatomy")),
+        lumbar_counted=v.get("lumbar_counted"),
+        seconds_verify=float(res.timings_s.get("verify", 0.0)),
+    )
+
+
+def paired(first: list[LevelCase], second: list[LevelCase]) -> dict[str, Any]:
+    """Scan by scan, where two runs on the same phantoms differ (within 10 mm after the
+    verification, of the scans with L3 in the field of view that both answered).
+
+    Only the discordant scans tell two networks apart: with ``only_first`` = b and
+    ``only_second`` = c, ``mcnemar_p`` is the exact two-sided binomial p-value of b against
+    c (McNemar's test; 1.0 when no scan differs), the chance of a split at least as uneven if
+    the two were equally good.
+
+    Raises
+    ------
+    ValueError
+        The two lists are not of the same phantoms in the same order.
+    """
+    if [c.name for c in first] != [c.name for c in second]:
+        raise ValueError("paired runs must hold the same phantoms in the same order")
+    both = [
+        (a, b)
+        for a, b in zip(first, second, strict=True)
+        if a.truth_z_mm is not None and a.final_z_mm is not None and b.final_z_mm is not None
+    ]
+    only_first = [a.name for a, b in both if _ok(a.error_after_mm) and not _ok(b.error_after_mm)]
+    only_second = [b.name for a, b in both if _ok(b.error_after_mm) and not _ok(a.error_after_mm)]
+    n = len(only_first) + len(only_second)
+    p = 1.0
+    if n:
+        from scipy.stats import binomtest
+
+        p = float(binomtest(len(only_first), n, 0.5).pvalue)
+    return {
+        "scans": len(both),
+        "both_right": sum(1 for a, b in both if _ok(a.error_after_mm) and _ok(b.error_after_mm)),
+        "neither_right": sum(
+            1 for a, b in both if not _ok(a.error_after_mm) and not _ok(b.error_after_mm)
+        ),
+        "only_first": only_first,
+        "only_second": only_second,
+        "mcnemar_p": round(p, 4),
+    }
 
 
 def _ok(error_mm: float | None) -> bool:

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from research.evaluate_levels import LevelCase, format_levels, phantom_volumes, summarise
+from research.evaluate_levels import LevelCase, format_levels, paired, phantom_volumes, summarise
 
 
 def _case(name, truth, before, after, status, transitional=None, flagged=False) -> LevelCase:
@@ -53,3 +55,55 @@ def test_summary_counts_what_the_verification_fixed_and_broke() -> None:
 def test_unknown_style_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown style"):
         next(phantom_volumes("c", range(1)))
+
+
+def test_paired_comparison_counts_the_scans_where_two_networks_differ() -> None:
+    """Two level networks on the same phantoms: only the discordant scans tell them apart
+    (McNemar); scans without L3 or without an answer are left out."""
+    first = [
+        _case("a", 100.0, 100.0, 101.0, "confirmed"),
+        _case("b", 100.0, 135.0, 101.0, "corrected"),
+        _case("c", 100.0, 135.0, 135.0, "confirmed"),
+        _case("d", None, None, None, None),
+    ] + [_case(f"w{i}", 100.0, 100.0, 101.0, "confirmed") for i in range(8)]
+    second = [
+        _case("a", 100.0, 100.0, 101.0, "confirmed"),
+        _case("b", 100.0, 135.0, 135.0, "confirmed"),
+        _case("c", 100.0, 135.0, 135.0, "confirmed"),
+        _case("d", None, None, None, None),
+    ] + [_case(f"w{i}", 100.0, 100.0, 140.0, "corrected") for i in range(8)]
+    p = paired(first, second)
+    assert p["scans"] == 11 and p["both_right"] == 1 and p["neither_right"] == 1
+    assert p["only_first"] == ["b"] + [f"w{i}" for i in range(8)] and p["only_second"] == []
+    assert p["mcnemar_p"] == pytest.approx(2 * 0.5**9, abs=1e-4)  # 9 to 0
+    assert paired(first, first)["mcnemar_p"] == 1.0
+    with pytest.raises(ValueError, match="same phantoms"):
+        paired(first, second[::-1])
+
+
+@pytest.mark.slow
+def test_cli_compares_two_verification_networks_on_the_same_volumes(tmp_path) -> None:
+    """``l3spot evaluate-levels --verify-weights A --verify-weights B`` renders each phantom
+    once and runs the locator with each network: one summary per network and the paired
+    figures in the JSON."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from core.config import LocatorConfig
+    from l3spot import app
+    from tests.conftest import require_shipped
+
+    a = require_shipped(LocatorConfig().verify_weights, "spine weights")
+    b = require_shipped(Path(a).with_name("spine_fcn_slope.pt"), "candidate spine weights")
+    out = tmp_path / "levels.json"
+    args = ["evaluate-levels", "--style", "a", "--phantoms", "1", "--json", str(out)]
+    done = CliRunner().invoke(app, [*args, "--verify-weights", str(a), "--verify-weights", str(b)])
+    assert done.exit_code == 0, done.output
+    doc = json.loads(out.read_text())
+    assert list(doc["runs"]) == [str(a), str(b)]
+    assert {k: len(v["cases"]) for k, v in doc["runs"].items()} == {str(a): 1, str(b): 1}
+    names = [v["cases"][0]["name"] for v in doc["runs"].values()]
+    assert names == ["a-1000000", "a-1000000"]
+    assert doc["paired"]["scans"] <= 1 and 0.0 <= doc["paired"]["mcnemar_p"] <= 1.0
+    assert "paired (" in done.output

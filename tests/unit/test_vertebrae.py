@@ -537,11 +537,11 @@ def test_flags_record_and_capture_text(verification, flags, line):
 def test_spine_variation_changes_the_column_only_when_asked():
     """Domain randomisation of the spine (worker/phantom/variation.py) is opt-in: the
     default phantom of a seed is unchanged, and the varied one keeps L3's identity."""
-    from worker.phantom import _build
+    from worker.phantom import phantom_anatomy
 
-    plain = _build(11, PhantomSpec(fov="abdomen"))[3]
-    again = _build(11, PhantomSpec(fov="abdomen"))[3]
-    varied = _build(11, PhantomSpec(fov="abdomen", spine_variation=True))[3]
+    plain = phantom_anatomy(11, PhantomSpec(fov="abdomen"))[0]
+    again = phantom_anatomy(11, PhantomSpec(fov="abdomen"))[0]
+    varied = phantom_anatomy(11, PhantomSpec(fov="abdomen", spine_variation=True))[0]
     assert [v.z0 for v in plain.vertebrae] == [v.z0 for v in again.vertebrae]
     assert "spine_variation" not in plain.variants
     assert "spine_variation" in varied.variants
@@ -555,13 +555,13 @@ def test_spine_variation_thins_the_lowest_ribs():
     """The varied phantom's two lowest rib pairs are drawn with the recorded radius scales
     (the thinnest rib shaft is the plain one's times the smaller scale); the plain phantom
     has no such record."""
-    from worker.phantom import _build
+    from worker.phantom import phantom_anatomy
 
     def rib_radii(anat):
         return [min(anat.bones[i].r0, anat.bones[i].r1) for i in anat.extra["bone_tags"]["rib"]]
 
-    plain = _build(11, PhantomSpec(fov="abdomen"))[3]
-    varied = _build(11, PhantomSpec(fov="abdomen", spine_variation=True))[3]
+    plain = phantom_anatomy(11, PhantomSpec(fov="abdomen"))[0]
+    varied = phantom_anatomy(11, PhantomSpec(fov="abdomen", spine_variation=True))[0]
     assert "lower_rib_scale" not in plain.extra
     scales = varied.extra["lower_rib_scale"]
     assert set(scales) == {0, 1}
@@ -579,11 +579,11 @@ def test_spine_variation_changes_the_lowest_ribs_slope(monkeypatch: pytest.Monke
     """The last rib pair's descent from its head to its tip scales with its drawn slope
     factor (``lower_rib_drop``), apart from its length: twice the factor, twice the
     descent (less the fixed 4 mm from head to shaft). The plain phantom has no such draw."""
-    from worker.phantom import _build, variation
+    from worker.phantom import phantom_anatomy, variation
 
     def last_rib_descent(factor: float) -> float:
         monkeypatch.setattr(variation, "LAST_RIB_DROP", (factor, factor))
-        anat = _build(11, PhantomSpec(fov="abdomen", spine_variation=True))[3]
+        anat = phantom_anatomy(11, PhantomSpec(fov="abdomen", spine_variation=True))[0]
         assert anat.extra["lower_rib_drop"][0] == pytest.approx(factor)
         assert anat.variants["spine_variation"]["lower_rib_drop"]["0"] == round(factor, 2)
         # the last pair (the column is built from the bottom up): one side's capsules,
@@ -593,7 +593,7 @@ def test_spine_variation_changes_the_lowest_ribs_slope(monkeypatch: pytest.Monke
 
     one, two = last_rib_descent(1.0), last_rib_descent(2.0)
     assert two - 4.0 == pytest.approx(2.0 * (one - 4.0), rel=1e-6)
-    plain = _build(11, PhantomSpec(fov="abdomen"))[3]
+    plain = phantom_anatomy(11, PhantomSpec(fov="abdomen"))[0]
     assert "lower_rib_drop" not in plain.extra
 
 
@@ -633,12 +633,12 @@ def test_spine_variation_curves_the_sacrum():
     forward by the drawn angle; the plain phantom keeps its horizontal segments."""
     import math
 
-    from worker.phantom import _build
+    from worker.phantom import phantom_anatomy
     from worker.phantom.primitives import Slab
     from worker.phantom.variation import SACRAL_SLOPE_DEG, SACRAL_TURN_DEG
 
-    plain = _build(11, PhantomSpec(fov="abdomen"))[3]
-    varied = _build(11, PhantomSpec(fov="abdomen", spine_variation=True))[3]
+    plain = phantom_anatomy(11, PhantomSpec(fov="abdomen"))[0]
+    varied = phantom_anatomy(11, PhantomSpec(fov="abdomen", spine_variation=True))[0]
     assert "sacrum_shape" not in plain.extra
     sacrum = [plain.bones[i] for i in plain.extra["bone_tags"]["sacrum"]]
     assert all(b.tilt0 == 0.0 and b.tilt1 == 0.0 for b in sacrum)
@@ -672,18 +672,18 @@ def test_spine_variation_gives_a_lordosis_that_follows_the_sacral_slope():
     plain phantom keeps its upright bodies."""
     import math
 
-    from worker.phantom import _build
+    from worker.phantom import phantom_anatomy
     from worker.phantom.variation import L5_S1_WEDGE_DEG, lordosis_offset
 
     assert lordosis_offset(0.0, 20.0, 180.0) == lordosis_offset(180.0, 20.0, 180.0) == 0.0
     assert lordosis_offset(72.0, 20.0, 180.0) == pytest.approx(-20.0)  # the peak: 0.4 up
-    plain = _build(11, PhantomSpec(fov="abdomen"))[3]
+    plain = phantom_anatomy(11, PhantomSpec(fov="abdomen"))[0]
     assert "lordosis" not in plain.extra
     body = plain.bones[plain.extra["bone_tags"]["body:L3"][0]]
     assert body.tilt0 == body.tilt1 == 0.0 and body.c0 == body.c1
     seen = 0
     for seed in (11, 12, 13, 15):
-        anat = _build(seed, PhantomSpec(fov="abdomen", spine_variation=True))[3]
+        anat = phantom_anatomy(seed, PhantomSpec(fov="abdomen", spine_variation=True))[0]
         y = anat.spine_y
         rec = anat.variants["spine_variation"]["lordosis"]
         assert L5_S1_WEDGE_DEG[0] <= rec["wedge_deg"] <= L5_S1_WEDGE_DEG[1]
@@ -709,12 +709,12 @@ def test_curved_sacrum_has_lateral_masses_reaching_the_sacro_iliac_joints():
     lateral masses reach the alae's half-width at the top and narrow downwards, their ends
     in front of the midline (the pelvic surface concave forwards); the plain phantom keeps
     its slab."""
-    from worker.phantom import _build
+    from worker.phantom import phantom_anatomy
     from worker.phantom.primitives import Plate, Slab
 
-    plain = _build(11, PhantomSpec(fov="abdomen"))[3]
+    plain = phantom_anatomy(11, PhantomSpec(fov="abdomen"))[0]
     assert isinstance(plain.bones[plain.extra["bone_tags"]["sacrum"][-1]], Slab)
-    varied = _build(11, PhantomSpec(fov="abdomen", spine_variation=True))[3]
+    varied = phantom_anatomy(11, PhantomSpec(fov="abdomen", spine_variation=True))[0]
     sacrum = [varied.bones[i] for i in varied.extra["bone_tags"]["sacrum"]]
     wings = sacrum[-1]
     assert isinstance(wings, Plate) and all(isinstance(b, Slab) for b in sacrum[:5])
