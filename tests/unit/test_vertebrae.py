@@ -9,6 +9,7 @@ without trained weights; the trained network is tested in ``test_vertebrae_model
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -963,3 +964,37 @@ def test_training_runs_and_a_fine_tune_starts_from_the_given_weights(tmp_path: P
         net_a.state_dict().items(), net_b.state_dict().items(), strict=True
     ):
         assert torch.equal(a, b), name
+
+
+def test_train_spine_records_the_commit_and_time_it_started_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Reproduction: the record of a fine-tune (2026-12-06, "canal") named a commit made
+    while its phantom boxes were being rendered, 7 minutes after it started: the commit and
+    start time were read after the boxes, not when the command began. A commit made during
+    the run must not be recorded as the one trained from."""
+    from typer.testing import CliRunner
+
+    import worker.training.vertebrae as training
+    from l3spot import app
+    from worker.commands import vertebrae as command
+
+    head = {"commit": "a" * 40}
+    seen: dict[str, Any] = {}
+
+    def boxes(*_args: Any, **_kwargs: Any) -> list[Any]:
+        head["commit"] = "b" * 40  # somebody commits while the boxes render
+        return []
+
+    def train(cases, settings, out, record, step):  # noqa: ANN001
+        seen.update(record)
+        return record
+
+    monkeypatch.setattr(command, "git_commit", lambda: head["commit"])
+    monkeypatch.setattr(training, "load_cases", boxes)
+    monkeypatch.setattr(training, "train_spine", train)
+    monkeypatch.setattr(command, "_evaluate", lambda *a, **k: None)
+    args = ["train-spine", "--phantoms", "1", "--out", str(tmp_path / "w.pt")]
+    done = CliRunner().invoke(app, [*args, "--cache-dir", str(tmp_path)])
+    assert done.exit_code == 0, done.output
+    assert seen["git_commit"] == "a" * 40

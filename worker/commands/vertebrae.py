@@ -99,6 +99,10 @@ def train_spine_command(
         return
     if phantom_seed + phantoms > EVAL_SEED:
         raise typer.BadParameter(f"training seeds must stay below the held-out {EVAL_SEED}")
+    # what the run starts from, read before the boxes render (minutes): a commit made
+    # meanwhile is not the code the boxes and the weights come from
+    commit = git_commit()
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     from worker.phantom import PhantomSpec
 
     cases: list[Any] = []
@@ -129,14 +133,14 @@ def train_spine_command(
     )
     record: dict[str, Any] = {
         "command": command_line(),
-        "git_commit": git_commit(),
+        "git_commit": commit,
         "seed": seed,
         "data": f"{phantoms} style-A phantoms (worker.phantom.spine_box), seeds "
         f"{phantom_seed}..{phantom_seed + phantoms - 1}; every {transitional_every}-th with "
         f"transitional anatomy ({list(TRANSITIONAL_SPECS)} in turn), the others of the "
         "default population (transitional at its natural 5 % / 6 % rate); every "
         f"{varied_every}-th with a varied spine (worker.phantom.variation)",
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "started": started,
         # no box where the run-time column check refuses (no verification there either)
         "refused_by_column_check": [[seed, why] for seed, why in refused],
     }
