@@ -28,6 +28,7 @@ from pydicom.dataset import Dataset
 
 from core.config import Config
 from core.dicom import blank_malformed
+from core.digest import file_sha256
 from core.errors import AnalysisError, L3SpotError, SeriesValidationError, phi_safe_message
 from core.followup import (
     MeasurementChange,
@@ -64,7 +65,6 @@ from worker.volume.convert import (  # noqa: F401 (NIFTI_*: names of the generat
     NIFTI_PATIENT_ID_PREFIX,
     NIFTI_PATIENT_NAME,
     NIFTI_SERIES_DESCRIPTION,
-    file_sha256,
     nifti_context,
     nifti_uid_seed,
 )

@@ -145,7 +145,7 @@ def train_spine_command(
         "refused_by_column_check": [[seed, why] for seed, why in refused],
     }
     if init is not None:
-        from worker.volume.convert import file_sha256
+        from core.digest import file_sha256
 
         record["init"] = {"path": str(init), "sha256": file_sha256(init)}
         prior = init.with_suffix(".json")

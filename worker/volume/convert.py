@@ -32,7 +32,6 @@ __all__ = [
     "ConversionError",
     "ConversionReport",
     "convert_nifti",
-    "file_sha256",
     "nifti_context",
     "nifti_uid_seed",
     "ras_affine",
