@@ -95,7 +95,7 @@ def test_cli_compares_two_verification_networks_on_the_same_volumes(tmp_path) ->
     from tests.conftest import require_shipped
 
     a = require_shipped(LocatorConfig().verify_weights, "spine weights")
-    b = require_shipped(Path(a).with_name("spine_fcn_slope.pt"), "candidate spine weights")
+    b = require_shipped(Path(a).with_name("spine_fcn_previous.pt"), "previous spine weights")
     out = tmp_path / "levels.json"
     args = ["evaluate-levels", "--style", "a", "--phantoms", "1", "--json", str(out)]
     done = CliRunner().invoke(app, [*args, "--verify-weights", str(a), "--verify-weights", str(b)])
