@@ -786,6 +786,16 @@ def test_curved_sacrum_has_a_canal_under_a_dorsal_wall_and_deep_lateral_masses()
         col = bone_mask[:, np.argmin(np.abs(xs - x))]
         extent = ys[col].max() - ys[col].min()
         assert extent >= 0.8 * (2 * s2.b), (x, extent, 2 * s2.b)
+    # the deep lateral masses reach back, not forward: the plate's front (pelvic) face lies
+    # where the thin plate's does, all along it
+    from worker.phantom.skeleton import _sacral_wings
+
+    thin = _sacral_wings(bodies, wings.z1, anat.extra["ala"], k, 1000.0, 200.0)
+    u = np.linspace(0.0, 1.0, 9)
+    for zz in (wings.z1, z, wings.z0 + 1.0):
+        front = wings.path(zz)[:, 1] - wings.thickness(zz, u) / 2
+        thin_front = thin.path(zz)[:, 1] - thin.thickness(zz, u) / 2
+        np.testing.assert_allclose(front, thin_front, atol=1e-6)
     # the dorsal wall reaches the lateral masses: the canal is closed at the sides
     lab, n = ndimage.label(~bone_mask)
     canal_label = lab[runs[1] + 2, np.argmin(np.abs(xs))]

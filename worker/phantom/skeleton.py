@@ -564,16 +564,12 @@ def _sacral_wings(
         t = frac(z)
         yc = float(np.interp(z, zs, ys))
         w = ala * (1.0 - 0.6 * t)
-        back = 0.5 * extra(z)  # the thicker part moves back: its front stays put
         u = np.linspace(0.0, 1.0, 9)[:, None]
-        p0 = np.array([-w, yc - 8.0 + back])
-        p1 = np.array([0.0, yc + 8.0])
-        p2 = np.array([w, yc - 8.0 + back])
+        p0, p1, p2 = np.array([-w, yc - 8.0]), np.array([0.0, yc + 8.0]), np.array([w, yc - 8.0])
         pts = (1 - u) ** 2 * p0 + 2 * (1 - u) * u * p1 + u**2 * p2
-        if back > 0.0:  # over the canal the plate keeps its old line (inside the body)
-            base = (1 - u) ** 2 * (p0 - [0, back]) + 2 * (1 - u) * u * p1 + u**2 * (p2 - [0, back])
-            f = lateral(z, u[:, 0])[:, None]
-            pts = base + f * (pts - base)
+        # where the plate is thicker (beside the canal) its line moves back by half the
+        # extra thickness, so that its front stays where the thin plate's was
+        pts[:, 1] += 0.5 * extra(z) * lateral(z, u[:, 0])
         return pts
 
     def thickness(z: float, u: np.ndarray) -> np.ndarray:
