@@ -49,6 +49,9 @@ class LevelCase:
     flagged_transitional: bool
     lumbar_counted: int | None
     seconds_verify: float
+    #: a radiologist could count to L3 in this scan (the issue's "in the field of view":
+    #: :func:`worker.training.locator.countable_in_z`); None when unknown
+    countable: bool | None = None
 
     def _err(self, z: float | None) -> float | None:
         if z is None or self.truth_z_mm is None:
@@ -78,10 +81,17 @@ def _style_a(seed: int) -> tuple[CTVolume, dict[str, Any]]:
     t = p.truth
     return p.volume, {
         "in_fov": t.l3_in_fov,
+        "countable": _countable(t.vertebrae_z_mm, p.volume),
         "mid": t.l3_mid_z_mm,
         "range": t.l3_z_range_mm,
         "transitional": t.variants.get("transitional"),
     }
+
+
+def _countable(vertebrae_z_mm: dict[str, tuple[float, float]], vol: CTVolume) -> bool:
+    from worker.training.locator import countable_in_z
+
+    return countable_in_z(vertebrae_z_mm, float(vol.z_mm[0]), float(vol.z_mm[-1]))
 
 
 def _style_b(seed: int) -> tuple[CTVolume, dict[str, Any]]:
@@ -90,6 +100,7 @@ def _style_b(seed: int) -> tuple[CTVolume, dict[str, Any]]:
     vol, t = generate(seed, validation_spec(seed))
     return vol, {
         "in_fov": t.l3_in_fov,
+        "countable": _countable(t.vertebrae_z_mm, vol),
         "mid": t.l3_mid_z_mm,
         "range": tuple(t.vertebrae_z_mm["L3"]),
         "transitional": t.variants.get("transitional"),
@@ -186,6 +197,7 @@ def _level_case(name: str, t: dict[str, Any], res: Any) -> LevelCase:
         flagged_transitional=bool(v.get("possible_transitional_anatomy")),
         lumbar_counted=v.get("lumbar_counted"),
         seconds_verify=float(res.timings_s.get("verify", 0.0)),
+        countable=t.get("countable"),
     )
 
 
@@ -236,7 +248,13 @@ def _ok(error_mm: float | None) -> bool:
 
 def summarise(cases: list[LevelCase]) -> dict[str, Any]:
     """Within 10 mm before and after the verification (of the scans where both the truth and
-    an answer exist), the verdicts, what the corrections did, transitional flags."""
+    an answer exist), the verdicts, what the corrections did, transitional flags.
+
+    ``within_10mm_of_countable`` is the issue's figure: of the scans where a radiologist
+    could count to L3 (``LevelCase.countable``), the share answered within 10 mm, a "not in
+    field of view" counting as a miss; ``l3_uncountable_said_not`` are right refusals in
+    that sense (mid-L3 inside, but neither the last rib-bearing vertebra nor the sacrum).
+    """
     both = [c for c in cases if c.truth_z_mm is not None and c.final_z_mm is not None]
     n = len(both)
 
@@ -245,6 +263,7 @@ def summarise(cases: list[LevelCase]) -> dict[str, Any]:
         return f"{k}/{len(of)}" + (f" = {100.0 * k / len(of):.1f} %" if of else "")
 
     corrected = [c for c in both if c.status == "corrected"]
+    countable = [c for c in cases if c.truth_z_mm is not None and c.countable]
     trans = [c for c in both if c.transitional]
     typical = [c for c in both if not c.transitional]
     err_b = np.array([c.error_before_mm for c in both if c.error_before_mm is not None])
@@ -255,6 +274,15 @@ def summarise(cases: list[LevelCase]) -> dict[str, Any]:
         "l3_in_fov_said_not": sum(
             1 for c in cases if c.truth_z_mm is not None and not c.in_fov_said
         ),
+        # the issue's sense: "in the field of view" when a radiologist could count to L3
+        "l3_countable": len(countable),
+        "l3_countable_said_not": sum(1 for c in countable if not c.in_fov_said),
+        "l3_uncountable_said_not": sum(
+            1
+            for c in cases
+            if c.truth_z_mm is not None and c.countable is False and not c.in_fov_said
+        ),
+        "within_10mm_of_countable": share(lambda c: _ok(c.error_after_mm), countable),
         "within_10mm_before": share(lambda c: _ok(c.error_before_mm), both),
         "within_10mm_after": share(lambda c: _ok(c.error_after_mm), both),
         "mean_error_mm_before": round(float(err_b.mean()), 2) if err_b.size else None,

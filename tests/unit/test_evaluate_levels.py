@@ -10,7 +10,9 @@ import pytest
 from research.evaluate_levels import LevelCase, format_levels, paired, phantom_volumes, summarise
 
 
-def _case(name, truth, before, after, status, transitional=None, flagged=False) -> LevelCase:
+def _case(
+    name, truth, before, after, status, transitional=None, flagged=False, countable=None
+) -> LevelCase:
     return LevelCase(
         name=name,
         transitional=transitional,
@@ -24,6 +26,7 @@ def _case(name, truth, before, after, status, transitional=None, flagged=False) 
         flagged_transitional=flagged,
         lumbar_counted=None,
         seconds_verify=0.2,
+        countable=countable,
     )
 
 
@@ -50,6 +53,26 @@ def test_summary_counts_what_the_verification_fixed_and_broke() -> None:
     table = format_levels("test", s)
     assert "within 10mm after | 4/5" in table
     assert s["found_by_counting_right"].startswith("1/1")
+
+
+def test_summary_separates_right_refusals_from_misses_where_l3_can_be_counted() -> None:
+    """The issue's "in the field of view": a radiologist can count to L3. A "not in field of
+    view" where they could is a miss in the main figure; where they could not, a right
+    refusal."""
+    cases = [
+        _case("right", 100.0, 102.0, 102.0, "confirmed", countable=True),
+        _case("wrong", 100.0, 140.0, 140.0, "confirmed", countable=True),
+        _case("missed", 100.0, None, None, None, countable=True),
+        _case("refused", 100.0, None, None, None, countable=False),
+        _case("uncountable but right", 100.0, 101.0, 101.0, "unverified", countable=False),
+        _case("absent", None, None, None, None, countable=False),
+    ]
+    s = summarise(cases)
+    assert s["l3_countable"] == 3
+    assert s["l3_countable_said_not"] == 1 and s["l3_uncountable_said_not"] == 1
+    assert s["l3_in_fov_said_not"] == 2
+    assert s["within_10mm_of_countable"].startswith("1/3")
+    assert s["within_10mm_after"].startswith("2/3")
 
 
 def test_unknown_style_is_refused() -> None:

@@ -14,6 +14,7 @@ from worker.training.locator import (
     FovCrop,
     MipCase,
     TrainSettings,
+    countable_in_z,
     countable_l3,
     csv_cases,
     draw_fov_crop,
@@ -212,6 +213,20 @@ def test_l3_counts_as_in_the_field_of_view_only_where_a_reader_can_count_to_it()
     assert not countable_l3(case, FovCrop(40.0, 121.0))  # the sacrum's top edge only
     assert not countable_l3(case, FovCrop(0.0, 60.0))  # L3 below the crop
     assert not countable_l3(marker_case(None), None)
+
+
+def test_countability_in_z_follows_the_same_rule_as_in_mip_rows() -> None:
+    """countable_in_z (scan z, ascending up) says what countable_l3 (MIP rows of 2 mm,
+    down) says for the same crops: z = 300 - 2 row."""
+    verts = {"T12": (247.0, 253.0), "L3": (154.0, 166.0), "S1": (50.0, 60.0)}
+    case = marker_case(70.0)
+    case.landmark_rows = {"last_rib": 25.0, "S1_top": 120.0}
+    crops = [(20.0, 100.0), (40.0, 130.0), (40.0, 110.0), (40.0, 121.0), (0.0, 60.0)]
+    said = [countable_in_z(verts, 300.0 - 2 * b, 300.0 - 2 * t) for t, b in crops]
+    assert said == [countable_l3(case, FovCrop(t, b)) for t, b in crops]
+    assert said == [True, True, False, False, False]
+    with pytest.raises(KeyError):
+        countable_in_z({"T12": (247.0, 253.0)}, 0.0, 300.0)
 
 
 def test_fov_crops_are_drawn_as_scanners_cut_and_relabel_the_windows() -> None:

@@ -427,6 +427,33 @@ def countable_l3(case: MipCase, crop: FovCrop | None) -> bool:
     return from_ribs or from_sacrum
 
 
+def countable_in_z(
+    vertebrae_z_mm: dict[str, tuple[float, float]], z_first_mm: float, z_last_mm: float
+) -> bool:
+    """:func:`countable_l3` in the volume's z (mm) rather than MIP rows: whether a scan from
+    ``z_first_mm`` to ``z_last_mm`` (slice centres, ascending) holds mid-L3 and a reader can
+    count to it, from the last rib-bearing vertebra (its middle inside) or from the sacrum
+    (:data:`SACRUM_SEEN_MM` of S1 below its top end plate inside).
+
+    Parameters
+    ----------
+    vertebrae_z_mm : a phantom's vertebra table, name -> (bottom, top) z (mm), with "L3".
+
+    Raises
+    ------
+    KeyError
+        The table has no L3.
+    """
+    lo, hi = float(z_first_mm), float(z_last_mm)
+    l3 = 0.5 * sum(vertebrae_z_mm["L3"])
+    if not lo <= l3 <= hi:
+        return False
+    m = landmark_z_mm(vertebrae_z_mm)
+    from_ribs = "last_rib" in m and lo <= m["last_rib"] <= hi
+    from_sacrum = "S1_top" in m and lo <= m["S1_top"] - SACRUM_SEEN_MM <= hi
+    return from_ribs or from_sacrum
+
+
 def sample_windows(
     cases: Sequence[MipCase],
     spec: WindowSpec,
