@@ -949,6 +949,57 @@ def test_two_bodies_joined_at_a_disc_are_parted_when_just_taller_than_any_body()
     assert all(b.z_top - b.z_bottom <= 42.0 for b in count.bodies)
 
 
+def _stack(bodies_mm: list[tuple[int, int]], n: int = 200) -> np.ndarray:
+    """(n, 40, 60) classes: a body (20 x 20 mm) over each (first z, last z + 1) box slice."""
+    classes = np.zeros((n, 40, 60), np.uint8)
+    for z0, z1 in bodies_mm:
+        classes[z0:z1, 10:30, 20:40] = BODY
+    return classes
+
+
+def test_a_body_ending_within_one_slice_spacing_of_the_scan_end_may_be_cut():
+    """Repro (style-B phantom 7,000,027, 5 mm slices): the scan ends 0.5 mm above L4's lower
+    end plate; the thick top slice shows a 9 mm sliver of L4 that ends 1 mm below the scan's
+    last slice, so it was taken for a whole body, counted as L3 from the sacrum, and a scan
+    without mid-L3 answered 60 mm off. A body's end that close to the scan's end cannot be
+    told from a cut: within one slice spacing it is partial."""
+    classes = _stack([(20, 45), (57, 82), (94, 119), (131, 156), (168, 177)], n=304)
+    classes[0:8, 10:30, 20:40] = SACRUM
+    in_scan = np.zeros(304, bool)
+    in_scan[0:179] = True  # the last slice in the scan is 178, the sliver ends at 176
+    thick = SpineBox(classes.astype(np.float32), in_scan, (0.0, 0.0, 0.0), slice_spacing_mm=5.0)
+    count = count_levels(classes, thick)
+    assert count.bodies[0].partial  # the sliver
+    assert not any(b.partial for b in count.bodies[1:])
+    thin = SpineBox(classes.astype(np.float32), in_scan, (0.0, 0.0, 0.0), slice_spacing_mm=1.0)
+    assert not count_levels(classes, thin).bodies[0].partial  # 2 mm from the end: seen whole
+
+
+def test_extract_box_records_the_slice_spacing():
+    hu = np.zeros((40, 50, 50), np.float32)
+    box = extract_box(hu, 5.0 * np.arange(40), (1.0, 1.0), 100.0, (25.0, 25.0))
+    assert box.slice_spacing_mm == pytest.approx(5.0)
+
+
+def test_a_body_split_in_two_side_by_side_makes_the_count_untrusted():
+    """Repro (style-B phantom 7,000,027): the network's L5 came as two components side by
+    side, overlapping along z over 11 of the smaller one's 12 mm, and each was counted as a
+    vertebra. Consecutive bodies overlap by more than half the smaller one's height only
+    when one vertebra was split: the count is not trusted."""
+    classes = _stack([(60, 85), (97, 122), (134, 159), (171, 196)])
+    classes[10:30, 10:30, 20:40] = SACRUM
+    classes[37:49, 10:30, 20:30] = BODY  # L5, left half, 12 mm
+    classes[36:58, 10:30, 31:40] = BODY  # L5, right half, 22 mm: one vertebra in two
+    box = SpineBox(classes.astype(np.float32), np.ones(200, bool), (0.0, 0.0, 0.0))
+    count = count_levels(classes, box)
+    assert count.problem is not None and "split" in count.problem
+    assert count.l3_from_sacrum is None
+    whole = _stack([(60, 85), (97, 122), (134, 159), (171, 196), (36, 58)])
+    whole[10:30, 10:30, 20:40] = SACRUM
+    ok = count_levels(whole, box)
+    assert ok.problem is None and ok.l3_from_sacrum is not None
+
+
 def test_training_runs_and_a_fine_tune_starts_from_the_given_weights(tmp_path: Path):
     """train_spine (worker/training/vertebrae.py) on a tiny synthetic box: it saves loadable
     weights with its record; with ``init`` (train-spine --init) it starts from them, so a

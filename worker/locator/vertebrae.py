@@ -107,6 +107,11 @@ RIB_HEAD_REACH_MM = 40.0
 #: Two consecutive bodies further apart than this factor times the median spacing mean a
 #: body was missed: the count is not trusted.
 MAX_GAP_FACTOR = 1.6
+#: Two consecutive "bodies" sharing more than this share of the shorter one's height along z
+#: are one vertebra split in two side by side (style B 7,000,027's L5): vertebrae are
+#: stacked with a disc between them, tilted ones at the lordosis overlap a few mm at most.
+#: The count is not trusted.
+MAX_BODY_OVERLAP = 0.5
 #: A "body" taller than this (mm) is two merged bodies: the count is not trusted (the
 #: tallest lumbar body is about 30 mm, ANATOMY.md).
 MAX_BODY_HEIGHT_MM = 42.0
@@ -148,11 +153,14 @@ class SpineBox:
     in_scan : (z,) bool, whether each box slice lies inside the scanned z range.
     origin_mm : (z, y, x) of voxel (0, 0, 0)'s centre in the volume's grid mm (module
         docstring); voxel size 1 mm.
+    slice_spacing_mm : the scan's slice spacing (mm; 1 when unknown): a body ending within
+        it of the scan's end may be cut there (:func:`count_levels`).
     """
 
     image: np.ndarray
     in_scan: np.ndarray
     origin_mm: tuple[float, float, float]
+    slice_spacing_mm: float = 1.0
 
     def z_of(self, index: float) -> float:
         """z (mm) of box slice ``index`` (fractional allowed)."""
@@ -478,8 +486,9 @@ def extract_box(
     zb = z0 + np.arange(nz)
     in_scan = (zb >= z_mm[0]) & (zb <= z_mm[-1])
     out = np.full(BOX_SHAPE, -1024.0, dtype=np.float32)
+    spacing = float(np.median(np.diff(z_mm))) if len(z_mm) > 1 else 1.0
     if not in_scan.any():
-        return SpineBox(out, in_scan, (z0, y0, x0))
+        return SpineBox(out, in_scan, (z0, y0, x0), spacing)
     zi = np.interp(zb[in_scan], z_mm, np.arange(len(z_mm), dtype=np.float64))
     rows = (y0 + np.arange(ny)) / dy
     cols = (x0 + np.arange(nx)) / dx
@@ -498,7 +507,7 @@ def extract_box(
     out[in_scan] = _interp_axis(
         _interp_axis(_interp_axis(sub, zi - s0, 0), rows - r0, 1), cols - c0, 2
     )
-    return SpineBox(out, in_scan, (z0, y0, x0))
+    return SpineBox(out, in_scan, (z0, y0, x0), spacing)
 
 
 def _interp_axis(a: np.ndarray, coords: np.ndarray, axis: int) -> np.ndarray:
@@ -700,7 +709,9 @@ class Body:
     z_top: float
     volume_mm3: float
     rib_bearing: bool
-    partial: bool  # cut by the box's or the scan's end: its extent is not all seen
+    # cut by the box's or the scan's end (or ending within a slice spacing of the scan's
+    # end): its extent is not all seen
+    partial: bool
 
     @property
     def z_mid(self) -> float:
@@ -870,11 +881,16 @@ def count_levels(classes: np.ndarray, box: SpineBox) -> LevelCount:
     -------
     LevelCount
         ``problem`` set when consecutive bodies are too far apart (a missed body), a body
-        is too tall (two merged) or a rib-bearing body lies just below one without ribs
+        is too tall (two merged), two share most of their height side by side (one split,
+        :data:`MAX_BODY_OVERLAP`) or a rib-bearing body lies just below one without ribs
         (:data:`RIB_SKIP_BODIES`), in which case neither count is used.
     """
     in_idx = np.nonzero(box.in_scan)[0]
     first_in, last_in = (int(in_idx[0]), int(in_idx[-1])) if in_idx.size else (0, -1)
+    # a body's end plate within one slice spacing of the scan's end cannot be told from a
+    # cut: a thick end slice blends the body beyond it (style B 7,000,027: a 9 mm sliver of
+    # L4 ending 1 mm below the last 5 mm slice was counted as a whole L3)
+    edge = max(box.slice_spacing_mm - 0.5, 0.0)
     heads = _rib_heads(classes == RIB, classes.shape[2] / 2 - 0.5)
     bodies: list[Body] = []
     for z0, z1, vol in _body_extents(classes == BODY):
@@ -885,7 +901,7 @@ def count_levels(classes: np.ndarray, box: SpineBox) -> LevelCount:
                 z_top=box.z_of(z1 - 0.5),
                 volume_mm3=float(vol),
                 rib_bearing=bearing,
-                partial=z0 <= first_in or z1 - 1 >= last_in,
+                partial=z0 <= first_in + edge or z1 - 1 >= last_in - edge,
             )
         )
     bodies.sort(key=lambda b: -b.z_mid)
@@ -910,6 +926,13 @@ def count_levels(classes: np.ndarray, box: SpineBox) -> LevelCount:
         med = float(np.median(gaps))
         if gaps.max() > MAX_GAP_FACTOR * med:
             problem = f"a vertebral body seems missed ({gaps.max():.0f} mm between two bodies)"
+    for upper, lower in zip(bodies, bodies[1:], strict=False):
+        shared = min(upper.z_top, lower.z_top) - max(upper.z_bottom, lower.z_bottom)
+        shorter = min(upper.z_top - upper.z_bottom, lower.z_top - lower.z_bottom)
+        if shared > MAX_BODY_OVERLAP * shorter:
+            problem = (
+                f"a vertebral body seems split in two ({shared:.0f} mm of two bodies side by side)"
+            )
     tall = [b for b in bodies if b.z_top - b.z_bottom > MAX_BODY_HEIGHT_MM]
     if tall:
         problem = (

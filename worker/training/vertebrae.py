@@ -279,7 +279,9 @@ def train_spine(
 
 
 def _box(case: dict[str, Any]) -> SpineBox:
-    return SpineBox(case["image"].astype(np.float32), case["in_scan"], case["origin"])
+    """The case's box as the locator builds it at run time (its scan's slice spacing too)."""
+    spacing = float(case["truth"].get("slice_thickness_mm", 1.0))
+    return SpineBox(case["image"].astype(np.float32), case["in_scan"], case["origin"], spacing)
 
 
 def evaluate_spine(net: SpineFCN, cases: list[dict[str, Any]]) -> dict[str, Any]:
