@@ -185,6 +185,29 @@ def test_a_rib_further_down_leaves_the_count_from_the_ribs(typical, level):
     assert _inside(count.bodies[count.l3_from_ribs].z_mid, typical.truth["l3_range_mm"])
 
 
+@pytest.mark.parametrize(("levels", "trusted"), [(("L4", "L5"), False), (("L5",), True)])
+def test_a_sacrum_under_rib_bearing_bodies_is_not_counted_from(typical, levels, trusted):
+    """Repro (style-B validation phantom 7,000,148, a chest scan): the network called
+    something at the scan's lower end sacrum, and the count up from it put L3 on a
+    rib-bearing thoracic body, 234 mm off. L3 to L5 bear no ribs in any spine (ANATOMY.md);
+    one of them may be read as rib-bearing (L3's transverse processes, the iliac wings or
+    sacral alae near L5), two cannot: the count from that sacrum is not made. Here the
+    only ribs are T12's copied to ``levels``."""
+    classes = typical.classes.copy()
+    classes[classes == RIB] = 0
+    for level in levels:
+        moved = (_with_t12_ribs_copied_to(typical, level) == RIB) & (typical.classes != RIB)
+        classes[moved] = RIB
+    count = count_levels(classes, typical.box)
+    assert count.problem is None and count.last_rib is None
+    if trusted:
+        assert _inside(count.bodies[count.l3_from_sacrum].z_mid, typical.truth["l3_range_mm"])
+    else:
+        assert count.l3_from_sacrum is None and count.lumbar_counted is None
+        out = verify_level(count, typical.truth["l3_mid_mm"] + 40.0)
+        assert out.status == "unverified"
+
+
 def _lordotic_sacrum_box(s1_as_body: bool) -> tuple[np.ndarray, SpineBox]:
     """Classes in a box: a sacrum (z 0-40, or 0-65 without an S1 "body"), optionally S1
     segmented as a body fused to it (z 40-65), and five lumbar bodies 30 mm tall with

@@ -127,6 +127,13 @@ MAX_BODY_HEIGHT_MM = 42.0
 #: two, was chosen on those two style-B validation scans: at two, 7,000,012's right
 #: correction became "unverified".
 RIB_SKIP_BODIES = 1
+#: The three bodies above the sacrum (L3-L5 in a typical spine, L2-L4 with four lumbar
+#: vertebrae) bear no ribs in any spine (ANATOMY.md); one of them may be read as
+#: rib-bearing (L3's transverse processes, the iliac wings or sacral alae near L5), more
+#: than this many cannot: what was taken for the sacrum is not counted from (style-B
+#: validation phantom 7,000,148, a chest scan, counted up from a "sacrum" at its lower end
+#: to a thoracic L3, 234 mm off).
+MAX_RIBS_ABOVE_SACRUM = 1
 #: The lumbar vertebrae of a typical spine (24 presacral: 7 cervical, 12 thoracic, 5 lumbar).
 TYPICAL_LUMBAR = 5
 
@@ -870,7 +877,8 @@ def count_levels(classes: np.ndarray, box: SpineBox) -> LevelCount:
     the upper body and the disc above, ANATOMY.md), and the last rib-bearing one ends the run
     from the top (:func:`_last_rib_bearing`); the sacrum's top is that of its largest
     connected component (raised to the top of the one "body" that touches it in 3-D: S1,
-    :func:`_is_s1`), and bodies below it are not counted.
+    :func:`_is_s1`), and bodies below it are not counted; no count is made from a sacrum
+    with rib-bearing bodies above it (:data:`MAX_RIBS_ABOVE_SACRUM`).
 
     Parameters
     ----------
@@ -953,6 +961,9 @@ def count_levels(classes: np.ndarray, box: SpineBox) -> LevelCount:
         l3_bottom = len(bodies) - 3
         if last_rib is not None:
             lumbar = len(bodies) - 1 - last_rib
+        if sum(b.rib_bearing for b in bodies[l3_bottom:]) > MAX_RIBS_ABOVE_SACRUM:
+            # not the sacrum (style B 7,000,148: a chest scan's lower end): no count from it
+            l3_bottom = lumbar = None
     if problem is not None:
         l3_top = l3_bottom = lumbar = None
     return LevelCount(bodies, last_rib, sacrum_top, lumbar, l3_top, l3_bottom, problem)
