@@ -20,6 +20,7 @@ import numpy as np
 
 from core.config import LocatorConfig
 from research.evaluate_locator import SUCCESS_MM
+from worker.pipeline import LOW_CONFIDENCE_FLAG
 from worker.volume.load import CTVolume
 
 __all__ = [
@@ -52,6 +53,9 @@ class LevelCase:
     #: a radiologist could count to L3 in this scan (the issue's "in the field of view":
     #: :func:`worker.training.locator.countable_in_z`); None when unknown
     countable: bool | None = None
+    #: the QA flags the answer carries (the level verification's and ``low_l3_confidence``):
+    #: a wrong answer without any is a silent one
+    flags: tuple[str, ...] = ()
 
     def _err(self, z: float | None) -> float | None:
         if z is None or self.truth_z_mm is None:
@@ -198,6 +202,7 @@ def _level_case(name: str, t: dict[str, Any], res: Any) -> LevelCase:
         lumbar_counted=v.get("lumbar_counted"),
         seconds_verify=float(res.timings_s.get("verify", 0.0)),
         countable=t.get("countable"),
+        flags=tuple(res.level_flags) + ((LOW_CONFIDENCE_FLAG,) if res.low_confidence else ()),
     )
 
 
@@ -283,6 +288,12 @@ def summarise(cases: list[LevelCase]) -> dict[str, Any]:
             if c.truth_z_mm is not None and c.countable is False and not c.in_fov_said
         ),
         "within_10mm_of_countable": share(lambda c: _ok(c.error_after_mm), countable),
+        # clinical safety: an answer more than 10 mm off that carries no QA flag
+        "wrong_and_unflagged": share(lambda c: not _ok(c.error_after_mm) and not c.flags, both),
+        "answers_flagged": share(lambda c: bool(c.flags), both),
+        "flagged_that_are_wrong": share(
+            lambda c: not _ok(c.error_after_mm), [c for c in both if c.flags]
+        ),
         "within_10mm_before": share(lambda c: _ok(c.error_before_mm), both),
         "within_10mm_after": share(lambda c: _ok(c.error_after_mm), both),
         "mean_error_mm_before": round(float(err_b.mean()), 2) if err_b.size else None,

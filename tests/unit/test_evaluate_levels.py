@@ -11,7 +11,7 @@ from research.evaluate_levels import LevelCase, format_levels, paired, phantom_v
 
 
 def _case(
-    name, truth, before, after, status, transitional=None, flagged=False, countable=None
+    name, truth, before, after, status, transitional=None, flagged=False, countable=None, flags=()
 ) -> LevelCase:
     return LevelCase(
         name=name,
@@ -27,6 +27,7 @@ def _case(
         lumbar_counted=None,
         seconds_verify=0.2,
         countable=countable,
+        flags=flags,
     )
 
 
@@ -73,6 +74,22 @@ def test_summary_separates_right_refusals_from_misses_where_l3_can_be_counted() 
     assert s["l3_in_fov_said_not"] == 2
     assert s["within_10mm_of_countable"].startswith("1/3")
     assert s["within_10mm_after"].startswith("2/3")
+
+
+def test_summary_counts_silent_wrong_answers() -> None:
+    """Clinical safety: a wrong answer (over 10 mm) with no QA flag is silent; the share of
+    flagged answers and how many of them are wrong say what a flag is worth."""
+    cases = [
+        _case("silent", 100.0, 140.0, 140.0, "confirmed"),
+        _case("flagged wrong", 100.0, 140.0, 140.0, "confirmed", flags=("low_l3_confidence",)),
+        _case("flagged right", 100.0, 130.0, 101.0, "corrected", flags=("l3_level_corrected",)),
+        _case("right", 100.0, 101.0, 101.0, "confirmed"),
+        _case("refused", 100.0, None, None, None),
+    ]
+    s = summarise(cases)
+    assert s["wrong_and_unflagged"].startswith("1/4")
+    assert s["answers_flagged"].startswith("2/4")
+    assert s["flagged_that_are_wrong"].startswith("1/2")
 
 
 def test_unknown_style_is_refused() -> None:
