@@ -1023,6 +1023,62 @@ def test_a_body_split_in_two_side_by_side_makes_the_count_untrusted():
     assert ok.problem is None and ok.l3_from_sacrum is not None
 
 
+def _rib_box(pieces: list[tuple[int, int]], drop_mm: float = 12.0) -> np.ndarray:
+    """(120, 96, 128) rib classes: one right rib, a 3 mm tube from beside the column's axis
+    (x 64 + 15) out through the lateral face (x 127), descending ``drop_mm`` from its head
+    at z 80 to its end, drawn only over the lateral distances (mm) of ``pieces``."""
+    classes = np.zeros((120, 96, 128), np.uint8)
+    for d in np.arange(15.0, 64.0, 0.5):
+        if not any(a <= d < b for a, b in pieces):
+            continue
+        x = int(round(63.5 + d))
+        z = int(round(80 - drop_mm * (d - 15.0) / 49.0))
+        y = int(round(45 + 0.4 * (d - 15.0)))
+        classes[z - 1 : z + 2, y - 1 : y + 2, max(x - 1, 0) : min(x + 2, 128)] = RIB
+    return classes
+
+
+@pytest.mark.parametrize(
+    ("pieces", "drop", "is_rib"),
+    [
+        ([(15.0, 64.0)], 12.0, True),  # whole: out of the box
+        ([(15.0, 40.0), (48.0, 64.0)], 12.0, True),  # the thin shaft missed over 8 mm
+        ([(15.0, 40.0)], 12.0, False),  # ends inside: a transverse process or a fragment
+        ([(15.0, 40.0), (48.0, 64.0)], -12.0, False),  # the outer piece rises: not one rib
+        ([(15.0, 30.0), (55.0, 64.0)], 12.0, False),  # 25 mm apart: two things
+    ],
+)
+def test_a_rib_broken_in_two_by_a_missed_thin_shaft_still_counts(pieces, drop, is_rib):
+    """Repro (style-B validation phantoms 7,000,026 and 7,000,099): the network segments a
+    thin T12 rib as a piece at its head that ends 35-50 mm from the axis and a lateral piece
+    out of the box, 2-11 mm apart; neither alone is a rib (the head's piece does not leave
+    the box, the outer one does not reach the body), T12 was counted as lumbar and L3 put
+    one level up. A piece continued within :data:`RIB_GAP_MM`, further out and not higher
+    (ribs slope down-laterally, ANATOMY.md), by a piece that leaves the box is a rib."""
+    from worker.locator.vertebrae import _rib_heads
+
+    heads = _rib_heads(_rib_box(pieces, drop) == RIB, 63.5)
+    if is_rib:
+        assert len(heads) == 1 and heads[0] == pytest.approx(80.0, abs=1.5)
+    else:
+        assert heads == []
+
+
+def test_the_outer_piece_of_a_broken_rib_continues_only_the_nearest_piece():
+    """A transverse process segmented as rib just below and behind a broken T12 rib (7 mm
+    lower, 8 mm further back, ending 38 mm out) lies within the gap of the rib's outer piece
+    too; that piece continues the rib's own head piece, whose end is nearer, so only the
+    rib's head is found."""
+    from worker.locator.vertebrae import _rib_heads
+
+    classes = _rib_box([(15.0, 40.0), (48.0, 64.0)])
+    for d in np.arange(15.0, 38.0, 0.5):
+        x, y = int(round(63.5 + d)), int(round(53 + 0.4 * (d - 15.0)))
+        classes[72:75, y - 1 : y + 2, x - 1 : x + 2] = RIB
+    heads = _rib_heads(classes == RIB, 63.5)
+    assert len(heads) == 1 and heads[0] == pytest.approx(80.0, abs=1.5)
+
+
 def test_training_runs_and_a_fine_tune_starts_from_the_given_weights(tmp_path: Path):
     """train_spine (worker/training/vertebrae.py) on a tiny synthetic box: it saves loadable
     weights with its record; with ``init`` (train-spine --init) it starts from them, so a

@@ -96,6 +96,11 @@ HALF_BODY_DEPTH_MM = 16.0
 MIN_BODY_MM3 = 2000.0
 #: Smallest rib component (mm^3) counted.
 MIN_RIB_MM3 = 60.0
+#: Smallest piece (mm^3) that continues a rib broken where the network missed its thin
+#: shaft, and the widest gap (mm) it may leave (:func:`_rib_heads`; style-B validation
+#: phantoms 7,000,026 and 7,000,099: T12 ribs in two pieces 2-11 mm apart).
+MIN_RIB_PIECE_MM3 = 20.0
+RIB_GAP_MM = 15.0
 #: The shortest part (mm) a too-tall component is cut into (thoracic bodies 15-25 mm).
 MIN_PART_MM = 12
 #: A "body" whose bottom lies within this distance (mm) of the sacrum's top is S1: the
@@ -795,24 +800,58 @@ def _rib_heads(rib: np.ndarray, centre_x: float) -> list[float]:
     :data:`RIB_HEAD_REACH_MM` of the column's axis (its head, beside the body) out of the
     box through its posterior or a lateral face (the shaft runs back and out to the rib
     angle, ANATOMY.md): a transverse process ends inside the box (lumbar ones 35-50 mm from
-    the midline, about 25 mm behind the body's centre), and so does a fragment. The head's z
-    is the mean z of the rib's voxels within 6 mm of its most medial one.
+    the midline, about 25 mm behind the body's centre), and so does a fragment. A thin rib
+    whose shaft the network missed over a few mm comes in pieces: a piece that ends inside
+    the box is continued by one of at least :data:`MIN_RIB_PIECE_MM3` within
+    :data:`RIB_GAP_MM` of its outer end, wholly further out and not higher on the whole
+    (ribs slope down-laterally), and so on out of the box; a piece continues only the piece
+    whose end lies nearest to it (the lateral part of a broken T12 rib continues T12's
+    head, not L1's transverse process beside it). The head's z is the mean z of the rib's
+    voxels within 6 mm of its most medial one.
     """
     lab, _ = ndimage.label(rib)
     ny, nx = rib.shape[1:]
-    heads = []
+    pieces = []
     for k, sl in enumerate(ndimage.find_objects(lab), start=1):
         if sl is None:
             continue
         zz, yy, xx = np.nonzero(lab[sl] == k)
-        if zz.size < MIN_RIB_MM3:
+        if zz.size < MIN_RIB_PIECE_MM3:
             continue
-        x = xx + sl[2].start
-        d = np.abs(x - centre_x)
-        leaves = yy.max() + sl[1].start >= ny - 3 or x.min() <= 2 or x.max() >= nx - 3
-        if d.min() > RIB_HEAD_REACH_MM or not leaves:
+        pts = np.stack([zz + sl[0].start, yy + sl[1].start, xx + sl[2].start], 1).astype(float)
+        d = np.abs(pts[:, 2] - centre_x)
+        leaves = pts[:, 1].max() >= ny - 3 or pts[:, 2].min() <= 2 or pts[:, 2].max() >= nx - 3
+        side = float(np.sign(pts[:, 2].mean() - centre_x))
+        end = pts[d >= d.max() - 6.0].mean(axis=0)  # the piece's outer end
+        pieces.append((pts, d, bool(leaves), side, end))
+
+    def gap(i: int, j: int) -> float:
+        """How far piece j lies from piece i's outer end (inf: j cannot continue i)."""
+        _, d, _, side, end = pieces[i]
+        p2, d2, _, side2, _ = pieces[j]
+        # further out on the same side, and not higher overall (a rib slopes down-laterally)
+        if i == j or side2 != side or d2.min() < d.max() - 2.0 or p2[:, 0].mean() > end[0] + 2.0:
+            return np.inf
+        return float(np.sqrt(((p2 - end) ** 2).sum(axis=1)).min())
+
+    def reaches_out(i: int, seen: frozenset[int]) -> bool:
+        if pieces[i][2]:
+            return True
+        for j in range(len(pieces)):
+            g = gap(i, j)
+            # a piece continues the one piece whose end lies nearest to it, not every one
+            if j in seen or g > RIB_GAP_MM or any(gap(k, j) < g for k in range(len(pieces))):
+                continue
+            if reaches_out(j, seen | {j}):
+                return True
+        return False
+
+    heads = []
+    for i, (pts, d, _, _, _) in enumerate(pieces):
+        if len(pts) < MIN_RIB_MM3 or d.min() > RIB_HEAD_REACH_MM:
             continue
-        heads.append(float(zz[d <= d.min() + 6.0].mean()) + sl[0].start)
+        if reaches_out(i, frozenset({i})):
+            heads.append(float(pts[d <= d.min() + 6.0, 0].mean()))
     return heads
 
 
