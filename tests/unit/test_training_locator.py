@@ -227,6 +227,11 @@ def test_countability_in_z_follows_the_same_rule_as_in_mip_rows() -> None:
     assert said == [True, True, False, False, False]
     with pytest.raises(KeyError):
         countable_in_z({"T12": (247.0, 253.0)}, 0.0, 300.0)
+    # a phantom's table holds numpy floats: the answer is still a plain bool (JSON-ready;
+    # repro: evaluate-levels --json failed on numpy's bool after a 16-minute run)
+    table = {k: (np.float64(a), np.float64(b)) for k, (a, b) in verts.items()}
+    for lo, hi in [(40.0, 260.0), (200.0, 260.0)]:
+        assert type(countable_in_z(table, np.float64(lo), np.float64(hi))) is bool
 
 
 def test_fov_crops_are_drawn_as_scanners_cut_and_relabel_the_windows() -> None:

@@ -445,10 +445,10 @@ def countable_in_z(
         The table has no L3.
     """
     lo, hi = float(z_first_mm), float(z_last_mm)
-    l3 = 0.5 * sum(vertebrae_z_mm["L3"])
+    l3 = 0.5 * float(sum(vertebrae_z_mm["L3"]))
     if not lo <= l3 <= hi:
         return False
-    m = landmark_z_mm(vertebrae_z_mm)
+    m = {k: float(v) for k, v in landmark_z_mm(vertebrae_z_mm).items()}
     from_ribs = "last_rib" in m and lo <= m["last_rib"] <= hi
     from_sacrum = "S1_top" in m and lo <= m["S1_top"] - SACRUM_SEEN_MM <= hi
     return from_ribs or from_sacrum
