@@ -1021,6 +1021,15 @@ def test_a_body_split_in_two_side_by_side_makes_the_count_untrusted():
     whole[10:30, 10:30, 20:40] = SACRUM
     ok = count_levels(whole, box)
     assert ok.problem is None and ok.l3_from_sacrum is not None
+    # the top body cut by the scan's end, in two pieces side by side: left alone
+    # (held-out boxes 9,500,007 and 9,500,011 were refused for it)
+    whole[178:200] = 0
+    whole[178:196, 10:30, 20:30] = BODY
+    whole[180:196, 10:30, 31:40] = BODY
+    in_scan = np.arange(200) < 196
+    cut = count_levels(whole, SpineBox(whole.astype(np.float32), in_scan, (0.0, 0.0, 0.0)))
+    assert cut.bodies[0].partial and cut.bodies[1].partial
+    assert cut.problem is None and cut.l3_from_sacrum is not None
 
 
 def _rib_box(pieces: list[tuple[int, int]], drop_mm: float = 12.0) -> np.ndarray:

@@ -112,10 +112,12 @@ RIB_HEAD_REACH_MM = 40.0
 #: Two consecutive bodies further apart than this factor times the median spacing mean a
 #: body was missed: the count is not trusted.
 MAX_GAP_FACTOR = 1.6
-#: Two consecutive "bodies" sharing more than this share of the shorter one's height along z
-#: are one vertebra split in two side by side (style B 7,000,027's L5): vertebrae are
-#: stacked with a disc between them, tilted ones at the lordosis overlap a few mm at most.
-#: The count is not trusted.
+#: Two consecutive whole "bodies" sharing more than this share of the shorter one's height
+#: along z are one vertebra split in two side by side (style B 7,000,027's L5): vertebrae
+#: are stacked with a disc between them, tilted ones at the lordosis overlap a few mm at
+#: most. The count is not trusted. Pieces of a body cut by the box or the scan's end are
+#: left alone (held-out boxes 9,500,007 and 9,500,011: the top body cut in two, far above
+#: the levels counted).
 MAX_BODY_OVERLAP = 0.5
 #: A "body" taller than this (mm) is two merged bodies: the count is not trusted (the
 #: tallest lumbar body is about 30 mm, ANATOMY.md).
@@ -974,6 +976,8 @@ def count_levels(classes: np.ndarray, box: SpineBox) -> LevelCount:
         if gaps.max() > MAX_GAP_FACTOR * med:
             problem = f"a vertebral body seems missed ({gaps.max():.0f} mm between two bodies)"
     for upper, lower in zip(bodies, bodies[1:], strict=False):
+        if upper.partial or lower.partial:
+            continue  # a body cut by the box or the scan's end often comes in pieces
         shared = min(upper.z_top, lower.z_top) - max(upper.z_bottom, lower.z_bottom)
         shorter = min(upper.z_top - upper.z_bottom, lower.z_top - lower.z_bottom)
         if shared > MAX_BODY_OVERLAP * shorter:
