@@ -1088,6 +1088,46 @@ def test_the_outer_piece_of_a_broken_rib_continues_only_the_nearest_piece():
     assert len(heads) == 1 and heads[0] == pytest.approx(80.0, abs=1.5)
 
 
+def _ribbed_stack(ribbed: list[bool]) -> tuple[np.ndarray, SpineBox]:
+    """A (304, 96, 128) box of bodies 20 mm tall every 28 mm from the top down, each with a
+    pair of ribs out of the box (heads at its upper end plate) where ``ribbed`` says."""
+    classes = np.zeros(BOX_SHAPE, np.uint8)
+    for i, rib in enumerate(ribbed):
+        top = 290 - 28 * i
+        classes[top - 20 : top, 20:40, 54:74] = BODY
+        if rib:
+            for d in np.arange(15.0, 64.0, 0.5):
+                z = int(round(top - 3 - 10.0 * (d - 15.0) / 49.0))
+                for x in (int(round(63.5 + d)), int(round(63.5 - d))):
+                    classes[z - 1 : z + 2, 44:47, max(x - 1, 0) : min(x + 2, 128)] = RIB
+    box = SpineBox(classes.astype(np.float32), np.ones(BOX_SHAPE[0], bool), (0.0, 0.0, 0.0))
+    return classes, box
+
+
+def test_ribs_going_on_below_the_run_from_the_top_make_the_count_untrusted():
+    """Repro (style-B validation phantoms 7,000,046 and 7,000,129, chest scans without
+    mid-L3): in a box over the upper thorax the network's ribs were found at T1, missed at
+    T2-T4 and found again from T5 down; the run from the top ended at T1, T4 was counted as
+    L3 and the scan answered 290 mm off. Below the last rib-bearing vertebra at most L3's
+    transverse processes and, near L5, the iliac wings or sacral alae are read as ribs: more
+    rib-bearing bodies than :data:`MAX_RIBS_BELOW_RUN` below the run mean that the run ended
+    early, and the count is not trusted."""
+    from worker.locator.vertebrae import MAX_RIBS_BELOW_RUN
+
+    chest = [True, False, False, False, True, True, True, True, True, True]
+    classes, box = _ribbed_stack(chest)
+    count = count_levels(classes, box)
+    assert [b.rib_bearing for b in count.bodies] == chest
+    assert count.problem is not None and "below the run" in count.problem
+    assert count.l3_from_ribs is None
+    # a lumbar spine with L3, L4 and L5 read as rib-bearing (transverse processes, the iliac
+    # wings): still counted
+    lumbar = [True, True, False, False] + [True] * MAX_RIBS_BELOW_RUN
+    classes, box = _ribbed_stack(lumbar)
+    count = count_levels(classes, box)
+    assert count.problem is None and count.l3_from_ribs == 4
+
+
 def test_training_runs_and_a_fine_tune_starts_from_the_given_weights(tmp_path: Path):
     """train_spine (worker/training/vertebrae.py) on a tiny synthetic box: it saves loadable
     weights with its record; with ``init`` (train-spine --init) it starts from them, so a

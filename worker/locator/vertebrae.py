@@ -141,6 +141,12 @@ RIB_SKIP_BODIES = 1
 #: validation phantom 7,000,148, a chest scan, counted up from a "sacrum" at its lower end
 #: to a thoracic L3, 234 mm off).
 MAX_RIBS_ABOVE_SACRUM = 1
+#: Below the last rib-bearing vertebra, L3's transverse processes and, near L5, the iliac
+#: wings or sacral alae may be read as ribs: at most this many bodies. More mean that the run
+#: of rib-bearing bodies from the top ended early, ribs missed over several vertebrae
+#: (style-B validation phantoms 7,000,046 and 7,000,129, chest scans: ribs found at T1,
+#: missed at T2-T4, found from T5 down; T4 was counted as L3); the count is not trusted.
+MAX_RIBS_BELOW_RUN = 3
 #: The lumbar vertebrae of a typical spine (24 presacral: 7 cervical, 12 thoracic, 5 lumbar).
 TYPICAL_LUMBAR = 5
 
@@ -931,7 +937,8 @@ def count_levels(classes: np.ndarray, box: SpineBox) -> LevelCount:
     LevelCount
         ``problem`` set when consecutive bodies are too far apart (a missed body), a body
         is too tall (two merged), two share most of their height side by side (one split,
-        :data:`MAX_BODY_OVERLAP`) or a rib-bearing body lies just below one without ribs
+        :data:`MAX_BODY_OVERLAP`), more than :data:`MAX_RIBS_BELOW_RUN` bodies below the run
+        of ribs from the top bear ribs, or a rib-bearing body lies just below one without ribs
         (:data:`RIB_SKIP_BODIES`), in which case neither count is used.
     """
     in_idx = np.nonzero(box.in_scan)[0]
@@ -997,6 +1004,12 @@ def count_levels(classes: np.ndarray, box: SpineBox) -> LevelCount:
                 "a rib-bearing vertebra lies below one without ribs (a rib missed, or a "
                 "transverse process taken for one)"
             )
+    ribs_below = 0 if last_rib is None else sum(b.rib_bearing for b in bodies[last_rib + 1 :])
+    if problem is None and ribs_below > MAX_RIBS_BELOW_RUN:
+        problem = (
+            "rib-bearing vertebrae go on below the run of ribs from the top (ribs missed "
+            "over several vertebrae)"
+        )
     l3_top = last_rib + 3 if last_rib is not None and last_rib + 3 < len(bodies) else None
     l3_bottom = None
     lumbar = None
