@@ -363,10 +363,11 @@ class LocatorConfig(_Section):
     verify_weights: Path | None = MODELS_DIR / "spine_fcn.pt"
     verify_mode: Literal["correct", "flag"] = "correct"
     # when the locator says "not in the field of view", count the vertebrae over the scan
-    # and answer the L3 a radiologist could count to (QA flag l3_found_by_counting).
-    # Off by default: on the real case it turned a refusal into a wrong level
-    # (models/spine_fcn.md)
-    count_when_absent: bool = False
+    # and answer the L3 a radiologist could count to (QA flags l3_found_by_counting and
+    # low_l3_confidence): a lumbar-spine window or a scan without the lower ribs. On by
+    # default since 2026-12-07, chosen on the style-B validation phantoms
+    # (models/spine_fcn.md, "Changes of 2026-12-07"); false = the refusal stands
+    count_when_absent: bool = True
 
     @model_validator(mode="before")
     @classmethod

@@ -925,7 +925,7 @@ def test_locate_answers_by_counting_when_the_locator_found_nothing(monkeypatch, 
     torch.save({"state_dict": SpineFCN().state_dict(), "base": 8}, weights)
     vol = _volume()
     mip = FrontalMips(vol).at(3.0)
-    cfg = LocatorConfig(verify_weights=weights, count_when_absent=True)
+    cfg = LocatorConfig(verify_weights=weights)  # counting where the locator refused: default
     nothing = L3Location(False, None, None, None, 0.1, reason="L3 not in field of view")
     monkeypatch.setattr(vertebrae, "find_by_counting", lambda *a, **k: None)
     locate.verify(vol, nothing, mip, cfg)
@@ -938,6 +938,9 @@ def test_locate_answers_by_counting_when_the_locator_found_nothing(monkeypatch, 
     assert res.level_flags == ["l3_found_by_counting"]
     assert "counting vertebrae from the sacrum" in res.reason
     assert "not in field of view" in res.reason  # what the locator said is kept
+    off = L3Location(False, None, None, None, 0.1, reason="L3 not in field of view")
+    locate.verify(vol, off, mip, cfg.model_copy(update={"count_when_absent": False}))
+    assert not off.in_field_of_view and off.verification is None  # the refusal stands
 
 
 def test_locate_with_missing_verification_weights_fails_the_analysis(tmp_path):
