@@ -37,6 +37,9 @@ QA_FLAGS: dict[str, QaFlag] = {
     "l3_level_disagrees": QaFlag(
         "LEVELDISAGREE", "Counting vertebrae gives another L3 level: check the level"
     ),
+    "l3_level_unverified": QaFlag(
+        "LEVELUNVERIFIED", "L3 level not checked by counting vertebrae: check the level"
+    ),
     "l3_found_by_counting": QaFlag(
         "L3COUNTED", "L3 found by counting vertebrae, not by the locator: check it"
     ),

@@ -113,13 +113,18 @@ class L3Location:
     def level_flags(self) -> list[str]:
         """QA flags of the level verification: ``possible_transitional_anatomy``, and
         ``l3_level_corrected`` (the counted L3 replaced the locator's) or
-        ``l3_level_disagrees`` (``locator.verify_mode`` "flag": the locator's was kept)."""
+        ``l3_level_disagrees`` (``locator.verify_mode`` "flag": the locator's was kept), or
+        ``l3_level_unverified`` (no trusted count: the locator's answer stands unchecked; on
+        style B such answers were wrong in 6 of 15, models/spine_fcn.md), or
+        ``l3_found_by_counting``."""
         v = self.verification
         if not v or not self.in_field_of_view:
             return []
         flags = ["possible_transitional_anatomy"] if v.get("possible_transitional_anatomy") else []
         if v.get("status") == "corrected":
             flags.append("l3_level_corrected" if v.get("applied") else "l3_level_disagrees")
+        if v.get("status") == "unverified":
+            flags.append("l3_level_unverified")
         if v.get("status") == "counted":
             flags.append("l3_found_by_counting")
         return flags
