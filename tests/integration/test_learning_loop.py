@@ -129,7 +129,14 @@ def test_reviews_through_the_page_teach_the_locator_a_site_it_did_not_know(
     spool = tmp_path / "var" / "spool"
     spool.mkdir(parents=True)
     (spool / "patient.key").write_text(hashlib.sha256(b"l3spot learning-loop test").hexdigest())
-    with serve(tmp_path) as (config_path, dicom_port, web_port):
+    # the loop teaches the first-stage locator. Counting the vertebrae where it refuses (on
+    # by default since 2026-12-07) already answers part of this site's refusals; it is off
+    # here so that the reviews see what the shipped first stage misses
+    with serve(tmp_path, locator={"count_when_absent": False}) as (
+        config_path,
+        dicom_port,
+        web_port,
+    ):
         config = load_config(config_path)
         results = config.node.resolved_results_dir()
         _store(dicom_port, [site / str(s) / "dicom" for s in REVIEWED])

@@ -68,8 +68,9 @@ def _scp_up(web_port: int) -> bool:
 
 
 @contextlib.contextmanager
-def serve(tmp: Path) -> Iterator[tuple[Path, int, int]]:
-    """``l3spot serve --web``; yields (config path, DICOM port, web port)."""
+def serve(tmp: Path, locator: dict[str, Any] | None = None) -> Iterator[tuple[Path, int, int]]:
+    """``l3spot serve --web``; yields (config path, DICOM port, web port). ``locator``: settings
+    of the config's ``locator`` section for this node (default: none, the shipped ones)."""
     dicom_port, web_port = free_port(), free_port()
     cfg = {
         "node": {
@@ -84,6 +85,8 @@ def serve(tmp: Path) -> Iterator[tuple[Path, int, int]]:
         "export": {"destinations": []},
         "web": {"enabled": False, "host": "127.0.0.1", "port": web_port},  # on by --web
     }
+    if locator:
+        cfg["locator"] = dict(locator)
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in os.environ.items() if not k.startswith("L3SPOT__")}
