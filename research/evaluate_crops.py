@@ -353,7 +353,6 @@ def real_bone_recognition(
 
     from worker.locator.vertebrae import (
         CLASSES,
-        SpineBox,
         box_at_level,
         extract_box,
         load_spine_model,
@@ -386,7 +385,7 @@ def real_bone_recognition(
     net = load_spine_model(weights)
 
     def read(image: np.ndarray) -> dict[str, dict[str, float]]:
-        classes = segment_box(net, SpineBox(image, box.in_scan, box.origin_mm))
+        classes = segment_box(net, dataclasses.replace(box, image=image))
         rows: dict[str, dict[str, float]] = {}
         for name, mask in masks.items():
             n = int(mask.sum())

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from core.config import LocatorConfig
@@ -24,7 +23,7 @@ from worker.locator.vertebrae import (
     segment_box,
     verify_level,
 )
-from worker.training.vertebrae import load_cases
+from worker.training.vertebrae import case_box, load_cases
 
 REAL_MID_L3 = 72  # slice index (data README)
 REAL_L3 = (65, 79)
@@ -42,12 +41,6 @@ def real(shared_data: Path):
     return load_volume_any(shared_data / "abdomen_ct_totalseg" / "ct.nii.gz")
 
 
-def _box(case):
-    from worker.locator.vertebrae import SpineBox
-
-    return SpineBox(case["image"].astype(np.float32), case["in_scan"], case["origin"])
-
-
 @pytest.mark.slow  # three held-out phantom boxes: about 5 s
 def test_held_out_phantoms_are_counted_and_an_off_by_one_answer_is_corrected(
     net, tmp_path: Path
@@ -58,7 +51,7 @@ def test_held_out_phantoms_are_counted_and_an_off_by_one_answer_is_corrected(
 
     right = 0
     for case in load_cases(range(EVAL_SEED, EVAL_SEED + 3), tmp_path):
-        box = _box(case)
+        box = case_box(case)
         count = count_levels(segment_box(net, box), box)
         t = case["truth"]
         v = t["vertebrae_mm"]

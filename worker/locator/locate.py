@@ -114,8 +114,8 @@ class L3Location:
         """QA flags of the level verification: ``possible_transitional_anatomy``, and
         ``l3_level_corrected`` (the counted L3 replaced the locator's) or
         ``l3_level_disagrees`` (``locator.verify_mode`` "flag": the locator's was kept), or
-        ``l3_level_unverified`` (no trusted count: the locator's answer stands unchecked; on
-        style B such answers were wrong in 6 of 15, models/spine_fcn.md), or
+        ``l3_level_unverified`` (no trusted count: the locator's answer stands unchecked;
+        such answers were wrong in 6 of 15 on style A and B, models/spine_fcn.md), or
         ``l3_found_by_counting``."""
         v = self.verification
         if not v or not self.in_field_of_view:

@@ -833,26 +833,26 @@ def _rib_heads(rib: np.ndarray, centre_x: float) -> list[float]:
         end = pts[d >= d.max() - 6.0].mean(axis=0)  # the piece's outer end
         pieces.append((pts, d, bool(leaves), side, end))
 
-    def gap(i: int, j: int) -> float:
-        """How far piece j lies from piece i's outer end (inf: j cannot continue i)."""
-        _, d, _, side, end = pieces[i]
-        p2, d2, _, side2, _ = pieces[j]
-        # further out on the same side, and not higher overall (a rib slopes down-laterally)
-        if i == j or side2 != side or d2.min() < d.max() - 2.0 or p2[:, 0].mean() > end[0] + 2.0:
-            return np.inf
-        return float(np.sqrt(((p2 - end) ** 2).sum(axis=1)).min())
+    # gap[i, j]: how far piece j lies from piece i's outer end; inf where j cannot continue
+    # i (not further out on the same side, or higher overall: a rib slopes down-laterally)
+    n = len(pieces)
+    gap = np.full((n, n), np.inf)
+    for i, (_, d, _, side, end) in enumerate(pieces):
+        for j, (p2, d2, _, side2, _) in enumerate(pieces):
+            if (
+                i != j
+                and side2 == side
+                and d2.min() >= d.max() - 2.0
+                and p2[:, 0].mean() <= end[0] + 2.0
+            ):
+                gap[i, j] = np.sqrt(((p2 - end) ** 2).sum(axis=1)).min()
+    # a piece continues only the one piece whose end lies nearest to it
+    continues = (gap <= RIB_GAP_MM) & (gap <= gap.min(axis=0, initial=np.inf)[None, :])
 
     def reaches_out(i: int, seen: frozenset[int]) -> bool:
-        if pieces[i][2]:
-            return True
-        for j in range(len(pieces)):
-            g = gap(i, j)
-            # a piece continues the one piece whose end lies nearest to it, not every one
-            if j in seen or g > RIB_GAP_MM or any(gap(k, j) < g for k in range(len(pieces))):
-                continue
-            if reaches_out(j, seen | {j}):
-                return True
-        return False
+        return pieces[i][2] or any(
+            reaches_out(j, seen | {j}) for j in np.nonzero(continues[i])[0] if j not in seen
+        )
 
     heads = []
     for i, (pts, d, _, _, _) in enumerate(pieces):

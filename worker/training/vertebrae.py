@@ -44,6 +44,7 @@ from worker.phantom import PhantomSpec
 __all__ = [
     "CROP_Z",
     "SpineTrainSettings",
+    "case_box",
     "contour_target",
     "evaluate_spine",
     "load_cases",
@@ -278,8 +279,9 @@ def train_spine(
     return record
 
 
-def _box(case: dict[str, Any]) -> SpineBox:
-    """The case's box as the locator builds it at run time (its scan's slice spacing too)."""
+def case_box(case: dict[str, Any]) -> SpineBox:
+    """A cached case's (:func:`load_cases`) box as the locator builds it at run time, its
+    scan's slice spacing too."""
     spacing = float(case["truth"].get("slice_thickness_mm", 1.0))
     return SpineBox(case["image"].astype(np.float32), case["in_scan"], case["origin"], spacing)
 
@@ -302,7 +304,7 @@ def evaluate_spine(net: SpineFCN, cases: list[dict[str, Any]]) -> dict[str, Any]
     ious: dict[str, list[float]] = {}
     per_case = []
     for case in cases:
-        box = _box(case)
+        box = case_box(case)
         pred = segment_box(net, box)
         lab, _ = ndimage.label(pred == BODY)
         inst = case["instance"]
