@@ -106,6 +106,44 @@ def test_transitional_anatomy_is_flagged_and_counted_from_the_ribs(spec, lumbar)
     assert not _inside(0.5 * sum(out.l3_from_sacrum_mm), case.truth["l3_range_mm"])
 
 
+def test_a_missed_twelfth_rib_does_not_move_a_level_the_sacrum_confirms(typical):
+    """Style B 7,000,417 and six more (models/spine_fcn.md): the network missed a thin T12
+    rib, so the count from the ribs put L3 one level up, disagreed with the sacrum's and
+    "corrected" a right answer 35-40 mm away. Where the located level is the sacrum count's
+    L3, the two agreeing readings keep it; the transitional flag stays."""
+    classes = typical.classes.copy()
+    v = typical.truth["vertebrae_mm"]
+    z0 = int(v["T12"][0] - typical.box.origin_mm[0]) - 3
+    z1 = int(v["T12"][1] - typical.box.origin_mm[0]) + 4
+    sl = classes[z0:z1]
+    sl[sl == RIB] = 0  # the T12 ribs, missed
+    count = count_levels(classes, typical.box)
+    assert count.problem is None and count.lumbar_counted == 6
+    kept = verify_level(count, typical.truth["l3_mid_mm"])
+    assert kept.status == "confirmed" and kept.counted_by == "sacrum"
+    assert kept.z_mm == typical.truth["l3_mid_mm"] and "disagree" in kept.reason
+    assert kept.possible_transitional_anatomy
+    # a located level that is neither count's L3 still follows the ribs (the convention)
+    moved = verify_level(count, 0.5 * sum(v["L1"]))
+    assert moved.status == "corrected" and moved.counted_by == "ribs"
+    assert _inside(moved.z_mm, v["L2"]) and moved.possible_transitional_anatomy
+    # and one the ribs confirm is confirmed by them
+    assert verify_level(count, 0.5 * sum(v["L2"])).counted_by == "ribs"
+
+
+def test_a_count_two_levels_from_the_located_slice_is_not_applied(typical):
+    """Style B 7,000,401 and 7,000,573: the locator was right (1-2 mm) and the count from
+    the ribs moved it 94 and 66 mm. The locator misses by one level; a count two levels
+    away is the count's error, so it is left unapplied and the answer unverified."""
+    count = count_levels(typical.classes, typical.box)
+    v = typical.truth["vertebrae_mm"]
+    two_up = verify_level(count, 0.5 * sum(v["L1"]))
+    assert two_up.status == "unverified" and two_up.z_mm == 0.5 * sum(v["L1"])
+    assert "levels" in two_up.reason and "not trusted" in two_up.reason
+    one_up = verify_level(count, 0.5 * sum(v["L2"]))
+    assert one_up.status == "corrected" and _inside(one_up.z_mm, typical.truth["l3_range_mm"])
+
+
 def test_without_ribs_in_view_the_sacrum_counts(typical):
     classes = typical.classes.copy()
     classes[classes == RIB] = 0

@@ -1095,6 +1095,12 @@ def verify_level(count: LevelCount, locator_z_mm: float) -> LevelVerification:
     view. The located z is confirmed when it lies between the mid-disc below and the mid-disc
     above the counted L3 body, otherwise corrected to that body's middle.
 
+    When both counts are made and disagree (``possible_transitional_anatomy``) and the
+    located z lies in the sacrum count's L3 but not in the rib count's, it is confirmed by
+    the sacrum (:data:`SIDES_WITH_SACRUM` in ``reason``): two of three independent readings
+    agree, and a thin twelfth rib the network missed makes the same disagreement as a
+    transitional vertebra (style B, models/spine_fcn.md). The flag stays either way.
+
     Parameters
     ----------
     count : from :func:`count_levels`.
@@ -1126,17 +1132,66 @@ def verify_level(count: LevelCount, locator_z_mm: float) -> LevelVerification:
     if found is None:
         return LevelVerification("unverified", locator_z_mm, reason=NO_COUNT, **common)
     chosen, by = found
+    note = None
+    if (
+        common["possible_transitional_anatomy"]
+        and sacrum is not None
+        and not b[sacrum].partial
+        and _in_level(b, sacrum, locator_z_mm)
+        and not _in_level(b, chosen, locator_z_mm)
+    ):
+        # the counts disagree and the locator sides with the sacrum: two of three agree
+        chosen, by = sacrum, "sacrum"
+        note = SIDES_WITH_SACRUM
     l3 = b[chosen]
     if l3.partial:
         reason = "the counted L3 body is cut by the end of the scan"
         return LevelVerification("unverified", locator_z_mm, reason=reason, **common)
-    above = b[chosen - 1].z_bottom if chosen > 0 else l3.z_top
-    below = b[chosen + 1].z_top if chosen + 1 < len(b) else l3.z_bottom
-    lo = 0.5 * (l3.z_bottom + below)
-    hi = 0.5 * (l3.z_top + above)
-    if lo <= locator_z_mm <= hi:
-        return LevelVerification("confirmed", locator_z_mm, counted_by=by, **common)
+    if _in_level(b, chosen, locator_z_mm):
+        return LevelVerification("confirmed", locator_z_mm, counted_by=by, reason=note, **common)
+    move, level = abs(l3.z_mid - locator_z_mm), _level_height(b)
+    if move > MAX_CORRECTION_LEVELS * level:
+        reason = (
+            f"the count puts L3 {move:.0f} mm from the located slice, {move / level:.1f} "
+            "levels: more than the locator's one-level miss, so the count is not trusted"
+        )
+        return LevelVerification("unverified", locator_z_mm, reason=reason, **common)
     return LevelVerification("corrected", l3.z_mid, counted_by=by, **common)
+
+
+#: A count that would move the located slice by more than this many levels (body + disc)
+#: is not applied. The locator misses by one level (every right correction on style B
+#: 7,000,400-599 moved it 32-42 mm); the three that moved it further (60, 66, 94 mm) were
+#: all wrong: a missed or extra rib two levels away, not the locator's miss.
+MAX_CORRECTION_LEVELS = 1.5
+
+#: One lumbar level, body and disc (mm; ANATOMY.md: 35-42).
+LUMBAR_LEVEL_MM = 38.0
+
+
+def _level_height(bodies: list[Body]) -> float:
+    """The median distance (mm) between the middles of successive counted bodies; a typical
+    lumbar level (:data:`LUMBAR_LEVEL_MM`) when fewer than two bodies were counted."""
+    mids = np.array([b.z_mid for b in bodies])
+    if mids.size < 2:
+        return LUMBAR_LEVEL_MM
+    return float(np.median(np.abs(np.diff(mids))))
+
+
+#: The note of a level the count from the sacrum confirmed against the count from the ribs.
+SIDES_WITH_SACRUM = (
+    "the counts from the ribs and from the sacrum disagree; the located level is the "
+    "sacrum count's L3, so it was kept (a missed or extra rib, or a transitional vertebra)"
+)
+
+
+def _in_level(bodies: list[Body], i: int, z_mm: float) -> bool:
+    """``z_mm`` lies between the mid-disc below and the mid-disc above body ``i`` (the
+    body's own end plate where no neighbour is counted)."""
+    body = bodies[i]
+    above = bodies[i - 1].z_bottom if i > 0 else body.z_top
+    below = bodies[i + 1].z_top if i + 1 < len(bodies) else body.z_bottom
+    return 0.5 * (body.z_bottom + below) <= z_mm <= 0.5 * (body.z_top + above)
 
 
 #: Least distance (mm) from the located L3 to either end of the box along z: L3 and the
