@@ -38,6 +38,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "research.commands",
     "evaluate-composition": "research.commands",
     "calibrate-locator": "research.commands",
+    "calibrate-levels": "research.commands",
     "evaluate-crops": "research.commands",
     "evaluate-levels": "research.commands",
 }

@@ -126,7 +126,9 @@ class LevelVerificationOut(_Model):
     view). ``possible_transitional_anatomy``: both counts made and they disagree;
     ``lumbar_counted``: the non-rib-bearing vertebrae above the sacrum (5 typically).
     ``l3_from_ribs_mm``/``l3_from_sacrum_mm``: (bottom, top) z of L3 by each count (mm);
-    ``locator_z_mm``: the locator's answer (mm); ``model``: the weights file.
+    ``locator_z_mm``: the locator's answer (mm); ``model``: the weights file;
+    ``confidence_locator``: the first stage's P(within 10 mm) when the level calibration
+    replaced it in ``L3Result.confidence`` (models/spine_fcn.md), else None.
     """
 
     status: Literal["confirmed", "corrected", "unverified", "counted"]
@@ -139,6 +141,7 @@ class LevelVerificationOut(_Model):
     l3_from_sacrum_mm: tuple[float, float] | None = None
     reason: str | None = None
     model: str | None = None
+    confidence_locator: float | None = None
 
     def text(self) -> str | None:
         """:func:`level_verification_text` of this verdict."""
@@ -180,8 +183,10 @@ class L3Result(_Model):
     Image Position z): the SR and the Secondary Capture use those.
 
     ``confidence``: with ``confidence_calibrated`` true and L3 found, the probability that
-    the slice is within 10 mm of the true mid-L3, calibrated on validation phantoms
-    (``models/locator_cnn4.md``); otherwise the locator's raw score. ``confidence_raw``
+    the slice is within 10 mm of the true mid-L3, calibrated on validation phantoms: on the
+    level verification's verdict where a level calibration applies (models/spine_fcn.md),
+    else on the first stage alone (``models/locator_cnn4.md``); otherwise the locator's raw
+    score. ``confidence_raw``
     keeps the raw score (``corr**2 * agreement * presence``); ``confidence_flag_below`` is
     the threshold under which the ``low_l3_confidence`` QA flag is raised.
     """

@@ -30,6 +30,7 @@ from worker.locator.calibration import (
     CALIBRATION_FORMAT,
     SCORES,
     Calibration,
+    LevelCalibration,
     calibration_score,
     file_sha256,
 )
@@ -446,9 +447,20 @@ def cached_cases(
     return [known[s] for s in range(seed, seed + n)]
 
 
+_MAP_COLOURS = ((0, 70, 200), (0, 150, 60), (200, 120, 0), (150, 0, 150), (90, 90, 90))
+
+
+def _maps(calibration: Calibration | LevelCalibration) -> dict[str, np.ndarray]:
+    """label -> the map's probabilities on 201 scores from 0 to 1 ("" for a single map)."""
+    grid = np.linspace(0, 1, 201)
+    if isinstance(calibration, Calibration):
+        return {"": calibration.probabilities(grid)}
+    return {v: np.interp(grid, kx, ky) for v, (kx, ky) in calibration.maps.items()}
+
+
 def render_reliability_png(
     sets: Sequence[tuple[str, np.ndarray, np.ndarray, tuple[int, int, int]]],
-    calibration: Calibration,
+    calibration: Calibration | LevelCalibration,
     out: Path,
     edges: Sequence[float] = (0, 0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 1.0),
 ) -> Path:
@@ -458,8 +470,8 @@ def render_reliability_png(
     ----------
     sets : (label, calibrated probabilities (n,), outcomes within 10 mm (n,) bool, RGB)
         per data set (validation, test).
-    calibration : the map drawn on the right (raw confidence -> probability) with its flag
-        threshold.
+    calibration : the map drawn on the right (score -> probability) with its flag
+        threshold; a level calibration draws one map per verdict, each in its own colour.
     out : PNG path (folders created).
     edges : probability bins of the diagram.
 
@@ -516,11 +528,12 @@ def render_reliability_png(
     x0 = 2 * pad + size + gap
     right = panel(x0, "Calibration map (validation)", calibration.score, "P(within 10 mm)")
     grid = np.linspace(0, 1, 201)
-    pts = [
-        right(float(g), float(v))
-        for g, v in zip(grid, calibration.probabilities(grid), strict=True)
-    ]
-    d.line(pts, fill=(0, 70, 200), width=2)
+    for k, (label, curve) in enumerate(_maps(calibration).items()):
+        rgb = _MAP_COLOURS[k % len(_MAP_COLOURS)]
+        pts = [right(float(g), float(v)) for g, v in zip(grid, curve, strict=True)]
+        d.line(pts, fill=rgb, width=2)
+        if label:
+            d.text((x0 + size - 90, pad + size - 20 - 12 * k), label, fill=rgb)
     dashed_h(right, calibration.flag_below)
     d.text(
         right(0.02, calibration.flag_below + 0.03),

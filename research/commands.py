@@ -235,6 +235,95 @@ def calibrate_locator(
         json_out.write_text(json.dumps(cal.to_dict(), indent=2) + "\n")
 
 
+def calibrate_levels(
+    cases: Annotated[
+        list[Path],
+        typer.Option(help="evaluate-levels --json files of validation phantoms (fit)."),
+    ],
+    test: Annotated[
+        list[Path] | None,
+        typer.Option(help="evaluate-levels --json files of other seeds (reported only)."),
+    ] = None,
+    max_flagged_share: Annotated[
+        float, typer.Option(help="Flag at most this share of validation answers.")
+    ] = 0.15,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Level calibration file (default: beside the verification weights)."),
+    ] = None,
+    png: Annotated[Path | None, typer.Option(help="Reliability diagram PNG.")] = Path(
+        "docs/images/level_reliability.png"
+    ),
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write all figures.")] = None,
+) -> None:
+    """Calibrate the final answer's confidence on the level verification's verdict: P(within
+    10 mm) per verdict, fitted on validation cases of ``l3spot evaluate-levels --json``, with
+    the flag threshold; reliability on test cases (models/spine_fcn.md, "Confidence after
+    the count")."""
+    import sys
+
+    from core.commands import git_commit
+    from research.calibrate_levels import (
+        answered,
+        build_level_calibration,
+        level_probabilities,
+        level_report,
+        load_level_cases,
+        outcomes,
+    )
+    from research.calibrate_locator import render_reliability_png
+    from worker.locator.calibration import calibration_path, file_sha256
+
+    cfg = _locator_config(None, None)
+    if not cfg.verify_weights:
+        raise typer.BadParameter("locator.verify_weights is not set: nothing to calibrate")
+    vcases, shas = load_level_cases(cases)
+    now = {
+        "weights": file_sha256(cfg.weights),
+        "refine_weights": None if cfg.refine_weights is None else file_sha256(cfg.refine_weights),
+        "verify_weights": file_sha256(cfg.verify_weights),
+    }
+    if shas != now:
+        raise typer.BadParameter("the cases were made with other weights than the configured ones")
+    tcases: list[Any] = []
+    if test:
+        tcases, tshas = load_level_cases(test)
+        if tshas != shas:
+            raise typer.BadParameter("the test cases were made with other weights")
+        if {c.name for c in tcases} & {c.name for c in vcases}:
+            raise typer.BadParameter("validation and test cases share phantoms")
+    provenance = {
+        "command": "l3spot " + " ".join(sys.argv[1:]),
+        "git_commit": git_commit(),
+        "validation_cases": [str(p) for p in cases],
+        "validation_phantoms": [vcases[0].name, vcases[-1].name, len(vcases)],
+        "test_cases": [str(p) for p in test or []],
+        "test_phantoms": [tcases[0].name, tcases[-1].name, len(tcases)] if tcases else None,
+    }
+    cal = build_level_calibration(vcases, shas, provenance, max_flagged_share)
+    if tcases:
+        cal.record["test"] = level_report(cal, tcases)
+    out = out or calibration_path(cfg.verify_weights)
+    cal.save(out)
+    typer.echo(f"wrote {out}")
+    typer.echo(json.dumps(cal.record, indent=2))
+    if png is not None:
+        sets = [("validation", vcases, (0, 70, 200))]
+        if tcases:
+            sets.append(("test", tcases, (220, 120, 0)))
+        render_reliability_png(
+            [
+                (label, level_probabilities(cal, answered(cs)), outcomes(answered(cs)), rgb)
+                for label, cs, rgb in sets
+            ],
+            cal,
+            png,
+        )
+        typer.echo(f"wrote {png}")
+    if json_out is not None:
+        json_out.write_text(json.dumps(cal.to_dict(), indent=2) + "\n")
+
+
 def evaluate_crops(
     weights: Annotated[Path | None, typer.Option(help="Locator weights (default: config).")] = None,
     refine_weights: RefineOption = None,
@@ -335,6 +424,17 @@ def evaluate_levels(
             f"{pair['mcnemar_p']}"
         )
     if json_out is not None:
+        from worker.locator.calibration import file_sha256
+
+        for key, run in out.items():
+            # which weights made these cases (a level calibration fitted on them checks it)
+            run["weights_sha256"] = {
+                "weights": file_sha256(cfg.weights),
+                "refine_weights": None
+                if cfg.refine_weights is None
+                else file_sha256(cfg.refine_weights),
+                "verify_weights": None if key == "None" else file_sha256(Path(key)),
+            }
         doc = next(iter(out.values())) if len(out) == 1 else {"runs": out, "paired": pair}
         json_out.write_text(json.dumps(doc, indent=2) + "\n")
 
@@ -344,5 +444,6 @@ def register(app: typer.Typer) -> None:
     app.command("evaluate")(evaluate)
     app.command("evaluate-composition")(evaluate_composition)
     app.command("calibrate-locator")(calibrate_locator)
+    app.command("calibrate-levels")(calibrate_levels)
     app.command("evaluate-crops")(evaluate_crops)
     app.command("evaluate-levels")(evaluate_levels)

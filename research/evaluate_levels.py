@@ -31,6 +31,7 @@ __all__ = [
     "paired",
     "phantom_volumes",
     "summarise",
+    "within_10mm",
 ]
 
 
@@ -56,6 +57,16 @@ class LevelCase:
     #: the QA flags the answer carries (the level verification's and ``low_l3_confidence``):
     #: a wrong answer without any is a silent one
     flags: tuple[str, ...] = ()
+    #: the reported confidence (the first stage's calibrated P(within 10 mm), or its raw
+    #: score without a calibration or for an L3 found by counting), the raw score and the
+    #: refinement's slope -1 correlation: what a verdict-aware calibration is fitted on
+    confidence: float | None = None
+    confidence_raw: float | None = None
+    fine_correlation: float | None = None
+    #: (bottom, top) z (mm) of L3 by the count from the ribs and from the sacrum, None where
+    #: that count was not made
+    l3_from_ribs_mm: tuple[float, float] | None = None
+    l3_from_sacrum_mm: tuple[float, float] | None = None
 
     def _err(self, z: float | None) -> float | None:
         if z is None or self.truth_z_mm is None:
@@ -203,7 +214,18 @@ def _level_case(name: str, t: dict[str, Any], res: Any) -> LevelCase:
         seconds_verify=float(res.timings_s.get("verify", 0.0)),
         countable=t.get("countable"),
         flags=tuple(res.level_flags) + ((LOW_CONFIDENCE_FLAG,) if res.low_confidence else ()),
+        confidence=float(res.confidence) if res.in_field_of_view else None,
+        confidence_raw=None if res.confidence_raw is None else float(res.confidence_raw),
+        fine_correlation=None
+        if not res.refinement or res.refinement.get("correlation") is None
+        else float(res.refinement["correlation"]),
+        l3_from_ribs_mm=_extent(v.get("l3_from_ribs_mm")),
+        l3_from_sacrum_mm=_extent(v.get("l3_from_sacrum_mm")),
     )
+
+
+def _extent(v: Sequence[float] | None) -> tuple[float, float] | None:
+    return None if v is None else (float(v[0]), float(v[1]))
 
 
 def paired(first: list[LevelCase], second: list[LevelCase]) -> dict[str, Any]:
@@ -227,8 +249,16 @@ def paired(first: list[LevelCase], second: list[LevelCase]) -> dict[str, Any]:
         for a, b in zip(first, second, strict=True)
         if a.truth_z_mm is not None and a.final_z_mm is not None and b.final_z_mm is not None
     ]
-    only_first = [a.name for a, b in both if _ok(a.error_after_mm) and not _ok(b.error_after_mm)]
-    only_second = [b.name for a, b in both if _ok(b.error_after_mm) and not _ok(a.error_after_mm)]
+    only_first = [
+        a.name
+        for a, b in both
+        if within_10mm(a.error_after_mm) and not within_10mm(b.error_after_mm)
+    ]
+    only_second = [
+        b.name
+        for a, b in both
+        if within_10mm(b.error_after_mm) and not within_10mm(a.error_after_mm)
+    ]
     n = len(only_first) + len(only_second)
     p = 1.0
     if n:
@@ -237,9 +267,13 @@ def paired(first: list[LevelCase], second: list[LevelCase]) -> dict[str, Any]:
         p = float(binomtest(len(only_first), n, 0.5).pvalue)
     return {
         "scans": len(both),
-        "both_right": sum(1 for a, b in both if _ok(a.error_after_mm) and _ok(b.error_after_mm)),
+        "both_right": sum(
+            1 for a, b in both if within_10mm(a.error_after_mm) and within_10mm(b.error_after_mm)
+        ),
         "neither_right": sum(
-            1 for a, b in both if not _ok(a.error_after_mm) and not _ok(b.error_after_mm)
+            1
+            for a, b in both
+            if not within_10mm(a.error_after_mm) and not within_10mm(b.error_after_mm)
         ),
         "only_first": only_first,
         "only_second": only_second,
@@ -247,7 +281,9 @@ def paired(first: list[LevelCase], second: list[LevelCase]) -> dict[str, Any]:
     }
 
 
-def _ok(error_mm: float | None) -> bool:
+def within_10mm(error_mm: float | None) -> bool:
+    """The answer is within :data:`research.evaluate_locator.SUCCESS_MM` (10 mm) of mid-L3
+    (False when there is no answer or no mid-L3 in the scan)."""
     return error_mm is not None and error_mm <= SUCCESS_MM
 
 
@@ -287,15 +323,17 @@ def summarise(cases: list[LevelCase]) -> dict[str, Any]:
             for c in cases
             if c.truth_z_mm is not None and c.countable is False and not c.in_fov_said
         ),
-        "within_10mm_of_countable": share(lambda c: _ok(c.error_after_mm), countable),
+        "within_10mm_of_countable": share(lambda c: within_10mm(c.error_after_mm), countable),
         # clinical safety: an answer more than 10 mm off that carries no QA flag
-        "wrong_and_unflagged": share(lambda c: not _ok(c.error_after_mm) and not c.flags, both),
+        "wrong_and_unflagged": share(
+            lambda c: not within_10mm(c.error_after_mm) and not c.flags, both
+        ),
         "answers_flagged": share(lambda c: bool(c.flags), both),
         "flagged_that_are_wrong": share(
-            lambda c: not _ok(c.error_after_mm), [c for c in both if c.flags]
+            lambda c: not within_10mm(c.error_after_mm), [c for c in both if c.flags]
         ),
-        "within_10mm_before": share(lambda c: _ok(c.error_before_mm), both),
-        "within_10mm_after": share(lambda c: _ok(c.error_after_mm), both),
+        "within_10mm_before": share(lambda c: within_10mm(c.error_before_mm), both),
+        "within_10mm_after": share(lambda c: within_10mm(c.error_after_mm), both),
         "mean_error_mm_before": round(float(err_b.mean()), 2) if err_b.size else None,
         "mean_error_mm_after": round(float(err_a.mean()), 2) if n else None,
         "verdicts": {
@@ -303,17 +341,19 @@ def summarise(cases: list[LevelCase]) -> dict[str, Any]:
             for s in ("confirmed", "corrected", "unverified", "counted")
         },
         "counted_by": {s: sum(1 for c in both if c.counted_by == s) for s in ("ribs", "sacrum")},
-        "corrections_right": share(lambda c: _ok(c.error_after_mm), corrected),
+        "corrections_right": share(lambda c: within_10mm(c.error_after_mm), corrected),
         "corrections_that_broke_a_right_answer": sum(
-            1 for c in corrected if _ok(c.error_before_mm) and not _ok(c.error_after_mm)
+            1
+            for c in corrected
+            if within_10mm(c.error_before_mm) and not within_10mm(c.error_after_mm)
         ),
         "found_by_counting_right": share(
-            lambda c: _ok(c.error_after_mm), [c for c in both if c.status == "counted"]
+            lambda c: within_10mm(c.error_after_mm), [c for c in both if c.status == "counted"]
         ),
         "typical_flagged_transitional": share(lambda c: c.flagged_transitional, typical),
         "transitional_flagged": share(lambda c: c.flagged_transitional, trans),
         "transitional_right_or_flagged": share(
-            lambda c: c.flagged_transitional or _ok(c.error_after_mm), trans
+            lambda c: c.flagged_transitional or within_10mm(c.error_after_mm), trans
         ),
         "verify_seconds_mean": round(float(np.mean([c.seconds_verify for c in both])), 3)
         if n

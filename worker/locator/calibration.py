@@ -15,6 +15,14 @@ exactly those. Missing, unreadable or fitted on other weights: the locator repor
 confidence (``confidence_calibrated`` false in ``result.json``) and logs one warning per
 file version; the analysis does not fail, so a site version trained before calibration
 existed keeps working.
+
+After the level verification (:mod:`worker.locator.vertebrae`) the answer's confidence is
+mapped again, per verdict (:class:`LevelCalibration`, :func:`verdict_of`): an answer the
+count confirms and one no count could check are not equally likely right, whatever the
+first stage's score. That file lives beside the verification weights
+(``models/spine_fcn.calibration.json``), is fitted by ``l3spot calibrate-levels``
+(:mod:`research.calibrate_levels`) on style-B validation phantoms, and applies only to the
+three weights files it names.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +76,23 @@ def calibration_score(name: str, raw: float, fine_correlation: float | None) -> 
     raise ValueError(f"unknown calibration score {name!r} (one of {SCORES})")
 
 
+def _check_map(
+    score: str, knots_raw: tuple[float, ...], knots_probability: tuple[float, ...], flag: float
+) -> None:
+    """Raise ValueError unless the knots are a monotone map of a known score into [0, 1]
+    and the flag threshold lies in [0, 1]."""
+    if score not in SCORES:
+        raise ValueError(f"unknown calibration score {score!r} (one of {SCORES})")
+    x = np.asarray(knots_raw, np.float64)
+    y = np.asarray(knots_probability, np.float64)
+    if x.size == 0 or x.shape != y.shape:
+        raise ValueError("calibration knots: need as many probabilities as raw values")
+    if np.any(np.diff(x) <= 0) or np.any(np.diff(y) < 0):
+        raise ValueError("calibration knots must be ascending and the map non-decreasing")
+    if y.min() < 0 or y.max() > 1 or not 0 <= flag <= 1:
+        raise ValueError("calibrated probabilities and the threshold must lie in [0, 1]")
+
+
 @dataclass(frozen=True)
 class Calibration:
     """A monotone map of the locator's score to P(within 10 mm), and the flag threshold.
@@ -97,16 +123,7 @@ class Calibration:
     score: str = "confidence_raw"
 
     def __post_init__(self) -> None:
-        if self.score not in SCORES:
-            raise ValueError(f"unknown calibration score {self.score!r} (one of {SCORES})")
-        x = np.asarray(self.knots_raw, np.float64)
-        y = np.asarray(self.knots_probability, np.float64)
-        if x.size == 0 or x.shape != y.shape:
-            raise ValueError("calibration knots: need as many probabilities as raw values")
-        if np.any(np.diff(x) <= 0) or np.any(np.diff(y) < 0):
-            raise ValueError("calibration knots must be ascending and the map non-decreasing")
-        if y.min() < 0 or y.max() > 1 or not 0 <= self.flag_below <= 1:
-            raise ValueError("calibrated probabilities and the threshold must lie in [0, 1]")
+        _check_map(self.score, self.knots_raw, self.knots_probability, self.flag_below)
 
     def probabilities(self, raw: np.ndarray) -> np.ndarray:
         """Calibrated probabilities of raw confidences (linear between knots, constant
@@ -218,6 +235,186 @@ def _load_cached(
             "locator confidence not calibrated: %s (%s); reporting the raw confidence, flag "
             "threshold locator.min_confidence or 0.5 on the raw score (l3spot calibrate-locator "
             "writes one)",
+            why,
+            path,
+        )
+    return cal
+
+
+#: the ``format`` of a level calibration file
+LEVEL_CALIBRATION_FORMAT = "l3spot-level-calibration"
+
+#: The level verification's verdicts a level calibration maps apart (:func:`verdict_of`).
+VERDICTS = ("confirmed", "corrected", "unverified", "counted", "transitional")
+
+
+def verdict_of(verification: Mapping[str, Any] | None) -> str | None:
+    """The verdict group of an answer's level verification (``L3Location.verification``).
+
+    Returns
+    -------
+    str or None
+        "transitional" when the counts disagree (``possible_transitional_anatomy``,
+        whatever the status); else the status "confirmed", "unverified" or "counted", or
+        "corrected" when the counted level was applied. None without a verification, or for
+        a disagreement left standing (``locator.verify_mode`` "flag"): no level calibration
+        was fitted on such answers.
+    """
+    if not verification:
+        return None
+    if verification.get("possible_transitional_anatomy"):
+        return "transitional"
+    status = verification.get("status")
+    if status == "corrected":
+        return "corrected" if verification.get("applied", True) else None
+    return status if status in VERDICTS else None
+
+
+@dataclass(frozen=True)
+class LevelCalibration:
+    """P(the final answer is within 10 mm of mid-L3) given the level verification's verdict
+    and the first stage's score, and the flag threshold on it.
+
+    The first-stage calibration (:class:`Calibration`) knows nothing of the count: an answer
+    the vertebrae confirm and one no count could check get the same probability. This
+    calibration maps the same score (:func:`calibration_score`) once per verdict
+    (:func:`verdict_of`), each map fitted on validation-style phantoms answered by the whole
+    locator (``l3spot calibrate-levels``, :mod:`research.calibrate_levels`).
+
+    Attributes
+    ----------
+    maps : verdict -> (ascending scores, non-decreasing probabilities in [0, 1]).
+    flag_below : flag an answer (``low_l3_confidence``) whose probability is below this.
+    score : the score the maps are of (one of :data:`SCORES`).
+    coarse_sha256, fine_sha256, verify_sha256 : SHA-256 of the first-stage, refinement
+        (None without one) and level-verification weights it was fitted with.
+    record : provenance and validation figures.
+
+    Raises
+    ------
+    ValueError
+        No map, an unknown verdict, a map that is not monotone into [0, 1], an unknown
+        score or a threshold outside [0, 1].
+    """
+
+    maps: dict[str, tuple[tuple[float, ...], tuple[float, ...]]]
+    flag_below: float
+    score: str
+    coarse_sha256: str
+    fine_sha256: str | None
+    verify_sha256: str
+    record: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.maps:
+            raise ValueError("a level calibration needs at least one verdict's map")
+        for verdict, (kx, ky) in self.maps.items():
+            if verdict not in VERDICTS:
+                raise ValueError(f"unknown verdict {verdict!r} (one of {VERDICTS})")
+            _check_map(self.score, kx, ky, self.flag_below)
+
+    def probability(
+        self, verdict: str | None, raw: float, fine_correlation: float | None
+    ) -> float | None:
+        """P(within 10 mm) of one answer; None when no map was fitted for ``verdict``."""
+        if verdict not in self.maps:
+            return None
+        kx, ky = self.maps[verdict]
+        s = calibration_score(self.score, raw, fine_correlation)
+        return float(np.interp(s, kx, ky))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON content of a level calibration file."""
+        return {
+            "format": LEVEL_CALIBRATION_FORMAT,
+            "version": 1,
+            "score": self.score,
+            "coarse_sha256": self.coarse_sha256,
+            "fine_sha256": self.fine_sha256,
+            "verify_sha256": self.verify_sha256,
+            "flag_below": self.flag_below,
+            "maps": {
+                v: {
+                    "knots_score": [round(x, 6) for x in kx],
+                    "knots_probability": [round(y, 6) for y in ky],
+                }
+                for v, (kx, ky) in self.maps.items()
+            },
+            "record": self.record,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LevelCalibration:
+        """Inverse of :meth:`to_dict`. Raises ValueError/KeyError/TypeError on bad content."""
+        if d.get("format") != LEVEL_CALIBRATION_FORMAT:
+            raise ValueError(f"not a {LEVEL_CALIBRATION_FORMAT} file")
+        return cls(
+            maps={
+                str(v): (
+                    tuple(float(x) for x in m["knots_score"]),
+                    tuple(float(y) for y in m["knots_probability"]),
+                )
+                for v, m in d["maps"].items()
+            },
+            flag_below=float(d["flag_below"]),
+            score=str(d["score"]),
+            coarse_sha256=str(d["coarse_sha256"]),
+            fine_sha256=None if d.get("fine_sha256") is None else str(d["fine_sha256"]),
+            verify_sha256=str(d["verify_sha256"]),
+            record=dict(d.get("record") or {}),
+        )
+
+    def save(self, path: Path) -> None:
+        """Write the file (atomically: temporary name, then rename)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        tmp.replace(path)
+
+
+def load_level_calibration(
+    verify_weights: Path, weights: Path, refine_weights: Path | None
+) -> LevelCalibration | None:
+    """The level calibration of these three weights files, or None.
+
+    Read from :func:`calibration_path` of ``verify_weights``
+    (``models/spine_fcn.calibration.json``). None, with one WARNING log line per file
+    version, when it is missing, unreadable, malformed, or was fitted with other weights:
+    the answer then keeps the first stage's calibrated confidence.
+    """
+    path = calibration_path(verify_weights)
+    mtime = path.stat().st_mtime_ns if path.is_file() else -1
+    fine = None if refine_weights is None else file_sha256(refine_weights)
+    return _load_level_cached(
+        file_sha256(weights), fine, file_sha256(verify_weights), str(path), mtime
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _load_level_cached(
+    coarse_sha: str, fine_sha: str | None, verify_sha: str, path: str, mtime_ns: int
+) -> LevelCalibration | None:
+    why = None
+    cal = None
+    if mtime_ns < 0:
+        why = "no level calibration file"
+    else:
+        try:
+            cal = LevelCalibration.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            why = f"unreadable level calibration file ({exc})"
+        else:
+            if (cal.coarse_sha256, cal.fine_sha256, cal.verify_sha256) != (
+                coarse_sha,
+                fine_sha,
+                verify_sha,
+            ):
+                why = "level calibration fitted with other weights"
+                cal = None
+    if cal is None:
+        logger.warning(
+            "L3 confidence not calibrated on the level verification: %s (%s); reporting the "
+            "first stage's confidence (l3spot calibrate-levels writes one)",
             why,
             path,
         )

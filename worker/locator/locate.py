@@ -28,7 +28,13 @@ import numpy as np
 
 from core.config import LocatorConfig
 from core.errors import AnalysisError
-from worker.locator.calibration import Calibration, load_calibration
+from worker.locator.calibration import (
+    Calibration,
+    LevelCalibration,
+    load_calibration,
+    load_level_calibration,
+    verdict_of,
+)
 from worker.locator.coarse import coarse_stage, in_field_of_view
 from worker.locator.decision import Decision
 from worker.locator.fine import check_fine_locator, choose_run
@@ -220,14 +226,16 @@ def load_stages(
     return LocatorStages(coarse, fine, calibration)
 
 
-def flag_threshold(min_confidence: float | None, calibration: Calibration | None) -> float:
+def flag_threshold(
+    min_confidence: float | None, calibration: Calibration | LevelCalibration | None
+) -> float:
     """The ``low_l3_confidence`` threshold on the reported confidence.
 
     Parameters
     ----------
     min_confidence : ``locator.min_confidence``; a number is used as it is (on the
         calibrated probability when there is a calibration, else on the raw score).
-    calibration : the locator's calibration or None.
+    calibration : the locator's calibration, the level calibration, or None.
 
     Returns
     -------
@@ -337,10 +345,7 @@ def locate_in_mip(
     if calibration is not None:
         fine_corr = None if refinement is None else float(refinement["correlation"])
         conf = calibration.probability(d.confidence, fine_corr)
-    reason = None
-    if conf < threshold:
-        what = "P(within 10 mm)" if calibration is not None else "confidence"
-        reason = f"low {what} ({conf:.2f} < {threshold:.2f}); check the L3 slice"
+    reason = _low_confidence_reason(conf, threshold, calibration is not None)
     return L3Location(
         True,
         mip.row_to_slice_index(row),
@@ -354,6 +359,14 @@ def locate_in_mip(
         confidence_calibrated=calibration is not None,
         **common,
     )
+
+
+def _low_confidence_reason(confidence: float, threshold: float, calibrated: bool) -> str | None:
+    """The answer's reason when its confidence is below the flag threshold, else None."""
+    if confidence >= threshold:
+        return None
+    what = "P(within 10 mm)" if calibrated else "confidence"
+    return f"low {what} ({confidence:.2f} < {threshold:.2f}); check the L3 slice"
 
 
 def locate_l3(
@@ -472,6 +485,7 @@ def verify(volume: CTVolume, result: L3Location, mip: Mip, config: LocatorConfig
             f"L3 found by counting vertebrae from {_counted_from(found.counted_by)}; the "
             f"locator said: {result.reason}; check the level"
         )
+        _calibrate_on_verdict(result, config)
         return
     v = verify_in_volume(net, volume.hu, volume.z_mm, spacing, float(result.z_mm))
     applied = v.status == "corrected" and config.verify_mode == "correct"
@@ -482,6 +496,38 @@ def verify(volume: CTVolume, result: L3Location, mip: Mip, config: LocatorConfig
             f"L3 level corrected by counting vertebrae from {_counted_from(v.counted_by)} "
             f"({v.locator_z_mm:.0f} -> {v.z_mm:.0f} mm); check the level"
         )
+    _calibrate_on_verdict(result, config)
+
+
+def _calibrate_on_verdict(result: L3Location, config: LocatorConfig) -> None:
+    """Replace the answer's confidence by P(within 10 mm) given the verification's verdict
+    (:class:`worker.locator.calibration.LevelCalibration`, beside the verification weights),
+    in place; the first stage's is kept as ``verification["confidence_locator"]``.
+
+    Without a level calibration for these weights, or for a verdict it has no map of, the
+    answer keeps the first stage's confidence and threshold. A reason the verification set
+    (a corrected or counted level) is kept; otherwise the reason is the low-confidence one
+    or None.
+    """
+    if result.verification is None or result.confidence_raw is None:
+        return
+    cal = load_level_calibration(config.verify_weights, config.weights, config.refine_weights)
+    if cal is None:
+        return
+    fine = result.refinement.get("correlation") if result.refinement else None
+    p = cal.probability(
+        verdict_of(result.verification),
+        result.confidence_raw,
+        None if fine is None else float(fine),
+    )
+    if p is None:
+        return
+    result.verification["confidence_locator"] = round(float(result.confidence), 4)
+    result.confidence = p
+    result.confidence_calibrated = True
+    result.flag_below = flag_threshold(config.min_confidence, cal)
+    if result.verification.get("status") in ("confirmed", "unverified"):
+        result.reason = _low_confidence_reason(p, result.flag_below, True)
 
 
 def _counted_from(counted_by: str | None) -> str:
