@@ -97,20 +97,28 @@ def os_user() -> str:
         return "unknown"
 
 
-def git_commit() -> str:
-    """The commit of the checkout l3spot runs from (training records), or "unknown" outside
-    a git checkout or without git."""
+def git_commit(cwd: Path | None = None) -> str:
+    """The commit of the checkout l3spot runs from (training records), with ``-dirty``
+    appended when tracked files differ from it (the record then names a commit that did not
+    make the result); "unknown" outside a git checkout or without git.
+
+    ``cwd``: a folder inside the checkout (default: l3spot's own).
+    """
+    where = cwd or Path(__file__).resolve().parent
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=where
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
             capture_output=True,
             text=True,
             check=True,
-            cwd=Path(__file__).resolve().parent,
-        )
-        return out.stdout.strip()
+            cwd=where,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return f"{head}-dirty" if changed else head
 
 
 def command_line() -> str:
