@@ -106,11 +106,12 @@ def test_transitional_anatomy_is_flagged_and_counted_from_the_ribs(spec, lumbar)
     assert not _inside(0.5 * sum(out.l3_from_sacrum_mm), case.truth["l3_range_mm"])
 
 
-def test_a_missed_twelfth_rib_does_not_move_a_level_the_sacrum_confirms(typical):
-    """Style B 7,000,417 and six more (models/spine_fcn.md): the network missed a thin T12
-    rib, so the count from the ribs put L3 one level up, disagreed with the sacrum's and
-    "corrected" a right answer 35-40 mm away. Where the located level is the sacrum count's
-    L3, the two agreeing readings keep it; the transitional flag stays."""
+def test_a_missed_twelfth_rib_is_flagged_and_the_ribs_still_decide(typical):
+    """Style B 7,000,417 and six more: the network missed a thin T12 rib, so the count from
+    the ribs put L3 one level up and moved a right answer. Letting the sacrum's count decide
+    where the locator sides with it was tried and rejected (models/spine_fcn.md: on style B
+    7,000,000-399 it fixed 9 such scans and broke 11 true transitional spines). The ribs
+    decide, as radiologists count (ANATOMY.md), and the disagreement is flagged."""
     classes = typical.classes.copy()
     v = typical.truth["vertebrae_mm"]
     z0 = int(v["T12"][0] - typical.box.origin_mm[0]) - 3
@@ -119,16 +120,9 @@ def test_a_missed_twelfth_rib_does_not_move_a_level_the_sacrum_confirms(typical)
     sl[sl == RIB] = 0  # the T12 ribs, missed
     count = count_levels(classes, typical.box)
     assert count.problem is None and count.lumbar_counted == 6
-    kept = verify_level(count, typical.truth["l3_mid_mm"])
-    assert kept.status == "confirmed" and kept.counted_by == "sacrum"
-    assert kept.z_mm == typical.truth["l3_mid_mm"] and "disagree" in kept.reason
-    assert kept.possible_transitional_anatomy
-    # a located level that is neither count's L3 still follows the ribs (the convention)
-    moved = verify_level(count, 0.5 * sum(v["L1"]))
-    assert moved.status == "corrected" and moved.counted_by == "ribs"
-    assert _inside(moved.z_mm, v["L2"]) and moved.possible_transitional_anatomy
-    # and one the ribs confirm is confirmed by them
-    assert verify_level(count, 0.5 * sum(v["L2"])).counted_by == "ribs"
+    out = verify_level(count, typical.truth["l3_mid_mm"])
+    assert out.status == "corrected" and out.counted_by == "ribs"
+    assert _inside(out.z_mm, v["L2"]) and out.possible_transitional_anatomy
 
 
 def test_a_count_two_levels_from_the_located_slice_is_not_applied(typical):

@@ -1095,11 +1095,8 @@ def verify_level(count: LevelCount, locator_z_mm: float) -> LevelVerification:
     view. The located z is confirmed when it lies between the mid-disc below and the mid-disc
     above the counted L3 body, otherwise corrected to that body's middle.
 
-    When both counts are made and disagree (``possible_transitional_anatomy``) and the
-    located z lies in the sacrum count's L3 but not in the rib count's, it is confirmed by
-    the sacrum (:data:`SIDES_WITH_SACRUM` in ``reason``): two of three independent readings
-    agree, and a thin twelfth rib the network missed makes the same disagreement as a
-    transitional vertebra (style B, models/spine_fcn.md). The flag stays either way.
+    A count that would move the located z by more than :data:`MAX_CORRECTION_LEVELS`
+    levels is not applied: the answer is "unverified" with the reason.
 
     Parameters
     ----------
@@ -1132,23 +1129,12 @@ def verify_level(count: LevelCount, locator_z_mm: float) -> LevelVerification:
     if found is None:
         return LevelVerification("unverified", locator_z_mm, reason=NO_COUNT, **common)
     chosen, by = found
-    note = None
-    if (
-        common["possible_transitional_anatomy"]
-        and sacrum is not None
-        and not b[sacrum].partial
-        and _in_level(b, sacrum, locator_z_mm)
-        and not _in_level(b, chosen, locator_z_mm)
-    ):
-        # the counts disagree and the locator sides with the sacrum: two of three agree
-        chosen, by = sacrum, "sacrum"
-        note = SIDES_WITH_SACRUM
     l3 = b[chosen]
     if l3.partial:
         reason = "the counted L3 body is cut by the end of the scan"
         return LevelVerification("unverified", locator_z_mm, reason=reason, **common)
     if _in_level(b, chosen, locator_z_mm):
-        return LevelVerification("confirmed", locator_z_mm, counted_by=by, reason=note, **common)
+        return LevelVerification("confirmed", locator_z_mm, counted_by=by, **common)
     move, level = abs(l3.z_mid - locator_z_mm), _level_height(b)
     if move > MAX_CORRECTION_LEVELS * level:
         reason = (
@@ -1176,13 +1162,6 @@ def _level_height(bodies: list[Body]) -> float:
     if mids.size < 2:
         return LUMBAR_LEVEL_MM
     return float(np.median(np.abs(np.diff(mids))))
-
-
-#: The note of a level the count from the sacrum confirmed against the count from the ribs.
-SIDES_WITH_SACRUM = (
-    "the counts from the ribs and from the sacrum disagree; the located level is the "
-    "sacrum count's L3, so it was kept (a missed or extra rib, or a transitional vertebra)"
-)
 
 
 def _in_level(bodies: list[Body], i: int, z_mm: float) -> bool:
