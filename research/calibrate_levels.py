@@ -36,6 +36,7 @@ from worker.locator.calibration import (
     calibration_score,
     verdict_of,
 )
+from worker.pipeline import LOW_CONFIDENCE_FLAG
 
 __all__ = [
     "LevelCases",
@@ -240,8 +241,9 @@ def level_report(
         ``n`` answers, ``n_wrong``; ``per_verdict`` (answers, wrong, mean probability);
         ``flag`` (:func:`research.calibrate_locator.flag_stats` at ``threshold``, default
         ``cal.flag_below``); ``brier`` and ``brier_first_stage``; ``reliability``; and
-        ``flags_then``: the share of answers carrying any QA flag when evaluated, and of
-        those the share wrong (what the new flag replaces as the reader's signal).
+        ``flags_then``: how many answers carried any QA flag when evaluated, how many of
+        those were wrong and how many wrong answers carried none; ``flags_now``: the same
+        with ``low_l3_confidence`` raised by this calibration instead of the first stage's.
     """
     ans = answered(cases)
     ok = outcomes(ans)
@@ -258,6 +260,9 @@ def level_report(
             "mean_probability": round(float(p[sel].mean()), 3),
         }
     flagged_then = np.array([bool(c.flags) for c in ans])
+    # the same answers with ``low_l3_confidence`` raised by this calibration instead
+    level_flags = np.array([bool(set(c.flags) - {LOW_CONFIDENCE_FLAG}) for c in ans])
+    flagged_now = level_flags | (p < t) if len(ans) else level_flags
     return {
         "n": len(ans),
         "n_wrong": int((~ok).sum()),
@@ -270,5 +275,10 @@ def level_report(
             "flagged": int(flagged_then.sum()),
             "wrong_among_flagged": int((flagged_then & ~ok).sum()),
             "wrong_unflagged": int((~flagged_then & ~ok).sum()),
+        },
+        "flags_now": {
+            "flagged": int(flagged_now.sum()),
+            "wrong_among_flagged": int((flagged_now & ~ok).sum()),
+            "wrong_unflagged": int((~flagged_now & ~ok).sum()),
         },
     }

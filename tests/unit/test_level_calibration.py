@@ -265,6 +265,8 @@ def test_an_answer_without_mid_l3_counts_as_wrong_and_evaluations_keep_their_old
         "wrong_among_flagged": 1,
         "wrong_unflagged": 0,
     }
+    # this calibration says 0.9 for both, above its 0.5: the wrong answer loses its flag
+    assert report["flags_now"] == {"flagged": 0, "wrong_among_flagged": 0, "wrong_unflagged": 1}
     assert case_verdict(_case("b-3", None, 1.0, 0.9)) is None
 
 
