@@ -246,7 +246,7 @@ def calibrate_levels(
     ] = None,
     max_flagged_share: Annotated[
         float, typer.Option(help="Flag at most this share of validation answers.")
-    ] = 0.15,
+    ] = 0.20,
     out: Annotated[
         Path | None,
         typer.Option(help="Level calibration file (default: beside the verification weights)."),

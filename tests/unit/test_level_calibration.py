@@ -57,13 +57,16 @@ def _level_cal(coarse: Path, fine: Path | None, spine: Path, flag: float = 0.8) 
 # -- the verdict ----------------------------------------------------------------------------
 
 
-def test_the_verdict_puts_disagreeing_counts_first_and_leaves_unapplied_corrections_out() -> None:
+def test_the_verdict_is_the_status_and_whether_the_counts_disagree() -> None:
     assert verdict_of(None) is None and verdict_of({}) is None
     assert verdict_of({"status": "confirmed"}) == "confirmed"
     assert verdict_of({"status": "confirmed", "possible_transitional_anatomy": True}) == (
-        "transitional"
+        "transitional_confirmed"
     )
     assert verdict_of({"status": "corrected", "applied": True}) == "corrected"
+    assert verdict_of(
+        {"status": "corrected", "applied": True, "possible_transitional_anatomy": True}
+    ) == ("transitional_corrected")
     # verify_mode "flag": the locator's level stands against the count; never calibrated
     assert verdict_of({"status": "corrected", "applied": False}) is None
     assert verdict_of({"status": "unverified"}) == "unverified"
@@ -233,7 +236,7 @@ def test_the_fit_maps_each_verdict_on_its_answers_and_the_flag_catches_the_unche
         "verify_weights": file_sha256(spine),
     }
     cal = build_level_calibration(_validation(), shas, {"command": "test"}, 0.15)
-    assert set(cal.maps) == {"confirmed", "unverified", "transitional"}
+    assert set(cal.maps) == {"confirmed", "unverified", "transitional_confirmed"}
     # 40 right confirmed answers: one block, Laplace's 41/42
     assert cal.probability("confirmed", 0.5, 1.0) == pytest.approx(41 / 42)
     # the four unchecked answers with the lowest scores are the wrong ones
