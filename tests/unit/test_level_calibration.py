@@ -341,3 +341,26 @@ def test_calibrate_levels_writes_the_file_for_the_configured_weights_and_reports
         app, ["calibrate-levels", "--cases", str(val), "--test", str(val), "--out", str(out)]
     )
     assert r.exit_code == 2 and not out.exists()
+
+
+# -- the shipped level calibration ----------------------------------------------------------
+
+
+def test_the_shipped_level_calibration_applies_to_the_shipped_weights() -> None:
+    """Fitted on style-B validation cases of the shipped networks, reported on other seeds,
+    for every verdict the validation saw: a retrained network without a new calibration
+    fails here, not silently in production (where it falls back with a warning)."""
+    from tests.conftest import require_shipped
+
+    cfg = LocatorConfig()
+    path = require_shipped(calibration_path(cfg.verify_weights), "level calibration")
+    cal = load_level_calibration(cfg.verify_weights, cfg.weights, cfg.refine_weights)
+    assert cal is not None, f"{path} was not fitted with the shipped weights: calibrate-levels"
+    rec = cal.record
+    assert rec["command"].startswith("l3spot calibrate-levels") and rec["git_commit"]
+    assert rec["validation_phantoms"][0].startswith("b-") and rec["test"]["n"] > 100
+    first, last = (int(n.split("-")[1]) for n in rec["validation_phantoms"][:2])
+    t_first, t_last = (int(n.split("-")[1]) for n in rec["test_phantoms"][:2])
+    assert t_first > last or t_last < first  # test seeds apart from the fitted ones
+    assert {"confirmed", "corrected", "counted", "unverified"} <= set(cal.maps)
+    assert 0.0 < cal.flag_below < 1.0
