@@ -447,7 +447,16 @@ def cached_cases(
     return [known[s] for s in range(seed, seed + n)]
 
 
-_MAP_COLOURS = ((0, 70, 200), (0, 150, 60), (200, 120, 0), (150, 0, 150), (90, 90, 90))
+_MAP_COLOURS = (
+    (0, 70, 200),
+    (0, 150, 60),
+    (200, 120, 0),
+    (150, 0, 150),
+    (90, 90, 90),
+    (0, 160, 170),
+    (170, 60, 40),
+    (120, 120, 0),
+)
 
 
 def _maps(calibration: Calibration | LevelCalibration) -> dict[str, np.ndarray]:
