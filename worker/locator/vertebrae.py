@@ -1135,7 +1135,7 @@ def verify_level(count: LevelCount, locator_z_mm: float) -> LevelVerification:
         return LevelVerification("unverified", locator_z_mm, reason=reason, **common)
     if _in_level(b, chosen, locator_z_mm):
         return LevelVerification("confirmed", locator_z_mm, counted_by=by, **common)
-    move, level = abs(l3.z_mid - locator_z_mm), _level_height(b)
+    move, level = abs(l3.z_mid - locator_z_mm), _level_height(b, chosen)
     if move > MAX_CORRECTION_LEVELS * level:
         reason = (
             f"the count puts L3 {move:.0f} mm from the located slice, {move / level:.1f} "
@@ -1155,13 +1155,15 @@ MAX_CORRECTION_LEVELS = 1.5
 LUMBAR_LEVEL_MM = 38.0
 
 
-def _level_height(bodies: list[Body]) -> float:
-    """The median distance (mm) between the middles of successive counted bodies; a typical
-    lumbar level (:data:`LUMBAR_LEVEL_MM`) when fewer than two bodies were counted."""
-    mids = np.array([b.z_mid for b in bodies])
-    if mids.size < 2:
+def _level_height(bodies: list[Body], i: int) -> float:
+    """The distance (mm) from the middle of body ``i`` to its counted neighbours' (their
+    median); a typical lumbar level (:data:`LUMBAR_LEVEL_MM`) when it has none. Measured
+    at L3, not over the whole box: thoracic levels are shorter (held-out box 9,500,004, a
+    right one-level correction, was refused with the box's median)."""
+    mids = [bodies[j].z_mid for j in (i - 1, i + 1) if 0 <= j < len(bodies)]
+    if not mids:
         return LUMBAR_LEVEL_MM
-    return float(np.median(np.abs(np.diff(mids))))
+    return float(np.median([abs(m - bodies[i].z_mid) for m in mids]))
 
 
 def _in_level(bodies: list[Body], i: int, z_mm: float) -> bool:
