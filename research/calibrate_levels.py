@@ -39,13 +39,15 @@ from worker.locator.calibration import (
 from worker.pipeline import LOW_CONFIDENCE_FLAG
 
 __all__ = [
+    "LEVEL_SCORE",
     "LevelCases",
+    "answered",
     "build_level_calibration",
     "case_verdict",
-    "load_level_cases",
-    "outcomes",
     "level_probabilities",
     "level_report",
+    "load_level_cases",
+    "outcomes",
 ]
 
 #: the score the maps are of: the first stage's calibrated score (models/locator_cnn4.md)
