@@ -14,6 +14,7 @@ reports.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import fields
@@ -40,7 +41,6 @@ from worker.pipeline import LOW_CONFIDENCE_FLAG
 
 __all__ = [
     "LEVEL_SCORE",
-    "LevelCases",
     "answered",
     "build_level_calibration",
     "case_verdict",
@@ -48,49 +48,36 @@ __all__ = [
     "level_report",
     "load_level_cases",
     "outcomes",
+    "read_level_cases",
 ]
 
 #: the score the maps are of: the first stage's calibrated score (models/locator_cnn4.md)
 LEVEL_SCORE = "raw_x_fine_correlation2"
 
 
-class LevelCases:
-    """The cases of one ``evaluate-levels --json`` file and the weights that made them.
+def read_level_cases(path: Path) -> tuple[list[LevelCase], dict[str, str | None]]:
+    """The cases of one ``evaluate-levels --json`` file, in seed order, and the SHA-256 of
+    the weights that made them (``weights``, ``refine_weights``, ``verify_weights``).
 
-    Attributes
-    ----------
-    path : the file.
-    cases : one :class:`research.evaluate_levels.LevelCase` per phantom, in seed order.
-    weights_sha256 : ``weights``, ``refine_weights`` and ``verify_weights`` -> SHA-256.
+    Raises
+    ------
+    ValueError
+        Not a single-run ``evaluate-levels --json`` file, or written before it recorded
+        the weights (cases of unknown weights cannot be calibrated on).
     """
-
-    def __init__(self, path: Path) -> None:
-        """Read ``path``.
-
-        Raises
-        ------
-        ValueError
-            Not a single-run ``evaluate-levels --json`` file, or written before it recorded
-            the weights (cases of unknown weights cannot be calibrated on).
-        """
-        doc = json.loads(Path(path).read_text())
-        if "cases" not in doc or "weights_sha256" not in doc:
-            raise ValueError(
-                f"{path}: not a single-run evaluate-levels --json file that names its weights"
-            )
-        known = {f.name for f in fields(LevelCase)}
-        self.path = Path(path)
-        self.cases = [
-            LevelCase(
-                **{
-                    k: (tuple(v) if isinstance(v, list) else v)
-                    for k, v in row.items()
-                    if k in known
-                }
-            )
-            for row in doc["cases"]
-        ]
-        self.weights_sha256: dict[str, str | None] = dict(doc["weights_sha256"])
+    doc = json.loads(Path(path).read_text())
+    if "cases" not in doc or "weights_sha256" not in doc:
+        raise ValueError(
+            f"{path}: not a single-run evaluate-levels --json file that names its weights"
+        )
+    known = {f.name for f in fields(LevelCase)}
+    cases = [
+        LevelCase(
+            **{k: (tuple(v) if isinstance(v, list) else v) for k, v in row.items() if k in known}
+        )
+        for row in doc["cases"]
+    ]
+    return cases, dict(doc["weights_sha256"])
 
 
 def load_level_cases(paths: Sequence[Path]) -> tuple[list[LevelCase], dict[str, str | None]]:
@@ -99,17 +86,17 @@ def load_level_cases(paths: Sequence[Path]) -> tuple[list[LevelCase], dict[str, 
     Raises
     ------
     ValueError
-        No file, a file :class:`LevelCases` refuses, files of different weights, or a
+        No file, a file :func:`read_level_cases` refuses, files of different weights, or a
         phantom in two files.
     """
     if not paths:
         raise ValueError("no evaluate-levels file given")
-    runs = [LevelCases(p) for p in paths]
-    shas = runs[0].weights_sha256
-    for r in runs[1:]:
-        if r.weights_sha256 != shas:
-            raise ValueError(f"{r.path} was made with other weights than {runs[0].path}")
-    cases = [c for r in runs for c in r.cases]
+    runs = [(p, *read_level_cases(p)) for p in paths]
+    shas = runs[0][2]
+    for path, _, other in runs[1:]:
+        if other != shas:
+            raise ValueError(f"{path} was made with other weights than {runs[0][0]}")
+    cases = [c for _, run, _ in runs for c in run]
     names = [c.name for c in cases]
     if len(set(names)) != len(names):
         raise ValueError("a phantom appears in more than one file")
@@ -197,9 +184,7 @@ def build_level_calibration(
         fine_sha256=weights_sha256.get("refine_weights"),
         verify_sha256=str(weights_sha256["verify_weights"]),
     )
-    p = level_probabilities(draft, ans)
-    t = choose_threshold(p, ok, max_flagged_share)
-    draft_flag = flag_stats(p, ok, t)
+    t = choose_threshold(level_probabilities(draft, ans), ok, max_flagged_share)
     record = {
         "format": LEVEL_CALIBRATION_FORMAT,
         **provenance,
@@ -208,17 +193,8 @@ def build_level_calibration(
         "score": LEVEL_SCORE,
         "max_flagged_share": max_flagged_share,
         "validation": level_report(draft, ans, t),
-        "validation_flag": draft_flag,
     }
-    return LevelCalibration(
-        maps=maps,
-        flag_below=t,
-        score=LEVEL_SCORE,
-        coarse_sha256=draft.coarse_sha256,
-        fine_sha256=draft.fine_sha256,
-        verify_sha256=draft.verify_sha256,
-        record=record,
-    )
+    return dataclasses.replace(draft, flag_below=t, record=record)
 
 
 def level_probabilities(cal: LevelCalibration, cases: Sequence[LevelCase]) -> np.ndarray:
@@ -242,7 +218,9 @@ def level_report(
     dict
         ``n`` answers, ``n_wrong``; ``per_verdict`` (answers, wrong, mean probability);
         ``flag`` (:func:`research.calibrate_locator.flag_stats` at ``threshold``, default
-        ``cal.flag_below``); ``brier`` and ``brier_first_stage``; ``reliability``; and
+        ``cal.flag_below``); ``brier`` and ``brier_first_stage`` (on ``confidence_locator``,
+        or on ``confidence`` in files written before it, right only where no level
+        calibration was in place); ``reliability``; and
         ``flags_then``: how many answers carried any QA flag when evaluated, how many of
         those were wrong and how many wrong answers carried none; ``flags_now``: the same
         with ``low_l3_confidence`` raised by this calibration instead of the first stage's.
@@ -250,7 +228,12 @@ def level_report(
     ans = answered(cases)
     ok = outcomes(ans)
     p = level_probabilities(cal, ans)
-    first = np.array([c.confidence or 0.0 for c in ans])
+    first = np.array(
+        [
+            (c.confidence if c.confidence_locator is None else c.confidence_locator) or 0.0
+            for c in ans
+        ]
+    )
     t = cal.flag_below if threshold is None else threshold
     verdicts = [case_verdict(c) or "none" for c in ans]
     per = {}
@@ -261,10 +244,10 @@ def level_report(
             "wrong": int((~ok[sel]).sum()),
             "mean_probability": round(float(p[sel].mean()), 3),
         }
-    flagged_then = np.array([bool(c.flags) for c in ans])
+    flagged_then = np.array([bool(c.flags) for c in ans], bool)
     # the same answers with ``low_l3_confidence`` raised by this calibration instead
-    level_flags = np.array([bool(set(c.flags) - {LOW_CONFIDENCE_FLAG}) for c in ans])
-    flagged_now = level_flags | (p < t) if len(ans) else level_flags
+    flagged_now = np.array([bool(set(c.flags) - {LOW_CONFIDENCE_FLAG}) for c in ans], bool)
+    flagged_now |= p < t
     return {
         "n": len(ans),
         "n_wrong": int((~ok).sum()),
@@ -273,14 +256,15 @@ def level_report(
         "brier": brier(p, ok) if len(ans) else None,
         "brier_first_stage": brier(first, ok) if len(ans) else None,
         "reliability": reliability_table(p, ok),
-        "flags_then": {
-            "flagged": int(flagged_then.sum()),
-            "wrong_among_flagged": int((flagged_then & ~ok).sum()),
-            "wrong_unflagged": int((~flagged_then & ~ok).sum()),
-        },
-        "flags_now": {
-            "flagged": int(flagged_now.sum()),
-            "wrong_among_flagged": int((flagged_now & ~ok).sum()),
-            "wrong_unflagged": int((~flagged_now & ~ok).sum()),
-        },
+        "flags_then": _flag_counts(flagged_then, ok),
+        "flags_now": _flag_counts(flagged_now, ok),
+    }
+
+
+def _flag_counts(flagged: np.ndarray, ok: np.ndarray) -> dict[str, int]:
+    """Answers flagged, wrong ones among them, wrong ones without a flag ((n,) bool each)."""
+    return {
+        "flagged": int(flagged.sum()),
+        "wrong_among_flagged": int((flagged & ~ok).sum()),
+        "wrong_unflagged": int((~flagged & ~ok).sum()),
     }

@@ -272,18 +272,14 @@ def calibrate_levels(
         outcomes,
     )
     from research.calibrate_locator import render_reliability_png
-    from worker.locator.calibration import calibration_path, file_sha256
+    from research.evaluate_levels import weights_sha256
+    from worker.locator.calibration import calibration_path
 
     cfg = _locator_config(None, None)
     if not cfg.verify_weights:
         raise typer.BadParameter("locator.verify_weights is not set: nothing to calibrate")
     vcases, shas = load_level_cases(cases)
-    now = {
-        "weights": file_sha256(cfg.weights),
-        "refine_weights": None if cfg.refine_weights is None else file_sha256(cfg.refine_weights),
-        "verify_weights": file_sha256(cfg.verify_weights),
-    }
-    if shas != now:
+    if shas != weights_sha256(cfg, cfg.verify_weights):
         raise typer.BadParameter("the cases were made with other weights than the configured ones")
     tcases: list[Any] = []
     if test:
@@ -308,14 +304,11 @@ def calibrate_levels(
     typer.echo(f"wrote {out}")
     typer.echo(json.dumps(cal.record, indent=2))
     if png is not None:
-        sets = [("validation", vcases, (0, 70, 200))]
+        sets = [("validation", answered(vcases), (0, 70, 200))]
         if tcases:
-            sets.append(("test", tcases, (220, 120, 0)))
+            sets.append(("test", answered(tcases), (220, 120, 0)))
         render_reliability_png(
-            [
-                (label, level_probabilities(cal, answered(cs)), outcomes(answered(cs)), rgb)
-                for label, cs, rgb in sets
-            ],
+            [(label, level_probabilities(cal, a), outcomes(a), rgb) for label, a, rgb in sets],
             cal,
             png,
         )
@@ -390,7 +383,13 @@ def evaluate_levels(
     """Run the whole locator (with the level verification) on phantom volumes and print the
     accuracy before and after the verification (models/spine_fcn.md); with two
     ``--verify-weights``, also where the two differ scan by scan (McNemar)."""
-    from research.evaluate_levels import compare_verification, format_levels, paired, summarise
+    from research.evaluate_levels import (
+        compare_verification,
+        format_levels,
+        paired,
+        summarise,
+        weights_sha256,
+    )
 
     first = seed if seed is not None else {"a": 1_000_000, "b": 7_000_000}.get(style, 0)
     cfg = _locator_config(None, None)
@@ -424,17 +423,9 @@ def evaluate_levels(
             f"{pair['mcnemar_p']}"
         )
     if json_out is not None:
-        from worker.locator.calibration import file_sha256
-
         for key, run in out.items():
             # which weights made these cases (a level calibration fitted on them checks it)
-            run["weights_sha256"] = {
-                "weights": file_sha256(cfg.weights),
-                "refine_weights": None
-                if cfg.refine_weights is None
-                else file_sha256(cfg.refine_weights),
-                "verify_weights": None if key == "None" else file_sha256(Path(key)),
-            }
+            run["weights_sha256"] = weights_sha256(cfg, None if key == "None" else Path(key))
         doc = next(iter(out.values())) if len(out) == 1 else {"runs": out, "paired": pair}
         json_out.write_text(json.dumps(doc, indent=2) + "\n")
 

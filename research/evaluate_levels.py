@@ -31,6 +31,7 @@ __all__ = [
     "paired",
     "phantom_volumes",
     "summarise",
+    "weights_sha256",
     "within_10mm",
 ]
 
@@ -61,6 +62,9 @@ class LevelCase:
     #: score without a calibration or for an L3 found by counting), the raw score and the
     #: refinement's slope -1 correlation: what a verdict-aware calibration is fitted on
     confidence: float | None = None
+    #: the first stage's confidence: ``confidence`` unless a level calibration replaced it
+    #: (None in files written before this field)
+    confidence_locator: float | None = None
     confidence_raw: float | None = None
     fine_correlation: float | None = None
     #: (bottom, top) z (mm) of L3 by the count from the ribs and from the sacrum, None where
@@ -215,6 +219,9 @@ def _level_case(name: str, t: dict[str, Any], res: Any) -> LevelCase:
         countable=t.get("countable"),
         flags=tuple(res.level_flags) + ((LOW_CONFIDENCE_FLAG,) if res.low_confidence else ()),
         confidence=float(res.confidence) if res.in_field_of_view else None,
+        confidence_locator=float(v.get("confidence_locator", res.confidence))
+        if res.in_field_of_view
+        else None,
         confidence_raw=None if res.confidence_raw is None else float(res.confidence_raw),
         fine_correlation=None
         if not res.refinement or res.refinement.get("correlation") is None
@@ -278,6 +285,21 @@ def paired(first: list[LevelCase], second: list[LevelCase]) -> dict[str, Any]:
         "only_first": only_first,
         "only_second": only_second,
         "mcnemar_p": round(p, 4),
+    }
+
+
+def weights_sha256(config: LocatorConfig, verify_weights: Path | None) -> dict[str, str | None]:
+    """SHA-256 of the first-stage, refinement and level-verification weights a run used:
+    what an ``evaluate-levels --json`` file names, and what a level calibration fitted on it
+    applies to."""
+    from worker.locator.calibration import file_sha256
+
+    return {
+        "weights": file_sha256(config.weights),
+        "refine_weights": None
+        if config.refine_weights is None
+        else file_sha256(config.refine_weights),
+        "verify_weights": None if verify_weights is None else file_sha256(verify_weights),
     }
 
 

@@ -13,12 +13,12 @@ import pytest
 
 from core.config import LocatorConfig
 from research.calibrate_levels import (
-    LevelCases,
     build_level_calibration,
     case_verdict,
     level_probabilities,
     level_report,
     load_level_cases,
+    read_level_cases,
 )
 from research.evaluate_levels import LevelCase
 from tests.support.outputs import fabricated_location
@@ -284,7 +284,7 @@ def test_cases_come_from_evaluate_levels_files_of_one_set_of_weights(tmp_path: P
     assert len(cases) == len(rows) and got == shas
     assert cases[0] == _validation()[0]  # a row reads back as the case it was
     with pytest.raises(ValueError, match="names its weights"):
-        LevelCases(old)
+        read_level_cases(old)
     with pytest.raises(ValueError, match="more than one file"):
         load_level_cases([one, one])
     other = tmp_path / "other.json"

@@ -30,16 +30,18 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from core import digest
 
 logger = logging.getLogger(__name__)
+
+_C = TypeVar("_C")
 
 #: the ``format`` of a calibration file
 CALIBRATION_FORMAT = "l3spot-locator-calibration"
@@ -167,10 +169,27 @@ class Calibration:
 
     def save(self, path: Path) -> None:
         """Write the file (atomically: temporary name, then rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        tmp.replace(path)
+        _save_json(Path(path), self.to_dict())
+
+
+def _save_json(path: Path, content: dict[str, Any]) -> None:
+    """Write ``content`` as JSON atomically (temporary name, then rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(content, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _read(
+    path: str, mtime_ns: int, parse: Callable[[dict[str, Any]], _C], what: str
+) -> tuple[_C | None, str | None]:
+    """(the parsed calibration file, None), or (None, why not) when it is missing
+    (``mtime_ns`` < 0) or unreadable."""
+    if mtime_ns < 0:
+        return None, f"no {what} file"
+    try:
+        return parse(json.loads(Path(path).read_text())), None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return None, f"unreadable {what} file ({exc})"
 
 
 def calibration_path(weights: Path) -> Path:
@@ -217,19 +236,9 @@ def load_calibration(weights: Path, refine_weights: Path | None) -> Calibration 
 def _load_cached(
     coarse_sha: str, fine_sha: str | None, path: str, mtime_ns: int
 ) -> Calibration | None:
-    why = None
-    cal = None
-    if mtime_ns < 0:
-        why = "no calibration file"
-    else:
-        try:
-            cal = Calibration.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            why = f"unreadable calibration file ({exc})"
-        else:
-            if cal.coarse_sha256 != coarse_sha or cal.fine_sha256 != fine_sha:
-                why = "calibration fitted with other locator weights"
-                cal = None
+    cal, why = _read(path, mtime_ns, Calibration.from_dict, "calibration")
+    if cal is not None and (cal.coarse_sha256, cal.fine_sha256) != (coarse_sha, fine_sha):
+        cal, why = None, "calibration fitted with other locator weights"
     if cal is None:
         logger.warning(
             "locator confidence not calibrated: %s (%s); reporting the raw confidence, flag "
@@ -376,10 +385,7 @@ class LevelCalibration:
 
     def save(self, path: Path) -> None:
         """Write the file (atomically: temporary name, then rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        tmp.replace(path)
+        _save_json(Path(path), self.to_dict())
 
 
 def load_level_calibration(
@@ -404,23 +410,10 @@ def load_level_calibration(
 def _load_level_cached(
     coarse_sha: str, fine_sha: str | None, verify_sha: str, path: str, mtime_ns: int
 ) -> LevelCalibration | None:
-    why = None
-    cal = None
-    if mtime_ns < 0:
-        why = "no level calibration file"
-    else:
-        try:
-            cal = LevelCalibration.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            why = f"unreadable level calibration file ({exc})"
-        else:
-            if (cal.coarse_sha256, cal.fine_sha256, cal.verify_sha256) != (
-                coarse_sha,
-                fine_sha,
-                verify_sha,
-            ):
-                why = "level calibration fitted with other weights"
-                cal = None
+    cal, why = _read(path, mtime_ns, LevelCalibration.from_dict, "level calibration")
+    shas = (coarse_sha, fine_sha, verify_sha)
+    if cal is not None and (cal.coarse_sha256, cal.fine_sha256, cal.verify_sha256) != shas:
+        cal, why = None, "level calibration fitted with other weights"
     if cal is None:
         logger.warning(
             "L3 confidence not calibrated on the level verification: %s (%s); reporting the "
