@@ -276,8 +276,9 @@ def verdict_of(verification: Mapping[str, Any] | None) -> str | None:
     Why the status and the disagreement both: on style B 7,000,000-399 (validation) a level
     the count from the ribs confirmed was right in 15 of 17 answers with the counts
     disagreeing, one it corrected in 11 of 19; by five-fold cross-validation there (a
-    one-off script), maps per status and disagreement predicted best (log-loss 0.268, against 0.272 with one map for
-    every disagreement and 0.309 ignoring it; models/spine_fcn.md).
+    one-off script), maps per status and disagreement predicted best (log-loss 0.268,
+    against 0.272 with one map for every disagreement and 0.309 ignoring it;
+    models/spine_fcn.md).
     """
     if not verification:
         return None
