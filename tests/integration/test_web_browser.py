@@ -86,7 +86,7 @@ def test_browser_lists_the_received_series_shows_its_pictures_and_retries_it(
         assert "Analysis re-queued." in browser.find_element(By.ID, "requeued").text
         assert browser.find_element(By.ID, "job-state").text in ("queued", "analysing", "done")
         shot(browser, shots, "web_job_requeued.png")
-        rec = wait_record(store, uid, 60, attempts=2)
+        rec = wait_record(store, uid, 90, attempts=2)  # as long as the first analysis
         assert rec.state == JobState.DONE and rec.attempts == 2
         browser.refresh()
         wait.until(ec.presence_of_element_located((By.ID, "job-state")))
