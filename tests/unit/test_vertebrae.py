@@ -29,6 +29,9 @@ from worker.locator.vertebrae import (
     count_levels,
     extract_box,
     load_spine_model,
+    normalise_hu,
+    segment_box,
+    upsampled_argmax,
     verify_level,
 )
 from worker.phantom import PhantomSpec
@@ -451,6 +454,43 @@ def test_network_shapes():
     net = SpineFCN(base=4)
     x = torch.zeros(1, 1, 32, 24, 40)
     assert net(x).shape == (1, 4, 32, 24, 40)
+
+
+def _torch_upsampled_argmax(logits: np.ndarray) -> np.ndarray:
+    up = torch.nn.functional.interpolate(
+        torch.from_numpy(logits)[None], scale_factor=2, mode="trilinear", align_corners=False
+    )
+    return up[0].argmax(0).numpy()
+
+
+@pytest.mark.parametrize("shape", [(4, 5, 6, 7), (4, 1, 3, 2), (3, 8, 9, 1), (4, 12, 10, 14)])
+def test_upsampled_argmax_is_the_argmax_of_torchs_trilinear_upsampling(shape):
+    # smooth logits (few class boundaries) and rough ones (nearly all voxels on one)
+    rng = np.random.default_rng(len(shape) + shape[1])
+    rough = rng.normal(size=shape).astype(np.float32)
+    smooth = ndimage.uniform_filter(rough, size=(1, 3, 3, 3)) * 5.0
+    for logits in (rough, smooth):
+        got = upsampled_argmax(logits)
+        assert got.dtype == np.uint8
+        assert got.shape == tuple(2 * n for n in shape[1:])
+        np.testing.assert_array_equal(got, _torch_upsampled_argmax(logits))
+
+
+def test_segment_box_is_the_argmax_of_the_networks_full_resolution_logits(typical):
+    # segment_box up-samples only the class boundaries (upsampled_argmax); the classes
+    # must be those of the network's own 1 mm output (forward)
+    net = SpineFCN(base=4)
+    torch.manual_seed(0)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    box = typical.box
+    x = torch.from_numpy(normalise_hu(box.image))[None, None]
+    with torch.inference_mode():
+        full = net(x)[0].argmax(0).numpy().astype(np.uint8)
+    full[~box.in_scan] = 0
+    got = segment_box(net, box)
+    assert len(np.unique(got)) > 1  # a segmentation with boundaries, not one class
+    np.testing.assert_array_equal(got, full)
 
 
 def test_contour_target_and_loss():
