@@ -363,11 +363,17 @@ def evaluate_crops(
 
 
 def evaluate_levels(
-    style: Annotated[str, typer.Option(help="Phantom style: a (training generator) or b.")] = "b",
+    style: Annotated[
+        str,
+        typer.Option(
+            help="Phantom style: a (training generator), b, or bt (style B with transitional "
+            "anatomy only, in scans that hold the lower ribs and the sacrum)."
+        ),
+    ] = "b",
     phantoms: Annotated[int, typer.Option(min=1)] = 60,
     seed: Annotated[
         int | None,
-        typer.Option(help="First seed (default: a 1,000,000 held out; b 7,000,000)."),
+        typer.Option(help="First seed (default: a 1,000,000 held out; b 7,000,000; bt 7,500,000)."),
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "cpu",
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the cases.")] = None,
@@ -391,7 +397,8 @@ def evaluate_levels(
         weights_sha256,
     )
 
-    first = seed if seed is not None else {"a": 1_000_000, "b": 7_000_000}.get(style, 0)
+    first_seeds = {"a": 1_000_000, "b": 7_000_000, "bt": 7_500_000}
+    first = seed if seed is not None else first_seeds.get(style, 0)
     cfg = _locator_config(None, None)
     weights = list(verify_weights) if verify_weights else [cfg.verify_weights]
     runs = compare_verification(

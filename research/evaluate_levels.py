@@ -12,7 +12,7 @@ on. ``l3spot evaluate-levels`` prints the table (models/spine_fcn.md).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import numpy as np
 
 from core.config import LocatorConfig
 from research.evaluate_locator import SUCCESS_MM
+from research.phantom_b import StyleBSpec
 from worker.pipeline import LOW_CONFIDENCE_FLAG
 from worker.volume.load import CTVolume
 
@@ -27,10 +28,12 @@ __all__ = [
     "LevelCase",
     "compare_verification",
     "evaluate_levels",
+    "ends_in_view",
     "format_levels",
     "paired",
     "phantom_volumes",
     "summarise",
+    "transitional_spec",
     "weights_sha256",
     "within_10mm",
 ]
@@ -71,6 +74,9 @@ class LevelCase:
     #: that count was not made
     l3_from_ribs_mm: tuple[float, float] | None = None
     l3_from_sacrum_mm: tuple[float, float] | None = None
+    #: the ends a reader could count from in this scan (:func:`ends_in_view`): "both",
+    #: "ribs", "sacrum" or "neither"; None in files written before this field
+    ends_in_view: str | None = None
 
     def _err(self, z: float | None) -> float | None:
         if z is None or self.truth_z_mm is None:
@@ -101,6 +107,7 @@ def _style_a(seed: int) -> tuple[CTVolume, dict[str, Any]]:
     return p.volume, {
         "in_fov": t.l3_in_fov,
         "countable": _countable(t.vertebrae_z_mm, p.volume),
+        "ends": ends_in_view(t.vertebrae_z_mm, p.volume),
         "mid": t.l3_mid_z_mm,
         "range": t.l3_z_range_mm,
         "transitional": t.variants.get("transitional"),
@@ -113,23 +120,71 @@ def _countable(vertebrae_z_mm: dict[str, tuple[float, float]], vol: CTVolume) ->
     return countable_in_z(vertebrae_z_mm, float(vol.z_mm[0]), float(vol.z_mm[-1]))
 
 
-def _style_b(seed: int) -> tuple[CTVolume, dict[str, Any]]:
+def ends_in_view(vertebrae_z_mm: dict[str, tuple[float, float]], vol: CTVolume) -> str:
+    """The ends a reader could count the lumbar vertebrae from in ``vol``
+    (:func:`worker.training.locator.count_ends_in_z`): "both", "ribs", "sacrum" or
+    "neither". Transitional anatomy can be seen by counting only with "both"."""
+    from worker.training.locator import count_ends_in_z
+
+    ribs, sacrum = count_ends_in_z(vertebrae_z_mm, float(vol.z_mm[0]), float(vol.z_mm[-1]))
+    return {(True, True): "both", (True, False): "ribs", (False, True): "sacrum"}.get(
+        (ribs, sacrum), "neither"
+    )
+
+
+def _style_b(seed: int, spec: StyleBSpec | None = None) -> tuple[CTVolume, dict[str, Any]]:
     from research.phantom_b import generate, validation_spec
 
-    vol, t = generate(seed, validation_spec(seed))
+    vol, t = generate(seed, spec or validation_spec(seed))
     return vol, {
         "in_fov": t.l3_in_fov,
         "countable": _countable(t.vertebrae_z_mm, vol),
+        "ends": ends_in_view(t.vertebrae_z_mm, vol),
         "mid": t.l3_mid_z_mm,
         "range": tuple(t.vertebrae_z_mm["L3"]),
         "transitional": t.variants.get("transitional"),
     }
 
 
-#: Phantom volume sources by style name: seed -> (volume, truth dict).
+#: The transitional anatomies of style "bt", as (rib pairs, lumbar vertebrae): L5 sacralised,
+#: S1 lumbarised (L6), 11 rib pairs with six vertebrae below them, 13 rib pairs with four
+#: (each 24 presacral vertebrae or one fewer or more, ANATOMY.md); 11 and 13 rib pairs with
+#: five lumbar vertebrae, whose counts from the ribs and the sacrum agree.
+TRANSITIONAL_VARIANTS: tuple[tuple[int, int], ...] = (
+    (12, 4),
+    (12, 6),
+    (11, 6),
+    (13, 4),
+    (11, 5),
+    (13, 5),
+)
+
+#: The fields of view of style "bt", alternated: scans that hold the lower ribs and the
+#: sacrum, so the anatomy could be seen by counting.
+TRANSITIONAL_FOVS: tuple[str, ...] = ("abdomen_pelvis", "chest_abdomen_pelvis")
+
+
+def transitional_spec(seed: int) -> StyleBSpec:
+    """The style-B validation spec of ``seed`` with the transitional anatomy and the field
+    of view of style "bt": the seed cycles through :data:`TRANSITIONAL_VARIANTS`, then
+    through :data:`TRANSITIONAL_FOVS`."""
+    from research.phantom_b import validation_spec
+
+    ribs, lumbar = TRANSITIONAL_VARIANTS[seed % len(TRANSITIONAL_VARIANTS)]
+    fov = TRANSITIONAL_FOVS[(seed // len(TRANSITIONAL_VARIANTS)) % len(TRANSITIONAL_FOVS)]
+    return replace(validation_spec(seed), n_rib_pairs=ribs, n_lumbar=lumbar, fov=fov)
+
+
+def _style_b_transitional(seed: int) -> tuple[CTVolume, dict[str, Any]]:
+    return _style_b(seed, transitional_spec(seed))
+
+
+#: Phantom volume sources by style name: seed -> (volume, truth dict). "bt" is style B with
+#: transitional anatomy only (:data:`TRANSITIONAL_VARIANTS`, :data:`TRANSITIONAL_FOVS`).
 STYLES: dict[str, Callable[[int], tuple[CTVolume, dict[str, Any]]]] = {
     "a": _style_a,
     "b": _style_b,
+    "bt": _style_b_transitional,
 }
 
 
@@ -228,6 +283,7 @@ def _level_case(name: str, t: dict[str, Any], res: Any) -> LevelCase:
         else float(res.refinement["correlation"]),
         l3_from_ribs_mm=_extent(v.get("l3_from_ribs_mm")),
         l3_from_sacrum_mm=_extent(v.get("l3_from_sacrum_mm")),
+        ends_in_view=t.get("ends"),
     )
 
 
@@ -328,6 +384,14 @@ def summarise(cases: list[LevelCase]) -> dict[str, Any]:
     corrected = [c for c in both if c.status == "corrected"]
     countable = [c for c in cases if c.truth_z_mm is not None and c.countable]
     trans = [c for c in both if c.transitional]
+    trans_both = [c for c in trans if c.ends_in_view == "both"]
+    by_variant: dict[str, list[LevelCase]] = {}
+    for c in trans:
+        by_variant.setdefault(str(c.transitional), []).append(c)
+
+    def right_or_flagged(c: LevelCase) -> bool:
+        return c.flagged_transitional or within_10mm(c.error_after_mm)
+
     typical = [c for c in both if not c.transitional]
     err_b = np.array([c.error_before_mm for c in both if c.error_before_mm is not None])
     err_a = np.array([c.error_after_mm for c in both], dtype=float)
@@ -374,9 +438,15 @@ def summarise(cases: list[LevelCase]) -> dict[str, Any]:
         ),
         "typical_flagged_transitional": share(lambda c: c.flagged_transitional, typical),
         "transitional_flagged": share(lambda c: c.flagged_transitional, trans),
-        "transitional_right_or_flagged": share(
-            lambda c: c.flagged_transitional or within_10mm(c.error_after_mm), trans
-        ),
+        "transitional_right_or_flagged": share(right_or_flagged, trans),
+        # transitional anatomy can be seen by counting only where both ends are in view
+        "transitional_both_ends_flagged": share(lambda c: c.flagged_transitional, trans_both),
+        "transitional_both_ends_right_or_flagged": share(right_or_flagged, trans_both),
+        "transitional_by_variant": {
+            name: f"flagged {share(lambda c: c.flagged_transitional, of)}, right or flagged "
+            f"{share(right_or_flagged, of)}"
+            for name, of in sorted(by_variant.items())
+        },
         "verify_seconds_mean": round(float(np.mean([c.seconds_verify for c in both])), 3)
         if n
         else None,

@@ -7,11 +7,31 @@ from pathlib import Path
 
 import pytest
 
-from research.evaluate_levels import LevelCase, format_levels, paired, phantom_volumes, summarise
+from research.evaluate_levels import (
+    TRANSITIONAL_FOVS,
+    TRANSITIONAL_VARIANTS,
+    LevelCase,
+    format_levels,
+    paired,
+    phantom_volumes,
+    summarise,
+    transitional_spec,
+)
+from research.phantom_b import generate_truth
+from worker.training.locator import count_ends_in_z
 
 
 def _case(
-    name, truth, before, after, status, transitional=None, flagged=False, countable=None, flags=()
+    name,
+    truth,
+    before,
+    after,
+    status,
+    transitional=None,
+    flagged=False,
+    countable=None,
+    flags=(),
+    ends=None,
 ) -> LevelCase:
     return LevelCase(
         name=name,
@@ -28,6 +48,7 @@ def _case(
         seconds_verify=0.2,
         countable=countable,
         flags=flags,
+        ends_in_view=ends,
     )
 
 
@@ -90,6 +111,45 @@ def test_summary_counts_silent_wrong_answers() -> None:
     assert s["wrong_and_unflagged"].startswith("1/4")
     assert s["answers_flagged"].startswith("2/4")
     assert s["flagged_that_are_wrong"].startswith("1/2")
+
+
+def test_transitional_figures_where_both_ends_are_in_view_and_by_variant() -> None:
+    """Transitional anatomy can be seen by counting only where the lower ribs and the sacrum
+    are both in view: the summary gives the flags over those scans and per variant."""
+    cases = [
+        _case("seen, flagged", 100.0, 140.0, 100.0, "corrected", "6_lumbar", True, ends="both"),
+        _case("seen, missed", 100.0, 140.0, 140.0, "confirmed", "6_lumbar", ends="both"),
+        _case("seen, right", 100.0, 101.0, 101.0, "confirmed", "4_lumbar", ends="both"),
+        _case("one end, wrong", 100.0, 140.0, 140.0, "counted", "4_lumbar", ends="sacrum"),
+        _case("typical", 100.0, 101.0, 101.0, "confirmed", ends="both"),
+    ]
+    s = summarise(cases)
+    assert s["transitional_flagged"].startswith("1/4")
+    assert s["transitional_right_or_flagged"].startswith("2/4")
+    assert s["transitional_both_ends_flagged"].startswith("1/3")
+    assert s["transitional_both_ends_right_or_flagged"].startswith("2/3")
+    assert s["transitional_by_variant"] == {
+        "4_lumbar": "flagged 0/2 = 0.0 %, right or flagged 1/2 = 50.0 %",
+        "6_lumbar": "flagged 1/2 = 50.0 %, right or flagged 1/2 = 50.0 %",
+    }
+
+
+def test_count_ends_need_the_last_rib_bearing_vertebra_or_the_top_of_the_sacrum() -> None:
+    v = {"T12": (200.0, 220.0), "L1": (170.0, 195.0), "L3": (110.0, 135.0), "S1": (0.0, 30.0)}
+    assert count_ends_in_z(v, -10.0, 240.0) == (True, True)
+    assert count_ends_in_z(v, 60.0, 240.0) == (True, False)  # no sacrum
+    assert count_ends_in_z(v, -10.0, 190.0) == (False, True)  # T12's middle above the scan
+    assert count_ends_in_z(v, 60.0, 190.0) == (False, False)
+
+
+def test_style_bt_draws_each_transitional_variant_in_scans_of_both_ends() -> None:
+    seeds = range(7_500_000, 7_500_024)
+    truths = [generate_truth(s, transitional_spec(s)) for s in seeds]
+    drawn = {(t.variants["n_rib_pairs"], t.variants["n_lumbar"]) for t in truths}
+    assert drawn == set(TRANSITIONAL_VARIANTS)
+    assert all(t.variants["transitional"] for t in truths)
+    assert {t.fov for t in truths} == set(TRANSITIONAL_FOVS)
+    assert all(t.l3_in_fov for t in truths)
 
 
 def test_unknown_style_is_refused() -> None:

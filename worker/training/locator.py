@@ -448,10 +448,26 @@ def countable_in_z(
     l3 = 0.5 * float(sum(vertebrae_z_mm["L3"]))
     if not lo <= l3 <= hi:
         return False
+    return any(count_ends_in_z(vertebrae_z_mm, lo, hi))
+
+
+def count_ends_in_z(
+    vertebrae_z_mm: dict[str, tuple[float, float]], z_first_mm: float, z_last_mm: float
+) -> tuple[bool, bool]:
+    """Which ends a reader can count the lumbar vertebrae from in a scan from ``z_first_mm``
+    to ``z_last_mm`` (slice centres, ascending): (the last rib-bearing vertebra, its middle
+    inside; the sacrum, :data:`SACRUM_SEEN_MM` of S1 below its top end plate inside). Only
+    with both can transitional anatomy be seen by counting (ANATOMY.md).
+
+    Parameters
+    ----------
+    vertebrae_z_mm : a phantom's vertebra table, name -> (bottom, top) z (mm).
+    """
+    lo, hi = float(z_first_mm), float(z_last_mm)
     m = {k: float(v) for k, v in landmark_z_mm(vertebrae_z_mm).items()}
     from_ribs = "last_rib" in m and lo <= m["last_rib"] <= hi
     from_sacrum = "S1_top" in m and lo <= m["S1_top"] - SACRUM_SEEN_MM <= hi
-    return from_ribs or from_sacrum
+    return from_ribs, from_sacrum
 
 
 def sample_windows(
