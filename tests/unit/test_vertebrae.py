@@ -128,6 +128,28 @@ def test_a_missed_twelfth_rib_is_flagged_and_the_ribs_still_decide(typical):
     assert _inside(out.z_mm, v["L2"]) and out.possible_transitional_anatomy
 
 
+@pytest.mark.parametrize("lumbar, trusted", [(3, False), (4, True), (6, True), (7, False)])
+def test_more_or_fewer_vertebrae_without_ribs_than_people_have_is_not_a_count(lumbar, trusted):
+    """Style "bt" 7,500,056 (11 rib pairs, six lumbar vertebrae) and style B 7,000,192:
+    the network missed the ribs of two vertebrae, so seven vertebrae without ribs lay above
+    the sacrum, and the count from the ribs moved a right answer 40 mm. People have 4-6
+    (LUMBAR_RANGE): a count outside is refused, not read as transitional anatomy."""
+    classes, box = _ribbed_stack([True] + [False] * lumbar)
+    bottom = 290 - 28 * lumbar - 20  # of the lowest body
+    classes[bottom - 34 : bottom - 8, 20:40, 44:84] = SACRUM
+    count = count_levels(classes, box)
+    out = verify_level(count, 290.0 - 28 * 3 - 10)  # mid-L3 by the ribs
+    if trusted:
+        assert count.problem is None and count.lumbar_counted == lumbar
+        assert out.status == "confirmed"
+        assert out.possible_transitional_anatomy == (lumbar != 5)
+    else:
+        assert count.problem is not None and f"{lumbar} vertebrae without ribs" in count.problem
+        assert count.lumbar_counted is None
+        assert count.l3_from_ribs is None and count.l3_from_sacrum is None
+        assert out.status == "unverified" and not out.possible_transitional_anatomy
+
+
 def test_a_count_two_levels_from_the_located_slice_is_not_applied(typical):
     """Style B 7,000,401 and 7,000,573: the locator was right (1-2 mm) and the count from
     the ribs moved it 94 and 66 mm. The locator misses by one level; a count two levels
@@ -1268,3 +1290,79 @@ def test_train_spine_records_the_commit_and_time_it_started_from(
     done = CliRunner().invoke(app, [*args, "--cache-dir", str(tmp_path)])
     assert done.exit_code == 0, done.output
     assert seen["git_commit"] == "a" * 40
+
+
+# --------------------------------------------------------------------------- the second box
+
+
+def _count(mids: list[float], *, last_rib: int | None, sacrum_top: float | None) -> Any:
+    """A trusted LevelCount of bodies 26 mm tall centred on ``mids`` (top first)."""
+    from worker.locator.vertebrae import Body, LevelCount
+
+    bodies = [
+        Body(m - 13.0, m + 13.0, 30_000.0, last_rib is not None and i <= last_rib, False)
+        for i, m in enumerate(mids)
+    ]
+    from_ribs = last_rib + 3 if last_rib is not None and last_rib + 3 < len(mids) else None
+    from_sacrum = len(mids) - 3 if sacrum_top is not None else None
+    lumbar = len(mids) - 1 - last_rib if last_rib is not None and sacrum_top is not None else None
+    return LevelCount(bodies, last_rib, sacrum_top, lumbar, from_ribs, from_sacrum)
+
+
+def _box(bottom_mm: float) -> SpineBox:
+    return SpineBox(np.zeros((1, 1, 1), np.float32), np.ones(BOX_SHAPE[0], bool), (bottom_mm, 0, 0))
+
+
+def test_a_second_box_looks_past_l3_for_the_end_the_first_did_not_see():
+    """Style "bt" validation 7,500,019: six lumbar vertebrae, the locator a level too high;
+    the first box saw the ribs but not the sacrum, which the scan holds further down."""
+    from worker.locator.vertebrae import SECOND_BOX_SHIFT_MM, _second_box_centre
+
+    box = _box(100.0)  # z 99.5 .. 403.5 mm
+    ribs_only = _count(
+        [380.0, 343.0, 306.0, 269.0, 232.0, 195.0, 158.0], last_rib=0, sacrum_top=None
+    )
+    l3 = ribs_only.bodies[3].z_mid
+    assert _second_box_centre(ribs_only, box, 0.0, 500.0) == l3 - SECOND_BOX_SHIFT_MM
+    # the scan ends (almost) with the box: nothing more to see below
+    assert _second_box_centre(ribs_only, box, 90.0, 500.0) is None
+    # counted from the sacrum, no rib in the box, the scan goes on above: look above
+    sacrum_only = _count([330.0, 293.0, 256.0, 219.0, 182.0], last_rib=None, sacrum_top=160.0)
+    l3 = sacrum_only.bodies[2].z_mid
+    assert _second_box_centre(sacrum_only, box, 0.0, 500.0) == l3 + SECOND_BOX_SHIFT_MM
+    assert _second_box_centre(sacrum_only, box, 0.0, 410.0) is None
+    # both ends seen, or a sacrum seen whose count was refused: no second box
+    both = _count([380.0, 343.0, 306.0, 269.0, 232.0, 195.0], last_rib=0, sacrum_top=170.0)
+    assert _second_box_centre(both, box, 0.0, 500.0) is None
+    refused = _count([380.0, 343.0, 306.0, 269.0, 232.0], last_rib=0, sacrum_top=200.0)
+    refused.l3_from_sacrum = refused.lumbar_counted = None
+    assert _second_box_centre(refused, box, 0.0, 500.0) is None
+    # an untrusted count moves nothing
+    untrusted = _count([380.0, 343.0, 306.0, 269.0, 232.0], last_rib=0, sacrum_top=None)
+    untrusted.problem, untrusted.l3_from_ribs = "a vertebral body seems missed", None
+    assert _second_box_centre(untrusted, box, 0.0, 500.0) is None
+
+
+def test_the_second_count_adds_the_sacrum_but_never_moves_a_level_found_from_the_ribs():
+    from worker.locator.vertebrae import _fuller_count
+
+    first = _count([380.0, 343.0, 306.0, 269.0, 232.0, 195.0], last_rib=0, sacrum_top=None)
+    # the same L3 (269 mm) with six lumbar vertebrae down to the sacrum: taken
+    same = _count([380.0, 343.0, 306.0, 269.0, 232.0, 195.0, 158.0], last_rib=0, sacrum_top=135.0)
+    assert _fuller_count(first, same) is same
+    out = verify_level(same, 269.0)
+    assert out.possible_transitional_anatomy and out.lumbar_counted == 6
+    # its ribs seen a level lower (a rib more): the first count stands
+    lower = _count([343.0, 306.0, 269.0, 232.0, 195.0, 158.0, 121.0], last_rib=1, sacrum_top=100.0)
+    assert _fuller_count(first, lower) is first
+    # not trusted, or still one end only: the first stands
+    untrusted = _count(
+        [380.0, 343.0, 306.0, 269.0, 232.0, 195.0, 158.0], last_rib=0, sacrum_top=120.0
+    )
+    untrusted.problem = "two vertebral bodies seem merged (60 mm tall)"
+    assert _fuller_count(first, untrusted) is first
+    one_end = _count([380.0, 343.0, 306.0, 269.0, 232.0, 195.0], last_rib=0, sacrum_top=None)
+    assert _fuller_count(first, one_end) is first
+    # a first count from the sacrum: the second's count from the ribs decides
+    from_sacrum = _count([330.0, 293.0, 256.0, 219.0, 182.0], last_rib=None, sacrum_top=160.0)
+    assert _fuller_count(from_sacrum, same) is same

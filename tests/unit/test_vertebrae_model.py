@@ -155,3 +155,22 @@ def test_real_bone_recognition_reports_what_the_network_calls_each_real_bone(
     lifted = boxes["sacral marrow as L5's"]
     assert lifted["sacrum"]["median_hu"] == pytest.approx(out["L5"]["median_hu"], abs=1.0)
     assert lifted["L3"]["median_hu"] == out["L3"]["median_hu"]
+
+
+@pytest.mark.slow  # one style-B phantom: about 6 s
+def test_a_sixth_lumbar_vertebra_below_the_first_box_is_counted_from_a_second_box() -> None:
+    """Style "bt" validation seed 7,500,019 (six lumbar vertebrae, 12 rib pairs, abdomen and
+    pelvis in view): the locator answers a level too high, so the sacrum lay below the
+    first box and only the ribs were counted; the transitional anatomy went unflagged. A
+    second box past L3 counts from the sacrum too."""
+    from research.evaluate_levels import STYLES
+
+    vol, truth = STYLES["bt"](7_500_019)
+    assert truth["transitional"] == "6_lumbar" and truth["ends"] == "both"
+    res = locate_l3(vol, LocatorConfig(), device="cpu")
+    v = res.verification
+    assert v is not None and "second_box" in v["timings_s"]
+    assert v["lumbar_counted"] == 6
+    assert "possible_transitional_anatomy" in res.level_flags
+    lo, hi = truth["range"]
+    assert lo <= res.z_mm <= hi

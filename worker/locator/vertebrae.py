@@ -150,6 +150,12 @@ MAX_RIBS_ABOVE_SACRUM = 1
 MAX_RIBS_BELOW_RUN = 3
 #: The lumbar vertebrae of a typical spine (24 presacral: 7 cervical, 12 thoracic, 5 lumbar).
 TYPICAL_LUMBAR = 5
+#: Vertebrae without ribs above the sacrum in people, transitional anatomy included (a
+#: sacralised L5, a lumbarised S1 or a rib-free T12: ANATOMY.md). A count outside means a
+#: rib or a body missed, or the sacrum misplaced: it is not trusted. Each count of seven in
+#: the style-B validation runs (7,000,004, 7,000,147, 7,000,192; "bt" 7,500,056) was such
+#: an error (two or three ribs missed), one of them moving a right answer a level.
+LUMBAR_RANGE = (4, 6)
 
 
 #: Why no count could be made although the segmentation is trusted.
@@ -999,8 +1005,10 @@ def count_levels(classes: np.ndarray, box: SpineBox) -> LevelCount:
         ``problem`` set when consecutive bodies are too far apart (a missed body), a body
         is too tall (two merged), two share most of their height side by side (one split,
         :data:`MAX_BODY_OVERLAP`), more than :data:`MAX_RIBS_BELOW_RUN` bodies below the run
-        of ribs from the top bear ribs, or a rib-bearing body lies just below one without ribs
-        (:data:`RIB_SKIP_BODIES`), in which case neither count is used.
+        of ribs from the top bear ribs, a rib-bearing body lies just below one without ribs
+        (:data:`RIB_SKIP_BODIES`), or the bodies between the last rib-bearing one and the
+        sacrum are more or fewer than people have (:data:`LUMBAR_RANGE`), in which case
+        neither count is used.
     """
     in_idx = np.nonzero(box.in_scan)[0]
     first_in, last_in = (int(in_idx[0]), int(in_idx[-1])) if in_idx.size else (0, -1)
@@ -1081,6 +1089,12 @@ def count_levels(classes: np.ndarray, box: SpineBox) -> LevelCount:
         if sum(b.rib_bearing for b in bodies[l3_bottom:]) > MAX_RIBS_ABOVE_SACRUM:
             # not the sacrum (style B 7,000,148: a chest scan's lower end): no count from it
             l3_bottom = lumbar = None
+    if problem is None and lumbar is not None and not LUMBAR_RANGE[0] <= lumbar <= LUMBAR_RANGE[1]:
+        problem = (
+            f"{lumbar} vertebrae without ribs above the sacrum (people have "
+            f"{LUMBAR_RANGE[0]}-{LUMBAR_RANGE[1]}): a rib or a body missed, or the sacrum "
+            "misplaced"
+        )
     if problem is not None:
         l3_top = l3_bottom = lumbar = None
     return LevelCount(bodies, last_rib, sacrum_top, lumbar, l3_top, l3_bottom, problem)
@@ -1324,13 +1338,86 @@ def verify_in_volume(
     t1 = time.perf_counter()
     classes = segment_box(net, box)
     t2 = time.perf_counter()
-    result = verify_level(count_levels(classes, box), locator_z_mm)
-    result.timings_s = {
-        "box": t1 - t0,
-        "segment": t2 - t1,
-        "count": time.perf_counter() - t2,
-    }
+    count = count_levels(classes, box)
+    t3 = time.perf_counter()
+    timings = {"box": t1 - t0, "segment": t2 - t1, "count": t3 - t2}
+    second = _second_box_centre(count, box, float(z_mm[0]), float(z_mm[-1]))
+    if second is not None:
+        try:
+            box2 = box_at_level(hu, z_mm, spacing_mm, second)
+            count = _fuller_count(count, count_levels(segment_box(net, box2), box2))
+        except VerificationError:
+            pass  # the first box's count stands
+        timings["second_box"] = time.perf_counter() - t3
+    result = verify_level(count, locator_z_mm)
+    result.timings_s = timings
     return result
+
+
+#: How far (mm) past the counted L3 the second box is centred, toward the end not seen in
+#: the first (:func:`_second_box_centre`): the far end of a six-vertebra lumbar spine lies
+#: about 155 mm below mid-L3 (three levels of 37 mm, half L3, 30 mm of S1), beyond the half
+#: box (152 mm); the seen end (the last rib about 105 mm above mid-L3) stays inside.
+SECOND_BOX_SHIFT_MM = 40.0
+
+#: The scan must reach this far (mm) beyond the first box's end for a second box to be
+#: worth its 3-D segmentation.
+SECOND_BOX_MIN_MORE_MM = 20.0
+
+
+def _second_box_centre(
+    count: LevelCount, box: SpineBox, z_first_mm: float, z_last_mm: float
+) -> float | None:
+    """Where to centre a second box (z, mm), or None when none is needed.
+
+    Transitional anatomy shows only when the vertebrae are counted from both ends
+    (ANATOMY.md). The first box is centred on the locator's answer, which on style B is most
+    often a level too high; with a sixth lumbar vertebra the sacrum then lies below the box
+    although the scan holds it (style "bt" validation 7,500,019 and 7,500,044). When the
+    first count is trusted and reaches L3 from one end only, the other end (the sacrum, or
+    the last rib-bearing vertebra) was not seen at all, and the scan goes on
+    :data:`SECOND_BOX_MIN_MORE_MM` beyond the box on that side, the second box is centred
+    :data:`SECOND_BOX_SHIFT_MM` past the counted L3 toward it.
+    """
+    found = counted_l3(count)
+    if found is None or count.lumbar_counted is not None:
+        return None
+    l3 = count.bodies[found[0]]
+    lo, hi = box.z_of(-0.5), box.z_of(BOX_SHAPE[0] - 0.5)
+    below = found[1] == "ribs" and count.sacrum_top_mm is None
+    above = found[1] == "sacrum" and count.last_rib is None
+    if below and z_first_mm < lo - SECOND_BOX_MIN_MORE_MM:
+        return l3.z_mid - SECOND_BOX_SHIFT_MM
+    if above and z_last_mm > hi + SECOND_BOX_MIN_MORE_MM:
+        return l3.z_mid + SECOND_BOX_SHIFT_MM
+    return None
+
+
+def _fuller_count(first: LevelCount, second: LevelCount) -> LevelCount:
+    """The second box's count where it adds the end the first lacked, else the first.
+
+    Taken when it is trusted and counts from both ends (``lumbar_counted``), and, where the
+    first counted from the ribs, its count from the ribs finds the same L3 body (mid-bodies
+    within :data:`SAME_BODY_MM`): the second box then only adds the count from the sacrum,
+    never moves the level by a rib seen differently. Where the first counted from the sacrum,
+    the second's count from the ribs decides (the convention), with the transitional flag
+    where the two counts disagree.
+    """
+    if second.problem is not None or second.lumbar_counted is None:
+        return first
+    if first.l3_from_ribs is not None:
+        if second.l3_from_ribs is None:
+            return first
+        a = first.bodies[first.l3_from_ribs].z_mid
+        b = second.bodies[second.l3_from_ribs].z_mid
+        if abs(a - b) > SAME_BODY_MM:
+            return first
+    return second
+
+
+#: Two bodies found in two boxes are the same when their middles lie this close (mm): under
+#: half a lumbar level (:data:`LUMBAR_LEVEL_MM`).
+SAME_BODY_MM = 15.0
 
 
 def find_by_counting(
