@@ -1207,6 +1207,44 @@ def _ribbed_stack(ribbed: list[bool]) -> tuple[np.ndarray, SpineBox]:
     return classes, box
 
 
+def _short_ribs(
+    classes: np.ndarray, i: int, sides: tuple[int, ...] = (-1, 1), below_top: int = 0
+) -> None:
+    """Add to body ``i`` of :func:`_ribbed_stack` the medial 15-45 mm of a rib on each of
+    ``sides``, ending inside the box (a steep, thin T12 rib whose shaft the network lost),
+    its head ``below_top`` mm lower than a rib's (3 mm under the end plate)."""
+    top = 290 - 28 * i - below_top
+    for d in np.arange(15.0, 45.0, 0.5):
+        z = int(round(top - 3 - 10.0 * (d - 15.0) / 49.0))
+        for side in sides:
+            x = int(round(63.5 + side * d))
+            classes[z - 2 : z + 3, 44:48, x - 2 : x + 3] = RIB
+
+
+@pytest.mark.parametrize(
+    "sides, where, below_top, last_rib",
+    [
+        ((-1, 1), 1, 0, 1),  # T12's short ribs, both sides: T12 bears ribs
+        ((1,), 1, 0, 0),  # one side only: not enough
+        ((-1, 1), 2, 0, 0),  # two bodies below the run: a transverse process, not the run's
+        ((-1, 1), 1, 8, 0),  # heads 11 mm under the end plate: transverse processes
+    ],
+)
+def test_a_short_rib_pair_below_the_run_makes_the_next_body_rib_bearing(
+    sides, where, below_top, last_rib
+):
+    """Style-B validation 7,000,025 and 7,000,070: the network labelled only the medial
+    34-60 mm of each thin, steep T12 rib, which ended inside the box, so T12 was taken for
+    L1 and L3 put a level high. A pair of such short ribs beside the body just below the
+    last rib-bearing one, heads at its superior end plate, makes it rib-bearing; a pair
+    arising lower is a lumbar vertebra's transverse processes (style "bt" 7,500,048)."""
+    classes, box = _ribbed_stack([True, False, False, False, False, False])
+    _short_ribs(classes, where, sides, below_top)
+    count = count_levels(classes, box)
+    assert count.last_rib == last_rib
+    assert count.l3_from_ribs == last_rib + 3
+
+
 def test_ribs_going_on_below_the_run_from_the_top_make_the_count_untrusted():
     """Repro (style-B validation phantoms 7,000,046 and 7,000,129, chest scans without
     mid-L3): in a box over the upper thorax the network's ribs were found at T1, missed at

@@ -930,6 +930,49 @@ def _rib_heads(rib: np.ndarray, centre_x: float) -> list[float]:
     return heads
 
 
+def _short_rib_sides(rib: np.ndarray, centre_x: float, z_lo: float, z_hi: float) -> set[int]:
+    """The sides (-1, +1 along x) on which a short rib's head lies between box z ``z_lo``
+    and ``z_hi`` (voxel indices) in a rib-class mask (z, y, x).
+
+    A short rib is a connected component of at least :data:`SHORT_RIB_MM3` whose most medial
+    voxel lies within :data:`RIB_HEAD_REACH_MM` of the column's axis and which reaches
+    :data:`SHORT_RIB_REACH_MM` out from it, but ends inside the box: the medial part of a
+    steep, thin twelfth rib whose shaft the network lost (:func:`count_levels`). Its head's
+    z is taken as in :func:`_rib_heads`.
+    """
+    lab, _ = ndimage.label(rib)
+    sides: set[int] = set()
+    for k, sl in enumerate(ndimage.find_objects(lab), start=1):
+        if sl is None:
+            continue
+        zz, _, xx = np.nonzero(lab[sl] == k)
+        if zz.size < SHORT_RIB_MM3:
+            continue
+        zz = zz + sl[0].start
+        d = np.abs(xx + sl[2].start - centre_x)
+        if d.min() > RIB_HEAD_REACH_MM or d.max() < SHORT_RIB_REACH_MM:
+            continue
+        head = float(zz[d <= d.min() + 6.0].mean())
+        if z_lo <= head <= z_hi:
+            sides.add(int(np.sign((xx + sl[2].start).mean() - centre_x)))
+    return sides
+
+
+#: A short rib (:func:`_short_rib_sides`): at least this many mm^3 (a 40 mm stretch of a
+#: 5 mm thick rib), reaching this far (mm) out from the column's axis (past a lumbar body's
+#: half width, 20-25 mm). Style-B validation 7,000,025 and 7,000,070: the network labelled
+#: the medial 34-60 mm of each T12 rib (900-1500 mm^3 a side) and lost the rest, so T12 was
+#: counted as L1 and L3 put a level high.
+SHORT_RIB_MM3 = 400.0
+SHORT_RIB_REACH_MM = 30.0
+#: A short rib's head lies at most this far (mm) below the body's superior end plate (a
+#: rib head articulates with the upper body and the disc above, ANATOMY.md; both T12 heads
+#: of 7,000,025 and 7,000,070 at their end plate). A lumbar transverse process arises from
+#: the pedicle, lower: style "bt" validation 7,500,048's L1 processes, labelled rib with
+#: heads 10-11 mm below its end plate, made it rib-bearing before this limit.
+SHORT_RIB_HEAD_BELOW_TOP_MM = 5.0
+
+
 def _last_rib_bearing(bodies: list[Body]) -> int | None:
     """Index (top first) of the last rib-bearing body, or None.
 
@@ -989,10 +1032,11 @@ def count_levels(classes: np.ndarray, box: SpineBox) -> LevelCount:
     Bodies come from :func:`_body_extents`; a body is rib-bearing when the head of a rib
     (:func:`_rib_heads`) lies within its z extent or 4 mm of it (the head articulates with
     the upper body and the disc above, ANATOMY.md), and the last rib-bearing one ends the run
-    from the top (:func:`_last_rib_bearing`); the sacrum's top is that of its largest
-    connected component (raised to the top of the one "body" that touches it in 3-D: S1,
-    :func:`_is_s1`), and bodies below it are not counted; no count is made from a sacrum
-    with rib-bearing bodies above it (:data:`MAX_RIBS_ABOVE_SACRUM`).
+    from the top (:func:`_last_rib_bearing`), or the body below it when a short rib lies
+    beside that body on both sides (:func:`_short_rib_sides`); the sacrum's top is that of
+    its largest connected component (raised to the top of the one "body" that touches it in
+    3-D: S1, :func:`_is_s1`), and bodies below it are not counted; no count is made from a
+    sacrum with rib-bearing bodies above it (:data:`MAX_RIBS_ABOVE_SACRUM`).
 
     Parameters
     ----------
@@ -1066,6 +1110,14 @@ def count_levels(classes: np.ndarray, box: SpineBox) -> LevelCount:
             f"two vertebral bodies seem merged ({tall[0].z_top - tall[0].z_bottom:.0f} mm tall)"
         )
     last_rib = _last_rib_bearing(bodies)
+    if last_rib is not None and last_rib + 1 < len(bodies):
+        # the body below the last rib-bearing one bears ribs after all when a short rib's
+        # head lies beside it on both sides: a thin twelfth rib whose shaft the network lost
+        top = bodies[last_rib + 1].z_top - box.origin_mm[0]  # box index + 0.5
+        lo, hi = top - SHORT_RIB_HEAD_BELOW_TOP_MM, top + 3.5
+        if len(_short_rib_sides(classes == RIB, classes.shape[2] / 2 - 0.5, lo, hi)) == 2:
+            bodies[last_rib + 1].rib_bearing = True
+            last_rib += 1
     if problem is None and last_rib is not None:
         skipped = bodies[last_rib + 2 : last_rib + 2 + RIB_SKIP_BODIES]
         if any(b.rib_bearing for b in skipped):
