@@ -1369,6 +1369,11 @@ def verify_in_volume(
 ) -> LevelVerification:
     """The whole verification of one located L3: box, segmentation, count, verdict.
 
+    The box is centred on the located slice (:func:`box_at_level`). Where its count reaches
+    L3 from one end only and the scan holds the other, a second box past the counted L3
+    looks for it (:func:`_second_box_centre`), and its count is used where it adds that end
+    (:func:`_fuller_count`); ``timings_s["second_box"]`` then gives its seconds.
+
     Parameters
     ----------
     net : the trained network (:func:`load_spine_model`).
