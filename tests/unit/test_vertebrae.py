@@ -1167,9 +1167,9 @@ def test_a_rib_broken_in_two_by_a_missed_thin_shaft_still_counts(pieces, drop, i
     the box, the outer one does not reach the body), T12 was counted as lumbar and L3 put
     one level up. A piece continued within :data:`RIB_GAP_MM`, further out and not higher
     (ribs slope down-laterally, ANATOMY.md), by a piece that leaves the box is a rib."""
-    from worker.locator.vertebrae import _rib_heads
+    from worker.locator.vertebrae import _rib_heads, _rib_pieces
 
-    heads = _rib_heads(_rib_box(pieces, drop) == RIB, 63.5)
+    heads = _rib_heads(_rib_pieces(_rib_box(pieces, drop) == RIB, 63.5))
     if is_rib:
         assert len(heads) == 1 and heads[0] == pytest.approx(80.0, abs=1.5)
     else:
@@ -1181,13 +1181,13 @@ def test_the_outer_piece_of_a_broken_rib_continues_only_the_nearest_piece():
     lower, 8 mm further back, ending 38 mm out) lies within the gap of the rib's outer piece
     too; that piece continues the rib's own head piece, whose end is nearer, so only the
     rib's head is found."""
-    from worker.locator.vertebrae import _rib_heads
+    from worker.locator.vertebrae import _rib_heads, _rib_pieces
 
     classes = _rib_box([(15.0, 40.0), (48.0, 64.0)])
     for d in np.arange(15.0, 38.0, 0.5):
         x, y = int(round(63.5 + d)), int(round(53 + 0.4 * (d - 15.0)))
         classes[72:75, y - 1 : y + 2, x - 1 : x + 2] = RIB
-    heads = _rib_heads(classes == RIB, 63.5)
+    heads = _rib_heads(_rib_pieces(classes == RIB, 63.5))
     assert len(heads) == 1 and heads[0] == pytest.approx(80.0, abs=1.5)
 
 

@@ -748,7 +748,8 @@ def upsampled_argmax(logits: np.ndarray) -> np.ndarray:
     it keeps that class (an inequality between logits holds for any convex combination of
     them), so only voxels on a boundary between classes are interpolated. Up-sampling all
     4 x 3.7 million logits of the verification box and taking their argmax cost 0.19 s of
-    its 0.44 s segmentation (``bench/bench_locate.py``, 2 CPU cores).
+    its 0.44 s segmentation (a one-off profile on 2 CPU cores; ``bench/bench_locate.py``
+    prints the whole step).
 
     Parameters
     ----------
@@ -868,8 +869,51 @@ def _body_extents(body: np.ndarray) -> list[tuple[int, int, int]]:
     return out
 
 
-def _rib_heads(rib: np.ndarray, centre_x: float) -> list[float]:
-    """Box z (voxel index) of the head of each rib in a rib-class mask (z, y, x).
+@dataclass
+class _RibPiece:
+    """One connected piece of the rib class: its voxels (n, 3) as box (z, y, x), their
+    distance from the column's axis along x (n,), whether it leaves the box through its
+    posterior or a lateral face, its side (-1, +1 along x), its outer end (3,) and its
+    head's z (the mean z of its voxels within 6 mm of its most medial one)."""
+
+    pts: np.ndarray
+    d: np.ndarray
+    leaves: bool
+    side: float
+    end: np.ndarray
+    head_z: float
+
+
+def _rib_pieces(rib: np.ndarray, centre_x: float) -> list[_RibPiece]:
+    """The pieces of at least :data:`MIN_RIB_PIECE_MM3` of a rib-class mask (z, y, x) around
+    the column's axis at box x ``centre_x``."""
+    lab, _ = ndimage.label(rib)
+    ny, nx = rib.shape[1:]
+    pieces = []
+    for k, sl in enumerate(ndimage.find_objects(lab), start=1):
+        if sl is None:
+            continue
+        zz, yy, xx = np.nonzero(lab[sl] == k)
+        if zz.size < MIN_RIB_PIECE_MM3:
+            continue
+        pts = np.stack([zz + sl[0].start, yy + sl[1].start, xx + sl[2].start], 1).astype(float)
+        d = np.abs(pts[:, 2] - centre_x)
+        leaves = pts[:, 1].max() >= ny - 3 or pts[:, 2].min() <= 2 or pts[:, 2].max() >= nx - 3
+        pieces.append(
+            _RibPiece(
+                pts=pts,
+                d=d,
+                leaves=bool(leaves),
+                side=float(np.sign(pts[:, 2].mean() - centre_x)),
+                end=pts[d >= d.max() - 6.0].mean(axis=0),  # the piece's outer end
+                head_z=float(pts[d <= d.min() + 6.0, 0].mean()),
+            )
+        )
+    return pieces
+
+
+def _rib_heads(pieces: list[_RibPiece]) -> list[float]:
+    """Box z (voxel index) of the head of each rib among the rib pieces of :func:`_rib_pieces`.
 
     A rib is a connected component of at least :data:`MIN_RIB_MM3` that reaches from within
     :data:`RIB_HEAD_REACH_MM` of the column's axis (its head, beside the body) out of the
@@ -884,78 +928,54 @@ def _rib_heads(rib: np.ndarray, centre_x: float) -> list[float]:
     head, not L1's transverse process beside it). The head's z is the mean z of the rib's
     voxels within 6 mm of its most medial one.
     """
-    lab, _ = ndimage.label(rib)
-    ny, nx = rib.shape[1:]
-    pieces = []
-    for k, sl in enumerate(ndimage.find_objects(lab), start=1):
-        if sl is None:
-            continue
-        zz, yy, xx = np.nonzero(lab[sl] == k)
-        if zz.size < MIN_RIB_PIECE_MM3:
-            continue
-        pts = np.stack([zz + sl[0].start, yy + sl[1].start, xx + sl[2].start], 1).astype(float)
-        d = np.abs(pts[:, 2] - centre_x)
-        leaves = pts[:, 1].max() >= ny - 3 or pts[:, 2].min() <= 2 or pts[:, 2].max() >= nx - 3
-        side = float(np.sign(pts[:, 2].mean() - centre_x))
-        end = pts[d >= d.max() - 6.0].mean(axis=0)  # the piece's outer end
-        pieces.append((pts, d, bool(leaves), side, end))
-
     # gap[i, j]: how far piece j lies from piece i's outer end; inf where j cannot continue
     # i (not further out on the same side, or higher overall: a rib slopes down-laterally)
     n = len(pieces)
     gap = np.full((n, n), np.inf)
-    for i, (_, d, _, side, end) in enumerate(pieces):
-        for j, (p2, d2, _, side2, _) in enumerate(pieces):
+    for i, a in enumerate(pieces):
+        for j, b in enumerate(pieces):
             if (
                 i != j
-                and side2 == side
-                and d2.min() >= d.max() - 2.0
-                and p2[:, 0].mean() <= end[0] + 2.0
+                and b.side == a.side
+                and b.d.min() >= a.d.max() - 2.0
+                and b.pts[:, 0].mean() <= a.end[0] + 2.0
             ):
-                gap[i, j] = np.sqrt(((p2 - end) ** 2).sum(axis=1)).min()
+                gap[i, j] = np.sqrt(((b.pts - a.end) ** 2).sum(axis=1)).min()
     # a piece continues only the one piece whose end lies nearest to it
     continues = (gap <= RIB_GAP_MM) & (gap <= gap.min(axis=0, initial=np.inf)[None, :])
 
     def reaches_out(i: int, seen: frozenset[int]) -> bool:
-        return pieces[i][2] or any(
+        return pieces[i].leaves or any(
             reaches_out(j, seen | {j}) for j in np.nonzero(continues[i])[0] if j not in seen
         )
 
-    heads = []
-    for i, (pts, d, _, _, _) in enumerate(pieces):
-        if len(pts) < MIN_RIB_MM3 or d.min() > RIB_HEAD_REACH_MM:
-            continue
-        if reaches_out(i, frozenset({i})):
-            heads.append(float(pts[d <= d.min() + 6.0, 0].mean()))
-    return heads
+    return [
+        p.head_z
+        for i, p in enumerate(pieces)
+        if len(p.pts) >= MIN_RIB_MM3
+        and p.d.min() <= RIB_HEAD_REACH_MM
+        and reaches_out(i, frozenset({i}))
+    ]
 
 
-def _short_rib_sides(rib: np.ndarray, centre_x: float, z_lo: float, z_hi: float) -> set[int]:
+def _short_rib_sides(pieces: list[_RibPiece], z_lo: float, z_hi: float) -> set[int]:
     """The sides (-1, +1 along x) on which a short rib's head lies between box z ``z_lo``
-    and ``z_hi`` (voxel indices) in a rib-class mask (z, y, x).
+    and ``z_hi`` (voxel indices), of the rib pieces of :func:`_rib_pieces`.
 
-    A short rib is a connected component of at least :data:`SHORT_RIB_MM3` whose most medial
-    voxel lies within :data:`RIB_HEAD_REACH_MM` of the column's axis and which reaches
-    :data:`SHORT_RIB_REACH_MM` out from it, but ends inside the box: the medial part of a
-    steep, thin twelfth rib whose shaft the network lost (:func:`count_levels`). Its head's
-    z is taken as in :func:`_rib_heads`.
+    A short rib is a piece of at least :data:`SHORT_RIB_MM3` whose most medial voxel lies
+    within :data:`RIB_HEAD_REACH_MM` of the column's axis and which reaches
+    :data:`SHORT_RIB_REACH_MM` out from it, whether or not it leaves the box: the medial
+    part of a steep, thin twelfth rib whose shaft the network lost, which
+    :func:`_rib_heads` drops for ending inside the box (:func:`count_levels`).
     """
-    lab, _ = ndimage.label(rib)
-    sides: set[int] = set()
-    for k, sl in enumerate(ndimage.find_objects(lab), start=1):
-        if sl is None:
-            continue
-        zz, _, xx = np.nonzero(lab[sl] == k)
-        if zz.size < SHORT_RIB_MM3:
-            continue
-        zz = zz + sl[0].start
-        d = np.abs(xx + sl[2].start - centre_x)
-        if d.min() > RIB_HEAD_REACH_MM or d.max() < SHORT_RIB_REACH_MM:
-            continue
-        head = float(zz[d <= d.min() + 6.0].mean())
-        if z_lo <= head <= z_hi:
-            sides.add(int(np.sign((xx + sl[2].start).mean() - centre_x)))
-    return sides
+    return {
+        int(p.side)
+        for p in pieces
+        if len(p.pts) >= SHORT_RIB_MM3
+        and p.d.min() <= RIB_HEAD_REACH_MM
+        and p.d.max() >= SHORT_RIB_REACH_MM
+        and z_lo <= p.head_z <= z_hi
+    }
 
 
 #: A short rib (:func:`_short_rib_sides`): at least this many mm^3 (a 40 mm stretch of a
@@ -1060,7 +1080,8 @@ def count_levels(classes: np.ndarray, box: SpineBox) -> LevelCount:
     # cut: a thick end slice blends the body beyond it (style B 7,000,027: a 9 mm sliver of
     # L4 ending 1 mm below the last 5 mm slice was counted as a whole L3)
     edge = max(box.slice_spacing_mm - 0.5, 0.0)
-    heads = _rib_heads(classes == RIB, classes.shape[2] / 2 - 0.5)
+    ribs = _rib_pieces(classes == RIB, classes.shape[2] / 2 - 0.5)
+    heads = _rib_heads(ribs)
     bodies: list[Body] = []
     for z0, z1, vol in _body_extents(classes == BODY):
         bearing = any(z0 - 4 <= h <= z1 - 1 + 4 for h in heads)
@@ -1115,7 +1136,7 @@ def count_levels(classes: np.ndarray, box: SpineBox) -> LevelCount:
         # head lies beside it on both sides: a thin twelfth rib whose shaft the network lost
         top = bodies[last_rib + 1].z_top - box.origin_mm[0]  # box index + 0.5
         lo, hi = top - SHORT_RIB_HEAD_BELOW_TOP_MM, top + 3.5
-        if len(_short_rib_sides(classes == RIB, classes.shape[2] / 2 - 0.5, lo, hi)) == 2:
+        if len(_short_rib_sides(ribs, lo, hi)) == 2:
             bodies[last_rib + 1].rib_bearing = True
             last_rib += 1
     if problem is None and last_rib is not None:
