@@ -21,6 +21,7 @@ from worker.locator.vertebrae import (
     BOX_SHAPE,
     RIB,
     SACRUM,
+    SHORT_RIB_HEAD_ABOVE_TOP_MM,
     LevelVerification,
     SpineBox,
     SpineFCN,
@@ -1241,6 +1242,37 @@ def test_a_short_rib_pair_below_the_run_makes_the_next_body_rib_bearing(
     classes, box = _ribbed_stack([True, False, False, False, False, False])
     _short_ribs(classes, where, sides, below_top)
     count = count_levels(classes, box)
+    assert count.last_rib == last_rib
+    assert count.l3_from_ribs == last_rib + 3
+
+
+@pytest.mark.parametrize(
+    "t12_ribs, top_lost_mm, last_rib",
+    [
+        (True, 9, 1),  # heads about 6 mm above T12's segmented top: T12 still bears them
+        (True, 0, 1),  # a whole T12
+        (False, 9, 0),  # no T12 ribs: T11's heads lie far above T12's top
+    ],
+)
+def test_a_rib_head_above_a_body_whose_top_the_network_lost_is_that_bodys(
+    t12_ribs, top_lost_mm, last_rib
+):
+    """Repro (style-B phantoms 7,002,058 and 7,002,105): the network gave the top 3-7 mm of
+    T12 to T11's component, so the T12 rib heads (at T12's upper part) lay 3.9 and 6.6 mm
+    above T12's segmented top, beyond the 4 mm allowed, and T12 was counted as L1: L3 a
+    level high, confirmed by the ribs and unflagged in 7,002,105. A lower rib's head belongs
+    to its own body's upper part, so a pair of them up to
+    :data:`SHORT_RIB_HEAD_ABOVE_TOP_MM` above the segmented top of the body below the run
+    still makes that body rib-bearing."""
+    classes, box = _ribbed_stack([True, t12_ribs, False, False, False, False, False])
+    top = 290 - 28
+    slab = classes[top - top_lost_mm : top]
+    slab[slab == BODY] = 0
+    # the heads (3 mm under the whole body's top) lie above the segmented top by more than
+    # the 3.5 mm allowed before and less than now
+    assert top_lost_mm == 0 or 3.5 < top_lost_mm - 3 < SHORT_RIB_HEAD_ABOVE_TOP_MM
+    count = count_levels(classes, box)
+    assert count.problem is None
     assert count.last_rib == last_rib
     assert count.l3_from_ribs == last_rib + 3
 

@@ -966,7 +966,8 @@ def _short_rib_sides(pieces: list[_RibPiece], z_lo: float, z_hi: float) -> set[i
     within :data:`RIB_HEAD_REACH_MM` of the column's axis and which reaches
     :data:`SHORT_RIB_REACH_MM` out from it, whether or not it leaves the box: the medial
     part of a steep, thin twelfth rib whose shaft the network lost, which
-    :func:`_rib_heads` drops for ending inside the box (:func:`count_levels`).
+    :func:`_rib_heads` drops for ending inside the box, or a whole rib whose head lies
+    just above the body's segmented top (:func:`count_levels`).
     """
     return {
         int(p.side)
@@ -991,6 +992,16 @@ SHORT_RIB_REACH_MM = 30.0
 #: the pedicle, lower: style "bt" validation 7,500,048's L1 processes, labelled rib with
 #: heads 10-11 mm below its end plate, made it rib-bearing before this limit.
 SHORT_RIB_HEAD_BELOW_TOP_MM = 5.0
+#: ... and at most this far (mm) above it. The lowest ribs' heads articulate with their own
+#: body only, at its upper part (ribs 10-12 have a single facet; Gray's Anatomy), so a head
+#: above the segmented end plate means the network gave the top of the body to the one
+#: above. Style-B 7,002,058 and 7,002,105: T12's top 3-7 mm went to T11's component, T12's
+#: rib heads (one whole rib and one short on each) lay 3.9 and 6.6 mm above T12's segmented
+#: top, and T12 was counted as L1 (3.5 mm, the limit before, reached neither). Only the
+#: short-rib check of the body just below the run, both sides, uses it: a rib-bearing
+#: extent this wide for every body let a one-sided "rib" in the L1-L2 disc make L2
+#: rib-bearing (validation 7,000,012, then refused as a skipped rib).
+SHORT_RIB_HEAD_ABOVE_TOP_MM = 8.0
 
 
 def _last_rib_bearing(bodies: list[Body]) -> int | None:
@@ -1053,7 +1064,9 @@ def count_levels(classes: np.ndarray, box: SpineBox) -> LevelCount:
     (:func:`_rib_heads`) lies within its z extent or 4 mm of it (the head articulates with
     the upper body and the disc above, ANATOMY.md), and the last rib-bearing one ends the run
     from the top (:func:`_last_rib_bearing`), or the body below it when a short rib lies
-    beside that body on both sides (:func:`_short_rib_sides`); the sacrum's top is that of
+    beside that body on both sides, its head between :data:`SHORT_RIB_HEAD_BELOW_TOP_MM`
+    below and :data:`SHORT_RIB_HEAD_ABOVE_TOP_MM` above the body's superior end plate
+    (:func:`_short_rib_sides`); the sacrum's top is that of
     its largest connected component (raised to the top of the one "body" that touches it in
     3-D: S1, :func:`_is_s1`), and bodies below it are not counted; no count is made from a
     sacrum with rib-bearing bodies above it (:data:`MAX_RIBS_ABOVE_SACRUM`).
@@ -1135,7 +1148,7 @@ def count_levels(classes: np.ndarray, box: SpineBox) -> LevelCount:
         # the body below the last rib-bearing one bears ribs after all when a short rib's
         # head lies beside it on both sides: a thin twelfth rib whose shaft the network lost
         top = bodies[last_rib + 1].z_top - box.origin_mm[0]  # box index + 0.5
-        lo, hi = top - SHORT_RIB_HEAD_BELOW_TOP_MM, top + 3.5
+        lo, hi = top - SHORT_RIB_HEAD_BELOW_TOP_MM, top + SHORT_RIB_HEAD_ABOVE_TOP_MM
         if len(_short_rib_sides(ribs, lo, hi)) == 2:
             bodies[last_rib + 1].rib_bearing = True
             last_rib += 1
