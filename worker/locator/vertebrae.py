@@ -996,8 +996,9 @@ SHORT_RIB_HEAD_BELOW_TOP_MM = 5.0
 #: body only, at its upper part (ribs 10-12 have a single facet; Gray's Anatomy), so a head
 #: above the segmented end plate means the network gave the top of the body to the one
 #: above. Style-B 7,002,058 and 7,002,105: T12's top 3-7 mm went to T11's component, T12's
-#: rib heads (one whole rib and one short on each) lay 3.9 and 6.6 mm above T12's segmented
-#: top, and T12 was counted as L1 (3.5 mm, the limit before, reached neither). Only the
+#: rib heads (in each, a whole rib on one side and a short one on the other) lay 3.9 and
+#: 6.6 mm above T12's segmented top, and T12 was counted as L1 (3.5 mm, the limit before,
+#: reached neither). Only the
 #: short-rib check of the body just below the run, both sides, uses it: a rib-bearing
 #: extent this wide for every body let a one-sided "rib" in the L1-L2 disc make L2
 #: rib-bearing (validation 7,000,012, then refused as a skipped rib).
@@ -1146,7 +1147,8 @@ def count_levels(classes: np.ndarray, box: SpineBox) -> LevelCount:
     last_rib = _last_rib_bearing(bodies)
     if last_rib is not None and last_rib + 1 < len(bodies):
         # the body below the last rib-bearing one bears ribs after all when a short rib's
-        # head lies beside it on both sides: a thin twelfth rib whose shaft the network lost
+        # head lies beside it on both sides: a thin twelfth rib whose shaft the network lost,
+        # or a twelfth rib's head just above a top the network gave to the body above
         top = bodies[last_rib + 1].z_top - box.origin_mm[0]  # box index + 0.5
         lo, hi = top - SHORT_RIB_HEAD_BELOW_TOP_MM, top + SHORT_RIB_HEAD_ABOVE_TOP_MM
         if len(_short_rib_sides(ribs, lo, hi)) == 2:
