@@ -1259,7 +1259,7 @@ def test_a_rib_head_above_a_body_whose_top_the_network_lost_is_that_bodys(
 ):
     """Repro (style-B phantoms 7,002,058 and 7,002,105): the network gave the top 3-7 mm of
     T12 to T11's component, so the T12 rib heads (at T12's upper part) lay 3.9 and 6.6 mm
-    above T12's segmented top, beyond the 4 mm allowed, and T12 was counted as L1: L3 a
+    above T12's segmented top, beyond the 3.5 mm allowed, and T12 was counted as L1: L3 a
     level high, confirmed by the ribs and unflagged in 7,002,105. A lower rib's head belongs
     to its own body's upper part, so a pair of them up to
     :data:`SHORT_RIB_HEAD_ABOVE_TOP_MM` above the segmented top of the body below the run
