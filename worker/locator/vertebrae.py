@@ -998,10 +998,9 @@ SHORT_RIB_HEAD_BELOW_TOP_MM = 5.0
 #: above. Style-B 7,002,058 and 7,002,105: T12's top 3-7 mm went to T11's component, T12's
 #: rib heads (in each, a whole rib on one side and a short one on the other) lay 3.9 and
 #: 6.6 mm above T12's segmented top, and T12 was counted as L1 (3.5 mm, the limit before,
-#: reached neither). Only the
-#: short-rib check of the body just below the run, both sides, uses it: a rib-bearing
-#: extent this wide for every body let a one-sided "rib" in the L1-L2 disc make L2
-#: rib-bearing (validation 7,000,012, then refused as a skipped rib).
+#: reached neither). Only the short-rib check of the body just below the run, both sides,
+#: uses it: a rib-bearing extent this wide for every body let a one-sided "rib" in the
+#: L1-L2 disc make L2 rib-bearing (validation 7,000,012, then refused as a skipped rib).
 SHORT_RIB_HEAD_ABOVE_TOP_MM = 8.0
 
 
@@ -1067,10 +1066,10 @@ def count_levels(classes: np.ndarray, box: SpineBox) -> LevelCount:
     from the top (:func:`_last_rib_bearing`), or the body below it when a short rib lies
     beside that body on both sides, its head between :data:`SHORT_RIB_HEAD_BELOW_TOP_MM`
     below and :data:`SHORT_RIB_HEAD_ABOVE_TOP_MM` above the body's superior end plate
-    (:func:`_short_rib_sides`); the sacrum's top is that of
-    its largest connected component (raised to the top of the one "body" that touches it in
-    3-D: S1, :func:`_is_s1`), and bodies below it are not counted; no count is made from a
-    sacrum with rib-bearing bodies above it (:data:`MAX_RIBS_ABOVE_SACRUM`).
+    (:func:`_short_rib_sides`); the sacrum's top is that of its largest connected component
+    (raised to the top of the one "body" that touches it in 3-D: S1, :func:`_is_s1`), and
+    bodies below it are not counted; no count is made from a sacrum with rib-bearing bodies
+    above it (:data:`MAX_RIBS_ABOVE_SACRUM`).
 
     Parameters
     ----------
