@@ -1301,6 +1301,65 @@ def test_ribs_going_on_below_the_run_from_the_top_make_the_count_untrusted():
     assert count.problem is None and count.l3_from_ribs == 4
 
 
+def test_a_body_beside_the_column_is_not_one_of_its_vertebrae():
+    """Repro (style-B validation phantoms 7,000,213 and 7,000,285, 2.5 mm pixels): beside a
+    real body, over the same slices, the network labelled a small "body" (2,400-4,700 mm^3)
+    57-69 mm off the column's line; the two were taken for one vertebra split in two and
+    the count was refused. A component that far from the column (:data:`COLUMN_LINK_MM`)
+    is not one of its vertebral bodies; the halves of a split body, 20-25 mm apart, stay in
+    the column (the split test above)."""
+    from worker.locator.vertebrae import COLUMN_LINK_MM
+
+    classes = np.zeros((200, 60, 128), np.uint8)
+    for z0 in (60, 97, 134, 171):  # L4 .. L1, 25 mm tall, 12 mm discs
+        classes[z0 : z0 + 25, 20:45, 50:78] = BODY
+    classes[23:48, 20:45, 50:78] = BODY  # L5
+    classes[0:15, 20:45, 50:78] = SACRUM
+    classes[99:120, 24:36, 1:13] = BODY  # beside L3, 3,000 mm^3
+    assert COLUMN_LINK_MM < 63.5 - 6.5  # its centre lies 57 mm from the column's axis
+    box = SpineBox(classes.astype(np.float32), np.ones(200, bool), (0.0, 0.0, 0.0))
+    count = count_levels(classes, box)
+    assert count.problem is None
+    assert len(count.bodies) == 5
+    assert count.l3_from_sacrum == 2 and count.bodies[2].z_bottom == pytest.approx(96.5)
+
+
+def test_a_box_far_to_the_side_of_the_column_is_moved_onto_it(monkeypatch: pytest.MonkeyPatch):
+    """Repro (style-B validation phantoms 7,000,206 and 7,000,232): the column estimate took
+    a bone beside the spine and the box lay 40-50 mm to the side of the column, its bodies
+    cut by the box's side and the far ribs out of reach. Where the segmented column lies
+    more than :data:`RECENTRE_MM` to the side of the box's axis, the box is moved sideways
+    onto it and segmented again; within that, or off antero-posteriorly only (validation
+    7,000,301: moved 21 mm back, a right correction became a level wrong), the first box
+    stands."""
+    import worker.locator.vertebrae as vertebrae
+    from worker.locator.vertebrae import RECENTRE_MM, column_offset, segment_on_column
+
+    hu = np.full((220, 140, 260), -50.0, np.float32)
+    for z0 in range(10, 200, 37):
+        hu[z0 : z0 + 25, 40:70, 135:165] = 300.0  # bodies, centre (y 55, x 150)
+    z_mm = np.arange(220.0)
+
+    # a stand-in network: bone above 150 HU is body (the real one needs weights)
+    def bone(box: SpineBox) -> np.ndarray:
+        return np.where(box.image > 150.0, BODY, 0).astype(np.uint8)
+
+    monkeypatch.setattr(vertebrae, "segment_box", lambda net, box: bone(box))
+    off_box = extract_box(hu, z_mm, (1.0, 1.0), 110.0, (49.0, 105.0))
+    dy, dx = column_offset(bone(off_box))
+    assert dy == pytest.approx(6.0, abs=1.0) and dx == pytest.approx(45.0, abs=1.5)
+    box, classes = segment_on_column(None, hu, z_mm, (1.0, 1.0), off_box)
+    assert box.centre_yx_mm == pytest.approx((49.0, 150.0), abs=1.5)  # sideways only
+    assert box.z_centre_mm == off_box.z_centre_mm
+    assert abs(column_offset(classes)[1]) < 1.5
+    # a box within RECENTRE_MM to the side, or off antero-posteriorly only, is kept
+    for centre in ((55.0, 150.0 - 0.8 * RECENTRE_MM), (55.0 - 2.0 * RECENTRE_MM, 150.0)):
+        near = extract_box(hu, z_mm, (1.0, 1.0), 110.0, centre)
+        assert np.hypot(*column_offset(bone(near))) > 0.7 * RECENTRE_MM
+        kept, _ = segment_on_column(None, hu, z_mm, (1.0, 1.0), near)
+        assert kept is near
+
+
 def test_training_runs_and_a_fine_tune_starts_from_the_given_weights(tmp_path: Path):
     """train_spine (worker/training/vertebrae.py) on a tiny synthetic box: it saves loadable
     weights with its record; with ``init`` (train-spine --init) it starts from them, so a

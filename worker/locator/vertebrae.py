@@ -23,9 +23,12 @@ Steps (one series):
    ("Automatic detection and evaluation of spine from CT images using deep learning",
    section 2.2: 5x5x5 convolutions, PReLU, stride-2 2x2x2 convolutions to down-sample,
    residual levels, skip connections, global-convolution decoder, softmax), labels each
-   voxel :data:`CLASSES`;
+   voxel :data:`CLASSES`; where the segmented column lies more than :data:`RECENTRE_MM`
+   to the side of the box's axis (the estimate took a bone or an organ beside the spine),
+   the box is moved sideways onto it and segmented again (:func:`segment_on_column`);
 3. :func:`count_levels` splits the vertebral-body voxels into bodies (connected
-   components; discs separate them), marks the rib-bearing ones and the top of the sacrum;
+   components; discs separate them), keeps those of the column (:func:`_column`), marks
+   the rib-bearing ones and the top of the sacrum;
 4. :func:`verify_level` compares the locator's z with the counted L3 and confirms, corrects
    or flags it (:class:`LevelVerification`).
 
@@ -40,11 +43,12 @@ import functools
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from scipy import ndimage
+from scipy.sparse.csgraph import connected_components as sparse_components
 from torch import nn
 
 from core.errors import L3SpotError
@@ -61,6 +65,7 @@ __all__ = [
     "box_at_level",
     "box_centre_z",
     "column_centre",
+    "column_offset",
     "count_levels",
     "counted_l3",
     "extract_box",
@@ -68,6 +73,7 @@ __all__ = [
     "load_spine_model",
     "normalise_hu",
     "segment_box",
+    "segment_on_column",
     "upsampled_argmax",
     "verify_in_volume",
     "verify_level",
@@ -831,8 +837,19 @@ class LevelCount:
     problem: str | None = None
 
 
-def _body_extents(body: np.ndarray) -> list[tuple[int, int, int]]:
-    """(first z, last z + 1, voxels) of each vertebral body in a body-class mask.
+class _Extent(NamedTuple):
+    """One body component of :func:`_body_extents`: box z indices ``z0`` (first) and
+    ``z1`` (last + 1), its eroded core's voxels (mm^3) and that core's centre (y, x) in box
+    voxels."""
+
+    z0: int
+    z1: int
+    voxels: int
+    centre_yx: tuple[float, float]
+
+
+def _body_extents(body: np.ndarray) -> list[_Extent]:
+    """The vertebral bodies of a body-class mask (z, y, x), 1 mm voxels.
 
     A one-voxel erosion first parts bodies that touch through a thin bridge (an osteophyte
     rim, a partial-volume voxel at a thin disc). A component still taller than
@@ -842,15 +859,21 @@ def _body_extents(body: np.ndarray) -> list[tuple[int, int, int]]:
     """
     core = ndimage.binary_erosion(body)
     lab, _ = ndimage.label(core)
-    out: list[tuple[int, int, int]] = []
-    pending: list[tuple[int, int, np.ndarray]] = []
+    out: list[_Extent] = []
+    # per component: first z, last z + 1, and per slice its area and the sums of y and x
+    pending: list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]] = []
     for k, sl in enumerate(ndimage.find_objects(lab), start=1):
         if sl is None:
             continue
-        area = (lab[sl] == k).sum(axis=(1, 2))
-        pending.append((sl[0].start, sl[0].stop, area))
+        m = lab[sl] == k
+        yy = np.arange(sl[1].start, sl[1].stop, dtype=float)[None, :, None]
+        xx = np.arange(sl[2].start, sl[2].stop, dtype=float)[None, None, :]
+        area = m.sum(axis=(1, 2))
+        pending.append(
+            (sl[0].start, sl[0].stop, area, (m * yy).sum(axis=(1, 2)), (m * xx).sum(axis=(1, 2)))
+        )
     while pending:
-        z0, z1, area = pending.pop()
+        z0, z1, area, ysum, xsum = pending.pop()
         if area.sum() < MIN_BODY_MM3 / 2:
             continue
         # the body's height once restored (the eroded core is one voxel short at each end
@@ -861,12 +884,49 @@ def _body_extents(body: np.ndarray) -> list[tuple[int, int, int]]:
             # parts of a body's height at least
             inner = area[MIN_PART_MM:-MIN_PART_MM]
             cut = int(np.argmin(inner)) + MIN_PART_MM
-            pending.append((z0, z0 + cut, area[:cut]))
-            pending.append((z0 + cut + 1, z1, area[cut + 1 :]))
+            pending.append((z0, z0 + cut, area[:cut], ysum[:cut], xsum[:cut]))
+            pending.append((z0 + cut + 1, z1, area[cut + 1 :], ysum[cut + 1 :], xsum[cut + 1 :]))
             continue
+        n = float(area.sum())
         # the eroded core is one voxel short at each end plate
-        out.append((max(0, z0 - 1), min(body.shape[0], z1 + 1), int(area.sum())))
+        out.append(
+            _Extent(
+                max(0, z0 - 1),
+                min(body.shape[0], z1 + 1),
+                int(n),
+                (float(ysum.sum() / n), float(xsum.sum() / n)),
+            )
+        )
     return out
+
+
+#: Body components whose centres (in the axial plane) lie within this distance (mm) of one
+#: another belong to one column (:func:`_column`): consecutive vertebrae sit almost straight
+#: above one another (a few mm apart even in a scoliosis), the halves of a body split in two
+#: 20-25 mm apart (a lumbar body is 40-50 mm wide, ANATOMY.md); the "bodies" the network
+#: finds beside the column lie 60 mm or more off (style-B validation 7,000,213 and
+#: 7,000,285, 2.5 mm pixels: 2,400-4,700 mm^3 "bodies" 57-69 mm beside real ones, over the
+#: same slices, refused as a body split in two).
+COLUMN_LINK_MM = 25.0
+
+
+def _column(extents: list[_Extent]) -> list[_Extent]:
+    """The body components that form the vertebral column, in the order given.
+
+    Components are linked when their centres lie within :data:`COLUMN_LINK_MM` of each
+    other in the axial plane (at any z: linked one to the next, a scoliotic column stays one
+    group); the group of most voxels is the column. Other components are not vertebral
+    bodies of this column (a bone, an organ or a calcification the network labelled body,
+    beside it).
+    """
+    if len(extents) < 2:
+        return list(extents)
+    c = np.array([e.centre_yx for e in extents])
+    near = np.hypot(*(c[:, None, :] - c[None, :, :]).transpose(2, 0, 1)) <= COLUMN_LINK_MM
+    _, group = sparse_components(near)
+    weight = np.bincount(group, weights=[e.voxels for e in extents])
+    best = int(np.argmax(weight))
+    return [e for e, g in zip(extents, group, strict=True) if g == best]
 
 
 @dataclass
@@ -1060,12 +1120,13 @@ def _is_s1(
 def count_levels(classes: np.ndarray, box: SpineBox) -> LevelCount:
     """Count the vertebral bodies of a segmented box from the ribs and from the sacrum.
 
-    Bodies come from :func:`_body_extents`; a body is rib-bearing when the head of a rib
-    (:func:`_rib_heads`) lies within its z extent or 4 mm of it (the head articulates with
-    the upper body and the disc above, ANATOMY.md), and the last rib-bearing one ends the run
-    from the top (:func:`_last_rib_bearing`), or the body below it when a short rib lies
-    beside that body on both sides, its head between :data:`SHORT_RIB_HEAD_BELOW_TOP_MM`
-    below and :data:`SHORT_RIB_HEAD_ABOVE_TOP_MM` above the body's superior end plate
+    Bodies come from :func:`_body_extents`, those of the column (:func:`_column`); a body
+    is rib-bearing when the head of a rib (:func:`_rib_heads`) lies within its z extent or
+    4 mm of it (the head articulates with the upper body and the disc above, ANATOMY.md),
+    and the last rib-bearing one ends the run from the top (:func:`_last_rib_bearing`), or
+    the body below it when a short rib lies beside that body on both sides, its head
+    between :data:`SHORT_RIB_HEAD_BELOW_TOP_MM` below and
+    :data:`SHORT_RIB_HEAD_ABOVE_TOP_MM` above the body's superior end plate
     (:func:`_short_rib_sides`); the sacrum's top is that of its largest connected component
     (raised to the top of the one "body" that touches it in 3-D: S1, :func:`_is_s1`), and
     bodies below it are not counted; no count is made from a sacrum with rib-bearing bodies
@@ -1096,7 +1157,7 @@ def count_levels(classes: np.ndarray, box: SpineBox) -> LevelCount:
     ribs = _rib_pieces(classes == RIB, classes.shape[2] / 2 - 0.5)
     heads = _rib_heads(ribs)
     bodies: list[Body] = []
-    for z0, z1, vol in _body_extents(classes == BODY):
+    for z0, z1, vol, _ in _column(_body_extents(classes == BODY)):
         bearing = any(z0 - 4 <= h <= z1 - 1 + 4 for h in heads)
         bodies.append(
             Body(
@@ -1395,6 +1456,64 @@ def box_at_level(
     return extract_box(hu, z_mm, spacing_mm, zc, (cy + shift_yx_mm[0], cx + shift_yx_mm[1]))
 
 
+#: The segmented column's centre may lie this far (mm) to the side of the box's axis before
+#: the box is moved sideways onto it (:func:`segment_on_column`): the network was trained
+#: on boxes up to 6 mm to the side of the body's centre (``worker.phantom.spine_box``), and
+#: further off, the far side's rib heads lie beyond :data:`RIB_HEAD_REACH_MM` of the axis and
+#: the body may be cut by the box's side (style-B validation 7,000,206 and 7,000,232: the
+#: column estimate took a bone beside the spine, the box 40-50 mm off; 7,000,213 and
+#: 7,000,285: 18 mm off, T12's ribs missed once the "bodies" beside the column were set
+#: aside). Only sideways: the box reaches 68 mm behind its axis, and moving it onto the
+#: column antero-posteriorly as well (10-23 mm in 4 of 128 validation scans, 7,000,200-327)
+#: turned 7,000,301's right correction into a confirmation a level off.
+RECENTRE_MM = 10.0
+
+
+def column_offset(classes: np.ndarray) -> tuple[float, float] | None:
+    """(y, x) in mm from the box's axis (the estimated body centre the box was placed on:
+    y :data:`BOX_ANTERIOR_MM` behind its front, x its middle) to the segmented column's
+    centre (the voxel-weighted centre of :func:`_column`'s bodies), or None when no body
+    is segmented.
+
+    ``classes`` : (z, y, x) uint8 from :func:`segment_box`, 1 mm voxels.
+    """
+    column = _column(_body_extents(classes == BODY))
+    if not column:
+        return None
+    w = np.array([e.voxels for e in column], dtype=float)
+    cy, cx = (np.array([e.centre_yx for e in column]) * w[:, None]).sum(axis=0) / w.sum()
+    return float(cy - (BOX_ANTERIOR_MM - 0.5)), float(cx - (classes.shape[2] / 2 - 0.5))
+
+
+def segment_on_column(
+    net: SpineFCN,
+    hu: np.ndarray,
+    z_mm: np.ndarray,
+    spacing_mm: tuple[float, float],
+    box: SpineBox,
+) -> tuple[SpineBox, np.ndarray]:
+    """Segment ``box``; where the segmented column lies more than :data:`RECENTRE_MM` to the
+    side of the box's axis (:func:`column_offset`), resample the box moved sideways onto it
+    and segment that instead (once: the second placement is not checked again).
+
+    Parameters
+    ----------
+    net : the trained network; hu : (z, y, x) HU, canonical grid; z_mm : (z,) ascending
+    (mm); spacing_mm : (row, col) (mm); box : from :func:`extract_box` on the same volume.
+
+    Returns
+    -------
+    (box, classes) : the box segmented and its (z, y, x) uint8 classes.
+    """
+    classes = segment_box(net, box)
+    off = column_offset(classes)
+    if off is None or abs(off[1]) <= RECENTRE_MM:
+        return box, classes
+    cy, cx = box.centre_yx_mm
+    moved = extract_box(hu, z_mm, spacing_mm, box.z_centre_mm, (cy, cx + off[1]))
+    return moved, segment_box(net, moved)
+
+
 def verify_in_volume(
     net: SpineFCN,
     hu: np.ndarray,
@@ -1428,7 +1547,7 @@ def verify_in_volume(
             "unverified", locator_z_mm, locator_z_mm=locator_z_mm, reason=str(exc)
         )
     t1 = time.perf_counter()
-    classes = segment_box(net, box)
+    box, classes = segment_on_column(net, hu, z_mm, spacing_mm, box)
     t2 = time.perf_counter()
     count = count_levels(classes, box)
     t3 = time.perf_counter()
@@ -1437,7 +1556,8 @@ def verify_in_volume(
     if second is not None:
         try:
             box2 = box_at_level(hu, z_mm, spacing_mm, second)
-            count = _fuller_count(count, count_levels(segment_box(net, box2), box2))
+            box2, classes2 = segment_on_column(net, hu, z_mm, spacing_mm, box2)
+            count = _fuller_count(count, count_levels(classes2, box2))
         except VerificationError:
             pass  # the first box's count stands
         timings["second_box"] = time.perf_counter() - t3
@@ -1553,7 +1673,8 @@ def find_by_counting(
             box = extract_box(hu, z_mm, spacing_mm, zc, centre)
         except VerificationError:
             continue
-        count = count_levels(segment_box(net, box), box)
+        box, classes = segment_on_column(net, hu, z_mm, spacing_mm, box)
+        count = count_levels(classes, box)
         found = counted_l3(count)
         if found is None or count.bodies[found[0]].partial:
             continue
