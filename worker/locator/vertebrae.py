@@ -1464,8 +1464,8 @@ def box_at_level(
 #: column estimate took a bone beside the spine, the box 40-50 mm off; 7,000,213 and
 #: 7,000,285: 18 mm off, T12's ribs missed once the "bodies" beside the column were set
 #: aside). Only sideways: the box reaches 68 mm behind its axis, and moving it onto the
-#: column antero-posteriorly as well (10-23 mm in 4 of 128 validation scans, 7,000,200-327)
-#: turned 7,000,301's right correction into a confirmation a level off.
+#: column antero-posteriorly as well (10-23 mm) changed 4 of 128 validation answers
+#: (7,000,200-327), turning 7,000,301's right correction into a confirmation a level off.
 RECENTRE_MM = 10.0
 
 
