@@ -1277,6 +1277,35 @@ def test_a_rib_head_above_a_body_whose_top_the_network_lost_is_that_bodys(
     assert count.l3_from_ribs == last_rib + 3
 
 
+def test_a_thin_short_twelfth_rib_still_makes_its_body_rib_bearing():
+    """Repro (style-B validation phantom 7,000,073, the one wrong answer without a QA flag
+    in 7,000,000-399): the network labelled the medial part of each T12 rib, on the left
+    only 335 mm^3 reaching 32 mm from the column's axis, under the 400 mm^3 a short rib
+    needed; T12 was counted as L1 and L3 confirmed a level high. A thin twelfth rib's
+    medial 30 mm is about 300 mm^3 (:data:`SHORT_RIB_MM3`); a smaller piece is still not a
+    rib."""
+    from worker.locator.vertebrae import SHORT_RIB_MM3
+
+    def with_thin_left_rib(thickness: int) -> tuple[np.ndarray, SpineBox, int]:
+        classes, box = _ribbed_stack([True, False, False, False, False, False, False])
+        _short_ribs(classes, 1, sides=(1,))
+        top = 290 - 28
+        thin = np.zeros_like(classes, dtype=bool)
+        for d in np.arange(18.0, 32.5, 0.5):
+            z = int(round(top - 3 - 10.0 * (d - 15.0) / 49.0))
+            x = int(round(63.5 - d))
+            thin[z - 2 : z + 2, 44 : 44 + thickness, x - 2 : x + 2] = True
+        classes[thin] = RIB
+        return classes, box, int(thin.sum())
+
+    classes, box, volume = with_thin_left_rib(4)
+    assert 300 <= volume < 400  # as 7,000,073's 335 mm^3, under the 400 mm^3 of before
+    assert count_levels(classes, box).last_rib == 1  # T12 bears ribs
+    classes, box, volume = with_thin_left_rib(3)
+    assert volume < SHORT_RIB_MM3
+    assert count_levels(classes, box).last_rib == 0  # a fragment: one side only
+
+
 def test_ribs_going_on_below_the_run_from_the_top_make_the_count_untrusted():
     """Repro (style-B validation phantoms 7,000,046 and 7,000,129, chest scans without
     mid-L3): in a box over the upper thorax the network's ribs were found at T1, missed at

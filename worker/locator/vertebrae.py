@@ -1039,12 +1039,15 @@ def _short_rib_sides(pieces: list[_RibPiece], z_lo: float, z_hi: float) -> set[i
     }
 
 
-#: A short rib (:func:`_short_rib_sides`): at least this many mm^3 (a 40 mm stretch of a
-#: 5 mm thick rib), reaching this far (mm) out from the column's axis (past a lumbar body's
-#: half width, 20-25 mm). Style-B validation 7,000,025 and 7,000,070: the network labelled
-#: the medial 34-60 mm of each T12 rib (900-1500 mm^3 a side) and lost the rest, so T12 was
-#: counted as L1 and L3 put a level high.
-SHORT_RIB_MM3 = 400.0
+#: A short rib (:func:`_short_rib_sides`): at least this many mm^3, reaching this far (mm)
+#: out from the column's axis (past a lumbar body's half width, 20-25 mm). Style-B
+#: validation 7,000,025 and 7,000,070: the network labelled the medial 34-60 mm of each T12
+#: rib (900-1500 mm^3 a side) and lost the rest, so T12 was counted as L1 and L3 put a
+#: level high. The volume was 400 mm^3 until validation 7,000,073, the one wrong answer
+#: without a flag in 7,000,000-399: its left T12 piece, 335 mm^3 from 18 to 32 mm out
+#: (a thin rib: 30 mm of a 3.5 mm rib is about 290 mm^3), missed it, and L3 was confirmed a
+#: level high. At 300 that answer alone changed in those 400 scans.
+SHORT_RIB_MM3 = 300.0
 SHORT_RIB_REACH_MM = 30.0
 #: A short rib's head lies at most this far (mm) below the body's superior end plate (a
 #: rib head articulates with the upper body and the disc above, ANATOMY.md; both T12 heads
