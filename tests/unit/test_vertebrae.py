@@ -300,6 +300,31 @@ def test_a_lordotic_l5_is_not_taken_for_s1(s1_as_body):
     assert count.l3_from_sacrum == 2  # L1, L2, L3 (index 2) from the top
 
 
+def test_a_lowest_body_touching_the_sacrum_at_one_corner_gives_no_count_from_the_sacrum():
+    """Repro (the real case's whole scan and its 250 mm window, models/spine_fcn.md "Sixth
+    session"): the lordotic real L5 comes within 3 mm of what the network segments of the
+    sacrum at one corner of its inferior end plate (164 mm^3 of it), over the 100 mm^3 that
+    made it S1, so four lumbar vertebrae were counted and a typical patient was flagged
+    transitional. S1 fused to S2 shares its whole lower end plate with the sacrum; a body
+    touching it over a small part only is L5 across a thin disc or S1 half segmented, and
+    the count from the sacrum is not made from it."""
+    classes, box = _lordotic_sacrum_box(s1_as_body=False)
+    # L5's posterior-inferior corner reaches to 1-3 mm of the sacrum (y 30 on): 240 mm^3
+    classes[62:70, 25:30, 54:74] = BODY
+    count = count_levels(classes, box)
+    assert count.problem is None
+    assert len(count.bodies) == 5  # L5 is not taken for S1
+    assert count.bodies[-1].z_bottom == pytest.approx(61.5, abs=1.0)
+    assert count.sacrum_top_mm == pytest.approx(64.5, abs=1.0)  # the sacrum is seen
+    assert count.l3_from_sacrum is None and count.lumbar_counted is None
+    assert "sacrum" in (count.sacrum_note or "")
+    # the same corner below a body fused to the sacrum over its whole end plate: that is S1
+    classes, box = _lordotic_sacrum_box(s1_as_body=True)
+    classes[62:70, 25:30, 54:74] = BODY
+    count = count_levels(classes, box)
+    assert count.l3_from_sacrum == 2 and count.sacrum_note is None
+
+
 def test_two_merged_bodies_are_cut_at_the_disc(typical):
     """Bone bridging the whole L2-L3 disc makes one 60 mm "body", which no body is: it is
     cut at its narrowest slice, and the count still reaches the true L3."""

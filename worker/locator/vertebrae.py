@@ -826,6 +826,8 @@ class LevelCount:
         None.
     l3_from_ribs, l3_from_sacrum : index in ``bodies`` of L3 by each count, or None.
     problem : why the count is not trusted (a missed or merged body), or None.
+    sacrum_note : why no count is made from a sacrum that is seen (:data:`S1_UNCLEAR`), or
+        None.
     """
 
     bodies: list[Body]
@@ -835,6 +837,7 @@ class LevelCount:
     l3_from_ribs: int | None
     l3_from_sacrum: int | None
     problem: str | None = None
+    sacrum_note: str | None = None
 
 
 class _Extent(NamedTuple):
@@ -1086,38 +1089,60 @@ def _last_rib_bearing(bodies: list[Body]) -> int | None:
     return last
 
 
-#: Body voxels (mm^3) within :data:`S1_CONTACT_MM` of the sacrum, in 3-D, that make a
-#: "body" S1: S1 fused to S2 shares its whole lower end plate with the sacrum (over
-#: 1000 mm^2); a body across a disc shares none.
+#: Body voxels (mm^3) within :data:`S1_CONTACT_MM` of the sacrum, in 3-D, below which a
+#: body does not touch it: a body across a disc shares no end plate with it.
 S1_CONTACT_MIN_MM3 = 100.0
 
+#: The share of its lower end plate a "body" must share with the sacrum to be S1: S1 fused
+#: to S2 shares the whole of it (over 1000 mm^2; ANATOMY.md), so at least half, i.e. body
+#: voxels within :data:`S1_CONTACT_MM` of the sacrum of this share of the body's mean axial
+#: area times the reach. A body touching the sacrum over less (a corner of a lordotic L5
+#: across a thin disc, or S1 half segmented) is neither: no count is made from the sacrum.
+S1_END_PLATE_SHARE = 0.5
 
-def _is_s1(
+#: Why no count is made from a sacrum the lowest body touches over part of its end plate.
+S1_UNCLEAR = (
+    "the lowest vertebral body touches the sacrum over part of its end plate only (L5 across "
+    "a thin disc, or S1 half segmented): no count from the sacrum"
+)
+
+
+def _s1_contact(
     body: Body,
     sac_lab: np.ndarray,
     sac_k: int,
     classes: np.ndarray,
     box: SpineBox,
     sacrum_top: float,
-) -> bool:
-    """Whether the lowest "body" above the sacrum's top is S1 taken for a body: its bottom
-    lies within :data:`S1_CONTACT_MM` of the sacrum's top along z, and at least
-    :data:`S1_CONTACT_MIN_MM3` of its voxels lie within :data:`S1_CONTACT_MM` of the sacrum
-    in 3-D. The second test keeps a lordotic L5, whose bottom lies below the sacrum's top
-    along z, across the inclined L5-S1 disc from it (8-12 mm, ANATOMY.md).
+) -> str:
+    """Whether the lowest "body" above the sacrum's top is S1 taken for a body.
+
+    "s1" when its bottom lies within :data:`S1_CONTACT_MM` of the sacrum's top along z and
+    its voxels within :data:`S1_CONTACT_MM` of the sacrum in 3-D cover at least
+    :data:`S1_END_PLATE_SHARE` of its lower end plate (the body's volume over its height,
+    mm^2, times the reach); "apart" when fewer than :data:`S1_CONTACT_MIN_MM3` do, or its
+    bottom lies higher (a lordotic L5, whose bottom lies below the sacrum's top along z,
+    lies across the inclined L5-S1 disc from it, 8-12 mm, ANATOMY.md); "unclear" in
+    between: it touches the sacrum at a corner, which neither a disc nor a fused S1 does in
+    the segmentation's own terms (the real case's L5: 164 mm^3 where half its end plate
+    would be 1,100), so the count from the sacrum is not trusted.
 
     ``sac_lab`` (the sacrum class's components; the sacrum is component ``sac_k``) and
     ``classes`` are (z, y, x) box arrays (1 mm voxels).
     """
     if body.z_bottom - sacrum_top >= S1_CONTACT_MM:
-        return False
+        return "apart"
     reach = int(np.ceil(S1_CONTACT_MM))
     i0 = max(0, int(round(body.z_bottom - box.origin_mm[0] + 0.5)))
     i1 = min(classes.shape[0], int(round(body.z_top - box.origin_mm[0] + 0.5)))
     s0, s1 = max(0, i0 - reach), min(classes.shape[0], i1 + reach)
     sacrum = sac_lab[s0:s1] == sac_k  # only the slab around the body
     near = ndimage.binary_dilation(sacrum, iterations=reach)[i0 - s0 : i1 - s0]
-    return float(np.count_nonzero(near & (classes[i0:i1] == BODY))) >= S1_CONTACT_MIN_MM3
+    contact = float(np.count_nonzero(near & (classes[i0:i1] == BODY)))
+    if contact < S1_CONTACT_MIN_MM3:
+        return "apart"
+    end_plate = body.volume_mm3 / max(body.z_top - body.z_bottom, 1.0)
+    return "s1" if contact >= S1_END_PLATE_SHARE * S1_CONTACT_MM * end_plate else "unclear"
 
 
 def count_levels(classes: np.ndarray, box: SpineBox) -> LevelCount:
@@ -1131,9 +1156,10 @@ def count_levels(classes: np.ndarray, box: SpineBox) -> LevelCount:
     between :data:`SHORT_RIB_HEAD_BELOW_TOP_MM` below and
     :data:`SHORT_RIB_HEAD_ABOVE_TOP_MM` above the body's superior end plate
     (:func:`_short_rib_sides`); the sacrum's top is that of its largest connected component
-    (raised to the top of the one "body" that touches it in 3-D: S1, :func:`_is_s1`), and
-    bodies below it are not counted; no count is made from a sacrum with rib-bearing bodies
-    above it (:data:`MAX_RIBS_ABOVE_SACRUM`).
+    (raised to the top of the one "body" that shares its lower end plate with it in 3-D:
+    S1, :func:`_s1_contact`; no count from the sacrum where that body touches it at a
+    corner only, ``sacrum_note``), and bodies below it are not counted; no count is made
+    from a sacrum with rib-bearing bodies above it (:data:`MAX_RIBS_ABOVE_SACRUM`).
 
     Parameters
     ----------
@@ -1174,6 +1200,7 @@ def count_levels(classes: np.ndarray, box: SpineBox) -> LevelCount:
     bodies.sort(key=lambda b: -b.z_mid)
     sac_lab, n_sac = ndimage.label(classes == SACRUM)
     sacrum_top = None
+    sacrum_note = None
     if n_sac:
         sizes = np.bincount(sac_lab.ravel())[1:]
         k = int(np.argmax(sizes)) + 1
@@ -1181,11 +1208,17 @@ def count_levels(classes: np.ndarray, box: SpineBox) -> LevelCount:
             sl_z = ndimage.find_objects(sac_lab)[k - 1][0]
             sacrum_top = box.z_of(sl_z.stop - 0.5)
             bodies = [b for b in bodies if b.z_mid > sacrum_top]
-            # S1 is fused to the sacrum (no disc below it): the one "body" that touches the
-            # sacrum is S1 taken for a body, and the sacrum starts at its top
-            if bodies and _is_s1(bodies[-1], sac_lab, k, classes, box, sacrum_top):
+            # S1 is fused to the sacrum (no disc below it): the one "body" that shares its
+            # lower end plate with the sacrum is S1 taken for a body, and the sacrum starts
+            # at its top; one that touches it at a corner leaves the sacrum's count unclear
+            contact = (
+                _s1_contact(bodies[-1], sac_lab, k, classes, box, sacrum_top) if bodies else "apart"
+            )
+            if contact == "s1":
                 sacrum_top = max(sacrum_top, bodies[-1].z_top)
                 bodies.pop()
+            elif contact == "unclear":
+                sacrum_note = S1_UNCLEAR
     problem = None
     mids = np.array([b.z_mid for b in bodies])
     if len(bodies) >= 3:
@@ -1233,7 +1266,7 @@ def count_levels(classes: np.ndarray, box: SpineBox) -> LevelCount:
     l3_top = last_rib + 3 if last_rib is not None and last_rib + 3 < len(bodies) else None
     l3_bottom = None
     lumbar = None
-    if sacrum_top is not None and len(bodies) >= 3:
+    if sacrum_top is not None and sacrum_note is None and len(bodies) >= 3:
         l3_bottom = len(bodies) - 3
         if last_rib is not None:
             lumbar = len(bodies) - 1 - last_rib
@@ -1248,7 +1281,7 @@ def count_levels(classes: np.ndarray, box: SpineBox) -> LevelCount:
         )
     if problem is not None:
         l3_top = l3_bottom = lumbar = None
-    return LevelCount(bodies, last_rib, sacrum_top, lumbar, l3_top, l3_bottom, problem)
+    return LevelCount(bodies, last_rib, sacrum_top, lumbar, l3_top, l3_bottom, problem, sacrum_note)
 
 
 # --------------------------------------------------------------------------- the verdict
