@@ -120,7 +120,9 @@ class LevelVerificationOut(_Model):
     ``status``: "confirmed" (the located slice lies in the counted L3), "corrected" (the
     count puts L3 elsewhere: with ``applied`` the measured slice is the counted one, else
     the locator's is kept and flagged), "unverified" (no count; ``reason`` says why),
-    "counted" (the locator said L3 is not in the field of view, counting found it).
+    "counted" (the locator said L3 is not in the field of view, counting found it);
+    with another status ``reason`` may carry a note (why the sacrum seen was not counted
+    from).
     ``counted_by``: "ribs" (L3 = third vertebra below the last rib-bearing one, the
     convention) or "sacrum" (third above the sacrum, when no rib-bearing vertebra is in
     view). ``possible_transitional_anatomy``: both counts made and they disagree;

@@ -318,6 +318,8 @@ def test_a_lowest_body_touching_the_sacrum_at_one_corner_gives_no_count_from_the
     assert count.sacrum_top_mm == pytest.approx(64.5, abs=1.0)  # the sacrum is seen
     assert count.l3_from_sacrum is None and count.lumbar_counted is None
     assert "sacrum" in (count.sacrum_note or "")
+    out = verify_level(count, 80.0)  # nothing else to count from: unverified, and why
+    assert out.status == "unverified" and out.reason == count.sacrum_note
     # the same corner below a body fused to the sacrum over its whole end plate: that is S1
     classes, box = _lordotic_sacrum_box(s1_as_body=True)
     classes[62:70, 25:30, 54:74] = BODY

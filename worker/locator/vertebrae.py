@@ -1094,7 +1094,7 @@ def _last_rib_bearing(bodies: list[Body]) -> int | None:
 S1_CONTACT_MIN_MM3 = 100.0
 
 #: The share of its lower end plate a "body" must share with the sacrum to be S1: S1 fused
-#: to S2 shares the whole of it (over 1000 mm^2; ANATOMY.md), so at least half, i.e. body
+#: to S2 shares the whole of it (over 1000 mm^2), so at least half, i.e. body
 #: voxels within :data:`S1_CONTACT_MM` of the sacrum of this share of the body's mean axial
 #: area times the reach. A body touching the sacrum over less (a corner of a lordotic L5
 #: across a thin disc, or S1 half segmented) is neither: no count is made from the sacrum.
@@ -1305,7 +1305,8 @@ class LevelVerification:
     lumbar_counted : that number when both ends are seen, else None.
     l3_from_ribs_mm, l3_from_sacrum_mm : (bottom, top) z of L3 by each count, or None.
     locator_z_mm : the locator's answer (None for "counted": it had none).
-    reason : why unverified, or a note; None otherwise.
+    reason : why unverified, or a note (why the sacrum seen was not counted from:
+        ``LevelCount.sacrum_note``); None otherwise.
     timings_s : seconds per step ("box", "segment", "count").
     """
 
@@ -1385,15 +1386,16 @@ def verify_level(count: LevelCount, locator_z_mm: float) -> LevelVerification:
     if count.problem is not None:
         return LevelVerification("unverified", locator_z_mm, reason=count.problem, **common)
     found = counted_l3(count)
+    note = count.sacrum_note  # why the sacrum seen was not counted from, if it was not
     if found is None:
-        return LevelVerification("unverified", locator_z_mm, reason=NO_COUNT, **common)
+        return LevelVerification("unverified", locator_z_mm, reason=note or NO_COUNT, **common)
     chosen, by = found
     l3 = b[chosen]
     if l3.partial:
         reason = "the counted L3 body is cut by the end of the scan"
         return LevelVerification("unverified", locator_z_mm, reason=reason, **common)
     if _in_level(b, chosen, locator_z_mm):
-        return LevelVerification("confirmed", locator_z_mm, counted_by=by, **common)
+        return LevelVerification("confirmed", locator_z_mm, counted_by=by, reason=note, **common)
     move, level = abs(l3.z_mid - locator_z_mm), _level_height(b, chosen)
     if move > MAX_CORRECTION_LEVELS * level:
         reason = (
@@ -1401,7 +1403,7 @@ def verify_level(count: LevelCount, locator_z_mm: float) -> LevelVerification:
             "levels: more than the locator's one-level miss, so the count is not trusted"
         )
         return LevelVerification("unverified", locator_z_mm, reason=reason, **common)
-    return LevelVerification("corrected", l3.z_mid, counted_by=by, **common)
+    return LevelVerification("corrected", l3.z_mid, counted_by=by, reason=note, **common)
 
 
 #: A count that would move the located slice by more than this many levels (body + disc)
