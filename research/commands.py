@@ -385,6 +385,14 @@ def evaluate_levels(
             "for a paired comparison; default: the configured ones).",
         ),
     ] = None,
+    pixel_mm: Annotated[
+        float | None,
+        typer.Option(
+            min=0.3,
+            help="Render styles b and bt at this in-plane pixel size (mm) instead of 2.5 mm, "
+            "with the same field of view and anatomy (scanners use 0.6-1 mm).",
+        ),
+    ] = None,
 ) -> None:
     """Run the whole locator (with the level verification) on phantom volumes and print the
     accuracy before and after the verification (models/spine_fcn.md); with two
@@ -411,8 +419,11 @@ def evaluate_levels(
             f"{c.name}: {c.status}, error {c.error_before_mm} -> {c.error_after_mm} mm",
             err=True,
         ),
+        pixel_mm=pixel_mm,
     )
-    seeds = f"seeds {first}..{first + phantoms - 1}"
+    seeds = f"seeds {first}..{first + phantoms - 1}" + (
+        f", {pixel_mm} mm pixels" if pixel_mm is not None else ""
+    )
     out: dict[str, Any] = {}
     for key, cases in runs.items():
         summary = summarise(cases)
@@ -433,6 +444,7 @@ def evaluate_levels(
         for key, run in out.items():
             # which weights made these cases (a level calibration fitted on them checks it)
             run["weights_sha256"] = weights_sha256(cfg, None if key == "None" else Path(key))
+            run["pixel_mm"] = pixel_mm  # None: style B's validation spec (2.5 mm)
         doc = next(iter(out.values())) if len(out) == 1 else {"runs": out, "paired": pair}
         json_out.write_text(json.dumps(doc, indent=2) + "\n")
 

@@ -132,10 +132,15 @@ def ends_in_view(vertebrae_z_mm: dict[str, tuple[float, float]], vol: CTVolume) 
     )
 
 
-def _style_b(seed: int, spec: StyleBSpec | None = None) -> tuple[CTVolume, dict[str, Any]]:
-    from research.phantom_b import generate, validation_spec
+def _style_b(
+    seed: int, spec: StyleBSpec | None = None, pixel_mm: float | None = None
+) -> tuple[CTVolume, dict[str, Any]]:
+    from research.phantom_b import at_pixel_size, generate, validation_spec
 
-    vol, t = generate(seed, spec or validation_spec(seed))
+    spec = spec or validation_spec(seed)
+    if pixel_mm is not None:
+        spec = at_pixel_size(spec, pixel_mm)
+    vol, t = generate(seed, spec)
     return vol, {
         "in_fov": t.l3_in_fov,
         "countable": _countable(t.vertebrae_z_mm, vol),
@@ -175,31 +180,46 @@ def transitional_spec(seed: int) -> StyleBSpec:
     return replace(validation_spec(seed), n_rib_pairs=ribs, n_lumbar=lumbar, fov=fov)
 
 
-def _style_b_transitional(seed: int) -> tuple[CTVolume, dict[str, Any]]:
-    return _style_b(seed, transitional_spec(seed))
+def _style_b_transitional(
+    seed: int, pixel_mm: float | None = None
+) -> tuple[CTVolume, dict[str, Any]]:
+    return _style_b(seed, transitional_spec(seed), pixel_mm)
 
 
 #: Phantom volume sources by style name: seed -> (volume, truth dict). "bt" is style B with
 #: transitional anatomy only (:data:`TRANSITIONAL_VARIANTS`, :data:`TRANSITIONAL_FOVS`).
-STYLES: dict[str, Callable[[int], tuple[CTVolume, dict[str, Any]]]] = {
+STYLES: dict[str, Callable[..., tuple[CTVolume, dict[str, Any]]]] = {
     "a": _style_a,
     "b": _style_b,
     "bt": _style_b_transitional,
 }
 
 
-def phantom_volumes(style: str, seeds: range) -> Iterator[tuple[int, CTVolume, dict[str, Any]]]:
-    """(seed, volume, truth) of each phantom of ``style`` ("a" or "b").
+#: The styles whose pixel size :func:`phantom_volumes` can change (style B's validation
+#: spec draws 2.5 mm pixels, :func:`research.phantom_b.validation_spec`).
+PIXEL_STYLES = ("b", "bt")
+
+
+def phantom_volumes(
+    style: str, seeds: range, pixel_mm: float | None = None
+) -> Iterator[tuple[int, CTVolume, dict[str, Any]]]:
+    """(seed, volume, truth) of each phantom of ``style`` ("a", "b" or "bt").
+
+    ``pixel_mm`` renders style B at that in-plane pixel size (mm) instead of its
+    validation spec's 2.5 mm, with the same field of view and the same anatomy
+    (:func:`research.phantom_b.at_pixel_size`): scanners reconstruct abdomens at 0.6-1 mm.
 
     Raises
     ------
     ValueError
-        Unknown style.
+        Unknown style, or a pixel size for a style other than :data:`PIXEL_STYLES`.
     """
     if style not in STYLES:
         raise ValueError(f"unknown style {style!r}; expected one of {sorted(STYLES)}")
+    if pixel_mm is not None and style not in PIXEL_STYLES:
+        raise ValueError(f"a pixel size can be set for styles {PIXEL_STYLES} only, not {style!r}")
     for s in seeds:
-        vol, truth = STYLES[style](s)
+        vol, truth = STYLES[style](s) if pixel_mm is None else STYLES[style](s, pixel_mm=pixel_mm)
         yield s, vol, truth
 
 
@@ -227,6 +247,7 @@ def compare_verification(
     verify_weights: Sequence[Path | None],
     device: str = "cpu",
     each: Callable[[LevelCase], None] | None = None,
+    pixel_mm: float | None = None,
 ) -> dict[str, list[LevelCase]]:
     """The whole locator on each phantom of ``style`` once per level-verification network,
     on the same rendered volumes (a paired comparison: :func:`paired`).
@@ -235,6 +256,7 @@ def compare_verification(
     ----------
     verify_weights : weights files (None: without the verification); each replaces
         ``config.verify_weights`` for its run.
+    pixel_mm : style B's in-plane pixel size (mm), see :func:`phantom_volumes`.
 
     Returns
     -------
@@ -244,7 +266,7 @@ def compare_verification(
 
     configs = {str(w): config.model_copy(update={"verify_weights": w}) for w in verify_weights}
     out: dict[str, list[LevelCase]] = {k: [] for k in configs}
-    for s, vol, t in phantom_volumes(style, seeds):
+    for s, vol, t in phantom_volumes(style, seeds, pixel_mm):
         for key, cfg in configs.items():
             case = _level_case(f"{style}-{s}", t, locate_l3(vol, cfg, device=device))
             out[key].append(case)

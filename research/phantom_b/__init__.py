@@ -23,7 +23,7 @@ True
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -300,6 +300,22 @@ def validation_spec(seed: int) -> StyleBSpec:
     """
     rng = np.random.default_rng([seed, 0xB, 0x5])
     return StyleBSpec(pixel_mm=2.5, size=int(round(rng.uniform(340.0, 500.0) / 2.5)))
+
+
+def at_pixel_size(spec: StyleBSpec, pixel_mm: float) -> StyleBSpec:
+    """``spec`` rendered at ``pixel_mm`` (mm) instead, with the same in-plane field of view
+    (``size`` x ``pixel_mm``, rounded to whole pixels). The anatomy is drawn from the seed,
+    not from the grid, so the same seed gives the same patient.
+
+    Raises
+    ------
+    ValueError
+        ``pixel_mm`` is not positive.
+    """
+    if not pixel_mm > 0:
+        raise ValueError(f"pixel size must be positive, got {pixel_mm!r} mm")
+    size = int(round(spec.size * spec.pixel_mm / pixel_mm))
+    return replace(spec, pixel_mm=float(pixel_mm), size=size)
 
 
 def validation_mips(seed: int, pixel_mms: tuple[float, ...]) -> tuple[list[Mip], float | None]:

@@ -17,7 +17,7 @@ from research.evaluate_levels import (
     summarise,
     transitional_spec,
 )
-from research.phantom_b import generate_truth
+from research.phantom_b import at_pixel_size, generate_truth, validation_spec
 from worker.training.locator import count_ends_in_z
 
 
@@ -155,6 +155,33 @@ def test_style_bt_draws_each_transitional_variant_in_scans_of_both_ends() -> Non
 def test_unknown_style_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown style"):
         next(phantom_volumes("c", range(1)))
+
+
+def test_style_b_at_another_pixel_size_keeps_the_field_of_view_and_the_patient() -> None:
+    """``evaluate-levels --pixel-mm``: style B's validation spec draws 2.5 mm pixels, which
+    scanners never use for an abdomen; at 1.25 mm the same seed is the same patient in the
+    same field of view."""
+    seed = 7_000_213
+    spec = validation_spec(seed)
+    fine = at_pixel_size(spec, 1.25)
+    assert spec.pixel_mm == 2.5 and fine.pixel_mm == 1.25
+    assert fine.size * fine.pixel_mm == pytest.approx(spec.size * spec.pixel_mm, abs=1.25)
+    a, b = generate_truth(seed, spec), generate_truth(seed, fine)
+    assert a.vertebrae_z_mm == b.vertebrae_z_mm and a.l3_mid_z_mm == b.l3_mid_z_mm
+    with pytest.raises(ValueError, match="positive"):
+        at_pixel_size(spec, 0.0)
+    with pytest.raises(ValueError, match="pixel size"):
+        next(phantom_volumes("a", range(1), pixel_mm=1.0))
+
+
+@pytest.mark.slow  # one style-B volume at 1.25 mm pixels: a few seconds
+def test_phantom_volumes_render_style_b_at_the_pixel_size_asked() -> None:
+    ((_, coarse, t0),) = phantom_volumes("b", range(7_000_213, 7_000_214))
+    ((_, fine, t1),) = phantom_volumes("b", range(7_000_213, 7_000_214), pixel_mm=1.25)
+    assert coarse.pixel_spacing_mm == (2.5, 2.5) and fine.pixel_spacing_mm == (1.25, 1.25)
+    assert fine.hu.shape[0] == coarse.hu.shape[0]  # the same slices
+    assert fine.hu.shape[1] == pytest.approx(2 * coarse.hu.shape[1], abs=1)
+    assert t0 == t1  # the same truth
 
 
 def test_paired_comparison_counts_the_scans_where_two_networks_differ() -> None:
