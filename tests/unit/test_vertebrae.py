@@ -1236,30 +1236,40 @@ def _ribbed_stack(ribbed: list[bool]) -> tuple[np.ndarray, SpineBox]:
 
 
 def _short_ribs(
-    classes: np.ndarray, i: int, sides: tuple[int, ...] = (-1, 1), below_top: int = 0
+    classes: np.ndarray,
+    i: int,
+    sides: tuple[int, ...] = (-1, 1),
+    below_top: int = 0,
+    reach: dict[int, float] | None = None,
 ) -> None:
     """Add to body ``i`` of :func:`_ribbed_stack` the medial 15-45 mm of a rib on each of
-    ``sides``, ending inside the box (a steep, thin T12 rib whose shaft the network lost),
-    its head ``below_top`` mm lower than a rib's (3 mm under the end plate)."""
+    ``sides`` (15 to ``reach[side]`` mm where given), ending inside the box (a steep, thin
+    T12 rib whose shaft the network lost), its head ``below_top`` mm lower than a rib's
+    (3 mm under the end plate)."""
     top = 290 - 28 * i - below_top
     for d in np.arange(15.0, 45.0, 0.5):
         z = int(round(top - 3 - 10.0 * (d - 15.0) / 49.0))
         for side in sides:
+            if d > (reach or {}).get(side, 45.0):
+                continue
             x = int(round(63.5 + side * d))
             classes[z - 2 : z + 3, 44:48, x - 2 : x + 3] = RIB
 
 
 @pytest.mark.parametrize(
-    "sides, where, below_top, last_rib",
+    "sides, where, below_top, last_rib, reach",
     [
-        ((-1, 1), 1, 0, 1),  # T12's short ribs, both sides: T12 bears ribs
-        ((1,), 1, 0, 0),  # one side only: not enough
-        ((-1, 1), 2, 0, 0),  # two bodies below the run: a transverse process, not the run's
-        ((-1, 1), 1, 8, 0),  # heads 11 mm under the end plate: transverse processes
+        ((-1, 1), 1, 0, 1, None),  # T12's short ribs, both sides: T12 bears ribs
+        ((1,), 1, 0, 0, None),  # one side only: not enough
+        ((-1, 1), 2, 0, 0, None),  # two bodies below the run: a transverse process
+        ((-1, 1), 1, 8, 0, None),  # heads 11 mm under the end plate: transverse processes
+        # repro, style "bt" 8,000,049: one of the pair reaches 26 mm only (a rib's neck)
+        ((-1, 1), 1, 0, 1, {-1: 26.0}),
+        ((-1, 1), 1, 0, 0, {-1: 26.0, 1: 26.0}),  # neither reaches past the body's side
     ],
 )
 def test_a_short_rib_pair_below_the_run_makes_the_next_body_rib_bearing(
-    sides, where, below_top, last_rib
+    sides, where, below_top, last_rib, reach
 ):
     """Style-B validation 7,000,025 and 7,000,070: the network labelled only the medial
     34-60 mm of each thin, steep T12 rib, which ended inside the box, so T12 was taken for
@@ -1267,7 +1277,7 @@ def test_a_short_rib_pair_below_the_run_makes_the_next_body_rib_bearing(
     last rib-bearing one, heads at its superior end plate, makes it rib-bearing; a pair
     arising lower is a lumbar vertebra's transverse processes (style "bt" 7,500,048)."""
     classes, box = _ribbed_stack([True, False, False, False, False, False])
-    _short_ribs(classes, where, sides, below_top)
+    _short_ribs(classes, where, sides, below_top, reach)
     count = count_levels(classes, box)
     assert count.last_rib == last_rib
     assert count.l3_from_ribs == last_rib + 3

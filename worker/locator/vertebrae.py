@@ -1027,19 +1027,23 @@ def _short_rib_sides(pieces: list[_RibPiece], z_lo: float, z_hi: float) -> set[i
 
     A short rib is a piece of at least :data:`SHORT_RIB_MM3` whose most medial voxel lies
     within :data:`RIB_HEAD_REACH_MM` of the column's axis and which reaches
-    :data:`SHORT_RIB_REACH_MM` out from it, whether or not it leaves the box: the medial
-    part of a steep, thin twelfth rib whose shaft the network lost, which
+    :data:`SHORT_RIB_SIDE_REACH_MM` out from it, and one of the pair
+    :data:`SHORT_RIB_REACH_MM`, whether or not it leaves the box: the medial part of a
+    steep, thin twelfth rib whose shaft the network lost, which
     :func:`_rib_heads` drops for ending inside the box, or a whole rib whose head lies
     just above the body's segmented top (:func:`count_levels`).
     """
-    return {
-        int(p.side)
+    near = [
+        p
         for p in pieces
         if len(p.pts) >= SHORT_RIB_MM3
         and p.d.min() <= RIB_HEAD_REACH_MM
-        and p.d.max() >= SHORT_RIB_REACH_MM
+        and p.d.max() >= SHORT_RIB_SIDE_REACH_MM
         and z_lo <= p.head_z <= z_hi
-    }
+    ]
+    if not any(p.d.max() >= SHORT_RIB_REACH_MM for p in near):
+        return set()
+    return {int(p.side) for p in near}
 
 
 #: A short rib (:func:`_short_rib_sides`): at least this many mm^3, reaching this far (mm)
@@ -1052,6 +1056,11 @@ def _short_rib_sides(pieces: list[_RibPiece], z_lo: float, z_hi: float) -> set[i
 #: level high. At 300 that answer alone changed in those 400 scans.
 SHORT_RIB_MM3 = 300.0
 SHORT_RIB_REACH_MM = 30.0
+#: Where one of the pair reaches :data:`SHORT_RIB_REACH_MM`, the other's piece need only
+#: reach this far (mm): a rib's head and neck beside the body (its half width 20-25 mm).
+#: Style "bt" 8,000,049: a thirteenth rib pair of 478 and 533 mm^3 whose left piece reached
+#: 24 mm out, so T13 was counted as L1 and both counts agreed a level off.
+SHORT_RIB_SIDE_REACH_MM = 20.0
 #: A short rib's head lies at most this far (mm) below the body's superior end plate (a
 #: rib head articulates with the upper body and the disc above, ANATOMY.md; both T12 heads
 #: of 7,000,025 and 7,000,070 at their end plate). A lumbar transverse process arises from
