@@ -1071,6 +1071,26 @@ def test_locate_answers_by_counting_when_the_locator_found_nothing(monkeypatch, 
     assert not off.in_field_of_view and off.verification is None  # the refusal stands
 
 
+def test_a_scan_found_by_counting_keeps_the_note_why_its_sacrum_was_not_counted(monkeypatch):
+    """Like a confirmed or corrected level, a level found by counting from the ribs says why
+    the sacrum it saw was not counted from (:data:`S1_UNCLEAR`)."""
+    from worker.locator import vertebrae
+    from worker.locator.vertebrae import S1_UNCLEAR, Body, LevelCount, find_by_counting
+
+    bodies = [Body(240.0 - 38.0 * i, 270.0 - 38.0 * i, 25000.0, i == 0, False) for i in range(6)]
+    count = LevelCount(bodies, 0, 20.0, None, 3, None, None, S1_UNCLEAR)
+    box = SpineBox(np.zeros(BOX_SHAPE, np.float32), np.ones(BOX_SHAPE[0], bool), (0.0, 0.0, 0.0))
+    monkeypatch.setattr(vertebrae, "column_centre", lambda *a, **k: (0.0, 0.0))
+    monkeypatch.setattr(vertebrae, "extract_box", lambda *a, **k: box)
+    monkeypatch.setattr(vertebrae, "segment_on_column", lambda *a, **k: (box, None))
+    monkeypatch.setattr(vertebrae, "count_levels", lambda *a, **k: count)
+    z = np.arange(0.0, 280.0, 5.0)
+    out = find_by_counting(None, np.zeros((z.size, 4, 4)), z, (1.0, 1.0))
+    assert out is not None and out.status == "counted" and out.counted_by == "ribs"
+    assert out.z_mm == pytest.approx(bodies[3].z_mid)
+    assert out.reason == S1_UNCLEAR
+
+
 def test_locate_with_missing_verification_weights_fails_the_analysis(tmp_path):
     from core.config import LocatorConfig
     from core.errors import AnalysisError

@@ -1740,5 +1740,6 @@ def find_by_counting(
             count.lumbar_counted is not None and count.lumbar_counted != TYPICAL_LUMBAR
         ),
         lumbar_counted=count.lumbar_counted,
+        reason=count.sacrum_note,
         timings_s={"count_scan": time.perf_counter() - t0},
     )
