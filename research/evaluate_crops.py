@@ -8,8 +8,8 @@ baseline").
 
 The crops (slice indices of ``ct.nii.gz``, 3 mm slices, z ascending = superior; vertebral
 extents from the TotalSegmentator labels of the data README: S1 37..51, L5 42..59, L4
-55..69, L3 65..79 (mid-L3 = 72, the reference), L2 75..91, L1 86..103, T12 97..111; the
-lowest ribs start at 85, the hip bones end at 60):
+55..69, L3 65..79, L2 75..91, L1 86..103, T12 97..111; the lowest ribs start at 85, the hip
+bones end at 60):
 
 - the whole scan (sacrum to T11, 333 mm);
 - no lower ribs: pelvis up to the top of L2 (0..84), as an abdomen-pelvis scan started low;
@@ -21,6 +21,15 @@ lowest ribs start at 85, the hip bones end at 60):
 - wholly above L3: 82..111 (T11 to L2, the z range of the data's ``tissue_types`` crop).
 
 The real chest series (``chest_ct_lidc``, L3 not in the field of view) is run too.
+
+**The reference** is the middle of the L3 vertebral *body*, between its end plates, measured
+from the labels (:func:`vertebral_body_mid_index`: slice 74). That is what the phantoms'
+truth is (``GroundTruth.l3_mid_z_mm``, ``TruthB.l3_mid_z_mm``: the midpoint of the L3 body's
+end plates) and what the L3 slice is clinically (the mid-L3 vertebral body). The data
+README's "mid-L3 = z 72" is the middle of the whole L3 label's z extent, which includes the
+spinous process sloping down behind L4 (slices 65-68 hold posterior elements only); each
+row also reports its error against that (``label_mid_z_mm``), as every figure before
+2026-12-07's seventh session was measured.
 """
 
 from __future__ import annotations
@@ -37,8 +46,13 @@ from research.evaluate_locator import SUCCESS_MM
 from worker.locator.locate import locate_l3
 from worker.volume.load import CTVolume
 
-#: mid-L3 slice of ``abdomen_ct_totalseg/ct.nii.gz`` (data README: L3 label z 65..79)
-REAL_MID_L3_INDEX = 72
+#: middle of the whole L3 label's z extent in ``abdomen_ct_totalseg`` (data README: L3
+#: label z 65..79); the reference until 2026-12-07, kept as a second figure
+REAL_LABEL_MID_L3_INDEX = 72
+
+#: TotalSegmentator label numbers (``segmentation_total_labels.json``): L3, spinal cord
+REAL_L3_LABEL = 29
+REAL_CORD_LABEL = 79
 
 #: name -> (first, last) slice index (inclusive) of ``ct.nii.gz``, resampled slice mm or None
 REAL_CROPS: dict[str, tuple[int, int, float | None]] = {
@@ -136,6 +150,54 @@ def thick_slices(volume: CTVolume, slice_mm: float) -> CTVolume:
     )
 
 
+def vertebral_body_mid_index(labels: np.ndarray, vertebra: int, cord: int) -> float:
+    """The middle of a vertebral body between its end plates, as a (fractional) slice index
+    of a label map: the L3 reference of the real case.
+
+    The body is the vertebra's voxels in front of the spinal canal: in each slice, those in
+    rows anterior to the spinal cord's most anterior row (in the nearest slice that holds
+    cord). Its end plates are where the body ends along z through its centre (the (y, x)
+    centroid of the body's voxels), as a vertebral body's height is measured; the middle is
+    halfway between them (the phantoms' truth, ``GroundTruth.l3_mid_z_mm``).
+
+    Parameters
+    ----------
+    labels : (z, y, x) integer label map in the axial layout of
+        :func:`~worker.volume.load.load_nifti` (z ascending = superior, y rows anterior ->
+        posterior), e.g. TotalSegmentator's ``segmentation_total.nii.gz``.
+    vertebra, cord : the label numbers of the vertebra and of the spinal cord.
+
+    Returns
+    -------
+    float
+        (bottom slice + top slice) / 2 of the body's column through its centre.
+
+    Raises
+    ------
+    ValueError
+        The vertebra or the cord is not labelled, no body voxel lies in front of the cord,
+        or the column through the body's centre does not cross it in one run.
+    """
+    v = labels == vertebra
+    c = labels == cord
+    zs = np.flatnonzero(v.any(axis=(1, 2)))
+    cord_z = np.flatnonzero(c.any(axis=(1, 2)))
+    if zs.size == 0 or cord_z.size == 0:
+        raise ValueError(f"label {vertebra} or the cord's {cord} is not in the label map")
+    body = np.zeros_like(v)
+    for z in zs:
+        k = cord_z[np.argmin(np.abs(cord_z - z))]
+        front = int(np.flatnonzero(c[k].any(axis=1)).min())  # the cord's most anterior row
+        body[z, :front] = v[z, :front]
+    if not body.any():
+        raise ValueError(f"no voxel of label {vertebra} lies in front of the spinal cord")
+    _, ys, xs = np.nonzero(body)
+    column = np.flatnonzero(body[:, int(round(ys.mean())), int(round(xs.mean()))])
+    if column.size == 0 or column[-1] - column[0] + 1 != column.size:
+        raise ValueError("the column through the body's centre does not cross it in one run")
+    return 0.5 * float(column[0] + column[-1])
+
+
 @dataclass
 class CropResult:
     """The locator on one crop (z in mm of the source volume's frame).
@@ -153,6 +215,8 @@ class CropResult:
     flagged : the ``low_l3_confidence`` flag would be raised.
     verification : the level verification's report (``L3Location.verification``), or None
         when it did not run (no answer, or ``locator.verify_weights`` null).
+    label_mid_z_mm : the middle of the whole L3 label's z extent (the reference before
+        2026-12-07, the spinous process included), None when outside the crop or unknown.
     """
 
     crop: str
@@ -165,6 +229,7 @@ class CropResult:
     confidence_raw: float | None
     flagged: bool
     verification: dict[str, Any] | None = None
+    label_mid_z_mm: float | None = None
 
     @property
     def locator_error_mm(self) -> float | None:
@@ -198,6 +263,13 @@ class CropResult:
         return abs(self.answer_z_mm - self.truth_z_mm)
 
     @property
+    def label_mid_error_mm(self) -> float | None:
+        """The answer's distance (mm) from the whole L3 label's middle (None as ``error_mm``)."""
+        if self.label_mid_z_mm is None or self.answer_z_mm is None:
+            return None
+        return abs(self.answer_z_mm - self.label_mid_z_mm)
+
+    @property
     def ok(self) -> bool:
         """Within 10 mm when L3 is in the crop; "not in FOV" when it is not."""
         if self.truth_z_mm is None:
@@ -214,6 +286,12 @@ class CropResult:
             "truth_z_mm": None if self.truth_z_mm is None else round(self.truth_z_mm, 1),
             "answer_z_mm": None if self.answer_z_mm is None else round(self.answer_z_mm, 1),
             "error_mm": None if self.error_mm is None else round(self.error_mm, 1),
+            "label_mid_z_mm": (
+                None if self.label_mid_z_mm is None else round(self.label_mid_z_mm, 1)
+            ),
+            "label_mid_error_mm": (
+                None if self.label_mid_error_mm is None else round(self.label_mid_error_mm, 1)
+            ),
             "in_fov": self.in_fov,
             "confidence": round(self.confidence, 3),
             "confidence_raw": (
@@ -230,9 +308,15 @@ class CropResult:
 
 
 def locate_crop(
-    name: str, volume: CTVolume, truth_z_mm: float | None, config: LocatorConfig, device: str
+    name: str,
+    volume: CTVolume,
+    truth_z_mm: float | None,
+    config: LocatorConfig,
+    device: str,
+    label_mid_z_mm: float | None = None,
 ) -> CropResult:
-    """Run the locator on one (cropped) volume; ``truth_z_mm`` None = L3 not in it."""
+    """Run the locator on one (cropped) volume; ``truth_z_mm`` None = L3 not in it
+    (``label_mid_z_mm``: the second reference, :class:`CropResult`)."""
     res = locate_l3(volume, config, device=device)
     z = volume.z_mm
     inside = truth_z_mm is not None and z[0] - 1e-6 <= truth_z_mm <= z[-1] + 1e-6
@@ -247,7 +331,37 @@ def locate_crop(
         confidence_raw=res.confidence_raw,
         flagged=res.low_confidence,
         verification=res.verification,
+        label_mid_z_mm=label_mid_z_mm if inside else None,
     )
+
+
+def _real_file(data: Path, name: str) -> Path:
+    """A file of the real case under ``data/abdomen_ct_totalseg``; FileNotFoundError if absent."""
+    path = Path(data) / "abdomen_ct_totalseg" / name
+    if not path.is_file():
+        raise FileNotFoundError(f"real case file not found: {path}")
+    return path
+
+
+def real_l3_reference_z_mm(data: Path, z_mm: np.ndarray) -> float:
+    """The real case's L3 reference: the middle of the L3 body between its end plates
+    (:func:`vertebral_body_mid_index` on the TotalSegmentator labels), in mm along ``z_mm``
+    (the slice z of ``ct.nii.gz``, ascending; the labels share its grid).
+
+    Raises
+    ------
+    FileNotFoundError
+        The labels are not under ``data``.
+    ValueError
+        As :func:`vertebral_body_mid_index`.
+    """
+    from worker.volume.load import load_nifti
+
+    labels = load_nifti(_real_file(data, "segmentation_total.nii.gz"), check_hu=False)
+    index = vertebral_body_mid_index(
+        np.rint(labels.hu).astype(np.int16), REAL_L3_LABEL, REAL_CORD_LABEL
+    )
+    return float(np.interp(index, np.arange(len(z_mm)), z_mm))
 
 
 def evaluate_real_crops(
@@ -275,21 +389,19 @@ def evaluate_real_crops(
     Raises
     ------
     FileNotFoundError
-        The real abdomen CT is not under ``data``.
+        The real abdomen CT or its labels are not under ``data``.
     """
     from worker.training.locator import load_volume_any
 
-    ct = Path(data) / "abdomen_ct_totalseg" / "ct.nii.gz"
-    if not ct.is_file():
-        raise FileNotFoundError(f"real abdomen CT not found: {ct}")
-    vol = load_volume_any(ct)
-    truth = float(vol.z_mm[REAL_MID_L3_INDEX])
+    vol = load_volume_any(_real_file(data, "ct.nii.gz"))
+    truth = real_l3_reference_z_mm(data, vol.z_mm)
+    label_mid = float(vol.z_mm[REAL_LABEL_MID_L3_INDEX])
     out = []
     for name, (first, last, thick) in (crops or REAL_CROPS).items():
         v = crop_volume(vol, first, last)
         if thick is not None:
             v = thick_slices(v, thick)
-        out.append(locate_crop(name, v, truth, config, device))
+        out.append(locate_crop(name, v, truth, config, device, label_mid))
     chest_dir = Path(data) / "chest_ct_lidc"
     if chest and chest_dir.is_dir():
         chest_vol = load_volume_any(chest_dir)
@@ -360,14 +472,9 @@ def real_bone_recognition(
     )
     from worker.volume.load import load_nifti
 
-    folder = Path(data) / "abdomen_ct_totalseg"
-    ct, seg = folder / "ct.nii.gz", folder / "segmentation_total.nii.gz"
-    for f in (ct, seg):
-        if not f.is_file():
-            raise FileNotFoundError(f"real case file not found: {f}")
-    vol = load_nifti(ct)
-    labels = load_nifti(seg, check_hu=False)
-    z = float(vol.z_mm[REAL_MID_L3_INDEX])
+    vol = load_nifti(_real_file(data, "ct.nii.gz"))
+    labels = load_nifti(_real_file(data, "segmentation_total.nii.gz"), check_hu=False)
+    z = float(vol.z_mm[REAL_LABEL_MID_L3_INDEX])
     box = box_at_level(vol.hu, vol.z_mm, vol.pixel_spacing_mm, z)
     label_ids = np.rint(labels.hu)
 
@@ -413,9 +520,11 @@ def real_bone_recognition(
 
 
 def format_table(rows: list[CropResult]) -> str:
-    """A Markdown table: crop, z range, truth, answer, error, in-FOV, confidence, flag."""
+    """A Markdown table: crop, z range, truth, answer, error (and against the whole L3
+    label's middle), in-FOV, confidence, flag."""
     lines = [
-        "| crop | z range (mm), length | truth mid-L3 z | answer z | error mm | in FOV "
+        "| crop | z range (mm), length | truth mid-L3 body z | answer z | error mm (vs the "
+        "whole label's middle) | in FOV "
         "(said) | confidence (raw) | flagged | level check (locator's error) | ok |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -424,6 +533,8 @@ def format_table(rows: list[CropResult]) -> str:
         truth = "not in crop" if d["truth_z_mm"] is None else f"{d['truth_z_mm']}"
         ans = "—" if d["answer_z_mm"] is None else f"{d['answer_z_mm']}"
         err = "—" if d["error_mm"] is None else f"{d['error_mm']}"
+        if d["label_mid_error_mm"] is not None:
+            err += f" ({d['label_mid_error_mm']})"
         raw = "" if d["confidence_raw"] is None else f" ({d['confidence_raw']})"
         moved = d["verification"] is not None and d["locator_error_mm"] != d["error_mm"]
         before = ""

@@ -13,7 +13,9 @@ from research.evaluate_crops import (
     crop_volume,
     evaluate_real_crops,
     format_table,
+    real_l3_reference_z_mm,
     thick_slices,
+    vertebral_body_mid_index,
 )
 from worker.volume.load import CTVolume
 
@@ -53,12 +55,56 @@ def test_the_crops_include_a_short_lumbar_window_5_mm_slices_and_one_above_l3() 
     assert above
 
 
+def _vertebra_with_a_low_spinous_process() -> np.ndarray:
+    """(z, y, x) labels, y anterior -> posterior: a body (label 3) in rows 2..5 over slices
+    5..13, the cord (9) in rows 7..8, and posterior elements (3) in rows 10..12 over slices
+    1..10, hanging below the body as a lumbar spinous process does."""
+    labels = np.zeros((16, 14, 9), np.int16)
+    labels[5:14, 2:6, 2:7] = 3
+    labels[:, 7:9, 4] = 9
+    labels[1:11, 10:13, 3:6] = 3
+    return labels
+
+
+def test_the_reference_is_the_body_middle_not_the_middle_of_the_whole_label() -> None:
+    """Repro: the real case's reference was the middle of the whole L3 label's z extent
+    (slices 65..79 -> 72), spinous process included; the phantoms' truth, and the L3 slice,
+    is the body's middle between its end plates."""
+    labels = _vertebra_with_a_low_spinous_process()
+    zs = np.flatnonzero((labels == 3).any(axis=(1, 2)))
+    assert 0.5 * (zs[0] + zs[-1]) == 7.0  # the whole label: slices 1..13
+    assert vertebral_body_mid_index(labels, 3, 9) == 9.0  # the body: slices 5..13
+
+
+def test_the_body_middle_needs_the_vertebra_and_the_cord() -> None:
+    labels = _vertebra_with_a_low_spinous_process()
+    with pytest.raises(ValueError, match="not in the label map"):
+        vertebral_body_mid_index(np.where(labels == 9, 0, labels), 3, 9)
+    with pytest.raises(ValueError, match="not in the label map"):
+        vertebral_body_mid_index(labels, 4, 9)
+    behind = np.where(labels == 3, 0, labels)
+    behind[1:11, 10:13, 3:6] = 3  # posterior elements only
+    with pytest.raises(ValueError, match="in front of the spinal cord"):
+        vertebral_body_mid_index(behind, 3, 9)
+
+
+def test_the_real_reference_is_the_l3_body_middle_two_slices_above_the_label_middle(
+    shared_data: Path,
+) -> None:
+    """The real L3 body spans slices 70..78 through its centre (27 mm at 3 mm slices): its
+    middle is slice 74, z 316.3 mm; the whole label's middle, 72, is 6 mm lower."""
+    z = 94.3018 + 3.0 * np.arange(112)  # ct.nii.gz's slice z (mm)
+    assert real_l3_reference_z_mm(shared_data, z) == pytest.approx(z[74], abs=0.01)
+
+
 @pytest.mark.slow  # two real crops through the locator: about 3.5 s
 def test_the_locator_on_two_real_crops(shared_data: Path) -> None:
     crops = {k: REAL_CROPS[k] for k in ("no pelvis (L4-T11)", "wholly above L3 (T11-L2)")}
     rows = evaluate_real_crops(shared_data, LocatorConfig(), "cpu", crops, chest=False)
     no_pelvis, above = rows
     assert no_pelvis.truth_z_mm is not None and no_pelvis.in_fov and no_pelvis.ok
+    assert no_pelvis.label_mid_z_mm == pytest.approx(no_pelvis.truth_z_mm - 6.0, abs=0.01)
     assert above.truth_z_mm is None and not above.in_fov and above.ok
+    assert above.label_mid_z_mm is None and above.row()["label_mid_error_mm"] is None
     table = format_table(rows)
     assert "no pelvis" in table and "2/2 as they should be" in table
