@@ -24,13 +24,13 @@ restart; the weights of a version are loaded once per worker (cached by path).
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.atomic import write_atomically
 from core.config import Config, LocatorConfig
 from core.errors import L3SpotError
 
@@ -93,9 +93,9 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     """Atomic: a worker reading at the same time sees the old or the new file, whole."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_atomically(
+        path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    )
 
 
 class ModelRegistry:

@@ -26,6 +26,7 @@ import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset
 
+from core.atomic import write_atomically
 from core.config import Config
 from core.dicom import blank_malformed
 from core.digest import file_sha256
@@ -106,9 +107,7 @@ def _guard(series_uid: str, stage: str, fn: Callable[[], _T]) -> _T:
 
 def _save(ds: Dataset, path: Path) -> None:
     """Write a DICOM file atomically (temporary name, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    ds.save_as(tmp, enforce_file_format=True)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: ds.save_as(tmp, enforce_file_format=True))
 
 
 def _source_info(path: Path, volume: CTVolume, kind: str, sha: str | None) -> SourceInfo:
@@ -373,9 +372,7 @@ def analyze_series(
     )
     if fhir_file is not None:
         result.derived.files["fhir"] = fhir_file.name
-    tmp = out_dir / f".{RESULT_JSON}.tmp"
-    tmp.write_text(result.to_json())
-    os.replace(tmp, out_dir / RESULT_JSON)
+    write_atomically(out_dir / RESULT_JSON, lambda tmp: tmp.write_text(result.to_json()))
     log_event(
         logger,
         "analysis_done",
@@ -644,9 +641,10 @@ def write_outputs(
     derived.files["sc"] = SC_FILE
 
     overview = render_overview(summary, mip, location)
-    tmp = out_dir / f".{OVERVIEW_FILE}.tmp.png"
-    Image.fromarray(np.asarray(overview)).save(tmp, format="PNG", **OVERVIEW_PNG_OPTIONS)
-    os.replace(tmp, out_dir / OVERVIEW_FILE)
+    png = Image.fromarray(np.asarray(overview))
+    write_atomically(
+        out_dir / OVERVIEW_FILE, lambda tmp: png.save(tmp, format="PNG", **OVERVIEW_PNG_OPTIONS)
+    )
     derived.files["overview"] = OVERVIEW_FILE
     return derived
 

@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from core import digest
+from core.atomic import write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -174,9 +175,7 @@ class Calibration:
 
 def _save_json(path: Path, content: dict[str, Any]) -> None:
     """Write ``content`` as JSON atomically (temporary name, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(content, indent=2) + "\n")
-    tmp.replace(path)
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(content, indent=2) + "\n"))
 
 
 def _read(

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from core.atomic import write_atomically
 from core.errors import L3SpotError
 from worker.locator.model import build_model, prepare_input
 from worker.locator.windows import WindowSpec
@@ -127,9 +128,7 @@ def save_locator(
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    write_atomically(path, lambda tmp: torch.save(payload, tmp))
 
 
 @functools.lru_cache(maxsize=8)

@@ -27,7 +27,6 @@ fhir.resources ships no R4 package since version 7).
 from __future__ import annotations
 
 import logging
-import os
 import re
 import urllib.error
 import urllib.request
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from core import ALGORITHM_NAME, __version__
+from core.atomic import write_atomically
 from core.errors import L3SpotError
 from core.layout import FHIR_OBSERVATION_FILE
 from core.logs import log_event
@@ -250,10 +250,7 @@ def write_observation(
         path.unlink(missing_ok=True)
         return None
     obs = build_observation(result, models)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obs, indent=2))
-    os.replace(tmp, path)
-    return path
+    return write_atomically(path, lambda tmp: tmp.write_text(json.dumps(obs, indent=2)))
 
 
 def post_observation(

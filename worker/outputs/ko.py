@@ -27,7 +27,6 @@ references to another study).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -45,6 +44,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
 from core import ALGORITHM_NAME, __version__
+from core.atomic import write_atomically
 from core.derived import MANUFACTURER, MANUFACTURER_MODEL_NAME
 from core.layout import KO_FILE, MEASUREMENT_FILES, version_dirs
 from worker.outputs import codes as c
@@ -203,7 +203,4 @@ def write_rejection_note(
         return None
     note = build_rejection_note(superseded, correction, source_series_uid)
     path = results_dir / KO_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    note.save_as(tmp, enforce_file_format=True)
-    os.replace(tmp, path)
-    return path
+    return write_atomically(path, lambda tmp: note.save_as(tmp, enforce_file_format=True))

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from core.atomic import write_npz_atomically
 from worker.locator.decision import decide_l3
 from worker.locator.model import build_model, load_pretrained_backbone, prepare_input
 from worker.locator.weights import LoadedLocator, save_locator
@@ -80,19 +81,17 @@ def case_from_volume(
 def save_case(case: MipCase, path: Path) -> None:
     """Write a case as ``.npz`` (HU as int16; l3_row NaN when not in the field of view)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez_compressed(
-        tmp,
-        image_hu=np.clip(np.round(case.image_hu), -32768, 32767).astype(np.int16),
-        pixel_mm=case.pixel_mm,
-        l3_row=np.nan if case.l3_row is None else case.l3_row,
-        slice_mm=case.slice_mm,
-        name=case.name,
-        group=case.group,
-        landmark_names=np.array(sorted(case.landmark_rows), dtype=str),
-        landmark_rows=np.array([case.landmark_rows[k] for k in sorted(case.landmark_rows)]),
-    )
-    tmp.replace(path)
+    arrays = {
+        "image_hu": np.clip(np.round(case.image_hu), -32768, 32767).astype(np.int16),
+        "pixel_mm": np.asarray(case.pixel_mm),
+        "l3_row": np.asarray(np.nan if case.l3_row is None else case.l3_row),
+        "slice_mm": np.asarray(case.slice_mm),
+        "name": np.asarray(case.name),
+        "group": np.asarray(case.group),
+        "landmark_names": np.array(sorted(case.landmark_rows), dtype=str),
+        "landmark_rows": np.array([case.landmark_rows[k] for k in sorted(case.landmark_rows)]),
+    }
+    write_npz_atomically(path, arrays)
 
 
 def load_case(path: Path) -> MipCase:

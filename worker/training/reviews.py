@@ -21,13 +21,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from core.atomic import write_npz_atomically
 from core.layout import LOCATOR_MIPS_FILE, series_results_dir
 from core.logs import log_event
 from worker.mip import Mip
@@ -79,10 +79,7 @@ def write_locator_mips(
         arrays[f"image_{i}"] = np.clip(np.round(m.image), -32768, 32767).astype(np.int16)
     path = Path(out_dir) / filename
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
-    return path
+    return write_npz_atomically(path, arrays)
 
 
 def read_locator_mips(path: Path) -> tuple[list[Mip], str]:
