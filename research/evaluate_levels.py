@@ -77,6 +77,9 @@ class LevelCase:
     #: the ends a reader could count from in this scan (:func:`ends_in_view`): "both",
     #: "ribs", "sacrum" or "neither"; None in files written before this field
     ends_in_view: str | None = None
+    #: the scan's slice spacing (mm), for the error in slices (the issue's "mean <= 1
+    #: slice"); None in files written before this field
+    slice_mm: float | None = None
 
     def _err(self, z: float | None) -> float | None:
         if z is None or self.truth_z_mm is None:
@@ -268,15 +271,17 @@ def compare_verification(
     out: dict[str, list[LevelCase]] = {k: [] for k in configs}
     for s, vol, t in phantom_volumes(style, seeds, pixel_mm):
         for key, cfg in configs.items():
-            case = _level_case(f"{style}-{s}", t, locate_l3(vol, cfg, device=device))
+            res = locate_l3(vol, cfg, device=device)
+            case = _level_case(f"{style}-{s}", t, res, vol.slice_spacing_mm)
             out[key].append(case)
             if each:
                 each(case)
     return out
 
 
-def _level_case(name: str, t: dict[str, Any], res: Any) -> LevelCase:
-    """One LevelCase from a phantom's truth dict and :func:`locate_l3`'s result."""
+def _level_case(name: str, t: dict[str, Any], res: Any, slice_mm: float) -> LevelCase:
+    """One LevelCase from a phantom's truth dict, :func:`locate_l3`'s result and the
+    scan's slice spacing (mm)."""
     v = res.verification or {}
     final = None if res.slice_index is None else float(res.z_mm)
     before = v.get("locator_z_mm", final) if v else final
@@ -306,6 +311,7 @@ def _level_case(name: str, t: dict[str, Any], res: Any) -> LevelCase:
         l3_from_ribs_mm=_extent(v.get("l3_from_ribs_mm")),
         l3_from_sacrum_mm=_extent(v.get("l3_from_sacrum_mm")),
         ends_in_view=t.get("ends"),
+        slice_mm=float(slice_mm),
     )
 
 
@@ -417,6 +423,9 @@ def summarise(cases: list[LevelCase]) -> dict[str, Any]:
     typical = [c for c in both if not c.transitional]
     err_b = np.array([c.error_before_mm for c in both if c.error_before_mm is not None])
     err_a = np.array([c.error_after_mm for c in both], dtype=float)
+    err_slices = np.array(
+        [c.error_after_mm / c.slice_mm for c in both if c.slice_mm and c.error_after_mm is not None]
+    )
     return {
         "scans": len(cases),
         "l3_in_fov_and_answered": n,
@@ -444,6 +453,8 @@ def summarise(cases: list[LevelCase]) -> dict[str, Any]:
         "within_10mm_after": share(lambda c: within_10mm(c.error_after_mm), both),
         "mean_error_mm_before": round(float(err_b.mean()), 2) if err_b.size else None,
         "mean_error_mm_after": round(float(err_a.mean()), 2) if n else None,
+        # the issue's "mean <= 1 slice": each answer's error over its scan's slice spacing
+        "mean_error_slices_after": round(float(err_slices.mean()), 2) if err_slices.size else None,
         "verdicts": {
             s: sum(1 for c in both if c.status == s)
             for s in ("confirmed", "corrected", "unverified", "counted")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,18 @@ def test_summary_counts_what_the_verification_fixed_and_broke() -> None:
     table = format_levels("test", s)
     assert "within 10mm after | 4/5" in table
     assert s["found_by_counting_right"].startswith("1/1")
+
+
+def test_summary_gives_the_mean_error_in_each_scans_slices() -> None:
+    """The issue's "mean <= 1 slice": 5 mm off at 1 mm slices and 3 mm off at 3 mm slices
+    is (5 + 1) / 2 = 3 slices; a case without its slice spacing (older files) is left out."""
+    thin = replace(_case("thin", 100.0, 105.0, 105.0, "confirmed"), slice_mm=1.0)
+    thick = replace(_case("thick", 100.0, 97.0, 97.0, "confirmed"), slice_mm=3.0)
+    old = _case("old", 100.0, 130.0, 130.0, "confirmed")
+    s = summarise([thin, thick, old])
+    assert s["mean_error_slices_after"] == pytest.approx(3.0)
+    assert s["mean_error_mm_after"] == pytest.approx(38.0 / 3, abs=0.01)
+    assert summarise([old])["mean_error_slices_after"] is None
 
 
 def test_summary_separates_right_refusals_from_misses_where_l3_can_be_counted() -> None:
