@@ -401,6 +401,9 @@ def summarise(cases: list[LevelCase]) -> dict[str, Any]:
     could count to L3 (``LevelCase.countable``), the share answered within 10 mm, a "not in
     field of view" counting as a miss; ``l3_uncountable_said_not`` are right refusals in
     that sense (mid-L3 inside, but neither the last rib-bearing vertebra nor the sacrum).
+    ``l3_absent_answered`` is the other way to be wrong: of the scans without mid-L3, the
+    share given a slice (and ``l3_absent_answered_unflagged``, those answers without a QA
+    flag).
     """
     both = [c for c in cases if c.truth_z_mm is not None and c.final_z_mm is not None]
     n = len(both)
@@ -411,6 +414,7 @@ def summarise(cases: list[LevelCase]) -> dict[str, Any]:
 
     corrected = [c for c in both if c.status == "corrected"]
     countable = [c for c in cases if c.truth_z_mm is not None and c.countable]
+    absent = [c for c in cases if c.truth_z_mm is None]
     trans = [c for c in both if c.transitional]
     trans_both = [c for c in trans if c.ends_in_view == "both"]
     by_variant: dict[str, list[LevelCase]] = {}
@@ -441,6 +445,12 @@ def summarise(cases: list[LevelCase]) -> dict[str, Any]:
             if c.truth_z_mm is not None and c.countable is False and not c.in_fov_said
         ),
         "within_10mm_of_countable": share(lambda c: within_10mm(c.error_after_mm), countable),
+        # a slice answered in a scan that does not hold mid-L3 is wrong whatever its z; the
+        # share of such scans answered, and of those answers, the ones without a QA flag
+        "l3_absent_answered": share(lambda c: c.final_z_mm is not None, absent),
+        "l3_absent_answered_unflagged": share(
+            lambda c: not c.flags, [c for c in absent if c.final_z_mm is not None]
+        ),
         # clinical safety: an answer more than 10 mm off that carries no QA flag
         "wrong_and_unflagged": share(
             lambda c: not within_10mm(c.error_after_mm) and not c.flags, both

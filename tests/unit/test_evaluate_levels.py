@@ -90,6 +90,21 @@ def test_summary_gives_the_mean_error_in_each_scans_slices() -> None:
     assert summarise([old])["mean_error_slices_after"] is None
 
 
+def test_summary_counts_slices_answered_in_scans_without_l3() -> None:
+    """Repro: a chest scan given an L3 by counting was in no figure (the error needs a
+    truth); it is wrong whatever its z, and unflagged it would be a silent wrong answer."""
+    cases = [
+        _case("chest, counted", None, None, 40.0, "counted", flags=("l3_found_by_counting",)),
+        _case("pelvis, answered", None, -286.0, -286.0, "confirmed"),
+        _case("chest, refused", None, None, None, None),
+        _case("abdomen", 100.0, 101.0, 101.0, "confirmed"),
+    ]
+    s = summarise(cases)
+    assert s["l3_absent_answered"].startswith("2/3")
+    assert s["l3_absent_answered_unflagged"].startswith("1/2")
+    assert summarise(cases[2:])["l3_absent_answered"].startswith("0/1")
+
+
 def test_summary_separates_right_refusals_from_misses_where_l3_can_be_counted() -> None:
     """The issue's "in the field of view": a radiologist can count to L3. A "not in field of
     view" where they could is a miss in the main figure; where they could not, a right
