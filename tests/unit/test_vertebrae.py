@@ -8,6 +8,7 @@ without trained weights; the trained network is tested in ``test_vertebrae_model
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -1301,6 +1302,27 @@ def test_a_short_rib_pair_below_the_run_makes_the_next_body_rib_bearing(
     count = count_levels(classes, box)
     assert count.last_rib == last_rib
     assert count.l3_from_ribs == last_rib + 3
+
+
+@pytest.mark.parametrize(
+    "slice_mm, below_top, last_rib",
+    [
+        (5.0, 6, 1),  # repro: heads about 9.6 mm below the top, 5 mm slices: T12's ribs
+        (1.0, 6, 0),  # the same at 1 mm slices: transverse processes
+        (5.0, 8, 0),  # about 11.6 mm below, 5 mm slices: transverse processes
+    ],
+)
+def test_a_short_rib_head_may_lie_a_slice_lower_under_a_body_top_seen_in_thick_slices(
+    slice_mm, below_top, last_rib
+):
+    """Repro (style-B test 7,002,517 at 1.25 mm pixels, 5 mm slices): the network put
+    T12's top 10 mm above its end plate, so both its short ribs' heads lay 9.6 mm below the
+    segmented top, beyond the 5 mm allowed; T12 was counted as L1 and an answer a level
+    high confirmed without a flag. The limit now adds the slice spacing."""
+    classes, box = _ribbed_stack([True, False, False, False, False, False])
+    box = dataclasses.replace(box, slice_spacing_mm=slice_mm)
+    _short_ribs(classes, 1, (-1, 1), below_top)
+    assert count_levels(classes, box).last_rib == last_rib
 
 
 @pytest.mark.parametrize(

@@ -1067,6 +1067,11 @@ SHORT_RIB_SIDE_REACH_MM = 20.0
 #: the pedicle, lower: style "bt" validation 7,500,048's L1 processes, labelled rib with
 #: heads 10-11 mm below its end plate, made it rib-bearing before this limit.
 SHORT_RIB_HEAD_BELOW_TOP_MM = 5.0
+#: ... plus the scan's slice spacing: in thick slices the network's top of a body can lie a
+#: slice or more above its end plate. Style-B test 7,002,517 at 1.25 mm pixels and 5 mm
+#: slices: T12's segmented top lay 10 mm above the truth's, both its short ribs' heads
+#: 9.6 mm below that top, so T12 was counted as L1 and a level-high answer confirmed
+#: without a flag. (A rule written from a test scan: models/spine_fcn.md, "Seventh session".)
 #: ... and at most this far (mm) above it. The lowest ribs' heads articulate with their own
 #: body only, at its upper part (ribs 10-12 have a single facet; Gray's Anatomy), so a head
 #: above the segmented end plate means the network gave the top of the body to the one
@@ -1162,7 +1167,7 @@ def count_levels(classes: np.ndarray, box: SpineBox) -> LevelCount:
     4 mm of it (the head articulates with the upper body and the disc above, ANATOMY.md),
     and the last rib-bearing one ends the run from the top (:func:`_last_rib_bearing`), or
     the body below it when a short rib lies beside that body on both sides, its head
-    between :data:`SHORT_RIB_HEAD_BELOW_TOP_MM` below and
+    between :data:`SHORT_RIB_HEAD_BELOW_TOP_MM` plus the slice spacing below and
     :data:`SHORT_RIB_HEAD_ABOVE_TOP_MM` above the body's superior end plate
     (:func:`_short_rib_sides`); the sacrum's top is that of its largest connected component
     (raised to the top of the one "body" that shares its lower end plate with it in 3-D:
@@ -1255,7 +1260,8 @@ def count_levels(classes: np.ndarray, box: SpineBox) -> LevelCount:
         # head lies beside it on both sides: a thin twelfth rib whose shaft the network lost,
         # or a twelfth rib's head just above a top the network gave to the body above
         top = bodies[last_rib + 1].z_top - box.origin_mm[0]  # box index + 0.5
-        lo, hi = top - SHORT_RIB_HEAD_BELOW_TOP_MM, top + SHORT_RIB_HEAD_ABOVE_TOP_MM
+        lo = top - SHORT_RIB_HEAD_BELOW_TOP_MM - box.slice_spacing_mm
+        hi = top + SHORT_RIB_HEAD_ABOVE_TOP_MM
         if len(_short_rib_sides(ribs, lo, hi)) == 2:
             bodies[last_rib + 1].rib_bearing = True
             last_rib += 1
