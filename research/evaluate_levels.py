@@ -427,9 +427,8 @@ def summarise(cases: list[LevelCase]) -> dict[str, Any]:
     typical = [c for c in both if not c.transitional]
     err_b = np.array([c.error_before_mm for c in both if c.error_before_mm is not None])
     err_a = np.array([c.error_after_mm for c in both], dtype=float)
-    err_slices = np.array(
-        [c.error_after_mm / c.slice_mm for c in both if c.slice_mm and c.error_after_mm is not None]
-    )
+    # every case in ``both`` has an error; cases from files without the slice spacing drop out
+    err_slices = np.array([c.error_after_mm / c.slice_mm for c in both if c.slice_mm])
     return {
         "scans": len(cases),
         "l3_in_fov_and_answered": n,

@@ -1066,12 +1066,13 @@ SHORT_RIB_SIDE_REACH_MM = 20.0
 #: of 7,000,025 and 7,000,070 at their end plate). A lumbar transverse process arises from
 #: the pedicle, lower: style "bt" validation 7,500,048's L1 processes, labelled rib with
 #: heads 10-11 mm below its end plate, made it rib-bearing before this limit.
+#: :func:`count_levels` adds the scan's slice spacing: in thick slices the network's top of
+#: a body can lie a slice or more above its end plate. Style-B test 7,002,517 at 1.25 mm
+#: pixels and 5 mm slices: T12's segmented top lay 10 mm above the truth's, both its short
+#: ribs' heads 9.6 mm below that top, so T12 was counted as L1 and a level-high answer
+#: confirmed without a flag. (A rule written from a test scan: models/spine_fcn.md,
+#: "Seventh session".)
 SHORT_RIB_HEAD_BELOW_TOP_MM = 5.0
-#: ... plus the scan's slice spacing: in thick slices the network's top of a body can lie a
-#: slice or more above its end plate. Style-B test 7,002,517 at 1.25 mm pixels and 5 mm
-#: slices: T12's segmented top lay 10 mm above the truth's, both its short ribs' heads
-#: 9.6 mm below that top, so T12 was counted as L1 and a level-high answer confirmed
-#: without a flag. (A rule written from a test scan: models/spine_fcn.md, "Seventh session".)
 #: ... and at most this far (mm) above it. The lowest ribs' heads articulate with their own
 #: body only, at its upper part (ribs 10-12 have a single facet; Gray's Anatomy), so a head
 #: above the segmented end plate means the network gave the top of the body to the one
