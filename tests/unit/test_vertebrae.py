@@ -79,7 +79,23 @@ def test_off_by_one_locator_is_corrected_and_right_one_confirmed(typical):
     assert not out.possible_transitional_anatomy
     right = verify_level(count, typical.truth["l3_mid_mm"])
     assert right.status == "confirmed"
-    assert right.z_mm == typical.truth["l3_mid_mm"]
+    assert right.z_mm == count.bodies[count.l3_from_ribs].z_mid
+    assert right.locator_z_mm == typical.truth["l3_mid_mm"]
+
+
+def test_a_confirmed_answer_is_the_counted_body_middle_not_the_locator_row(typical):
+    """The locator's row within the right level is still up to half a level off the body's
+    middle (style-B validation 7,000,000-199 at 1.25 mm pixels: confirmed answers 1.3-1.8 mm
+    off on average, some 6 mm); the segmented body's end plates give the middle, the
+    phantoms' truth and the real case's reference (models/spine_fcn.md, eighth session)."""
+    count = count_levels(typical.classes, typical.box)
+    truth = typical.truth["l3_mid_mm"]
+    l3 = typical.truth["l3_range_mm"]
+    for off in (-8.0, -4.0, 4.0, 8.0):  # within L3's level, nearer its end plates
+        out = verify_level(count, truth + off)
+        assert out.status == "confirmed" and out.locator_z_mm == truth + off
+        assert _inside(out.z_mm, l3)
+        assert abs(out.z_mm - truth) < 2.0 < abs(off)
 
 
 @pytest.mark.parametrize(
@@ -1042,6 +1058,35 @@ def test_locate_applies_a_correction_only_in_correct_mode(monkeypatch, tmp_path,
     else:
         assert res.z_mm == 200.0 and res.slice_index == 40
         assert res.level_flags == ["l3_level_disagrees"]
+
+
+@pytest.mark.parametrize("mode", ["correct", "flag"])
+def test_locate_measures_a_confirmed_level_at_its_body_middle_in_correct_mode(
+    monkeypatch, tmp_path, mode
+):
+    """A "confirmed" verdict moves the answer within its level, to the counted body's
+    middle, without a flag or a reason; "flag" mode never moves an answer."""
+    from core.config import LocatorConfig
+    from worker.locator import locate, vertebrae
+    from worker.locator.locate import L3Location
+    from worker.mip import FrontalMips
+
+    weights = tmp_path / "spine.pt"
+    torch.save({"state_dict": SpineFCN().state_dict(), "base": 8}, weights)
+    verdict = LevelVerification("confirmed", 210.0, "ribs", locator_z_mm=200.0)
+    monkeypatch.setattr(vertebrae, "verify_in_volume", lambda *a, **k: verdict)
+    vol = _volume()
+    mip = FrontalMips(vol).at(3.0)
+    res = L3Location(True, 40, 200.0, float(mip.z_to_row(200.0)), 0.9)
+    locate.verify(vol, res, mip, LocatorConfig(verify_weights=weights, verify_mode=mode))
+    assert res.verification["status"] == "confirmed" and not res.verification["applied"]
+    assert res.verification["locator_z_mm"] == 200.0
+    assert res.level_flags == []
+    if mode == "correct":
+        assert res.z_mm == 210.0 and res.slice_index == 42
+        assert res.mip_row == pytest.approx(float(mip.z_to_row(210.0)))
+    else:
+        assert res.z_mm == 200.0 and res.slice_index == 40
 
 
 def test_locate_answers_by_counting_when_the_locator_found_nothing(monkeypatch, tmp_path):

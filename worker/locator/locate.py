@@ -446,7 +446,9 @@ def verify(volume: CTVolume, result: L3Location, mip: Mip, config: LocatorConfig
 
     :func:`worker.locator.vertebrae.verify_in_volume` on ``locator.verify_weights``; with
     ``locator.verify_mode`` "correct" a "corrected" verdict moves ``z_mm``, ``slice_index``
-    and ``mip_row`` to the counted L3 and says so in ``reason``. A "not in the field of
+    and ``mip_row`` to the counted L3 and says so in ``reason``, and a "confirmed" one moves
+    them to the middle of the L3 body it confirmed (the locator's slice lay within that
+    level; ``verification["locator_z_mm"]`` keeps it). A "not in the field of
     view" answer is searched by counting over the scan
     (:func:`worker.locator.vertebrae.find_by_counting`) when ``locator.count_when_absent``;
     an L3 found so becomes the answer (status "counted", the ``l3_found_by_counting`` flag),
@@ -490,6 +492,8 @@ def verify(volume: CTVolume, result: L3Location, mip: Mip, config: LocatorConfig
     v = verify_in_volume(net, volume.hu, volume.z_mm, spacing, float(result.z_mm))
     applied = v.status == "corrected" and config.verify_mode == "correct"
     result.verification = {**v.summary(), "model": model, "applied": applied}
+    if v.status == "confirmed" and config.verify_mode == "correct":
+        _move_answer(volume, result, mip, v.z_mm)  # within the level: the body's middle
     if applied:
         _move_answer(volume, result, mip, v.z_mm)
         result.reason = (

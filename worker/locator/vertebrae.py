@@ -1310,10 +1310,11 @@ class LevelVerification:
     Attributes
     ----------
     status : "confirmed" (the located slice lies in the counted L3 body), "corrected" (it
-        lies elsewhere and ``z_mm`` is the counted L3's mid-body), "unverified" (no count
-        could be made: ``reason`` says why), or "counted" (the locator said "not in the
-        field of view" and counting found L3 at ``z_mm``: :func:`find_by_counting`).
-    z_mm : the L3 z (mm) to measure at: the locator's when confirmed or unverified.
+        lies elsewhere), "unverified" (no count could be made: ``reason`` says why), or
+        "counted" (the locator said "not in the field of view" and counting found L3:
+        :func:`find_by_counting`).
+    z_mm : the L3 z (mm) to measure at: the counted L3 body's middle when confirmed,
+        corrected or counted; the locator's when unverified.
     counted_by : "ribs" (from the last rib-bearing vertebra down, the convention), "sacrum"
         (from the sacrum up, when no rib-bearing vertebra is in view), or None.
     possible_transitional_anatomy : both counts were made and disagree (the number of
@@ -1369,7 +1370,10 @@ def verify_level(count: LevelCount, locator_z_mm: float) -> LevelVerification:
     The count from the ribs decides when it exists (the convention: L1 is the first
     vertebra without ribs); the count from the sacrum when no rib-bearing vertebra is in
     view. The located z is confirmed when it lies between the mid-disc below and the mid-disc
-    above the counted L3 body, otherwise corrected to that body's middle.
+    above the counted L3 body, otherwise corrected; either way the answer is that body's
+    middle (the midpoint of its segmented end plates, the phantoms' truth and the real
+    case's reference), which the segmentation finds closer than the locator's MIP rows
+    (models/spine_fcn.md, eighth session).
 
     A count that would move the located z by more than :data:`MAX_CORRECTION_LEVELS`
     levels is not applied: the answer is "unverified" with the reason.
@@ -1411,7 +1415,7 @@ def verify_level(count: LevelCount, locator_z_mm: float) -> LevelVerification:
         reason = "the counted L3 body is cut by the end of the scan"
         return LevelVerification("unverified", locator_z_mm, reason=reason, **common)
     if _in_level(b, chosen, locator_z_mm):
-        return LevelVerification("confirmed", locator_z_mm, counted_by=by, reason=note, **common)
+        return LevelVerification("confirmed", l3.z_mid, counted_by=by, reason=note, **common)
     move, level = abs(l3.z_mid - locator_z_mm), _level_height(b, chosen)
     if move > MAX_CORRECTION_LEVELS * level:
         reason = (
