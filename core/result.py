@@ -117,7 +117,9 @@ class _Model(BaseModel):
 class LevelVerificationOut(_Model):
     """What counting the vertebrae said about the located L3 (worker/locator/vertebrae.py).
 
-    ``status``: "confirmed" (the located slice lies in the counted L3), "corrected" (the
+    ``status``: "confirmed" (the located slice lies in the counted L3; in "correct" mode
+    the measured slice is that body's middle, ``applied`` stays false: the level is the
+    locator's), "corrected" (the
     count puts L3 elsewhere: with ``applied`` the measured slice is the counted one, else
     the locator's is kept and flagged), "unverified" (no count; ``reason`` says why),
     "counted" (the locator said L3 is not in the field of view, counting found it);
