@@ -490,12 +490,14 @@ def verify(volume: CTVolume, result: L3Location, mip: Mip, config: LocatorConfig
         _calibrate_on_verdict(result, config)
         return
     v = verify_in_volume(net, volume.hu, volume.z_mm, spacing, float(result.z_mm))
-    applied = v.status == "corrected" and config.verify_mode == "correct"
+    # "correct" mode measures at the counted L3 body's middle: another level's (corrected,
+    # ``applied``) or, within the locator's level, its own (confirmed)
+    moved = config.verify_mode == "correct" and v.status in ("confirmed", "corrected")
+    applied = moved and v.status == "corrected"
     result.verification = {**v.summary(), "model": model, "applied": applied}
-    if v.status == "confirmed" and config.verify_mode == "correct":
-        _move_answer(volume, result, mip, v.z_mm)  # within the level: the body's middle
-    if applied:
+    if moved:
         _move_answer(volume, result, mip, v.z_mm)
+    if applied:
         result.reason = (
             f"L3 level corrected by counting vertebrae from {_counted_from(v.counted_by)} "
             f"({v.locator_z_mm:.0f} -> {v.z_mm:.0f} mm); check the level"
